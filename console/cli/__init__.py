@@ -1,0 +1,59 @@
+"""The ``escort`` command. With no sub-command it opens the console.
+
+Every ``EscortError`` becomes one line on stderr and its exit code; no tracebacks
+reach users (set ESCORT_DEBUG=1 to see them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from console.core.errors import EscortError
+
+
+class EscortGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EscortError as exc:
+            if os.environ.get("ESCORT_DEBUG"):
+                raise
+            click.echo(f"escort: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if os.environ.get("ESCORT_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            click.echo(f"escort: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=EscortGroup, invoke_without_command=True)
+@click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
+              help="Fleet file (TOML) to open in the console.")
+@click.option("--readonly", is_flag=True, help="Disable every action that changes anything.")
+@click.version_option(package_name="escort")
+@click.pass_context
+def main(ctx: click.Context, fleet_file: str | None, readonly: bool) -> None:
+    """escort: certificate-gated VM migration, from a terminal."""
+    if ctx.invoked_subcommand is None:
+        from console.cli.ui_cmds import open_console
+
+        open_console(fleet_file, readonly=readonly)
+
+
+def _register() -> None:
+    from console.cli import fleet_cmds, lab_cmds, migrate_cmds, pki_cmds, ui_cmds
+
+    for module in (pki_cmds, fleet_cmds, lab_cmds, migrate_cmds, ui_cmds):
+        module.register(main)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
