@@ -10,6 +10,8 @@ CONTRACT (other modules rely on these names; extend, don't rename):
   from a wrong issuer, loop...) — building never raises for one bad file, but raises
   ``InputError`` when there is no usable CA at all.
 * ``TrustStore.verify_host(cert, at)`` -> ``ChainResult`` listing *every* failure.
+* ``TrustStore.verify_owner(cert, intermediates, at)`` -> ``ChainResult`` for owner
+  signing certificates (policies and grants).
 * ``host_attributes(cert, policy_names)`` -> ``HostAttributes``.
 """
 
@@ -137,6 +139,16 @@ class TrustStore:
         raise NotImplementedError
 
     def verify_host(self, cert: x509.Certificate, at: dt.datetime) -> ChainResult:
+        raise NotImplementedError
+
+    def verify_owner(
+        self, cert: x509.Certificate, intermediates: Iterable[x509.Certificate], at: dt.datetime
+    ) -> ChainResult:
+        """Chain an owner's signing certificate (from a JWS x5c) to this store's anchors.
+
+        Same checks as hosts, but the leaf needs keyUsage digitalSignature only (no
+        serverAuth/clientAuth) and ``intermediates`` (the rest of x5c) may fill gaps.
+        """
         raise NotImplementedError
 
 
