@@ -1,0 +1,224 @@
+"""The audit log on disk: append (durably, before the action) and read back for verify.
+
+Why each step:
+
+* ``O_APPEND`` + ``fcntl.flock(LOCK_EX)`` around every append: two consoles (or two
+  migrations in one console) never interleave half-lines, and each appender sees the
+  other's entries before linking to them.
+* The head (last hash and seq) is read once when the log is opened, by reading the
+  file backwards from its end — not the whole file, and not on every append. Under
+  the lock we only compare the file size with where our own last write ended; if
+  another console appended meanwhile, we re-read the tail then.
+* ``flush`` + ``os.fsync`` before ``append`` returns: the entry that records a
+  decision is on disk before the migration it authorises starts. A new file's
+  directory is fsynced too, so the file itself survives a crash.
+* A log whose last line is incomplete (a crash mid-write, or a hand edit) is not
+  appended to: linking a new entry to an unknown head would bless the damage.
+  ``escort audit verify`` says what is wrong; the operator decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from console.core.audit import GENESIS, ChainReport, line_hash, make_entry, parse_line, verify_chain
+from console.core.errors import EscortError, InputError
+
+_TAIL_CHUNK = 8192
+_MAX_LINE = 1024 * 1024  # an audit entry is a few hundred bytes; 1 MiB means "not an audit log"
+
+
+class AuditError(EscortError):
+    """The audit log cannot be written: no action may proceed without its record."""
+
+
+def utc_timestamp(now: dt.datetime | None = None) -> str:
+    """``2026-11-26T20:10:00.123456Z``: sortable, unambiguous, microseconds for ordering."""
+    when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _read_last_line(fd: int, size: int) -> bytes:
+    """The last line of the file (with its newline), reading backwards in chunks."""
+    if size == 0:
+        return b""
+    pos = size
+    buf = b""
+    while pos > 0:
+        step = min(_TAIL_CHUNK, pos)
+        pos -= step
+        buf = os.pread(fd, step, pos) + buf
+        # the final byte is the last line's own newline; look for the one before it
+        cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        if cut >= 0:
+            return buf[cut + 1:]
+        if len(buf) > _MAX_LINE:
+            raise AuditError("audit log's last line is longer than 1 MiB: not an escort audit log")
+    return buf
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON-lines file. Thread-safe; safe across processes."""
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 clock: Callable[[], dt.datetime] | None = None) -> None:
+        self.path = Path(path)
+        self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self._lock = threading.Lock()
+        created = not self.path.exists()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except IsADirectoryError as exc:
+            raise InputError(f"{self.path}: is a directory, expected an audit log file") from exc
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot open audit log ({exc.strerror or exc})") from exc
+        self._rfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        if created:
+            self._fsync_dir()
+        try:
+            with self._flocked():
+                self._load_head()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- head -----------------------------------------------------------------------
+    def _load_head(self) -> None:
+        size = os.fstat(self._fd).st_size
+        last = _read_last_line(self._rfd, size)
+        if not last:
+            self._head, self._seq = GENESIS, 0
+        else:
+            if not last.endswith(b"\n"):
+                raise AuditError(f"{self.path}: last line is incomplete (a write was cut short); "
+                                 f"run `escort audit verify {self.path}` before recording more")
+            text = last[:-1].decode("utf-8", errors="replace")
+            entry = parse_line(text)
+            seq = entry.get("seq") if entry else None
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise AuditError(f"{self.path}: last line is not an escort audit entry; "
+                                 f"run `escort audit verify {self.path}`")
+            self._head, self._seq = line_hash(text), seq
+        self._end = size
+
+    @property
+    def head(self) -> str:
+        """Hash of the newest line: record it elsewhere to detect truncation later."""
+        return self._head
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    # -- append ---------------------------------------------------------------------
+    class _Flock:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def __enter__(self) -> None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+        def __exit__(self, *exc: object) -> None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _flocked(self) -> AuditLog._Flock:
+        return AuditLog._Flock(self._fd)
+
+    def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Write one entry and make it durable; returns the entry as written.
+
+        Returns only after ``fsync``: callers perform the recorded action afterwards.
+        Any failure raises ``AuditError`` and the caller must not act.
+        """
+        with self._lock, self._flocked():
+            try:
+                size = os.fstat(self._fd).st_size
+                if size != self._end:  # another console appended since our last write
+                    self._load_head()
+                entry, line = make_entry(fields, seq=self._seq + 1, ts=utc_timestamp(self._clock()),
+                                         prev=self._head)
+                data = (line + "\n").encode("utf-8")
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                os.fsync(self._fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise AuditError(f"{self.path}: disk full, audit entry not written") from exc
+                raise AuditError(f"{self.path}: audit entry not written ({exc.strerror or exc})") from exc
+            self._head, self._seq, self._end = line_hash(line), entry["seq"], size + len(data)
+            return entry
+
+    def _fsync_dir(self) -> None:
+        try:
+            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def close(self) -> None:
+        for name in ("_fd", "_rfd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    """Lines of a log as stored (with newlines), streaming; InputError when unusable."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected an audit log")
+    try:
+        fh = p.open("rb")
+    except FileNotFoundError as exc:
+        raise InputError(f"{p}: no such audit log") from exc
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    with fh:
+        while True:
+            line = fh.readline(_MAX_LINE + 1)
+            if not line:
+                return
+            if len(line) > _MAX_LINE:
+                raise InputError(f"{p}: a line longer than 1 MiB: not an escort audit log")
+            yield line
+
+
+def verify_file(path: str | os.PathLike[str], *, expect_head: str | None = None) -> ChainReport:
+    """Verify a log file. ``InputError`` (exit 2) when it is not a log at all."""
+    report = verify_chain(iter_lines(path), expect_head=expect_head)
+    if report.entries == 0 and report.problems:
+        raise InputError(f"{path}: not an escort audit log (no readable entry)")
+    return report
+
+
+def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every readable entry (for the UI's history and tests); unreadable lines skipped."""
+    out: list[dict[str, Any]] = []
+    for raw in iter_lines(path):
+        entry = parse_line(raw.decode("utf-8", errors="replace").rstrip("\n"))
+        if entry is not None:
+            out.append(entry)
+    return out
+
+
+__all__ = ["AuditError", "AuditLog", "iter_lines", "read_entries", "utc_timestamp", "verify_file"]

@@ -1,0 +1,236 @@
+"""The audit chain catches edits, removals, reorders and truncation, and says where."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from console.adapters.audit import AuditError, AuditLog, read_entries, verify_file
+from console.cli import main
+from console.core.audit import GENESIS, canonical_line, line_hash, make_entry, verify_chain
+
+
+def _chain(n: int) -> list[str]:
+    lines, prev = [], GENESIS
+    for i in range(1, n + 1):
+        _, line = make_entry({"kind": "note", "n": i, "vm": "web-1"}, seq=i,
+                             ts=f"2026-01-01T00:00:{i:02d}.000000Z", prev=prev)
+        lines.append(line + "\n")
+        prev = line_hash(line)
+    return lines
+
+
+def _codes(lines: list[str]) -> list[tuple[int, str]]:
+    return [(p.line, p.code) for p in verify_chain(lines).problems]
+
+
+def test_intact_chain_verifies_and_reports_head() -> None:
+    lines = _chain(5)
+    report = verify_chain(lines)
+    assert report.ok and report.entries == 5 and report.last_seq == 5
+    assert report.head == line_hash(lines[-1].rstrip("\n"))
+    assert verify_chain([]).ok and verify_chain([]).head == GENESIS
+
+
+def test_first_entry_links_to_genesis() -> None:
+    entry = json.loads(_chain(1)[0])
+    assert entry["prev"] == GENESIS and entry["seq"] == 1
+
+
+def test_edit_in_the_middle_is_found_at_that_line() -> None:
+    lines = _chain(5)
+    entry = json.loads(lines[2])
+    entry["vm"] = "db-1"
+    lines[2] = canonical_line(entry) + "\n"
+    codes = _codes(lines)
+    assert (3, "audit.edited") in codes
+    assert (4, "audit.link") in codes  # the next link is broken as well
+
+
+def test_edit_with_recomputed_own_hash_still_breaks_the_next_link() -> None:
+    lines = _chain(5)
+    entry = json.loads(lines[1])
+    entry["outcome"] = "success"
+    del entry["hash"]
+    entry, line = make_entry({k: v for k, v in entry.items() if k not in ("seq", "ts", "prev")},
+                             seq=entry["seq"], ts=entry["ts"], prev=entry["prev"])
+    lines[1] = line + "\n"
+    assert _codes(lines) == [(3, "audit.link")]
+
+
+def test_edit_of_the_last_line_is_found() -> None:
+    lines = _chain(3)
+    lines[2] = lines[2].replace('"web-1"', '"web-2"')
+    assert _codes(lines) == [(3, "audit.edited")]
+
+
+def test_reformatting_a_line_is_visible() -> None:
+    lines = _chain(3)
+    lines[1] = json.dumps(json.loads(lines[1]), indent=None) + "\n"  # spaces after separators
+    codes = _codes(lines)
+    assert (2, "audit.not_canonical") in codes and (3, "audit.link") in codes
+
+
+def test_removed_entry_is_named() -> None:
+    lines = _chain(5)
+    del lines[2]
+    report = verify_chain(lines)
+    assert [(p.line, p.code) for p in report.problems] == [(3, "audit.link"), (3, "audit.seq")]
+    assert "entry 3" in report.problems[1].message
+
+
+def test_removed_first_entry_is_found() -> None:
+    lines = _chain(3)[1:]
+    codes = _codes(lines)
+    assert (1, "audit.link") in codes and (1, "audit.seq") in codes
+
+
+def test_reordered_entries_are_found() -> None:
+    lines = _chain(5)
+    lines[1], lines[2] = lines[2], lines[1]
+    codes = _codes(lines)
+    assert {(2, "audit.link"), (3, "audit.link"), (4, "audit.link")} <= set(codes)
+    assert (3, "audit.seq") in codes
+    assert any("reordered" in p.message for p in verify_chain(lines).problems)
+
+
+def test_line_truncated_in_the_middle_is_unreadable_and_the_rest_still_checked() -> None:
+    lines = _chain(5)
+    lines[1] = lines[1][:40] + "\n"
+    report = verify_chain(lines)
+    assert [(p.line, p.code) for p in report.problems] == [(2, "audit.unreadable")]
+    # later links are still checked: an edit further down is found as well
+    lines[3] = lines[3].replace("web-1", "web-9")
+    assert (4, "audit.edited") in _codes(lines)
+
+
+def test_torn_last_line_and_expected_head() -> None:
+    lines = _chain(3)
+    good_head = verify_chain(lines).head
+    assert verify_chain(lines, expect_head=good_head).ok
+    # cut off the end: the chain alone is fine, the recorded head is not
+    assert [p.code for p in verify_chain(lines[:2], expect_head=good_head).problems] == ["audit.head"]
+    torn = [*lines[:2], lines[2][:-10]]
+    assert (3, "audit.torn") in _codes(torn)
+
+
+def test_make_entry_refuses_reserved_fields() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        make_entry({"kind": "note", "prev": "x"}, seq=1, ts="t", prev=GENESIS)
+    with pytest.raises(ValueError, match="kind"):
+        make_entry({"vm": "x"}, seq=1, ts="t", prev=GENESIS)
+
+
+# -- the file adapter ---------------------------------------------------------------
+
+def _fixed_clock() -> dt.datetime:
+    return dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+
+
+def test_append_chains_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "audit.jsonl"
+    with AuditLog(path, clock=_fixed_clock) as log:
+        first = log.append({"kind": "decision", "vm": "a"})
+        log.append({"kind": "outcome", "vm": "a"})
+        head = log.head
+    assert first["ts"] == "2026-01-02T03:04:05.678901Z" and first["prev"] == GENESIS
+    with AuditLog(path) as log:
+        assert log.seq == 2 and log.head == head
+        third = log.append({"kind": "note"})
+    assert third["seq"] == 3 and third["prev"] == head
+    report = verify_file(path)
+    assert report.ok and report.entries == 3
+    assert [e["kind"] for e in read_entries(path)] == ["decision", "outcome", "note"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_two_logs_on_one_file_do_not_break_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    a, b = AuditLog(path), AuditLog(path)
+    try:
+        for i in range(5):
+            a.append({"kind": "note", "who": "a", "i": i})
+            b.append({"kind": "note", "who": "b", "i": i})
+    finally:
+        a.close()
+        b.close()
+    report = verify_file(path)
+    assert report.ok, report.problems
+    assert report.entries == 10
+
+
+def _hammer(path: str, who: str) -> None:
+    with AuditLog(path) as log:
+        for i in range(40):
+            log.append({"kind": "note", "who": who, "i": i, "pad": "x" * 300})
+
+
+def test_concurrent_processes_never_interleave(tmp_path: Path) -> None:
+    path = str(tmp_path / "audit.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(path, w)) for w in ("p1", "p2", "p3")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    report = verify_file(path)
+    assert report.ok, report.problems[:3]
+    assert report.entries == 120
+
+
+def test_append_is_fsynced_before_returning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, data: (calls.append("write"), real_write(fd, data))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        calls.clear()
+        log.append({"kind": "note"})
+        assert calls[-1] == "fsync" and "write" in calls
+
+
+def test_torn_log_is_not_appended_to(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        log.append({"kind": "note"})
+    with path.open("ab") as fh:
+        fh.write(b'{"kind":"decision","se')
+    with pytest.raises(AuditError, match="incomplete"):
+        AuditLog(path)
+
+
+def test_audit_verify_cli_exit_codes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        for i in range(4):
+            log.append({"kind": "note", "i": i})
+    runner = CliRunner()
+    ok = runner.invoke(main, ["audit", "verify", str(path)])
+    assert ok.exit_code == 0, ok.output
+    assert "4 entries" in ok.output
+    js = runner.invoke(main, ["audit", "verify", "--json", str(path)])
+    assert js.exit_code == 0 and json.loads(js.output)["ok"] is True
+
+    lines = path.read_text().splitlines(keepends=True)
+    del lines[1]
+    path.write_text("".join(lines))
+    bad = runner.invoke(main, ["audit", "verify", str(path)])
+    assert bad.exit_code == 1
+    assert "line 2" in bad.output
+    bad_js = runner.invoke(main, ["audit", "verify", "--json", str(path)])
+    assert bad_js.exit_code == 1
+    assert {p["line"] for p in json.loads(bad_js.output)["problems"]} == {2}
+
+    missing = runner.invoke(main, ["audit", "verify", str(tmp_path / "nope.jsonl")])
+    assert missing.exit_code == 2 and "no such audit log" in missing.output
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\xff\x00 not a log\n")
+    unusable = runner.invoke(main, ["audit", "verify", str(garbage)])
+    assert unusable.exit_code == 2 and "not an escort audit log" in unusable.output
