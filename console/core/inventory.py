@@ -83,6 +83,7 @@ class DomainFacts:
     vcpus: int = 0
     policy_token: str = ""  # compact JWS from <metadata>, "" when none
     persistent: bool = True
+    policy_xml: str = ""  # the raw escort <metadata> element as libvirt returned it
 
 
 @dataclass(frozen=True)
