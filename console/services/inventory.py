@@ -1,0 +1,231 @@
+"""Refresh every host of a fleet concurrently, each host's failure staying on that host.
+
+A refresh of one host: SSH connect (pooled; through the jump host), then in parallel
+libvirt facts (through the forwarded socket) and the host's migration certificate
+(``HostSpec.remote_cert`` over SSH, or ``HostSpec.cert_file`` for hosts without SSH).
+Concurrency is bounded (default 10) so a big fleet does not trip sshd's MaxStartups
+(10:30:100 by default) on a shared jump host. A failed host's connections are dropped,
+so the next refresh reconnects from scratch instead of reusing a dead channel.
+
+Results go to ``apply(host_name, facts | None, problem | None)`` (the FleetService's
+``apply_facts``) as each host finishes, and are also returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from console.adapters.files import read_limited
+from console.adapters.libvirt import LibvirtHost, open_host
+from console.adapters.ssh import (
+    CERT_UNREADABLE,
+    LIBVIRT_DOWN,
+    LIBVIRT_ERROR,
+    HostProblem,
+    SshPool,
+)
+from console.core.errors import EscortError
+from console.core.inventory import FleetSpec, HostFacts, HostSpec
+from console.core.reasons import Reason
+
+DEFAULT_CONCURRENCY = 10
+HOST_TIMEOUT_S = 90.0
+
+ApplyFn = Callable[[str, HostFacts | None, Reason | None], object]
+
+
+@dataclass(frozen=True)
+class HostRefresh:
+    """What one host's refresh produced: facts, a problem, or facts *and* a problem
+    (libvirt answered but the certificate could not be read)."""
+
+    name: str
+    facts: HostFacts | None
+    problem: Reason | None
+    elapsed_s: float
+
+
+def pool_for(fleet: FleetSpec, **kwargs: float) -> SshPool:
+    """An SSH pool configured from the fleet file (known_hosts, ssh_config, identities)."""
+    base = fleet.base_dir or "."
+
+    def _abs(path: str) -> str | None:
+        if not path:
+            return None
+        return path if path.startswith(("/", "~")) else f"{base}/{path}"
+
+    return SshPool(
+        known_hosts=_abs(fleet.known_hosts),
+        config=_abs(fleet.ssh_config),
+        identity_files=[p for p in (_abs(k) for k in fleet.identity_files) if p],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+class InventoryService:
+    """Concurrent, bounded refresh of a fleet's hosts; keeps one libvirt handle per host."""
+
+    def __init__(
+        self,
+        fleet: FleetSpec,
+        *,
+        pool: SshPool | None = None,
+        apply: ApplyFn | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        host_timeout: float = HOST_TIMEOUT_S,
+    ) -> None:
+        if concurrency < 1:
+            raise EscortError("inventory concurrency must be at least 1")
+        self.fleet = fleet
+        self._pool = pool
+        self._apply = apply
+        self._sem = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+        self.host_timeout = host_timeout
+        self._hosts: dict[str, LibvirtHost] = {}
+        self._host_locks: dict[str, asyncio.Lock] = {}
+        self.last: dict[str, HostRefresh] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0  # the bound, observed (tests check it)
+
+    @property
+    def pool(self) -> SshPool:
+        """The SSH pool, created from the fleet file on first use (demo fleets never need it)."""
+        if self._pool is None:
+            self._pool = pool_for(self.fleet)
+        return self._pool
+
+    def spec(self, name: str) -> HostSpec:
+        for host in self.fleet.hosts:
+            if host.name == name:
+                return host
+        raise EscortError(f"{name}: no such host in fleet {self.fleet.name}")
+
+    # -- refresh -------------------------------------------------------------------------
+    async def refresh(self, names: Iterable[str] | None = None) -> dict[str, HostRefresh]:
+        """Refresh the named hosts (default: all) concurrently; never raises for one host."""
+        specs = [self.spec(n) for n in names] if names is not None else list(self.fleet.hosts)
+        results = await asyncio.gather(*(self._bounded(s) for s in specs))
+        return {r.name: r for r in results}
+
+    async def _bounded(self, spec: HostSpec) -> HostRefresh:
+        async with self._sem:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                result = await self.refresh_host(spec)
+            finally:
+                self.in_flight -= 1
+        self.last[spec.name] = result
+        if self._apply is not None:
+            self._apply(spec.name, result.facts, result.problem)
+        return result
+
+    async def refresh_host(self, spec: HostSpec) -> HostRefresh:
+        """One host: facts and certificate, or the one problem that stopped us."""
+        start = time.perf_counter()
+        facts: HostFacts | None = None
+        problem: Reason | None = None
+        try:
+            facts, problem = await asyncio.wait_for(self._refresh(spec), self.host_timeout)
+        except HostProblem as exc:
+            problem = exc.reason()
+            await self._forget(spec)
+        except TimeoutError:
+            problem = Reason(
+                "host.timeout",
+                f"{spec.name}: no answer within {self.host_timeout:.0f} s",
+                "check the host and its network",
+            )
+            await self._forget(spec)
+        except EscortError as exc:
+            problem = Reason("host.error", f"{spec.name}: {exc}")
+            await self._forget(spec)
+        return HostRefresh(spec.name, facts, problem, time.perf_counter() - start)
+
+    async def _refresh(self, spec: HostSpec) -> tuple[HostFacts, Reason | None]:
+        if spec.ssh:
+            await self.pool.connect(spec.ssh, spec.jump, name=spec.name)  # fail fast, once
+        facts_task = asyncio.create_task(self._facts(spec))
+        cert_task = asyncio.create_task(self._cert(spec))
+        try:
+            facts = await facts_task
+        except BaseException:
+            cert_task.cancel()
+            with contextlib.suppress(BaseException):
+                await cert_task
+            raise
+        try:
+            cert = await cert_task
+        except HostProblem as exc:
+            return facts, Reason(
+                CERT_UNREADABLE,
+                f"{spec.name}: certificate unreadable: {exc}",
+                f"check {spec.remote_cert if spec.ssh else spec.cert_file} on the host",
+            )
+        except EscortError as exc:
+            return facts, Reason(CERT_UNREADABLE, f"{spec.name}: certificate unreadable: {exc}")
+        return replace(facts, cert_pem=cert), None
+
+    async def _facts(self, spec: HostSpec) -> HostFacts:
+        host = await self.libvirt(spec.name)
+        try:
+            return await host.facts()
+        except HostProblem as exc:
+            if exc.code in (LIBVIRT_DOWN, LIBVIRT_ERROR):
+                await self._close_libvirt(spec.name)
+            raise
+
+    async def _cert(self, spec: HostSpec) -> bytes:
+        if spec.ssh and spec.remote_cert:
+            return await self.pool.read_file(
+                spec.ssh, spec.remote_cert, jump=spec.jump, name=spec.name
+            )
+        if spec.cert_file:
+            path = spec.cert_file
+            if not path.startswith("/") and self.fleet.base_dir:
+                path = f"{self.fleet.base_dir}/{path}"
+            return await asyncio.to_thread(read_limited, path, what="certificate")
+        return b""
+
+    # -- libvirt handles (also for the migration service) --------------------------------
+    async def libvirt(self, name: str) -> LibvirtHost:
+        """The host's live libvirt handle, (re)opened when needed."""
+        spec = self.spec(name)
+        lock = self._host_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            host = self._hosts.get(name)
+            if host is not None:
+                if await host.alive():
+                    return host
+                await self._close_libvirt(name)
+            pool = self.pool if spec.ssh else None
+            host = await open_host(spec, pool)
+            self._hosts[name] = host
+            return host
+
+    def libvirt_cached(self, name: str) -> LibvirtHost | None:
+        return self._hosts.get(name)
+
+    async def _close_libvirt(self, name: str) -> None:
+        host = self._hosts.pop(name, None)
+        if host is not None:
+            await host.close()
+
+    async def _forget(self, spec: HostSpec) -> None:
+        """Drop everything we hold for a failed host so the next refresh starts clean."""
+        await self._close_libvirt(spec.name)
+        if spec.ssh:
+            with contextlib.suppress(EscortError):
+                await self.pool.drop(spec.ssh, spec.jump)
+
+    async def close(self) -> None:
+        """Close libvirt handles, then SSH connections (on this, asyncssh's, loop)."""
+        for name in list(self._hosts):
+            await self._close_libvirt(name)
+        if self._pool is not None:
+            await self._pool.close()
