@@ -1,0 +1,454 @@
+"""May admin A move VM V to host H at time T — and if not, exactly why not?
+
+``decide`` answers for one (VM, host, admin, time) and reports *every* failing
+check as a ``Reason``, plus an ordered walkthrough (``Step``s: owner's policy ->
+trusted CA -> intermediate -> host certificate -> attributes -> grant -> host ->
+verdict) that reads like a lesson in how the trust chain works.
+
+``allowed_matrix`` is the fast path for the whole fleet. Its inputs are already
+verified once (each host chain once, each policy once — see ``PolicyBook``); what
+remains per VM is set algebra. Hosts become bits in an int; the trusted CAs and
+every attribute value get a bitmask of hosts once; VMs whose policies have the same
+``Requirements`` share one mask. A fleet of 10,000 VMs x 1,000 hosts is then a few
+thousand big-int ANDs/ORs instead of ten million comparisons. ``allowed_per_pair``
+is the straightforward path (``decide`` for every pair); a test asserts both agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .grants import AdminRef, GrantResult, authorise
+from .pki import ChainResult, HostAttributes
+from .policy import PolicyResult, Requirements, resolve_policy_names
+from .reasons import Reason
+
+Reachability = Literal["unknown", "up", "down"]
+
+#: Requirement key -> (HostAttributes field, words used in sentences)
+_ATTRS: tuple[tuple[str, str, str], ...] = (
+    ("country", "country", "country"),
+    ("state", "state", "state/province"),
+    ("locality", "locality", "site (locality)"),
+    ("org", "organization", "organisation"),
+    ("org_unit", "org_unit", "organisational unit"),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of the walkthrough; ``ok`` is None for steps that are informational or skipped."""
+
+    title: str
+    ok: bool | None
+    detail: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Decision:
+    vm: str
+    host: str
+    admin: str | None
+    at: dt.datetime
+    allowed: bool
+    reasons: tuple[Reason, ...]  # errors first, then warnings
+    steps: tuple[Step, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "host": self.host,
+            "admin": self.admin,
+            "at": self.at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+            "allowed": self.allowed,
+            "reasons": [r.as_json() for r in self.reasons],
+            "steps": [s.as_json() for s in self.steps],
+        }
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """A host as the decision needs it: its chain result (checked once) and attributes."""
+
+    name: str
+    chain: ChainResult | None  # None: no certificate known for the host
+    attributes: HostAttributes | None
+    reachability: Reachability = "unknown"
+    problem: Reason | None = None  # unreadable certificate, unreachable, ...
+    policy_oids: frozenset[str] = frozenset()  # host certificate policies, as OIDs
+
+    @classmethod
+    def prepare(
+        cls,
+        name: str,
+        chain: ChainResult | None,
+        attributes: HostAttributes | None,
+        *,
+        reachability: Reachability = "unknown",
+        problem: Reason | None = None,
+        policy_names: Mapping[str, str] | None = None,
+    ) -> HostCheck:
+        oids = resolve_policy_names(attributes.policies, policy_names) if attributes else frozenset()
+        return cls(name, chain, attributes, reachability, problem, oids)
+
+    @property
+    def eligible(self) -> bool:
+        """Whether the host can be a target at all, whatever the VM."""
+        return (self.chain is not None and self.chain.valid and self.attributes is not None
+                and self.reachability != "down" and self.problem is None)
+
+
+@dataclass(frozen=True)
+class VMCheck:
+    uuid: str
+    name: str
+    current_host: str
+    policy: PolicyResult
+    policy_oids: frozenset[str] = frozenset()
+
+    @classmethod
+    def prepare(cls, uuid: str, name: str, current_host: str, policy: PolicyResult,
+                policy_names: Mapping[str, str] | None = None) -> VMCheck:
+        req = policy.policy.requirements.policies if policy.policy else frozenset()
+        return cls(uuid, name, current_host, policy, resolve_policy_names(req, policy_names))
+
+    @property
+    def label(self) -> str:
+        return self.name or self.uuid
+
+
+def _join(values: Iterable[str]) -> str:
+    items = sorted(values)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _attribute_reasons(vm: VMCheck, host: HostCheck, req: Requirements, owner: str,
+                       policy_names: Mapping[str, str] | None) -> tuple[list[Reason], list[str]]:
+    """Unmatched attributes (reasons) and matched ones (sentences for the walkthrough)."""
+    attrs = host.attributes
+    assert attrs is not None
+    reasons: list[Reason] = []
+    matched: list[str] = []
+    for key, attr, words in _ATTRS:
+        wanted: frozenset[str] = getattr(req, key)
+        if not wanted:
+            continue
+        have = getattr(attrs, attr)
+        if have in wanted:
+            matched.append(f"{words} {have} is allowed")
+            continue
+        have_text = f"{words} {have}" if have else f"no {words} in its certificate"
+        reasons.append(Reason(
+            f"attr.{key}",
+            f"host {host.name} has {have_text}; {vm.label}'s policy requires {_join(wanted)}",
+            f"choose a host with {words} {_join(wanted)}, or ask {owner} to re-sign the policy "
+            f"to allow {have or 'hosts without it'}"))
+    if req.policies:
+        missing = sorted(p for p in req.policies
+                         if resolve_policy_names([p], policy_names) - host.policy_oids)
+        if missing:
+            for p in missing:
+                reasons.append(Reason(
+                    "attr.policy",
+                    f"host {host.name}'s certificate lacks policy {p}, which {vm.label}'s policy requires",
+                    f"choose a host certified for {p}, or have its CA issue a certificate with {p}"))
+        else:
+            matched.append(f"certificate policies {' + '.join(sorted(req.policies))} present")
+    return reasons, matched
+
+
+def _chain_names(chain: ChainResult) -> list[str]:
+    return [c.name for c in chain.chain]
+
+
+def decide(
+    vm: VMCheck,
+    host: HostCheck,
+    *,
+    at: dt.datetime,
+    admin: AdminRef | None = None,
+    grants: Sequence[GrantResult] = (),
+    emergency: bool = False,
+    policy_names: Mapping[str, str] | None = None,
+    known_cas: Mapping[str, str] | None = None,
+) -> Decision:
+    """The full decision with every reason and the walkthrough.
+
+    ``known_cas`` (fingerprint -> name, from the host trust store) lets the
+    explanation say when a policy trusts a CA the console does not have at all.
+    """
+    errors: list[Reason] = []
+    warns: list[Reason] = []
+    steps: list[Step] = []
+    pr = vm.policy
+    pol = pr.policy
+    owner_label = pr.owner.label() if pr.owner else (pol.owner if pol else "the owner")
+
+    # 1. the owner's policy
+    for r in pr.reasons:
+        errors.append(r)
+    warns.extend(pr.warnings)
+    if pol is None:
+        steps.append(Step("Owner's policy", False,
+                          "; ".join(r.message for r in pr.reasons) or "the VM has no usable policy"))
+    else:
+        detail = (f"signed by {owner_label}, valid {pol.not_before:%Y-%m-%d} to {pol.not_after:%Y-%m-%d}, "
+                  f"requires {pol.summary()}; digest {pr.digest[:16]}")
+        if pr.reasons:
+            detail += "; but " + "; ".join(r.message for r in pr.reasons)
+        steps.append(Step("Owner's policy", not pr.reasons, detail))
+
+    chain = host.chain
+    # 2. trusted CA
+    if pol is None:
+        steps.append(Step("Trusted CA", None, "skipped: without a policy no CA is trusted"))
+    elif chain is None:
+        steps.append(Step("Trusted CA", None, f"skipped: no certificate is known for host {host.name}"))
+    else:
+        hits = [c for c in pol.trusted_cas if c.fingerprint in chain.ca_fingerprints]
+        trusted = ", ".join(c.name for c in pol.trusted_cas)
+        if hits:
+            steps.append(Step("Trusted CA", True,
+                              f"the policy trusts {hits[0].name}, which is in {host.name}'s chain"))
+        else:
+            path = " -> ".join(reversed(_chain_names(chain)[1:])) or "no known CA"
+            errors.append(Reason(
+                "ca.not_trusted",
+                f"host {host.name}'s certificate chains to {path}, none of which {vm.label}'s policy "
+                f"trusts (it trusts {trusted})",
+                f"choose a host under {trusted}, or ask {owner_label} to trust this host's CA"))
+            steps.append(Step("Trusted CA", False,
+                              f"the policy trusts {trusted}; {host.name} chains to {path}"))
+        if known_cas is not None:
+            for c in pol.trusted_cas:
+                if c.fingerprint not in known_cas:
+                    warns.append(Reason("policy.ca_unknown",
+                                        f"the policy trusts CA {c.name} ({c.fingerprint[:16]}…), "
+                                        "which is not in the fleet's trust directory",
+                                        "add that CA certificate to trust_dir, or re-sign the policy",
+                                        "warning"))
+
+    # 3. intermediate + 4. host certificate
+    if chain is None:
+        why = host.problem.message if host.problem and host.problem.code.startswith("cert") else \
+            f"no certificate is known for host {host.name}"
+        errors.append(Reason("host.no_certificate", why,
+                             "set cert_file for the host in the fleet file, or refresh the host over SSH"))
+        steps.append(Step("Intermediate", None, "skipped: no host certificate"))
+        steps.append(Step("Host certificate", False, why))
+    else:
+        names = _chain_names(chain)
+        inter = names[1:-1] if len(names) > 2 else []
+        if inter:
+            steps.append(Step("Intermediate", chain.valid,
+                              f"{host.name} is issued by {' under '.join(inter)}, under root {names[-1]}"))
+        elif len(names) == 2:
+            steps.append(Step("Intermediate", None,
+                              f"none: {host.name} is issued directly by root {names[-1]}"))
+        else:
+            steps.append(Step("Intermediate", False, f"{host.name}'s chain could not be built to a root"))
+        errors.extend(chain.reasons)
+        if not chain.valid and not chain.reasons:
+            errors.append(Reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
+                                 "check the host certificate with `escort cert verify`"))
+        if chain.valid and host.attributes is None:
+            errors.append(Reason("host.no_attributes",
+                                 f"host {host.name}'s certificate attributes are unknown",
+                                 "refresh the host or check its certificate file"))
+        warns.extend(chain.warnings)
+        if chain.valid and host.attributes is not None:
+            days = host.attributes.days_to_expiry(at)
+            steps.append(Step("Host certificate", True,
+                              f"valid, chain checked to {names[-1]}; expires in {days} day(s)"))
+        else:
+            steps.append(Step("Host certificate", chain.valid,
+                              "; ".join(r.message for r in chain.reasons) or "valid"))
+
+    # 5. attributes
+    if pol is None or host.attributes is None:
+        steps.append(Step("Attributes matched", None, "skipped: needs both a policy and a host certificate"))
+    else:
+        bad, good = _attribute_reasons(vm, host, pol.requirements, owner_label, policy_names)
+        errors.extend(bad)
+        if bad:
+            steps.append(Step("Attributes matched", False, "; ".join(r.message for r in bad)))
+        else:
+            steps.append(Step("Attributes matched", True,
+                              "; ".join(good) or "the policy requires no attributes"))
+
+    # 6. grant
+    if admin is None:
+        steps.append(Step("Grant", None, "no admin given: only the placement is checked"))
+    else:
+        used, grant_why = authorise(grants, admin=admin, vm_uuid=vm.uuid,
+                              vm_labels=pol.labels if pol else (), policy_owner=pr.owner if pol else None,
+                              emergency=emergency)
+        if used is not None and used.grant is not None:
+            g = used.grant
+            steps.append(Step("Grant", True,
+                              f"{admin.id} holds a grant from {owner_label} "
+                              f"until {g.not_after:%Y-%m-%d %H:%M} UTC"
+                              + (" (emergency only)" if g.emergency_only else "")))
+        else:
+            errors.extend(grant_why)
+            steps.append(Step("Grant", False, "; ".join(r.message for r in grant_why)))
+
+    # 7. the host itself
+    host_notes: list[str] = []
+    ok_host: bool | None = True
+    if host.name == vm.current_host:
+        errors.append(Reason("host.current", f"{vm.label} already runs on {host.name}",
+                             "choose another host as the target"))
+        host_notes.append("it is the VM's current host")
+        ok_host = False
+    if host.reachability == "down":
+        msg = host.problem.message if host.problem else f"host {host.name} is down"
+        errors.append(Reason("host.down",
+                             msg if msg.startswith("host") else f"host {host.name} is down: {msg}",
+                             host.problem.fix if host.problem and host.problem.fix else
+                             "bring the host back, or choose another"))
+        host_notes.append("it is down")
+        ok_host = False
+    elif host.problem is not None and chain is not None:
+        errors.append(host.problem)
+        host_notes.append(host.problem.message)
+        ok_host = False
+    elif host.reachability == "unknown" and ok_host:
+        ok_host = None
+        host_notes.append("not contacted yet (offline decision)")
+    steps.append(Step("Host", ok_host, "; ".join(host_notes) or "up"))
+
+    errs = _dedupe(errors)
+    allowed = not errs
+    steps.append(Step("Verdict", allowed,
+                      f"{vm.label} may move to {host.name}" if allowed else
+                      f"refused: {len(errs)} check(s) failed"))
+    return Decision(vm.label, host.name, admin.id if admin else None, at, allowed,
+                    tuple(errs) + tuple(_dedupe(warns)), tuple(steps))
+
+
+def _dedupe(reasons: Iterable[Reason]) -> list[Reason]:
+    seen: set[Reason] = set()
+    out: list[Reason] = []
+    for r in reasons:
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+@dataclass
+class HostIndex:
+    """Bitmask indexes over the eligible hosts: built once, queried per requirement set."""
+
+    names: tuple[str, ...]
+    by_ca: dict[str, int] = field(default_factory=dict)
+    by_attr: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    by_oid: dict[str, int] = field(default_factory=dict)
+    all_mask: int = 0
+
+    @classmethod
+    def build(cls, hosts: Sequence[HostCheck]) -> HostIndex:
+        eligible = [h for h in hosts if h.eligible]
+        idx = cls(tuple(h.name for h in eligible))
+        for i, h in enumerate(eligible):
+            bit = 1 << i
+            idx.all_mask |= bit
+            assert h.chain is not None and h.attributes is not None
+            for fp in h.chain.ca_fingerprints:
+                idx.by_ca[fp] = idx.by_ca.get(fp, 0) | bit
+            for key, attr, _ in _ATTRS:
+                k = (key, getattr(h.attributes, attr))
+                idx.by_attr[k] = idx.by_attr.get(k, 0) | bit
+            for oid in h.policy_oids:
+                idx.by_oid[oid] = idx.by_oid.get(oid, 0) | bit
+        return idx
+
+    def mask(self, req: Requirements, oids: frozenset[str]) -> int:
+        m = 0
+        for fp in req.trusted_cas:
+            m |= self.by_ca.get(fp, 0)
+        for key, _attr, _ in _ATTRS:
+            wanted: frozenset[str] = getattr(req, key)
+            if wanted and m:
+                a = 0
+                for value in wanted:
+                    a |= self.by_attr.get((key, value), 0)
+                m &= a
+        for oid in oids:
+            if not m:
+                break
+            m &= self.by_oid.get(oid, 0)
+        return m
+
+    def names_of(self, mask: int) -> tuple[str, ...]:
+        out = []
+        i = 0
+        while mask:
+            if mask & 1:
+                out.append(self.names[i])
+            mask >>= 1
+            i += 1
+        return tuple(out)
+
+
+@dataclass
+class Matrix:
+    """Allowed targets per VM UUID, plus how much sharing the grouping found."""
+
+    targets: dict[str, tuple[str, ...]]
+    groups: int  # distinct (requirements, policy OIDs) sets evaluated
+    eligible_hosts: int
+
+
+def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck]) -> Matrix:
+    """Allowed targets for every VM: one mask per distinct requirement set, then per-VM slicing.
+
+    ``vms`` carry verified policies and ``hosts`` verified chains; nothing is verified here.
+    """
+    index = HostIndex.build(hosts)
+    groups: dict[tuple[Requirements, frozenset[str]], tuple[tuple[str, ...], dict[str, int]]] = {}
+    out: dict[str, tuple[str, ...]] = {}
+    for vm in vms:
+        pol = vm.policy.policy
+        if pol is None or not vm.policy.valid:
+            out[vm.uuid] = ()
+            continue
+        key = (pol.requirements, vm.policy_oids)
+        group = groups.get(key)
+        if group is None:
+            names = index.names_of(index.mask(pol.requirements, vm.policy_oids))
+            group = groups[key] = (names, {n: i for i, n in enumerate(names)} if names else {})
+        names, pos = group
+        i = pos.get(vm.current_host)
+        out[vm.uuid] = names if i is None else names[:i] + names[i + 1:]
+    return Matrix(out, len(groups), len(index.names))
+
+
+def allowed_per_pair(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, at: dt.datetime,
+                     policy_names: Mapping[str, str] | None = None) -> dict[str, tuple[str, ...]]:
+    """The straightforward path: a full ``decide`` for every (VM, host) pair."""
+    return {vm.uuid: tuple(h.name for h in hosts
+                           if decide(vm, h, at=at, policy_names=policy_names).allowed)
+            for vm in vms}
+
+
+__all__ = [
+    "Decision",
+    "HostCheck",
+    "HostIndex",
+    "Matrix",
+    "Step",
+    "VMCheck",
+    "allowed_matrix",
+    "allowed_per_pair",
+    "decide",
+]

@@ -1,0 +1,477 @@
+"""Owner-signed documents: compact JWS (RFC 7515) carrying the owner's chain in ``x5c``.
+
+Policies and grants share this envelope so that owners can produce and inspect them
+with common JOSE tools. The JWS work itself (base64url, signing input, signature
+maths) is joserfc's; this module decides *which* JWS we accept:
+
+* ``alg`` is one of ES256 (P-256), RS256, EdDSA (Ed25519) — never ``none``, and it
+  must fit the key in the leaf certificate;
+* ``typ`` names the document (``escort-policy+jwt`` / ``escort-grant+jwt``) so that a
+  grant can never be replayed as a policy;
+* ``x5c`` holds the owner's certificate first, then intermediates (standard base64
+  DER, RFC 7515 §4.1.6); the leaf must chain to the *owners'* trust store;
+* the payload is JSON with ``ver`` (1), ``iss``, ``jti``, ``nbf``, ``exp`` (and optional
+  ``iat``) plus the document's own fields; anything else is refused.
+
+Verification is split in two so that callers can cache: ``open`` is the
+time-independent part (parse, signature, schema), cached by token digest; the
+time-dependent part (validity window, owner chain at ``at``) is cheap and cached by
+owner chain. Verifying 10,000 policies therefore costs 10,000 signature checks and
+one chain check per distinct owner, not one chain check per policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from joserfc import jws
+from joserfc.errors import JoseError, SecurityWarning
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.jws import JWSRegistry
+
+from .errors import InputError
+from .pki import ChainResult
+from .reasons import Reason
+
+TYP_POLICY = "escort-policy+jwt"
+TYP_GRANT = "escort-grant+jwt"
+PREFIX = {TYP_POLICY: "policy", TYP_GRANT: "grant"}
+VERSION = 1
+#: Claims every document carries; ``iat`` is optional.
+COMMON_CLAIMS = frozenset({"ver", "iss", "jti", "nbf", "exp", "iat"})
+REQUIRED_CLAIMS = ("ver", "iss", "jti", "nbf", "exp")
+ALLOWED_HEADER = frozenset({"alg", "typ", "x5c", "kid"})
+#: A policy is a few hundred bytes plus a chain; 64 KiB leaves room and bounds parsing.
+MAX_TOKEN_BYTES = 64 * 1024
+MAX_CHAIN = 8
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+JoseKey = ECKey | RSAKey | OKPKey
+
+
+class OwnerVerifier(Protocol):
+    """What envelope verification needs from ``pki.TrustStore`` (tests may fake it)."""
+
+    def verify_owner(
+        self, cert: x509.Certificate, intermediates: Iterable[x509.Certificate], at: dt.datetime
+    ) -> ChainResult: ...
+
+
+@dataclass(frozen=True)
+class OwnerIdentity:
+    """Who signed a document, as the leaf certificate in ``x5c`` says."""
+
+    name: str  # CN, else the RFC 4514 subject
+    email: str  # first rfc822Name SAN (or emailAddress), "" if none
+    subject: str  # RFC 4514
+    fingerprint: str  # SHA-256 of the certificate, lowercase hex
+
+    @property
+    def key(self) -> str:
+        """The identity owners are compared by (a renewed certificate keeps it)."""
+        return self.email.lower() if self.email else self.subject
+
+    def label(self) -> str:
+        return f"{self.name} <{self.email}>" if self.email and self.email != self.name else self.name
+
+    def matches_iss(self, iss: str) -> bool:
+        return iss in {self.name, self.subject} or (bool(self.email) and iss.lower() == self.email.lower())
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The time-independent result of checking a token (parse, signature, schema)."""
+
+    token: str
+    digest: str
+    typ: str
+    header: Mapping[str, Any]
+    payload: Mapping[str, Any] | None  # None when it could not be trusted at all
+    certs: tuple[x509.Certificate, ...] = ()
+    owner: OwnerIdentity | None = None
+    reasons: tuple[Reason, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A document after every check at one time: payload plus *every* reason."""
+
+    digest: str
+    typ: str
+    payload: Mapping[str, Any] | None
+    owner: OwnerIdentity | None
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[Reason, ...] = ()
+    owner_chain: ChainResult | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.payload is not None and not self.reasons
+
+    @property
+    def not_before(self) -> dt.datetime | None:
+        return _ts(self.payload, "nbf")
+
+    @property
+    def not_after(self) -> dt.datetime | None:
+        return _ts(self.payload, "exp")
+
+
+def _ts(payload: Mapping[str, Any] | None, claim: str) -> dt.datetime | None:
+    if payload is None or not isinstance(payload.get(claim), int):
+        return None
+    return dt.datetime.fromtimestamp(payload[claim], dt.UTC)
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 of the compact token: the policy/grant identity in caches and the audit log."""
+    return hashlib.sha256(token.strip().encode("ascii", "replace")).hexdigest()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def owner_identity(cert: x509.Certificate) -> OwnerIdentity:
+    subject = cert.subject.rfc4514_string()
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(cns[0].value) if cns else subject
+    email = ""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        mails = san.get_values_for_type(x509.RFC822Name)
+        email = mails[0] if mails else ""
+    except x509.ExtensionNotFound:
+        pass
+    if not email:
+        attrs = cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
+        email = str(attrs[0].value) if attrs else ""
+    return OwnerIdentity(name=name, email=email, subject=subject, fingerprint=fingerprint(cert))
+
+
+def alg_for_key(key: Any) -> str:
+    """The JWS ``alg`` a private or public key signs with."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise InputError(f"EC keys must use P-256 for ES256, not {key.curve.name}")
+        return "ES256"
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise InputError(f"RSA keys need at least 2048 bits, this one has {key.key_size}")
+        return "RS256"
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise InputError(f"unsupported key type {type(key).__name__}; use EC P-256, RSA or Ed25519")
+
+
+_REGISTRIES: dict[str, JWSRegistry] = {}
+
+
+def _registry(alg: str) -> JWSRegistry:
+    """joserfc's registry for one algorithm, with room for an ``x5c`` chain in the header.
+
+    joserfc caps protected headers at 512 bytes by default; one certificate is
+    already ~700 bytes of base64, so the cap is raised to our own token limit.
+    """
+    reg = _REGISTRIES.get(alg)
+    if reg is None:
+        reg = JWSRegistry(algorithms=[alg])
+        reg.max_header_length = MAX_TOKEN_BYTES
+        _REGISTRIES[alg] = reg
+    return reg
+
+
+def _jose_key(key: Any) -> JoseKey:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return ECKey.import_key(key)
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return RSAKey.import_key(key)
+    return OKPKey.import_key(key)
+
+
+def sign(
+    payload: Mapping[str, Any],
+    typ: str,
+    key: Any,
+    chain: Sequence[x509.Certificate],
+) -> str:
+    """A compact JWS of ``payload`` signed by ``key``; ``chain`` is owner cert first.
+
+    The caller supplies the full payload (claims included); it is checked here with
+    the same rules the verifier applies, so escort never produces a token it would
+    refuse.
+    """
+    if typ not in PREFIX:
+        raise InputError(f"unknown document type {typ!r}")
+    if not chain:
+        raise InputError("the owner's certificate is required to sign")
+    alg = alg_for_key(key)
+    leaf_pub = chain[0].public_key()
+    pub = key.public_key()
+    pub_der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf_der = leaf_pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if pub_der != leaf_der:
+        raise InputError("the private key does not belong to the owner certificate")
+    missing = [c for c in REQUIRED_CLAIMS if c not in payload]
+    if missing:
+        raise InputError(f"payload lacks {', '.join(missing)}")
+    header = {
+        "alg": alg,
+        "typ": typ,
+        "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain],
+    }
+    body = json.dumps(dict(payload), separators=(",", ":"), sort_keys=True).encode()
+    with warnings.catch_warnings():
+        # joserfc flags EdDSA as superseded by RFC 9864's "Ed25519"; we keep the name
+        # most JOSE tools still understand and pin it to Ed25519 keys.
+        warnings.simplefilter("ignore", SecurityWarning)
+        return jws.serialize_compact(header, body, _jose_key(key), registry=_registry(alg))
+
+
+def _r(prefix: str, code: str, message: str, fix: str = "") -> Reason:
+    return Reason(f"{prefix}.{code}", message, fix)
+
+
+def _b64url_json(segment: str) -> Any:
+    pad = "=" * (-len(segment) % 4)
+    raw = base64.urlsafe_b64decode(segment + pad)
+    return json.loads(raw)
+
+
+def _check_claims(prefix: str, payload: Mapping[str, Any], fields: frozenset[str]) -> list[Reason]:
+    out: list[Reason] = []
+    unknown = sorted(set(payload) - COMMON_CLAIMS - fields)
+    if unknown:
+        out.append(_r(prefix, "unknown_field", f"the {prefix} has unknown field(s) {', '.join(unknown)}",
+                      f"re-sign it with a version of escort that knows this {prefix} format"))
+    ver = payload.get("ver")
+    if ver != VERSION or isinstance(ver, bool):
+        out.append(_r(prefix, "version", f"the {prefix} has version {ver!r}; escort understands {VERSION}",
+                      f"re-sign the {prefix} as version {VERSION}"))
+    for claim in ("iss", "jti"):
+        value = payload.get(claim)
+        if not isinstance(value, str) or not value:
+            out.append(_r(prefix, "missing_field", f"the {prefix} lacks {claim!r} (a non-empty string)",
+                          f"re-sign the {prefix} with {claim!r} set"))
+    for claim in ("nbf", "exp", "iat"):
+        value = payload.get(claim)
+        if claim == "iat" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            out.append(_r(prefix, "missing_field", f"the {prefix} lacks {claim!r} (seconds since 1970)",
+                          f"re-sign the {prefix} with {claim!r} set"))
+    nbf, exp = payload.get("nbf"), payload.get("exp")
+    if isinstance(nbf, int) and isinstance(exp, int) and exp <= nbf:
+        out.append(_r(prefix, "malformed", f"the {prefix} expires before it starts (exp <= nbf)",
+                      f"re-sign the {prefix} with a positive validity window"))
+    return out
+
+
+def open_token(token: str, typ: str, fields: frozenset[str]) -> Opened:
+    """Parse ``token``, check its header, signature and claim schema (no time, no trust).
+
+    ``fields`` are the document's own payload fields beyond the common claims.
+    """
+    prefix = PREFIX[typ]
+    token = token.strip()
+    digest = token_digest(token)
+
+    def bad(code: str, message: str, fix: str, header: Mapping[str, Any] | None = None) -> Opened:
+        return Opened(token, digest, typ, header or {}, None, reasons=(_r(prefix, code, message, fix),))
+
+    if not token:
+        return bad("unsigned", f"there is no {prefix}", f"attach an owner-signed {prefix}")
+    if len(token) > MAX_TOKEN_BYTES:
+        return bad("malformed", f"the {prefix} is larger than {MAX_TOKEN_BYTES // 1024} KiB",
+                   f"attach the {prefix} token itself, not another file")
+    parts = token.split(".")
+    if len(parts) != 3 or not token.isascii():
+        return bad("malformed", f"the {prefix} is not a compact JWS (three base64url parts)",
+                   f"attach the {prefix} exactly as `escort {prefix} sign/issue` wrote it")
+    try:
+        header = _b64url_json(parts[0])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return bad("malformed", f"the {prefix}'s JWS header is not base64url JSON",
+                   f"attach the {prefix} exactly as it was signed")
+    if not isinstance(header, dict):
+        return bad("malformed", f"the {prefix}'s JWS header is not a JSON object",
+                   f"attach the {prefix} exactly as it was signed")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg.lower() == "none" or not parts[2]:
+        return bad("unsigned", f"the {prefix} is not signed (alg {alg!r})",
+                   f"have the owner sign the {prefix}", header)
+    if alg not in ("ES256", "RS256", "EdDSA"):
+        return bad("alg", f"the {prefix} uses algorithm {alg!r}; escort accepts ES256, RS256, EdDSA",
+                   "re-sign with an EC P-256, RSA or Ed25519 owner key", header)
+    if header.get("typ") != typ:
+        return bad("typ", f"the document is of type {header.get('typ')!r}, expected {typ!r}",
+                   f"attach a {prefix}, not another kind of signed document", header)
+    extra = sorted(set(header) - ALLOWED_HEADER)
+    if extra:
+        return bad("malformed", f"the {prefix}'s JWS header has unsupported field(s) {', '.join(extra)}",
+                   f"re-sign the {prefix} without them", header)
+    x5c = header.get("x5c")
+    if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
+        return bad("owner_untrusted", f"the {prefix} carries no owner certificate (x5c)",
+                   "re-sign it with the owner certificate in x5c", header)
+    if len(x5c) > MAX_CHAIN:
+        return bad("malformed", f"the {prefix}'s x5c has more than {MAX_CHAIN} certificates",
+                   "include only the owner certificate and its intermediates", header)
+    try:
+        certs = tuple(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c)
+    except (ValueError, binascii.Error):
+        return bad("malformed", f"the {prefix}'s x5c holds something that is not a DER certificate",
+                   "re-sign it with the owner certificate chain", header)
+    owner = owner_identity(certs[0])
+    pub = certs[0].public_key()
+    try:
+        key_alg = alg_for_key(pub)
+    except InputError as exc:
+        return Opened(token, digest, typ, header, None, certs, owner,
+                      (_r(prefix, "alg", f"the owner's key is unusable: {exc}",
+                          "issue the owner an EC P-256, RSA or Ed25519 certificate"),))
+    if key_alg != alg:
+        return Opened(token, digest, typ, header, None, certs, owner,
+                      (_r(prefix, "signature", f"the {prefix} claims {alg} but the owner key needs {key_alg}",
+                          f"re-sign the {prefix} with the owner's own key"),))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SecurityWarning)
+            obj = jws.deserialize_compact(token, _jose_key(pub), registry=_registry(alg))
+    except JoseError:
+        return Opened(token, digest, typ, header, None, certs, owner,
+                      (_r(prefix, "signature",
+                          f"the {prefix}'s signature does not verify with {owner.label()}'s key "
+                          "(tampered with, or signed by someone else)",
+                          f"ask the owner to sign the {prefix} again"),))
+    try:
+        payload = json.loads(obj.payload)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if not isinstance(payload, dict):
+        return Opened(token, digest, typ, header, None, certs, owner,
+                      (_r(prefix, "malformed", f"the {prefix}'s payload is not a JSON object",
+                          f"re-sign the {prefix} with escort"),))
+    reasons = _check_claims(prefix, payload, fields)
+    iss = payload.get("iss")
+    if isinstance(iss, str) and iss and not owner.matches_iss(iss):
+        reasons.append(_r(prefix, "issuer_mismatch",
+                          f"the {prefix} names issuer {iss!r} but is signed by {owner.label()}",
+                          f"the owner must sign their own {prefix}s"))
+    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons))
+
+
+@dataclass
+class EnvelopeVerifier:
+    """Verifies tokens against the owners' trust store, caching what can be cached.
+
+    ``open`` results are cached by token digest (time-independent); owner chain
+    results by (certificate fingerprints, at). Create one per operation time or keep
+    one around: entries for old times simply stop being asked for.
+    """
+
+    owners: OwnerVerifier | None
+    _opened: dict[tuple[str, str], Opened] = field(default_factory=dict)
+    _chains: dict[tuple[tuple[str, ...], dt.datetime], ChainResult] = field(default_factory=dict)
+
+    def open(self, token: str, typ: str, fields: frozenset[str]) -> Opened:
+        key = (token_digest(token), typ)
+        hit = self._opened.get(key)
+        if hit is None:
+            hit = self._opened[key] = open_token(token, typ, fields)
+        return hit
+
+    def owner_chain(self, certs: Sequence[x509.Certificate], at: dt.datetime) -> ChainResult | None:
+        if self.owners is None:
+            return None
+        key = (tuple(fingerprint(c) for c in certs), at)
+        hit = self._chains.get(key)
+        if hit is None:
+            hit = self._chains[key] = self.owners.verify_owner(certs[0], certs[1:], at)
+        return hit
+
+    def verify(self, token: str, typ: str, fields: frozenset[str], at: dt.datetime) -> Verified:
+        opened = self.open(token, typ, fields)
+        return self.check(opened, at)
+
+    def check(self, opened: Opened, at: dt.datetime) -> Verified:
+        """The time- and trust-dependent checks on an opened token."""
+        prefix = PREFIX[opened.typ]
+        reasons = list(opened.reasons)
+        warns: list[Reason] = []
+        chain: ChainResult | None = None
+        if opened.certs and opened.owner is not None:
+            chain = self.owner_chain(opened.certs, at)
+            who = opened.owner.label()
+            if chain is None:
+                reasons.append(_r(prefix, "owner_untrusted",
+                                  f"no owners' trust store is configured, so {who} cannot be trusted",
+                                  "set owners_trust_dir in the fleet file"))
+            elif not chain.valid:
+                detail = "; ".join(r.message for r in chain.reasons) or "it does not chain to an owners' CA"
+                reasons.append(_r(prefix, "owner_untrusted",
+                                  f"the signer {who} is not a trusted owner: {detail}",
+                                  "have the owner use a certificate from the owners' CA "
+                                  "in owners_trust_dir"))
+            if chain is not None:
+                warns.extend(chain.warnings)
+        payload = opened.payload
+        if payload is not None:
+            nbf, exp = _ts(payload, "nbf"), _ts(payload, "exp")
+            if nbf is not None and at < nbf:
+                reasons.append(_r(prefix, "not_yet_valid",
+                                  f"the {prefix} is valid only from {nbf:%Y-%m-%d %H:%M} UTC",
+                                  f"wait until then, or ask the owner for a {prefix} valid now"))
+            if exp is not None and at >= exp:
+                reasons.append(_r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
+                                  f"ask the owner ({opened.owner.label() if opened.owner else '?'}) "
+                                  f"to sign a new {prefix}"))
+        return Verified(opened.digest, opened.typ, payload, opened.owner, tuple(reasons), tuple(warns),
+                        chain)
+
+
+def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload without any check, for ``show`` commands; InputError if unreadable."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise InputError("not a compact JWS (expected three base64url parts separated by dots)")
+    try:
+        header, payload = _b64url_json(parts[0]), _b64url_json(parts[1])
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InputError("not a compact JWS (a part is not base64url JSON)") from exc
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise InputError("not a compact JWS (header or payload is not a JSON object)")
+    return header, payload
+
+
+__all__ = [
+    "TYP_GRANT",
+    "TYP_POLICY",
+    "VERSION",
+    "EnvelopeVerifier",
+    "Opened",
+    "OwnerIdentity",
+    "OwnerVerifier",
+    "Verified",
+    "alg_for_key",
+    "decode_unverified",
+    "fingerprint",
+    "open_token",
+    "owner_identity",
+    "sign",
+    "token_digest",
+]

@@ -1,0 +1,411 @@
+"""The owner-signed placement policy that travels with a VM.
+
+A policy says, for one VM (its libvirt UUID): which CAs the owner trusts (by name
+and SHA-256 fingerprint — trusting an intermediate admits only hosts under it) and
+which host attributes are required (country, state, locality/site, organisation,
+certificate policies). It is a JWS (see ``envelope``) stored in the domain XML's
+``<metadata>`` under ``POLICY_NS`` so it moves with the VM.
+
+``PolicyBook`` verifies each token once (cached by token digest) and hands out
+``PolicyResult``s; the decision code never re-verifies per host.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .envelope import TYP_POLICY, VERSION, EnvelopeVerifier, OwnerIdentity, OwnerVerifier, Verified
+from .envelope import sign as sign_envelope
+from .errors import InputError
+from .issuance import DEFAULT_POLICY_NAMES
+from .reasons import Reason
+
+POLICY_NS = "https://escort.dev/xmlns/policy/1"
+POLICY_PREFIX = "escort"
+POLICY_FIELDS = frozenset({"vm_uuid", "vm_name", "trusted_cas", "require", "labels"})
+#: Requirement keys in the payload -> HostAttributes field they constrain.
+REQUIRE_KEYS = {
+    "country": "country",
+    "state": "state",
+    "locality": "locality",
+    "org": "organization",
+    "org_unit": "org_unit",
+    "policies": "policies",
+}
+#: Friendlier spellings accepted on the command line.
+REQUIRE_ALIASES = {"site": "locality", "policy": "policies", "o": "org", "ou": "org_unit",
+                   "organization": "org", "c": "country", "st": "state", "l": "locality"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """``SHA256:AB:CD..`` / ``ab cd ..`` / ``abcd..`` -> 64 lowercase hex digits, or InputError."""
+    t = text.strip().lower()
+    for prefix in ("sha256:", "sha-256:", "sha256="):
+        if t.startswith(prefix):
+            t = t[len(prefix):]
+    t = t.replace(":", "").replace(" ", "")
+    if not _HEX64.match(t):
+        raise InputError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return t
+
+
+def normalize_uuid(text: str) -> str:
+    try:
+        return str(uuidlib.UUID(text.strip()))
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"{text!r} is not a UUID") from exc
+
+
+@dataclass(frozen=True)
+class TrustedCA:
+    name: str
+    fingerprint: str  # lowercase hex SHA-256
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Required host attributes; an empty set means "any". ``policies`` are all required.
+
+    Frozen and hashable on purpose: VMs whose policies have identical requirements
+    share one row of the allowed-target matrix.
+    """
+
+    trusted_cas: frozenset[str] = frozenset()  # fingerprints
+    country: frozenset[str] = frozenset()
+    state: frozenset[str] = frozenset()
+    locality: frozenset[str] = frozenset()
+    org: frozenset[str] = frozenset()
+    org_unit: frozenset[str] = frozenset()
+    policies: frozenset[str] = frozenset()  # names or OIDs as written by the owner
+
+    def as_payload(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key in REQUIRE_KEYS:
+            values = getattr(self, key)
+            if values:
+                out[key] = sorted(values)
+        return out
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    vm_uuid: str
+    vm_name: str
+    owner: str  # iss
+    trusted_cas: tuple[TrustedCA, ...]
+    requirements: Requirements
+    not_before: dt.datetime
+    not_after: dt.datetime
+    jti: str
+    labels: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        parts = [f"{len(self.trusted_cas)} CA(s)"]
+        for key in REQUIRE_KEYS:
+            values = getattr(self.requirements, key)
+            if values:
+                sep = "+" if key == "policies" else "|"
+                parts.append(f"{key} {sep.join(sorted(values))}")
+        return ", ".join(parts)
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ver": VERSION,
+            "iss": self.owner,
+            "jti": self.jti,
+            "nbf": int(self.not_before.timestamp()),
+            "exp": int(self.not_after.timestamp()),
+            "vm_uuid": self.vm_uuid,
+            "vm_name": self.vm_name,
+            "trusted_cas": [{"name": c.name, "sha256": c.fingerprint} for c in self.trusted_cas],
+            "require": self.requirements.as_payload(),
+        }
+        if self.labels:
+            out["labels"] = list(self.labels)
+        return out
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """A policy after verification for one VM at one time."""
+
+    digest: str  # sha256 of the token, "" when there is none
+    policy: PlacementPolicy | None  # None when the token is unusable
+    owner: OwnerIdentity | None
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[Reason, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return self.policy is not None and not self.reasons
+
+
+def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, list[Reason]]:
+    """The policy's own fields -> PlacementPolicy, or reasons (common claims are checked already)."""
+    reasons: list[Reason] = []
+
+    def bad(message: str) -> None:
+        reasons.append(Reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
+
+    vm_uuid = payload.get("vm_uuid")
+    try:
+        vm_uuid = normalize_uuid(vm_uuid) if isinstance(vm_uuid, str) else None
+    except InputError:
+        vm_uuid = None
+    if vm_uuid is None:
+        bad("the policy's vm_uuid is missing or not a UUID")
+    vm_name = payload.get("vm_name", "")
+    if not isinstance(vm_name, str):
+        bad("the policy's vm_name is not a string")
+        vm_name = ""
+    cas: list[TrustedCA] = []
+    raw_cas = payload.get("trusted_cas")
+    if not isinstance(raw_cas, list) or not raw_cas:
+        bad("the policy trusts no CA (trusted_cas is missing or empty)")
+    else:
+        for i, entry in enumerate(raw_cas):
+            if not isinstance(entry, dict) or set(entry) - {"name", "sha256"} or "sha256" not in entry:
+                if isinstance(entry, dict) and set(entry) - {"name", "sha256"}:
+                    reasons.append(Reason("policy.unknown_field",
+                                          f"trusted_cas[{i}] has unknown field(s) "
+                                          f"{', '.join(sorted(set(entry) - {'name', 'sha256'}))}",
+                                          "re-sign the policy with `escort policy sign`"))
+                else:
+                    bad(f"trusted_cas[{i}] is not {{name, sha256}}")
+                continue
+            try:
+                fp = normalize_fingerprint(str(entry["sha256"]))
+            except InputError:
+                bad(f"trusted_cas[{i}].sha256 is not a SHA-256 fingerprint")
+                continue
+            cas.append(TrustedCA(str(entry.get("name", fp[:16])), fp))
+    req = payload.get("require", {})
+    sets: dict[str, frozenset[str]] = {}
+    if not isinstance(req, dict):
+        bad("the policy's require is not a table")
+        req = {}
+    unknown = sorted(set(req) - set(REQUIRE_KEYS))
+    if unknown:
+        reasons.append(Reason("policy.unknown_field", f"the policy requires unknown attribute(s) "
+                              f"{', '.join(unknown)}", "re-sign the policy with `escort policy sign`"))
+    for key in REQUIRE_KEYS:
+        values = req.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            bad(f"require.{key} is not a list of strings")
+            values = []
+        sets[key] = frozenset(values)
+    labels = payload.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        bad("the policy's labels are not a list of strings")
+        labels = []
+    if reasons or vm_uuid is None:
+        return None, reasons
+    requirements = Requirements(trusted_cas=frozenset(c.fingerprint for c in cas), **sets)
+    policy = PlacementPolicy(
+        vm_uuid=vm_uuid,
+        vm_name=vm_name,
+        owner=str(payload["iss"]),
+        trusted_cas=tuple(cas),
+        requirements=requirements,
+        not_before=dt.datetime.fromtimestamp(payload["nbf"], dt.UTC),
+        not_after=dt.datetime.fromtimestamp(payload["exp"], dt.UTC),
+        jti=str(payload["jti"]),
+        labels=tuple(labels),
+    )
+    return policy, reasons
+
+
+@dataclass
+class PolicyBook:
+    """Verifies policies once per token and remembers them.
+
+    The signature and schema check is cached by token digest; the time checks and
+    the owner chain (shared by every policy of one owner) are cached per ``at`` by the
+    envelope verifier. ``verify_many`` is the bulk path the matrix uses.
+    """
+
+    owners: OwnerVerifier | None
+    envelopes: EnvelopeVerifier = field(init=False)
+    _bodies: dict[str, tuple[PlacementPolicy | None, tuple[Reason, ...]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.envelopes = EnvelopeVerifier(self.owners)
+
+    def verify(self, token: str, at: dt.datetime, *, vm_uuid: str | None = None) -> PolicyResult:
+        """Verify ``token`` at ``at``; ``vm_uuid`` is the VM it is attached to (if known)."""
+        opened = self.envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
+        checked: Verified = self.envelopes.check(opened, at)
+        reasons = list(checked.reasons)
+        policy: PlacementPolicy | None = None
+        if opened.payload is not None:
+            body = self._bodies.get(opened.digest)
+            if body is None:
+                broken = _claims_broken(opened.reasons)
+                parsed, why = (None, []) if broken else _parse_body(opened.payload)
+                body = self._bodies[opened.digest] = (parsed, tuple(why))
+            policy = body[0]
+            reasons.extend(body[1])
+        if policy is not None and vm_uuid is not None and normalize_uuid(vm_uuid) != policy.vm_uuid:
+            reasons.append(Reason(
+                "policy.vm_mismatch",
+                f"the policy is for VM {policy.vm_uuid} ({policy.vm_name or 'unnamed'}), "
+                f"not this VM ({vm_uuid})",
+                "attach the policy the owner signed for this VM's UUID"))
+        if opened.payload is None or _claims_broken(opened.reasons):
+            policy = None
+        return PolicyResult(opened.digest, policy, checked.owner, tuple(reasons), checked.warnings)
+
+    def verify_many(self, items: Iterable[tuple[str, str]], at: dt.datetime) -> dict[str, PolicyResult]:
+        """``(vm_uuid, token)`` pairs -> results by VM UUID; each distinct token verified once."""
+        return {u: self.verify(t, at, vm_uuid=u) for u, t in items}
+
+
+def _claims_broken(reasons: Sequence[Reason]) -> bool:
+    """Claim problems that make the payload meaningless (version, missing claims, malformed)."""
+    return any(r.code in {"policy.version", "policy.missing_field", "policy.malformed",
+                          "policy.unknown_field"} for r in reasons)
+
+
+def verify_policy(token: str, owners: OwnerVerifier | None, at: dt.datetime, *,
+                  vm_uuid: str | None = None) -> PolicyResult:
+    """One-off verification (no shared cache): what a per-pair evaluation would do."""
+    return PolicyBook(owners).verify(token, at, vm_uuid=vm_uuid)
+
+
+def parse_requirements(items: Iterable[str]) -> dict[str, list[str]]:
+    """``country=DE,FR`` / ``policy=assurance:high`` (repeatable) -> the payload's ``require``."""
+    out: dict[str, set[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lower()
+        key = REQUIRE_ALIASES.get(key, key)
+        if not sep or key not in REQUIRE_KEYS:
+            raise InputError(f"--require {item!r}: expected KEY=V1,V2 with KEY one of "
+                             f"{', '.join(sorted(set(REQUIRE_KEYS) | set(REQUIRE_ALIASES)))}")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise InputError(f"--require {item!r}: no values after '='")
+        if key == "country":
+            vals = [v.upper() for v in vals]
+        out.setdefault(key, set()).update(vals)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def build_policy_payload(
+    *,
+    owner: str,
+    vm_uuid: str,
+    vm_name: str,
+    trusted_cas: Sequence[tuple[str, str]],
+    require: Mapping[str, Sequence[str]],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    jti: str | None = None,
+    labels: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A policy payload, validated the way the verifier will see it."""
+    if not trusted_cas:
+        raise InputError("a policy must trust at least one CA (--trust-ca NAME=SHA256)")
+    if not_after <= not_before:
+        raise InputError("the policy's validity window is empty")
+    unknown = set(require) - set(REQUIRE_KEYS)
+    if unknown:
+        raise InputError(f"unknown requirement(s) {', '.join(sorted(unknown))}")
+    payload: dict[str, Any] = {
+        "ver": VERSION,
+        "iss": owner,
+        "jti": jti or str(uuidlib.uuid4()),
+        "iat": int(not_before.timestamp()),
+        "nbf": int(not_before.timestamp()),
+        "exp": int(not_after.timestamp()),
+        "vm_uuid": normalize_uuid(vm_uuid),
+        "vm_name": vm_name,
+        "trusted_cas": [{"name": n, "sha256": normalize_fingerprint(fp)} for n, fp in trusted_cas],
+        "require": {k: sorted(set(v)) for k, v in require.items() if v},
+    }
+    if labels:
+        payload["labels"] = sorted(set(labels))
+    return payload
+
+
+def sign_policy(payload: Mapping[str, Any], key: Any, chain: Sequence[Any]) -> str:
+    return sign_envelope(payload, TYP_POLICY, key, chain)
+
+
+def resolve_policy_names(names: Iterable[str], table: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Friendly certificate-policy names -> dotted OIDs (unknown names stay as written).
+
+    Host attributes and requirements are both mapped through this so that
+    ``assurance:high`` in a policy matches the OID in a certificate and vice versa.
+    """
+    merged = {**DEFAULT_POLICY_NAMES, **(table or {})}
+    return frozenset(merged.get(n, n) for n in names)
+
+
+# --- libvirt <metadata> ------------------------------------------------------------
+
+def policy_metadata_xml(token: str) -> str:
+    """The element handed to virDomainSetMetadata(ELEMENT, xml, "escort", POLICY_NS)."""
+    token = token.strip()
+    if not token or not re.fullmatch(r"[A-Za-z0-9_\-.]+", token):
+        raise InputError("a policy token is base64url text separated by dots")
+    ET.register_namespace(POLICY_PREFIX, POLICY_NS)
+    elem = ET.Element(f"{{{POLICY_NS}}}policy", {"ver": str(VERSION)})
+    elem.text = token
+    return ET.tostring(elem, encoding="unicode")
+
+
+def token_from_metadata_xml(xml: str) -> str:
+    """The policy token from our metadata element or from a whole domain XML.
+
+    Returns "" when a domain XML carries no escort policy. DTDs and entities are
+    refused outright: we never need them, and refusing them closes the door on
+    entity-expansion tricks without a second parser.
+    """
+    if "<!DOCTYPE" in xml or "<!ENTITY" in xml:
+        raise InputError("metadata XML with a DTD or entities is refused")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise InputError(f"metadata XML is not well-formed ({exc})") from exc
+    tag = f"{{{POLICY_NS}}}policy"
+    if root.tag == tag:
+        elem = root
+    elif root.tag == "domain":
+        found = root.find(f"./metadata/{tag}")
+        if found is None:
+            return ""
+        elem = found
+    else:
+        raise InputError(f"metadata XML is neither an escort policy element nor a domain ({root.tag})")
+    if len(elem):
+        raise InputError("the escort policy element must contain only the token")
+    return (elem.text or "").strip()
+
+
+__all__ = [
+    "POLICY_FIELDS",
+    "POLICY_NS",
+    "REQUIRE_KEYS",
+    "PlacementPolicy",
+    "PolicyBook",
+    "PolicyResult",
+    "Requirements",
+    "TrustedCA",
+    "build_policy_payload",
+    "normalize_fingerprint",
+    "normalize_uuid",
+    "parse_requirements",
+    "policy_metadata_xml",
+    "resolve_policy_names",
+    "sign_policy",
+    "token_from_metadata_xml",
+    "verify_policy",
+]

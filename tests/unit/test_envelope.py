@@ -1,0 +1,144 @@
+"""The signed envelope: every way a token can be wrong gets its own stable code."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+
+import pytest
+
+from console.core import envelope as env
+from console.core.errors import InputError
+from tests.unit.trustkit import T0, Kit, make_kit
+
+FIELDS = frozenset({"vm_uuid"})
+
+
+@pytest.fixture(scope="module")
+def kit() -> Kit:
+    return make_kit()
+
+
+def payload(iss: str = "alice@example.org", **extra: object) -> dict[str, object]:
+    base: dict[str, object] = {"ver": 1, "iss": iss, "jti": "j1", "nbf": int(T0.timestamp()) - 60,
+                               "exp": int(T0.timestamp()) + 3600, "vm_uuid": "x"}
+    base.update(extra)
+    return base
+
+
+def codes(v: env.Verified) -> set[str]:
+    return {r.code for r in v.reasons}
+
+
+def verify(kit: Kit, token: str, at: dt.datetime = T0, typ: str = env.TYP_POLICY) -> env.Verified:
+    return env.EnvelopeVerifier(kit.owners).verify(token, typ, FIELDS, at)
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "carol"])
+def test_roundtrip_each_key_type(kit: Kit, who: str) -> None:
+    owner = getattr(kit, who)
+    token = env.sign(payload(owner.email), env.TYP_POLICY, owner.key, owner.chain)
+    header, _ = env.decode_unverified(token)
+    assert header["alg"] == {"alice": "ES256", "bob": "RS256", "carol": "EdDSA"}[who]
+    assert header["typ"] == "escort-policy+jwt"
+    assert base64.b64decode(header["x5c"][0]) == owner.cert.public_bytes(
+        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    v = verify(kit, token)
+    assert v.valid, v.reasons
+    assert v.owner is not None and v.owner.email == owner.email
+    assert v.payload is not None and v.payload["vm_uuid"] == "x"
+
+
+def test_tampered_payload_is_a_signature_failure(kit: Kit) -> None:
+    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    h, _p, s = token.split(".")
+    forged = base64.urlsafe_b64encode(json.dumps(payload(vm_uuid="y")).encode()).decode().rstrip("=")
+    v = verify(kit, f"{h}.{forged}.{s}")
+    assert codes(v) == {"policy.signature"} and not v.valid
+
+
+def test_wrong_signer_key_with_someone_elses_chain(kit: Kit) -> None:
+    # Bob's key, Alice's certificate in x5c: sign() refuses, and a hand-made one fails.
+    with pytest.raises(InputError):
+        env.sign(payload(), env.TYP_POLICY, kit.bob.key, kit.alice.chain)
+    good = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    other = env.sign(payload(), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+    h_alice = good.split(".")[0]
+    _, p, s = other.split(".")
+    assert "policy.signature" in codes(verify(kit, f"{h_alice}.{p}.{s}"))
+
+
+def test_untrusted_owner(kit: Kit) -> None:
+    token = env.sign(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+    v = verify(kit, token)
+    assert codes(v) == {"policy.owner_untrusted"}
+    v2 = env.EnvelopeVerifier(None).verify(token, env.TYP_POLICY, FIELDS, T0)
+    assert codes(v2) == {"policy.owner_untrusted"}
+
+
+def test_alg_none_and_unsigned(kit: Kit) -> None:
+    head = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": env.TYP_POLICY}).encode()).decode()
+    body = base64.urlsafe_b64encode(json.dumps(payload()).encode()).decode()
+    assert codes(verify(kit, f"{head}.{body}.")) == {"policy.unsigned"}
+    assert codes(verify(kit, "")) == {"policy.unsigned"}
+
+
+@pytest.mark.parametrize("token", ["garbage", "a.b", "a.b.c", "!!.??.##", "e30.e30.e30"])
+def test_malformed(kit: Kit, token: str) -> None:
+    v = verify(kit, token)
+    assert not v.valid and v.reasons[0].code.startswith("policy.")
+    assert v.reasons[0].code in {"policy.malformed", "policy.unsigned", "policy.owner_untrusted"}
+
+
+def test_hs256_refused(kit: Kit) -> None:
+    head = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "typ": env.TYP_POLICY}).encode()).decode()
+    assert codes(verify(kit, f"{head}.e30.c2ln")) == {"policy.alg"}
+
+
+def test_grant_cannot_pass_as_policy(kit: Kit) -> None:
+    token = env.sign(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
+    assert codes(verify(kit, token, typ=env.TYP_POLICY)) == {"policy.typ"}
+
+
+def test_unknown_fields_version_and_missing_claims(kit: Kit) -> None:
+    token = env.sign(payload(color="red", ver=2), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    assert codes(verify(kit, token)) == {"policy.unknown_field", "policy.version"}
+    p = payload()
+    del p["jti"]
+    p["jti"] = ""
+    token = env.sign(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    assert codes(verify(kit, token)) == {"policy.missing_field"}
+
+
+def test_issuer_must_be_the_signer(kit: Kit) -> None:
+    token = env.sign(payload("bob@example.org"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    assert codes(verify(kit, token)) == {"policy.issuer_mismatch"}
+
+
+def test_time_window(kit: Kit) -> None:
+    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    assert codes(verify(kit, token, T0 - dt.timedelta(hours=1))) == {"policy.not_yet_valid"}
+    assert codes(verify(kit, token, T0 + dt.timedelta(hours=2))) == {"policy.expired"}
+
+
+def test_grant_prefix(kit: Kit) -> None:
+    token = env.sign(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
+    v = verify(kit, token, T0 + dt.timedelta(hours=2), typ=env.TYP_GRANT)
+    assert codes(v) == {"grant.expired"}
+
+
+def test_owner_chain_checked_once_per_owner_and_time(kit: Kit) -> None:
+    verifier = env.EnvelopeVerifier(kit.owners)
+    before = len(kit.owners.calls)
+    for i in range(5):
+        tok = env.sign(payload(jti=f"j{i}"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+        assert verifier.verify(tok, env.TYP_POLICY, FIELDS, T0).valid
+    assert len(kit.owners.calls) - before == 1
+
+
+def test_decode_unverified_errors() -> None:
+    with pytest.raises(InputError):
+        env.decode_unverified("not a token")
+    with pytest.raises(InputError):
+        env.decode_unverified("@@.@@.@@")
