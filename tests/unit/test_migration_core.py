@@ -1,0 +1,296 @@
+"""Pre-flight, plan flags, progress maths, watchdog and reconcile advice (pure core)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import libvirt
+import pytest
+
+from console.core import migration as m
+from console.core.inventory import DomainFacts
+from console.core.issuance import (
+    CASpec,
+    HostSpec,
+    Issuer,
+    Subject,
+    Validity,
+    issue_ca,
+    issue_host,
+    make_key,
+)
+from console.core.reasons import Reason
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def ca() -> Issuer:
+    key = make_key()
+    cert = issue_ca(CASpec(Subject("Test Root")), key, Validity.days(3650, start=NOW - dt.timedelta(days=1)))
+    return Issuer(cert, key)
+
+
+def _host(ca: Issuer, name: str = "hostb", *, days: float = 30, ips: tuple[str, ...] = ("10.0.1.2",),
+          start: dt.datetime | None = None):  # type: ignore[no-untyped-def]
+    return issue_host(HostSpec(name, dns_names=(f"{name}.lab",), ips=ips), make_key(), ca,
+                      Validity.days(days, start=start or NOW - dt.timedelta(days=1)))
+
+
+def test_constants_match_libvirt() -> None:
+    assert m.MIGRATE_LIVE == libvirt.VIR_MIGRATE_LIVE
+    assert m.MIGRATE_TLS == libvirt.VIR_MIGRATE_TLS
+    assert m.MIGRATE_PERSIST_DEST == libvirt.VIR_MIGRATE_PERSIST_DEST
+    assert m.MIGRATE_UNDEFINE_SOURCE == libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    assert m.MIGRATE_PEER2PEER == libvirt.VIR_MIGRATE_PEER2PEER
+    assert m.PARAM_URI == libvirt.VIR_MIGRATE_PARAM_URI
+    assert m.PARAM_TLS_DESTINATION == libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION
+    assert m.PARAM_BANDWIDTH == libvirt.VIR_MIGRATE_PARAM_BANDWIDTH
+    assert (m.JOB_NONE, m.JOB_COMPLETED, m.JOB_CANCELLED) == (
+        libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED, libvirt.VIR_DOMAIN_JOB_CANCELLED)
+
+
+def _plan(**kw: object) -> m.MigrationPlan:
+    base: dict[str, object] = dict(vm_uuid="u", vm_name="web", source="a", target="b", tls_name="hostb",
+                                   migration_uri="tcp://10.0.1.2", cert_fingerprint="ab" * 32)
+    base.update(kw)
+    return m.MigrationPlan(**base)  # type: ignore[arg-type]
+
+
+def test_plan_always_has_tls_and_explicit_uri() -> None:
+    plan = _plan(bandwidth_mib_s=8)
+    assert plan.flags & libvirt.VIR_MIGRATE_TLS
+    assert plan.flags == (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_TLS
+                          | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+    assert plan.params() == {"migrate_uri": "tcp://10.0.1.2", "tls.destination": "hostb", "bandwidth": 8}
+    assert plan.flag_names() == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS"]
+    with pytest.raises(ValueError, match="TLS"):
+        _plan(flags=m.MIGRATE_LIVE | m.MIGRATE_PERSIST_DEST)
+    with pytest.raises(ValueError, match="TLS name"):
+        _plan(tls_name="")
+    with pytest.raises(ValueError, match="explicit"):
+        _plan(migration_uri="")
+    assert "bandwidth" not in _plan().params()
+
+
+def test_migration_uri_brackets_ipv6() -> None:
+    assert m.migration_uri("10.0.0.2") == "tcp://10.0.0.2"
+    assert m.migration_uri("fd00::2", 49152) == "tcp://[fd00::2]:49152"
+    assert m.migration_uri("hostb.lab") == "tcp://hostb.lab"
+
+
+def test_tls_name_comes_from_the_checked_certificate(ca: Issuer) -> None:
+    cert = _host(ca)
+    assert m.tls_name_for(cert) == ("hostb", None)
+    assert m.tls_name_for(cert, "hostb.lab") == ("hostb.lab", None)
+    assert m.tls_name_for(cert, "10.0.1.2") == ("10.0.1.2", None)
+    name, reason = m.tls_name_for(cert, "other")
+    assert name == "" and reason is not None and reason.code == "migration.tls_name"
+
+
+def test_certificate_pin_and_lifetime(ca: Issuer) -> None:
+    cert = _host(ca)
+    ok = m.check_certificate(cert, cert, at=NOW, duration_s=120)
+    assert ok.ok and m.fingerprint(cert) in ok.detail
+    other = _host(ca)  # same name, same CA, different key: still refused
+    changed = m.check_certificate(cert, other, at=NOW, duration_s=120)
+    assert not changed.ok and [r.code for r in changed.reasons] == ["migration.cert_changed"]
+    short = _host(ca, days=1 / 24 / 60 * 70, start=NOW - dt.timedelta(minutes=60))  # 10 min left
+    expiring = m.check_certificate(short, short, at=NOW, duration_s=120, margin_s=600)
+    assert [r.code for r in expiring.reasons] == ["migration.cert_expiring"]
+    assert m.check_certificate(short, short, at=NOW, duration_s=60, margin_s=60).ok
+    expired = m.check_certificate(short, short, at=NOW + dt.timedelta(hours=1), duration_s=60)
+    assert "has expired" in expired.reasons[0].message
+    unread = m.check_certificate(cert, None, at=NOW, duration_s=60,
+                                 presented_problem=Reason("ssh.down", "hostb: connection refused"))
+    assert not unread.ok and unread.reasons[0].code == "ssh.down"
+    unchecked = m.check_certificate(None, cert, at=NOW, duration_s=60)
+    assert unchecked.reasons[0].code == "migration.cert_unchecked"
+
+
+def test_capacity_reachability_and_running() -> None:
+    assert m.check_capacity("b", free_memory_mib=1024, cpus=2, memory_mib=512, vcpus=2).ok
+    tight = m.check_capacity("b", free_memory_mib=1024, cpus=2, memory_mib=512, vcpus=4,
+                             reserved_memory_mib=600)
+    assert sorted(r.code for r in tight.reasons) == ["migration.no_cpus", "migration.no_memory"]
+    down = m.check_reachable("a", True, None, "b", False, Reason("ssh.refused", "connection refused"))
+    assert not down.ok and "b: connection refused" in down.reasons[0].message
+    assert m.check_reachable("a", True, None, "b", True, None).ok
+    assert m.check_running("web", "a", DomainFacts("u", "web", "running")).ok
+    paused = m.check_running("web", "a", DomainFacts("u", "web", "paused", "migration"))
+    assert paused.reasons[0].code == "migration.vm_not_running" and "migration" in paused.reasons[0].message
+    assert m.check_running("web", "a", None).reasons[0].code == "migration.vm_missing"
+
+
+def test_decision_reasons_are_sorted_into_items() -> None:
+    split = m.split_decision_reasons([Reason("policy.expired", "x"), Reason("grant.missing", "y"),
+                                      Reason("attr.country", "z"), Reason("cert.expired", "w")])
+    assert [r.code for r in split["policy"]] == ["policy.expired"]
+    assert [r.code for r in split["grant"]] == ["grant.missing"]
+    assert [r.code for r in split["allowed"]] == ["attr.country", "cert.expired"]
+
+
+def test_preflight_refuses_with_every_reason_and_keeps_order() -> None:
+    items: dict[m.CheckKey, m.CheckItem] = {
+        "policy": m.passed("policy"),
+        "allowed": m.failed("allowed", Reason("attr.country", "country US not in {DE}")),
+        "grant": m.failed("grant", Reason("grant.expired", "grant expired")),
+        "capacity": m.passed("capacity"),
+    }
+    pf = m.assemble("web", "u", "a", "b", "alice", NOW, items, _plan())
+    assert not pf.ok and pf.plan is None  # a refused pre-flight never carries a plan
+    assert [i.key for i in pf.items] == [k for k, _ in m.CHECKS]
+    assert [i.status for i in pf.items] == ["ok", "fail", "fail", "skipped", "skipped", "skipped", "ok"]
+    assert [r.code for r in pf.reasons] == ["attr.country", "grant.expired"]
+    js = pf.as_json()
+    assert js["ok"] is False and js["checks"][1]["reasons"][0]["code"] == "attr.country"
+    all_ok = {k: m.passed(k) for k, _ in m.CHECKS}
+    good = m.assemble("web", "u", "a", "b", "alice", NOW, all_ok, _plan())
+    assert good.ok and good.plan is not None and good.reasons == []
+
+
+def test_expected_duration_is_pessimistic() -> None:
+    assert m.expected_duration_s(64) == 60.0
+    assert m.expected_duration_s(4096, 16) == pytest.approx(768.0)
+
+
+# -- progress -------------------------------------------------------------------------
+
+def _stats(processed: int, remaining: int, total: int = 1000, **kw: int) -> dict[str, int]:
+    return {"type": 2, "data_total": total, "data_processed": processed, "data_remaining": remaining, **kw}
+
+
+def test_progress_ignores_samples_without_totals() -> None:
+    t = m.ProgressTracker()
+    t.start(0.0)
+    p = t.feed({"type": 2, "data_total": 0, "data_processed": 0}, 0.5)
+    assert p.phase == "starting" and p.data_total is None and p.rate_history == () and p.fraction is None
+    p = t.feed({"type": 0}, 1.0)
+    assert p.phase == "starting" and p.elapsed_s == 1.0
+
+
+def test_progress_rates_eta_and_phases() -> None:
+    t = m.ProgressTracker(history=3)
+    t.start(10.0)
+    p = t.feed(_stats(100, 900, memory_iteration=1), 11.0)
+    assert p.phase == "copying" and p.rate_bps == 0.0 and p.eta_s is None  # no rate yet
+    p = t.feed(_stats(300, 700, memory_iteration=1), 12.0)
+    assert p.rate_bps == 200.0 and p.eta_s == pytest.approx(3.5) and p.fraction == pytest.approx(0.3)
+    p = t.feed(_stats(600, 400, memory_iteration=2, memory_bps=250, memory_dirty_rate=0,
+                      time_elapsed=2500), 13.0)
+    assert p.phase == "converging" and p.rate_bps == 250.0 and p.elapsed_s == 2.5
+    assert p.eta_s == pytest.approx(1.6)
+    p = t.feed(_stats(700, 300, memory_iteration=3, memory_bps=100, memory_dirty_rate=1,
+                      memory_page_size=4096), 14.0)
+    assert p.dirty_rate_bps == 4096.0 and p.eta_s is None  # dirtying faster than sending: no ETA
+    assert p.rate_history == (200.0, 250.0, 100.0)  # bounded history for the sparkline
+    p = t.feed(_stats(800, 10, memory_iteration=3, memory_bps=100), 14.5, source_paused=True)
+    assert p.phase == "switchover"
+    done = t.complete({"downtime": 87, "time_elapsed": 4200, "data_processed": 1200}, 15.0)
+    assert (done.phase, done.downtime_ms, done.elapsed_s, done.data_remaining) == ("completed", 87, 4.2, 0)
+    assert done.fraction == 1.0
+    # a late sample never reopens a finished migration
+    assert t.feed(_stats(1, 999), 16.0).phase == "completed"
+
+
+def test_progress_failure_keeps_numbers() -> None:
+    t = m.ProgressTracker()
+    t.start(0.0)
+    t.feed(_stats(500, 500, memory_bps=100), 1.0)
+    p = t.set_phase("aborted", "operation aborted", at=3.0)
+    assert p.phase == "aborted" and p.data_processed == 500 and p.elapsed_s == 3.0 and p.eta_s is None
+    assert p.as_json()["message"] == "operation aborted"
+
+
+# -- watchdog -------------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_watchdog_fires_only_after_no_progress_for_the_timeout() -> None:
+    clock = FakeClock()
+    dog = m.StallWatchdog(5.0, clock, start_timeout_s=20.0)
+    for step in range(10):  # steady progress for 20 s: never fires
+        clock.now += 2.0
+        assert dog.observe(1000 * (step + 1)) is False
+    clock.now += 4.9
+    assert dog.observe(10_000) is False
+    assert dog.stalled_for() == pytest.approx(4.9)
+    clock.now += 0.2
+    assert dog.observe(10_000) is True and dog.fired
+    assert dog.observe(20_000) is True  # once fired, it stays fired
+
+
+def test_watchdog_start_phase_uses_the_longer_timeout() -> None:
+    clock = FakeClock()
+    dog = m.StallWatchdog(5.0, clock, start_timeout_s=20.0)
+    clock.now += 19.0
+    assert dog.observe(0) is False and dog.observe(None) is False
+    clock.now += 1.0
+    assert dog.observe(None) is True
+    with pytest.raises(ValueError):
+        m.StallWatchdog(0, clock)
+    assert m.StallWatchdog(30, clock).start_timeout_s == 90
+
+
+def test_watchdog_ignores_a_processed_counter_that_goes_back() -> None:
+    clock = FakeClock()
+    dog = m.StallWatchdog(5.0, clock)
+    dog.observe(5000)
+    clock.now += 3
+    dog.observe(4000)  # a new pass reporting less does not count as progress
+    clock.now += 2.5
+    assert dog.observe(4500) is True
+
+
+# -- reconcile ------------------------------------------------------------------------
+
+def _d(state: str, reason: str = "", persistent: bool = True) -> DomainFacts:
+    return DomainFacts("u1", "web", state, reason, persistent=persistent)
+
+
+def test_reconcile_nothing_to_do_for_healthy_fleets() -> None:
+    assert m.find_reconcile_cases({"a": [_d("running")], "b": []}) == []
+    assert m.find_reconcile_cases({"a": [_d("shut off")], "b": [_d("paused", "user")]}) == []
+
+
+def test_reconcile_paused_source_alone_is_resumed() -> None:
+    cases = m.find_reconcile_cases({"a": [_d("paused", "migration")], "b": []})
+    assert [(c.code, c.steps) for c in cases] == [("reconcile.paused_source", (("resume", "a"),))]
+
+
+def test_reconcile_destroys_unfinished_incoming_before_resuming_source() -> None:
+    cases = m.find_reconcile_cases({"a": [_d("paused", "migration")],
+                                    "b": [_d("paused", "migration", persistent=False)]})
+    assert cases[0].steps == (("destroy", "b"), ("resume", "a"))
+
+
+def test_reconcile_keeps_the_running_copy_and_never_resumes_the_other() -> None:
+    cases = m.find_reconcile_cases({"a": [_d("paused", "migration")], "b": [_d("running")]})
+    assert cases[0].code == "reconcile.stale_source"
+    assert cases[0].steps == (("destroy", "a"), ("undefine", "a"))
+    assert all(action != "resume" for action, _ in cases[0].steps)
+
+
+def test_reconcile_split_brain_has_no_automatic_step() -> None:
+    cases = m.find_reconcile_cases({"a": [_d("running")], "b": [_d("running")]}, {"u1": "b"})
+    assert cases[0].code == "reconcile.split_brain" and cases[0].steps == ()
+    assert "went to b" in cases[0].advice
+
+
+def test_reconcile_stale_inactive_definition_is_undefined() -> None:
+    cases = m.find_reconcile_cases({"a": [_d("shut off")], "b": [_d("running")]})
+    assert (cases[0].code, cases[0].steps) == ("reconcile.stale_definition", (("undefine", "a"),))
+    assert cases[0].as_json()["copies"] == ["shut off on a", "running on b"]
+
+
+def test_outcome_json() -> None:
+    out = m.Outcome("failed", "a", "link cut", [Reason("migration.stalled", "no progress for 5 s")],
+                    {"migrate": 7.1234}, None)
+    assert out.as_json()["timings"] == {"migrate": 7.123}
+    assert out.as_json()["reasons"][0]["code"] == "migration.stalled"
