@@ -6,11 +6,15 @@ wrong file (a disk image, /dev/zero) gives one clear line instead of eating memo
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
 
+from console.core import pki
 from console.core.errors import InputError
+from console.core.pki import Problem
+from console.core.reasons import Reason
 
 MAX_INPUT_BYTES = 1024 * 1024  # certificates, CRLs, policies, grants, fleet files
 
@@ -49,3 +53,98 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------- trust directories
+
+def load_trust_dir(
+    path: str | os.PathLike[str],
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], list[Problem]]:
+    """Read a trust directory: ``(certs, crls, problems)`` as (source, bytes) pairs.
+
+    Files are classified by *content*, not by name: PEM blocks (a bundle may hold
+    several certificates and CRLs; each becomes its own entry, named ``file[2]``...)
+    or a single DER certificate or CRL. The directory is read non-recursively and
+    hidden files are skipped, so a ``private/`` folder or editor backups next to the
+    certificates are never parsed. Each file goes through ``read_limited`` (1 MiB).
+    A file that is unreadable, too big, a private key or neither certificate nor CRL
+    becomes a ``Problem``; only a directory without any certificate is an InputError.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise InputError(f"{d}: no such trust directory" if not d.exists() else f"{d}: not a directory")
+    try:
+        entries = sorted(e for e in d.iterdir() if not e.name.startswith(".") and e.is_file())
+    except PermissionError as exc:
+        raise InputError(f"{d}: permission denied") from exc
+    certs: list[tuple[str, bytes]] = []
+    crls: list[tuple[str, bytes]] = []
+    problems: list[Problem] = []
+    for entry in entries:
+        source = str(entry)
+        try:
+            data = read_limited(entry, what="certificate or CRL")
+            found = _classify(data, source)
+        except InputError as exc:
+            problems.append(Problem(source, Reason(
+                "file.invalid", str(exc), "Remove the file or replace it with a certificate or CRL.")))
+            continue
+        problems.extend(found[2])
+        certs.extend(found[0])
+        crls.extend(found[1])
+    if not certs:
+        raise InputError(f"no CA certificates in {d}")
+    return certs, crls, problems
+
+
+def _classify(
+    data: bytes, source: str,
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], list[Problem]]:
+    """Split one file into certificate and CRL entries by what it contains."""
+    certs: list[tuple[str, bytes]] = []
+    crls: list[tuple[str, bytes]] = []
+    problems: list[Problem] = []
+    blocks = pki.pem_blocks(data, source)
+    if blocks:
+        wanted = [b for b in blocks if b[0] in ("certificate", "crl")]
+        for i, (kind, _label, block) in enumerate(wanted):
+            name = source if len(wanted) == 1 else f"{source}[{i + 1}]"
+            (certs if kind == "certificate" else crls).append((name, block))
+        for kind, label, _block in blocks:
+            if kind == "private key":
+                problems.append(Problem(source, Reason(
+                    "file.private_key", f"{source}: contains a private key; it was not read.",
+                    "Move private keys out of the trust directory (and check who could read them).")))
+            elif kind not in ("certificate", "crl"):
+                problems.append(Problem(source, Reason(
+                    "file.ignored", f"{source}: holds a {label} block, which a trust directory does not use.",
+                    "Remove it from the trust directory.", severity="warning")))
+        return certs, crls, problems
+    if not data.strip():
+        problems.append(Problem(source, Reason("file.ignored", f"{source}: empty file.",
+                                               "Remove it.", severity="warning")))
+        return certs, crls, problems
+    try:
+        pki.load_certificates(data, source)
+        certs.append((source, data))
+    except InputError:
+        try:
+            pki.load_crl(data, source)
+            crls.append((source, data))
+        except InputError:
+            problems.append(Problem(source, Reason(
+                "file.invalid", f"{source}: neither a certificate nor a CRL (PEM or DER).",
+                "Remove the file from the trust directory.")))
+    return certs, crls, problems
+
+
+def load_trust_store(
+    path: str | os.PathLike[str], at: dt.datetime, *, cross_check: bool = True,
+) -> tuple[pki.TrustStore, list[Problem]]:
+    """``load_trust_dir`` + ``TrustStore.build``: the CA tree of a directory and every problem."""
+    certs, crls, problems = load_trust_dir(path)
+    try:
+        store, more = pki.TrustStore.build(certs, crls, at=at, cross_check=cross_check)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+    return store, problems + more

@@ -1,9 +1,312 @@
-"""Sub-commands (see docs/ARCHITECTURE.md for who owns what)."""
+"""``escort cert verify`` and ``escort pki init|issue-host|issue-owner``.
+
+``cert verify`` is a stable contract (issue 2, item 9): exit 0 valid, 1 invalid
+(every reason printed, one per line, with its fix), 2 unusable input (one line).
+JSON: ``{"valid": bool, "reasons": [{"code", "message", ...}], "chain": [subjects
+leaf..anchor], "warnings": [...], "problems": [...]}``.
+
+``escort pki`` writes a demo CA tree laid out as::
+
+    DIR/trust/root-ca.pem, DIR/trust/<region>-ca.pem   host CAs (the fleet's trust dir)
+    DIR/owners/owners-ca.pem                            owners' CA (a separate root)
+    DIR/private/<name>.key                              keys, 0600, in a 0700 folder
+
+The owners' CA is its own root, not an intermediate under the host root: a host key
+(which has digitalSignature) must never be able to sign placement policies.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from console.adapters import files
+from console.core import issuance as iss
+from console.core import pki
+from console.core.errors import InputError
+
+# --------------------------------------------------------------------------- demo tree (pure)
+
+#: region name -> (country, locality, state) of the demo intermediates.
+DEMO_REGIONS: dict[str, tuple[str, str, str]] = {
+    "eu-central": ("DE", "Frankfurt", "Hessen"),
+    "eu-west": ("FR", "Paris", "Ile-de-France"),
+    "us-east": ("US", "Ashburn", "Virginia"),
+}
+DEMO_ORG = "Escort Demo"
+
+
+@dataclass(frozen=True)
+class DemoCA:
+    """A CA of the demo tree: its file stem (``eu-central-ca``), certificate and key."""
+
+    stem: str
+    cert: x509.Certificate
+    key: iss.PrivateKey
+
+    @property
+    def issuer(self) -> iss.Issuer:
+        return iss.Issuer(self.cert, self.key)
+
+
+@dataclass(frozen=True)
+class DemoTree:
+    root: DemoCA
+    regions: dict[str, DemoCA]  # "eu-central" -> CA
+    owners: DemoCA
+
+    def all(self) -> list[DemoCA]:
+        return [self.root, *self.regions.values(), self.owners]
+
+
+def build_demo_tree(*, key_type: str = "ec", start: dt.datetime | None = None, days: int = 3650,
+                    regions: dict[str, tuple[str, str, str]] | None = None) -> DemoTree:
+    """Root + one intermediate per region (pathLen 0) + a separate owners' root.
+
+    Pure (returns objects); ``escort pki init``, the tests' fixtures and demos share it.
+    """
+    validity = iss.Validity.days(days, start=start)
+    root_key = iss.make_key(key_type)
+    root_cert = iss.issue_ca(iss.CASpec(iss.Subject("Escort Demo Root CA", organization=DEMO_ORG),
+                                        path_len=1), root_key, validity)
+    root = DemoCA("root-ca", root_cert, root_key)
+    out: dict[str, DemoCA] = {}
+    for region, (country, _locality, state) in (regions or DEMO_REGIONS).items():
+        key = iss.make_key(key_type)
+        spec = iss.CASpec(iss.Subject(f"Escort {region} CA", country=country, state=state,
+                                      organization=DEMO_ORG, org_unit=region), path_len=0)
+        out[region] = DemoCA(f"{region}-ca", iss.issue_ca(spec, key, validity, issuer=root.issuer), key)
+    owners_key = iss.make_key(key_type)
+    owners_cert = iss.issue_ca(iss.CASpec(iss.Subject("Escort Demo Owners CA", organization=DEMO_ORG),
+                                          path_len=0), owners_key, validity)
+    return DemoTree(root, out, DemoCA("owners-ca", owners_cert, owners_key))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def parse_time(text: str | None) -> dt.datetime:
+    """RFC 3339 (``2026-11-26T12:00:00Z``; a bare date means midnight UTC) -> aware UTC."""
+    if text is None:
+        return dt.datetime.now(dt.UTC)
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise InputError(f"--at {text!r}: not an RFC 3339 time (e.g. 2026-11-26T12:00:00Z)") from exc
+    return pki.utc(value)
+
+
+def _reason_line(r: pki.Reason) -> str:
+    fix = f" Fix: {r.fix}" if r.fix else ""
+    return f"  {r.code}: {r.message}{fix}"
+
+
+def _ca_paths(ca_dir: Path, name: str, *, owners: bool = False) -> tuple[Path, Path]:
+    stem = name if name.endswith("-ca") else f"{name}-ca"
+    cert = ca_dir / ("owners" if owners else "trust") / f"{stem}.pem"
+    key = ca_dir / "private" / f"{stem}.key"
+    if not cert.is_file():
+        available = sorted(p.stem.removesuffix("-ca") for p in (ca_dir / "trust").glob("*-ca.pem"))
+        hint = f" (available: {', '.join(available)})" if available and not owners else ""
+        raise InputError(f"{cert}: no such CA certificate{hint}")
+    return cert, key
+
+
+def _load_issuer(cert_path: Path, key_path: Path) -> iss.Issuer:
+    cert = pki.load_certificate(files.read_limited(cert_path, what="certificate"), str(cert_path))
+    key = iss.load_private_key(files.read_limited(key_path, what="private key"), str(key_path))
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
+        raise InputError(f"{key_path}: this key does not belong to {cert_path}")
+    if not pki.cert_info(cert, str(cert_path)).is_ca:
+        raise InputError(f"{cert_path}: not a CA certificate")
+    return iss.Issuer(cert, key)
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise InputError(f"{existing[0]} already exists; use --force to overwrite")
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
+
+
+def _check_hostname(value: str, what: str) -> str:
+    if not _HOSTNAME.match(value):
+        raise InputError(f"{what} {value!r}: not a valid DNS name")
+    return value.rstrip(".")
+
+
+def _subject_attr(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
+    attrs = cert.subject.get_attributes_for_oid(oid)
+    return str(attrs[0].value) if attrs else None
+
+
+# --------------------------------------------------------------------------- commands
+
+@click.group("cert")
+def cert_group() -> None:
+    """Check certificates against a trust directory."""
+
+
+@cert_group.command("verify")
+@click.option("--trust", "trust_dir", required=True, type=click.Path(file_okay=False),
+              help="Trust directory: CA certificates and CRLs (PEM or DER).")
+@click.option("--at", "at_text", default=None, metavar="RFC3339-TIME",
+              help="Check as of this time instead of now.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.argument("cert_file", metavar="CERT", type=click.Path(dir_okay=False))
+def verify_cmd(trust_dir: str, at_text: str | None, as_json: bool, cert_file: str) -> None:
+    """Check a host certificate; exit 0 valid, 1 invalid, 2 unusable input.
+
+    Extra certificates after the first one in CERT (a full-chain file) may fill
+    gaps between it and the trust directory.
+    """
+    at = parse_time(at_text)
+    certs = pki.load_certificates(files.read_limited(cert_file, what="certificate"), cert_file)
+    store, problems = files.load_trust_store(trust_dir, at)
+    result = store.verify_host(certs[0], at, intermediates=certs[1:])
+    if as_json:
+        out = result.as_json()
+        out["problems"] = [{"source": p.source, **p.reason.as_json()} for p in problems]
+        click.echo(json.dumps(out, indent=2))
+    else:
+        for p in problems:
+            click.echo(f"escort: warning: {p.reason.message}", err=True)
+        leaf = result.leaf.name if result.leaf else cert_file
+        click.echo(f"{'valid' if result.valid else 'INVALID'}: {leaf}")
+        if result.chain:
+            click.echo("  chain: " + " <- ".join(c.name for c in result.chain))
+        for r in result.reasons:
+            click.echo(_reason_line(r))
+        for r in result.warnings:
+            click.echo(_reason_line(r).replace(f"  {r.code}", f"  warning {r.code}", 1))
+    sys.exit(0 if result.valid else 1)
+
+
+@click.group("pki")
+def pki_group() -> None:
+    """Demo CA trees and certificates for hosts and owners."""
+
+
+@pki_group.command("init")
+@click.argument("ca_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing CA tree.")
+@click.option("--key-type", type=click.Choice(iss.KEY_TYPES), default="ec", show_default=True)
+@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True,
+              help="Validity of the CA certificates.")
+def init_cmd(ca_dir: str, force: bool, key_type: str, days: int) -> None:
+    """Create a demo CA tree: root, regional intermediates and an owners' CA."""
+    base = Path(ca_dir)
+    tree = build_demo_tree(key_type=key_type, days=days)
+    plan: list[tuple[Path, bytes, int]] = []
+    for ca in [tree.root, *tree.regions.values()]:
+        plan.append((base / "trust" / f"{ca.stem}.pem", iss.cert_pem(ca.cert), 0o644))
+    plan.append((base / "owners" / f"{tree.owners.stem}.pem", iss.cert_pem(tree.owners.cert), 0o644))
+    for ca in tree.all():
+        plan.append((base / "private" / f"{ca.stem}.key", iss.key_pem(ca.key), 0o600))
+    _refuse_existing([p for p, _, _ in plan], force)
+    (base / "private").mkdir(parents=True, exist_ok=True)
+    (base / "private").chmod(0o700)
+    for path, data, mode in plan:  # keys first would not help: every file is written atomically
+        files.atomic_write(path, data, mode=mode)
+    click.echo(f"CA tree written to {base}:")
+    click.echo(f"  trust dir (hosts):  {base / 'trust'}  root + {', '.join(tree.regions)}")
+    click.echo(f"  owners' trust dir:  {base / 'owners'}")
+    click.echo(f"  private keys:       {base / 'private'} (0600)")
+
+
+@pki_group.command("issue-host")
+@click.option("--ca-dir", required=True, type=click.Path(file_okay=False), help="DIR of `escort pki init`.")
+@click.option("--ca", "ca_name", required=True, help="Issuing CA, e.g. eu-central.")
+@click.option("--hostname", required=True, help="Host name (CN and first SAN).")
+@click.option("--country", default=None, help="Subject C (default: the CA's).")
+@click.option("--state", default=None, help="Subject ST (default: the CA's).")
+@click.option("--site", default=None, help="Subject L: site or data centre.")
+@click.option("--assurance", type=click.Choice(["low", "medium", "high"]), default=None,
+              help="Adds certificate policy assurance:LEVEL.")
+@click.option("--policy", "policies", multiple=True, help="Extra certificate policy (name or OID).")
+@click.option("--ip", "ips", multiple=True, help="IP address SAN (repeatable).")
+@click.option("--dns", "dns_names", multiple=True, help="Extra DNS SAN (repeatable).")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--key-type", type=click.Choice(iss.KEY_TYPES), default="ec", show_default=True)
+@click.option("--out", "prefix", required=True, help="Writes PREFIX-cert.pem and PREFIX-key.pem.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+def issue_host_cmd(ca_dir: str, ca_name: str, hostname: str, country: str | None, state: str | None,
+                   site: str | None, assurance: str | None, policies: tuple[str, ...], ips: tuple[str, ...],
+                   dns_names: tuple[str, ...], days: int, key_type: str, prefix: str, force: bool) -> None:
+    """Issue a hypervisor host certificate (TLS server and client, for QEMU)."""
+    issuer = _load_issuer(*_ca_paths(Path(ca_dir), ca_name))
+    hostname = _check_hostname(hostname, "--hostname")
+    names = [_check_hostname(d, "--dns") for d in dns_names]
+    for ip in ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError as exc:
+            raise InputError(f"--ip {ip!r}: not an IP address") from exc
+    country = country or _subject_attr(issuer.cert, NameOID.COUNTRY_NAME)
+    if country is not None and not re.fullmatch(r"[A-Z]{2}", country):
+        raise InputError(f"--country {country!r}: use a two-letter ISO 3166 code such as DE")
+    wanted = [*([f"assurance:{assurance}"] if assurance else []), *policies]
+    for name in wanted:
+        iss.resolve_policy_oid(name)  # InputError for unknown names before anything is written
+    spec = iss.HostSpec(
+        hostname=hostname, country=country,
+        state=state or _subject_attr(issuer.cert, NameOID.STATE_OR_PROVINCE_NAME), locality=site,
+        organization=_subject_attr(issuer.cert, NameOID.ORGANIZATION_NAME),
+        org_unit=_subject_attr(issuer.cert, NameOID.ORGANIZATIONAL_UNIT_NAME),
+        dns_names=names, ips=ips, policies=wanted)
+    cert_path, key_path = Path(f"{prefix}-cert.pem"), Path(f"{prefix}-key.pem")
+    _refuse_existing([cert_path, key_path], force)
+    key = iss.make_key(key_type)
+    cert = iss.issue_host(spec, key, issuer, iss.Validity.days(days))
+    files.atomic_write(key_path, iss.key_pem(key), mode=0o600)
+    files.atomic_write(cert_path, iss.cert_pem(cert))
+    info = pki.cert_info(cert)
+    click.echo(f"{cert_path}: {info.subject}, issued by {pki.cert_info(issuer.cert).name}, "
+               f"valid until {info.not_after:%Y-%m-%d}")
+    click.echo(f"{key_path}: private key (0600)")
+
+
+@pki_group.command("issue-owner")
+@click.option("--ca-dir", required=True, type=click.Path(file_okay=False), help="DIR of `escort pki init`.")
+@click.option("--name", required=True, help="Owner's name (CN), e.g. 'Alice Example'.")
+@click.option("--email", default=None, help="Owner's e-mail (SAN).")
+@click.option("--org", default=None, help="Subject O.")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--key-type", type=click.Choice(iss.KEY_TYPES), default="ec", show_default=True)
+@click.option("--out", "prefix", required=True, help="Writes PREFIX-cert.pem and PREFIX-key.pem.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+def issue_owner_cmd(ca_dir: str, name: str, email: str | None, org: str | None, days: int,
+                    key_type: str, prefix: str, force: bool) -> None:
+    """Issue a VM owner's signing certificate (signs placement policies and grants)."""
+    issuer = _load_issuer(*_ca_paths(Path(ca_dir), "owners", owners=True))
+    if not name.strip():
+        raise InputError("--name: must not be empty")
+    if email is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
+        raise InputError(f"--email {email!r}: not an e-mail address")
+    cert_path, key_path = Path(f"{prefix}-cert.pem"), Path(f"{prefix}-key.pem")
+    _refuse_existing([cert_path, key_path], force)
+    key = iss.make_key(key_type)
+    cert = iss.issue_owner(iss.Subject(name.strip(), organization=org), key, issuer,
+                           iss.Validity.days(days), email=email)
+    files.atomic_write(key_path, iss.key_pem(key), mode=0o600)
+    files.atomic_write(cert_path, iss.cert_pem(cert))
+    click.echo(f"{cert_path}: owner {name.strip()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+    click.echo(f"{key_path}: private key (0600)")
 
 
 def register(group: click.Group) -> None:
-    """Add this module's commands to ``group``."""
+    """Add ``cert`` and ``pki`` to ``group``."""
+    group.add_command(cert_group)
+    group.add_command(pki_group)
