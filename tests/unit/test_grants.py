@@ -1,0 +1,127 @@
+"""Grants: one admin, named VMs, a time window, the VM owner's signature."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from console.core import grants as gr
+from console.core import policy as pol
+from console.core.errors import InputError
+from tests.unit.trustkit import T0, Kit, fp, make_kit
+
+VM_X = "6f1c1e1a-8d7b-4c36-9d61-2a3f6a0b9e11"
+VM_Y = "0b8e5b8e-2f7a-4a4b-8a56-7f1e4e1c2d33"
+KEY = "SHA256:" + "A" * 43
+OTHER_KEY = "SHA256:" + "B" * 43
+ANNE = gr.AdminRef("anne", KEY)
+
+
+@pytest.fixture(scope="module")
+def kit() -> Kit:
+    return make_kit()
+
+
+def grant_token(kit: Kit, *, owner: str = "alice", admin: gr.AdminRef = ANNE, vms: tuple[str, ...] = (VM_X,),
+                label: str = "", hours: float = 8, emergency: bool = False,
+                start: dt.datetime | None = None) -> str:
+    o = getattr(kit, owner)
+    start = start or T0 - dt.timedelta(hours=1)
+    payload = gr.build_grant_payload(owner=o.email, admin=admin, vms=vms, label=label, not_before=start,
+                                     not_after=start + dt.timedelta(hours=hours), emergency_only=emergency)
+    return gr.sign_grant(payload, o.key, o.chain)
+
+
+def policy_owner(kit: Kit, owner: str = "alice") -> pol.OwnerIdentity:
+    o = getattr(kit, owner)
+    payload = pol.build_policy_payload(owner=o.email, vm_uuid=VM_X, vm_name="x",
+                                       trusted_cas=[("EU", fp(kit.eu.cert))], require={},
+                                       not_before=T0 - dt.timedelta(days=1),
+                                       not_after=T0 + dt.timedelta(days=1))
+    r = pol.PolicyBook(kit.owners).verify(pol.sign_policy(payload, o.key, o.chain), T0)
+    assert r.owner is not None
+    return r.owner
+
+
+def check(kit: Kit, token: str, *, admin: gr.AdminRef = ANNE, vm: str = VM_X, at: dt.datetime = T0,
+          owner: str = "alice", labels: tuple[str, ...] = (), emergency: bool = False) -> set[str]:
+    res = gr.GrantBook(kit.owners).verify(token, at)
+    return {r.code for r in gr.check_grant(res, admin=admin, vm_uuid=vm, vm_labels=labels,
+                                           policy_owner=policy_owner(kit, owner), emergency=emergency)}
+
+
+def test_valid_grant(kit: Kit) -> None:
+    assert check(kit, grant_token(kit)) == set()
+
+
+def test_grant_for_x_never_authorises_y(kit: Kit) -> None:
+    assert check(kit, grant_token(kit), vm=VM_Y) == {"grant.wrong_vm"}
+
+
+def test_wrong_admin_and_wrong_key(kit: Kit) -> None:
+    tok = grant_token(kit)
+    assert check(kit, tok, admin=gr.AdminRef("bert", KEY)) == {"grant.wrong_admin"}
+    assert check(kit, tok, admin=gr.AdminRef("anne", OTHER_KEY)) == {"grant.wrong_admin"}
+
+
+def test_time_window(kit: Kit) -> None:
+    tok = grant_token(kit, hours=2)
+    assert check(kit, tok, at=T0 + dt.timedelta(hours=3)) == {"grant.expired"}
+    assert check(kit, tok, at=T0 - dt.timedelta(hours=3)) == {"grant.not_yet_valid"}
+
+
+def test_owner_mismatch(kit: Kit) -> None:
+    # Bob (a trusted owner) cannot grant access to Alice's VM.
+    assert check(kit, grant_token(kit, owner="bob")) == {"grant.owner_mismatch"}
+
+
+def test_untrusted_signer_and_tampering(kit: Kit) -> None:
+    assert "grant.owner_untrusted" in check(kit, grant_token(kit, owner="mallory"))
+    h, p, s = grant_token(kit).split(".")
+    tampered = f"{h}.{p}.{s[:-4]}AAAA"
+    assert check(kit, tampered) == {"grant.signature"}
+
+
+def test_label_scope_comes_from_policy_labels(kit: Kit) -> None:
+    tok = grant_token(kit, vms=(), label="web")
+    assert check(kit, tok, labels=("web",)) == set()
+    assert check(kit, tok, labels=()) == {"grant.wrong_vm"}
+
+
+def test_emergency_only(kit: Kit) -> None:
+    tok = grant_token(kit, emergency=True)
+    assert check(kit, tok) == {"grant.emergency_only"}
+    assert check(kit, tok, emergency=True) == set()
+
+
+def test_authorise_picks_a_matching_grant_and_reports_only_this_admins(kit: Kit) -> None:
+    book = gr.GrantBook(kit.owners)
+    results = [book.verify(grant_token(kit, vms=(VM_Y,)), T0),
+               book.verify(grant_token(kit, admin=gr.AdminRef("bert", OTHER_KEY)), T0)]
+    used, why = gr.authorise(results, admin=ANNE, vm_uuid=VM_X, policy_owner=policy_owner(kit))
+    assert used is None and [r.code for r in why] == ["grant.wrong_vm"]
+    results.append(book.verify(grant_token(kit), T0))
+    used, why = gr.authorise(results, admin=ANNE, vm_uuid=VM_X, policy_owner=policy_owner(kit))
+    assert used is results[-1] and why == []
+    used, why = gr.authorise(results, admin=gr.AdminRef("carl", KEY), vm_uuid=VM_X,
+                             policy_owner=policy_owner(kit))
+    assert [r.code for r in why] == ["grant.missing"]
+
+
+def test_broken_grant_is_attributed_to_its_claimed_admin(kit: Kit) -> None:
+    h, p, s = grant_token(kit).split(".")
+    res = gr.GrantBook(kit.owners).verify(f"{h}.{p}.{s[:-4]}AAAA", T0)
+    assert res.claimed_admin == "anne" and res.grant is None
+    _, why = gr.authorise([res], admin=ANNE, vm_uuid=VM_X, policy_owner=policy_owner(kit))
+    assert [r.code for r in why] == ["grant.signature"]
+
+
+def test_build_refusals() -> None:
+    base = {"owner": "a", "not_before": T0, "not_after": T0 + dt.timedelta(hours=1)}
+    with pytest.raises(InputError):
+        gr.build_grant_payload(admin=gr.AdminRef("x"), vms=(VM_X,), **base)  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        gr.build_grant_payload(admin=ANNE, **base)  # type: ignore[arg-type]
+    with pytest.raises(InputError):
+        gr.build_grant_payload(admin=gr.AdminRef("x", "SHA256:short"), vms=(VM_X,), **base)  # type: ignore[arg-type]
