@@ -1,0 +1,734 @@
+"""``escort lab``: real hypervisor hosts in network namespaces on this machine (root).
+
+CONTRACT (other engineers' integration tests use these names; extend, don't rename):
+
+* ``Lab(dir=None, name="demo")``: ``up()`` -> ``UpResult``, ``down()`` -> list of
+  what was stopped, ``status()`` -> list of ``HostStatus``, ``is_up()``.
+* ``lab.host(name)`` -> ``LabHost`` (hosts.py): ``ns``, ``root``, ``ssh_ip``,
+  ``migration_ip``, ``libvirt_uri`` (root-namespace Unix socket), pid files.
+* ``lab.hypervisors`` (names), ``lab.jump`` (the jump host's ``LabHost``),
+  ``lab.fleet_file``, ``lab.known_hosts``, ``lab.ssh_config``, ``lab.identity``,
+  ``lab.pki_dir``, ``lab.pki`` (the in-memory ``LabPKI`` after ``up()``).
+* Fault injection: ``stop_sshd/start_sshd``, ``stop_libvirtd/start_libvirtd``,
+  ``cut_link/restore_link`` (the host's leg on the back/migration network),
+  ``kill_qemu(host, domain)``, ``define_guest(host, name, ...)``.
+
+Why a holder ("anchor") process per host: each host is ``ip netns exec NS unshare
+--mount --uts`` running a tiny script that bind-mounts the private directories and
+then sleeps; the daemons are started into its namespaces with ``nsenter``. So a test
+can stop and restart one daemon without rebuilding the host's mounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from console.core.errors import EscortError
+
+from . import certs, configs, guests, netns
+from .hosts import (
+    CLIENT_FRONT_OCTET,
+    HYPERVISORS,
+    JUMP,
+    JUMP_BACK_OCTET,
+    JUMP_FRONT_OCTET,
+    HostPlan,
+    LabHost,
+    back_ip,
+    check_name,
+    client_link,
+    front_ip,
+    hypervisor,
+    ns_prefix,
+)
+from .netns import LabError
+
+__all__ = ["HostStatus", "Lab", "LabError", "LabHost", "NotRoot", "UpResult"]
+
+DEFAULT_BASE = Path("/var/lib/escort-lab")
+#: QEMU capability probing costs ~4.5 s per host; a cache seeded once makes it ~0.3 s.
+CACHE_ENV = "ESCORT_LAB_CACHE"
+DEFAULT_CACHE = Path("/var/cache/escort-lab/qemu-capabilities")
+DAEMON_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
+T = TypeVar("T")
+
+
+class NotRoot(EscortError):
+    """The lab needs root (namespaces, bridges, daemons)."""
+
+    exit_code = 2
+
+
+def require_root() -> None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not Path("/proc/self/ns/net").exists():
+        raise NotRoot("escort lab needs root on Linux (network namespaces); run it with sudo")
+
+
+@dataclass
+class UpResult:
+    already: bool
+    seconds: float
+    dir: Path
+    fleet_file: Path
+    guests: int = 0
+    policies: bool = False
+
+
+@dataclass
+class HostStatus:
+    name: str
+    kind: str
+    ns: str
+    address: str
+    anchor_pid: int | None
+    sshd_pid: int | None
+    libvirtd_pid: int | None
+    sshd_ok: bool
+    libvirtd_ok: bool
+    guests: list[str] = field(default_factory=list)  # running domains
+    problem: str = ""
+
+
+def _parallel(fn: Callable[[T], Any], items: list[T]) -> list[Any]:
+    """Run ``fn`` over ``items`` in threads; re-raise the first failure."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _quiet_libvirt() -> Any:
+    import libvirt
+
+    # libvirt-python prints every error to stderr unless a handler is set; we report
+    # errors ourselves, one line each.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _ssh_keypair() -> tuple[bytes, bytes]:
+    """An ed25519 key in OpenSSH format (private, public line)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH)
+    return priv, pub
+
+
+def ssh_fingerprint(pub_line: bytes) -> str:
+    """``SHA256:...`` as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(pub_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+class Lab:
+    """One lab: a name (namespace prefix), a directory (all state), an address index."""
+
+    def __init__(self, dir: str | os.PathLike[str] | None = None, name: str = "demo") -> None:
+        self.name = check_name(name)
+        self.dir = Path(dir).absolute() if dir is not None else DEFAULT_BASE / self.name
+        self.prefix = ns_prefix(self.name)
+        self.switch_ns = self.prefix + "sw"
+        self.pki: certs.LabPKI | None = None
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    # --- paths and names ------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    @property
+    def fleet_file(self) -> Path:
+        return self.dir / "fleet.toml"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.dir / "ssh_config"
+
+    @property
+    def identity(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def hypervisors(self) -> list[str]:
+        return [p.name for p in HYPERVISORS]
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_state(self, **changes: Any) -> None:
+        state = {**self._state(), **changes, "name": self.name}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(self.state_file)
+
+    @property
+    def index(self) -> int:
+        idx = self._state().get("index")
+        if not isinstance(idx, int):
+            raise LabError(f"lab {self.name!r} in {self.dir} has not been started (no lab.json)")
+        return idx
+
+    def _hosts_for(self, index: int) -> list[LabHost]:
+        out = [LabHost(JUMP, "jump", self.prefix + JUMP, self.dir / "hosts" / JUMP,
+                       front_ip(index, JUMP_FRONT_OCTET), back_ip(index, JUMP_BACK_OCTET), "b-" + JUMP)]
+        for plan in HYPERVISORS:
+            out.append(LabHost(plan.name, "hypervisor", self.prefix + plan.name,
+                               self.dir / "hosts" / plan.name, back_ip(index, plan.octet),
+                               back_ip(index, plan.octet), "b-" + plan.name, plan))
+        return out
+
+    def all_hosts(self) -> list[LabHost]:
+        return self._hosts_for(self.index)
+
+    def host(self, name: str) -> LabHost:
+        """Names, addresses and paths of one host (``jump`` or a hypervisor)."""
+        for h in self.all_hosts():
+            if h.name == name:
+                return h
+        hypervisor(name)  # raises the one-line "no lab host" error
+        raise AssertionError("unreachable")
+
+    @property
+    def jump(self) -> LabHost:
+        return self.host(JUMP)
+
+    @property
+    def client_ip(self) -> str:
+        return front_ip(self.index, CLIENT_FRONT_OCTET)
+
+    # --- up -------------------------------------------------------------------------
+    def is_up(self) -> bool:
+        """Every namespace exists and every daemon the lab started is alive in it."""
+        state = self._state()
+        if state.get("status") != "up" or not isinstance(state.get("index"), int):
+            return False
+        for h in self.all_hosts():
+            if not netns.netns_exists(h.ns):
+                return False
+            pid_files = [h.anchor_pid_file, h.sshd_pid_file]
+            if h.kind == "hypervisor":
+                pid_files.append(h.libvirtd_pid_file)
+            for pf in pid_files:
+                pid = netns.read_pid(pf)
+                if pid is None or not netns.pid_in_netns(pid, h.ns):
+                    return False
+        return netns.netns_exists(self.switch_ns)
+
+    def up(self) -> UpResult:
+        """Build and start the lab; a lab that is already up is left alone."""
+        require_root()
+        t0 = time.monotonic()
+        if self.is_up():
+            return UpResult(True, time.monotonic() - t0, self.dir, self.fleet_file,
+                            policies=bool(self._state().get("policies")))
+        self._teardown()  # whatever a crashed earlier run left behind
+        try:
+            result = self._build(t0)
+        except BaseException:
+            if not os.environ.get("ESCORT_LAB_KEEP"):
+                self._teardown()
+            raise
+        return result
+
+    def _choose_index(self) -> int:
+        """A /24 pair no other lab on this machine uses (they all show in the root ns)."""
+        used: set[int] = set()
+        out = netns.ip("-4", "-o", "addr", "show", check=False).stdout
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith(("198.18.", "198.19.")):
+                    with contextlib.suppress(ValueError, IndexError):
+                        used.add(int(word.split(".")[2]))
+        start = zlib.crc32(self.name.encode()) % 254
+        for i in range(254):
+            idx = (start + i) % 254 + 1
+            if idx not in used:
+                return idx
+        raise LabError("no free lab address range left (198.18.1-254.0/24 all in use)")
+
+    def _build(self, t0: float) -> UpResult:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        shutil.rmtree(self.dir / "hosts", ignore_errors=True)
+        index = self._choose_index()
+        self._write_state(index=index, status="starting", started_at=time.time())
+        hosts = self._hosts_for(index)
+        hvs = [h for h in hosts if h.kind == "hypervisor"]
+        _ensure_user("libvirt-qemu")
+
+        pki = certs.build(self.name, HYPERVISORS, {h.name: h.migration_ip for h in hvs})
+        self.pki = pki
+        certs.write_lab_files(pki, self.pki_dir)
+        priv, pub = _ssh_keypair()
+        _write(self.identity, priv, 0o600)
+        _write(self.identity.with_suffix(".pub"), pub + b" escort-lab-console\n")
+
+        self._build_network(index, hosts)
+        host_keys = {h.name: self._prepare_host(h, pub, pki) for h in hosts}
+        _parallel(self._start_anchor, hosts)
+
+        cache = Path(os.environ.get(CACHE_ENV, str(DEFAULT_CACHE)))
+        seeded = _seed_caps(cache, hvs)
+        _parallel(self.start_sshd, [h.name for h in hosts])
+        if seeded:
+            _parallel(self.start_libvirtd, [h.name for h in hvs])
+            counts = _parallel(self._start_guests, hvs)
+        else:
+            # Probe QEMU once on the first host, then hand its cache to the others.
+            self.start_libvirtd(hvs[0].name)
+            counts = [self._start_guests(hvs[0])]
+            _copy_caps(hvs[0], cache)
+            _seed_caps(cache, hvs[1:])
+            _parallel(self.start_libvirtd, [h.name for h in hvs[1:]])
+            counts += _parallel(self._start_guests, hvs[1:])
+        if seeded:
+            _copy_caps(hvs[0], cache)  # refresh after a libvirt/QEMU upgrade re-probed
+
+        self._write_client_files(index, hosts, host_keys, pub)
+        with_policies = any(n[1] for n in counts)
+        self._write_state(status="up", policies=with_policies)
+        self._wait_sshd(hosts)
+        return UpResult(False, time.monotonic() - t0, self.dir, self.fleet_file,
+                        guests=sum(n[0] for n in counts), policies=with_policies)
+
+    def _build_network(self, index: int, hosts: list[LabHost]) -> None:
+        sw = self.switch_ns
+        netns.add_netns(sw)
+        _no_ipv6(sw)
+        for br in ("front", "back"):
+            netns.ip("-n", sw, "link", "add", br, "type", "bridge")
+            netns.ip("-n", sw, "link", "set", br, "up")
+        # The one link into the root namespace: a connected /24, no default route.
+        link = client_link(self.name)
+        netns.ip("link", "add", link, "type", "veth", "peer", "name", "f-client", "netns", sw)
+        with contextlib.suppress(OSError):
+            Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1\n")
+        netns.ip("addr", "add", f"{front_ip(index, CLIENT_FRONT_OCTET)}/24", "dev", link)
+        netns.ip("link", "set", link, "up")
+        netns.ip("-n", sw, "link", "set", "f-client", "master", "front", "up")
+        for h in hosts:
+            netns.add_netns(h.ns)
+            _no_ipv6(h.ns)
+            legs = [("back0", h.switch_port, "back", h.migration_ip)]
+            if h.kind == "jump":
+                legs.append(("front0", "f-" + JUMP, "front", h.ssh_ip))
+            for inner, outer, bridge, addr in legs:
+                netns.ip("link", "add", inner, "netns", h.ns, "type", "veth", "peer", "name", outer,
+                         "netns", sw)
+                netns.ip("-n", h.ns, "addr", "add", f"{addr}/24", "dev", inner)
+                netns.ip("-n", h.ns, "link", "set", inner, "up")
+                netns.ip("-n", sw, "link", "set", outer, "master", bridge, "up")
+
+    def _prepare_host(self, h: LabHost, console_pub: bytes, pki: certs.LabPKI) -> bytes:
+        """Write a host's private directories; returns its SSH host public key line."""
+        private = configs.PRIVATE_DIRS if h.kind == "hypervisor" else configs.JUMP_PRIVATE_DIRS
+        for d in private:
+            (h.root / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        for d in ("run", "log"):
+            (h.root / d).mkdir(parents=True, exist_ok=True)
+        ssh_dir = h.root / "etc" / "ssh"
+        moduli = Path("/etc/ssh/moduli")
+        if moduli.exists():
+            shutil.copyfile(moduli, ssh_dir / "moduli")
+        priv, pub = _ssh_keypair()
+        _write(ssh_dir / "ssh_host_ed25519_key", priv, 0o600)
+        _write(ssh_dir / "ssh_host_ed25519_key.pub", pub + b"\n")
+        _write(ssh_dir / "authorized_keys" / "root", console_pub + b" escort-lab-console\n")
+        _write(ssh_dir / "sshd_config", configs.sshd_config(pid_file=h.sshd_pid_file).encode())
+        if h.plan is not None:
+            etc = h.root / "etc" / "libvirt"
+            _write(etc / "libvirtd.conf", configs.libvirtd_conf(str(uuidlib.uuid4())).encode())
+            _write(etc / "qemu.conf", configs.qemu_conf().encode())
+            for sub in ("var/log/libvirt/qemu", "var/lib/libvirt/qemu", "run/libvirt/qemu",
+                        "var/cache/libvirt/qemu/capabilities"):
+                (h.root / sub).mkdir(parents=True, exist_ok=True)
+            certs.install_host(pki, h.plan, h.pki_dir)
+        script = configs.init_script(hostname=h.name, root=h.root, private_dirs=private,
+                                     ready_file=h.root / "run" / "ready")
+        _write(h.root / "init.sh", script.encode(), 0o755)
+        return pub
+
+    def _start_anchor(self, h: LabHost) -> None:
+        ready = h.root / "run" / "ready"
+        ready.unlink(missing_ok=True)
+        with (h.log_dir / "anchor.log").open("ab") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", h.ns, "unshare", "--mount", "--uts", "--propagation",
+                 "private", "/bin/sh", str(h.root / "init.sh")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env=DAEMON_ENV, close_fds=True)
+        self._children.append(proc)
+        _write(h.anchor_pid_file, f"{proc.pid}\n".encode())
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise LabError(f"{h.name}: host setup failed (see {h.log_dir / 'anchor.log'})")
+            if time.monotonic() > deadline:
+                raise LabError(f"{h.name}: host setup timed out (see {h.log_dir / 'anchor.log'})")
+            time.sleep(0.01)
+
+    def _nsenter(self, h: LabHost, *cmd: str) -> None:
+        anchor = netns.read_pid(h.anchor_pid_file)
+        if anchor is None or not netns.pid_in_netns(anchor, h.ns):
+            raise LabError(f"{h.name}: the host is not running (run `escort lab up`)")
+        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--", *cmd],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=DAEMON_ENV, timeout=60, check=False)
+        if proc.returncode != 0:
+            last = (proc.stderr or proc.stdout).strip().splitlines()
+            raise LabError(f"{h.name}: {Path(cmd[0]).name} failed: "
+                           f"{last[-1] if last else f'exit {proc.returncode}'}")
+
+    def _start_guests(self, h: LabHost) -> tuple[int, bool]:
+        assert h.plan is not None and self.pki is not None
+        libvirt = _quiet_libvirt()
+        conn = self._open(h)
+        with_policy = False
+        try:
+            for g in h.plan.guests:
+                vm_uuid = str(uuidlib.uuid4())
+                meta = guests.policy_metadata(self.pki, h.plan, g, vm_uuid)
+                with_policy = with_policy or bool(meta)
+                try:
+                    guests.define_guest(conn, g.name, memory_mib=g.memory_mib, uuid=vm_uuid,
+                                        metadata_xml=meta)
+                except libvirt.libvirtError as exc:
+                    raise LabError(f"{h.name}: guest {g.name} did not start: {exc}") from exc
+        finally:
+            conn.close()
+        return len(h.plan.guests), with_policy
+
+    def _open(self, h: LabHost, *, timeout: float = 15.0) -> Any:
+        """A libvirt connection to a host's daemon over its Unix socket (waits for it)."""
+        libvirt = _quiet_libvirt()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return libvirt.open(h.libvirt_uri)
+            except libvirt.libvirtError as exc:
+                if time.monotonic() > deadline:
+                    raise LabError(f"{h.name}: libvirtd does not answer: {exc}") from exc
+                time.sleep(0.05)
+
+    def _write_client_files(self, index: int, hosts: list[LabHost], host_keys: dict[str, bytes],
+                            console_pub: bytes) -> None:
+        jump = hosts[0]
+        lines = []
+        for h in hosts:
+            names = [f"{self.name}-jump", h.ssh_ip] if h.kind == "jump" else [h.name, h.ssh_ip]
+            key = b" ".join(host_keys[h.name].split()[:2]).decode()
+            lines.append(f"{','.join(names)} {key}")
+        _write(self.known_hosts, ("\n".join(lines) + "\n").encode())
+        _write(self.ssh_config, configs.ssh_config(
+            lab=self.name, lab_dir=self.dir, jump_ip=jump.ssh_ip,
+            hosts=[(h.name, h.ssh_ip) for h in hosts if h.kind == "hypervisor"]).encode())
+        _write(self.fleet_file, self._fleet_toml(hosts, console_pub).encode())
+
+    def _fleet_toml(self, hosts: list[LabHost], console_pub: bytes) -> str:
+        """The fleet file (field names of core/inventory.py FleetSpec/HostSpec).
+
+        Paths are relative to the file's directory, so the lab directory can be
+        copied or mounted elsewhere.
+        """
+        import tomli_w
+
+        jump = next(h for h in hosts if h.kind == "jump")
+        doc: dict[str, Any] = {
+            "name": f"lab-{self.name}",
+            "kind": "lab",
+            "trust_dir": "pki/trust",
+            "owners_trust_dir": "pki/owners-trust",
+            "known_hosts": "known_hosts",
+            "ssh_config": "ssh_config",
+            "identity_files": ["id_ed25519"],
+            "audit_log": "audit.log",
+            "stall_timeout_s": 30.0,
+            "admins": [{"id": "lab-admin", "ssh_key_fingerprint": ssh_fingerprint(console_pub)}],
+            "hosts": [],
+        }
+        for h in hosts:
+            if h.plan is None:
+                continue
+            doc["hosts"].append({
+                "name": h.name,
+                "region": h.plan.region,
+                "ssh": f"root@{h.ssh_ip}",
+                "jump": f"root@{jump.ssh_ip}",
+                "libvirt_uri": "qemu:///system",
+                "cert_file": f"pki/hosts/{h.name}.pem",
+                "remote_cert": "/etc/pki/qemu/server-cert.pem",
+                "migration_address": h.migration_ip,
+                "tls_name": h.name,
+            })
+        header = (f"# escort lab {self.name!r}: written by `escort lab up`; paths are relative to "
+                  "this file.\n# Hypervisors are reached through the jump host only.\n")
+        return header + tomli_w.dumps(doc)
+
+    def _wait_sshd(self, hosts: list[LabHost], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for h in hosts:
+            while not self._sshd_answers(h):
+                if time.monotonic() > deadline:
+                    raise LabError(f"{h.name}: sshd does not answer on {h.ssh_ip}:22 "
+                                   f"(see {h.log_dir / 'sshd.log'})")
+                time.sleep(0.05)
+
+    # --- daemons (also the fault-injection API) -------------------------------------
+    def start_sshd(self, host: str) -> None:
+        h = self.host(host)
+        self._nsenter(h, "/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-E", str(h.log_dir / "sshd.log"))
+
+    def stop_sshd(self, host: str) -> None:
+        self._stop_pidfile(self.host(host), self.host(host).sshd_pid_file)
+
+    def start_libvirtd(self, host: str) -> None:
+        h = self.host(host)
+        if h.kind != "hypervisor":
+            raise LabError(f"{host}: the jump host runs no libvirtd")
+        h.libvirtd_pid_file.unlink(missing_ok=True)
+        self._nsenter(h, "/usr/sbin/libvirtd", "--daemon", "--pid-file", "/run/libvirt/libvirtd.pid",
+                      "--config", "/etc/libvirt/libvirtd.conf")
+        self._open(h).close()
+
+    def stop_libvirtd(self, host: str) -> None:
+        """Stop the daemon only; its QEMU processes keep running (as on a real host)."""
+        self._stop_pidfile(self.host(host), self.host(host).libvirtd_pid_file)
+
+    def _stop_pidfile(self, h: LabHost, pid_file: Path) -> None:
+        pid = netns.read_pid(pid_file)
+        if pid is not None and not netns.kill_in_ns(pid, h.ns):
+            raise LabError(f"{h.name}: process {pid} did not stop")
+        pid_file.unlink(missing_ok=True)
+
+    def kill_qemu(self, host: str, domain: str) -> None:
+        """SIGKILL a guest's QEMU process (a crash, as far as libvirt can tell)."""
+        h = self.host(host)
+        pid = netns.read_pid(h.root / "run" / "libvirt" / "qemu" / f"{domain}.pid")
+        if pid is None or not netns.pid_in_netns(pid, h.ns):
+            raise LabError(f"{host}: no running QEMU for domain {domain!r}")
+        os.kill(pid, 9)
+
+    def cut_link(self, host: str) -> None:
+        """Pull the host's cable on the back (migration and SSH) network."""
+        h = self.host(host)
+        netns.ip("-n", self.switch_ns, "link", "set", h.switch_port, "down")
+
+    def restore_link(self, host: str) -> None:
+        h = self.host(host)
+        netns.ip("-n", self.switch_ns, "link", "set", h.switch_port, "up")
+
+    def open_libvirt(self, host: str) -> Any:
+        """A libvirt connection (root namespace, Unix socket) — for tests and setup."""
+        return self._open(self.host(host), timeout=5.0)
+
+    def define_guest(self, host: str, name: str, *, memory_mib: int = 64, random_fill_mib: int = 0,
+                     owner: str = "", start: bool = True) -> str:
+        """Define (and start) one more guest on ``host``; returns its UUID.
+
+        ``random_fill_mib`` fills that much guest RAM with random bytes (a migration
+        then has real work to do); ``owner`` ("alice"/"bob") attaches a signed policy
+        trusting the lab root (needs the lab's PKI from this process's ``up()``).
+        """
+        from .hosts import GuestPlan
+
+        h = self.host(host)
+        vm_uuid = str(uuidlib.uuid4())
+        meta = ""
+        if owner:
+            if self.pki is None or h.plan is None:
+                raise LabError("a policy needs the lab's keys: call define_guest after up() "
+                               "in the same process")
+            meta = guests.policy_metadata(self.pki, h.plan, GuestPlan(name, owner), vm_uuid)
+        blob = guests.blob_path(self.dir, random_fill_mib) if random_fill_mib else None
+        conn = self._open(h)
+        try:
+            guests.define_guest(conn, name, memory_mib=memory_mib, start=start, uuid=vm_uuid,
+                                metadata_xml=meta, random_blob=blob)
+        finally:
+            conn.close()
+        return vm_uuid
+
+    # --- status ---------------------------------------------------------------------
+    def _sshd_answers(self, h: LabHost) -> bool:
+        """Read sshd's banner over the lab network: from the root ns for the jump host,
+        from inside the jump host for the hypervisors (the only way in)."""
+        if h.kind == "jump":
+            try:
+                with socket.create_connection((h.ssh_ip, 22), timeout=2) as s:
+                    return s.recv(8).startswith(b"SSH-")
+            except OSError:
+                return False
+        probe = f"exec 3<>/dev/tcp/{h.ssh_ip}/22 && head -c 4 <&3"
+        try:
+            proc = subprocess.run(["ip", "netns", "exec", self.prefix + JUMP, "timeout", "3",
+                                   "bash", "-c", probe], capture_output=True, timeout=5, check=False)
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.stdout.startswith(b"SSH-")
+
+    def status(self) -> list[HostStatus]:
+        require_root()
+        out: list[HostStatus] = []
+        libvirt = _quiet_libvirt()
+        for h in self.all_hosts():
+            present = netns.netns_exists(h.ns)
+
+            def alive(pf: Path, h: LabHost = h) -> int | None:
+                pid = netns.read_pid(pf)
+                return pid if pid is not None and netns.pid_in_netns(pid, h.ns) else None
+
+            st = HostStatus(h.name, h.kind, h.ns, h.ssh_ip, alive(h.anchor_pid_file),
+                            alive(h.sshd_pid_file),
+                            alive(h.libvirtd_pid_file) if h.kind == "hypervisor" else None,
+                            sshd_ok=present and self._sshd_answers(h), libvirtd_ok=False)
+            if not present:
+                st.problem = "namespace missing"
+            elif h.kind == "hypervisor":
+                try:
+                    conn = libvirt.open(h.libvirt_uri)
+                    try:
+                        st.guests = sorted(d.name() for d in conn.listAllDomains(
+                            libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+                        st.libvirtd_ok = True
+                    finally:
+                        conn.close()
+                except libvirt.libvirtError as exc:
+                    st.problem = f"libvirtd: {exc}".splitlines()[0]
+            if not st.sshd_ok and not st.problem:
+                st.problem = "sshd does not answer"
+            out.append(st)
+        return out
+
+    def status_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.status()]
+
+    # --- down -----------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Stop every process the lab started and delete its namespaces."""
+        require_root()
+        return self._teardown()
+
+    def _pid_files(self) -> Iterator[tuple[Path, str]]:
+        """(pid file, namespace it must live in) for everything the lab may have started."""
+        hosts_dir = self.dir / "hosts"
+        if not hosts_dir.is_dir():
+            return
+        for root in sorted(hosts_dir.iterdir()):
+            ns = self.prefix + root.name
+            yield from ((p, ns) for p in sorted((root / "run" / "libvirt" / "qemu").glob("*.pid")))
+            for rel in ("run/sshd.pid", "run/libvirt/libvirtd.pid", "run/anchor.pid"):
+                yield root / rel, ns
+
+    def _teardown(self) -> list[str]:
+        stopped: list[str] = []
+        for pid_file, ns in self._pid_files():
+            pid = netns.read_pid(pid_file)
+            if pid is not None and netns.pid_in_netns(pid, ns):
+                netns.kill_in_ns(pid, ns)
+                stopped.append(f"{ns}: {pid_file.name.removesuffix('.pid')} ({pid})")
+        ours = [n for n in netns.list_netns() if n.startswith(self.prefix)]
+        # Anything else still living in our namespaces (a crashed run's daemons whose
+        # PID files were lost, SSH sessions): they are ours by construction.
+        for _ in range(3):
+            strays = netns.pids_in_netns(ours)
+            if not strays:
+                break
+            for pid, ns in strays.items():
+                netns.kill_in_ns(pid, ns, grace=1.0)
+                stopped.append(f"{ns}: stray process ({pid})")
+        for proc in self._children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        self._children.clear()
+        for ns in ours:
+            netns.del_netns(ns)
+        link = client_link(self.name)
+        if netns.link_exists(link):
+            netns.ip("link", "del", link, check=False)
+        if self.state_file.exists():
+            self._write_state(status="down")
+        return stopped
+
+
+# --- helpers ------------------------------------------------------------------------
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def _no_ipv6(ns: str) -> None:
+    """No IPv6 in the lab: no link-local chatter, nothing to reason about but IPv4."""
+    netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1", check=False)
+
+
+def _ensure_user(user: str) -> None:
+    """libvirt resolves its default QEMU user before reading qemu.conf: it must exist."""
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        netns.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", user])
+
+
+def _caps_dir(h: LabHost) -> Path:
+    return h.root / "var" / "cache" / "libvirt" / "qemu" / "capabilities"
+
+
+def _seed_caps(cache: Path, hosts: list[LabHost]) -> bool:
+    """Copy cached QEMU capabilities into each host (libvirt re-probes stale ones)."""
+    files = sorted(cache.glob("*.xml")) if cache.is_dir() else []
+    if not files:
+        return False
+    for h in hosts:
+        for f in files:
+            shutil.copy2(f, _caps_dir(h) / f.name)
+    return True
+
+
+def _copy_caps(h: LabHost, cache: Path) -> None:
+    files = sorted(_caps_dir(h).glob("*.xml"))
+    if not files:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, cache / f.name)
+
+
+def plan_for(name: str) -> HostPlan:
+    return hypervisor(name)
