@@ -29,6 +29,7 @@ import functools
 import shutil
 import tempfile
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,7 +106,7 @@ def _silence_libvirt_stderr() -> None:
 def libvirt_message(exc: BaseException) -> str:
     """libvirt's message on one line."""
     if isinstance(exc, libvirt.libvirtError):
-        text = exc.get_error_message() or str(exc)
+        text = str(exc) or exc.get_error_message() or "unknown libvirt error"
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
@@ -119,11 +120,25 @@ def state_name(state: int, reason: int) -> tuple[str, str]:
 def _decode_policy(xml: str) -> str:
     """The compact JWS inside escort's <metadata> element.
 
-    Malformed metadata is *not* treated as "no policy": the raw text is kept as the
+    virDomainGetMetadata returns the element with its namespace *stripped*
+    (``<policy ver="1">TOKEN</policy>``; measured with libvirt 9.0, test and qemu
+    drivers): the namespace was already selected by the call, so the element is put
+    back into it before the trust core's decoder (which insists on the namespace) reads
+    it. Malformed metadata is *not* treated as "no policy": the raw text is kept as the
     token, so the trust core refuses it with a reason the operator sees.
     """
+    text = xml.strip()
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        return text
     try:
-        return token_from_metadata_xml(xml) or xml.strip()
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return text
+    if root.tag == "policy":
+        root.tag = f"{{{POLICY_NS}}}policy"
+        text = ET.tostring(root, encoding="unicode")
+    try:
+        return token_from_metadata_xml(text) or xml.strip()
     except EscortError:
         return xml.strip()
 
@@ -249,7 +264,6 @@ def _problem(name: str, exc: BaseException) -> HostProblem:
         libvirt.VIR_ERR_SYSTEM_ERROR,
         libvirt.VIR_ERR_NO_CONNECT,
         libvirt.VIR_ERR_RPC,
-        libvirt.VIR_ERR_INTERNAL_ERROR,
     ):
         code = LIBVIRT_DOWN
     label = "libvirt down" if code == LIBVIRT_DOWN else "libvirt"
