@@ -45,9 +45,11 @@ class Step:
     title: str
     ok: bool | None
     detail: str
+    reasons: tuple[Reason, ...] = ()  # the failures this step found (also in Decision.reasons)
 
     def as_json(self) -> dict[str, Any]:
-        return {"title": self.title, "ok": self.ok, "detail": self.detail}
+        return {"title": self.title, "ok": self.ok, "detail": self.detail,
+                "reasons": [r.code for r in self.reasons]}
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,14 @@ def decide(
     warns.extend(pr.warnings)
     if pol is None:
         steps.append(Step("Owner's policy", False,
-                          "; ".join(r.message for r in pr.reasons) or "the VM has no usable policy"))
+                          "; ".join(r.message for r in pr.reasons) or "the VM has no usable policy",
+                          pr.reasons))
     else:
         detail = (f"signed by {owner_label}, valid {pol.not_before:%Y-%m-%d} to {pol.not_after:%Y-%m-%d}, "
                   f"requires {pol.summary()}; digest {pr.digest[:16]}")
         if pr.reasons:
             detail += "; but " + "; ".join(r.message for r in pr.reasons)
-        steps.append(Step("Owner's policy", not pr.reasons, detail))
+        steps.append(Step("Owner's policy", not pr.reasons, detail, pr.reasons))
 
     chain = host.chain
     # 2. trusted CA
@@ -220,13 +223,14 @@ def decide(
                               f"the policy trusts {hits[0].name}, which is in {host.name}'s chain"))
         else:
             path = " -> ".join(reversed(_chain_names(chain)[1:])) or "no known CA"
-            errors.append(Reason(
+            untrusted = Reason(
                 "ca.not_trusted",
                 f"host {host.name}'s certificate chains to {path}, none of which {vm.label}'s policy "
                 f"trusts (it trusts {trusted})",
-                f"choose a host under {trusted}, or ask {owner_label} to trust this host's CA"))
+                f"choose a host under {trusted}, or ask {owner_label} to trust this host's CA")
+            errors.append(untrusted)
             steps.append(Step("Trusted CA", False,
-                              f"the policy trusts {trusted}; {host.name} chains to {path}"))
+                              f"the policy trusts {trusted}; {host.name} chains to {path}", (untrusted,)))
         if known_cas is not None:
             for c in pol.trusted_cas:
                 if c.fingerprint not in known_cas:
@@ -240,10 +244,11 @@ def decide(
     if chain is None:
         why = host.problem.message if host.problem and host.problem.code.startswith("cert") else \
             f"no certificate is known for host {host.name}"
-        errors.append(Reason("host.no_certificate", why,
-                             "set cert_file for the host in the fleet file, or refresh the host over SSH"))
+        no_cert = Reason("host.no_certificate", why,
+                         "set cert_file for the host in the fleet file, or refresh the host over SSH")
+        errors.append(no_cert)
         steps.append(Step("Intermediate", None, "skipped: no host certificate"))
-        steps.append(Step("Host certificate", False, why))
+        steps.append(Step("Host certificate", False, why, (no_cert,)))
     else:
         names = _chain_names(chain)
         inter = names[1:-1] if len(names) > 2 else []
@@ -255,22 +260,23 @@ def decide(
                               f"none: {host.name} is issued directly by root {names[-1]}"))
         else:
             steps.append(Step("Intermediate", False, f"{host.name}'s chain could not be built to a root"))
-        errors.extend(chain.reasons)
+        cert_errors = list(chain.reasons)
         if not chain.valid and not chain.reasons:
-            errors.append(Reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
-                                 "check the host certificate with `escort cert verify`"))
+            cert_errors.append(Reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
+                                      "check the host certificate with `escort cert verify`"))
         if chain.valid and host.attributes is None:
-            errors.append(Reason("host.no_attributes",
-                                 f"host {host.name}'s certificate attributes are unknown",
-                                 "refresh the host or check its certificate file"))
+            cert_errors.append(Reason("host.no_attributes",
+                                      f"host {host.name}'s certificate attributes are unknown",
+                                      "refresh the host or check its certificate file"))
+        errors.extend(cert_errors)
         warns.extend(chain.warnings)
         if chain.valid and host.attributes is not None:
             days = host.attributes.days_to_expiry(at)
             steps.append(Step("Host certificate", True,
                               f"valid, chain checked to {names[-1]}; expires in {days} day(s)"))
         else:
-            steps.append(Step("Host certificate", chain.valid,
-                              "; ".join(r.message for r in chain.reasons) or "valid"))
+            steps.append(Step("Host certificate", False,
+                              "; ".join(r.message for r in cert_errors) or "not valid", tuple(cert_errors)))
 
     # 5. attributes
     if pol is None or host.attributes is None:
@@ -279,7 +285,7 @@ def decide(
         bad, good = _attribute_reasons(vm, host, pol.requirements, owner_label, policy_names)
         errors.extend(bad)
         if bad:
-            steps.append(Step("Attributes matched", False, "; ".join(r.message for r in bad)))
+            steps.append(Step("Attributes matched", False, "; ".join(r.message for r in bad), tuple(bad)))
         else:
             steps.append(Step("Attributes matched", True,
                               "; ".join(good) or "the policy requires no attributes"))
@@ -299,32 +305,33 @@ def decide(
                               + (" (emergency only)" if g.emergency_only else "")))
         else:
             errors.extend(grant_why)
-            steps.append(Step("Grant", False, "; ".join(r.message for r in grant_why)))
+            steps.append(Step("Grant", False, "; ".join(r.message for r in grant_why), tuple(grant_why)))
 
     # 7. the host itself
     host_notes: list[str] = []
+    host_errors: list[Reason] = []
     ok_host: bool | None = True
     if host.name == vm.current_host:
-        errors.append(Reason("host.current", f"{vm.label} already runs on {host.name}",
-                             "choose another host as the target"))
+        host_errors.append(Reason("host.current", f"{vm.label} already runs on {host.name}",
+                                  "choose another host as the target"))
         host_notes.append("it is the VM's current host")
-        ok_host = False
     if host.reachability == "down":
         msg = host.problem.message if host.problem else f"host {host.name} is down"
-        errors.append(Reason("host.down",
-                             msg if msg.startswith("host") else f"host {host.name} is down: {msg}",
-                             host.problem.fix if host.problem and host.problem.fix else
-                             "bring the host back, or choose another"))
+        host_errors.append(Reason("host.down",
+                                  msg if msg.startswith("host") else f"host {host.name} is down: {msg}",
+                                  host.problem.fix if host.problem and host.problem.fix else
+                                  "bring the host back, or choose another"))
         host_notes.append("it is down")
-        ok_host = False
     elif host.problem is not None and chain is not None:
-        errors.append(host.problem)
+        host_errors.append(host.problem)
         host_notes.append(host.problem.message)
+    if host_errors:
         ok_host = False
-    elif host.reachability == "unknown" and ok_host:
+    elif host.reachability == "unknown":
         ok_host = None
         host_notes.append("not contacted yet (offline decision)")
-    steps.append(Step("Host", ok_host, "; ".join(host_notes) or "up"))
+    errors.extend(host_errors)
+    steps.append(Step("Host", ok_host, "; ".join(host_notes) or "up", tuple(host_errors)))
 
     errs = _dedupe(errors)
     allowed = not errs
