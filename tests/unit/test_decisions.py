@@ -115,7 +115,8 @@ def test_grant_step(kit: Kit, store: TrustStore) -> None:
     d = decide(v, h, at=T0, admin=ANNE, grants=[])
     assert codes(d) == ["grant.missing"]
     payload = gr.build_grant_payload(owner=kit.alice.email, admin=ANNE, label="db",
-                                     not_before=T0 - dt.timedelta(hours=1), not_after=T0 + dt.timedelta(hours=1))
+                                     not_before=T0 - dt.timedelta(hours=1),
+                                     not_after=T0 + dt.timedelta(hours=1))
     g = book.verify(gr.sign_grant(payload, kit.alice.key, kit.alice.chain), T0)
     d = decide(v, h, at=T0, admin=ANNE, grants=[g])
     assert d.allowed and d.steps[5].ok is True and d.admin == "anne"
