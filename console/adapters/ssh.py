@@ -431,18 +431,28 @@ class SshPool:
     async def run(
         self, ssh: str, command: str, *, jump: str = "", name: str = "", timeout: float | None = None
     ) -> bytes:
-        """Run one command; return its stdout, or raise a one-line HostProblem."""
+        """Run one command; return its stdout, or raise a one-line HostProblem.
+
+        A pooled connection can die between uses (host rebooted, sshd restarted): if the
+        command fails on a *reused* connection, it is dropped and the command retried once
+        on a fresh one, so a stale channel never shows as an error of a host that is up.
+        """
         label = name or ssh
-        conn = await self.connect(ssh, jump, name=label)
-        try:
-            result = await conn.run(
-                command, encoding=None, check=False, timeout=timeout or self.command_timeout
-            )
-        except asyncssh.TimeoutError as exc:
-            raise HostProblem(TIMED_OUT, f"{label}: command timed out: {command}") from exc
-        except (asyncssh.Error, OSError) as exc:
-            await self.drop(ssh, jump)
-            raise HostProblem(SSH_ERROR, f"{label}: running {command!r} failed: {exc}") from exc
+        for attempt in (1, 2):
+            reused = self.cached(ssh, jump) is not None
+            conn = await self.connect(ssh, jump, name=label)
+            try:
+                result = await conn.run(
+                    command, encoding=None, check=False, timeout=timeout or self.command_timeout
+                )
+            except asyncssh.TimeoutError as exc:
+                raise HostProblem(TIMED_OUT, f"{label}: command timed out: {command}") from exc
+            except (asyncssh.Error, OSError) as exc:
+                await self.drop(ssh, jump)
+                if reused and attempt == 1:
+                    continue
+                raise HostProblem(SSH_ERROR, f"{label}: running {command!r} failed: {exc}") from exc
+            break
         if result.exit_status != 0:
             err = _first_line(result.stderr) or f"exit status {result.exit_status}"
             raise HostProblem(READ_FAILED, f"{label}: {command!r} failed: {err}")

@@ -25,6 +25,7 @@ from console.adapters.ssh import (
     CERT_UNREADABLE,
     LIBVIRT_DOWN,
     LIBVIRT_ERROR,
+    READ_FAILED,
     HostProblem,
     SshPool,
 )
@@ -162,6 +163,8 @@ class InventoryService:
         try:
             cert = await cert_task
         except HostProblem as exc:
+            if exc.code != READ_FAILED:
+                raise  # SSH itself failed: a host problem, not a certificate problem
             return facts, Reason(
                 CERT_UNREADABLE,
                 f"{spec.name}: certificate unreadable: {exc}",

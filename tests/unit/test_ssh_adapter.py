@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,16 @@ class FakeHost:
     host_key: asyncssh.SSHKey
     users: list[str] = field(default_factory=list)
     forwards: list[tuple[str, int]] = field(default_factory=list)
+    unix_forwards: list[str] = field(default_factory=list)
+    conns: list[asyncssh.SSHServerConnection] = field(default_factory=list)
     logins: int = 0
+
+    async def kill(self) -> None:
+        """Stop listening and drop every open connection (a host going down)."""
+        self.server.close()
+        await self.server.wait_closed()
+        for conn in self.conns:
+            conn.abort()
 
     @property
     def addr(self) -> str:
@@ -65,6 +74,13 @@ async def _run_shell(process: asyncssh.SSHServerProcess[bytes]) -> None:
 
 def _server_class(fake_ref: list[FakeHost]) -> Callable[[], asyncssh.SSHServer]:
     class _Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            fake_ref[0].conns.append(conn)
+
+        def unix_connection_requested(self, dest_path: str) -> bool:
+            fake_ref[0].unix_forwards.append(dest_path)
+            return True
+
         def begin_auth(self, username: str) -> bool:
             fake_ref[0].users.append(username)
             return True
@@ -93,17 +109,19 @@ def client_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-async def make_host(client_key: Path) -> AsyncIterator[Callable[..., asyncssh.SSHAcceptor]]:
+async def make_host(client_key: Path) -> AsyncIterator[Callable[..., Awaitable[FakeHost]]]:
     servers: list[FakeHost] = []
 
-    async def _make(authorized: Path | None = None) -> FakeHost:
-        host_key = asyncssh.generate_private_key("ssh-ed25519")
+    async def _make(
+        authorized: Path | None = None, *, port: int = 0, host_key: asyncssh.SSHKey | None = None
+    ) -> FakeHost:
+        host_key = host_key or asyncssh.generate_private_key("ssh-ed25519")
         pub = (authorized or client_key.with_suffix(".pub")).read_text()
         ref: list[FakeHost] = []
         server = await asyncssh.create_server(
             _server_class(ref),
             "127.0.0.1",
-            0,
+            port,
             server_host_keys=[host_key],
             authorized_client_keys=asyncssh.import_authorized_keys(pub),
             process_factory=_run_shell,
@@ -115,10 +133,9 @@ async def make_host(client_key: Path) -> AsyncIterator[Callable[..., asyncssh.SS
         servers.append(fake)
         return fake
 
-    yield _make  # type: ignore[misc]
+    yield _make
     for fake in servers:
-        fake.server.close()
-        await fake.server.wait_closed()
+        await fake.kill()
 
 
 def _known_hosts(tmp_path: Path, *lines: str) -> Path:
