@@ -87,8 +87,9 @@ def build_demo_tree(*, key_type: str = "ec", start: dt.datetime | None = None, d
                                       organization=DEMO_ORG, org_unit=region), path_len=0)
         out[region] = DemoCA(f"{region}-ca", iss.issue_ca(spec, key, validity, issuer=root.issuer), key)
     owners_key = iss.make_key(key_type)
+    # pathLen 1: an organisation may put team CAs under it (owners send them in x5c).
     owners_cert = iss.issue_ca(iss.CASpec(iss.Subject("Escort Demo Owners CA", organization=DEMO_ORG),
-                                          path_len=0), owners_key, validity)
+                                          path_len=1), owners_key, validity)
     return DemoTree(root, out, DemoCA("owners-ca", owners_cert, owners_key))
 
 
@@ -174,7 +175,7 @@ def verify_cmd(trust_dir: str, at_text: str | None, as_json: bool, cert_file: st
     """
     at = parse_time(at_text)
     certs = pki.load_certificates(files.read_limited(cert_file, what="certificate"), cert_file)
-    store, problems = files.load_trust_store(trust_dir, at)
+    store, problems = files.load_trust_store(trust_dir, at, cross_check=True)
     result = store.verify_host(certs[0], at, intermediates=certs[1:])
     if as_json:
         out = result.as_json()
