@@ -43,16 +43,29 @@ def test_module_does_not_pull_in_forbidden_packages(module: str, forbidden: tupl
     assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
 
 
+IO_MODULES = {"os", "pathlib", "shutil", "subprocess", "socket", "tempfile", "io", "sqlite3"}
+IO_METHODS = {"read_bytes", "read_text", "write_bytes", "write_text", "mkdir", "unlink"}
+
+
 def test_core_does_no_file_io() -> None:
-    """No open()/pathlib reads in the core: bytes come in through the adapters."""
+    """No open(), no os/pathlib/subprocess in the core: bytes come in through the adapters."""
+    import ast
     import pathlib
 
     core_dir = pathlib.Path(console.core.__file__).parent
     offenders = []
-    for path in core_dir.rglob("*.py"):
-        text = path.read_text()
-        for needle in ("open(", "read_bytes(", "read_text(", "write_bytes(", "write_text(",
-                       "import os", "from pathlib", "import pathlib", "import subprocess"):
-            if needle in text:
-                offenders.append(f"{path.name}: {needle}")
+    for path in sorted(core_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]] if node.level == 0 else []
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                names = ["open()"] if node.func.id == "open" else []
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                names = [node.func.attr + "()"] if node.func.attr in IO_METHODS else []
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno}: {n}" for n in names
+                          if n in IO_MODULES or n.endswith("()")]
     assert offenders == []
