@@ -1,0 +1,228 @@
+"""The fleet file (TOML) -> ``core.inventory.FleetSpec``; see docs/FLEET.md for the format.
+
+Strict on purpose: an unknown key is far more often a typo (``trust-dir``,
+``polcy_file``) than a feature, and a typo in a security configuration must not be
+silently ignored. Every problem is one ``InputError`` line naming the file and the
+key path (``fleet.toml: hosts[2].cert_file: expected a string, got an integer``).
+Relative paths are resolved against the fleet file's directory, so a fleet folder
+can be moved or checked out anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from console.adapters.files import read_limited
+from console.core.errors import InputError
+from console.core.grants import normalize_ssh_fingerprint
+from console.core.inventory import AdminSpec, FleetKind, FleetSpec, HostSpec, VMSpec
+from console.core.policy import normalize_fingerprint, normalize_uuid
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: type | tuple[type, ...]
+    required: bool = False
+    path: bool = False  # a local path: resolved against the fleet file's directory
+    check: Callable[[Any], Any] | None = None  # normalise or raise InputError
+
+
+def _kind(value: str) -> str:
+    kinds = get_args(FleetKind)
+    if value not in kinds:
+        raise InputError(f"must be one of {', '.join(kinds)}, not {value!r}")
+    return value
+
+
+def _name(value: str) -> str:
+    if not value.strip():
+        raise InputError("must not be empty")
+    return value
+
+
+def _opt(fn: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda v: fn(v) if v else v
+
+
+TOP: dict[str, _Key] = {
+    "name": _Key(str, True, check=_name),
+    "kind": _Key(str, True, check=_kind),
+    "trust_dir": _Key(str, True, path=True),
+    "owners_trust_dir": _Key(str, True, path=True),
+    "known_hosts": _Key(str, path=True),
+    "ssh_config": _Key(str, path=True),
+    "identity_files": _Key(list, path=True),
+    "audit_log": _Key(str, path=True),
+    "readonly": _Key(bool),
+    "stall_timeout_s": _Key((int, float)),
+    "grants": _Key(list, path=True),
+    "policy_names": _Key(dict),
+    "hosts": _Key(list),
+    "admins": _Key(list),
+    "vms": _Key(list),
+}
+HOST: dict[str, _Key] = {
+    "name": _Key(str, True, check=_name),
+    "region": _Key(str),
+    "ssh": _Key(str),
+    "jump": _Key(str),
+    "libvirt_uri": _Key(str),
+    "cert_file": _Key(str, path=True),
+    "remote_cert": _Key(str),  # a path on the host, not resolved locally
+    "migration_address": _Key(str),
+    "tls_name": _Key(str),
+}
+ADMIN: dict[str, _Key] = {
+    "id": _Key(str, True, check=_name),
+    "ssh_key_fingerprint": _Key(str, check=_opt(normalize_ssh_fingerprint)),
+    "cert_fingerprint": _Key(str, check=_opt(normalize_fingerprint)),
+}
+VM: dict[str, _Key] = {
+    "uuid": _Key(str, True, check=normalize_uuid),
+    "name": _Key(str, True, check=_name),
+    "host": _Key(str, True),
+    "policy_file": _Key(str, path=True),
+    "memory_mib": _Key(int),
+    "vcpus": _Key(int),
+}
+
+_TYPE_WORDS = {str: "a string", bool: "true/false", int: "an integer", float: "a number",
+               list: "a list", dict: "a table"}
+
+
+def _type_word(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
+
+
+def _value_word(value: Any) -> str:
+    for t in (bool, int, float, str, list, dict):
+        if isinstance(value, t):
+            return _TYPE_WORDS[t]
+    return type(value).__name__
+
+
+class _Reader:
+    def __init__(self, source: str, base: Path) -> None:
+        self.source = source
+        self.base = base
+
+    def fail(self, where: str, message: str) -> InputError:
+        return InputError(f"{self.source}: {where}: {message}")
+
+    def resolve(self, value: str) -> str:
+        if not value:
+            return value
+        p = Path(os.path.expanduser(value))
+        return str(p if p.is_absolute() else (self.base / p).resolve())
+
+    def table(self, data: Any, schema: Mapping[str, _Key], where: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(where or "top level", f"expected a table, got {_value_word(data)}")
+        prefix = f"{where}." if where else ""
+        for key in data:
+            if key not in schema:
+                known = ", ".join(sorted(schema))
+                raise self.fail(f"{prefix}{key}", f"unknown key (known keys: {known})")
+        out: dict[str, Any] = {}
+        for key, spec in schema.items():
+            path = f"{prefix}{key}"
+            if key not in data:
+                if spec.required:
+                    raise self.fail(path, "missing (required)")
+                continue
+            value = data[key]
+            kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+            # TOML booleans are ints to Python; never let true pass as a number.
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise self.fail(path, f"expected {_type_word(spec.kind)}, got {_value_word(value)}")
+            if spec.check is not None:
+                try:
+                    value = spec.check(value)
+                except InputError as exc:
+                    raise self.fail(path, str(exc)) from exc
+            if spec.path:
+                if isinstance(value, list):
+                    for i, item in enumerate(value):
+                        if not isinstance(item, str):
+                            raise self.fail(f"{path}[{i}]", f"expected a string, got {_value_word(item)}")
+                    value = tuple(self.resolve(v) for v in value)
+                else:
+                    value = self.resolve(value)
+            out[key] = value
+        return out
+
+    def rows(self, data: dict[str, Any], key: str, schema: Mapping[str, _Key]) -> list[dict[str, Any]]:
+        return [self.table(item, schema, f"{key}[{i}]") for i, item in enumerate(data.get(key, []))]
+
+
+def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str]) -> FleetSpec:
+    """Parse fleet TOML text; ``base_dir`` anchors relative paths."""
+    reader = _Reader(source, Path(base_dir).resolve())
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{source}: not valid TOML ({exc})") from exc
+    top = reader.table(raw, TOP, "")
+    names = top.get("policy_names", {})
+    for key, value in names.items():
+        if not isinstance(value, str):
+            raise reader.fail(f"policy_names.{key}",
+                              f"expected a dotted OID string, got {_value_word(value)}")
+        if not all(part.isdigit() for part in value.split(".")) or value.count(".") < 1:
+            raise reader.fail(f"policy_names.{key}", f"{value!r} is not a dotted OID")
+    hosts = [HostSpec(**row) for row in reader.rows(raw, "hosts", HOST)]
+    admins = [AdminSpec(**row) for row in reader.rows(raw, "admins", ADMIN)]
+    vms = [VMSpec(**row) for row in reader.rows(raw, "vms", VM)]
+    _unique(reader, "hosts", [h.name for h in hosts], "name")
+    _unique(reader, "admins", [a.id for a in admins], "id")
+    _unique(reader, "vms", [v.uuid for v in vms], "uuid")
+    host_names = {h.name for h in hosts}
+    for i, v in enumerate(vms):
+        if v.host and v.host not in host_names:
+            raise reader.fail(f"vms[{i}].host", f"{v.host!r} is not one of the [[hosts]]")
+    return FleetSpec(
+        name=top["name"],
+        kind=top["kind"],
+        base_dir=str(reader.base),
+        trust_dir=top["trust_dir"],
+        owners_trust_dir=top["owners_trust_dir"],
+        known_hosts=top.get("known_hosts", ""),
+        ssh_config=top.get("ssh_config", ""),
+        identity_files=top.get("identity_files", ()),
+        audit_log=top.get("audit_log", ""),
+        policy_names=dict(names),
+        hosts=tuple(hosts),
+        admins=tuple(admins),
+        grant_files=top.get("grants", ()),
+        vms=tuple(vms),
+        readonly=top.get("readonly", False),
+        stall_timeout_s=float(top.get("stall_timeout_s", 30.0)),
+    )
+
+
+def _unique(reader: _Reader, table: str, values: list[str], key: str) -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise reader.fail(f"{table}[{i}].{key}", f"{value!r} appears twice")
+        seen.add(value)
+
+
+def load_fleet(path: str | os.PathLike[str]) -> FleetSpec:
+    """Read and parse a fleet file (bounded read; one-line InputError on any problem)."""
+    p = Path(path)
+    data = read_limited(p, what="fleet file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p}: not UTF-8 text, so not a fleet file") from exc
+    return parse_fleet(text, str(p), p.parent)
+
+
+__all__ = ["load_fleet", "parse_fleet"]

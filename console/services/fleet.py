@@ -1,0 +1,411 @@
+"""The one offline API the UI and the CLI share: load a fleet, check trust, decide.
+
+``FleetService.load`` never raises for the UI: a missing fleet file, an empty trust
+directory or an unreadable certificate becomes a ``Problem`` that the console shows
+where it belongs (the problem bar, the host row), and everything that *could* be
+loaded still works. ``load_strict`` is the CLI's variant: unusable input is an
+``InputError`` (exit 2).
+
+Costs are paid once: each host chain is checked once per time, each policy token
+verified once (``PolicyBook``), the allowed-target matrix is computed once and
+reused until ``apply_facts`` changes something. Read-only mode is enforced here
+(``require_writable``), not by hiding buttons.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography import x509
+
+from console.adapters.files import load_trust_store, read_limited
+from console.adapters.fleetfile import load_fleet
+from console.core import pki
+from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
+from console.core.errors import EscortError, InputError, ReadOnlyError
+from console.core.grants import AdminRef, GrantBook, GrantResult
+from console.core.inventory import (
+    AdminSpec,
+    FleetKind,
+    FleetSpec,
+    HostFacts,
+    HostSpec,
+    HostView,
+    VMView,
+)
+from console.core.pki import Problem, TrustStore
+from console.core.policy import PolicyBook, PolicyResult, token_from_metadata_xml
+from console.core.reasons import Reason
+
+
+def _now() -> dt.datetime:
+    """Now, to the minute: decisions within one minute share every cache."""
+    return dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+
+
+@dataclass
+class _VMRecord:
+    """A VM as known from the fleet file and/or libvirt, with its policy token."""
+
+    uuid: str
+    name: str
+    host: str
+    token: str = ""
+    token_problem: Reason | None = None  # the policy file or metadata could not be read
+    state: str = "unknown"
+    memory_mib: int = 0
+    vcpus: int = 0
+    from_facts: bool = False
+
+
+class FleetService:
+    """A loaded fleet: hosts, VMs, trust stores, and decisions about them."""
+
+    def __init__(self, spec: FleetSpec | None, *, path: str = "", readonly: bool = False,
+                 at: dt.datetime | None = None, problems: Iterable[Problem] = ()) -> None:
+        self.spec = spec
+        self.path = path
+        self.readonly = readonly or bool(spec and spec.readonly)
+        self._fixed_at = at
+        self.problems: list[Problem] = list(problems)
+        self._fatal: list[Problem] = [p for p in self.problems if p.reason.severity == "error"]
+        self.trust: TrustStore | None = None
+        self.owners: TrustStore | None = None
+        self.policy_names: dict[str, str] = dict(spec.policy_names) if spec else {}
+        self._hosts: dict[str, HostView] = {}
+        self._host_certs: dict[str, tuple[x509.Certificate, list[x509.Certificate]]] = {}
+        self._views_at: dt.datetime | None = None
+        self._vms: dict[str, _VMRecord] = {}
+        self._grant_tokens: list[tuple[str, str]] = []
+        self._checks: dict[tuple[str, dt.datetime], HostCheck] = {}
+        self._matrix: Matrix | None = None
+        self._matrix_at: dt.datetime | None = None
+        self._policies = PolicyBook(None)
+        self._grants = GrantBook(None)
+        if spec is not None:
+            self._load(spec)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, readonly: bool = False,
+             at: dt.datetime | None = None) -> FleetService:
+        """Load for the UI: problems are collected, never raised."""
+        try:
+            spec = load_fleet(path)
+        except InputError as exc:
+            return cls(None, path=str(path), readonly=readonly, at=at,
+                       problems=[Problem(str(path), Reason("fleet.unusable", str(exc),
+                                                          "fix the fleet file (see docs/FLEET.md)"))])
+        return cls(spec, path=str(path), readonly=readonly, at=at)
+
+    @classmethod
+    def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
+                    at: dt.datetime | None = None) -> FleetService:
+        """Load for the CLI: the first unusable input is an InputError (exit 2)."""
+        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at)
+        if service._fatal:
+            first = service._fatal[0]
+            more = f" (and {len(service._fatal) - 1} more problem(s))" if len(service._fatal) > 1 else ""
+            msg = first.reason.message
+            raise InputError(msg if first.source in msg else f"{first.source}: {msg}{more}")
+        return service
+
+    def _problem(self, source: str, code: str, message: str, fix: str = "", *, fatal: bool = False,
+                 severity: str = "error") -> Reason:
+        reason = Reason(code, message, fix, "warning" if severity == "warning" else "error")
+        problem = Problem(source, reason)
+        self.problems.append(problem)
+        if fatal:
+            self._fatal.append(problem)
+        return reason
+
+    def _load(self, spec: FleetSpec) -> None:
+        at = self.at
+        self.trust = self._store(spec.trust_dir, "host CA", at)
+        self.owners = self._store(spec.owners_trust_dir, "owners' CA", at)
+        self._policies = PolicyBook(self.owners)
+        self._grants = GrantBook(self.owners)
+        for h in spec.hosts:
+            self._hosts[h.name] = HostView(spec=h)
+            self._load_host_cert(h)
+        for v in spec.vms:
+            rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus)
+            if v.policy_file:
+                try:
+                    rec.token = read_limited(v.policy_file, what="policy").decode("ascii").strip()
+                except (InputError, UnicodeDecodeError) as exc:
+                    msg = str(exc) if isinstance(exc, InputError) else f"{v.policy_file}: not a policy token"
+                    rec.token_problem = self._problem(v.policy_file, "policy.unreadable", msg,
+                                                      "fix policy_file for this VM", fatal=True)
+            self._vms[v.uuid] = rec
+        for source in self._grant_files(spec.grant_files):
+            try:
+                token = read_limited(source, what="grant").decode("ascii").strip()
+            except (InputError, UnicodeDecodeError) as exc:
+                msg = str(exc) if isinstance(exc, InputError) else f"{source}: not a grant token"
+                self._problem(source, "grant.unreadable", msg, "fix the fleet file's grants", fatal=True)
+                continue
+            self._grant_tokens.append((source, token))
+            result = self._grants.verify(token, at, source)
+            broken = [r for r in result.reasons if r.code not in {"grant.expired", "grant.not_yet_valid"}]
+            if broken:
+                self._problem(source, broken[0].code, f"grant {Path(source).name}: {broken[0].message}",
+                              broken[0].fix, severity="warning")
+
+    def _grant_files(self, entries: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for entry in entries:
+            p = Path(entry)
+            if p.is_dir():
+                out.extend(str(f) for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith("."))
+            else:
+                out.append(entry)
+        return out
+
+    def _store(self, directory: str, what: str, at: dt.datetime) -> TrustStore | None:
+        try:
+            store, problems = load_trust_store(directory, at)
+        except InputError as exc:
+            self._problem(directory, "trust.unusable", f"{what} trust directory: {exc}",
+                          f"point the fleet file at a directory with the {what} certificate(s)", fatal=True)
+            return None
+        self.problems.extend(problems)
+        return store
+
+    def _load_host_cert(self, h: HostSpec) -> None:
+        view = self._hosts[h.name]
+        if not h.cert_file:
+            return
+        try:
+            certs = pki.load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
+        except InputError as exc:
+            view.cert_problem = self._problem(h.cert_file, "cert.unreadable", str(exc),
+                                              f"fix cert_file for host {h.name}", fatal=True)
+            return
+        self._set_cert(h.name, certs[0], certs[1:])
+
+    def _set_cert(self, name: str, leaf: x509.Certificate, rest: list[x509.Certificate]) -> None:
+        view = self._hosts[name]
+        self._host_certs[name] = (leaf, rest)
+        view.cert_problem = None
+        try:
+            view.attributes = pki.host_attributes(leaf, self.policy_names)
+        except InputError as exc:
+            view.cert_problem = Reason("cert.unreadable", str(exc), "reissue the host certificate")
+            view.attributes = None
+        view.chain = self._verify_host(name, self.at)
+
+    def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
+        got = self._host_certs.get(name)
+        if got is None or self.trust is None:
+            return None
+        return self.trust.verify_host(got[0], at, intermediates=got[1])
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def at(self) -> dt.datetime:
+        """The time decisions are made for (fixed by ``--at``, else now)."""
+        return self._fixed_at or _now()
+
+    @property
+    def kind(self) -> FleetKind:
+        return self.spec.kind if self.spec else "real"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else ""
+
+    @property
+    def admins(self) -> tuple[AdminSpec, ...]:
+        return self.spec.admins if self.spec else ()
+
+    def require_writable(self, action: str) -> None:
+        """Raise ReadOnlyError for any changing ``action`` in read-only mode."""
+        if self.readonly:
+            raise ReadOnlyError(f"read-only mode: {action} is disabled")
+
+    # ------------------------------------------------------------------ views
+    def hosts(self) -> list[HostView]:
+        at = self.at
+        if self._views_at != at:
+            # certificates expire while the console stays open: re-check at the new minute
+            for name, view in self._hosts.items():
+                if name in self._host_certs:
+                    view.chain = self._verify_host(name, at)
+            self._views_at = at
+        return list(self._hosts.values())
+
+    def vms(self) -> list[VMView]:
+        matrix = self._current_matrix()
+        out = []
+        for rec in self._vms.values():
+            pr = self._policy(rec, self.at)
+            pol = pr.policy
+            out.append(VMView(
+                uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
+                vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
+                policy_summary=pol.summary() if pol else "no valid policy",
+                policy_problems=pr.reasons, allowed_targets=matrix.targets.get(rec.uuid, ()),
+            ))
+        return out
+
+    def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
+        if rec.token_problem is not None:
+            return PolicyResult("", None, None, (rec.token_problem,))
+        return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+
+    def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
+        return VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+
+    def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
+        key = (name, at)
+        hit = self._checks.get(key)
+        if hit is None:
+            view = self._hosts[name]
+            chain = self._verify_host(name, at)
+            problem = view.problem
+            if view.cert_problem is not None and chain is None:
+                problem = view.cert_problem
+            hit = HostCheck.prepare(name, chain, view.attributes, reachability=view.reachability,
+                                    problem=problem, policy_names=self.policy_names)
+            if len(self._checks) > 10 * max(1, len(self._hosts)):
+                self._checks.clear()
+            self._checks[key] = hit
+        return hit
+
+    def _current_matrix(self) -> Matrix:
+        at = self.at
+        if self._matrix is None or self._matrix_at != at:
+            vms = [self._vm_check(r, at) for r in self._vms.values()]
+            hosts = [self._host_check(n, at) for n in self._hosts]
+            self._matrix = allowed_matrix(vms, hosts)
+            self._matrix_at = at
+        return self._matrix
+
+    def _find_vm(self, key: str) -> _VMRecord:
+        rec = self._vms.get(key) or self._vms.get(key.lower())
+        if rec is not None:
+            return rec
+        named = [r for r in self._vms.values() if r.name == key]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise InputError(f"{len(named)} VMs are named {key!r}; use the UUID")
+        raise InputError(f"no VM {key!r} in fleet {self.name or self.path}")
+
+    def _admin(self, admin: str) -> AdminRef:
+        for a in self.admins:
+            if a.id == admin:
+                return AdminRef(a.id, a.ssh_key_fingerprint, a.cert_fingerprint)
+        return AdminRef(admin)
+
+    def _grant_results(self, at: dt.datetime) -> list[GrantResult]:
+        return [self._grants.verify(t, at, s) for s, t in self._grant_tokens]
+
+    # ------------------------------------------------------------------ decisions
+    def explain(self, vm: str, host: str, admin: str | None = None, at: dt.datetime | None = None, *,
+                emergency: bool = False) -> Decision:
+        """The full decision for one pair; unknown VM or host names are an InputError."""
+        when = at or self.at
+        rec = self._find_vm(vm)
+        if host not in self._hosts:
+            raise InputError(f"no host {host!r} in fleet {self.name or self.path}")
+        return self._decide(rec, host, admin, when, emergency)
+
+    def _decide(self, rec: _VMRecord, host: str, admin: str | None, at: dt.datetime,
+                emergency: bool) -> Decision:
+        admin_ref = self._admin(admin) if admin else None
+        d = decide(self._vm_check(rec, at), self._host_check(host, at), at=at, admin=admin_ref,
+                   grants=self._grant_results(at) if admin_ref else (), emergency=emergency,
+                   policy_names=self.policy_names, known_cas=self._known_cas())
+        if admin_ref is not None and not any(a.id == admin for a in self.admins):
+            unknown = Reason("grant.unknown_admin", f"admin {admin!r} is not in the fleet file's [[admins]]",
+                             "add the admin (id and SSH key fingerprint) to the fleet file")
+            d = replace(d, allowed=False, reasons=(unknown, *d.reasons))
+        return d
+
+    def _known_cas(self) -> dict[str, str] | None:
+        if self.trust is None:
+            return None
+        return {n.info.fingerprint: n.info.name for n in self.trust.nodes()}
+
+    def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None) -> list[Decision]:
+        """A decision for every host of the fleet (allowed ones first, then by name)."""
+        when = at or self.at
+        rec = self._find_vm(vm)
+        decisions = [self._decide(rec, h, admin, when, False) for h in self._hosts]
+        return sorted(decisions, key=lambda d: (not d.allowed, d.host))
+
+    def matrix(self) -> Matrix:
+        """Allowed targets for every VM (the fast path), cached until facts change."""
+        return self._current_matrix()
+
+    def dependants(self, ca_fingerprint: str) -> tuple[int, int]:
+        """(hosts whose chain passes through the CA, VMs whose policy trusts it)."""
+        fp = ca_fingerprint.lower()
+        hosts = sum(1 for h in self._hosts.values() if h.chain is not None and fp in h.chain.ca_fingerprints)
+        at = self.at
+        vms = 0
+        for rec in self._vms.values():
+            pol = self._policy(rec, at).policy
+            if pol is not None and fp in pol.requirements.trusted_cas:
+                vms += 1
+        return hosts, vms
+
+    # ------------------------------------------------------------------ refresh
+    def apply_facts(self, host_name: str, facts: HostFacts | None, problem: Reason | None) -> None:
+        """What a refresh learned about one host; invalidates that host's cached decisions.
+
+        ``facts=None`` means the host could not be reached (``problem`` says why).
+        Domains reported by the host replace what the fleet file said about those VMs;
+        VMs previously learned from this host and no longer on it are dropped.
+        """
+        view = self._hosts.get(host_name)
+        if view is None:
+            raise EscortError(f"refresh reported unknown host {host_name!r}")
+        self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
+        self._matrix = None
+        if facts is None:
+            view.reachability = "down"
+            view.problem = problem
+            return
+        view.reachability = "up"
+        view.problem = problem
+        view.facts = facts
+        if facts.cert_pem:
+            try:
+                certs = pki.load_certificates(facts.cert_pem, f"{host_name}:{view.spec.remote_cert}")
+                self._set_cert(host_name, certs[0], certs[1:])
+            except InputError as exc:
+                view.cert_problem = Reason("cert.unreadable", str(exc),
+                                           f"check {view.spec.remote_cert} on {host_name}")
+        seen: set[str] = set()
+        for dom in facts.domains:
+            uuid = dom.uuid.lower()
+            seen.add(uuid)
+            rec = self._vms.get(uuid) or _VMRecord(uuid, dom.name, host_name)
+            rec.name, rec.host, rec.state, rec.from_facts = dom.name, host_name, dom.state, True
+            rec.memory_mib, rec.vcpus = dom.memory_mib or rec.memory_mib, dom.vcpus or rec.vcpus
+            token = dom.policy_token
+            if not token and dom.policy_xml:
+                try:
+                    token = token_from_metadata_xml(dom.policy_xml)
+                except InputError as exc:
+                    rec.token_problem = Reason("policy.malformed", f"{dom.name}: {exc}",
+                                               "re-attach the owner's policy to the domain")
+            if token:
+                rec.token, rec.token_problem = token, None
+            self._vms[uuid] = rec
+        for uuid, rec in list(self._vms.items()):
+            if rec.host == host_name and uuid not in seen:
+                if rec.from_facts and not any(v.uuid == uuid for v in (self.spec.vms if self.spec else ())):
+                    del self._vms[uuid]
+                else:
+                    rec.state = "unknown"
+
+
+__all__ = ["FleetService"]
