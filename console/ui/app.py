@@ -1,0 +1,358 @@
+"""The escort operator console (Textual).
+
+The app owns the fleet service and the derived row lists; screens only read them.
+Four modes (Trust, Hosts, VMs, Migrations) each keep their own screen stack, so a
+walkthrough pushed from VMs comes back to the same VM with Escape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
+from textual.screen import Screen
+
+from console.core.errors import EscortError
+from console.core.inventory import HostView, VMView
+from console.ui.commands import EscortCommands
+from console.ui.config import DEFAULT_THEME, UIConfig, config_dir
+from console.ui.service import FleetLike
+from console.ui.text import (
+    BAD,
+    assurance,
+    cert_lines,
+    expiry_words,
+    kind_label,
+    reach_words,
+    reason_lines,
+)
+from console.ui.themes import load_theme_dirs, shipped_theme_dir
+from console.ui.widgets.detail import DetailPane
+from console.ui.widgets.dialogs import ConfirmDialog
+from console.ui.widgets.vtable import Row, make_row
+
+
+def describe_problem(problem: Any) -> str:
+    """A load problem (pki.Problem, Reason, or text) as one line."""
+    reason = getattr(problem, "reason", None)
+    source = str(getattr(problem, "source", "") or "")
+    if reason is not None:
+        message = str(reason.message)
+        return f"{source}: {message}" if source and source not in message else message
+    plain = getattr(problem, "message", None)
+    return str(plain) if plain is not None else str(problem)
+
+
+class EscortApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "escort"
+    ENABLE_COMMAND_PALETTE = True
+    COMMANDS: ClassVar[set[Any]] = App.COMMANDS | {EscortCommands}
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False, id="app.quit"),
+        Binding("ctrl+p", "command_palette", "Palette", priority=True, show=False,
+                id="app.palette"),
+        Binding("1", "switch_mode('trust')", "Trust", id="app.trust"),
+        Binding("2", "switch_mode('hosts')", "Hosts", id="app.hosts"),
+        Binding("3", "switch_mode('vms')", "VMs", id="app.vms"),
+        Binding("4", "switch_mode('migrations')", "Migr.", id="app.migrations"),
+        Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
+        Binding("p", "problems", "Problems", show=False, id="app.problems"),
+        Binding("C", "copy_error", "Copy error", show=False, id="app.copy_error"),
+    ]
+
+    def __init__(self, service: FleetLike, *, config: UIConfig | None = None,
+                 at: dt.datetime | None = None, admin: str | None = None,
+                 problems: Iterable[str] = (), start_mode: str = "vms",
+                 user_theme_dir: Path | None = None) -> None:
+        super().__init__()
+        self.service = service
+        self.config = config or UIConfig()
+        self.at = at or getattr(service, "at", None) or dt.datetime.now(dt.UTC)
+        self.admin = admin
+        self.readonly = bool(service.readonly or self.config.readonly)
+        self._extra_problems = list(problems)
+        self._start_mode = start_mode
+        self._user_theme_dir = user_theme_dir if user_theme_dir is not None else config_dir() / "themes"
+        self.last_error = ""
+        self._hosts: list[HostView] = []
+        self._vms: list[VMView] = []
+        self._vm_index: dict[str, VMView] = {}
+        self._host_index: dict[str, HostView] = {}
+        self._host_rows: list[Row] = []
+        self._vm_rows: list[Row] = []
+        self._vms_on_host: dict[str, int] = {}
+        self.load_views()
+        if self.config.keymap:
+            self.set_keymap(self.config.keymap)
+
+    # ------------------------------------------------------------ modes
+    def _mode_factories(self) -> dict[str, Callable[[], Screen[Any]]]:
+        from console.ui.screens.hosts import HostsScreen
+        from console.ui.screens.misc import MigrationsScreen
+        from console.ui.screens.trust import TrustScreen
+        from console.ui.screens.vms import VMsScreen
+
+        return {"trust": TrustScreen, "hosts": HostsScreen, "vms": VMsScreen,
+                "migrations": MigrationsScreen}
+
+    def on_mount(self) -> None:
+        for mode, factory in self._mode_factories().items():
+            self.add_mode(mode, factory)
+        self.title = f"escort — {self.service.name}" if self.service.name else "escort"
+        self.sub_title = kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
+        self._load_themes()
+        self.switch_mode(self._start_mode)
+
+    def title_line(self, screen: str) -> str:
+        """The top line: which fleet, what kind (demo/lab/real), read-only, and where we are."""
+        parts = ["escort", screen] if screen else ["escort"]
+        name = self.service.name
+        if name:
+            label = kind_label(self.service.kind)
+            where = label if name == self.service.kind else f"{name}: {label}"
+        else:
+            where = "no fleet loaded (press p)"
+        line = " │ ".join(parts) + f" │ {where}"
+        return line + (" │ READ-ONLY" if self.readonly else "")
+
+    # ----------------------------------------------------------- themes
+    def _load_themes(self) -> None:
+        themes, failures = load_theme_dirs([shipped_theme_dir(), self._user_theme_dir])
+        for theme in themes:
+            self.register_theme(theme)
+        if failures:
+            self.notify("Theme file(s) not loaded, using the default: " + "; ".join(failures),
+                        severity="warning", timeout=10, markup=False)
+        wanted = self.config.theme or DEFAULT_THEME
+        if wanted in self.available_themes:
+            self.theme = wanted
+        else:
+            if wanted != DEFAULT_THEME:
+                self.notify(f"Theme {wanted!r} not found (config file); using {DEFAULT_THEME}.",
+                            severity="warning", timeout=10, markup=False)
+            if DEFAULT_THEME in self.available_themes:
+                self.theme = DEFAULT_THEME
+
+    def tones(self) -> dict[str, str]:
+        """Rich styles for tones (ok/bad/warn/dim/strong) in the current theme."""
+        v = self.theme_variables
+        return {
+            "ok": v.get("success", "green"),
+            "bad": v.get("error", "red"),
+            "warn": v.get("warning", "yellow"),
+            "dim": "dim",
+            "strong": "bold",
+            "": "",
+        }
+
+    # ------------------------------------------------------------ views
+    def load_views(self) -> None:
+        """Read the service's views once and precompute every table row (and its filter
+        text), so screens and filters never walk the fleet again."""
+        self._hosts = list(self.service.hosts())
+        self._vms = list(self.service.vms())
+        self._host_index = {h.name: h for h in self._hosts}
+        self._vm_index = {v.uuid: v for v in self._vms}
+        counts: dict[str, int] = {}
+        for vm in self._vms:
+            counts[vm.host] = counts.get(vm.host, 0) + 1
+        self._vms_on_host = counts
+        self._host_rows = [self._host_row(h) for h in self._hosts]
+        n_hosts = len(self._hosts)
+        self._vm_rows = [self._vm_row(v, n_hosts) for v in self._vms]
+
+    def _host_row(self, host: HostView) -> Row:
+        attrs = host.attributes
+        if host.cert_problem is not None and attrs is None:
+            expiry, expiry_tone = f"{BAD} {host.cert_problem.code}", "bad"
+        elif attrs is not None:
+            expiry, expiry_tone = expiry_words(attrs.not_after, self.at)
+            if host.chain is not None and not host.chain.valid and expiry_tone != "bad":
+                first = host.chain.reasons[0].code if host.chain.reasons else "chain"
+                expiry, expiry_tone = f"{BAD} {first}", "bad"
+        else:
+            expiry, expiry_tone = "?", "dim"
+        reach, reach_tone = reach_words(host)
+        return make_row(
+            host.name,
+            [host.name, host.spec.region, (attrs.country or "") if attrs else "", assurance(host),
+             expiry, reach, str(self._vms_on_host.get(host.name, 0))],
+            ["strong", "", "", "", expiry_tone, reach_tone, ""],
+        )
+
+    def _vm_row(self, vm: VMView, n_hosts: int) -> Row:
+        if vm.policy_problems:
+            summary, tone = f"{BAD} {vm.policy_problems[0].message}", "bad"
+        else:
+            summary, tone = vm.policy_summary or "—", ""
+        n = len(vm.allowed_targets)
+        targets = f"{n}/{n_hosts}" if not vm.policy_problems else f"{BAD} 0"
+        owner = vm.owner.split(" <", 1)[0]  # "alice <alice@example>" -> "alice"
+        return make_row(vm.uuid, [vm.name, owner, vm.host or "?", summary, targets],
+                        ["strong", "", "", tone, "bad" if n == 0 else ""])
+
+    def host_rows(self) -> list[Row]:
+        return self._host_rows
+
+    def vm_rows(self) -> list[Row]:
+        return self._vm_rows
+
+    def vm_by_key(self, key: str) -> VMView | None:
+        return self._vm_index.get(key)
+
+    def host_by_name(self, name: str) -> HostView | None:
+        return self._host_index.get(name)
+
+    def all_vms(self) -> list[VMView]:
+        return self._vms
+
+    def all_hosts(self) -> list[HostView]:
+        return self._hosts
+
+    def all_problems(self) -> list[str]:
+        return [describe_problem(p) for p in self.service.problems] + self._extra_problems
+
+    def show_host_detail(self, pane: DetailPane, name: str) -> None:
+        """The Hosts detail (also used for host leaves in the Trust tree)."""
+        host = self._host_index.get(name)
+        if host is None:
+            pane.show(f"Unknown host {name!r}.")
+            return
+        spec = host.spec
+        reach, _ = reach_words(host)
+        lines = [f"{host.name}   region {spec.region or '—'}   {reach}"]
+        if host.problem is not None:
+            lines += reason_lines([host.problem])
+        lines.append(f"libvirt      {spec.libvirt_uri}" + (f" via ssh {spec.ssh}" if spec.ssh else ""))
+        if spec.cert_file:
+            lines.append(f"Certificate  {spec.cert_file}")
+        lines.append(f"VMs here     {self._vms_on_host.get(host.name, 0)}")
+        if host.cert_problem is not None:
+            lines += ["", "Certificate problem:", *reason_lines([host.cert_problem])]
+        attrs = host.attributes
+        if attrs is not None:
+            lines += ["", "Attributes (from the certificate):",
+                      f"  country {attrs.country or '—'}  state {attrs.state or '—'}  "
+                      f"site {attrs.locality or '—'}",
+                      f"  org {attrs.organization or '—'}  unit {attrs.org_unit or '—'}",
+                      f"  policies {', '.join(sorted(attrs.policies)) or 'none'}",
+                      f"  names {', '.join(attrs.dns_names + attrs.ips) or '—'}"]
+        chain = host.chain
+        if chain is not None:
+            verdict = "✓ chain valid" if chain.valid else f"{BAD} chain invalid"
+            lines += ["", f"Chain: {verdict}"]
+            for depth, info in enumerate(chain.chain):
+                role = "host" if depth == 0 else ("anchor" if depth == len(chain.chain) - 1 else "CA")
+                lines.append(f"  {'  ' * depth}└ {role}: {info.name}  "
+                             f"(until {info.not_after:%Y-%m-%d}, {info.fingerprint[:16]}…)")
+            lines += reason_lines(chain.reasons) + reason_lines(chain.warnings)
+            if chain.leaf is not None:
+                lines += ["", "Host certificate:"] + ["  " + ln for ln in cert_lines(chain.leaf, self.at)]
+        pane.show("\n".join(lines))
+
+    # ---------------------------------------------------------- actions
+    def action_help(self) -> None:
+        from console.ui.screens.misc import HelpScreen
+
+        self.push_screen(HelpScreen(self.help_text()))
+
+    def help_text(self) -> str:
+        """Keys as currently bound (after the keymap), grouped by where they work."""
+        lines = ["escort — keys (remap them in " + str(config_dir() / "config.toml") + ")", ""]
+        seen: set[tuple[str, str]] = set()
+        for key, active in sorted(self.screen.active_bindings.items()):
+            b = active.binding
+            label = b.description or b.action
+            if (key, label) in seen or b.system:
+                continue
+            seen.add((key, label))
+            lines.append(f"  {b.key_display or self.get_key_display(b):<10} {label:<14} [{b.id or '-'}]")
+        lines += [
+            "",
+            "  In tables: ↑ ↓ PgUp PgDn Home End move, Enter opens, Tab switches pane.",
+            "  /  filters the table as you type; Enter keeps the filter; Escape clears it.",
+            "  Escape goes back: filter → table → previous screen.",
+            "  ctrl+p: every action, \"go to VM …\", \"go to host …\", themes.",
+            "  c copies the detail pane (OSC 52 — works over SSH); C copies the last error.",
+            "",
+            "Glyphs: ✓ valid/allowed  ⚠ expiring/warning  ✗ expired/refused  ⊘ revoked  ? unknown",
+        ]
+        if self.readonly:
+            lines += ["", "READ-ONLY: every action that changes something is disabled."]
+        return "\n".join(lines)
+
+    def action_problems(self) -> None:
+        from console.ui.screens.misc import ProblemsScreen
+
+        self.push_screen(ProblemsScreen())
+
+    def action_copy_error(self) -> None:
+        if not self.last_error:
+            self.notify("No error to copy.", timeout=3)
+            return
+        self.copy_to_clipboard(self.last_error)
+        self.notify("Copied the last error to the clipboard (OSC 52).", timeout=3)
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Remember errors and warnings so ``C`` can copy them later."""
+        if severity in ("error", "warning"):
+            self.last_error = message
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+    def open_walkthrough(self, vm_key: str, host: str) -> None:
+        from console.ui.screens.walkthrough import WalkthroughScreen
+
+        try:
+            self.push_screen(WalkthroughScreen(vm_key, host))
+        except EscortError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+
+    def go_to_vm(self, key: str) -> None:
+        from console.ui.screens.vms import VMsScreen
+
+        self.switch_mode("vms")
+        screen = self.screen
+        if isinstance(screen, VMsScreen):
+            screen.focus_vm(key)
+
+    def go_to_host(self, name: str) -> None:
+        from console.ui.screens.hosts import HostsScreen
+
+        self.switch_mode("hosts")
+        screen = self.screen
+        if isinstance(screen, HostsScreen):
+            screen.focus_host(name)
+
+    def request_migration(self, vm_key: str, host: str) -> None:
+        """Ask, then migrate. The service enforces read-only even if the UI let it through."""
+        try:
+            self.service.require_writable("migrate")
+        except EscortError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        decision = self.service.explain(vm_key, host, self.admin)
+        vm = self._vm_index.get(vm_key)
+        name = vm.name if vm is not None else vm_key
+        if not decision.allowed:
+            first = decision.reasons[0].message if decision.reasons else "refused"
+            self.notify(f"{name} may not move to {host}: {first} (w: walkthrough)",
+                        severity="error", markup=False)
+            return
+        body = (f"Live-migrate {name} from {vm.host if vm else '?'} to {host}.\n"
+                "Every trust check passed (w shows the walkthrough).")
+
+        def done(confirmed: bool | None) -> None:
+            if confirmed:
+                self.notify("Migration is not built into the console yet; nothing was moved.",
+                            severity="warning", markup=False)
+
+        self.push_screen(ConfirmDialog(f"Migrate {name}?", body, confirm_label="Migrate",
+                                       type_to_confirm=name), done)

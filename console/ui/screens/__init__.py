@@ -1,0 +1,1 @@
+"""The console's screens: trust, hosts, VMs, walkthrough, migrations, help, problems."""

@@ -1,0 +1,129 @@
+"""What every fleet screen shares: header, problem bar, filter, footer, copy, back."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, cast
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+
+from console.ui.text import WARN, plural
+from console.ui.widgets.detail import DetailPane
+from console.ui.widgets.vtable import VirtualTable
+
+if TYPE_CHECKING:
+    from console.ui.app import EscortApp
+
+
+class FleetScreen(Screen[None]):
+    """Base: ``/`` filters the screen's main table as you type, ``escape`` backs out."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("slash", "filter", "Filter", key_display="/", id="screen.filter"),
+        Binding("escape", "back", "Back", show=False, id="screen.back"),
+        Binding("c", "copy", "Copy", show=False, id="screen.copy"),
+    ]
+
+    screen_label: ClassVar[str] = ""
+
+    @property
+    def escort(self) -> EscortApp:
+        from console.ui.app import EscortApp
+
+        return cast(EscortApp, self.app)
+
+    def compose_top(self) -> ComposeResult:
+        yield Static(self.escort.title_line(self.screen_label), classes="title-bar", markup=False)
+        problems = self.escort.all_problems()
+        if problems:
+            yield Static(
+                f"{WARN} {plural(len(problems), 'problem')} loading this fleet: "
+                f"{problems[0]} — press p for all",
+                classes="problem-bar", markup=False,
+            )
+
+    def compose_bottom(self) -> ComposeResult:
+        yield Footer(compact=True, show_command_palette=True)
+
+    def on_resize(self) -> None:
+        """Stack panes on narrow terminals, split them side by side on wide ones."""
+        width = self.app.size.width
+        self.set_class(width < 100, "-narrow")
+        self.set_class(width >= 120, "-wide")
+
+    def on_screen_resume(self) -> None:
+        self.on_resize()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Hide keys that do nothing here (no table to filter)."""
+        if action == "filter" and self.filter_input() is None:
+            return None
+        return True
+
+    # ------------------------------------------------------------- filter
+    def main_table(self) -> VirtualTable | None:
+        tables = list(self.query(VirtualTable))
+        return tables[0] if tables else None
+
+    def filter_input(self) -> Input | None:
+        found = list(self.query("#filter").results(Input))
+        return found[0] if found else None
+
+    def action_filter(self) -> None:
+        box = self.filter_input()
+        if box is None:
+            self.notify("Nothing to filter on this screen.", timeout=3)
+            return
+        box.display = True
+        box.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            table = self.main_table()
+            if table is not None:
+                table.set_filter(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            table = self.main_table()
+            if table is not None:
+                table.focus()
+
+    def action_back(self) -> None:
+        """Escape: leave the filter, then the detail pane, then the pushed screen."""
+        box = self.filter_input()
+        table = self.main_table()
+        if box is not None and (box.has_focus or box.value):
+            box.value = ""
+            box.display = False
+            if table is not None:
+                table.set_filter("")
+                table.focus()
+            return
+        if table is not None and not table.has_focus:
+            table.focus()
+            return
+        if len(self.app.screen_stack) > 1 and self.app.screen is self and self.is_modal_like:
+            self.app.pop_screen()
+
+    @property
+    def is_modal_like(self) -> bool:
+        return False
+
+    # --------------------------------------------------------------- copy
+    def copy_text(self) -> str:
+        panes = list(self.query(DetailPane))
+        focused = [p for p in panes if p.has_focus]
+        pane = focused[0] if focused else (panes[0] if panes else None)
+        return pane.plain if pane is not None else ""
+
+    def action_copy(self) -> None:
+        text = self.copy_text()
+        if not text:
+            self.notify("Nothing to copy here.", timeout=3)
+            return
+        self.app.copy_to_clipboard(text)
+        lines = text.count("\n") + 1
+        self.notify(f"Copied {plural(lines, 'line')} to the clipboard (OSC 52).", timeout=3)

@@ -1,0 +1,172 @@
+"""VMs: the table of VMs and, for the selected one, every host as allowed or refused.
+
+The target list is a second virtual table with one line per host plus one per reason
+(and its fix), so even 1,000 hosts scroll instantly and ``/`` can search reasons.
+Enter on a target opens the walkthrough for that (VM, host) pair.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.timer import Timer
+from textual.widgets import Input, Label
+
+from console.ui.screens.base import FleetScreen
+from console.ui.text import BAD, OK, WARN, plural
+from console.ui.widgets.vtable import Column, Row, VirtualTable, make_row
+
+
+class VMsScreen(FleetScreen):
+    screen_label = "VMs"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("w", "walkthrough", "Walk", id="vms.walkthrough"),
+        Binding("m", "migrate", "Migrate", id="vms.migrate"),
+        Binding("tab", "switch_pane", "Targets", show=False, id="vms.switch"),
+    ]
+
+    COLUMNS = (
+        Column("VM", 12),
+        Column("Owner", 8),
+        Column("Host", 12),
+        Column("Policy", 16, flex=True),
+        Column("Targets", 7),
+    )
+    TARGET_COLUMNS = (Column("Verdict", 10), Column("Host / reason and fix", 20, flex=True))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: Timer | None = None
+        self._shown_vm: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_top()
+        with Vertical(classes="split"):
+            with Vertical(classes="main"):
+                yield Input(placeholder="filter VMs (Enter keeps it, Esc clears)", id="filter",
+                            classes="filter")
+                yield VirtualTable(self.COLUMNS, id="vms-table", empty_text="no VM matches")
+            with Vertical(classes="side"):
+                yield Label("Targets", id="targets-title", classes="pane-title")
+                yield VirtualTable(self.TARGET_COLUMNS, id="targets", show_header=False,
+                                   empty_text="select a VM to see where it may go")
+        yield from self.compose_bottom()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter").display = False
+        table = self.query_one("#vms-table", VirtualTable)
+        table.set_rows(self.escort.vm_rows())
+        table.focus()
+        # the targets are computed after the first paint so the table shows at once
+        self.call_after_refresh(self._show_targets, table.cursor_key)
+
+    def main_table(self) -> VirtualTable:
+        return self.query_one("#vms-table", VirtualTable)
+
+    # ------------------------------------------------------------ targets
+    def on_virtual_table_highlighted(self, event: VirtualTable.Highlighted) -> None:
+        if event.table.id != "vms-table":
+            return
+        if self._pending is not None:
+            self._pending.stop()
+        key = event.key
+        # holding an arrow key should not compute targets for every VM passed over
+        self._pending = self.set_timer(0.08, lambda: self._show_targets(key))
+
+    def _show_targets(self, vm_key: str | None) -> None:
+        self._pending = None
+        targets = self.query_one("#targets", VirtualTable)
+        title = self.query_one("#targets-title", Label)
+        same_vm = vm_key == self._shown_vm
+        self._shown_vm = vm_key
+        if vm_key is None:
+            title.update("Targets")
+            targets.set_rows([], keep_key=False)
+            return
+        vm = self.escort.vm_by_key(vm_key)
+        decisions = self.escort.service.targets(vm_key)
+        rows: list[Row] = []
+        allowed = 0
+        # reasons are wrapped to the pane (not truncated): the fix is the useful part
+        width = max(targets.size.width - self.TARGET_COLUMNS[0].width - 2, 30)
+        for decision in decisions:
+            host = decision.host
+            if decision.allowed:
+                allowed += 1
+                rows.append(make_row(host, [f"{OK} allowed", host], ["ok", "strong"]))
+            else:
+                rows.append(make_row(host, [f"{BAD} refused", host], ["bad", "strong"]))
+            for reason in decision.reasons:
+                mark = WARN if reason.severity == "warning" else "•"
+                text = f"{mark} {reason.message} [{reason.code}]"
+                for line in textwrap.wrap(text, width - 2, subsequent_indent="  "):
+                    rows.append(make_row(host, ["", "  " + line]))
+                if reason.fix:
+                    for line in textwrap.wrap(f"fix: {reason.fix}", width - 4,
+                                              subsequent_indent="     "):
+                        rows.append(make_row(host, ["", "    " + line], ["", "dim"]))
+        name = vm.name if vm is not None else vm_key
+        title.update(f"Targets for {name}: {allowed} of {plural(len(decisions), 'host')} allowed"
+                     " — Enter: walkthrough")
+        targets.set_rows(rows, keep_key=same_vm)
+
+    def on_resize(self) -> None:
+        super().on_resize()
+        if self._shown_vm is not None:
+            self.call_after_refresh(self._show_targets, self._shown_vm)
+
+    # ------------------------------------------------------------ actions
+    def _pair(self) -> tuple[str, str] | None:
+        vm_key = self.main_table().cursor_key
+        host = self.query_one("#targets", VirtualTable).cursor_key
+        if vm_key is None:
+            self.notify("Select a VM first.", timeout=3)
+            return None
+        if host is None or self._shown_vm != vm_key:
+            self.notify("Select a target host first (Tab moves to the targets).", timeout=3)
+            return None
+        return vm_key, host
+
+    def on_virtual_table_chosen(self, event: VirtualTable.Chosen) -> None:
+        if event.table.id == "vms-table":
+            if self._pending is not None:
+                self._pending.stop()
+                self._show_targets(event.key)
+            self.query_one("#targets", VirtualTable).focus()
+        else:
+            self.action_walkthrough()
+
+    def action_switch_pane(self) -> None:
+        table = self.main_table()
+        targets = self.query_one("#targets", VirtualTable)
+        (targets if table.has_focus else table).focus()
+
+    def action_walkthrough(self) -> None:
+        pair = self._pair()
+        if pair is not None:
+            self.escort.open_walkthrough(*pair)
+
+    def action_migrate(self) -> None:
+        pair = self._pair()
+        if pair is not None:
+            self.escort.request_migration(*pair)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "migrate" and self.escort.readonly:
+            return None  # hidden from the footer; the service refuses it anyway
+        return super().check_action(action, parameters)
+
+    def focus_vm(self, key: str) -> bool:
+        return self.main_table().move_to_key(key)
+
+    def copy_text(self) -> str:
+        targets = self.query_one("#targets", VirtualTable)
+        title = str(self.query_one("#targets-title", Label).render())
+        lines = [title]
+        for row in targets.rows_in_view():
+            lines.append("  ".join(c for c in row.cells if c).rstrip())
+        return "\n".join(lines)

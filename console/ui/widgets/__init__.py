@@ -1,0 +1,1 @@
+"""Reusable widgets: the virtual table, detail panes, dialogs."""

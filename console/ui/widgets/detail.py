@@ -1,0 +1,35 @@
+"""A scrollable, copyable text pane (detail views, walkthroughs, problem lists)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+
+class DetailPane(VerticalScroll, can_focus=True):
+    """Keeps the plain text it shows so ``c`` can copy exactly what is on screen."""
+
+    DEFAULT_CSS = """
+    DetailPane { background: $surface; padding: 0 1; }
+    DetailPane:focus { background-tint: $foreground 4%; }
+    DetailPane > Static { width: 1fr; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._plain = ""
+        self._body = Static("", markup=False)
+
+    def compose(self):  # type: ignore[no-untyped-def]
+        yield self._body
+
+    @property
+    def plain(self) -> str:
+        return self._plain
+
+    def show(self, content: Text | str) -> None:
+        text = content if isinstance(content, Text) else Text(content)
+        self._plain = text.plain
+        self._body.update(text)
+        self.scroll_home(animate=False)
