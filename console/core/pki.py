@@ -1035,8 +1035,13 @@ class TrustStore:
             return Reason("chain.no_issuer",
                           f"No CA named {info.issuer} is in the trust directory (issuer of {info.name}).",
                           "Add the issuing CA's certificate (and its root) to the trust directory.")
-        signers = [n for n in named if n.info.cert is not cert and _aki_matches(cert, n.info)
-                   and _signed_by(cert, n.info.cert)]
+        candidates = [n for n in named if n.info.cert is not cert and _aki_matches(cert, n.info)]
+        signers = [n for n in candidates if _signed_by(cert, n.info.cert)]
+        if not signers and candidates and _weak_signature(cert, "") is not None:
+            # cryptography cannot check SHA-1/MD5 signatures at all; the weak-signature
+            # reason already fails the certificate, so follow the named issuer to report
+            # the rest of the path too instead of a misleading "wrong key".
+            signers = candidates[:1]
         if not signers:
             return Reason("chain.signature",
                           f"The signature on {info.name} does not verify with the key of "
