@@ -1,9 +1,108 @@
-"""Sub-commands (see docs/ARCHITECTURE.md for who owns what)."""
+"""``escort lab up|down|status``: real hypervisor hosts in network namespaces (root).
+
+See docs/LAB.md for the topology and how it stays contained. Exit codes: 0 fine,
+1 the lab failed (or ``status`` found a host not answering), 2 not root / bad input.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from console.lab import Lab
+
+
+def _lab(dir_: str | None, name: str) -> Lab:
+    # Imported lazily: `escort` starts without loading the lab (and libvirt).
+    from console.lab import Lab, require_root
+
+    require_root()  # one clear line and exit 2 before anything else happens
+    return Lab(dir_, name)
+
+
+_dir_option = click.option("--dir", "dir_", type=click.Path(file_okay=False), default=None,
+                           help="Lab directory (default /var/lib/escort-lab/NAME).")
+_name_option = click.option("--name", default=lambda: os.environ.get("ESCORT_LAB_NAME", "demo"),
+                            show_default="demo",
+                            help="Lab name: namespace prefix esc-NAME- (1-10 of a-z0-9).")
+
+
+@click.group("lab")
+def lab_group() -> None:
+    """Real hosts (libvirtd, QEMU, sshd) in network namespaces on this machine; needs root."""
+
+
+@lab_group.command("up")
+@_dir_option
+@_name_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def lab_up(dir_: str | None, name: str, as_json: bool) -> None:
+    """Start the lab (idempotent; cleans up after a crashed earlier run)."""
+    lab = _lab(dir_, name)
+    result = lab.up()
+    if as_json:
+        click.echo(json.dumps({"already": result.already, "seconds": round(result.seconds, 3),
+                               "dir": str(result.dir), "fleet_file": str(result.fleet_file),
+                               "ssh_config": str(lab.ssh_config), "guests": result.guests,
+                               "policies": result.policies}))
+        return
+    if result.already:
+        click.echo(f"lab {lab.name!r} is already up in {lab.dir} (`escort lab status` shows it)")
+    else:
+        extra = "" if result.policies else " (no signed policies: core/policy.py unavailable)"
+        click.echo(f"lab {lab.name!r} up in {result.seconds:.1f} s: {len(lab.hypervisors)} "
+                   f"hypervisors behind a jump host, {result.guests} guests{extra}")
+    click.echo(f"  fleet file   {result.fleet_file}")
+    click.echo(f"  ssh          ssh -F {lab.ssh_config} {lab.hypervisors[0]}")
+    click.echo(f"  console      escort --fleet {result.fleet_file}")
+
+
+@lab_group.command("down")
+@_dir_option
+@_name_option
+def lab_down(dir_: str | None, name: str) -> None:
+    """Stop every process the lab started and delete its namespaces."""
+    lab = _lab(dir_, name)
+    stopped = lab.down()
+    click.echo(f"lab {lab.name!r} down: {len(stopped)} process(es) stopped, namespaces deleted")
+
+
+@lab_group.command("status")
+@_dir_option
+@_name_option
+@click.option("--json", "as_json", is_flag=True, help="Print the hosts as JSON.")
+@click.pass_context
+def lab_status(ctx: click.Context, dir_: str | None, name: str, as_json: bool) -> None:
+    """Hosts, their PIDs, and whether sshd and libvirtd answer."""
+    lab = _lab(dir_, name)
+    hosts = lab.status()
+    healthy = all(h.sshd_ok and (h.kind == "jump" or h.libvirtd_ok) for h in hosts)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps({"name": lab.name, "dir": str(lab.dir), "up": healthy,
+                               "hosts": [asdict(h) for h in hosts]}, indent=2))
+    else:
+        click.echo(f"lab {lab.name!r} in {lab.dir}")
+        click.echo(f"{'HOST':<9} {'ADDRESS':<15} {'SSHD':<13} {'LIBVIRTD':<13} GUESTS / PROBLEM")
+        for h in hosts:
+            sshd = f"{'ok' if h.sshd_ok else 'DOWN'} {h.sshd_pid or '-'}"
+            if h.kind == "jump":
+                libvirtd = "(jump host)"
+            else:
+                libvirtd = f"{'ok' if h.libvirtd_ok else 'DOWN'} {h.libvirtd_pid or '-'}"
+            detail = h.problem or (", ".join(h.guests) if h.guests else "")
+            click.echo(f"{h.name:<9} {h.address:<15} {sshd:<13} {libvirtd:<13} {detail}")
+        click.echo(f"fleet file: {Path(lab.fleet_file)}")
+    if not healthy:
+        ctx.exit(1)
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
+    group.add_command(lab_group)

@@ -287,6 +287,11 @@ class Lab:
         self._write_state(index=index, status="starting", started_at=time.time())
         hosts = self._hosts_for(index)
         hvs = [h for h in hosts if h.kind == "hypervisor"]
+        phases: dict[str, float] = {}
+
+        def mark(phase: str) -> None:
+            phases[phase] = round(time.monotonic() - t0, 3)
+
         _ensure_user("libvirt-qemu")
 
         pki = certs.build(self.name, HYPERVISORS, {h.name: h.migration_ip for h in hvs})
@@ -296,15 +301,20 @@ class Lab:
         _write(self.identity, priv, 0o600)
         _write(self.identity.with_suffix(".pub"), pub + b" escort-lab-console\n")
 
+        mark("pki")
         self._build_network(index, hosts)
+        mark("network")
         host_keys = {h.name: self._prepare_host(h, pub, pki) for h in hosts}
         _parallel(self._start_anchor, hosts)
+        mark("hosts")
 
         cache = Path(os.environ.get(CACHE_ENV, str(DEFAULT_CACHE)))
         seeded = _seed_caps(cache, hvs)
         _parallel(self.start_sshd, [h.name for h in hosts])
+        mark("sshd")
         if seeded:
             _parallel(self.start_libvirtd, [h.name for h in hvs])
+            mark("libvirtd")
             counts = _parallel(self._start_guests, hvs)
         else:
             # Probe QEMU once on the first host, then hand its cache to the others.
@@ -318,9 +328,11 @@ class Lab:
             _copy_caps(hvs[0], cache)  # refresh after a libvirt/QEMU upgrade re-probed
 
         self._write_client_files(index, hosts, host_keys, pub)
+        mark("guests")
         with_policies = any(n[1] for n in counts)
-        self._write_state(status="up", policies=with_policies)
         self._wait_sshd(hosts)
+        mark("ready")
+        self._write_state(status="up", policies=with_policies, phases=phases)
         return UpResult(False, time.monotonic() - t0, self.dir, self.fleet_file,
                         guests=sum(n[0] for n in counts), policies=with_policies)
 
@@ -370,7 +382,8 @@ class Lab:
         _write(ssh_dir / "sshd_config", configs.sshd_config(pid_file=h.sshd_pid_file).encode())
         if h.plan is not None:
             etc = h.root / "etc" / "libvirt"
-            _write(etc / "libvirtd.conf", configs.libvirtd_conf(str(uuidlib.uuid4())).encode())
+            _write(etc / "libvirtd.conf", configs.libvirtd_conf(
+                str(uuidlib.uuid4()), os.environ.get("ESCORT_LAB_LIBVIRT_LOG_FILTERS", "")).encode())
             _write(etc / "qemu.conf", configs.qemu_conf().encode())
             for sub in ("var/log/libvirt/qemu", "var/lib/libvirt/qemu", "run/libvirt/qemu",
                         "var/cache/libvirt/qemu/capabilities"):
@@ -519,7 +532,13 @@ class Lab:
         if h.kind != "hypervisor":
             raise LabError(f"{host}: the jump host runs no libvirtd")
         h.libvirtd_pid_file.unlink(missing_ok=True)
-        self._nsenter(h, "/usr/sbin/libvirtd", "--daemon", "--pid-file", "/run/libvirt/libvirtd.pid",
+        # Pinned to one CPU: libvirt compares the host CPUID it reads at start-up with
+        # the one in the capability cache, and CPUID differs per core (x2APIC id), so
+        # an unpinned daemon re-probes QEMU (~4.5 s) whenever it lands on another core.
+        # QEMU itself is not affected: libvirt gives each guest all host CPUs.
+        cpu = str(min(os.sched_getaffinity(0)))
+        self._nsenter(h, "taskset", "-c", cpu, "/usr/sbin/libvirtd", "--daemon",
+                      "--pid-file", "/run/libvirt/libvirtd.pid",
                       "--config", "/etc/libvirt/libvirtd.conf")
         self._open(h).close()
 
@@ -648,7 +667,9 @@ class Lab:
             return
         for root in sorted(hosts_dir.iterdir()):
             ns = self.prefix + root.name
-            yield from ((p, ns) for p in sorted((root / "run" / "libvirt" / "qemu").glob("*.pid")))
+            qemu_pids = sorted((root / "run" / "libvirt" / "qemu").glob("*.pid"))
+            # driver.pid is libvirtd's own lock file, not a guest; libvirtd.pid covers it.
+            yield from ((p, ns) for p in qemu_pids if p.name != "driver.pid")
             for rel in ("run/sshd.pid", "run/libvirt/libvirtd.pid", "run/anchor.pid"):
                 yield root / rel, ns
 

@@ -28,10 +28,13 @@ MIGRATION_PORT_MIN = 49152
 MIGRATION_PORT_MAX = 49215
 
 
-def libvirtd_conf(host_uuid: str) -> str:
+def libvirtd_conf(host_uuid: str, log_filters: str = "") -> str:
     # A fresh host_uuid per host: with the machine's shared SMBIOS UUID libvirt would
     # refuse every migration as "same host". No TCP/TLS listener: the console reaches
     # libvirt through the Unix socket (locally, or forwarded over SSH).
+    # ``log_filters`` (ESCORT_LAB_LIBVIRT_LOG_FILTERS) is for debugging the lab itself.
+    level = 1 if log_filters else 3
+    filters = f'log_filters = "{log_filters}"\n' if log_filters else ""
     return f"""\
 # escort lab: generated, do not edit
 host_uuid = "{host_uuid}"
@@ -40,8 +43,8 @@ unix_sock_ro_perms = "0770"
 unix_sock_rw_perms = "0770"
 auth_unix_ro = "none"
 auth_unix_rw = "none"
-log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
-"""
+log_outputs = "{level}:file:/var/log/libvirt/libvirtd.log"
+{filters}"""
 
 
 def qemu_conf() -> str:
