@@ -1,0 +1,182 @@
+"""escort explain/targets/policy/grant against a small fleet built in a tmp dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from console.cli import main
+from tests.unit.trustkit import ANNE_KEY, DB_UUID, T0, WEB_UUID, FleetFiles, build_fleet, fp
+
+AT = T0.isoformat()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> FleetFiles:
+    return build_fleet(tmp_path_factory.mktemp("fleet"))
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_explain_allowed_json(fleet: FleetFiles) -> None:
+    r = run("explain", "--fleet", str(fleet.fleet), "--at", AT, "--json", "web-1", "hv-fr-1")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out) == {"vm", "host", "admin", "at", "allowed", "reasons", "steps"}
+    assert out["allowed"] is True and out["vm"] == "web-1" and out["host"] == "hv-fr-1"
+    assert out["admin"] is None and out["reasons"] == []
+    assert next(s["title"] for s in out["steps"]) == "Owner's policy"
+
+
+def test_explain_refused_lists_every_reason(fleet: FleetFiles) -> None:
+    r = run("explain", "--fleet", str(fleet.fleet), "--at", AT, "--json", WEB_UUID, "hv-us-1")
+    assert r.exit_code == 1
+    codes = {x["code"] for x in json.loads(r.stdout)["reasons"]}
+    assert codes == {"ca.not_trusted", "attr.country"}
+    assert all(x["fix"] for x in json.loads(r.stdout)["reasons"])
+    text = run("explain", "--fleet", str(fleet.fleet), "--at", AT, "web-1", "hv-de-old")
+    assert text.exit_code == 1
+    assert "REFUSED" in text.stdout and "cert.expired" in text.stdout and "[FAIL]" in text.stdout
+
+
+def test_explain_with_admin_grant(fleet: FleetFiles) -> None:
+    base = ["explain", "--fleet", str(fleet.fleet), "--at", AT, "--json"]
+    assert run(*base, "--admin", "anne", "web-1", "hv-fr-1").exit_code == 0
+    bert = run(*base, "--admin", "bert", "web-1", "hv-fr-1")
+    assert bert.exit_code == 1
+    assert [x["code"] for x in json.loads(bert.stdout)["reasons"]] == ["grant.missing"]
+    db = run(*base, "--admin", "anne", "db-1", "hv-de-1")
+    assert [x["code"] for x in json.loads(db.stdout)["reasons"]] == ["grant.wrong_vm"]
+    ghost = run(*base, "--admin", "ghost", "web-1", "hv-fr-1")
+    assert "grant.unknown_admin" in {x["code"] for x in json.loads(ghost.stdout)["reasons"]}
+
+
+def test_explain_later_policy_expired(fleet: FleetFiles) -> None:
+    r = run("explain", "--fleet", str(fleet.fleet), "--at", "2027-06-01T00:00:00Z", "--json",
+            "web-1", "hv-fr-1")
+    assert r.exit_code == 1
+    assert "policy.expired" in {x["code"] for x in json.loads(r.stdout)["reasons"]}
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["nosuchvm", "hv-fr-1"], "no VM 'nosuchvm'"),
+    (["web-1", "nosuchhost"], "no host 'nosuchhost'"),
+    (["web-1", "hv-fr-1", "--at", "yesterday"], "not an RFC 3339 time"),
+])
+def test_explain_bad_input_exit_2(fleet: FleetFiles, args: list[str], needle: str) -> None:
+    r = run("explain", "--fleet", str(fleet.fleet), *args)
+    assert r.exit_code == 2
+    assert needle in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_missing_or_broken_fleet_exit_2(tmp_path: Path) -> None:
+    r = run("explain", "--fleet", str(tmp_path / "nope.toml"), "a", "b")
+    assert r.exit_code == 2 and "no such fleet file" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nkind = "lab"\ntrust_dir = "t"\nowners_trust_dir = "o"\n')
+    r = run("targets", "--fleet", str(bad), "a")
+    assert r.exit_code == 2 and "trust directory" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_group_level_fleet_option(fleet: FleetFiles) -> None:
+    r = run("--fleet", str(fleet.fleet), "explain", "--at", AT, "web-1", "hv-fr-1")
+    assert r.exit_code == 0, r.output
+
+
+def test_targets_json(fleet: FleetFiles) -> None:
+    r = run("targets", "--fleet", str(fleet.fleet), "--at", AT, "--json", "db-1")
+    assert r.exit_code == 0
+    out = json.loads(r.stdout)
+    assert out["vm"] == "db-1" and out["allowed"] == ["hv-de-1"]
+    refused = {x["host"]: {c["code"] for c in x["reasons"]} for x in out["refused"]}
+    assert refused == {"hv-de-old": {"cert.expired"}, "hv-fr-1": {"attr.country"},
+                       "hv-us-1": {"host.current"}}
+
+
+def test_policy_sign_show_and_xml(fleet: FleetFiles, tmp_path: Path) -> None:
+    out = tmp_path / "p.jws"
+    eu_pem = fleet.root / "trust" / "hosts" / "eu.pem"
+    r = run("policy", "sign", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
+            "--vm-uuid", WEB_UUID, "--vm-name", "web-1", "--trust-ca", str(eu_pem),
+            "--trust-ca", f"Root={fp(fleet.kit.root.cert)}", "--require", "country=de,fr",
+            "--require", "policy=assurance:high", "--days", "30", "--start", AT, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    owners = str(fleet.root / "trust" / "owners")
+    show = run("policy", "show", "--owners", owners, "--at", AT, "--json", str(out))
+    assert show.exit_code == 0, show.output
+    data = json.loads(show.stdout)
+    assert data["valid"] and data["payload"]["require"]["country"] == ["DE", "FR"]
+    assert data["owner"]["email"] == "alice@example.org" and len(data["digest"]) == 64
+    assert {c["sha256"] for c in data["payload"]["trusted_cas"]} == {fp(fleet.kit.eu.cert),
+                                                                      fp(fleet.kit.root.cert)}
+    # the signed policy works end-to-end when attached to the VM in the fleet file
+    wrong = run("policy", "show", "--owners", owners, "--at", AT, "--vm-uuid", DB_UUID, str(out))
+    assert wrong.exit_code == 1 and "policy.vm_mismatch" in wrong.stdout
+    assert run("policy", "show", "--at", AT, str(out)).exit_code == 1  # no owners' store: untrusted
+    xml = run("policy", "xml", str(out))
+    assert xml.exit_code == 0 and "https://escort.dev/xmlns/policy/1" in xml.stdout
+    domain = tmp_path / "dom.xml"
+    domain.write_text(f"<domain><name>web-1</name><metadata>{xml.stdout.strip()}</metadata></domain>")
+    assert run("policy", "show", "--owners", owners, "--at", AT, str(domain)).exit_code == 0
+    # overwriting needs --force
+    again = run("policy", "sign", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
+                "--vm-uuid", WEB_UUID, "--trust-ca", str(eu_pem), "--out", str(out))
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_policy_show_tampered(fleet: FleetFiles, tmp_path: Path) -> None:
+    h, p, s = (fleet.root / "policies" / "web-1.jws").read_text().strip().split(".")
+    bad = tmp_path / "bad.jws"
+    bad.write_text(f"{h}.{p}.{s[:-6]}AAAAAA")
+    r = run("policy", "show", "--owners", str(fleet.root / "trust" / "owners"), "--at", AT, str(bad))
+    assert r.exit_code == 1 and "policy.signature" in r.stdout
+    junk = tmp_path / "junk.jws"
+    junk.write_text("hello")
+    assert run("policy", "show", str(junk)).exit_code == 2
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--trust-ca", "nonsense"], "--trust-ca 'nonsense'"),
+    (["--trust-ca", "X=abc"], "not a SHA-256 fingerprint"),
+    (["--trust-ca", "X=" + "ab" * 32, "--require", "planet=mars"], "--require 'planet=mars'"),
+])
+def test_policy_sign_bad_input(fleet: FleetFiles, tmp_path: Path, extra: list[str], needle: str) -> None:
+    r = run("policy", "sign", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
+            "--vm-uuid", WEB_UUID, *extra, "--out", str(tmp_path / "x.jws"))
+    assert r.exit_code == 2 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "x.jws").exists()
+
+
+def test_policy_sign_key_cert_mismatch(fleet: FleetFiles, tmp_path: Path) -> None:
+    other = tmp_path / "other-key.pem"
+    from console.core.issuance import key_pem, make_key
+    other.write_bytes(key_pem(make_key("ec")))
+    r = run("policy", "sign", "--key", str(other), "--cert", str(fleet.alice_cert), "--vm-uuid", WEB_UUID,
+            "--trust-ca", "X=" + "ab" * 32, "--out", str(tmp_path / "x.jws"))
+    assert r.exit_code == 2 and "does not belong" in r.stderr
+
+
+def test_grant_issue_and_show(fleet: FleetFiles, tmp_path: Path) -> None:
+    out = tmp_path / "g.jws"
+    r = run("grant", "issue", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
+            "--admin", "bert", "--admin-key-fp", "SHA256:" + "b" * 43, "--vm", DB_UUID,
+            "--emergency-only", "--hours", "4", "--start", AT, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    show = run("grant", "show", "--owners", str(fleet.root / "trust" / "owners"), "--at", AT, "--json",
+               str(out))
+    assert show.exit_code == 0, show.output
+    payload = json.loads(show.stdout)["payload"]
+    assert payload["admin"] == {"id": "bert", "ssh_key": "SHA256:" + "b" * 43}
+    assert payload["vms"] == [DB_UUID] and payload["emergency_only"] is True
+    late = run("grant", "show", "--owners", str(fleet.root / "trust" / "owners"),
+               "--at", "2026-06-01T20:00:00Z", str(out))
+    assert late.exit_code == 1 and "grant.expired" in late.stdout
+    none = run("grant", "issue", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
+               "--admin", "bert", "--vm", DB_UUID, "--out", str(tmp_path / "n.jws"))
+    assert none.exit_code == 2 and "bind the admin to a key" in none.stderr
+    assert ANNE_KEY  # the fixture's admin key is what the fleet file names

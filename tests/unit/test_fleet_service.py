@@ -1,0 +1,106 @@
+"""FleetService: problems instead of exceptions for the UI, facts from a refresh, read-only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from console.core.errors import InputError, ReadOnlyError
+from console.core.inventory import DomainFacts, HostFacts
+from console.core.issuance import cert_pem
+from console.core.policy import policy_metadata_xml
+from console.core.reasons import Reason
+from console.services.fleet import FleetService
+from tests.unit.trustkit import DB_UUID, T0, WEB_UUID, FleetFiles, build_fleet, fp, host_cert
+
+
+@pytest.fixture()
+def fleet(tmp_path: Path) -> FleetFiles:
+    return build_fleet(tmp_path)
+
+
+def test_views_and_matrix_agree_with_targets(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, at=T0)
+    assert s.problems == [] and s.kind == "lab" and s.name == "test fleet"
+    vms = {v.name: v for v in s.vms()}
+    assert vms["web-1"].allowed_targets == ("hv-fr-1",)
+    assert vms["web-1"].owner == "Alice <alice@example.org>"
+    for v in vms.values():
+        allowed = tuple(sorted(d.host for d in s.targets(v.uuid) if d.allowed))
+        assert allowed == tuple(sorted(v.allowed_targets))
+    assert s.dependants(fp(fleet.kit.eu.cert)) == (3, 1)
+    assert s.dependants(fp(fleet.kit.root.cert)) == (4, 1)
+    assert [a.id for a in s.admins] == ["anne", "bert"]
+
+
+def test_missing_fleet_is_a_problem_not_an_exception(tmp_path: Path) -> None:
+    s = FleetService.load(tmp_path / "nope.toml")
+    assert s.hosts() == [] and s.vms() == []
+    assert s.problems and "no such fleet file" in s.problems[0].reason.message
+    with pytest.raises(InputError):
+        FleetService.load_strict(tmp_path / "nope.toml")
+
+
+def test_bad_files_become_problems_where_they_belong(fleet: FleetFiles) -> None:
+    (fleet.root / "certs" / "hv-fr-1.pem").write_text("not a certificate")
+    (fleet.root / "policies" / "db-1.jws").unlink()
+    shutil.rmtree(fleet.root / "trust" / "owners")
+    (fleet.root / "trust" / "owners").mkdir()
+    s = FleetService.load(fleet.fleet, at=T0)
+    codes = {p.reason.code for p in s.problems}
+    assert {"cert.unreadable", "policy.unreadable", "trust.unusable"} <= codes
+    fr = next(h for h in s.hosts() if h.name == "hv-fr-1")
+    assert fr.cert_problem is not None and fr.chain is None
+    d = s.explain("web-1", "hv-fr-1")
+    assert "host.no_certificate" in [r.code for r in d.reasons]
+    assert "policy.owner_untrusted" in [r.code for r in d.reasons]  # no owners' store at all
+    assert next(r.code for r in s.explain("db-1", "hv-de-1").reasons) == "policy.unreadable"
+    with pytest.raises(InputError):
+        FleetService.load_strict(fleet.fleet, at=T0)
+
+
+def test_apply_facts_down_and_domains(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, at=T0)
+    assert s.explain("web-1", "hv-fr-1").allowed
+    s.apply_facts("hv-fr-1", None, Reason("ssh.unreachable", "host hv-fr-1 did not answer", "check it"))
+    d = s.explain("web-1", "hv-fr-1")
+    assert [r.code for r in d.reasons] == ["host.down"]
+    assert next(v for v in s.vms() if v.name == "web-1").allowed_targets == ()
+    # hv-fr-1 comes back; web-1 is now running there (migrated), and a new VM appears whose
+    # policy comes from its domain XML metadata.
+    token = (fleet.root / "policies" / "db-1.jws").read_text().strip()
+    facts = HostFacts("hv-fr-1", 65536, 16, 32768, (
+        DomainFacts(WEB_UUID, "web-1", "running"),
+        DomainFacts(DB_UUID, "db-1", "running", policy_xml=policy_metadata_xml(token)),
+        DomainFacts("11111111-2222-3333-4444-555555555555", "stray", "paused"),
+    ))
+    s.apply_facts("hv-fr-1", facts, None)
+    views = {v.name: v for v in s.vms()}
+    assert views["web-1"].host == "hv-fr-1" and views["web-1"].state == "running"
+    assert views["web-1"].allowed_targets == ("hv-de-1",)  # it left hv-de-1, which is now a target
+    assert s.explain("web-1", "hv-fr-1").reasons[0].code == "host.current"
+    assert views["db-1"].host == "hv-fr-1"
+    assert views["stray"].policy_problems[0].code == "policy.unsigned"
+    # the next refresh no longer reports the stray VM: it is dropped; fleet-file VMs stay
+    s.apply_facts("hv-fr-1", HostFacts("hv-fr-1", 1, 1, 1, ()), None)
+    names = {v.name: v for v in s.vms()}
+    assert "stray" not in names and names["web-1"].state == "unknown"
+
+
+def test_apply_facts_new_certificate(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, at=T0)
+    assert "attr.country" in [r.code for r in s.explain("db-1", "hv-fr-1").reasons]
+    cert, _ = host_cert(fleet.kit.eu, "hv-fr-1", country="US")
+    s.apply_facts("hv-fr-1", HostFacts("hv-fr-1", 1, 1, 1, (), cert_pem=cert_pem(cert)), None)
+    assert s.explain("db-1", "hv-fr-1").allowed
+    with pytest.raises(Exception, match="unknown host"):
+        s.apply_facts("nope", None, None)
+
+
+def test_readonly(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, readonly=True, at=T0)
+    with pytest.raises(ReadOnlyError, match="migrate"):
+        s.require_writable("migrate")
+    FleetService.load(fleet.fleet, at=T0).require_writable("migrate")
