@@ -750,6 +750,9 @@ class TrustStore:
             self._by_fp[n.info.fingerprint] = n
         self._cache: dict[dt.datetime, dict[tuple[int, int], _PathResult]] = {}
         self._verifiers: dict[tuple[int, dt.datetime], xv.ClientVerifier] = {}
+        #: (leaf fingerprint, issuer node id) -> signature verified. Signatures do not
+        #: depend on time, so a console refreshing 1,000 hosts pays for them once.
+        self._signatures: dict[tuple[str, int], bool] = {}
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -1027,6 +1030,15 @@ class TrustStore:
         return ChainResult(valid=not errors, reasons=tuple(errors), warnings=tuple(warnings),
                            chain=tuple(chain), ca_fingerprints=fingerprints, leaf=leaf, ca_names=names)
 
+    def _signed_by_node(self, cert: x509.Certificate, info: CertInfo, node: CANode) -> bool:
+        key = (info.fingerprint, id(node))
+        ok = self._signatures.get(key)
+        if ok is None:
+            if len(self._signatures) >= 200_000:
+                self._signatures.clear()
+            ok = self._signatures[key] = _signed_by(cert, node.info.cert)
+        return ok
+
     def _best_issuer(self, cert: x509.Certificate, info: CertInfo, at: dt.datetime,
                      offset: int) -> CANode | Reason:
         """The store CA that signed ``cert`` with the fewest path errors, or why none did."""
@@ -1036,7 +1048,7 @@ class TrustStore:
                           f"No CA named {info.issuer} is in the trust directory (issuer of {info.name}).",
                           "Add the issuing CA's certificate (and its root) to the trust directory.")
         candidates = [n for n in named if n.info.cert is not cert and _aki_matches(cert, n.info)]
-        signers = [n for n in candidates if _signed_by(cert, n.info.cert)]
+        signers = [n for n in candidates if self._signed_by_node(cert, info, n)]
         if not signers and candidates and _weak_signature(cert, "") is not None:
             # cryptography cannot check SHA-1/MD5 signatures at all; the weak-signature
             # reason already fails the certificate, so follow the named issuer to report
