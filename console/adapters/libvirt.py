@@ -289,6 +289,7 @@ async def open_host(spec: HostSpec, pool: SshPool | None = None) -> LibvirtHost:
     listener: asyncssh.SSHListener | None = None
     sock_dir: str | None = None
     uri = spec.libvirt_uri
+    remote = ""
     try:
         if spec.ssh and not uri.startswith("test:"):
             if pool is None:
@@ -309,9 +310,11 @@ async def open_host(spec: HostSpec, pool: SshPool | None = None) -> LibvirtHost:
         try:
             conn = await asyncio.wait_for(fut, CALL_TIMEOUT_S)
         except libvirt.libvirtError as exc:
+            where = f" at {remote}" if listener is not None else ""
             raise HostProblem(
                 LIBVIRT_DOWN,
-                f"{spec.name}: libvirt down: {libvirt_message(exc)}",
+                f"{spec.name}: libvirt down: no libvirt daemon answered{where} "
+                f"({libvirt_message(exc)})",
                 "check that libvirtd runs on the host",
             ) from exc
         except TimeoutError as exc:

@@ -300,9 +300,13 @@ class SshPool:
                 except HostProblem as exc:
                     if exc.code == JUMP_FAILED:
                         raise
-                    raise HostProblem(
-                        JUMP_FAILED, f"{label}: jump host {chain[-1]} failed: {exc}", exc.fix
-                    ) from exc
+                    message = f"{label}: jump host {chain[-1]} failed: {exc}"
+                    if isinstance(exc, HostKeyProblem):  # keep the key: it can be accepted
+                        raise HostKeyProblem(
+                            JUMP_FAILED, message, exc.fix, key=exc.key,
+                            known_hosts_name=exc.known_hosts_name,
+                        ) from exc
+                    raise HostProblem(JUMP_FAILED, message, exc.fix) from exc
             conn = await self._open(ssh, tunnel, label, via=chain[-1] if chain else "")
             self._entries[key] = _Entry(conn, jump_key)
             return conn

@@ -286,6 +286,8 @@ async def test_jump_host_key_unknown_is_jump_failure(tmp_path, client_key, make_
     assert err.value.code == JUMP_FAILED
     assert f"jump host {jump.addr} failed" in str(err.value)
     assert jump.host_key.get_fingerprint("sha256") in str(err.value)
+    assert isinstance(err.value, HostKeyProblem)
+    assert err.value.known_hosts_line() == jump.known_hosts_line()
     assert a.logins == 0
     await pool.close()
 
