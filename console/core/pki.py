@@ -834,9 +834,8 @@ class TrustStore:
         """The path checks of one CA (for the trust view): valid, reasons, chain."""
         at = utc(at)
         res = self._path(node, at, 0)
-        errors = list(res.errors)
-        errors += _validity_reasons(node.info, at, "ca", "CA")
-        return ChainResult(valid=not errors, reasons=tuple(dict.fromkeys(errors)),
+        errors = res.errors  # the path starts at ``node``: its own checks are included
+        return ChainResult(valid=not errors, reasons=errors,
                            warnings=res.warnings, chain=tuple(n.info for n in res.path),
                            ca_fingerprints=res.fingerprints, leaf=node.info, ca_names=res.names)
 
@@ -1135,7 +1134,10 @@ def _link(nodes: list[CANode], problems: list[Problem]) -> None:
     issued: dict[int, list[CANode]] = {}
     for n in nodes:
         cert = n.info.cert
-        if n.info.self_issued and _aki_matches(cert, n.info) and _signed_by(cert, cert):
+        # An anchor's self-signature carries no trust, so an old root signed with SHA-1
+        # (which cryptography will not check) is still an anchor.
+        if n.info.self_issued and _aki_matches(cert, n.info) and (
+                _signed_by(cert, cert) or _weak_signature(cert, "") is not None):
             if n.info.is_ca:
                 n.anchor = True
             else:

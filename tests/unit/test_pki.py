@@ -207,6 +207,18 @@ class TestTree:
         assert alone.nodes()[0].status(demo_pki.at) == "untrusted"
         assert [p.reason.code for p in problems] == ["trust.no_root"]
 
+    def test_check_ca(self, demo_pki: DemoPKI) -> None:
+        eu = demo_pki.regions["eu-central"]
+        store = demo_pki.store([("root.crl", demo_pki.crl(demo_pki.root, [eu.cert.serial_number]))])
+        node = store.issuer_of(demo_pki.host()[0])
+        assert node is not None
+        result = store.check_ca(node, demo_pki.at)
+        assert codes(result) == {"ca.revoked"}
+        assert [c.name for c in result.chain] == ["Escort eu-central CA", "Escort Demo Root CA"]
+        assert store.check_ca(store.anchors[0], demo_pki.at).valid
+        late = store.anchors[0].info.not_after + dt.timedelta(days=1)
+        assert codes(store.check_ca(store.anchors[0], late)) == {"ca.expired"}
+
     def test_no_ca_at_all_raises(self, demo_pki: DemoPKI) -> None:
         host, _ = demo_pki.host()
         with pytest.raises(InputError, match="no CA certificates"):

@@ -129,6 +129,8 @@ def openssl_pki(tmp_path_factory: pytest.TempPathFactory) -> OpensslPKI:
     _run(d, "ca", "-config", "ca.cnf", "-gencrl", "-out", "int.crl")
     _run(d, "x509", "-req", "-in", "h1.acme.example.csr", "-CA", "int.pem", "-CAkey", "int.key",
          "-set_serial", "77", "-out", "sha1.pem", "-days", "30", "-sha1", "-extfile", "sha1.ext")
+    _run(d, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-sha1",
+         "-keyout", "old.key", "-out", "old-root.pem", "-days", "3650", "-subj", "/CN=Old SHA-1 Root")
     trust = d / "trust"
     trust.mkdir()
     (trust / "root.pem").write_bytes((d / "root.pem").read_bytes())
@@ -217,3 +219,10 @@ def test_cert_verify_as_a_real_process(openssl_pki: OpensslPKI) -> None:
     assert unusable.returncode == 2
     assert unusable.stderr.strip().count("\n") == 0 and "is a CRL, expected a certificate" in unusable.stderr
     assert "Traceback" not in unusable.stderr
+
+
+def test_sha1_self_signed_root_is_still_an_anchor(openssl_pki: OpensslPKI) -> None:
+    """An anchor's self-signature carries no trust; cryptography just cannot check SHA-1."""
+    data = (openssl_pki.base / "old-root.pem").read_bytes()
+    store, problems = pki.TrustStore.build([("old-root.pem", data)], at=_now())
+    assert problems == [] and [a.info.name for a in store.anchors] == ["Old SHA-1 Root"]
