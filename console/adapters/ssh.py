@@ -483,6 +483,47 @@ class SshPool:
             raise HostProblem(READ_FAILED, f"{label}: {path} is larger than {limit // 1024} KiB")
         return data
 
+    # -- accepting a key deliberately -------------------------------------------------
+    async def accept_host_key(
+        self, ssh: str, fingerprint: str, *, jump: str = "", name: str = ""
+    ) -> str:
+        """Add the key ``ssh`` presents to known_hosts, only if it has ``fingerprint``.
+
+        The operator checks the fingerprint on the host's console first and types it
+        here; a key with any other fingerprint is refused, so this is never blind
+        trust-on-first-use. Only *unknown* keys are added: a CHANGED key has to be
+        removed by hand (``ssh-keygen -R``), because silently replacing it is exactly
+        what known_hosts protects against. Returns the line added ("" if the key was
+        already trusted).
+        """
+        label = name or ssh
+        try:
+            await self.connect(ssh, jump, name=label)
+            return ""
+        except HostKeyProblem as exc:
+            problem = exc
+        if problem.code == JUMP_FAILED:
+            raise HostProblem(JUMP_FAILED, f"{problem} (accept the jump host's key first)")
+        if problem.code == KEY_CHANGED:
+            raise problem
+        if problem.key is None or problem.fingerprint != fingerprint.strip():
+            raise HostProblem(
+                KEY_UNKNOWN,
+                f"{label}: the host presents {problem.fingerprint or 'no usable key'}, not "
+                f"{fingerprint.strip()}; nothing was added to {self.known_hosts_path}",
+            )
+        line = problem.known_hosts_line()
+        path = Path(self.known_hosts_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = path.read_bytes() if path.exists() else b""
+        sep = b"" if not old or old.endswith(b"\n") else b"\n"
+        with path.open("ab") as fh:
+            fh.write(sep + line.encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.reload_known_hosts()
+        return line
+
     # -- lifecycle ------------------------------------------------------------------------
     def cached(self, ssh: str, jump: str = "") -> asyncssh.SSHClientConnection | None:
         """The open pooled connection for a destination, if any (no connect)."""

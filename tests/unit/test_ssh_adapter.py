@@ -218,6 +218,75 @@ async def test_changed_host_key_refused(tmp_path, client_key, make_host):
     await pool.close()
 
 
+async def test_accept_host_key_only_with_the_checked_fingerprint(tmp_path, client_key, make_host):
+    host = await make_host()
+    kh = _known_hosts(tmp_path)
+    pool = SshPool(known_hosts=str(kh), identity_files=[str(client_key)])
+    try:
+        wrong = asyncssh.generate_private_key("ssh-ed25519").get_fingerprint("sha256")
+        with pytest.raises(HostProblem, match="nothing was added"):
+            await pool.accept_host_key(host.addr, wrong)
+        assert kh.read_text() == ""
+        fp = host.host_key.get_fingerprint("sha256")
+        line = await pool.accept_host_key(host.addr, fp)
+        assert line == host.known_hosts_line()
+        assert kh.read_text() == line + "\n"
+        assert await pool.run(host.addr, "echo trusted") == b"trusted\n"
+        assert await pool.accept_host_key(host.addr, fp) == ""  # already trusted
+    finally:
+        await pool.close()
+
+
+async def test_accept_host_key_never_replaces_a_changed_key(tmp_path, client_key, make_host):
+    host = await make_host()
+    old = host.known_hosts_line(asyncssh.generate_private_key("ssh-ed25519"))
+    kh = _known_hosts(tmp_path, old)
+    pool = SshPool(known_hosts=str(kh), identity_files=[str(client_key)])
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.accept_host_key(host.addr, host.host_key.get_fingerprint("sha256"))
+    assert err.value.code == KEY_CHANGED
+    assert kh.read_text() == old + "\n"
+    await pool.close()
+
+
+async def test_agent_is_used_when_no_identity_file_is_given(
+    tmp_path, client_key, make_host, monkeypatch
+):
+    host = await make_host()
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec(
+        "ssh-agent", "-D", "-a", str(sock),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        client_key.chmod(0o600)
+        add = await asyncio.create_subprocess_exec(
+            "ssh-add", str(client_key), env={"SSH_AUTH_SOCK": str(sock), "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await add.wait() == 0
+        kh = _known_hosts(tmp_path, host.known_hosts_line())
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        pool = SshPool(known_hosts=str(kh))  # no identity file: only the agent has the key
+        try:
+            assert await pool.run(host.addr, "echo agent") == b"agent\n"
+        finally:
+            await pool.close()
+        monkeypatch.delenv("SSH_AUTH_SOCK")
+        pool = SshPool(known_hosts=str(kh))
+        with pytest.raises(HostProblem) as err:
+            await pool.connect(host.addr)
+        assert err.value.code == AUTH_FAILED
+        await pool.close()
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
 async def test_authentication_failure(tmp_path, client_key, make_host):
     other = tmp_path / "other.pub"
     other.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_public_key())
