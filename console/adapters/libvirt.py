@@ -152,7 +152,13 @@ def read_host_facts(conn: Any) -> HostFacts:
         free_mib = 0
     domains = []
     for dom in conn.listAllDomains(0):
-        domains.append(read_domain_facts(dom))
+        try:
+            domains.append(read_domain_facts(dom))
+        except libvirt.libvirtError as exc:
+            # A domain can vanish between the listing and the read (migrated away,
+            # transient and shut down): it is simply no longer on this host.
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
     domains.sort(key=lambda d: d.name)
     return HostFacts(
         hostname=conn.getHostname(),

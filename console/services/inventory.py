@@ -146,6 +146,11 @@ class InventoryService:
         except EscortError as exc:
             problem = Reason("host.error", f"{spec.name}: {exc}")
             await self._forget(spec)
+        except Exception as exc:  # one host's surprise must not end everyone's refresh
+            problem = Reason(
+                "host.error", f"{spec.name}: unexpected {type(exc).__name__}: {exc}".strip()
+            )
+            await self._forget(spec)
         return HostRefresh(spec.name, facts, problem, time.perf_counter() - start)
 
     async def _refresh(self, spec: HostSpec) -> tuple[HostFacts, Reason | None]:

@@ -15,6 +15,7 @@ import pytest
 from console.adapters.libvirt import (
     LibvirtHost,
     open_host,
+    read_host_facts,
     remote_socket_path,
     state_name,
 )
@@ -72,6 +73,24 @@ async def test_state_reason_from_libvirt(host: LibvirtHost):
     await host.call(dom.destroy)
     b = next(d for d in (await host.facts()).domains if d.name == "vm-b")
     assert (b.state, b.state_reason) == ("shut off", "destroyed")
+
+
+async def test_domain_vanishing_mid_read_is_skipped(host: LibvirtHost):
+    conn = host.conn
+    xml = "<domain type='test'><name>tmp</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+    dom = await host.call(conn.createXML, xml, 0)
+    stale = await host.call(conn.listAllDomains, 0)
+    await host.call(dom.destroy)  # transient: gone now, but still in our listing
+
+    class StaleListing:
+        def __getattr__(self, attr: str) -> object:
+            return getattr(conn, attr)
+
+        def listAllDomains(self, flags: int) -> list[object]:
+            return list(stale)
+
+    facts = await host.call(read_host_facts, StaleListing())
+    assert [d.name for d in facts.domains] == ["vm-a", "vm-b"]
 
 
 def test_state_names_cover_migration_pause():
