@@ -888,6 +888,11 @@ class TrustStore:
             nc = _name_constraints(info.cert)
             if nc is not None:
                 constraints.append((info, nc))
+                # RFC 5280 6.1.4(b): the constraints also bind the CAs below it on this
+                # path (except self-issued ones); the leaf is checked per certificate.
+                for lower in path[:i]:
+                    if not lower.info.self_issued:
+                        errors += _name_constraint_failures(lower.info.cert, info, nc, lower.info.name)
             if i + 1 < len(path):
                 parent = path[i + 1]
                 when = parent.crl.revoked_at(info.serial, at) if parent.crl else None
