@@ -237,6 +237,24 @@ class LibvirtHost:
                 LIBVIRT_ERROR, f"{self.name}: libvirt did not answer within {timeout:.0f} s"
             ) from exc
 
+    async def call_long(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a call that blocks for long (``migrate3``) in a thread of its own.
+
+        The host's own thread stays free, so ``jobStats``/``abortJob`` on the same
+        connection (libvirt connections are thread-safe) are not queued behind it.
+        No timeout: a stalled migration is the migration watchdog's business.
+        """
+        if self._closed:
+            raise HostProblem(LIBVIRT_ERROR, f"{self.name}: libvirt connection is closed")
+        loop = asyncio.get_running_loop()
+        one = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"libvirt-{self.name}-long")
+        try:
+            return await loop.run_in_executor(one, functools.partial(fn, *args))
+        except libvirt.libvirtError as exc:
+            raise _problem(self.name, exc) from exc
+        finally:
+            one.shutdown(wait=False)
+
     async def facts(self) -> HostFacts:
         return await self.call(read_host_facts, self.conn)
 

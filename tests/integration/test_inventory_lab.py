@@ -84,6 +84,14 @@ async def test_inventory_through_the_jump_host(lab: Any, fleet: FleetSpec, inven
             if dom.name in planned:
                 assert dom.state == "running"
                 assert dom.policy_token.count(".") == 2  # a compact JWS from <metadata>
+    # libvirt came through our SSH connection: a forwarded socket in a private dir.
+    for name in lab.hypervisors:
+        handle = inventory.libvirt_cached(name)
+        assert handle is not None
+        sock = Path(handle.local_uri.split("socket=", 1)[1])
+        assert sock.parent.name.startswith("escort-libvirt-")
+        assert sock.parent.stat().st_mode & 0o777 == 0o700
+        assert await handle.call(handle.conn.getHostname) == name
     # A second refresh reuses every connection.
     again = await inventory.refresh()
     _ok(again, *lab.hypervisors)

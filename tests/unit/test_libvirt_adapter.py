@@ -167,6 +167,26 @@ async def test_calls_run_in_the_hosts_single_thread(host: LibvirtHost):
     assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(spans))
 
 
+async def test_long_calls_do_not_block_the_hosts_thread(host: LibvirtHost):
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def long_call() -> str:
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.4)
+        return threading.current_thread().name
+
+    long = asyncio.create_task(host.call_long(long_call))
+    await started.wait()
+    t0 = time.perf_counter()
+    assert (await host.facts()).domains  # not queued behind the long call
+    assert time.perf_counter() - t0 < 0.3
+    assert (await long).startswith("libvirt-hosta-long")
+    with pytest.raises(HostProblem) as err:
+        await host.call_long(host.conn.lookupByName, "nope")
+    assert err.value.code == LIBVIRT_ERROR
+
+
 async def test_two_hosts_run_in_parallel(tmp_path: Path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
