@@ -53,6 +53,7 @@ from .hosts import (
     HostPlan,
     LabHost,
     back_ip,
+    back_net,
     check_name,
     client_link,
     front_ip,
@@ -351,6 +352,10 @@ class Lab:
         netns.ip("addr", "add", f"{front_ip(index, CLIENT_FRONT_OCTET)}/24", "dev", link)
         netns.ip("link", "set", link, "up")
         netns.ip("-n", sw, "link", "set", "f-client", "master", "front", "up")
+        # The back network exists only inside the lab. Without this route the root
+        # namespace would send packets for it to its default gateway, i.e. off the
+        # machine (a console set up without the jump host would do exactly that).
+        netns.ip("route", "replace", "unreachable", back_net(index))
         for h in hosts:
             netns.add_netns(h.ns)
             _no_ipv6(h.ns)
@@ -675,21 +680,25 @@ class Lab:
 
     def _teardown(self) -> list[str]:
         stopped: list[str] = []
+        targets: dict[int, str] = {}
+        labels: dict[int, str] = {}
         for pid_file, ns in self._pid_files():
             pid = netns.read_pid(pid_file)
-            if pid is not None and netns.pid_in_netns(pid, ns):
-                netns.kill_in_ns(pid, ns)
-                stopped.append(f"{ns}: {pid_file.name.removesuffix('.pid')} ({pid})")
+            if pid is not None and pid not in targets and netns.pid_in_netns(pid, ns):
+                targets[pid] = ns
+                labels[pid] = f"{ns}: {pid_file.name.removesuffix('.pid')} ({pid})"
         ours = [n for n in netns.list_netns() if n.startswith(self.prefix)]
         # Anything else still living in our namespaces (a crashed run's daemons whose
         # PID files were lost, SSH sessions): they are ours by construction.
         for _ in range(3):
-            strays = netns.pids_in_netns(ours)
-            if not strays:
+            for pid, ns in netns.pids_in_netns(ours).items():
+                if pid not in targets:
+                    targets[pid] = ns
+                    labels[pid] = f"{ns}: stray process ({pid})"
+            if not targets:
                 break
-            for pid, ns in strays.items():
-                netns.kill_in_ns(pid, ns, grace=1.0)
-                stopped.append(f"{ns}: stray process ({pid})")
+            stopped += [labels[p] for p in netns.kill_all_in_ns(targets)]
+            targets = {}
         for proc in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
@@ -699,6 +708,9 @@ class Lab:
         link = client_link(self.name)
         if netns.link_exists(link):
             netns.ip("link", "del", link, check=False)
+        index = self._state().get("index")
+        if isinstance(index, int):
+            netns.ip("route", "del", "unreachable", back_net(index), check=False)
         if self.state_file.exists():
             self._write_state(status="down")
         return stopped

@@ -103,6 +103,10 @@ def front_net(index: int) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"198.18.{index}.0/{PREFIX_LEN}")
 
 
+def back_net(index: int) -> str:
+    return f"198.19.{index}.0/{PREFIX_LEN}"
+
+
 def hypervisor(name: str) -> HostPlan:
     for plan in HYPERVISORS:
         if plan.name == name:

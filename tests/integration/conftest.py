@@ -1,0 +1,88 @@
+"""The ``lab`` fixture: one real lab (console/lab) per test session.
+
+The lab is named ``t<pid in hex>`` and lives in a pytest tmp dir, so a test lab and
+a demo lab (``escort lab up``) coexist. Labs left behind by a test run that was
+killed (its pid is gone) are torn down first.
+
+Without root or the Debian packages the fixture skips; with ESCORT_REQUIRE_LAB=1
+(CI) it FAILS instead, with the reason, and tests/conftest.py also fails the run if
+any ``@pytest.mark.lab`` test was skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+
+if TYPE_CHECKING:
+    from console.lab import Lab
+
+REQUIRE_LAB = os.environ.get("ESCORT_REQUIRE_LAB") == "1"
+NEEDED = ("ip", "nsenter", "unshare", "taskset", "libvirtd", "sshd", "ssh", "qemu-system-x86_64")
+_TEST_NS = re.compile(r"^esc-(t[0-9a-f]{1,8})-")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if REQUIRE_LAB:
+        pytest.fail(f"lab required (ESCORT_REQUIRE_LAB=1) but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"lab unavailable: {reason}")
+
+
+def _why_no_lab() -> str:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if not Path("/proc/self/ns/net").exists():
+        return "needs Linux network namespaces"
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [b for b in NEEDED if shutil.which(b, path=path) is None]
+    if missing:
+        return f"missing {', '.join(missing)} (install deps/, see docs/LAB.md)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError as exc:
+        return f"libvirt-python not importable ({exc})"
+    return ""
+
+
+def _reap_stale_test_labs(scratch: Path) -> None:
+    """Tear down ``t<pid>`` labs whose test process is gone (killed runs)."""
+    from console.lab import Lab, netns
+
+    for name in sorted({m.group(1) for ns in netns.list_netns() if (m := _TEST_NS.match(ns))}):
+        if Path(f"/proc/{int(name[1:], 16)}").exists():
+            continue  # another live test session's lab
+        with contextlib.suppress(Exception):
+            Lab(scratch / name, name).down()
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A running lab for the whole session; torn down at the end, also on failure."""
+    reason = _why_no_lab()
+    if reason:
+        _unavailable(reason)
+    from console.lab import Lab
+
+    base = tmp_path_factory.mktemp("lab")
+    _reap_stale_test_labs(base / "stale")
+    the_lab = Lab(base / "lab", f"t{os.getpid():x}")
+    t0 = time.monotonic()
+    try:
+        the_lab.up()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            the_lab.down()
+        _unavailable(f"`lab up` failed: {exc}")
+    print(f"\nlab {the_lab.name!r} up in {time.monotonic() - t0:.1f} s ({the_lab.dir})")
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
