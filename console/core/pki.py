@@ -91,7 +91,6 @@ class CertInfo:
     policies: tuple[str, ...] = ()  # dotted OIDs
     name_constraints: str = ""  # human summary, "" when none
     source: str = ""  # file it came from
-    fingerprint_sha1: str = ""  # lowercase hex, what some tools still show
     ski: str = ""  # subjectKeyIdentifier, hex ("" when absent)
     aki: str = ""  # authorityKeyIdentifier keyid, hex ("" when absent)
     key_usage: tuple[str, ...] = ()  # e.g. ("digitalSignature", "keyCertSign")
@@ -100,6 +99,14 @@ class CertInfo:
 
     def days_left(self, at: dt.datetime) -> int:
         return (self.not_after - at).days
+
+    @property
+    def fingerprint_sha1(self) -> str:
+        """SHA-1 fingerprint (lowercase hex), for display next to tools that still show it.
+
+        A property, not a field: host checks build a CertInfo per leaf and never need it.
+        """
+        return self.cert.fingerprint(hashes.SHA1()).hex()
 
     @property
     def self_issued(self) -> bool:
@@ -567,7 +574,6 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         if isinstance(pol, x509.CertificatePolicies) else (),
         name_constraints=_nc_summary(nc),
         source=source,
-        fingerprint_sha1=cert.fingerprint(hashes.SHA1()).hex(),  # display only
         ski=ski.hex() if ski else "",
         aki=aki.hex() if aki else "",
         key_usage=ku_names,
