@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from console.adapters.files import read_limited
 from console.adapters.libvirt import LibvirtHost, open_host
@@ -67,8 +68,28 @@ def pool_for(fleet: FleetSpec, **kwargs: float) -> SshPool:
     )
 
 
+class FactsSink(Protocol):
+    """What the refresh reports to: ``FleetService`` (services/fleet.py) has this shape."""
+
+    spec: FleetSpec | None
+
+    def apply_facts(self, host_name: str, facts: HostFacts | None, problem: Reason | None) -> None: ...
+
+
 class InventoryService:
-    """Concurrent, bounded refresh of a fleet's hosts; keeps one libvirt handle per host."""
+    """Concurrent, bounded refresh of a fleet's hosts; keeps one libvirt handle per host.
+
+    Typical use: ``inv = InventoryService.for_fleet(fleet_service)`` then
+    ``await inv.refresh()`` whenever the console wants fresh facts, and
+    ``await inv.close()`` on the same event loop when done.
+    """
+
+    @classmethod
+    def for_fleet(cls, service: FactsSink, **kwargs: Any) -> InventoryService:
+        """An inventory that applies every host's result to ``service`` as it arrives."""
+        if service.spec is None:
+            raise EscortError("no usable fleet is loaded, so there are no hosts to refresh")
+        return cls(service.spec, apply=service.apply_facts, **kwargs)
 
     def __init__(
         self,

@@ -220,6 +220,26 @@ async def test_local_hosts_without_ssh_use_cert_file(tmp_path):
         await inv.close()
 
 
+async def test_for_fleet_applies_to_the_fleet_service(tmp_path):
+    from console.services.fleet import FleetService
+
+    (tmp_path / "a").mkdir()
+    spec = HostSpec(name="a", libvirt_uri=node_xml(tmp_path / "a"))
+    fleet = FleetSpec(name="demo", kind="demo", base_dir=str(tmp_path), trust_dir="t",
+                      owners_trust_dir="o", hosts=(spec,))
+    service = FleetService(fleet)
+    inv = InventoryService.for_fleet(service)
+    try:
+        await inv.refresh()
+        view = next(v for v in service.hosts() if v.name == "a")
+        assert view.reachability == "up" and view.facts is not None
+        assert {vm.name for vm in service.vms()} >= {"vm-a", "vm-b"}
+    finally:
+        await inv.close()
+    with pytest.raises(Exception, match="no usable fleet"):
+        InventoryService.for_fleet(FleetService(None))
+
+
 def test_unknown_host_name_and_bad_bound(tmp_path):
     fleet = FleetSpec(name="f", kind="demo", base_dir=str(tmp_path), trust_dir="t",
                       owners_trust_dir="o")
