@@ -1001,6 +1001,10 @@ class TrustStore:
             if ku is not None and not ku.key_cert_sign:
                 errors.append(Reason("ca.no_keycertsign", f"{info.name}'s keyUsage lacks keyCertSign.",
                                      f"Reissue {info.name} with keyUsage keyCertSign."))
+            for problem in (_key_problem(info.cert, f"CA {info.name}"),
+                            _weak_signature(info.cert, f"CA {info.name}")):
+                if problem is not None:
+                    errors.append(problem)
 
         chain: list[CertInfo] = [leaf, *extra_infos]
         fingerprints: frozenset[str] = frozenset(i.fingerprint for i in extra_infos)
