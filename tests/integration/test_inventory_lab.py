@@ -201,3 +201,15 @@ async def test_unknown_host_key_refused_with_empty_known_hosts(
     finally:
         with contextlib.suppress(Exception):
             await pool.close()
+
+
+async def test_ssh_config_alias_with_proxyjump_reaches_a_host(lab: Any):
+    """Only what ~/.ssh/config-style files say: alias, User, IdentityFile, ProxyJump."""
+    pool = SshPool(known_hosts=str(lab.known_hosts), config=str(lab.ssh_config))
+    try:
+        assert pool.jump_chain("par-1")  # the config routes it through the jump host
+        assert await pool.run("par-1", "hostname") == b"par-1\n"
+        assert await pool.run("fra-2", "hostname") == b"fra-2\n"
+        assert pool.connects == 3  # one jump connection shared by both hosts
+    finally:
+        await pool.close()
