@@ -315,18 +315,18 @@ class EscortApp(App[None]):
         except EscortError as exc:
             self.notify(str(exc), severity="error", markup=False)
 
-    def go_to_vm(self, key: str) -> None:
+    async def go_to_vm(self, key: str) -> None:
         from console.ui.screens.vms import VMsScreen
 
-        self.switch_mode("vms")
+        await self.switch_mode("vms")
         screen = self.screen
         if isinstance(screen, VMsScreen):
             screen.focus_vm(key)
 
-    def go_to_host(self, name: str) -> None:
+    async def go_to_host(self, name: str) -> None:
         from console.ui.screens.hosts import HostsScreen
 
-        self.switch_mode("hosts")
+        await self.switch_mode("hosts")
         screen = self.screen
         if isinstance(screen, HostsScreen):
             screen.focus_host(name)

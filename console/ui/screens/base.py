@@ -27,6 +27,8 @@ class FleetScreen(Screen[None]):
     ]
 
     screen_label: ClassVar[str] = ""
+    #: screens with a filterable table set this (decides whether "/" shows in the footer)
+    has_filter: ClassVar[bool] = False
 
     @property
     def escort(self) -> EscortApp:
@@ -58,9 +60,8 @@ class FleetScreen(Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide keys that do nothing here (no table to filter)."""
-        if action == "filter" and self.filter_input() is None:
-            return None
-        return True
+        # False hides the key (None would only dim it)
+        return not (action == "filter" and not self.has_filter)
 
     # ------------------------------------------------------------- filter
     def main_table(self) -> VirtualTable | None:

@@ -13,6 +13,7 @@ from console.ui.widgets.vtable import Column, Row, VirtualTable
 
 class HostsScreen(FleetScreen):
     screen_label = "Hosts"
+    has_filter = True
     COLUMNS = (
         Column("Host", 12, flex=True),
         Column("Region", 6),

@@ -56,6 +56,17 @@ class TrustScreen(FleetScreen):
             if host.chain is not None and len(host.chain.chain) > 1:
                 leaves.setdefault(host.chain.chain[1].fingerprint, []).append(host.name)
 
+        def host_label(name: str) -> Text:
+            host = self.escort.host_by_name(name)
+            chain = host.chain if host is not None else None
+            if chain is None or chain.valid:
+                return Text.assemble(("host ", "dim"), name)
+            code = chain.reasons[0].code if chain.reasons else "invalid"
+            word = {"cert.revoked": "revoked", "cert.expired": "expired",
+                    "ca.revoked": "CA revoked"}.get(code, code)
+            glyph = "⊘" if "revoked" in word else "✗"
+            return Text.assemble(("host ", "dim"), name, "  ", (f"{glyph} {word}", tones["bad"]))
+
         def add(parent: object, node: CANode) -> None:
             glyph, word, tone = ca_status(node, at)
             label = Text.assemble((f"{glyph} ", tones[tone]), node.info.name, "  ",
@@ -64,7 +75,7 @@ class TrustScreen(FleetScreen):
             for child in sorted(node.children, key=lambda c: c.info.name):
                 add(branch, child)
             for host_name in sorted(leaves.get(node.info.fingerprint, [])):
-                branch.add_leaf(Text(f"· host {host_name}", style="dim"), _HostLeaf(host_name))
+                branch.add_leaf(host_label(host_name), _HostLeaf(host_name))
 
         for anchor in sorted(store.anchors, key=lambda a: a.info.name):
             add(tree.root, anchor)

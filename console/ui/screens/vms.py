@@ -23,6 +23,7 @@ from console.ui.widgets.vtable import Column, Row, VirtualTable, make_row
 
 class VMsScreen(FleetScreen):
     screen_label = "VMs"
+    has_filter = True
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("w", "walkthrough", "Walk", id="vms.walkthrough"),
         Binding("m", "migrate", "Migrate", id="vms.migrate"),
@@ -157,7 +158,7 @@ class VMsScreen(FleetScreen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "migrate" and self.escort.readonly:
-            return None  # hidden from the footer; the service refuses it anyway
+            return False  # hidden and inert; the service refuses it anyway
         return super().check_action(action, parameters)
 
     def focus_vm(self, key: str) -> bool:

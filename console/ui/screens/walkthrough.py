@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from rich.console import Group
+from rich.padding import Padding
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -32,41 +34,70 @@ def _step_fields(step: Any) -> tuple[str, bool | None, str, list[Reason]]:
     return title, ok if isinstance(ok, bool) else None, detail, reasons
 
 
+class _Lines:
+    """Lines with a hanging indent: wrapped text stays under its own bullet."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, Text]] = []
+
+    def add(self, indent: int, *parts: str | tuple[str, str]) -> None:
+        self.items.append((indent, Text.assemble(*parts)))
+
+    def blank(self) -> None:
+        self.items.append((0, Text("")))
+
+    def renderable(self) -> Group:
+        return Group(*(Padding(text, (0, 0, 0, indent)) for indent, text in self.items))
+
+    def plain(self) -> str:
+        return "\n".join(" " * indent + text.plain for indent, text in self.items)
+
+
 def render_walkthrough(vm_name: str, host: str, decision: Any, admin: str | None,
-                       tones: Mapping[str, str]) -> Text:
-    """The Decision as numbered, plain-language steps (``tones``: ok/bad -> Rich style)."""
-    out = Text()
-    out.append(f"May {admin or 'an admin'} move VM {vm_name} to host {host}?\n\n", style="bold")
+                       tones: Mapping[str, str]) -> tuple[Group, str]:
+    """The Decision as numbered, plain-language steps -> (renderable, plain text to copy).
+
+    ``tones`` maps ok/bad to Rich styles of the current theme; glyphs and words carry
+    the meaning on their own.
+    """
+    out = _Lines()
+    out.add(0, (f"May {admin or 'an admin'} move VM {vm_name} to host {host}?", "bold"))
+    out.blank()
     steps = list(getattr(decision, "steps", ()) or ())
     for n, step in enumerate(steps, 1):
         title, ok, detail, reasons = _step_fields(step)
-        glyph, word, style = ((OK, "passed", tones["ok"]) if ok else (BAD, "failed", tones["bad"])) \
-            if ok is not None else ("·", "info", "dim")
-        out.append(f"{n}. ", style="bold")
-        out.append(f"{glyph} {word}", style=style)
-        out.append(f"  {title}\n", style="bold")
+        if ok is None:
+            glyph, word, style = "·", "note", "dim"
+        elif ok:
+            glyph, word, style = OK, "passed", tones["ok"]
+        else:
+            glyph, word, style = BAD, "failed", tones["bad"]
+        out.add(0, (f"{n}. ", "bold"), (f"{glyph} {word}", style), (f"  {title}", "bold"))
+        shown = set()
         for line in detail.splitlines():
-            out.append(f"     {line}\n")
+            out.add(5, line)
+            shown.add(line.strip())
         for reason in reasons:
             mark = WARN if reason.severity == "warning" else BAD
-            out.append(f"     {mark} {reason.message} [{reason.code}]\n")
+            message = "" if reason.message.strip() in shown else f" {reason.message}"
+            out.add(5, f"{mark}{message} [{reason.code}]")
             if reason.fix:
-                out.append(f"       fix: {reason.fix}\n", style="dim")
-        out.append("\n")
+                out.add(7, (f"fix: {reason.fix}", "dim"))
+        out.blank()
     if not steps:
-        out.append("(the trust core gave no step-by-step record for this decision)\n\n", style="dim")
+        out.add(0, ("(the trust core gave no step-by-step record for this decision)", "dim"))
+        out.blank()
     if decision.allowed:
-        out.append(f"Verdict: {OK} ALLOWED", style="bold " + tones["ok"])
-        out.append(" — every check above passed.\n")
+        out.add(0, (f"Verdict: {OK} ALLOWED", "bold " + tones["ok"]), " — every check above passed.")
     else:
-        out.append(f"Verdict: {BAD} REFUSED", style="bold " + tones["bad"])
         n = len(decision.reasons)
-        out.append(f" — {n} check{'s' if n != 1 else ''} failed:\n")
+        out.add(0, (f"Verdict: {BAD} REFUSED", "bold " + tones["bad"]),
+                f" — {n} check{'s' if n != 1 else ''} failed:")
         for reason in decision.reasons:
-            out.append(f"  • {reason.message} [{reason.code}]\n")
+            out.add(2, f"• {reason.message} [{reason.code}]")
             if reason.fix:
-                out.append(f"    fix: {reason.fix}\n", style="dim")
-    return out
+                out.add(4, (f"fix: {reason.fix}", "dim"))
+    return out.renderable(), out.plain()
 
 
 class WalkthroughScreen(FleetScreen):
@@ -91,8 +122,9 @@ class WalkthroughScreen(FleetScreen):
         self.sub_title = f"walkthrough: {name} → {self.host}"
         decision = self.escort.service.explain(self.vm_key, self.host, self.escort.admin)
         pane = self.query_one(DetailPane)
-        pane.show(render_walkthrough(name, self.host, decision, self.escort.admin,
-                                      self.escort.tones()))
+        body, plain = render_walkthrough(name, self.host, decision, self.escort.admin,
+                                         self.escort.tones())
+        pane.show(body, plain)
         pane.focus()
 
     def action_back(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import RenderableType
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
@@ -28,8 +29,12 @@ class DetailPane(VerticalScroll, can_focus=True):
     def plain(self) -> str:
         return self._plain
 
-    def show(self, content: Text | str) -> None:
-        text = content if isinstance(content, Text) else Text(content)
-        self._plain = text.plain
-        self._body.update(text)
+    def show(self, content: Text | str | RenderableType, plain: str | None = None) -> None:
+        """Show ``content``; ``plain`` is what ``c`` copies (defaults to the text itself)."""
+        if isinstance(content, str):
+            content = Text(content)
+        if plain is None:
+            plain = content.plain if isinstance(content, Text) else ""
+        self._plain = plain
+        self._body.update(content)
         self.scroll_home(animate=False)
