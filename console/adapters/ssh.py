@@ -410,12 +410,13 @@ class SshPool:
             else "a key of a type known_hosts has no entry for"
         )
         kh = self.known_hosts_path
+        check = f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub"
         if self._is_known(host, port):
             return HostKeyProblem(
                 KEY_CHANGED,
                 f"{where}host key CHANGED for {name}: it presented {presented}, which differs "
-                f"from {kh}; refused. If the host was really re-keyed, check the fingerprint on "
-                f"its console (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), then delete the old "
+                f"from the key in {kh}; refused. If the host was really re-keyed, check the "
+                f"fingerprint on its console ({check}), then delete the old "
                 f"line (ssh-keygen -R '{name}' -f {kh}) and add the new one",
                 f"verify the fingerprint on the host, then replace its line in {kh}",
                 key=key,
@@ -425,7 +426,7 @@ class SshPool:
             KEY_UNKNOWN,
             f"{where}host key unknown for {name}: it presented {presented}, not in {kh}; "
             f"refused. To accept it deliberately, check that fingerprint on the host "
-            f"(ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and add the host's line to {kh}",
+            f"({check}) and add the host's line to {kh}",
             f"verify the fingerprint on the host, then add its line to {kh}",
             key=key,
             known_hosts_name=name,
@@ -562,6 +563,15 @@ class SshPool:
             loop.run_until_complete(self.close())
             return
         asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout)
+
+
+def _key_type(key: asyncssh.SSHKey | None) -> str:
+    """The host key file's type word (``ssh_host_<type>_key.pub``) for an algorithm."""
+    alg = key.get_algorithm() if key is not None else ""
+    for word in ("ed25519", "ecdsa", "rsa", "ed448"):
+        if word in alg:
+            return word
+    return "*"
 
 
 def _is_closed(conn: asyncssh.SSHClientConnection) -> bool:
