@@ -281,6 +281,10 @@ class Lab:
         raise LabError("no free lab address range left (198.18.1-254.0/24 all in use)")
 
     def _build(self, t0: float) -> UpResult:
+        longest = self.dir / "hosts" / "rogue-1" / "run" / "libvirt" / "libvirt-sock"
+        if len(str(longest).encode()) > 107:
+            raise LabError(f"lab directory {self.dir} is too long for Unix socket paths "
+                           "(108 bytes); use a shorter --dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         shutil.rmtree(self.dir / "hosts", ignore_errors=True)
@@ -592,9 +596,10 @@ class Lab:
         vm_uuid = str(uuidlib.uuid4())
         meta = ""
         if owner:
-            if self.pki is None or h.plan is None:
-                raise LabError("a policy needs the lab's keys: call define_guest after up() "
-                               "in the same process")
+            if h.plan is None:
+                raise LabError(f"{host}: the jump host runs no guests")
+            if self.pki is None:
+                self.pki = certs.load(self.pki_dir)
             meta = guests.policy_metadata(self.pki, h.plan, GuestPlan(name, owner), vm_uuid)
         blob = guests.blob_path(self.dir, random_fill_mib) if random_fill_mib else None
         conn = self._open(h)

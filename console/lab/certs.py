@@ -121,3 +121,33 @@ def install_host(pki: LabPKI, plan: HostPlan, qemu_dir: Path) -> None:
     for role in ("server", "client"):
         _write(qemu_dir / f"{role}-cert.pem", iss.cert_pem(cert))
         _write(qemu_dir / f"{role}-key.pem", iss.key_pem(key), 0o600)
+
+
+def load(pki_dir: Path) -> LabPKI:
+    """The lab PKI read back from ``DIR/pki`` (a process other than the one that ran ``up``).
+
+    Host certificates are not loaded (their keys live in each host's private
+    /etc/pki); everything needed to sign policies and grants or to issue more is.
+    """
+    from cryptography.x509 import load_pem_x509_certificate
+
+    def issuer(cert: Path, key: Path) -> iss.Issuer:
+        return iss.Issuer(load_pem_x509_certificate(cert.read_bytes()),
+                          iss.load_private_key(key.read_bytes(), str(key)))
+
+    try:
+        return LabPKI(
+            root=issuer(pki_dir / "trust" / "root-ca.pem", pki_dir / "private" / "root-ca.key"),
+            intermediates={r: issuer(pki_dir / "trust" / f"{r}-ca.pem", pki_dir / "private" / f"{r}-ca.key")
+                           for r in ("eu-central", "eu-west")},
+            owners_ca=issuer(pki_dir / "owners-trust" / "owners-ca.pem",
+                             pki_dir / "private" / "owners-ca.key"),
+            owners={o: issuer(pki_dir / "owners" / f"{o}.pem", pki_dir / "owners" / f"{o}.key")
+                    for o in ("alice", "bob")},
+            rogue_root=issuer(pki_dir / "rogue" / "rogue-root-ca.pem",
+                              pki_dir / "private" / "rogue-root-ca.key"),
+        )
+    except (OSError, ValueError) as exc:
+        from console.core.errors import InputError
+
+        raise InputError(f"{pki_dir}: lab PKI incomplete ({exc}); run `escort lab up`") from exc

@@ -37,6 +37,7 @@ class GuestPlan:
     memory_mib: int = 64
     trust: tuple[str, ...] = ("root",)  # CAs the owner trusts: "root" or a region's CA
     require: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (key, values) as in a policy
+    labels: tuple[str, ...] = ()  # grants may cover "all of an owner's VMs labelled web"
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,14 @@ OWNERS = ("alice", "bob")
 
 HYPERVISORS: tuple[HostPlan, ...] = (
     HostPlan("fra-1", "eu-central", "DE", "Frankfurt", "eu-central", ("assurance:high",), 11,
-             (GuestPlan("web-1", "alice", trust=("eu-central", "eu-west")),
+             (GuestPlan("web-1", "alice", trust=("eu-central", "eu-west"), labels=("web",)),
               GuestPlan("db-1", "bob", trust=("eu-central",),
-                        require=(("policies", ("assurance:high",)),)))),
+                        require=(("policies", ("assurance:high",)),), labels=("db",)))),
     HostPlan("fra-2", "eu-central", "DE", "Frankfurt", "eu-central", ("assurance:high",), 12,
-             (GuestPlan("web-2", "alice", trust=("eu-central", "eu-west")),)),
+             (GuestPlan("web-2", "alice", trust=("eu-central", "eu-west"), labels=("web",)),)),
     HostPlan("par-1", "eu-west", "FR", "Paris", "eu-west", ("assurance:medium",), 13,
-             (GuestPlan("app-1", "alice", trust=("root",), require=(("country", ("DE", "FR")),)),)),
+             (GuestPlan("app-1", "alice", trust=("root",), require=(("country", ("DE", "FR")),),
+                        labels=("app",)),)),
     HostPlan("rogue-1", "eu-central", "DE", "Frankfurt", "rogue", ("assurance:high",), 14,
              (GuestPlan("stray-1", "bob", trust=("eu-central",)),)),
 )

@@ -42,6 +42,7 @@ def token_for(pki: LabPKI, guest: GuestPlan, vm_uuid: str, *, at: dt.datetime | 
         require={key: list(values) for key, values in guest.require},
         not_before=now - dt.timedelta(minutes=5),
         not_after=now + dt.timedelta(days=POLICY_DAYS),
+        labels=guest.labels,
     )
     return policy.sign_policy(payload, owner.key, [owner.cert])
 

@@ -201,7 +201,12 @@ def test_tls_live_migration_fra1_to_par1_and_refused_to_rogue(lab: Lab) -> None:
     libvirt = _libvirt()
     name = f"smoke-{secrets.token_hex(3)}"
     # 16 MiB of random RAM: the migration has real (incompressible) pages to send.
-    vm_uuid = lab.define_guest("fra-1", name, memory_mib=64, random_fill_mib=16, owner="alice")
+    # A second Lab object for the same lab (as another process would have): it reads
+    # the owners' keys back from DIR/pki to sign the guest's policy.
+    from console.lab import Lab as LabClass
+
+    vm_uuid = LabClass(lab.dir, lab.name).define_guest("fra-1", name, memory_mib=64,
+                                                       random_fill_mib=16, owner="alice")
     src, dst, rogue = (lab.open_libvirt(h) for h in ("fra-1", "par-1", ROGUE))
     try:
         dom = src.lookupByName(name)
