@@ -118,7 +118,8 @@ class VMCheck:
     def prepare(cls, uuid: str, name: str, current_host: str, policy: PolicyResult,
                 policy_names: Mapping[str, str] | None = None) -> VMCheck:
         req = policy.policy.requirements.policies if policy.policy else frozenset()
-        return cls(uuid, name, current_host, policy, resolve_policy_names(req, policy_names))
+        oids = resolve_policy_names(req, policy_names) if req else frozenset()
+        return cls(uuid, name, current_host, policy, oids)
 
     @property
     def label(self) -> str:

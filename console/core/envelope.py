@@ -102,6 +102,7 @@ class Opened:
     certs: tuple[x509.Certificate, ...] = ()
     owner: OwnerIdentity | None = None
     reasons: tuple[Reason, ...] = ()
+    chain_key: tuple[str, ...] = ()  # the x5c entries: identifies the owner chain for caching
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,33 @@ def _r(prefix: str, code: str, message: str, fix: str = "") -> Reason:
     return Reason(f"{prefix}.{code}", message, fix)
 
 
+def _b64url(segment: str) -> bytes:
+    if "=" in segment:  # RFC 7515 base64url carries no padding
+        raise ValueError("padded base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
 def _b64url_json(segment: str) -> Any:
-    pad = "=" * (-len(segment) % 4)
-    raw = base64.urlsafe_b64decode(segment + pad)
-    return json.loads(raw)
+    return json.loads(_b64url(segment))
+
+
+_HEADERS: dict[str, dict[str, Any] | None] = {}
+
+
+def _header(segment: str) -> dict[str, Any] | None:
+    """A JWS header segment as a dict (None if unusable), cached: one owner's tokens share it."""
+    if segment in _HEADERS:
+        hit = _HEADERS[segment]
+        return dict(hit) if hit is not None else None
+    try:
+        value = _b64url_json(segment)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        value = None
+    header = value if isinstance(value, dict) else None
+    if len(_HEADERS) >= _MAX_SIGNERS:
+        _HEADERS.clear()
+    _HEADERS[segment] = header
+    return dict(header) if header is not None else None
 
 
 def _check_claims(prefix: str, payload: Mapping[str, Any], fields: frozenset[str]) -> list[Reason]:
@@ -281,14 +305,54 @@ def _check_claims(prefix: str, payload: Mapping[str, Any], fields: frozenset[str
     return out
 
 
-def open_token(token: str, typ: str, fields: frozenset[str]) -> Opened:
+@dataclass(frozen=True)
+class _Signer:
+    """What one x5c chain yields, computed once per chain (owners sign many documents)."""
+
+    key: tuple[str, ...]
+    certs: tuple[x509.Certificate, ...]
+    owner: OwnerIdentity
+    alg: str
+    jose: JoseKey | None
+    problem: str = ""
+
+
+_SIGNERS: dict[tuple[str, ...], _Signer | str] = {}
+_MAX_SIGNERS = 4096
+
+
+def _signer(x5c: tuple[str, ...]) -> _Signer | str:
+    """Parsed x5c chain (cached), or an error text when it holds no DER certificates."""
+    hit = _SIGNERS.get(x5c)
+    if hit is not None:
+        return hit
+    result: _Signer | str
+    try:
+        certs = tuple(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c)
+    except (ValueError, binascii.Error) as exc:
+        result = str(exc) or "not DER"
+    else:
+        owner = owner_identity(certs[0])
+        pub = certs[0].public_key()
+        try:
+            result = _Signer(x5c, certs, owner, alg_for_key(pub), _jose_key(pub))
+        except InputError as exc:
+            result = _Signer(x5c, certs, owner, "", None, str(exc))
+    if len(_SIGNERS) >= _MAX_SIGNERS:
+        _SIGNERS.clear()
+    _SIGNERS[x5c] = result
+    return result
+
+
+def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -> Opened:
     """Parse ``token``, check its header, signature and claim schema (no time, no trust).
 
-    ``fields`` are the document's own payload fields beyond the common claims.
+    ``fields`` are the document's own payload fields beyond the common claims;
+    ``digest`` may be passed when the caller has computed it already.
     """
     prefix = PREFIX[typ]
     token = token.strip()
-    digest = token_digest(token)
+    digest = digest or token_digest(token)
 
     def bad(code: str, message: str, fix: str, header: Mapping[str, Any] | None = None) -> Opened:
         return Opened(token, digest, typ, header or {}, None, reasons=(_r(prefix, code, message, fix),))
@@ -302,13 +366,9 @@ def open_token(token: str, typ: str, fields: frozenset[str]) -> Opened:
     if len(parts) != 3 or not token.isascii():
         return bad("malformed", f"the {prefix} is not a compact JWS (three base64url parts)",
                    f"attach the {prefix} exactly as `escort {prefix} sign/issue` wrote it")
-    try:
-        header = _b64url_json(parts[0])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    header = _header(parts[0])
+    if header is None:
         return bad("malformed", f"the {prefix}'s JWS header is not base64url JSON",
-                   f"attach the {prefix} exactly as it was signed")
-    if not isinstance(header, dict):
-        return bad("malformed", f"the {prefix}'s JWS header is not a JSON object",
                    f"attach the {prefix} exactly as it was signed")
     alg = header.get("alg")
     if not isinstance(alg, str) or alg.lower() == "none" or not parts[2]:
@@ -331,48 +391,74 @@ def open_token(token: str, typ: str, fields: frozenset[str]) -> Opened:
     if len(x5c) > MAX_CHAIN:
         return bad("malformed", f"the {prefix}'s x5c has more than {MAX_CHAIN} certificates",
                    "include only the owner certificate and its intermediates", header)
-    try:
-        certs = tuple(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c)
-    except (ValueError, binascii.Error):
+    signer = _signer(tuple(x5c))
+    if isinstance(signer, str):
         return bad("malformed", f"the {prefix}'s x5c holds something that is not a DER certificate",
                    "re-sign it with the owner certificate chain", header)
-    owner = owner_identity(certs[0])
-    pub = certs[0].public_key()
-    try:
-        key_alg = alg_for_key(pub)
-    except InputError as exc:
+    certs, owner = signer.certs, signer.owner
+    if signer.problem:
         return Opened(token, digest, typ, header, None, certs, owner,
-                      (_r(prefix, "alg", f"the owner's key is unusable: {exc}",
-                          "issue the owner an EC P-256, RSA or Ed25519 certificate"),))
-    if key_alg != alg:
+                      (_r(prefix, "alg", f"the owner's key is unusable: {signer.problem}",
+                          "issue the owner an EC P-256, RSA or Ed25519 certificate"),), signer.key)
+    if signer.alg != alg:
         return Opened(token, digest, typ, header, None, certs, owner,
-                      (_r(prefix, "signature", f"the {prefix} claims {alg} but the owner key needs {key_alg}",
-                          f"re-sign the {prefix} with the owner's own key"),))
+                      (_r(prefix, "signature",
+                          f"the {prefix} claims {alg} but the owner key needs {signer.alg}",
+                          f"re-sign the {prefix} with the owner's own key"),), signer.key)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SecurityWarning)
-            obj = jws.deserialize_compact(token, _jose_key(pub), registry=_registry(alg))
+        raw_payload = _b64url(parts[1])
+    except (ValueError, binascii.Error):
+        return bad("malformed", f"the {prefix}'s payload is not base64url",
+                   f"attach the {prefix} exactly as it was signed", header)
+    # The header segment was parsed once (and cached: an owner's tokens share it), so
+    # the JWS object is assembled from the parts instead of letting joserfc parse the
+    # ~1 KiB x5c header again; joserfc still checks the header and the signature.
+    obj = jws.CompactSignature(dict(header), raw_payload)
+    obj.segments.update({"header": parts[0].encode(), "payload": parts[1].encode(),
+                         "signature": parts[2].encode()})
+    try:
+        if alg == "EdDSA":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SecurityWarning)
+                good = jws.validate_compact(obj, signer.jose, registry=_registry(alg))
+        else:
+            good = jws.validate_compact(obj, signer.jose, registry=_registry(alg))
     except JoseError:
+        good = False
+    if not good:
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "signature",
                           f"the {prefix}'s signature does not verify with {owner.label()}'s key "
                           "(tampered with, or signed by someone else)",
-                          f"ask the owner to sign the {prefix} again"),))
+                          f"ask the owner to sign the {prefix} again"),), signer.key)
     try:
-        payload = json.loads(obj.payload)
+        payload = json.loads(raw_payload)
     except (ValueError, UnicodeDecodeError):
         payload = None
     if not isinstance(payload, dict):
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "malformed", f"the {prefix}'s payload is not a JSON object",
-                          f"re-sign the {prefix} with escort"),))
+                          f"re-sign the {prefix} with escort"),), signer.key)
     reasons = _check_claims(prefix, payload, fields)
     iss = payload.get("iss")
     if isinstance(iss, str) and iss and not owner.matches_iss(iss):
         reasons.append(_r(prefix, "issuer_mismatch",
                           f"the {prefix} names issuer {iss!r} but is signed by {owner.label()}",
                           f"the owner must sign their own {prefix}s"))
-    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons))
+    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons), signer.key)
+
+
+#: ``open_token`` without the certificate objects (which cannot be pickled): what a
+#: worker process sends back when tokens are opened in parallel (see ``adopt``).
+Portable = tuple[str, Mapping[str, Any] | None, tuple[Reason, ...], tuple[str, ...]]
+
+
+def open_portable(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> list[Portable]:
+    out: list[Portable] = []
+    for token in tokens:
+        o = open_token(token, typ, fields)
+        out.append((o.digest, o.payload, o.reasons, o.chain_key))
+    return out
 
 
 @dataclass
@@ -392,13 +478,28 @@ class EnvelopeVerifier:
         key = (token_digest(token), typ)
         hit = self._opened.get(key)
         if hit is None:
-            hit = self._opened[key] = open_token(token, typ, fields)
+            hit = self._opened[key] = open_token(token, typ, fields, key[0])
         return hit
 
-    def owner_chain(self, certs: Sequence[x509.Certificate], at: dt.datetime) -> ChainResult | None:
+    def is_open(self, token: str, typ: str) -> bool:
+        return (token_digest(token), typ) in self._opened
+
+    def adopt(self, token: str, typ: str, portable: Portable) -> Opened:
+        """Cache a token opened elsewhere (another process); certificates come from x5c again."""
+        digest, payload, reasons, chain_key = portable
+        token = token.strip()
+        header = _header(token.split(".")[0]) or {}
+        signer = _signer(chain_key) if chain_key else None
+        certs, owner = (signer.certs, signer.owner) if isinstance(signer, _Signer) else ((), None)
+        opened = Opened(token, digest, typ, header, payload, certs, owner, reasons, chain_key)
+        self._opened[(digest, typ)] = opened
+        return opened
+
+    def owner_chain(self, certs: Sequence[x509.Certificate], at: dt.datetime,
+                    chain_key: tuple[str, ...] = ()) -> ChainResult | None:
         if self.owners is None:
             return None
-        key = (tuple(fingerprint(c) for c in certs), at)
+        key = (chain_key or tuple(fingerprint(c) for c in certs), at)
         hit = self._chains.get(key)
         if hit is None:
             hit = self._chains[key] = self.owners.verify_owner(certs[0], certs[1:], at)
@@ -415,7 +516,7 @@ class EnvelopeVerifier:
         warns: list[Reason] = []
         chain: ChainResult | None = None
         if opened.certs and opened.owner is not None:
-            chain = self.owner_chain(opened.certs, at)
+            chain = self.owner_chain(opened.certs, at, opened.chain_key)
             who = opened.owner.label()
             if chain is None:
                 reasons.append(_r(prefix, "owner_untrusted",
@@ -466,10 +567,12 @@ __all__ = [
     "Opened",
     "OwnerIdentity",
     "OwnerVerifier",
+    "Portable",
     "Verified",
     "alg_for_key",
     "decode_unverified",
     "fingerprint",
+    "open_portable",
     "open_token",
     "owner_identity",
     "sign",

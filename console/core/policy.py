@@ -147,6 +147,70 @@ class PolicyResult:
         return self.policy is not None and not self.reasons
 
 
+#: (trusted_cas, require) as canonical JSON -> parsed result. Many VMs share a policy's
+#: shape, so parsing and hashing it once per shape also makes equal Requirements the
+#: *same* object, which keeps grouping in the matrix cheap.
+_SHAPES: dict[str, tuple[tuple[TrustedCA, ...], Requirements | None, tuple[Reason, ...]]] = {}
+_MAX_SHAPES = 65536
+
+
+def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Requirements | None,
+                                                   tuple[Reason, ...]]:
+    # repr is a cheap, exact key for JSON values (escort signs with sorted keys, so equal
+    # shapes print equally; a differently ordered equal shape merely misses the cache)
+    key = repr((raw_cas, req))
+    hit = _SHAPES.get(key) if key else None
+    if hit is not None:
+        return hit
+    reasons: list[Reason] = []
+
+    def bad(message: str) -> None:
+        reasons.append(Reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
+
+    cas: list[TrustedCA] = []
+    if not isinstance(raw_cas, list) or not raw_cas:
+        bad("the policy trusts no CA (trusted_cas is missing or empty)")
+    else:
+        for i, entry in enumerate(raw_cas):
+            extra = set(entry) - {"name", "sha256"} if isinstance(entry, dict) else set()
+            if extra:
+                reasons.append(Reason("policy.unknown_field",
+                                      f"trusted_cas[{i}] has unknown field(s) {', '.join(sorted(extra))}",
+                                      "re-sign the policy with `escort policy sign`"))
+                continue
+            if not isinstance(entry, dict) or "sha256" not in entry:
+                bad(f"trusted_cas[{i}] is not {{name, sha256}}")
+                continue
+            try:
+                fp = normalize_fingerprint(str(entry["sha256"]))
+            except InputError:
+                bad(f"trusted_cas[{i}].sha256 is not a SHA-256 fingerprint")
+                continue
+            cas.append(TrustedCA(str(entry.get("name", fp[:16])), fp))
+    sets: dict[str, frozenset[str]] = {}
+    if not isinstance(req, dict):
+        bad("the policy's require is not a table")
+        req = {}
+    unknown = sorted(set(req) - set(REQUIRE_KEYS))
+    if unknown:
+        reasons.append(Reason("policy.unknown_field", f"the policy requires unknown attribute(s) "
+                              f"{', '.join(unknown)}", "re-sign the policy with `escort policy sign`"))
+    for k in REQUIRE_KEYS:
+        values = req.get(k, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            bad(f"require.{k} is not a list of strings")
+            values = []
+        sets[k] = frozenset(values)
+    fps = frozenset(c.fingerprint for c in cas)
+    requirements = None if reasons else Requirements(trusted_cas=fps, **sets)
+    result = (tuple(cas), requirements, tuple(reasons))
+    if key:
+        if len(_SHAPES) >= _MAX_SHAPES:
+            _SHAPES.clear()
+        _SHAPES[key] = result
+    return result
+
+
 def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, list[Reason]]:
     """The policy's own fields -> PlacementPolicy, or reasons (common claims are checked already)."""
     reasons: list[Reason] = []
@@ -165,54 +229,19 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, lis
     if not isinstance(vm_name, str):
         bad("the policy's vm_name is not a string")
         vm_name = ""
-    cas: list[TrustedCA] = []
-    raw_cas = payload.get("trusted_cas")
-    if not isinstance(raw_cas, list) or not raw_cas:
-        bad("the policy trusts no CA (trusted_cas is missing or empty)")
-    else:
-        for i, entry in enumerate(raw_cas):
-            if not isinstance(entry, dict) or set(entry) - {"name", "sha256"} or "sha256" not in entry:
-                if isinstance(entry, dict) and set(entry) - {"name", "sha256"}:
-                    reasons.append(Reason("policy.unknown_field",
-                                          f"trusted_cas[{i}] has unknown field(s) "
-                                          f"{', '.join(sorted(set(entry) - {'name', 'sha256'}))}",
-                                          "re-sign the policy with `escort policy sign`"))
-                else:
-                    bad(f"trusted_cas[{i}] is not {{name, sha256}}")
-                continue
-            try:
-                fp = normalize_fingerprint(str(entry["sha256"]))
-            except InputError:
-                bad(f"trusted_cas[{i}].sha256 is not a SHA-256 fingerprint")
-                continue
-            cas.append(TrustedCA(str(entry.get("name", fp[:16])), fp))
-    req = payload.get("require", {})
-    sets: dict[str, frozenset[str]] = {}
-    if not isinstance(req, dict):
-        bad("the policy's require is not a table")
-        req = {}
-    unknown = sorted(set(req) - set(REQUIRE_KEYS))
-    if unknown:
-        reasons.append(Reason("policy.unknown_field", f"the policy requires unknown attribute(s) "
-                              f"{', '.join(unknown)}", "re-sign the policy with `escort policy sign`"))
-    for key in REQUIRE_KEYS:
-        values = req.get(key, [])
-        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-            bad(f"require.{key} is not a list of strings")
-            values = []
-        sets[key] = frozenset(values)
+    cas, requirements, shape_reasons = _parse_shape(payload.get("trusted_cas"), payload.get("require", {}))
+    reasons.extend(shape_reasons)
     labels = payload.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
         bad("the policy's labels are not a list of strings")
         labels = []
-    if reasons or vm_uuid is None:
+    if reasons or vm_uuid is None or requirements is None:
         return None, reasons
-    requirements = Requirements(trusted_cas=frozenset(c.fingerprint for c in cas), **sets)
     policy = PlacementPolicy(
         vm_uuid=vm_uuid,
         vm_name=vm_name,
         owner=str(payload["iss"]),
-        trusted_cas=tuple(cas),
+        trusted_cas=cas,
         requirements=requirements,
         not_before=dt.datetime.fromtimestamp(payload["nbf"], dt.UTC),
         not_after=dt.datetime.fromtimestamp(payload["exp"], dt.UTC),
@@ -252,7 +281,8 @@ class PolicyBook:
                 body = self._bodies[opened.digest] = (parsed, tuple(why))
             policy = body[0]
             reasons.extend(body[1])
-        if policy is not None and vm_uuid is not None and normalize_uuid(vm_uuid) != policy.vm_uuid:
+        if (policy is not None and vm_uuid is not None and vm_uuid != policy.vm_uuid
+                and normalize_uuid(vm_uuid) != policy.vm_uuid):
             reasons.append(Reason(
                 "policy.vm_mismatch",
                 f"the policy is for VM {policy.vm_uuid} ({policy.vm_name or 'unnamed'}), "
@@ -345,7 +375,9 @@ def resolve_policy_names(names: Iterable[str], table: Mapping[str, str] | None =
     Host attributes and requirements are both mapped through this so that
     ``assurance:high`` in a policy matches the OID in a certificate and vice versa.
     """
-    merged = {**DEFAULT_POLICY_NAMES, **(table or {})}
+    if not table:
+        return frozenset(DEFAULT_POLICY_NAMES.get(n, n) for n in names)
+    merged = {**DEFAULT_POLICY_NAMES, **table}
     return frozenset(merged.get(n, n) for n in names)
 
 

@@ -104,3 +104,35 @@ def test_readonly(fleet: FleetFiles) -> None:
     with pytest.raises(ReadOnlyError, match="migrate"):
         s.require_writable("migrate")
     FleetService.load(fleet.fleet, at=T0).require_writable("migrate")
+
+
+def test_parallel_open_matches_in_process(fleet: FleetFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    from console.core import policy as pol
+    from console.core.envelope import TYP_POLICY
+    from console.services import fleet as svc
+
+    kit = fleet.kit
+    tokens = []
+    for i in range(12):
+        u = f"00000000-0000-4000-8000-{i:012d}"
+        payload = pol.build_policy_payload(owner=kit.alice.email, vm_uuid=u, vm_name=f"v{i}",
+                                           trusted_cas=[("EU", fp(kit.eu.cert))], require={"country": ["DE"]},
+                                           not_before=T0 - dt.timedelta(days=1),
+                                           not_after=T0 + dt.timedelta(days=1))
+        tokens.append((u, pol.sign_policy(payload, kit.alice.key, kit.alice.chain)))
+    h, p, s = tokens[3][1].split(".")
+    tokens[3] = (tokens[3][0], f"{h}.{p}.{s[:-4]}AAAA")  # one tampered token
+    tokens.append((DB_UUID, tokens[0][1]))  # one attached to the wrong VM
+    store = FleetService.load(fleet.fleet, at=T0).owners
+    monkeypatch.setattr(svc, "PARALLEL_MIN_TOKENS", 1)
+    par = pol.PolicyBook(store)
+    assert svc.open_tokens_parallel(par.envelopes, (t for _, t in tokens), TYP_POLICY, pol.POLICY_FIELDS,
+                                    workers=2) == len(tokens) - 1
+    seq = pol.PolicyBook(store)
+    got, want = par.verify_many(tokens, T0), seq.verify_many(tokens, T0)
+    assert got == want
+    assert [r.code for r in got[tokens[3][0]].reasons] == ["policy.signature"]
+    assert [r.code for r in got[DB_UUID].reasons] == ["policy.vm_mismatch"]
+    assert sum(r.valid for r in got.values()) == 11
