@@ -165,7 +165,7 @@ class InventoryService:
             )
             await self._forget(spec)
         except EscortError as exc:
-            problem = Reason("host.error", f"{spec.name}: {exc}")
+            problem = Reason("host.error", f"{spec.name}: {_unprefixed(exc, spec.name)}")
             await self._forget(spec)
         except Exception as exc:  # one host's surprise must not end everyone's refresh
             problem = Reason(
@@ -193,11 +193,13 @@ class InventoryService:
                 raise  # SSH itself failed: a host problem, not a certificate problem
             return facts, Reason(
                 CERT_UNREADABLE,
-                f"{spec.name}: certificate unreadable: {exc}",
+                f"{spec.name}: certificate unreadable: {_unprefixed(exc, spec.name)}",
                 f"check {spec.remote_cert if spec.ssh else spec.cert_file} on the host",
             )
         except EscortError as exc:
-            return facts, Reason(CERT_UNREADABLE, f"{spec.name}: certificate unreadable: {exc}")
+            return facts, Reason(
+                CERT_UNREADABLE, f"{spec.name}: certificate unreadable: {_unprefixed(exc, spec.name)}"
+            )
         return replace(facts, cert_pem=cert), None
 
     async def _facts(self, spec: HostSpec) -> HostFacts:
@@ -258,3 +260,8 @@ class InventoryService:
             await self._close_libvirt(name)
         if self._pool is not None:
             await self._pool.close()
+
+
+def _unprefixed(exc: BaseException, name: str) -> str:
+    """The error's text without a leading "<host>: " (the reason adds its own)."""
+    return str(exc).removeprefix(f"{name}: ")

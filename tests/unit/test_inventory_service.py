@@ -143,6 +143,7 @@ async def test_each_failure_stays_on_its_host(tmp_path, client_key, make_host):
         nocert = results["nocert"]
         assert nocert.facts is not None and nocert.facts.cert_pem == b""
         assert nocert.problem is not None and "missing.pem" in nocert.problem.message
+        assert nocert.problem.message.count("nocert:") == 1
         for name in ("down", "changed", "noauth", "novirt"):
             assert results[name].facts is None
             assert results[name].problem is not None
