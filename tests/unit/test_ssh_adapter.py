@@ -431,6 +431,27 @@ async def test_reconnect_after_drop_and_server_side_close(tmp_path, client_key, 
         await pool.close()
 
 
+async def test_keepalive_notices_a_silent_peer(tmp_path, client_key, make_host):
+    host = await make_host()
+    pool = _pool(tmp_path, client_key, host, keepalive_interval=0.2, keepalive_count_max=2)
+    try:
+        conn = await pool.connect(host.addr)
+        for server_conn in host.conns:
+            server_conn._transport.pause_reading()  # the host hangs: nothing is answered
+        for _ in range(50):
+            if conn.is_closed():
+                break
+            await asyncio.sleep(0.05)
+        assert conn.is_closed()
+        assert pool.cached(host.addr) is None
+        for server_conn in host.conns:
+            server_conn._transport.resume_reading()
+        assert await pool.run(host.addr, "echo back") == b"back\n"
+        assert pool.connects == 2
+    finally:
+        await pool.close()
+
+
 def test_close_threadsafe_runs_on_the_pool_loop(tmp_path, client_key):
     async def scenario() -> tuple[SshPool, asyncssh.SSHClientConnection]:
         host_key = asyncssh.generate_private_key("ssh-ed25519")
