@@ -18,7 +18,7 @@ import datetime as dt
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,28 +54,39 @@ def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
 
 
 def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ: str,
-                         fields: frozenset[str], *, workers: int | None = None) -> int:
+                         fields: frozenset[str], *, workers: int | None = None,
+                         meanwhile: Callable[[], object] | None = None,
+                         own_share: float | None = None) -> int:
     """Open (parse + signature check) many tokens on every core, ahead of the matrix.
 
-    Signature checks dominate a big fleet's load (10,000 ES256 policies ~ 1.5-2 s on one
-    core), and they are independent, so they are split across worker processes (the
-    caller's process takes one share). Results land in ``verifier``'s cache; the
-    time and owner-chain checks then run in-process as usual. Falls back to doing
-    nothing (the lazy in-process path) when there is one core, few tokens, or other
-    threads are running (forking a threaded process is unsafe — e.g. inside the UI).
-    Returns the number of tokens opened in parallel.
+    Signature checks dominate a big fleet's load (10,000 ES256 policies ~ 1.5-2 s of
+    CPU), and they are independent, so they are split across worker processes and
+    this process. ``meanwhile`` is other work for this process to do while the workers
+    run (the host chain checks), in which case it keeps only ``own_share`` of the
+    tokens. Results land in ``verifier``'s cache; the time and owner-chain checks then
+    run in-process as usual. Falls back to the lazy in-process path (after running
+    ``meanwhile``) when there is one core, few tokens, or other threads are running
+    (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
+    tokens opened here.
     """
     todo = list(dict.fromkeys(t.strip() for t in tokens if t and not verifier.is_open(t, typ)))
     n = workers if workers is not None else (os.cpu_count() or 1)
     if (n <= 1 or len(todo) < PARALLEL_MIN_TOKENS or threading.active_count() > 1
             or "fork" not in multiprocessing.get_all_start_methods()):
+        if meanwhile is not None:
+            meanwhile()
         return 0
-    chunks = [todo[i::n] for i in range(n)]
+    share = own_share if own_share is not None else (0.5 / n if meanwhile else 1 / n)
+    own = int(len(todo) * share)
+    rest = todo[own:]
+    chunks = [rest[i::n - 1] for i in range(n - 1)]
     with ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(_open_chunk, (chunk, typ, fields)) for chunk in chunks[1:]]
-        for token, portable in zip(chunks[0], open_portable(chunks[0], typ, fields), strict=True):
+        futures = [pool.submit(_open_chunk, (chunk, typ, fields)) for chunk in chunks]
+        if meanwhile is not None:
+            meanwhile()
+        for token, portable in zip(todo[:own], open_portable(todo[:own], typ, fields), strict=True):
             verifier.adopt(token, typ, portable)
-        for chunk, future in zip(chunks[1:], futures, strict=True):
+        for chunk, future in zip(chunks, futures, strict=True):
             for token, portable in zip(chunk, future.result(), strict=True):
                 verifier.adopt(token, typ, portable)
     return len(todo)
@@ -170,7 +181,6 @@ class FleetService:
         self._grants = GrantBook(self.owners)
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
-            self._load_host_cert(h)
         for v in spec.vms:
             rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus)
             if v.policy_file:
@@ -181,8 +191,9 @@ class FleetService:
                     rec.token_problem = self._problem(v.policy_file, "policy.unreadable", msg,
                                                       "fix policy_file for this VM", fatal=True)
             self._vms[v.uuid] = rec
+        # host chains are checked here while worker processes check policy signatures
         open_tokens_parallel(self._policies.envelopes, (r.token for r in self._vms.values()), TYP_POLICY,
-                             POLICY_FIELDS)
+                             POLICY_FIELDS, meanwhile=lambda: self._load_host_certs(spec.hosts))
         for source in self._grant_files(spec.grant_files):
             try:
                 token = read_limited(source, what="grant").decode("ascii").strip()
@@ -216,6 +227,10 @@ class FleetService:
             return None
         self.problems.extend(problems)
         return store
+
+    def _load_host_certs(self, hosts: Iterable[HostSpec]) -> None:
+        for h in hosts:
+            self._load_host_cert(h)
 
     def _load_host_cert(self, h: HostSpec) -> None:
         view = self._hosts[h.name]
