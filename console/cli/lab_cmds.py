@@ -81,14 +81,19 @@ def lab_status(ctx: click.Context, dir_: str | None, name: str, as_json: bool) -
     """Hosts, their PIDs, and whether sshd and libvirtd answer."""
     lab = _lab(dir_, name)
     hosts = lab.status()
-    healthy = all(h.sshd_ok and (h.kind == "jump" or h.libvirtd_ok) for h in hosts)
+    recorded = lab.recorded_status
+    healthy = recorded == "up" and all(h.sshd_ok and (h.kind == "jump" or h.libvirtd_ok)
+                                       for h in hosts)
     if as_json:
         from dataclasses import asdict
 
         click.echo(json.dumps({"name": lab.name, "dir": str(lab.dir), "up": healthy,
+                               "recorded_status": recorded,
                                "hosts": [asdict(h) for h in hosts]}, indent=2))
     else:
-        click.echo(f"lab {lab.name!r} in {lab.dir}")
+        note = {"up": "", "starting": " - an earlier `up` did not finish: run `escort lab up`",
+                "down": " - stopped: run `escort lab up`"}.get(recorded, "")
+        click.echo(f"lab {lab.name!r} in {lab.dir}: {recorded or 'unknown'}{note}")
         click.echo(f"{'HOST':<9} {'ADDRESS':<15} {'SSHD':<13} {'LIBVIRTD':<13} GUESTS / PROBLEM")
         for h in hosts:
             sshd = f"{'ok' if h.sshd_ok else 'DOWN'} {h.sshd_pid or '-'}"

@@ -50,10 +50,10 @@ from .hosts import (
     JUMP,
     JUMP_BACK_OCTET,
     JUMP_FRONT_OCTET,
+    LAB_SUPERNET,
     HostPlan,
     LabHost,
     back_ip,
-    back_net,
     check_name,
     client_link,
     front_ip,
@@ -356,10 +356,11 @@ class Lab:
         netns.ip("addr", "add", f"{front_ip(index, CLIENT_FRONT_OCTET)}/24", "dev", link)
         netns.ip("link", "set", link, "up")
         netns.ip("-n", sw, "link", "set", "f-client", "master", "front", "up")
-        # The back network exists only inside the lab. Without this route the root
-        # namespace would send packets for it to its default gateway, i.e. off the
-        # machine (a console set up without the jump host would do exactly that).
-        netns.ip("route", "replace", "unreachable", back_net(index))
+        # Lab addresses exist only inside labs. Without this route the root namespace
+        # would send packets for a back network (a console set up without the jump
+        # host) or for a lab that is down (a stale fleet file) to its default gateway,
+        # i.e. off the machine. Connected /24s of running labs are more specific.
+        netns.ip("route", "replace", "unreachable", LAB_SUPERNET)
         for h in hosts:
             netns.add_netns(h.ns)
             _no_ipv6(h.ns)
@@ -628,6 +629,12 @@ class Lab:
             return False
         return proc.stdout.startswith(b"SSH-")
 
+    @property
+    def recorded_status(self) -> str:
+        """What ``lab.json`` says: "up", "starting" (an ``up`` did not finish), "down", or ""."""
+        value = self._state().get("status", "")
+        return value if isinstance(value, str) else ""
+
     def status(self) -> list[HostStatus]:
         require_root()
         out: list[HostStatus] = []
@@ -713,9 +720,10 @@ class Lab:
         link = client_link(self.name)
         if netns.link_exists(link):
             netns.ip("link", "del", link, check=False)
-        index = self._state().get("index")
-        if isinstance(index, int):
-            netns.ip("route", "del", "unreachable", back_net(index), check=False)
+        others = [w.rstrip(":").split("@")[0] for w in
+                  netns.ip("-o", "link", "show", check=False).stdout.split() if w.startswith("esc-")]
+        if not others:  # the last lab on this machine is gone: leave the routes as found
+            netns.ip("route", "del", "unreachable", LAB_SUPERNET, check=False)
         if self.state_file.exists():
             self._write_state(status="down")
         return stopped

@@ -26,6 +26,8 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 FRONT_FMT = "198.18.{n}.{h}"
 BACK_FMT = "198.19.{n}.{h}"
 PREFIX_LEN = 24
+#: Both lab ranges; the root namespace routes it to "unreachable" while a lab exists.
+LAB_SUPERNET = "198.18.0.0/15"
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,6 @@ def back_ip(index: int, octet: int) -> str:
 
 def front_net(index: int) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"198.18.{index}.0/{PREFIX_LEN}")
-
-
-def back_net(index: int) -> str:
-    return f"198.19.{index}.0/{PREFIX_LEN}"
 
 
 def hypervisor(name: str) -> HostPlan:
