@@ -186,6 +186,24 @@ def test_fault_injection_round_trip(lab: Lab) -> None:
         lab.start_libvirtd(host)
     assert {s.name: s for s in lab.status()}[host].libvirtd_ok
 
+    libvirt = _libvirt()
+    name = f"victim-{secrets.token_hex(3)}"
+    lab.define_guest(host, name)
+    conn = lab.open_libvirt(host)
+    try:
+        dom = conn.lookupByName(name)
+        assert dom.isActive()
+        lab.kill_qemu(host, name)
+        deadline = time.monotonic() + 5
+        while dom.isActive():
+            assert time.monotonic() < deadline, "libvirt did not notice the killed QEMU"
+            time.sleep(0.05)
+        state, reason = dom.state()
+        assert state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+        dom.undefine()
+    finally:
+        conn.close()
+
 
 def _migrate(lab: Lab, dom: Any, dst: str, dconn: Any) -> Any:
     libvirt = _libvirt()
