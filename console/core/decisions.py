@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .envelope import sentence, reason
 from .grants import AdminRef, GrantResult, authorise
 from .pki import ChainResult, HostAttributes
 from .policy import PolicyResult, Requirements, resolve_policy_names
@@ -149,7 +150,7 @@ def _attribute_reasons(vm: VMCheck, host: HostCheck, req: Requirements, owner: s
             matched.append(f"{words} {have} is allowed")
             continue
         have_text = f"{words} {have}" if have else f"no {words} in its certificate"
-        reasons.append(Reason(
+        reasons.append(reason(
             f"attr.{key}",
             f"host {host.name} has {have_text}; {vm.label}'s policy requires {_join(wanted)}",
             f"choose a host with {words} {_join(wanted)}, or ask {owner} to re-sign the policy "
@@ -159,7 +160,7 @@ def _attribute_reasons(vm: VMCheck, host: HostCheck, req: Requirements, owner: s
                          if resolve_policy_names([p], policy_names) - host.policy_oids)
         if missing:
             for p in missing:
-                reasons.append(Reason(
+                reasons.append(reason(
                     "attr.policy",
                     f"host {host.name}'s certificate lacks policy {p}, which {vm.label}'s policy requires",
                     f"choose a host certified for {p}, or have its CA issue a certificate with {p}"))
@@ -201,13 +202,13 @@ def decide(
     warns.extend(pr.warnings)
     if pol is None:
         steps.append(Step("Owner's policy", False,
-                          "; ".join(r.message for r in pr.reasons) or "the VM has no usable policy",
+                          " ".join(r.message for r in pr.reasons) or "the VM has no usable policy",
                           pr.reasons))
     else:
         detail = (f"signed by {owner_label}, valid {pol.not_before:%Y-%m-%d} to {pol.not_after:%Y-%m-%d}, "
                   f"requires {pol.summary()}; digest {pr.digest[:16]}")
         if pr.reasons:
-            detail += "; but " + "; ".join(r.message for r in pr.reasons)
+            detail += "; but " + " ".join(r.message for r in pr.reasons)
         steps.append(Step("Owner's policy", not pr.reasons, detail, pr.reasons))
 
     chain = host.chain
@@ -224,7 +225,7 @@ def decide(
                               f"the policy trusts {hits[0].name}, which is in {host.name}'s chain"))
         else:
             path = " -> ".join(reversed(_chain_names(chain)[1:])) or "no known CA"
-            untrusted = Reason(
+            untrusted = reason(
                 "ca.not_trusted",
                 f"host {host.name}'s certificate chains to {path}, none of which {vm.label}'s policy "
                 f"trusts (it trusts {trusted})",
@@ -235,7 +236,7 @@ def decide(
         if known_cas is not None:
             for c in pol.trusted_cas:
                 if c.fingerprint not in known_cas:
-                    warns.append(Reason("policy.ca_unknown",
+                    warns.append(reason("policy.ca_unknown",
                                         f"the policy trusts CA {c.name} ({c.fingerprint[:16]}…), "
                                         "which is not in the fleet's trust directory",
                                         "add that CA certificate to trust_dir, or re-sign the policy",
@@ -245,7 +246,7 @@ def decide(
     if chain is None:
         why = host.problem.message if host.problem and host.problem.code.startswith("cert") else \
             f"no certificate is known for host {host.name}"
-        no_cert = Reason("host.no_certificate", why,
+        no_cert = reason("host.no_certificate", why,
                          "set cert_file for the host in the fleet file, or refresh the host over SSH")
         errors.append(no_cert)
         steps.append(Step("Intermediate", None, "skipped: no host certificate"))
@@ -263,10 +264,10 @@ def decide(
             steps.append(Step("Intermediate", False, f"{host.name}'s chain could not be built to a root"))
         cert_errors = list(chain.reasons)
         if not chain.valid and not chain.reasons:
-            cert_errors.append(Reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
+            cert_errors.append(reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
                                       "check the host certificate with `escort cert verify`"))
         if chain.valid and host.attributes is None:
-            cert_errors.append(Reason("host.no_attributes",
+            cert_errors.append(reason("host.no_attributes",
                                       f"host {host.name}'s certificate attributes are unknown",
                                       "refresh the host or check its certificate file"))
         errors.extend(cert_errors)
@@ -277,7 +278,7 @@ def decide(
                               f"valid, chain checked to {names[-1]}; expires in {days} day(s)"))
         else:
             steps.append(Step("Host certificate", False,
-                              "; ".join(r.message for r in cert_errors) or "not valid", tuple(cert_errors)))
+                              " ".join(r.message for r in cert_errors) or "not valid", tuple(cert_errors)))
 
     # 5. attributes
     if pol is None or host.attributes is None:
@@ -286,7 +287,7 @@ def decide(
         bad, good = _attribute_reasons(vm, host, pol.requirements, owner_label, policy_names)
         errors.extend(bad)
         if bad:
-            steps.append(Step("Attributes matched", False, "; ".join(r.message for r in bad), tuple(bad)))
+            steps.append(Step("Attributes matched", False, " ".join(r.message for r in bad), tuple(bad)))
         else:
             steps.append(Step("Attributes matched", True,
                               "; ".join(good) or "the policy requires no attributes"))
@@ -306,19 +307,19 @@ def decide(
                               + (" (emergency only)" if g.emergency_only else "")))
         else:
             errors.extend(grant_why)
-            steps.append(Step("Grant", False, "; ".join(r.message for r in grant_why), tuple(grant_why)))
+            steps.append(Step("Grant", False, " ".join(r.message for r in grant_why), tuple(grant_why)))
 
     # 7. the host itself
     host_notes: list[str] = []
     host_errors: list[Reason] = []
     ok_host: bool | None = True
     if host.name == vm.current_host:
-        host_errors.append(Reason("host.current", f"{vm.label} already runs on {host.name}",
+        host_errors.append(reason("host.current", f"VM {vm.label} already runs on {host.name}",
                                   "choose another host as the target"))
         host_notes.append("it is the VM's current host")
     if host.reachability == "down":
         msg = host.problem.message if host.problem else f"host {host.name} is down"
-        host_errors.append(Reason("host.down",
+        host_errors.append(reason("host.down",
                                   msg if msg.startswith("host") else f"host {host.name} is down: {msg}",
                                   host.problem.fix if host.problem and host.problem.fix else
                                   "bring the host back, or choose another"))
@@ -339,6 +340,7 @@ def decide(
     steps.append(Step("Verdict", allowed,
                       f"{vm.label} may move to {host.name}" if allowed else
                       f"refused: {len(errs)} check(s) failed"))
+    steps = [Step(s.title, s.ok, sentence(s.detail), s.reasons) for s in steps]
     return Decision(vm.label, host.name, admin.id if admin else None, at, allowed,
                     tuple(errs) + tuple(_dedupe(warns)), tuple(steps))
 

@@ -43,7 +43,7 @@ from joserfc.jws import JWSRegistry
 
 from .errors import InputError
 from .pki import ChainResult
-from .reasons import Reason
+from .reasons import Reason, Severity
 
 TYP_POLICY = "escort-policy+jwt"
 TYP_GRANT = "escort-grant+jwt"
@@ -243,8 +243,21 @@ def sign(
         return jws.serialize_compact(header, body, _jose_key(key), registry=_registry(alg))
 
 
+def sentence(text: str) -> str:
+    if not text:
+        return text
+    if text[0].islower() and text[0].isascii():
+        text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def reason(code: str, message: str, fix: str = "", severity: Severity = "error") -> Reason:
+    """A Reason in the house style (sentences with a capital and a full stop), as pki writes them."""
+    return Reason(code, sentence(message), sentence(fix), severity)
+
+
 def _r(prefix: str, code: str, message: str, fix: str = "") -> Reason:
-    return Reason(f"{prefix}.{code}", message, fix)
+    return reason(f"{prefix}.{code}", message, fix)
 
 
 def _b64url(segment: str) -> bytes:
@@ -575,6 +588,7 @@ __all__ = [
     "open_portable",
     "open_token",
     "owner_identity",
+    "reason",
     "sign",
     "token_digest",
 ]

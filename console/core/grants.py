@@ -26,6 +26,7 @@ from .envelope import (
     OwnerIdentity,
     OwnerVerifier,
     decode_unverified,
+    reason,
 )
 from .envelope import sign as sign_envelope
 from .errors import InputError
@@ -94,7 +95,7 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[Grant | None, list[Reason]]
     reasons: list[Reason] = []
 
     def bad(message: str) -> None:
-        reasons.append(Reason("grant.malformed", message, "issue the grant again with `escort grant issue`"))
+        reasons.append(reason("grant.malformed", message, "issue the grant again with `escort grant issue`"))
 
     admin = payload.get("admin")
     ref: AdminRef | None = None
@@ -103,7 +104,7 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[Grant | None, list[Reason]]
     else:
         extra = sorted(set(admin) - ADMIN_FIELDS)
         if extra:
-            reasons.append(Reason("grant.unknown_field", f"the grant's admin has unknown field(s) "
+            reasons.append(reason("grant.unknown_field", f"the grant's admin has unknown field(s) "
                                   f"{', '.join(extra)}", "issue the grant again with `escort grant issue`"))
         aid, ssh_key, cert = admin.get("id"), admin.get("ssh_key", ""), admin.get("cert_sha256", "")
         if not isinstance(aid, str) or not aid:
@@ -199,40 +200,40 @@ def check_grant(
     reasons = list(result.reasons)
     grant = result.grant
     if grant is None:
-        return reasons or [Reason("grant.malformed", "the grant is unusable", "issue it again")]
+        return reasons or [reason("grant.malformed", "the grant is unusable", "issue it again")]
     who = result.owner.label() if result.owner else grant.owner
     if grant.admin.id != admin.id:
-        reasons.append(Reason("grant.wrong_admin",
+        reasons.append(reason("grant.wrong_admin",
                               f"the grant is for admin {grant.admin.id!r}, not {admin.id!r}",
                               f"ask the owner ({who}) for a grant naming {admin.id!r}"))
     else:
         if grant.admin.ssh_key and grant.admin.ssh_key != admin.ssh_key:
             have = admin.ssh_key or "no SSH key fingerprint in the fleet file"
-            reasons.append(Reason("grant.wrong_admin",
+            reasons.append(reason("grant.wrong_admin",
                                   f"the grant binds {admin.id!r} to SSH key {grant.admin.ssh_key}, "
                                   f"but the admin uses {have}",
                                   "use the key the grant names, or ask the owner for a grant for your key"))
         if grant.admin.cert_sha256 and grant.admin.cert_sha256 != admin.cert_sha256:
-            reasons.append(Reason("grant.wrong_admin",
+            reasons.append(reason("grant.wrong_admin",
                                   f"the grant binds {admin.id!r} to certificate "
                                   f"{grant.admin.cert_sha256[:16]}…, but the admin's certificate differs",
                                   "use the certificate the grant names, or ask the owner for a new grant"))
     vm = normalize_uuid(vm_uuid)
     labels = set(vm_labels)
     if vm not in grant.vms and not (grant.label and grant.label in labels):
-        reasons.append(Reason("grant.wrong_vm", f"the grant covers {grant.scope()}, not VM {vm}",
+        reasons.append(reason("grant.wrong_vm", f"the grant covers {grant.scope()}, not VM {vm}",
                               f"ask the owner ({who}) for a grant naming this VM"))
     if policy_owner is None:
-        reasons.append(Reason("grant.owner_mismatch",
+        reasons.append(reason("grant.owner_mismatch",
                               "the VM has no valid owner policy, so no grant can be matched to its owner",
                               "attach a valid owner-signed policy to the VM first"))
     elif result.owner is not None and result.owner.key != policy_owner.key:
-        reasons.append(Reason("grant.owner_mismatch",
+        reasons.append(reason("grant.owner_mismatch",
                               f"the grant is signed by {result.owner.label()}, but the VM belongs to "
                               f"{policy_owner.label()}",
                               f"ask {policy_owner.label()} (the VM's owner) for the grant"))
     if grant.emergency_only and not emergency:
-        reasons.append(Reason("grant.emergency_only",
+        reasons.append(reason("grant.emergency_only",
                               "the grant is for emergencies (evacuations) only",
                               "use it from an evacuation, or ask the owner for an ordinary grant"))
     return reasons
@@ -260,11 +261,11 @@ def authorise(
                           emergency=emergency)
         if not why:
             return r, []
-        for reason in why:
-            if reason not in reasons:
-                reasons.append(reason)
+        for why_one in why:
+            if why_one not in reasons:
+                reasons.append(why_one)
     if not candidates:
-        reasons.append(Reason("grant.missing", f"no grant names admin {admin.id!r}",
+        reasons.append(reason("grant.missing", f"no grant names admin {admin.id!r}",
                               "ask the VM's owner to issue a grant (`escort grant issue`) and add it "
                               "to the fleet file's grants"))
     return None, reasons

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .envelope import TYP_POLICY, VERSION, EnvelopeVerifier, OwnerIdentity, OwnerVerifier, Verified
+from .envelope import TYP_POLICY, VERSION, EnvelopeVerifier, OwnerIdentity, OwnerVerifier, Verified, reason
 from .envelope import sign as sign_envelope
 from .errors import InputError
 from .issuance import DEFAULT_POLICY_NAMES
@@ -165,7 +165,7 @@ def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Require
     reasons: list[Reason] = []
 
     def bad(message: str) -> None:
-        reasons.append(Reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
+        reasons.append(reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
 
     cas: list[TrustedCA] = []
     if not isinstance(raw_cas, list) or not raw_cas:
@@ -174,17 +174,18 @@ def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Require
         for i, entry in enumerate(raw_cas):
             extra = set(entry) - {"name", "sha256"} if isinstance(entry, dict) else set()
             if extra:
-                reasons.append(Reason("policy.unknown_field",
-                                      f"trusted_cas[{i}] has unknown field(s) {', '.join(sorted(extra))}",
+                reasons.append(reason("policy.unknown_field",
+                                      f"entry {i + 1} of trusted_cas has unknown field(s) "
+                                      f"{', '.join(sorted(extra))}",
                                       "re-sign the policy with `escort policy sign`"))
                 continue
             if not isinstance(entry, dict) or "sha256" not in entry:
-                bad(f"trusted_cas[{i}] is not {{name, sha256}}")
+                bad(f"entry {i + 1} of trusted_cas is not {{name, sha256}}")
                 continue
             try:
                 fp = normalize_fingerprint(str(entry["sha256"]))
             except InputError:
-                bad(f"trusted_cas[{i}].sha256 is not a SHA-256 fingerprint")
+                bad(f"entry {i + 1} of trusted_cas has no SHA-256 fingerprint")
                 continue
             cas.append(TrustedCA(str(entry.get("name", fp[:16])), fp))
     sets: dict[str, frozenset[str]] = {}
@@ -193,12 +194,12 @@ def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Require
         req = {}
     unknown = sorted(set(req) - set(REQUIRE_KEYS))
     if unknown:
-        reasons.append(Reason("policy.unknown_field", f"the policy requires unknown attribute(s) "
+        reasons.append(reason("policy.unknown_field", f"the policy requires unknown attribute(s) "
                               f"{', '.join(unknown)}", "re-sign the policy with `escort policy sign`"))
     for k in REQUIRE_KEYS:
         values = req.get(k, [])
         if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-            bad(f"require.{k} is not a list of strings")
+            bad(f"the policy's require.{k} is not a list of strings")
             values = []
         sets[k] = frozenset(values)
     fps = frozenset(c.fingerprint for c in cas)
@@ -216,7 +217,7 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, lis
     reasons: list[Reason] = []
 
     def bad(message: str) -> None:
-        reasons.append(Reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
+        reasons.append(reason("policy.malformed", message, "re-sign the policy with `escort policy sign`"))
 
     vm_uuid = payload.get("vm_uuid")
     try:
@@ -283,7 +284,7 @@ class PolicyBook:
             reasons.extend(body[1])
         if (policy is not None and vm_uuid is not None and vm_uuid != policy.vm_uuid
                 and normalize_uuid(vm_uuid) != policy.vm_uuid):
-            reasons.append(Reason(
+            reasons.append(reason(
                 "policy.vm_mismatch",
                 f"the policy is for VM {policy.vm_uuid} ({policy.vm_name or 'unnamed'}), "
                 f"not this VM ({vm_uuid})",

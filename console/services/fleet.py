@@ -29,7 +29,7 @@ from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.core import pki
 from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
-from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable
+from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
 from console.core.errors import EscortError, InputError, ReadOnlyError
 from console.core.grants import AdminRef, GrantBook, GrantResult
 from console.core.inventory import (
@@ -148,7 +148,7 @@ class FleetService:
             spec = load_fleet(path)
         except InputError as exc:
             return cls(None, path=str(path), readonly=readonly, at=at,
-                       problems=[Problem(str(path), Reason("fleet.unusable", str(exc),
+                       problems=[Problem(str(path), reason("fleet.unusable", str(exc),
                                                           "fix the fleet file (see docs/FLEET.md)"))])
         return cls(spec, path=str(path), readonly=readonly, at=at)
 
@@ -166,12 +166,12 @@ class FleetService:
 
     def _problem(self, source: str, code: str, message: str, fix: str = "", *, fatal: bool = False,
                  severity: str = "error") -> Reason:
-        reason = Reason(code, message, fix, "warning" if severity == "warning" else "error")
-        problem = Problem(source, reason)
+        why = reason(code, message, fix, "warning" if severity == "warning" else "error")
+        problem = Problem(source, why)
         self.problems.append(problem)
         if fatal:
             self._fatal.append(problem)
-        return reason
+        return why
 
     def _load(self, spec: FleetSpec) -> None:
         at = self.at
@@ -251,7 +251,7 @@ class FleetService:
         try:
             view.attributes = pki.host_attributes(leaf, self.policy_names)
         except InputError as exc:
-            view.cert_problem = Reason("cert.unreadable", str(exc), "reissue the host certificate")
+            view.cert_problem = reason("cert.unreadable", str(exc), "reissue the host certificate")
             view.attributes = None
         view.chain = self._verify_host(name, self.at)
 
@@ -379,7 +379,7 @@ class FleetService:
                    grants=self._grant_results(at) if admin_ref else (), emergency=emergency,
                    policy_names=self.policy_names, known_cas=self._known_cas())
         if admin_ref is not None and not any(a.id == admin for a in self.admins):
-            unknown = Reason("grant.unknown_admin", f"admin {admin!r} is not in the fleet file's [[admins]]",
+            unknown = reason("grant.unknown_admin", f"admin {admin!r} is not in the fleet file's [[admins]]",
                              "add the admin (id and SSH key fingerprint) to the fleet file")
             d = replace(d, allowed=False, reasons=(unknown, *d.reasons))
         return d
@@ -437,7 +437,7 @@ class FleetService:
                 certs = pki.load_certificates(facts.cert_pem, f"{host_name}:{view.spec.remote_cert}")
                 self._set_cert(host_name, certs[0], certs[1:])
             except InputError as exc:
-                view.cert_problem = Reason("cert.unreadable", str(exc),
+                view.cert_problem = reason("cert.unreadable", str(exc),
                                            f"check {view.spec.remote_cert} on {host_name}")
         seen: set[str] = set()
         for dom in facts.domains:
@@ -451,7 +451,7 @@ class FleetService:
                 try:
                     token = token_from_metadata_xml(dom.policy_xml)
                 except InputError as exc:
-                    rec.token_problem = Reason("policy.malformed", f"{dom.name}: {exc}",
+                    rec.token_problem = reason("policy.malformed", f"domain {dom.name}: {exc}",
                                                "re-attach the owner's policy to the domain")
             if token:
                 rec.token, rec.token_problem = token, None
