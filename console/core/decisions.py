@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .envelope import sentence, reason
+from .envelope import reason, sentence
 from .grants import AdminRef, GrantResult, authorise
 from .pki import ChainResult, HostAttributes
 from .policy import PolicyResult, Requirements, resolve_policy_names
