@@ -75,7 +75,9 @@ async def select_vm(app: EscortApp, pilot, name: str) -> None:  # type: ignore[n
     key = next(v.uuid for v in app.all_vms() if v.name == name)
     assert isinstance(app.screen, VMsScreen)
     app.screen.focus_vm(key)
-    await pilot.pause(0.2)
+    await pilot.pause(0.2)  # the highlight debounce
+    await app.workers.wait_for_complete()  # targets are computed in a worker thread
+    await pilot.pause()
 
 
 async def test_select_vm_lists_every_host_with_reasons_and_fixes(make_app: MakeApp) -> None:

@@ -7,17 +7,19 @@ Enter on a target opens the walkthrough for that (VM, host) pair.
 
 from __future__ import annotations
 
-import textwrap
 from typing import ClassVar
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.timer import Timer
 from textual.widgets import Input, Label
+from textual.worker import get_current_worker
 
+from console.core.errors import EscortError
 from console.ui.screens.base import FleetScreen
-from console.ui.text import BAD, OK, WARN, plural
+from console.ui.text import BAD, OK, WARN, plural, wrap
 from console.ui.widgets.vtable import Column, Row, VirtualTable, make_row
 
 
@@ -79,6 +81,8 @@ class VMsScreen(FleetScreen):
         self._pending = self.set_timer(0.08, lambda: self._show_targets(key))
 
     def _show_targets(self, vm_key: str | None) -> None:
+        """Ask for every host's decision in a worker thread: with 1,000 hosts the trust
+        core needs seconds, and the table must keep answering keys meanwhile."""
         self._pending = None
         targets = self.query_one("#targets", VirtualTable)
         title = self.query_one("#targets-title", Label)
@@ -89,12 +93,27 @@ class VMsScreen(FleetScreen):
             targets.set_rows([], keep_key=False)
             return
         vm = self.escort.vm_by_key(vm_key)
-        decisions = self.escort.service.targets(vm_key)
+        name = vm.name if vm is not None else vm_key
+        if not same_vm:
+            title.update(f"Targets for {name}: checking every host…")
+            targets.set_rows([], keep_key=False)
+        width = max(targets.size.width - self.TARGET_COLUMNS[0].width - 2, 30)
+        self._compute_targets(vm_key, name, width, same_vm)
+
+    @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
+    def _compute_targets(self, vm_key: str, name: str, width: int, keep: bool) -> None:
+        worker = get_current_worker()
+        try:
+            decisions = self.escort.service.targets(vm_key)
+        except EscortError as exc:
+            self.app.call_from_thread(self._targets_failed, vm_key, str(exc))
+            return
         rows: list[Row] = []
         allowed = 0
         # reasons are wrapped to the pane (not truncated): the fix is the useful part
-        width = max(targets.size.width - self.TARGET_COLUMNS[0].width - 2, 30)
         for decision in decisions:
+            if worker.is_cancelled:
+                return
             host = decision.host
             if decision.allowed:
                 allowed += 1
@@ -103,17 +122,26 @@ class VMsScreen(FleetScreen):
                 rows.append(make_row(host, [f"{BAD} refused", host], ["bad", "strong"]))
             for reason in decision.reasons:
                 mark = WARN if reason.severity == "warning" else "•"
-                text = f"{mark} {reason.message} [{reason.code}]"
-                for line in textwrap.wrap(text, width - 2, subsequent_indent="  "):
+                for line in wrap(f"{mark} {reason.message} [{reason.code}]", width - 2, "  "):
                     rows.append(make_row(host, ["", "  " + line]))
                 if reason.fix:
-                    for line in textwrap.wrap(f"fix: {reason.fix}", width - 4,
-                                              subsequent_indent="     "):
+                    for line in wrap(f"fix: {reason.fix}", width - 4, "     "):
                         rows.append(make_row(host, ["", "    " + line], ["", "dim"]))
-        name = vm.name if vm is not None else vm_key
-        title.update(f"Targets for {name}: {allowed} of {plural(len(decisions), 'host')} allowed"
-                     " — Enter: walkthrough")
-        targets.set_rows(rows, keep_key=same_vm)
+        title = (f"Targets for {name}: {allowed} of {plural(len(decisions), 'host')} allowed"
+                 " — Enter: walkthrough")
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._targets_ready, vm_key, title, rows, keep)
+
+    def _targets_ready(self, vm_key: str, title: str, rows: list[Row], keep: bool) -> None:
+        if vm_key != self._shown_vm:
+            return  # the operator has moved on
+        self.query_one("#targets-title", Label).update(title)
+        self.query_one("#targets", VirtualTable).set_rows(rows, keep_key=keep)
+
+    def _targets_failed(self, vm_key: str, message: str) -> None:
+        if vm_key == self._shown_vm:
+            self.query_one("#targets-title", Label).update(f"{BAD} {message}")
+            self.escort.notify(message, severity="error", markup=False)
 
     def on_resize(self) -> None:
         super().on_resize()

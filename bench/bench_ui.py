@@ -1,0 +1,222 @@
+"""Benchmark: the console's VM screen with 10,000 VMs and 1,000 hosts, headless.
+
+Run:  python bench/bench_ui.py [--vms 10000] [--hosts 1000] [--runs 3] [--record]
+
+What is measured (``App.run_test``, headless, 120x40 terminal):
+
+* **first paint**: from constructing ``EscortApp`` (which reads every host and VM
+  view and precomputes every table row and its lowercase filter string) until the
+  VM table's first ``render_line`` of a data row — i.e. until the operator sees VMs.
+* **filter keystroke**: one key sent with ``pilot.press`` until the VM table draws
+  its first line with the new filter applied (timed inside ``render_line``). Typed:
+  ``vm-0123`` one key at a time then deleted again, so narrowing and widening (back
+  to 10,000 rows) are both timed. Includes the Pilot's key delivery.
+* **DataTable** (orientation, ``--datatable``): Textual's own ``DataTable`` given the
+  same 10,000 rows, time until its first paint, same machine, same run.
+
+How the fleet is built: in memory, as the views a loaded ``FleetService`` hands the
+UI (``HostView``/``VMView`` with certificates' attributes, allowed targets and
+reasons), from ``tests/ui/fakes.py``. Signing and verifying 10,000 policies and the
+allowed-target matrix are the trust core's cost, measured by ``bench/bench_matrix.py``;
+this benchmark isolates what the UI adds on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from textual.app import App, ComposeResult  # noqa: E402
+from textual.widgets import DataTable  # noqa: E402
+
+from console.ui.app import EscortApp  # noqa: E402
+from console.ui.config import UIConfig  # noqa: E402
+from console.ui.widgets.vtable import VirtualTable  # noqa: E402
+from tests.ui.fakes import AT, make_fleet  # noqa: E402
+
+SIZE = (120, 40)
+
+
+async def first_paint(fleet: object) -> tuple[float, EscortApp]:
+    painted: list[float] = []
+    original = VirtualTable.render_line
+
+    def spy(self: VirtualTable, y: int):  # type: ignore[no-untyped-def]
+        if not painted and self.id == "vms-table" and self.row_count and y >= 1:
+            painted.append(time.perf_counter())
+        return original(self, y)
+
+    VirtualTable.render_line = spy  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        app = EscortApp(fleet, config=UIConfig(), at=AT)  # type: ignore[arg-type]
+        async with app.run_test(size=SIZE) as pilot:
+            while not painted:
+                await pilot.pause(0.01)
+            return painted[0] - t0, app
+    finally:
+        VirtualTable.render_line = original  # type: ignore[method-assign]
+
+
+async def filter_keystrokes(fleet: object) -> tuple[list[float], int]:
+    """Time from sending a key to the first repaint of the table showing the new filter.
+
+    The paint moment is taken inside ``render_line`` (the first line drawn with the new
+    filter text), not after ``pilot.pause()``: on this shared machine the Pilot's own
+    round trip is ~90 ms even for a key that does nothing.
+    """
+    app = EscortApp(fleet, config=UIConfig(), at=AT)  # type: ignore[arg-type]
+    times: list[float] = []
+    painted: list[tuple[float, str]] = []
+    original = VirtualTable.render_line
+
+    def spy(self: VirtualTable, y: int):  # type: ignore[no-untyped-def]
+        if self.id == "vms-table":
+            painted.append((time.perf_counter(), self.filter_text))
+        return original(self, y)
+
+    VirtualTable.render_line = spy  # type: ignore[method-assign]
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(0.5)
+            await pilot.press("slash")
+            await pilot.pause()
+            table = app.screen.query_one("#vms-table", VirtualTable)
+            box = app.screen.query_one("#filter")
+            narrowest = table.row_count
+            for key in [*"vm-0123", *["backspace"] * 7]:
+                painted.clear()
+                t0 = time.perf_counter()
+                await pilot.press(key)
+                want = box.value.strip().lower()  # type: ignore[attr-defined]
+                for _ in range(500):
+                    hit = [t for t, text in painted if text == want]
+                    if hit:
+                        times.append(hit[0] - t0)
+                        break
+                    await pilot.pause(0.005)
+                else:
+                    raise RuntimeError(f"no repaint for filter {want!r}")
+                narrowest = min(narrowest, table.row_count)
+            return times, narrowest
+    finally:
+        VirtualTable.render_line = original  # type: ignore[method-assign]
+
+
+class _DT(App[None]):
+    def __init__(self, rows: list[tuple[str, ...]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        yield DataTable()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("VM", "Owner", "Host", "Policy", "Targets")
+        table.add_rows(self.rows)
+
+
+async def datatable_first_paint(rows: list[tuple[str, ...]]) -> float:
+    painted: list[float] = []
+    original = DataTable.render_line
+
+    def spy(self: DataTable[str], y: int):  # type: ignore[no-untyped-def]
+        if not painted and y >= 1 and self.row_count:
+            painted.append(time.perf_counter())
+        return original(self, y)
+
+    DataTable.render_line = spy  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        app = _DT(rows)
+        async with app.run_test(size=SIZE) as pilot:
+            while not painted:
+                await pilot.pause(0.01)
+            return painted[0] - t0
+    finally:
+        DataTable.render_line = original  # type: ignore[method-assign]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    import textual
+
+    return (f"{os.cpu_count()} CPUs ({cpu}), load average {load} at the end (shared machine), "
+            f"Python {platform.python_version()}, textual {textual.__version__}, {platform.system()} "
+            f"{platform.release()}")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vms", type=int, default=10_000)
+    ap.add_argument("--hosts", type=int, default=1_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--datatable", action="store_true", help="also time Textual's DataTable")
+    ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
+    args = ap.parse_args()
+
+    t = time.perf_counter()
+    fleet = make_fleet(args.hosts, args.vms)
+    build = time.perf_counter() - t
+    print(f"fleet built in memory: {args.vms} VMs x {args.hosts} hosts in {build:.2f} s")
+
+    paints = []
+    for _ in range(args.runs):
+        secs, _app = await first_paint(fleet)
+        paints.append(secs)
+        print(f"first paint of the VM screen: {secs * 1000:.0f} ms")
+    keys, narrowest = await filter_keystrokes(fleet)
+    print(f"filter keystroke -> repaint: median {statistics.median(keys) * 1000:.1f} ms, "
+          f"max {max(keys) * 1000:.1f} ms over {len(keys)} keys (narrowest: {narrowest} rows)")
+    dt_paint = None
+    if args.datatable:
+        rows = [tuple(r.cells) for r in EscortApp(fleet, config=UIConfig(), at=AT).vm_rows()]  # type: ignore[arg-type]
+        dt_paint = await datatable_first_paint(rows)
+        print(f"DataTable first paint with the same rows: {dt_paint * 1000:.0f} ms")
+
+    if args.record:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        lines = [
+            "",
+            f"## Console: VM screen with {args.vms:,} VMs x {args.hosts:,} hosts ({when})",
+            "",
+            f"Machine: {machine()}.",
+            "Headless `App.run_test` at 120x40; fleet views built in memory (tests/ui/fakes.py,"
+            f" {build:.1f} s, not timed); see bench/bench_ui.py for exactly what is measured.",
+            "",
+            "| measurement | result | goal |",
+            "|---|---:|---:|",
+            f"| first paint of the VM screen (median of {len(paints)}) | "
+            f"{statistics.median(paints) * 1000:.0f} ms | < 1500 ms |",
+            f"| filter keystroke to repaint (median of {len(keys)}) | "
+            f"{statistics.median(keys) * 1000:.1f} ms | < 100 ms |",
+            f"| filter keystroke to repaint (worst) | {max(keys) * 1000:.1f} ms | < 100 ms |",
+        ]
+        if dt_paint is not None:
+            lines.append(f"| for orientation: Textual DataTable, same rows, first paint | "
+                         f"{dt_paint * 1000:.0f} ms | — |")
+        with (ROOT / "bench" / "RESULTS.md").open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        print("recorded in bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
