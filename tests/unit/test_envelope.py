@@ -146,3 +146,37 @@ def test_decode_unverified_errors() -> None:
         env.decode_unverified("not a token")
     with pytest.raises(InputError):
         env.decode_unverified("@@.@@.@@")
+
+
+def test_header_edge_cases(kit: Kit) -> None:
+    good = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    _h, p, s = good.split(".")
+    header, _ = env.decode_unverified(good)
+    # crit / b64 / jku would change how the token is processed: refused
+    for extra in ({"crit": ["exp"]}, {"b64": False}, {"jku": "https://example.org/keys"}):
+        v = verify(kit, f"{b64u({**header, **extra})}.{p}.{s}")
+        assert codes(v) == {"policy.malformed"}, extra
+    # x5c that is not a certificate, or missing
+    assert codes(verify(kit, f"{b64u({**header, 'x5c': ['AAAA']})}.{p}.{s}")) == {"policy.malformed"}
+    assert codes(verify(kit, f"{b64u({**header, 'x5c': []})}.{p}.{s}")) == {"policy.owner_untrusted"}
+    # an RS256 header on an EC owner's token
+    assert codes(verify(kit, f"{b64u({**header, 'alg': 'RS256'})}.{p}.{s}")) == {"policy.signature"}
+    # oversized tokens are refused before any parsing
+    assert codes(verify(kit, "a" * (env.MAX_TOKEN_BYTES + 1))) == {"policy.malformed"}
+
+
+def test_sign_refuses_bad_inputs(kit: Kit) -> None:
+    with pytest.raises(InputError):
+        env.sign(payload(), "escort-other+jwt", kit.alice.key, kit.alice.chain)
+    with pytest.raises(InputError):
+        env.sign(payload(), env.TYP_POLICY, kit.alice.key, [])
+    p = payload()
+    del p["exp"]
+    with pytest.raises(InputError):
+        env.sign(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+
+
+def test_reasons_are_sentences(kit: Kit) -> None:
+    token = env.sign(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+    r = verify(kit, token).reasons[0]
+    assert r.message[0].isupper() and r.message.endswith(".") and r.fix.endswith(".")

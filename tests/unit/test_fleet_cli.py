@@ -180,3 +180,42 @@ def test_grant_issue_and_show(fleet: FleetFiles, tmp_path: Path) -> None:
                "--admin", "bert", "--vm", DB_UUID, "--out", str(tmp_path / "n.jws"))
     assert none.exit_code == 2 and "bind the admin to a key" in none.stderr
     assert ANNE_KEY  # the fixture's admin key is what the fleet file names
+
+
+def test_owner_certificate_made_with_openssl(fleet: FleetFiles, tmp_path: Path) -> None:
+    """Organisations bring their own owners' CA: openssl-made CA and owner cert must sign policies."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:  # pragma: no cover - openssl is a dev dependency (deps/)
+        pytest.fail("openssl CLI missing")
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "owner.ext").write_text("basicConstraints=critical,CA:FALSE\n"
+                                        "keyUsage=critical,digitalSignature\n"
+                                        "subjectAltName=email:olga@corp.example\n"
+                                        "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+         "ca.key", "-out", "ca.pem", "-subj", "/O=Corp/CN=Corp Owners CA", "-days", "3650",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ossl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "olga.key", "-out", "olga.csr",
+         "-subj", "/O=Corp/CN=Olga")
+    ossl("x509", "-req", "-in", "olga.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "olga.pem", "-days", "700", "-extfile", "owner.ext")
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    shutil.copy(tmp_path / "ca.pem", owners / "ca.pem")
+    out = tmp_path / "p.jws"
+    r = run("policy", "sign", "--key", str(tmp_path / "olga.key"), "--cert", str(tmp_path / "olga.pem"),
+            "--vm-uuid", WEB_UUID, "--trust-ca", f"EU={fp(fleet.kit.eu.cert)}", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    # (openssl 3.0 cannot backdate certificates, so this test runs at the real time)
+    show = run("policy", "show", "--owners", str(owners), "--json", str(out))
+    assert show.exit_code == 0, show.output
+    data = json.loads(show.stdout)
+    assert data["owner"]["email"] == "olga@corp.example" and data["header"]["alg"] == "RS256"
+    # the fleet's own owners' CA does not know Olga
+    other = run("policy", "show", "--owners", str(fleet.root / "trust" / "owners"), str(out))
+    assert other.exit_code == 1 and "policy.owner_untrusted" in other.stdout
