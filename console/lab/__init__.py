@@ -285,6 +285,10 @@ class Lab:
         if len(str(longest).encode()) > 107:
             raise LabError(f"lab directory {self.dir} is too long for Unix socket paths "
                            "(108 bytes); use a shorter --dir")
+        if self.dir.is_dir() and not self.state_file.exists() and any(self.dir.iterdir()):
+            # `up` rewrites DIR/hosts, DIR/pki...: never inside someone's own folder.
+            raise LabError(f"{self.dir} is not empty and not a lab directory (no lab.json); "
+                           "choose an empty or new --dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         shutil.rmtree(self.dir / "hosts", ignore_errors=True)
