@@ -42,6 +42,7 @@ import binascii
 import datetime as dt
 import ipaddress
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -754,6 +755,9 @@ class TrustStore:
         for n in nodes:
             self._by_subject.setdefault(n.info.cert.subject, []).append(n)
             self._by_fp[n.info.fingerprint] = n
+        # Caches are filled from UI/service worker threads too: lookups are plain dict
+        # reads, eviction happens under this lock (a duplicate computation is harmless).
+        self._lock = threading.Lock()
         self._cache: dict[dt.datetime, dict[tuple[int, int], _PathResult]] = {}
         self._verifiers: dict[tuple[int, dt.datetime], xv.ClientVerifier] = {}
         #: (leaf fingerprint, issuer node id) -> signature verified. Signatures do not
@@ -849,9 +853,10 @@ class TrustStore:
     def _path(self, node: CANode, at: dt.datetime, offset: int) -> _PathResult:
         per_at = self._cache.get(at)
         if per_at is None:
-            if len(self._cache) >= 8:  # callers passing "now" each time must not grow this forever
-                self._cache.pop(next(iter(self._cache)))
-            per_at = self._cache[at] = {}
+            with self._lock:
+                if len(self._cache) >= 8:  # callers passing "now" each time must not grow this forever
+                    self._cache.pop(next(iter(self._cache)), None)
+                per_at = self._cache.setdefault(at, {})
         key = (id(node), offset)
         hit = per_at.get(key)
         if hit is None:
@@ -1049,7 +1054,8 @@ class TrustStore:
         ok = self._signatures.get(key)
         if ok is None:
             if len(self._signatures) >= 200_000:
-                self._signatures.clear()
+                with self._lock:
+                    self._signatures.clear()
             ok = self._signatures[key] = _signed_by(cert, node.info.cert)
         return ok
 
@@ -1092,7 +1098,8 @@ class TrustStore:
         verifier = self._verifiers.get(key)
         if verifier is None:
             if len(self._verifiers) >= 64:
-                self._verifiers.pop(next(iter(self._verifiers)))
+                with self._lock:
+                    self._verifiers.pop(next(iter(self._verifiers)), None)
             # The verifier insists that a CA policy requires basicConstraints; it is
             # the one extension we leave to it (our own check runs first anyway).
             ca_policy = xv.ExtensionPolicy.permit_all().require_present(

@@ -545,6 +545,21 @@ class TestHostChecks:
         store.verify_host(certs[0], demo_pki.at + dt.timedelta(days=1))
         assert len(calls) == 3  # a new time is a new computation
 
+    def test_concurrent_checks_share_the_caches(self, demo_pki: DemoPKI) -> None:
+        """UI and service workers verify from threads, with many different ``at`` values."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        store = demo_pki.store()
+        certs = [demo_pki.host(f"t{i}.example")[0] for i in range(20)]
+
+        def work(n: int) -> bool:
+            return all(store.verify_host(c, demo_pki.at + dt.timedelta(seconds=n * 100 + i)).valid
+                       for i, c in enumerate(certs))
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(work, range(16)))
+        assert len(store._cache) <= 8
+
     def test_thousand_host_checks_are_fast(self, demo_pki: DemoPKI) -> None:
         regions = list(demo_pki.regions)
         certs = [demo_pki.host(f"h{i}.example", regions[i % 3], ips=[f"10.{i // 250}.0.{i % 250}"])[0]
