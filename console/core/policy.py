@@ -56,7 +56,13 @@ def normalize_fingerprint(text: str) -> str:
     return t
 
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
 def normalize_uuid(text: str) -> str:
+    """Any UUID spelling -> the canonical lowercase form libvirt prints; InputError otherwise."""
+    if isinstance(text, str) and _UUID.match(text):
+        return text
     try:
         return str(uuidlib.UUID(text.strip()))
     except (ValueError, AttributeError) as exc:
