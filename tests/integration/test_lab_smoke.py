@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -274,3 +275,71 @@ def test_lab_commands_refuse_non_root_with_one_line(monkeypatch: pytest.MonkeyPa
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and "root" in lines[0], result.output
+
+
+@pytest.mark.lab
+def test_fleet_file_describes_the_lab(lab: Lab) -> None:
+    from console.adapters.fleetfile import load_fleet
+
+    fleet = load_fleet(lab.fleet_file)
+    assert fleet.kind == "lab"
+    assert [h.name for h in fleet.hosts] == lab.hypervisors
+    for spec in fleet.hosts:
+        host = lab.host(spec.name)
+        assert spec.ssh == f"root@{host.ssh_ip}" and spec.jump == f"root@{lab.jump.ssh_ip}"
+        assert spec.migration_address == host.migration_ip and spec.tls_name == spec.name
+        assert Path(spec.cert_file).read_bytes() == (host.pki_dir / "server-cert.pem").read_bytes()
+    known = Path(fleet.known_hosts).read_text()
+    for host in lab.all_hosts():
+        key = (host.root / "etc" / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[1]
+        assert f"{host.ssh_ip} ssh-ed25519 {key}" in known.replace(",", " ")
+
+
+# --- no lab needed: the pure parts -------------------------------------------------
+
+def test_lab_names_must_fit_interface_names() -> None:
+    from console.core.errors import InputError
+    from console.lab.hosts import check_name, client_link
+
+    assert len(client_link(check_name("abcdefghij"))) <= 15
+    for bad in ("", "Demo", "1abc", "a-b", "abcdefghijk", "a b"):
+        with pytest.raises(InputError):
+            check_name(bad)
+
+
+def test_lab_certificates_are_what_qemu_needs() -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from console.lab import certs
+    from console.lab.hosts import HYPERVISORS
+
+    ips = {p.name: f"198.19.7.{p.octet}" for p in HYPERVISORS}
+    pki = certs.build("unit", HYPERVISORS, ips)
+    for plan in HYPERVISORS:
+        cert, _key = pki.hosts[plan.name]
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [plan.name]
+        assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == [ips[plan.name]]
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        assert ku.critical and ku.value.digital_signature and ku.value.key_encipherment
+        bundle = x509.load_pem_x509_certificates(pki.qemu_ca_bundle(plan))
+        if plan.issuer == "rogue":
+            assert cert.issuer == pki.rogue_root.cert.subject
+            assert bundle == [pki.rogue_root.cert]
+        else:
+            assert cert.issuer == pki.intermediates[plan.issuer].cert.subject
+            assert set(bundle) == {pki.root.cert, *(i.cert for i in pki.intermediates.values())}
+
+
+def test_guest_xml_random_fill_and_limits(tmp_path: Path) -> None:
+    from console.lab import guests
+
+    blob = guests.blob_path(tmp_path, 1)
+    assert blob.stat().st_size == 1024 * 1024
+    xml = guests.domain_xml("g", memory_mib=64, random_blob=blob, metadata_xml="<x:y xmlns:x='u'/>")
+    assert "qemu:commandline" in xml and f"loader,file={blob}" in xml and "<x:y" in xml
+    assert "<disk" not in xml
+    with pytest.raises(ValueError):
+        guests.domain_xml("g", memory_mib=16, random_blob=blob)
