@@ -10,6 +10,7 @@ leaf..anchor], "warnings": [...], "problems": [...]}``.
     DIR/trust/root-ca.pem, DIR/trust/<region>-ca.pem   host CAs (the fleet's trust dir)
     DIR/owners/owners-ca.pem                            owners' CA (a separate root)
     DIR/private/<name>.key                              keys, 0600, in a 0700 folder
+    DIR/trust/<name>.crl                                CRLs from `escort pki crl`
 
 The owners' CA is its own root, not an intermediate under the host root: a host key
 (which has digitalSignature) must never be able to sign placement policies.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import click
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -305,6 +307,45 @@ def issue_owner_cmd(ca_dir: str, name: str, email: str | None, org: str | None, 
     files.atomic_write(cert_path, iss.cert_pem(cert))
     click.echo(f"{cert_path}: owner {name.strip()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
     click.echo(f"{key_path}: private key (0600)")
+
+
+@pki_group.command("crl")
+@click.option("--ca-dir", required=True, type=click.Path(file_okay=False), help="DIR of `escort pki init`.")
+@click.option("--ca", "ca_name", required=True, help="CA whose CRL to (re)issue, e.g. eu-central or owners.")
+@click.option("--revoke", "revoke", multiple=True, type=click.Path(dir_okay=False),
+              help="Certificate file to add to the CRL (repeatable).")
+@click.option("--days", type=click.IntRange(1, 365), default=7, show_default=True,
+              help="Until nextUpdate; after that the CRL is stale (a warning).")
+def crl_cmd(ca_dir: str, ca_name: str, revoke: tuple[str, ...], days: int) -> None:
+    """Issue (or renew) a CA's CRL next to its certificate, keeping earlier revocations."""
+    owners = ca_name in ("owners", "owners-ca")
+    cert_path, key_path = _ca_paths(Path(ca_dir), ca_name, owners=owners)
+    issuer = _load_issuer(cert_path, key_path)
+    crl_path = cert_path.with_suffix(".crl")
+    entries: dict[int, dt.datetime] = {}
+    number = 1
+    if crl_path.exists():
+        old = pki.load_crl(files.read_limited(crl_path, what="CRL"), str(crl_path))
+        if old.issuer != issuer.cert.subject or not old.is_signature_valid(
+                issuer.cert.public_key()):  # type: ignore[arg-type]
+            raise InputError(f"{crl_path}: not a CRL of {cert_path}; move it away first")
+        entries = {rc.serial_number: rc.revocation_date_utc for rc in old}
+        try:
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        except x509.ExtensionNotFound:
+            number = 2
+    now = dt.datetime.now(dt.UTC)
+    for path in revoke:
+        cert = pki.load_certificate(files.read_limited(path, what="certificate"), path)
+        try:
+            cert.verify_directly_issued_by(issuer.cert)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise InputError(f"{path}: not issued by {pki.cert_info(issuer.cert).name}") from exc
+        entries.setdefault(cert.serial_number, now)
+    crl = iss.issue_crl(issuer, sorted(entries.items()), iss.Validity.days(days, start=now), number=number)
+    files.atomic_write(crl_path, iss.crl_pem(crl))
+    click.echo(f"{crl_path}: CRL #{number} of {pki.cert_info(issuer.cert).name}, {len(entries)} revoked, "
+               f"next update {now + dt.timedelta(days=days):%Y-%m-%d}")
 
 
 def register(group: click.Group) -> None:

@@ -214,3 +214,26 @@ class TestPkiCommands:
 def test_demo_start_is_what_at_means() -> None:
     """Guard for the AT constant above: it must stay inside the fixtures' validity."""
     assert pki.utc(dt.datetime.fromisoformat(AT)) == DEMO_START + dt.timedelta(days=30)
+
+
+def test_pki_crl_revokes_and_renews(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    assert run("pki", "init", str(d)).exit_code == 0
+    out = str(tmp_path / "h")
+    assert run("pki", "issue-host", "--ca-dir", str(d), "--ca", "eu-central", "--hostname", "h.example",
+               "--out", out).exit_code == 0
+    cert = f"{out}-cert.pem"
+    assert run("cert", "verify", "--trust", str(d / "trust"), cert).exit_code == 0
+    r = run("pki", "crl", "--ca-dir", str(d), "--ca", "eu-central", "--revoke", cert)
+    assert r.exit_code == 0, r.output
+    assert "CRL #1" in r.stdout and "1 revoked" in r.stdout
+    v = run("cert", "verify", "--trust", str(d / "trust"), "--json", cert)
+    assert v.exit_code == 1 and [x["code"] for x in json.loads(v.stdout)["reasons"]] == ["cert.revoked"]
+    r = run("pki", "crl", "--ca-dir", str(d), "--ca", "eu-central")  # renew: keeps the entry
+    assert r.exit_code == 0 and "CRL #2" in r.stdout and "1 revoked" in r.stdout
+    assert run("cert", "verify", "--trust", str(d / "trust"), cert).exit_code == 1
+    r = run("pki", "crl", "--ca-dir", str(d), "--ca", "us-east", "--revoke", cert)
+    assert r.exit_code == 2 and "not issued by Escort us-east CA" in r.stderr
+    assert not (d / "trust" / "us-east-ca.crl").exists()
+    assert run("pki", "crl", "--ca-dir", str(d), "--ca", "owners").exit_code == 0
+    assert (d / "owners" / "owners-ca.crl").exists()
