@@ -664,7 +664,7 @@ def _general_name_matches(name: x509.GeneralName, subtree: x509.GeneralName) -> 
 
 def _name_constraint_failures(cert: x509.Certificate, ca: CertInfo,
                               nc: x509.NameConstraints, leaf_name: str) -> list[Reason]:
-    """Check the leaf's SAN DNS/IP names and subject DN against one CA's constraints.
+    """Check a certificate's SAN DNS/IP names and subject DN against one CA's constraints.
 
     Email and URI subtrees are not evaluated here; the ``x509.verification`` cross-check
     covers what it supports.
@@ -685,10 +685,7 @@ def _name_constraint_failures(cert: x509.Certificate, ca: CertInfo,
                     "issue that name."))
         permitted = nc.permitted_subtrees or []
         relevant = [m for m in (_general_name_matches(name, sub) for sub in permitted) if m is not None]
-        if relevant and not any(relevant):
-            if isinstance(name, x509.DirectoryName) and not any(
-                    isinstance(s, x509.DirectoryName) for s in permitted):
-                continue
+        if relevant and not any(relevant):  # constrained type, but no permitted subtree matches
             out.append(Reason(
                 "name.constraints",
                 f"{leaf_name}'s name {_gn_text(name)} is outside {ca.name}'s permitted names "
