@@ -2,7 +2,7 @@
 
 The lab is named ``t<pid in hex>`` and lives in a pytest tmp dir, so a test lab and
 a demo lab (``escort lab up``) coexist. Labs left behind by a test run that was
-killed (its pid is gone) are torn down first.
+killed (its pid is gone; registered in /run/escort-lab-tests) are torn down first.
 
 Without root or the Debian packages the fixture skips; with ESCORT_REQUIRE_LAB=1
 (CI) it FAILS instead, with the reason, and tests/conftest.py also fails the run if
@@ -12,8 +12,8 @@ any ``@pytest.mark.lab`` test was skipped.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 REQUIRE_LAB = os.environ.get("ESCORT_REQUIRE_LAB") == "1"
 NEEDED = ("ip", "nsenter", "unshare", "taskset", "libvirtd", "sshd", "ssh", "qemu-system-x86_64")
-_TEST_NS = re.compile(r"^esc-(t[0-9a-f]{1,8})-")
+#: test labs this fixture started: name -> {"pid", "dir"} (tmpfs: gone on reboot, as
+#: are the namespaces)
+REGISTRY = Path("/run/escort-lab-tests")
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -52,15 +54,25 @@ def _why_no_lab() -> str:
     return ""
 
 
-def _reap_stale_test_labs(scratch: Path) -> None:
-    """Tear down ``t<pid>`` labs whose test process is gone (killed runs)."""
-    from console.lab import Lab, netns
+def _reap_stale_test_labs() -> None:
+    """Tear down labs of test sessions that were killed (their pid is gone).
 
-    for name in sorted({m.group(1) for ns in netns.list_netns() if (m := _TEST_NS.match(ns))}):
-        if Path(f"/proc/{int(name[1:], 16)}").exists():
+    Only labs this fixture registered in ``REGISTRY`` are candidates, so a lab someone
+    started by hand is never touched, whatever its name.
+    """
+    from console.lab import Lab
+
+    for entry in sorted(REGISTRY.glob("t*")) if REGISTRY.is_dir() else []:
+        try:
+            info = json.loads(entry.read_text(encoding="utf-8"))
+            pid, lab_dir = int(info["pid"]), str(info["dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if Path(f"/proc/{pid}").exists():
             continue  # another live test session's lab
         with contextlib.suppress(Exception):
-            Lab(scratch / name, name).down()
+            Lab(lab_dir, entry.name).down()
+        entry.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -72,17 +84,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     from console.lab import Lab
 
     base = tmp_path_factory.mktemp("lab")
-    _reap_stale_test_labs(base / "stale")
+    _reap_stale_test_labs()
     the_lab = Lab(base / "lab", f"t{os.getpid():x}")
+    REGISTRY.mkdir(mode=0o700, exist_ok=True)
+    registered = REGISTRY / the_lab.name
+    registered.write_text(json.dumps({"pid": os.getpid(), "dir": str(the_lab.dir)}), encoding="utf-8")
     t0 = time.monotonic()
     try:
         the_lab.up()
     except Exception as exc:
         with contextlib.suppress(Exception):
             the_lab.down()
+        registered.unlink(missing_ok=True)
         _unavailable(f"`lab up` failed: {exc}")
     print(f"\nlab {the_lab.name!r} up in {time.monotonic() - t0:.1f} s ({the_lab.dir})")
     try:
         yield the_lab
     finally:
         the_lab.down()
+        registered.unlink(missing_ok=True)
