@@ -1151,6 +1151,7 @@ def _link(nodes: list[CANode], problems: list[Problem]) -> None:
     for n in nodes:
         by_subject.setdefault(n.info.cert.subject, []).append(n)
     issued: dict[int, list[CANode]] = {}
+    bad_sig: dict[int, Reason] = {}
     for n in nodes:
         cert = n.info.cert
         # An anchor's self-signature carries no trust, so an old root signed with SHA-1
@@ -1168,10 +1169,11 @@ def _link(nodes: list[CANode], problems: list[Problem]) -> None:
         for p in n.issuers:
             issued.setdefault(id(p), []).append(n)
         if named and not n.issuers:
-            problems.append(Problem(n.info.source, Reason(
+            bad_sig[id(n)] = Reason(
                 "trust.signature",
                 f"{n.info.name}'s signature does not verify with the key of {named[0].info.name}.",
-                f"Replace {n.info.source} with the CA certificate {named[0].info.name} really issued.")))
+                f"Replace {n.info.source} with the CA certificate {named[0].info.name} really issued.")
+            problems.append(Problem(n.info.source, bad_sig[id(n)]))
     # BFS from anchors.
     reached: set[int] = set()
     queue = sorted((n for n in nodes if n.anchor), key=lambda n: (n.info.name, n.info.fingerprint))
@@ -1211,6 +1213,8 @@ def _link(nodes: list[CANode], problems: list[Problem]) -> None:
             if frozenset(in_cycle) not in reported_loops:
                 reported_loops.add(frozenset(in_cycle))
                 problems.append(Problem(", ".join(c.info.source for c in cycle), reason))
+        elif cur is None and id(walk[-1]) in bad_sig:
+            reason = bad_sig[id(walk[-1])]  # already reported: its named issuer did not sign it
         elif cur is None:
             top = walk[-1]
             reason = Reason("trust.no_root",

@@ -235,6 +235,19 @@ class TestTree:
             ("junk.pem", "file.invalid"), ("host.pem", "trust.not_ca")}
         assert len(store.anchors) == 1  # the duplicate root is merged
 
+    def test_ca_with_a_forged_signature(self, demo_pki: DemoPKI) -> None:
+        """An intermediate that names the root as issuer but was signed by another key."""
+        key = iss.make_key()
+        forged = iss.issue_ca(iss.CASpec(iss.Subject("Forged CA")), key,
+                              iss.Validity.days(30, start=DEMO_START),
+                              issuer=iss.Issuer(demo_pki.root.cert, iss.make_key()))
+        store, problems = TrustStore.build([*demo_pki.trust_files(), ("forged.pem", iss.cert_pem(forged))],
+                                           at=demo_pki.at)
+        assert [(p.source, p.reason.code) for p in problems] == [("forged.pem", "trust.signature")]
+        host, _ = demo_pki.host(issuer=iss.Issuer(forged, key))
+        result = store.verify_host(host, demo_pki.at)
+        assert codes(result) == {"chain.no_anchor"} and "does not verify" in result.reasons[0].message
+
     def test_cross_signed_loop_is_reported_and_terminates(self, demo_pki: DemoPKI) -> None:
         ka, kb = iss.make_key(), iss.make_key()
         v = iss.Validity.days(100, start=DEMO_START)
