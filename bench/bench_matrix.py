@@ -44,7 +44,7 @@ from console.core import pki
 from console.core import policy as pol
 from console.core.decisions import HostCheck, VMCheck, allowed_matrix, decide
 from console.core.envelope import TYP_POLICY
-from console.services.fleet import open_tokens_parallel
+from console.services.fleet import HOST_CHECK_WEIGHT, open_tokens_parallel
 
 T = TypeVar("T")
 AT = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -177,7 +177,7 @@ def fast_path(f: Fleet, workers: int) -> FastResult:
     # (what FleetService.load does); then the cheap per-token checks run in-process.
     opened, t_open = timed(lambda: open_tokens_parallel(
         book.envelopes, (t for _, _, t in f.vms), TYP_POLICY, pol.POLICY_FIELDS, workers=workers,
-        meanwhile=run_hosts))
+        meanwhile=run_hosts, meanwhile_weight=HOST_CHECK_WEIGHT * len(f.host_pems)))
     results, t_checks = timed(lambda: book.verify_many(((u, t) for u, _, t in f.vms), AT))
     phases["_parallel"] = float(bool(opened))
     if opened:

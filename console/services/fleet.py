@@ -47,6 +47,8 @@ from console.core.reasons import Reason
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
+#: A host certificate check (chain + attributes) costs about this many token checks.
+HOST_CHECK_WEIGHT = 3.0
 
 
 def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
@@ -56,14 +58,15 @@ def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
 def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ: str,
                          fields: frozenset[str], *, workers: int | None = None,
                          meanwhile: Callable[[], object] | None = None,
-                         own_share: float | None = None) -> int:
+                         meanwhile_weight: float = 0.0) -> int:
     """Open (parse + signature check) many tokens on every core, ahead of the matrix.
 
     Signature checks dominate a big fleet's load (10,000 ES256 policies ~ 1.5-2 s of
     CPU), and they are independent, so they are split across worker processes and
     this process. ``meanwhile`` is other work for this process to do while the workers
-    run (the host chain checks), in which case it keeps only ``own_share`` of the
-    tokens. Results land in ``verifier``'s cache; the time and owner-chain checks then
+    run (the host chain checks); ``meanwhile_weight`` estimates that work in token
+    checks (a host chain check costs about three) so that every process finishes at
+    about the same time. Results land in ``verifier``'s cache; the time and owner-chain checks then
     run in-process as usual. Falls back to the lazy in-process path (after running
     ``meanwhile``) when there is one core, few tokens, or other threads are running
     (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
@@ -76,8 +79,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
         if meanwhile is not None:
             meanwhile()
         return 0
-    share = own_share if own_share is not None else (0.5 / n if meanwhile else 1 / n)
-    own = int(len(todo) * share)
+    total = len(todo)
+    # this process: W + x*T == (1 - x)*T / (n - 1)  =>  x = (T - (n - 1)*W) / (n*T)
+    own = max(0, int((total - (n - 1) * meanwhile_weight) / n))
     rest = todo[own:]
     chunks = [rest[i::n - 1] for i in range(n - 1)]
     with ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -193,7 +197,8 @@ class FleetService:
             self._vms[v.uuid] = rec
         # host chains are checked here while worker processes check policy signatures
         open_tokens_parallel(self._policies.envelopes, (r.token for r in self._vms.values()), TYP_POLICY,
-                             POLICY_FIELDS, meanwhile=lambda: self._load_host_certs(spec.hosts))
+                             POLICY_FIELDS, meanwhile=lambda: self._load_host_certs(spec.hosts),
+                             meanwhile_weight=HOST_CHECK_WEIGHT * len(spec.hosts))
         for source in self._grant_files(spec.grant_files):
             try:
                 token = read_limited(source, what="grant").decode("ascii").strip()
