@@ -222,7 +222,7 @@ def decide(
         trusted = ", ".join(c.name for c in pol.trusted_cas)
         if hits:
             steps.append(Step("Trusted CA", True,
-                              f"the policy trusts {hits[0].name}, which is in {host.name}'s chain"))
+                              f"the policy trusts {hits[0].name}, which is in the chain of host {host.name}"))
         else:
             path = " -> ".join(reversed(_chain_names(chain)[1:])) or "no known CA"
             untrusted = reason(
@@ -256,12 +256,14 @@ def decide(
         inter = names[1:-1] if len(names) > 2 else []
         if inter:
             steps.append(Step("Intermediate", chain.valid,
-                              f"{host.name} is issued by {' under '.join(inter)}, under root {names[-1]}"))
+                              f"Host {host.name} is issued by {' under '.join(inter)}, "
+                              f"under root {names[-1]}"))
         elif len(names) == 2:
             steps.append(Step("Intermediate", None,
-                              f"none: {host.name} is issued directly by root {names[-1]}"))
+                              f"None: host {host.name} is issued directly by root {names[-1]}"))
         else:
-            steps.append(Step("Intermediate", False, f"{host.name}'s chain could not be built to a root"))
+            steps.append(Step("Intermediate", False,
+                              f"The chain of host {host.name} could not be built to a root"))
         cert_errors = list(chain.reasons)
         if not chain.valid and not chain.reasons:
             cert_errors.append(reason("cert.invalid", f"host {host.name}'s certificate chain is not valid",
@@ -302,7 +304,7 @@ def decide(
         if used is not None and used.grant is not None:
             g = used.grant
             steps.append(Step("Grant", True,
-                              f"{admin.id} holds a grant from {owner_label} "
+                              f"Admin {admin.id} holds a grant from {owner_label} "
                               f"until {g.not_after:%Y-%m-%d %H:%M} UTC"
                               + (" (emergency only)" if g.emergency_only else "")))
         else:
@@ -338,7 +340,7 @@ def decide(
     errs = _dedupe(errors)
     allowed = not errs
     steps.append(Step("Verdict", allowed,
-                      f"{vm.label} may move to {host.name}" if allowed else
+                      f"VM {vm.label} may move to {host.name}" if allowed else
                       f"refused: {len(errs)} check(s) failed"))
     steps = [Step(s.title, s.ok, sentence(s.detail), s.reasons) for s in steps]
     return Decision(vm.label, host.name, admin.id if admin else None, at, allowed,

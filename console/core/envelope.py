@@ -27,6 +27,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -243,10 +244,15 @@ def sign(
         return jws.serialize_compact(header, body, _jose_key(key), registry=_registry(alg))
 
 
+_PLAIN_WORD = re.compile(r"^[a-z]+[,:;]?$")
+
+
 def sentence(text: str) -> str:
     if not text:
         return text
-    if text[0].islower() and text[0].isascii():
+    # Capitalise only a plain English first word: never a host name (hv-de-1), a file
+    # name (fleet.toml:) or anything else that must be shown exactly as written.
+    if _PLAIN_WORD.match(text.split(" ", 1)[0]):
         text = text[0].upper() + text[1:]
     return text if text.endswith((".", "!", "?")) else text + "."
 
