@@ -42,6 +42,7 @@ def test_explain_refused_lists_every_reason(fleet: FleetFiles) -> None:
     text = run("explain", "--fleet", str(fleet.fleet), "--at", AT, "web-1", "hv-de-old")
     assert text.exit_code == 1
     assert "REFUSED" in text.stdout and "cert.expired" in text.stdout and "[FAIL]" in text.stdout
+    assert "hv-de-old" in text.stdout and "Hv-" not in text.stdout  # names are never re-cased
 
 
 def test_explain_with_admin_grant(fleet: FleetFiles) -> None:
