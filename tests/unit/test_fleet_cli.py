@@ -220,3 +220,37 @@ def test_owner_certificate_made_with_openssl(fleet: FleetFiles, tmp_path: Path) 
     # the fleet's own owners' CA does not know Olga
     other = run("policy", "show", "--owners", str(fleet.root / "trust" / "owners"), str(out))
     assert other.exit_code == 1 and "policy.owner_untrusted" in other.stdout
+
+
+def test_policy_sign_with_intermediate_in_x5c(fleet: FleetFiles, tmp_path: Path) -> None:
+    """The owners' trust dir holds only the root; --chain puts the intermediate into x5c."""
+    import datetime as dt
+
+    from console.core import issuance as iss
+
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    root_key = iss.make_key("ec")
+    root = iss.Issuer(iss.issue_ca(iss.CASpec(iss.Subject("Owners Root")), root_key,
+                                   iss.Validity.days(3650, start=start)), root_key)
+    mid_key = iss.make_key("ec")
+    mid = iss.Issuer(iss.issue_ca(iss.CASpec(iss.Subject("Owners Dept"), path_len=0), mid_key,
+                                  iss.Validity.days(1825, start=start), issuer=root), mid_key)
+    key = iss.make_key("ed25519")
+    cert = iss.issue_owner(iss.Subject("Dora"), key, mid, iss.Validity.days(365, start=start),
+                           email="dora@example.org")
+    (tmp_path / "owners").mkdir()
+    (tmp_path / "owners" / "root.pem").write_bytes(iss.cert_pem(root.cert))
+    (tmp_path / "mid.pem").write_bytes(iss.cert_pem(mid.cert))
+    (tmp_path / "dora.pem").write_bytes(iss.cert_pem(cert))
+    (tmp_path / "dora.key").write_bytes(iss.key_pem(key))
+    base = ["policy", "sign", "--key", str(tmp_path / "dora.key"), "--cert", str(tmp_path / "dora.pem"),
+            "--vm-uuid", WEB_UUID, "--trust-ca", f"EU={fp(fleet.kit.eu.cert)}", "--start", AT]
+    with_chain = run(*base, "--chain", str(tmp_path / "mid.pem"), "--out", str(tmp_path / "with.jws"))
+    assert with_chain.exit_code == 0
+    assert run(*base, "--out", str(tmp_path / "without.jws")).exit_code == 0
+    owners = str(tmp_path / "owners")
+    ok = run("policy", "show", "--owners", owners, "--at", AT, "--json", str(tmp_path / "with.jws"))
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["header"]["alg"] == "EdDSA"
+    missing = run("policy", "show", "--owners", owners, "--at", AT, str(tmp_path / "without.jws"))
+    assert missing.exit_code == 1 and "policy.owner_untrusted" in missing.stdout
