@@ -445,6 +445,11 @@ def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck]) -> Matrix
     return Matrix(out, len(groups), len(index.names))
 
 
+def allowed_targets(vm: VMCheck, hosts: Sequence[HostCheck]) -> tuple[str, ...]:
+    """One VM's allowed targets (the fast path for a single row)."""
+    return allowed_matrix([vm], hosts).targets[vm.uuid]
+
+
 def allowed_per_pair(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, at: dt.datetime,
                      policy_names: Mapping[str, str] | None = None) -> dict[str, tuple[str, ...]]:
     """The straightforward path: a full ``decide`` for every (VM, host) pair."""
@@ -462,5 +467,6 @@ __all__ = [
     "VMCheck",
     "allowed_matrix",
     "allowed_per_pair",
+    "allowed_targets",
     "decide",
 ]

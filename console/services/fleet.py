@@ -120,8 +120,11 @@ class FleetService:
     """A loaded fleet: hosts, VMs, trust stores, and decisions about them."""
 
     def __init__(self, spec: FleetSpec | None, *, path: str = "", readonly: bool = False,
-                 at: dt.datetime | None = None, problems: Iterable[Problem] = ()) -> None:
+                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True) -> None:
         self.spec = spec
+        #: eager: check every host chain and open every policy on load (the console shows
+        #: them all); lazy: only what a question needs (``escort explain`` on a big fleet)
+        self.eager = eager
         self.path = path
         self.readonly = readonly or bool(spec and spec.readonly)
         self._fixed_at = at
@@ -146,7 +149,7 @@ class FleetService:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, readonly: bool = False,
-             at: dt.datetime | None = None) -> FleetService:
+             at: dt.datetime | None = None, eager: bool = True) -> FleetService:
         """Load for the UI: problems are collected, never raised."""
         try:
             spec = load_fleet(path)
@@ -154,18 +157,22 @@ class FleetService:
             return cls(None, path=str(path), readonly=readonly, at=at,
                        problems=[Problem(str(path), reason("fleet.unusable", str(exc),
                                                           "fix the fleet file (see docs/FLEET.md)"))])
-        return cls(spec, path=str(path), readonly=readonly, at=at)
+        return cls(spec, path=str(path), readonly=readonly, at=at, eager=eager)
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
-                    at: dt.datetime | None = None) -> FleetService:
-        """Load for the CLI: the first unusable input is an InputError (exit 2)."""
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at)
+                    at: dt.datetime | None = None, eager: bool = False) -> FleetService:
+        """Load for the CLI: the first unusable input is an InputError (exit 2).
+
+        Lazy by default: ``escort explain`` checks one host chain and one policy, not
+        the whole fleet's.
+        """
+        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
         if service._fatal:
             first = service._fatal[0]
             more = f" (and {len(service._fatal) - 1} more problem(s))" if len(service._fatal) > 1 else ""
-            msg = first.reason.message
-            raise InputError(msg if first.source in msg else f"{first.source}: {msg}{more}")
+            msg = first.reason.message.rstrip(".")
+            raise InputError((msg if first.source in msg else f"{first.source}: {msg}") + more)
         return service
 
     def _problem(self, source: str, code: str, message: str, fix: str = "", *, fatal: bool = False,
@@ -196,9 +203,14 @@ class FleetService:
                                                       "fix policy_file for this VM", fatal=True)
             self._vms[v.uuid] = rec
         # host chains are checked here while worker processes check policy signatures
-        open_tokens_parallel(self._policies.envelopes, (r.token for r in self._vms.values()), TYP_POLICY,
-                             POLICY_FIELDS, meanwhile=lambda: self._load_host_certs(spec.hosts),
-                             meanwhile_weight=HOST_CHECK_WEIGHT * len(spec.hosts))
+        if self.eager:
+            open_tokens_parallel(self._policies.envelopes, (r.token for r in self._vms.values()),
+                                 TYP_POLICY, POLICY_FIELDS,
+                                 meanwhile=lambda: self._load_host_certs(spec.hosts),
+                                 meanwhile_weight=HOST_CHECK_WEIGHT * len(spec.hosts))
+        else:
+            self._load_host_certs(spec.hosts)
+        self._views_at = at if self.eager else None
         for source in self._grant_files(spec.grant_files):
             try:
                 token = read_limited(source, what="grant").decode("ascii").strip()
@@ -258,7 +270,9 @@ class FleetService:
         except InputError as exc:
             view.cert_problem = reason("cert.unreadable", str(exc), "reissue the host certificate")
             view.attributes = None
-        view.chain = self._verify_host(name, self.at)
+        view.chain = self._verify_host(name, self.at) if self.eager else None
+        if not self.eager:
+            self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
         got = self._host_certs.get(name)
@@ -408,7 +422,7 @@ class FleetService:
     def dependants(self, ca_fingerprint: str) -> tuple[int, int]:
         """(hosts whose chain passes through the CA, VMs whose policy trusts it)."""
         fp = ca_fingerprint.lower()
-        hosts = sum(1 for h in self._hosts.values() if h.chain is not None and fp in h.chain.ca_fingerprints)
+        hosts = sum(1 for h in self.hosts() if h.chain is not None and fp in h.chain.ca_fingerprints)
         at = self.at
         vms = 0
         for rec in self._vms.values():

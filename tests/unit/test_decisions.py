@@ -10,7 +10,14 @@ import pytest
 
 from console.core import grants as gr
 from console.core import policy as pol
-from console.core.decisions import HostCheck, VMCheck, allowed_matrix, allowed_per_pair, decide
+from console.core.decisions import (
+    HostCheck,
+    VMCheck,
+    allowed_matrix,
+    allowed_per_pair,
+    allowed_targets,
+    decide,
+)
 from console.core.issuance import cert_pem
 from console.core.pki import TrustStore, host_attributes
 from tests.unit.trustkit import T0, Kit, fp, host_cert, make_kit
@@ -154,3 +161,4 @@ def test_fast_matrix_agrees_with_per_pair_on_random_fleets(kit: Kit, store: Trus
     assert fast.targets == slow
     assert any(fast.targets.values()) and not all(fast.targets.values())
     assert fast.groups <= len(vms)
+    assert all(allowed_targets(v, hosts) == slow[v.uuid] for v in vms[:10])

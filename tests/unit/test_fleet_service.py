@@ -136,3 +136,27 @@ def test_parallel_open_matches_in_process(fleet: FleetFiles, monkeypatch: pytest
     assert [r.code for r in got[tokens[3][0]].reasons] == ["policy.signature"]
     assert [r.code for r in got[DB_UUID].reasons] == ["policy.vm_mismatch"]
     assert sum(r.valid for r in got.values()) == 11
+
+
+def test_lazy_load_checks_only_what_is_asked(fleet: FleetFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.core.pki import TrustStore
+
+    calls: list[str] = []
+    real = TrustStore.verify_host
+
+    def spy(self: TrustStore, cert: object, at: object, **kw: object) -> object:
+        calls.append(str(cert.subject.rfc4514_string()))  # type: ignore[attr-defined]
+        return real(self, cert, at, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrustStore, "verify_host", spy)
+    lazy = FleetService.load_strict(fleet.fleet, at=T0)
+    assert calls == []
+    assert lazy.explain("web-1", "hv-fr-1").allowed
+    assert len(calls) == 1 and "hv-fr-1" in calls[0]
+    assert all(h.chain is not None for h in lazy.hosts())  # views fill in on demand
+    calls.clear()
+    eager = FleetService.load(fleet.fleet, at=T0)
+    assert len(calls) == 4
+    eager_valid = [h.chain.valid for h in eager.hosts() if h.chain]
+    assert eager_valid == [h.chain.valid for h in lazy.hosts() if h.chain]
+    assert len(calls) == 4  # views at the load time were checked once
