@@ -301,6 +301,7 @@ class Lab:
         def mark(phase: str) -> None:
             phases[phase] = round(time.monotonic() - t0, 3)
 
+        mark("cleanup")  # cumulative seconds since `up` started, per finished phase
         _ensure_user("libvirt-qemu")
 
         pki = certs.build(self.name, HYPERVISORS, {h.name: h.migration_ip for h in hvs})
