@@ -1,0 +1,116 @@
+"""``escort hosts refresh`` and ``escort hosts trust``: the fleet's hosts, live.
+
+``refresh`` reaches every host over SSH (through jump hosts), reads libvirt and the
+migration certificate there, and prints one line per host; a host that cannot be
+reached shows why on its own line and never blocks the others. Exit 0 when every
+host answered, 1 when some did not, 2 for unusable input.
+
+``trust`` is the deliberate way to accept an unknown host key: the operator reads
+the fingerprint on the host's console and types it; only a key with exactly that
+fingerprint is added. A *changed* key is never replaced here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from console.cli.fleet_cmds import _fleet_path
+from console.core.errors import InputError
+from console.services.fleet import FleetService
+from console.services.inventory import InventoryService
+
+
+async def _refresh(service: FleetService) -> None:
+    inventory = InventoryService.for_fleet(service)
+    try:
+        await inventory.refresh()
+    finally:
+        await inventory.close()
+
+
+def _host_rows(service: FleetService) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    counts: dict[str, int] = {}
+    for vm in service.vms():
+        counts[vm.host] = counts.get(vm.host, 0) + 1
+    for host in service.hosts():
+        chain = host.chain
+        rows.append({
+            "host": host.name,
+            "region": host.spec.region,
+            "reachable": host.reachability,
+            "problem": host.problem.as_json() if host.problem else None,
+            "cert_valid": None if chain is None else chain.valid,
+            "cert_reasons": [r.as_json() for r in chain.reasons] if chain else [],
+            "cert_problem": host.cert_problem.as_json() if host.cert_problem else None,
+            "vms": counts.get(host.name, 0),
+            "free_memory_mib": host.facts.free_memory_mib if host.facts else None,
+        })
+    return rows
+
+
+@click.group("hosts")
+def hosts() -> None:
+    """The fleet's hosts, reached over SSH."""
+
+
+@hosts.command("refresh")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.pass_context
+def refresh(ctx: click.Context, fleet: str | None, as_json: bool) -> None:
+    """Reach every host now and show reachability, certificate and VM count."""
+    service = FleetService.load_strict(_fleet_path(ctx, fleet))
+    asyncio.run(_refresh(service))
+    rows = _host_rows(service)
+    if as_json:
+        click.echo(json.dumps({"fleet": service.name, "kind": service.kind, "hosts": rows}, indent=2))
+    else:
+        for row in rows:
+            if row["reachable"] == "up":
+                cert = {True: "certificate ok", False: "certificate REFUSED", None: "no certificate"}[
+                    row["cert_valid"]]  # type: ignore[index]
+                line = f"✓ {row['host']:<14} up    {cert}, {row['vms']} VM(s)"
+                if row["cert_valid"] is False:
+                    first = row["cert_reasons"][0]  # type: ignore[index]
+                    line += f" — {first['message']}"
+            else:
+                problem = row["problem"] or {"message": "no answer"}
+                line = f"✗ {row['host']:<14} down  {problem['message']}"  # type: ignore[index]
+            click.echo(line)
+    ctx.exit(0 if all(r["reachable"] == "up" for r in rows) else 1)
+
+
+@hosts.command("trust")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.argument("host")
+@click.argument("fingerprint")
+@click.pass_context
+def trust(ctx: click.Context, fleet: str | None, host: str, fingerprint: str) -> None:
+    """Accept HOST's SSH key if (and only if) it has FINGERPRINT (SHA256:...).
+
+    Read the fingerprint on the host itself (``ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub``)
+    and type it here; escort adds the key to the fleet's known_hosts file.
+    """
+    if not fingerprint.startswith("SHA256:"):
+        raise InputError(f"{fingerprint!r} is not an SSH fingerprint (expected SHA256:...)")
+    service = FleetService.load_strict(_fleet_path(ctx, fleet))
+    service.require_writable("trust a host key")
+    inventory = InventoryService.for_fleet(service)
+    spec = inventory.spec(host)
+
+    async def go() -> str:
+        try:
+            return await inventory.pool.accept_host_key(spec.ssh, fingerprint, jump=spec.jump, name=host)
+        finally:
+            await inventory.close()
+
+    line = asyncio.run(go())
+    click.echo(f"{host}: key already trusted" if not line else f"{host}: added to known_hosts: {line}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(hosts)
