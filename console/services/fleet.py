@@ -315,10 +315,11 @@ class FleetService:
         return list(self._hosts.values())
 
     def vms(self) -> list[VMView]:
-        matrix = self._current_matrix()
+        at = self.at
+        matrix = self._current_matrix(at)
         out = []
         for rec in self._vms.values():
-            pr = self._policy(rec, self.at)
+            pr = self._policy(rec, at)
             pol = pr.policy
             out.append(VMView(
                 uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
@@ -352,8 +353,8 @@ class FleetService:
             self._checks[key] = hit
         return hit
 
-    def _current_matrix(self) -> Matrix:
-        at = self.at
+    def _current_matrix(self, at: dt.datetime | None = None) -> Matrix:
+        at = at or self.at
         if self._matrix is None or self._matrix_at != at:
             vms = [self._vm_check(r, at) for r in self._vms.values()]
             hosts = [self._host_check(n, at) for n in self._hosts]
