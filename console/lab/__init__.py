@@ -34,7 +34,7 @@ import uuid as uuidlib
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +51,6 @@ from .hosts import (
     JUMP_BACK_OCTET,
     JUMP_FRONT_OCTET,
     LAB_SUPERNET,
-    HostPlan,
     LabHost,
     back_ip,
     check_name,
@@ -673,9 +672,6 @@ class Lab:
             out.append(st)
         return out
 
-    def status_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(s) for s in self.status()]
-
     # --- down -----------------------------------------------------------------------
     def down(self) -> list[str]:
         """Stop every process the lab started and delete its namespaces."""
@@ -779,7 +775,3 @@ def _copy_caps(h: LabHost, cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, cache / f.name)
-
-
-def plan_for(name: str) -> HostPlan:
-    return hypervisor(name)

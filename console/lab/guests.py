@@ -78,12 +78,13 @@ def domain_xml(name: str, *, memory_mib: int = 64, uuid: str | None = None,
 def policy_metadata(pki: LabPKI, host: HostPlan, guest: GuestPlan, vm_uuid: str) -> str:
     """The owner-signed placement policy as ``<metadata>`` XML, or "" when unavailable.
 
-    The signing code lives in core/policy.py (another module); it is imported lazily
-    so that the lab keeps working (without policies) while that module is missing.
+    The signing code lives in core/policy.py and core/envelope.py; it is imported
+    lazily so that the lab still starts (without policies, and ``up`` says so) on a
+    checkout where those modules cannot be imported.
     """
     try:
         from console.lab import policies
-    except ImportError:  # pragma: no cover - only while core/policy.py is missing
+    except ImportError:  # pragma: no cover - degraded mode, reported by `lab up`
         return ""
     return policies.metadata_for(pki, host, guest, vm_uuid)
 
