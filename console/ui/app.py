@@ -16,6 +16,7 @@ from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
+from textual.signal import Signal
 
 from console.core.errors import EscortError
 from console.core.inventory import HostView, VMView
@@ -28,6 +29,7 @@ from console.ui.text import (
     cert_lines,
     expiry_words,
     kind_label,
+    plural,
     reach_words,
     reason_lines,
 )
@@ -65,12 +67,13 @@ class EscortApp(App[None]):
         Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
         Binding("p", "problems", "Problems", show=False, id="app.problems"),
         Binding("C", "copy_error", "Copy error", show=False, id="app.copy_error"),
+        Binding("r", "refresh", "Refresh", show=False, id="app.refresh"),
     ]
 
     def __init__(self, service: FleetLike, *, config: UIConfig | None = None,
                  at: dt.datetime | None = None, admin: str | None = None,
                  problems: Iterable[str] = (), start_mode: str = "vms",
-                 user_theme_dir: Path | None = None) -> None:
+                 user_theme_dir: Path | None = None, live: bool = True) -> None:
         super().__init__()
         self.service = service
         self.config = config or UIConfig()
@@ -88,6 +91,11 @@ class EscortApp(App[None]):
         self._host_rows: list[Row] = []
         self._vm_rows: list[Row] = []
         self._vms_on_host: dict[str, int] = {}
+        self.live = live
+        self._inventory: Any = None
+        self.refreshing = False
+        #: published after a refresh changed the views; screens re-read their rows
+        self.fleet_changed: Signal[None] = Signal(self, "fleet-changed")
         self.load_views()
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
@@ -109,6 +117,43 @@ class EscortApp(App[None]):
         self.sub_title = kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
         self._load_themes()
         self.switch_mode(self._start_mode)
+        if self.live:
+            self.action_refresh()
+
+    # ---------------------------------------------------------- refresh
+    def action_refresh(self) -> None:
+        """Ask every host what it runs now (libvirt; the demo's test:// driver too)."""
+        spec = getattr(self.service, "spec", None)
+        if spec is None or not hasattr(self.service, "apply_facts"):
+            return
+        if self.refreshing:
+            self.notify("A refresh is already running.", timeout=3)
+            return
+        self.refreshing = True
+        self.run_worker(self._refresh(), exclusive=True, group="refresh", exit_on_error=False)
+
+    async def _refresh(self) -> None:
+        from console.services.inventory import InventoryService
+
+        try:
+            if self._inventory is None:
+                self._inventory = InventoryService.for_fleet(self.service)  # type: ignore[arg-type]
+            results = await self._inventory.refresh()
+        except EscortError as exc:
+            self.notify(f"Refresh failed: {exc}", severity="error", markup=False)
+            return
+        finally:
+            self.refreshing = False
+        down = [name for name, r in results.items() if r.facts is None]
+        self.load_views()
+        self.fleet_changed.publish(None)
+        if down:
+            self.notify(f"{plural(len(down), 'host')} did not answer: {', '.join(sorted(down)[:5])}",
+                        severity="warning", markup=False)
+
+    async def on_unmount(self) -> None:
+        if self._inventory is not None:
+            await self._inventory.close()
 
     def title_line(self, screen: str) -> str:
         """The top line: which fleet, what kind (demo/lab/real), read-only, and where we are."""

@@ -55,7 +55,8 @@ def expiry_words(not_after: dt.datetime, at: dt.datetime) -> tuple[str, str]:
     days = (not_after - at).days
     date = not_after.strftime("%Y-%m-%d")
     if not_after <= at:
-        return f"{BAD} {date} expired", "bad"
+        ago = (at - not_after).days
+        return (f"{BAD} expired {ago} d ago" if ago else f"{BAD} expired today"), "bad"
     if days < 14:
         return f"{WARN} {date} ({days} d)", "warn"
     return f"{date} ({days} d)", ""

@@ -51,9 +51,9 @@ def user_themes(tmp_path: Path) -> Path:
 def make_app(demo_fleet: Path, user_themes: Path) -> Callable[..., EscortApp]:
     def factory(fleet: Path | None = None, *, readonly: bool = False,
                 config: UIConfig | None = None, start_mode: str = "vms",
-                themes: Path | None = None) -> EscortApp:
+                themes: Path | None = None, live: bool = False) -> EscortApp:
         service = FleetService.load(fleet or demo_fleet, readonly=readonly, at=AT)
         return EscortApp(service, config=config or UIConfig(), at=AT, start_mode=start_mode,
-                         user_theme_dir=themes or user_themes)
+                         user_theme_dir=themes or user_themes, live=live)
 
     return factory

@@ -338,3 +338,14 @@ async def test_host_cert_path_is_a_directory(make_app: MakeApp, fleet_copy: Path
         await pilot.pause()
         rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
         assert rows["nyc-01"][4].startswith("✗")
+
+
+async def test_refresh_reads_hosts_through_libvirt_test_driver(make_app: MakeApp) -> None:
+    app = make_app(start_mode="hosts", live=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.2)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
+        assert all(cells[5] == "✓ up" for cells in rows.values())
+        assert sum(int(cells[6]) for cells in rows.values()) == len(VMS)

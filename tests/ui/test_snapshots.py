@@ -17,29 +17,34 @@ SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40"
 
 
 async def _settle(pilot: Pilot[None]) -> None:
-    await pilot.pause(0.3)  # the VM screen computes targets just after the first paint
+    # the libvirt refresh and the VM screen's targets run in workers
+    await pilot.pause(0.3)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause(0.1)
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
     ("screen", "start", "keys"),
     [
-        ("vms", "vms", ()),
-        ("vms-filter", "vms", ("slash", *"ana", "enter")),
-        ("vms-targets", "vms", ("down", "down", "down", "down", "tab", "down")),
-        ("walkthrough-allowed", "vms", ("tab", "enter")),
-        ("walkthrough-refused", "vms", ("tab", "down", "down", "w")),
-        ("trust", "trust", ()),
-        ("trust-revoked", "trust", ("down", "down", "down", "down", "down")),
-        ("hosts", "hosts", ()),
-        ("hosts-expired", "hosts", ("down", "down", "down", "down")),
-        ("migrations", "migrations", ()),
-        ("help", "vms", ("question_mark",)),
+        pytest.param("vms", "vms", (), id="vms"),
+        pytest.param("vms-filter", "vms", ("slash", *"ana", "enter"), id="vms-filter"),
+        pytest.param("vms-targets", "vms", ("down", "down", "down", "down", "tab", "down"),
+                     id="vms-targets"),
+        pytest.param("walkthrough-allowed", "vms", ("tab", "enter"), id="walkthrough-allowed"),
+        pytest.param("walkthrough-refused", "vms", ("tab", "down", "down", "w"),
+                     id="walkthrough-refused"),
+        pytest.param("trust", "trust", (), id="trust"),
+        pytest.param("trust-revoked", "trust", ("down",) * 5, id="trust-revoked"),
+        pytest.param("hosts", "hosts", (), id="hosts"),
+        pytest.param("hosts-expired", "hosts", ("down",) * 4, id="hosts-expired"),
+        pytest.param("migrations", "migrations", (), id="migrations"),
+        pytest.param("help", "vms", ("question_mark",), id="help"),
     ],
 )
 def test_screen(snap_compare: Callable[..., bool], make_app: Callable[..., EscortApp],
                 screen: str, start: str, keys: tuple[str, ...], size: tuple[int, int]) -> None:
-    app = make_app(start_mode=start)
+    app = make_app(start_mode=start, live=True)
     assert snap_compare(app, press=keys, terminal_size=size, run_before=_settle)
 
 

@@ -49,6 +49,15 @@ class FleetScreen(Screen[None]):
     def compose_bottom(self) -> ComposeResult:
         yield Footer(compact=True, show_command_palette=True)
 
+    def on_mount(self) -> None:
+        self.escort.fleet_changed.subscribe(self, self._fleet_changed)
+
+    def _fleet_changed(self, _: None) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read rows and details after a refresh (screens that show fleet data override)."""
+
     def on_resize(self) -> None:
         """Stack panes on narrow terminals, split them side by side on wide ones."""
         width = self.app.size.width

@@ -16,7 +16,7 @@ class HostsScreen(FleetScreen):
     has_filter = True
     COLUMNS = (
         Column("Host", 12, flex=True),
-        Column("Region", 6),
+        Column("Region", 8),
         Column("C", 2),
         Column("Assur.", 6),
         Column("Cert expiry", 18),
@@ -37,11 +37,11 @@ class HostsScreen(FleetScreen):
     def on_mount(self) -> None:
         self.query_one("#filter").display = False
         self.reload()
+        self.query_one("#hosts-table", VirtualTable).focus()
 
     def reload(self) -> None:
         table = self.query_one("#hosts-table", VirtualTable)
         table.set_rows(self.escort.host_rows())
-        table.focus()
         self._show(table.cursor_key)
 
     def on_virtual_table_highlighted(self, event: VirtualTable.Highlighted) -> None:

@@ -37,6 +37,14 @@ class TrustScreen(FleetScreen):
 
     def on_mount(self) -> None:
         self._fill()
+        self.query_one("#ca-tree", Tree).focus()
+
+    def reload(self) -> None:
+        tree = self.query_one("#ca-tree", Tree)
+        current = tree.cursor_node.data if tree.cursor_node is not None else None
+        self._fill()
+        if isinstance(current, CANode):
+            self.focus_ca(current.info.fingerprint)
 
     def _fill(self) -> None:
         tree = self.query_one("#ca-tree", Tree)
@@ -80,7 +88,6 @@ class TrustScreen(FleetScreen):
         for anchor in sorted(store.anchors, key=lambda a: a.info.name):
             add(tree.root, anchor)
         tree.root.expand()
-        tree.focus()
         tree.move_cursor(tree.root.children[0] if tree.root.children else None)
         if tree.root.children:
             self._show(tree.root.children[0].data)
@@ -119,7 +126,6 @@ class TrustScreen(FleetScreen):
             node = stack.pop()
             if isinstance(node.data, CANode) and node.data.info.fingerprint == fingerprint:
                 tree.move_cursor(node)
-                tree.focus()
                 return True
             stack.extend(node.children)
         return False

@@ -67,6 +67,11 @@ class VMsScreen(FleetScreen):
         # the targets are computed after the first paint so the table shows at once
         self.call_after_refresh(self._show_targets, table.cursor_key)
 
+    def reload(self) -> None:
+        table = self.main_table()
+        table.set_rows(self.escort.vm_rows())
+        self._show_targets(table.cursor_key)
+
     def main_table(self) -> VirtualTable:
         return self.query_one("#vms-table", VirtualTable)
 
