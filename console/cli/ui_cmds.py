@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from console.core.errors import EscortError, InputError
+from console.core.errors import InputError
 
 
 def _parse_at(text: str | None) -> dt.datetime | None:
@@ -51,9 +51,11 @@ def register(group: click.Group) -> None:
     @click.option("--at", "at_text", default=None, help="Judge certificates at this RFC 3339 time.")
     @click.option("--print-path", is_flag=True, help="Only (re)generate and print the fleet file path.")
     @click.option("--lab", is_flag=True,
-                  help="Not available yet: use `escort lab up` then `escort --fleet <lab>/fleet.toml`.")
+                  help="Root only: start (or reuse) the real lab of namespaced libvirt/QEMU hosts "
+                       "and open the console on it instead.")
+    @click.option("--lab-name", default="demo", show_default=True, help="Which lab (with --lab).")
     def demo(regenerate: bool, readonly: bool, directory: str | None, at_text: str | None,
-             print_path: bool, lab: bool) -> None:
+             print_path: bool, lab: bool, lab_name: str) -> None:
         """Open the console on a generated demo fleet (libvirt test driver; nothing really moves).
 
         The fleet is generated on first use into the user data directory and reused
@@ -61,10 +63,21 @@ def register(group: click.Group) -> None:
         """
         from console.demo import demo_dir, ensure_demo
 
-        if lab:
-            raise EscortError("--lab is not wired yet: run `escort lab up` (as root), then "
-                              "`escort --fleet <lab dir>/fleet.toml`")
         at = _parse_at(at_text)
+        if lab:
+            from console.lab import Lab, require_root
+
+            require_root()  # one line, exit 2, when not root
+            the_lab = Lab(name=lab_name)
+            result = the_lab.up()  # idempotent: an existing lab is reused
+            if print_path:
+                click.echo(str(the_lab.fleet_file))
+                return
+            if not result.already:
+                click.echo(f"escort: lab {the_lab.name!r} up in {result.seconds:.1f} s "
+                           f"({the_lab.dir}); `escort lab down` stops it", err=True)
+            open_console(str(the_lab.fleet_file), readonly=readonly, at=at)
+            return
         dest = Path(directory) if directory else demo_dir()
         fleet, made = ensure_demo(dest, regenerate=regenerate, at=at)
         if print_path:

@@ -310,13 +310,14 @@ class EscortApp(App[None]):
 
     def help_text(self) -> str:
         """Keys as currently bound (after the keymap), grouped by where they work."""
-        lines = ["escort — keys (remap them in " + str(config_dir() / "config.toml") + ")", ""]
+        where = str(config_dir() / "config.toml").replace(str(Path.home()), "~", 1)
+        lines = [f"escort — keys (remap them by id in {where}, [keymap])", ""]
         seen: set[tuple[str, str]] = set()
         for key, active in sorted(self.screen.active_bindings.items()):
             b = active.binding
             label = b.description or b.action
-            if (key, label) in seen or b.system:
-                continue
+            if (key, label) in seen or b.system or not b.id:
+                continue  # Textual's own scrolling keys have no id and are not ours to remap
             seen.add((key, label))
             lines.append(f"  {b.key_display or self.get_key_display(b):<10} {label:<14} [{b.id or '-'}]")
         lines += [

@@ -17,7 +17,7 @@ OK, BAD, WARN, REVOKED, UNKNOWN = "✓", "✗", "⚠", "⊘", "?"
 
 KIND_LABELS: dict[str, str] = {
     "demo": "demo — libvirt test driver, nothing really migrates",
-    "lab": "lab — real libvirt hosts in namespaces on this machine",
+    "lab": "lab — real libvirt/QEMU hosts on this machine",
     "real": "real fleet — migrations move real VMs",
 }
 
@@ -108,8 +108,8 @@ def cert_lines(info: CertInfo, at: dt.datetime) -> list[str]:
         f"Key          {info.key_type}",
         f"Constraints  {constraints}",
         f"Policies     {', '.join(info.policies) if info.policies else 'none'}",
-        f"SHA-256      {':'.join(fp[i:i + 2] for i in range(0, min(len(fp), 32), 2))}",
-        f"             {':'.join(fp[i:i + 2] for i in range(32, len(fp), 2))}",
+        f"SHA-256      {' '.join(fp[i:i + 8] for i in range(0, min(len(fp), 32), 8))}",
+        f"             {' '.join(fp[i:i + 8] for i in range(32, len(fp), 8))}",
     ]
 
 
