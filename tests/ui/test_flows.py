@@ -71,6 +71,23 @@ async def test_filter_matches_owner_and_host_columns(make_app: MakeApp) -> None:
         assert names == ["res-gpu-01"]
 
 
+async def test_slash_in_targets_filters_the_targets(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await select_vm(app, pilot, "pay-db-01")
+        await pilot.press("tab", "slash", *"revoked")
+        await pilot.pause()
+        assert vm_table(app).row_count == len(VMS)  # the VM table is untouched
+        rows = targets(app).rows_in_view()
+        assert {row.key for row in rows} == {"ams-02", "sgp-01", "tyo-01"}  # and the revoked CA's
+        assert rows[0].cells[1] == "ams-02"  # each host's whole group: verdict line + reasons
+        assert any("attr.country" in row.cells[1] for row in rows)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len({row.key for row in targets(app).rows_in_view()}) == 12
+        assert targets(app).has_focus
+
+
 async def select_vm(app: EscortApp, pilot, name: str) -> None:  # type: ignore[no-untyped-def]
     key = next(v.uuid for v in app.all_vms() if v.name == name)
     assert isinstance(app.screen, VMsScreen)

@@ -29,6 +29,7 @@ class FleetScreen(Screen[None]):
     screen_label: ClassVar[str] = ""
     #: screens with a filterable table set this (decides whether "/" shows in the footer)
     has_filter: ClassVar[bool] = False
+    _filtering: VirtualTable | None = None
 
     @property
     def escort(self) -> EscortApp:
@@ -81,37 +82,53 @@ class FleetScreen(Screen[None]):
         found = list(self.query("#filter").results(Input))
         return found[0] if found else None
 
+    def filtering_table(self) -> VirtualTable | None:
+        """The table ``/`` filters: the one that had focus when ``/`` was pressed."""
+        return self._filtering if self._filtering is not None else self.main_table()
+
     def action_filter(self) -> None:
         box = self.filter_input()
         if box is None:
             self.notify("Nothing to filter on this screen.", timeout=3)
             return
+        focused = self.focused
+        target = focused if isinstance(focused, VirtualTable) else self.filtering_table()
+        previous = self.filtering_table()
+        if target is not previous and previous is not None:
+            previous.set_filter("")  # one filter box, one table at a time
+            box.value = ""
+        self._filtering = target
+        if target is not None and target.id:
+            what = target.id.removesuffix("-table")
+            box.placeholder = f"filter {what} as you type (Enter keeps, Esc clears)"
         box.display = True
         box.focus()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "filter":
-            table = self.main_table()
+            table = self.filtering_table()
             if table is not None:
                 table.set_filter(event.value)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "filter":
-            table = self.main_table()
+            table = self.filtering_table()
             if table is not None:
                 table.focus()
 
     def action_back(self) -> None:
         """Escape: leave the filter, then the detail pane, then the pushed screen."""
         box = self.filter_input()
-        table = self.main_table()
+        table = self.filtering_table()
         if box is not None and (box.has_focus or box.value):
             box.value = ""
             box.display = False
             if table is not None:
                 table.set_filter("")
                 table.focus()
+            self._filtering = None
             return
+        table = self.main_table()
         if table is not None and not table.has_focus:
             table.focus()
             return

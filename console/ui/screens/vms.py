@@ -55,7 +55,7 @@ class VMsScreen(FleetScreen):
                 yield VirtualTable(self.COLUMNS, id="vms-table", empty_text="no VM matches")
             with Vertical(classes="side"):
                 yield Label("Targets", id="targets-title", classes="pane-title")
-                yield VirtualTable(self.TARGET_COLUMNS, id="targets", show_header=False,
+                yield VirtualTable(self.TARGET_COLUMNS, id="targets", show_header=False, group_rows=True,
                                    empty_text="select a VM to see where it may go")
         yield from self.compose_bottom()
 

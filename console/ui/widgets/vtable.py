@@ -126,6 +126,7 @@ class VirtualTable(ScrollView, can_focus=True):
         columns: Sequence[Column],
         *,
         show_header: bool = True,
+        group_rows: bool = False,
         empty_text: str = "nothing to show",
         name: str | None = None,
         id: str | None = None,
@@ -134,6 +135,8 @@ class VirtualTable(ScrollView, can_focus=True):
         super().__init__(name=name, id=id, classes=classes)
         self.columns = list(columns)
         self.show_header = show_header
+        #: rows sharing a key (a host and its reason lines) are filtered as one group
+        self.group_rows = group_rows
         self.empty_text = empty_text
         self._rows: list[Row] = []
         self._view: list[int] = []  # indexes into _rows that pass the filter
@@ -182,7 +185,10 @@ class VirtualTable(ScrollView, can_focus=True):
 
     def _apply_filter(self, keep: str | None) -> None:
         needle = self._filter
-        if needle:
+        if needle and self.group_rows:
+            keys = {row.key for row in self._rows if needle in row.search}
+            self._view = [i for i, row in enumerate(self._rows) if row.key in keys]
+        elif needle:
             self._view = [i for i, row in enumerate(self._rows) if needle in row.search]
         else:
             self._view = list(range(len(self._rows)))
