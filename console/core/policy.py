@@ -20,7 +20,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .envelope import TYP_POLICY, VERSION, EnvelopeVerifier, OwnerIdentity, OwnerVerifier, Verified, reason
+from .envelope import (
+    TYP_POLICY,
+    VERSION,
+    EnvelopeVerifier,
+    Opened,
+    OwnerIdentity,
+    OwnerVerifier,
+    Verified,
+    reason,
+)
 from .envelope import sign as sign_envelope
 from .errors import InputError
 from .issuance import DEFAULT_POLICY_NAMES
@@ -270,6 +279,8 @@ class PolicyBook:
     owners: OwnerVerifier | None
     envelopes: EnvelopeVerifier = field(init=False)
     _bodies: dict[str, tuple[PlacementPolicy | None, tuple[Reason, ...]]] = field(default_factory=dict)
+    #: (token digest, VM UUID) -> the last result and the time it was computed for
+    _results: dict[tuple[str, str | None], tuple[dt.datetime, PolicyResult]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.envelopes = EnvelopeVerifier(self.owners)
@@ -277,6 +288,15 @@ class PolicyBook:
     def verify(self, token: str, at: dt.datetime, *, vm_uuid: str | None = None) -> PolicyResult:
         """Verify ``token`` at ``at``; ``vm_uuid`` is the VM it is attached to (if known)."""
         opened = self.envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
+        key = (opened.digest, vm_uuid)
+        hit = self._results.get(key)
+        if hit is not None and hit[0] == at:
+            return hit[1]
+        result = self._verify(opened, at, vm_uuid)
+        self._results[key] = (at, result)
+        return result
+
+    def _verify(self, opened: Opened, at: dt.datetime, vm_uuid: str | None) -> PolicyResult:
         checked: Verified = self.envelopes.check(opened, at)
         reasons = list(checked.reasons)
         policy: PlacementPolicy | None = None

@@ -76,7 +76,8 @@ def test_verified_once_per_token(kit: Kit) -> None:
     first = book.verify(token, T0, vm_uuid=VM)
     n = len(book.envelopes._opened)
     for _ in range(3):
-        assert book.verify(token, T0, vm_uuid=VM) == first
+        assert book.verify(token, T0, vm_uuid=VM) is first  # same time: the remembered result
+    assert book.verify(token, T0 + dt.timedelta(days=60), vm_uuid=VM).reasons[0].code == "policy.expired"
     assert len(book.envelopes._opened) == n == 1
 
 
