@@ -1,14 +1,26 @@
-"""``escort migrate`` and ``escort audit verify``."""
+"""``escort migrate`` and ``escort audit verify``.
+
+``migrate`` exit codes: 0 migrated (and verified on the target), 1 refused or failed
+(the VM's state is said), 2 unusable input, 3 read-only mode. Output is a checklist
+and a progress line on a terminal, JSON lines otherwise (or with ``--json``): one
+``{"event": "preflight"|"progress"|"outcome"|"refused"|"demo", ...}`` object per line.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
+import sys
+from typing import Any
 
 import click
 
 from console.core.errors import InputError
 
 
+# -- audit ---------------------------------------------------------------------------------
 @click.group("audit")
 def audit_group() -> None:
     """The tamper-evident audit log."""
@@ -39,6 +51,162 @@ def audit_verify(log_file: str, expect_head: str | None, as_json: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
+# -- migrate -------------------------------------------------------------------------------
+_MARK = {"ok": "[ok]  ", "fail": "[FAIL]", "skipped": "[ -- ]"}
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _clock(s: float | None) -> str:
+    if s is None:
+        return "--:--"
+    s = max(0, int(s))
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def progress_line(p: Any) -> str:
+    """One terminal line for a ``core.migration.Progress`` (also used by the UI's tests)."""
+    if p.data_total is None:
+        return f"{p.phase:<10} waiting for the destination…  {_clock(p.elapsed_s)}  {p.message}".rstrip()
+    frac = p.fraction or 0.0
+    bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+    return (f"{p.phase:<10} [{bar}] {frac * 100:3.0f}%  {_size(p.data_processed)} sent, "
+            f"{_size(p.data_remaining)} left  {_size(p.rate_bps)}/s  dirty {_size(p.dirty_rate_bps)}/s  "
+            f"pass {p.iteration}  {_clock(p.elapsed_s)} ETA {_clock(p.eta_s)}  {p.message}").rstrip()
+
+
+def _print_preflight(pf: Any) -> None:
+    click.echo(f"Pre-flight: {pf.vm} {pf.source} -> {pf.target} (admin {pf.admin})")
+    for item in pf.items:
+        detail = f" — {item.detail}" if item.detail and item.ok else ""
+        click.echo(f"  {_MARK[item.status]} {item.title}{detail}")
+        for r in item.reasons:
+            tag = "warning " if r.severity == "warning" else ""
+            click.echo(f"         {tag}{r.code}: {r.message}")
+            if r.fix and r.severity == "error":
+                click.echo(f"           fix: {r.fix}")
+    if pf.plan is not None:
+        plan = pf.plan
+        click.echo(f"  plan: {plan.migration_uri}, TLS name {plan.tls_name}, flags "
+                   f"{'|'.join(plan.flag_names())}, target cert sha256 {plan.cert_fingerprint[:16]}…")
+    click.echo(f"  pre-flight took {pf.elapsed_s * 1000:.0f} ms")
+
+
+def _emit(event: str, payload: dict[str, Any]) -> None:
+    click.echo(json.dumps({"event": event, **payload}, sort_keys=True))
+
+
+async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: bool, json_out: bool,
+                   readonly: bool, bandwidth: int, stall: float | None) -> int:
+    from console.services.fleet import FleetService
+    from console.services.inventory import InventoryService
+    from console.services.migration import DEMO_EXPLANATION, MigrationRefused, MigrationService
+
+    fleet = FleetService.load_strict(fleet_path, readonly=readonly)
+    fleet.require_writable("migration")
+    assert fleet.spec is not None
+    inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
+    service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall)
+    tty = sys.stdout.isatty() and not json_out
+    try:
+        pf = await service.preflight(vm, host, admin)
+        if tty:
+            _print_preflight(pf)
+        else:
+            _emit("preflight", pf.as_json())
+        if pf.ok and fleet.kind == "demo":
+            if tty:
+                click.echo(f"Pre-flight passed. Not migrating: {DEMO_EXPLANATION}.")
+                click.echo(f"{pf.vm} stays running on {pf.source}.")
+            else:
+                _emit("demo", {"migrated": False, "message": DEMO_EXPLANATION, "vm_on": pf.source})
+            return 1
+        if pf.ok and not yes:
+            if not sys.stdin.isatty():
+                raise InputError("not on a terminal: pass --yes to confirm the migration")
+            typed = click.prompt(f"Type the VM's name ({pf.vm}) to migrate it to {pf.target}",
+                                 default="", show_default=False)
+            if typed.strip() != pf.vm:
+                click.echo(f"Not confirmed; nothing changed. {pf.vm} stays on {pf.source}.")
+                return 1
+        try:
+            run = await service.start(pf)
+        except MigrationRefused as exc:
+            if tty:
+                click.echo(f"REFUSED: {exc}. Nothing was changed; {pf.vm} stays on {pf.source or '?'}.")
+            else:
+                _emit("refused", {"message": str(exc), "reasons": [r.as_json() for r in pf.reasons],
+                                  "vm_on": pf.source})
+            return 1
+
+        def show(_run: Any, p: Any) -> None:
+            if tty:
+                click.echo("\r\x1b[2K" + progress_line(p), nl=False)
+            else:
+                _emit("progress", {"run": run.id, **p.as_json()})
+
+        run.subscribe(show)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT,
+                                    lambda: loop.create_task(run.abort("admin (Ctrl-C)")))
+        try:
+            result = await run.wait()
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+        out = result.outcome
+        if tty:
+            click.echo("")
+            verdict = {"success": "MIGRATED", "aborted": "ABORTED"}.get(out.result, "FAILED")
+            downtime = f", downtime {out.downtime_ms} ms" if out.downtime_ms is not None else ""
+            click.echo(f"{verdict}: {out.message} (took {out.timings.get('total', 0):.1f} s{downtime})")
+            click.echo(f"  audit: {service.audit.path} (head {service.audit.head[:16]}…)")
+        else:
+            _emit("outcome", {"run": result.run_id, **out.as_json(), "audit_log": str(service.audit.path)})
+        return 0 if out.result == "success" else 1
+    finally:
+        await service.close()
+        await inventory.close()
+
+
+@click.command("migrate")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.argument("vm")
+@click.argument("host")
+@click.option("--admin", default=None, metavar="ID", help="The admin acting (must hold a grant).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "json_out", is_flag=True, help="JSON lines (the default when not on a terminal).")
+@click.option("--bandwidth", type=click.IntRange(0, 100_000), default=0, metavar="MIB/S",
+              help="Cap the migration's bandwidth (0 = unlimited).")
+@click.option("--stall-timeout", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
+              help="Abort when no progress for this long (default: the fleet file's stall_timeout_s).")
+@click.pass_context
+def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None, yes: bool,
+            json_out: bool, bandwidth: int, stall_timeout: float | None) -> None:
+    """Live-migrate VM to HOST over TLS, after the same pre-flight the console shows.
+
+    Exit 0 migrated and verified on HOST; 1 refused or failed (the VM's state is
+    said); 2 unusable input; 3 read-only mode.
+    """
+    fleet_path = fleet or ctx.find_root().params.get("fleet_file")
+    if not fleet_path:
+        raise InputError("no fleet file: pass --fleet FILE")
+    readonly = bool(ctx.find_root().params.get("readonly"))
+    code = asyncio.run(_migrate(str(fleet_path), vm, host, admin, yes, json_out, readonly, bandwidth,
+                                stall_timeout))
+    raise click.exceptions.Exit(code)
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
     group.add_command(audit_group)
+    group.add_command(migrate)

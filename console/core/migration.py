@@ -323,6 +323,9 @@ class Preflight:
     items: tuple[CheckItem, ...]
     plan: MigrationPlan | None = None
     elapsed_s: float = 0.0  # how long the checks took (the time the console adds)
+    policy_hash: str = ""  # sha256 of the VM's policy token ("" when none)
+    grant_id: str = ""  # jti of the grant the decision relied on ("" when none)
+    cert_fingerprint: str = ""  # the certificate the target presents now ("" when unread)
 
     @property
     def ok(self) -> bool:
@@ -340,16 +343,19 @@ class Preflight:
                 "admin": self.admin, "at": self.at.isoformat(), "ok": self.ok,
                 "checks": [i.as_json() for i in self.items],
                 "plan": self.plan.as_json() if self.plan else None,
-                "elapsed_s": round(self.elapsed_s, 4)}
+                "elapsed_s": round(self.elapsed_s, 4), "policy_hash": self.policy_hash,
+                "grant_id": self.grant_id, "target_cert_sha256": self.cert_fingerprint}
 
 
 def assemble(vm: str, vm_uuid: str, source: str, target: str, admin: str, at: dt.datetime,
              items: Mapping[CheckKey, CheckItem], plan: MigrationPlan | None,
-             elapsed_s: float = 0.0) -> Preflight:
+             elapsed_s: float = 0.0, *, policy_hash: str = "", grant_id: str = "",
+             cert_fingerprint: str = "") -> Preflight:
     """Every check in the fixed order; a check the caller did not run is ``skipped`` (not ok)."""
     ordered = tuple(items.get(key) or skipped(key, "not checked") for key, _ in CHECKS)
     ok = all(i.ok for i in ordered)
-    return Preflight(vm, vm_uuid, source, target, admin, at, ordered, plan if ok else None, elapsed_s)
+    return Preflight(vm, vm_uuid, source, target, admin, at, ordered, plan if ok else None, elapsed_s,
+                     policy_hash, grant_id, cert_fingerprint)
 
 
 # -- progress -------------------------------------------------------------------------
