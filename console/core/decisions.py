@@ -107,6 +107,9 @@ class HostCheck:
                 and self.reachability != "down" and self.problem is None)
 
 
+_DEFAULT_OIDS: dict[frozenset[str], frozenset[str]] = {}
+
+
 @dataclass(frozen=True)
 class VMCheck:
     uuid: str
@@ -119,7 +122,12 @@ class VMCheck:
     def prepare(cls, uuid: str, name: str, current_host: str, policy: PolicyResult,
                 policy_names: Mapping[str, str] | None = None) -> VMCheck:
         req = policy.policy.requirements.policies if policy.policy else frozenset()
-        oids = resolve_policy_names(req, policy_names) if req else frozenset()
+        if not req:
+            oids: frozenset[str] = frozenset()
+        elif policy_names:
+            oids = resolve_policy_names(req, policy_names)
+        else:  # the common case, cached: many VMs require the same policies
+            oids = _DEFAULT_OIDS.get(req) or _DEFAULT_OIDS.setdefault(req, resolve_policy_names(req))
         return cls(uuid, name, current_host, policy, oids)
 
     @property
