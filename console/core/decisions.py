@@ -127,7 +127,12 @@ class VMCheck:
         elif policy_names:
             oids = resolve_policy_names(req, policy_names)
         else:  # the common case, cached: many VMs require the same policies
-            oids = _DEFAULT_OIDS.get(req) or _DEFAULT_OIDS.setdefault(req, resolve_policy_names(req))
+            hit = _DEFAULT_OIDS.get(req)
+            if hit is None:
+                if len(_DEFAULT_OIDS) > 4096:
+                    _DEFAULT_OIDS.clear()
+                hit = _DEFAULT_OIDS[req] = resolve_policy_names(req)
+            oids = hit
         return cls(uuid, name, current_host, policy, oids)
 
     @property
