@@ -16,7 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from .inventory import HostFacts
 from .reasons import Reason
+
+#: Domain states that hold their memory and vCPUs on a host (everything but off/crashed).
+_INACTIVE_STATES = frozenset({"shut off", "crashed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,41 @@ class EvacuationPlan:
             mem, cpu = out.get(m.target, (0, 0))
             out[m.target] = (mem + m.vm.memory_mib, cpu + m.vm.vcpus)
         return out
+
+
+def capacity_from_facts(name: str, region: str, facts: HostFacts, *, vcpu_ratio: float = 1.0) -> Capacity:
+    """What libvirt says a host can still take, counted conservatively.
+
+    Memory: the smaller of the kernel's free memory (``virNodeGetFreeMemory``) and the
+    host's memory minus what its active domains were given. The second bound matters
+    because guests touch their RAM lazily: a host whose guests have not yet used their
+    memory looks free to the kernel but is already promised. vCPUs: ``cpus * vcpu_ratio``
+    minus the vCPUs of active domains. The ratio defaults to 1.0 (no overcommit): in an
+    emergency we would rather leave a VM stuck and say so than overload the host that is
+    supposed to save it; an admin who overcommits on purpose passes a larger ratio.
+    """
+    active = [d for d in facts.domains if d.state not in _INACTIVE_STATES]
+    promised = sum(d.memory_mib for d in active)
+    free_mem = min(facts.free_memory_mib, facts.memory_mib - promised)
+    free_cpu = int(facts.cpus * vcpu_ratio) - sum(d.vcpus for d in active)
+    return Capacity(name, region, max(0, free_mem), max(0, free_cpu))
+
+
+def group_reasons(why_not: Iterable[tuple[str, tuple[Reason, ...]]]) -> list[tuple[Reason, list[str]]]:
+    """A stuck VM's refusals grouped by reason code: (first reason, hosts), most hosts first.
+
+    With a thousand candidate hosts, one line per host is unreadable; "ca.not_trusted:
+    870 hosts" plus the hosts with a rarer reason is what the admin needs to act on.
+    """
+    groups: dict[str, tuple[Reason, list[str]]] = {}
+    for host, reasons in why_not:
+        for r in reasons or (Reason("plan.unknown", f"{host} was not considered."),):
+            if r.severity != "error":
+                continue
+            entry = groups.setdefault(r.code, (r, []))
+            if host not in entry[1]:
+                entry[1].append(host)
+    return sorted(groups.values(), key=lambda g: (-len(g[1]), g[0].code))
 
 
 def _no_room(host: Capacity, vm: Evacuee) -> Reason:
