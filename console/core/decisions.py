@@ -62,6 +62,10 @@ class Decision:
     allowed: bool
     reasons: tuple[Reason, ...]  # errors first, then warnings
     steps: tuple[Step, ...]
+    # For the audit log (not in the JSON contract): what the decision rested on.
+    vm_uuid: str = ""
+    policy_digest: str = ""  # sha256 of the policy token, "" when there was none
+    grant_digest: str = ""  # sha256 of the grant that authorised the admin, "" when none
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -308,6 +312,7 @@ def decide(
                               "; ".join(good) or "the policy requires no attributes"))
 
     # 6. grant
+    grant_digest = ""
     if admin is None:
         steps.append(Step("Grant", None, "no admin given: only the placement is checked"))
     else:
@@ -316,6 +321,7 @@ def decide(
                               emergency=emergency)
         if used is not None and used.grant is not None:
             g = used.grant
+            grant_digest = used.digest
             steps.append(Step("Grant", True,
                               f"Admin {admin.id} holds a grant from {owner_label} "
                               f"until {g.not_after:%Y-%m-%d %H:%M} UTC"
@@ -357,7 +363,7 @@ def decide(
                       f"refused: {len(errs)} check(s) failed"))
     steps = [Step(s.title, s.ok, sentence(s.detail), s.reasons) for s in steps]
     return Decision(vm.label, host.name, admin.id if admin else None, at, allowed,
-                    tuple(errs) + tuple(_dedupe(warns)), tuple(steps))
+                    tuple(errs) + tuple(_dedupe(warns)), tuple(steps), vm.uuid, pr.digest, grant_digest)
 
 
 def _dedupe(reasons: Iterable[Reason]) -> list[Reason]:

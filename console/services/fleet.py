@@ -329,6 +329,14 @@ class FleetService:
             ))
         return out
 
+    def policy(self, vm: str, at: dt.datetime | None = None) -> PolicyResult:
+        """The VM's verified policy (UUID or name), e.g. its digest for the audit log."""
+        return self._policy(self._find_vm(vm), at or self.at)
+
+    def policy_token(self, vm: str) -> str:
+        """The VM's policy token as known (fleet file or domain metadata), "" when none."""
+        return self._find_vm(vm).token
+
     def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))

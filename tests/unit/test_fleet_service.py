@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from console.core.envelope import token_digest
 from console.core.errors import InputError, ReadOnlyError
 from console.core.inventory import DomainFacts, HostFacts
 from console.core.issuance import cert_pem
@@ -33,6 +34,12 @@ def test_views_and_matrix_agree_with_targets(fleet: FleetFiles) -> None:
     assert s.dependants(fp(fleet.kit.eu.cert)) == (3, 1)
     assert s.dependants(fp(fleet.kit.root.cert)) == (4, 1)
     assert [a.id for a in s.admins] == ["anne", "bert"]
+    # what the audit log records: the policy and grant a decision rested on
+    d = s.explain("web-1", "hv-fr-1", "anne")
+    assert d.allowed and d.vm_uuid == WEB_UUID
+    assert d.policy_digest == s.policy("web-1").digest == token_digest(s.policy_token(WEB_UUID))
+    assert len(d.grant_digest) == 64
+    assert s.explain("web-1", "hv-fr-1").grant_digest == ""
 
 
 def test_missing_fleet_is_a_problem_not_an_exception(tmp_path: Path) -> None:
