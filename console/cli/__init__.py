@@ -47,9 +47,17 @@ def main(ctx: click.Context, fleet_file: str | None, readonly: bool) -> None:
 
 
 def _register() -> None:
-    from console.cli import fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, pki_cmds, ui_cmds
+    from console.cli import (
+        evacuate_cmds,
+        fleet_cmds,
+        hosts_cmds,
+        lab_cmds,
+        migrate_cmds,
+        pki_cmds,
+        ui_cmds,
+    )
 
-    for module in (pki_cmds, fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, ui_cmds):
+    for module in (pki_cmds, fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, ui_cmds, evacuate_cmds):
         module.register(main)
 
 

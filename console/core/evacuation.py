@@ -79,7 +79,8 @@ class EvacuationPlan:
         return out
 
 
-def capacity_from_facts(name: str, region: str, facts: HostFacts, *, vcpu_ratio: float = 1.0) -> Capacity:
+def capacity_from_facts(name: str, region: str, facts: HostFacts, *, vcpu_ratio: float = 1.0,
+                        kernel_free: bool = True) -> Capacity:
     """What libvirt says a host can still take, counted conservatively.
 
     Memory: the smaller of the kernel's free memory (``virNodeGetFreeMemory``) and the
@@ -89,10 +90,14 @@ def capacity_from_facts(name: str, region: str, facts: HostFacts, *, vcpu_ratio:
     minus the vCPUs of active domains. The ratio defaults to 1.0 (no overcommit): in an
     emergency we would rather leave a VM stuck and say so than overload the host that is
     supposed to save it; an admin who overcommits on purpose passes a larger ratio.
+    ``kernel_free=False`` ignores the kernel's figure (libvirt's test driver, used by
+    the demo, cannot report it and says 0).
     """
     active = [d for d in facts.domains if d.state not in _INACTIVE_STATES]
     promised = sum(d.memory_mib for d in active)
-    free_mem = min(facts.free_memory_mib, facts.memory_mib - promised)
+    free_mem = facts.memory_mib - promised
+    if kernel_free:
+        free_mem = min(facts.free_memory_mib, free_mem)
     free_cpu = int(facts.cpus * vcpu_ratio) - sum(d.vcpus for d in active)
     return Capacity(name, region, max(0, free_mem), max(0, free_cpu))
 

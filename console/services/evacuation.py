@@ -349,7 +349,7 @@ class EvacuationService:
         self.vcpu_ratio = vcpu_ratio
         self.mover = mover
         self.locator = locator
-        self._audit = audit
+        self.audit = audit  # where the plan and the summary are recorded (None: nowhere)
 
     # -- planning -----------------------------------------------------------------------
     def plan(self, sources: Iterable[str], *, at: dt.datetime | None = None, title: str = "",
@@ -376,7 +376,8 @@ class EvacuationService:
             if view.reachability == "up" and facts is not None:
                 live.add(name)
                 capacities[name] = capacity_from_facts(name, view.spec.region, facts,
-                                                       vcpu_ratio=self.vcpu_ratio)
+                                                       vcpu_ratio=self.vcpu_ratio,
+                                                       kernel_free=self.fleet.kind != "demo")
             else:
                 capacities[name] = Capacity(name, view.spec.region, 0, 0)
         for s in srcs:
@@ -422,9 +423,9 @@ class EvacuationService:
                 decision = self.fleet.explain(vm.uuid, probe, self.admin, when, emergency=True)
                 grant = [r for r in decision.reasons
                          if r.severity == "error" and r.code.split(".", 1)[0] in ("grant", "admin")]
-                if grant:
+                if grant:  # the grant is the only thing between the VM and these hosts
+                    self._why_cache.update({(vm.uuid, h): tuple(grant) for h in allowed})
                     allowed = set()
-                    self._why_cache.update({(vm.uuid, h): tuple(grant) for h in views if h not in excluded})
             evacuees.append(replace(base, allowed=frozenset(allowed)))
         candidates = [c for n, c in capacities.items() if n not in excluded]
         plan = plan_evacuation(evacuees, candidates, lambda v, h: self._why_not(v, h, when, live),
@@ -511,8 +512,8 @@ class EvacuationService:
         return EvacuationRun(self, planned, limits or Limits(), on_event)
 
     def record(self, fields: dict[str, Any]) -> None:
-        if self._audit is not None:
-            self._audit.append({"kind": "evacuation", **fields})
+        if self.audit is not None:
+            self.audit.append({"kind": "evacuation", **fields})
 
 
 class EvacuationRun:
@@ -736,6 +737,48 @@ class InventoryLocator:
         return out
 
 
+class MigrationMover:
+    """``Mover`` over the migration service: its pre-flight, TLS migration, watchdog and audit.
+
+    Every move gets the migration service's full pre-flight again just before it starts
+    (facts may have changed since the plan); a refusal is a failed move with the
+    pre-flight's reasons, and nothing was asked of libvirt.
+    """
+
+    def __init__(self, migrations: Any) -> None:
+        self.migrations = migrations  # services.migration.MigrationService
+
+    async def move(self, move: Move, *, admin: str | None, on_progress: ProgressFn,
+                   abort: asyncio.Event) -> Outcome:
+        from console.services.migration import MigrationRefused
+
+        source = move.vm.source
+        on_progress(Progress("preflight", message="pre-flight"))
+        pf = await self.migrations.preflight(move.vm.uuid, move.target, admin)
+        if abort.is_set():
+            return Outcome("aborted", source, "aborted before the migration started")
+        if not pf.ok:
+            reasons = list(pf.reasons)
+            first = reasons[0].message if reasons else "pre-flight did not pass"
+            return Outcome("refused", source, f"pre-flight refused: {first}", reasons)
+        try:
+            run = await self.migrations.start(pf)
+        except MigrationRefused as exc:
+            return Outcome("refused", source, str(exc), list(pf.reasons))
+        run.subscribe(lambda _run, p: on_progress(p))
+        finished = asyncio.ensure_future(run.wait())
+        aborted = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({finished, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if aborted.done() and not finished.done():
+                await run.abort("admin (evacuation)")
+            result = await finished
+        finally:
+            aborted.cancel()
+        outcome: Outcome = result.outcome
+        return outcome
+
+
 def open_audit(fleet: FleetService) -> AuditSink | None:
     """The fleet's audit log (``audit_log`` in the fleet file), or None when it names none."""
     spec = fleet.spec
@@ -759,6 +802,7 @@ __all__ = [
     "InventoryLocator",
     "Limits",
     "Locator",
+    "MigrationMover",
     "Mover",
     "PlannedEvacuation",
     "RunFinished",

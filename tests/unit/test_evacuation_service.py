@@ -22,9 +22,11 @@ from console.core.evacuation import Move, capacity_from_facts
 from console.core.inventory import DomainFacts, HostFacts
 from console.core.migration import Outcome, Progress
 from console.services.evacuation import (
+    EvacuationRun,
     EvacuationService,
     Limits,
     RunFinished,
+    Summary,
     VMUpdate,
 )
 from console.services.fleet import FleetService
@@ -293,10 +295,6 @@ def many(tmp_path: Path, kit: Kit, n: int = 12) -> Gen:
     return generate(tmp_path, hosts, vms, kit=kit)
 
 
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 def test_run_respects_bounds_reports_failures_and_writes_the_audit_log(tmp_path: Path, kit: Kit) -> None:
     g = many(tmp_path, kit)
     world = {v.uuid: v.host for v in g.vms.values()}
@@ -307,12 +305,12 @@ def test_run_respects_bounds_reports_failures_and_writes_the_audit_log(tmp_path:
     assert len(planned.moves) == 12
     events: list[object] = []
 
-    async def go() -> object:
+    async def go() -> tuple[EvacuationRun, Summary]:
         r = ev.start(planned, limits=Limits(parallel=3, per_source=2, per_target=1), on_event=events.append)
         s = await r.run()
         return r, s
 
-    r, summary = run(go())  # type: ignore[misc]
+    r, summary = asyncio.run(go())
     assert r.max_in_flight <= 3 and max(r.max_per_source.values()) <= 2
     assert max(r.max_per_target.values()) == 1
     assert len(summary.moved) == 11
@@ -337,7 +335,7 @@ def test_abort_one_and_abort_all_leave_every_vm_on_one_host(tmp_path: Path, kit:
     ev = EvacuationService(g.service(), mover=mover, locator=FakeLocator(world))
     planned = ev.plan(["src", "src2"])
 
-    async def go() -> object:
+    async def go() -> Summary:
         r = ev.start(planned, limits=Limits(parallel=2, per_source=2, per_target=2))
         task = asyncio.create_task(r.run())
         while "vm01" not in mover.started:
@@ -347,8 +345,8 @@ def test_abort_one_and_abort_all_leave_every_vm_on_one_host(tmp_path: Path, kit:
         r.abort_all()
         return await task
 
-    summary = run(go())
-    rows = {u.name: u for u in [*summary.moved, *summary.failed]}  # type: ignore[attr-defined]
+    summary = asyncio.run(go())
+    rows = {u.name: u for u in [*summary.moved, *summary.failed]}
     assert rows["vm01"].phase == "aborted" and rows["vm01"].vm_on == rows["vm01"].source
     assert len(rows) == 9
     for u in rows.values():
