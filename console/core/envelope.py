@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
@@ -267,9 +268,17 @@ def _r(prefix: str, code: str, message: str, fix: str = "") -> Reason:
 
 
 def _b64url(segment: str) -> bytes:
-    if "=" in segment:  # RFC 7515 base64url carries no padding
-        raise ValueError("padded base64url")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    """Strict base64url (RFC 7515: no padding, no stray characters, canonical last digit).
+
+    Python's decoder skips characters outside the alphabet and ignores the unused low
+    bits of the last digit, so several spellings decode to the same bytes; only the
+    canonical one is accepted, so that one document has exactly one token (and one
+    digest in the audit log).
+    """
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 def _b64url_json(segment: str) -> Any:
@@ -348,11 +357,18 @@ def _signer(x5c: tuple[str, ...]) -> _Signer | str:
     result: _Signer | str
     try:
         certs = tuple(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c)
-    except (ValueError, binascii.Error) as exc:
-        result = str(exc) or "not DER"
-    else:
+        # cryptography parses names, extensions and keys lazily: a damaged certificate
+        # fails only when they are first read, so read them all here, once
+        for cert in certs:
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.serial_number, cert.public_key(),
+                 cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
         owner = owner_identity(certs[0])
         pub = certs[0].public_key()
+    except Exception as exc:
+        # untrusted bytes: cryptography raises ValueError, InvalidVersion,
+        # DuplicateExtension, UnsupportedAlgorithm...; all of them mean "not usable"
+        result = str(exc) or "not DER"
+    else:
         try:
             result = _Signer(x5c, certs, owner, alg_for_key(pub), _jose_key(pub))
         except InputError as exc:
@@ -426,8 +442,9 @@ def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -
                           f"re-sign the {prefix} with the owner's own key"),), signer.key)
     try:
         raw_payload = _b64url(parts[1])
+        _b64url(parts[2])
     except (ValueError, binascii.Error):
-        return bad("malformed", f"the {prefix}'s payload is not base64url",
+        return bad("malformed", f"the {prefix}'s payload or signature is not base64url",
                    f"attach the {prefix} exactly as it was signed", header)
     # The header segment was parsed once (and cached: an owner's tokens share it), so
     # the JWS object is assembled from the parts instead of letting joserfc parse the
@@ -521,7 +538,13 @@ class EnvelopeVerifier:
         key = (chain_key or tuple(fingerprint(c) for c in certs), at)
         hit = self._chains.get(key)
         if hit is None:
-            hit = self._chains[key] = self.owners.verify_owner(certs[0], certs[1:], at)
+            try:
+                hit = self.owners.verify_owner(certs[0], certs[1:], at)
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # never a traceback
+                why = Reason("cert.malformed", f"the owner certificate cannot be checked ({exc})",
+                             "have the owner sign again with an intact certificate")
+                hit = ChainResult(False, (why,))
+            self._chains[key] = hit
         return hit
 
     def verify(self, token: str, typ: str, fields: frozenset[str], at: dt.datetime) -> Verified:

@@ -180,3 +180,19 @@ def test_reasons_are_sentences(kit: Kit) -> None:
     token = env.sign(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
     r = verify(kit, token).reasons[0]
     assert r.message[0].isupper() and r.message.endswith(".") and r.fix.endswith(".")
+
+
+def test_no_single_character_change_survives(kit: Kit) -> None:
+    """Any one-character change anywhere in a token makes it invalid (no malleable spellings)."""
+    import random
+
+    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    rng = random.Random(3)
+    dots = [i for i, c in enumerate(token) if c == "."]
+    positions = [i for i in range(len(token)) if i not in dots]  # every position, header included
+    for i in positions:
+        c = rng.choice([a for a in alphabet if a != token[i]])
+        v = verify(kit, token[:i] + c + token[i + 1:])
+        assert not v.valid, (i, c)
+    assert verify(kit, token).valid
