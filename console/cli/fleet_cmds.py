@@ -214,7 +214,8 @@ def _print_verified(kind: str, path: str, header: dict[str, Any], payload: dict[
                    f"{header.get('alg')}")
     click.echo(f"  digest sha256:{digest}")
     for k in sorted(payload):
-        if k in {"nbf", "exp", "iat"} and isinstance(payload[k], int):
+        value = payload[k]
+        if k in {"nbf", "exp", "iat"} and isinstance(value, int) and 0 <= value <= env.MAX_TIMESTAMP:
             click.echo(f"  {k}: {dt.datetime.fromtimestamp(payload[k], dt.UTC):%Y-%m-%d %H:%M:%S} UTC")
         else:
             click.echo(f"  {k}: {json.dumps(payload[k])}")

@@ -58,6 +58,7 @@ ALLOWED_HEADER = frozenset({"alg", "typ", "x5c", "kid"})
 #: A policy is a few hundred bytes plus a chain; 64 KiB leaves room and bounds parsing.
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_CHAIN = 8
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 JoseKey = ECKey | RSAKey | OKPKey
@@ -133,9 +134,10 @@ class Verified:
 
 
 def _ts(payload: Mapping[str, Any] | None, claim: str) -> dt.datetime | None:
-    if payload is None or not isinstance(payload.get(claim), int):
+    value = payload.get(claim) if payload is not None else None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TIMESTAMP:
         return None
-    return dt.datetime.fromtimestamp(payload[claim], dt.UTC)
+    return dt.datetime.fromtimestamp(value, dt.UTC)
 
 
 def token_digest(token: str) -> str:
@@ -326,6 +328,10 @@ def _check_claims(prefix: str, payload: Mapping[str, Any], fields: frozenset[str
         if not isinstance(value, int) or isinstance(value, bool):
             out.append(_r(prefix, "missing_field", f"the {prefix} lacks {claim!r} (seconds since 1970)",
                           f"re-sign the {prefix} with {claim!r} set"))
+        elif not 0 <= value <= MAX_TIMESTAMP:
+            out.append(_r(prefix, "malformed",
+                          f"the {prefix}'s {claim!r} is not a date between 1970 and 9999",
+                          f"re-sign the {prefix} with a sensible validity window"))
     nbf, exp = payload.get("nbf"), payload.get("exp")
     if isinstance(nbf, int) and isinstance(exp, int) and exp <= nbf:
         out.append(_r(prefix, "malformed", f"the {prefix} expires before it starts (exp <= nbf)",

@@ -196,3 +196,11 @@ def test_no_single_character_change_survives(kit: Kit) -> None:
         v = verify(kit, token[:i] + c + token[i + 1:])
         assert not v.valid, (i, c)
     assert verify(kit, token).valid
+
+
+@pytest.mark.parametrize("claim", ["nbf", "exp", "iat"])
+def test_absurd_dates_are_reasons(kit: Kit, claim: str) -> None:
+    token = env.sign(payload(**{claim: 10**30}), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    v = verify(kit, token)
+    assert "policy.malformed" in codes(v) and not v.valid
+    assert v.not_before is None or v.not_after is None or claim == "iat"
