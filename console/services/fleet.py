@@ -267,8 +267,9 @@ class FleetService:
         view.cert_problem = None
         try:
             view.attributes = pki.host_attributes(leaf, self.policy_names)
-        except InputError as exc:
-            view.cert_problem = reason("cert.unreadable", str(exc), "reissue the host certificate")
+        except Exception as exc:  # untrusted certificate bytes: any parse error is a problem
+            view.cert_problem = reason("cert.unreadable", f"host {name}: certificate unusable ({exc})",
+                                       "reissue the host certificate")
             view.attributes = None
         view.chain = self._verify_host(name, self.at) if self.eager else None
         if not self.eager:
@@ -278,7 +279,12 @@ class FleetService:
         got = self._host_certs.get(name)
         if got is None or self.trust is None:
             return None
-        return self.trust.verify_host(got[0], at, intermediates=got[1])
+        try:
+            return self.trust.verify_host(got[0], at, intermediates=got[1])
+        except Exception as exc:  # one damaged certificate must not take the console down
+            return pki.ChainResult(False, (reason("cert.malformed",
+                                                  f"host {name}: certificate cannot be checked ({exc})",
+                                                  "reissue the host certificate"),))
 
     # ------------------------------------------------------------------ attributes
     @property
