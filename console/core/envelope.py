@@ -550,6 +550,8 @@ class EnvelopeVerifier:
                 why = Reason("cert.malformed", f"the owner certificate cannot be checked ({exc})",
                              "have the owner sign again with an intact certificate")
                 hit = ChainResult(False, (why,))
+            if len(self._chains) >= _MAX_SIGNERS:  # one entry per owner and minute: forget old ones
+                self._chains.clear()
             self._chains[key] = hit
         return hit
 
