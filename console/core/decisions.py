@@ -270,14 +270,15 @@ def decide(
         steps.append(Step("Host certificate", False, why, (no_cert,)))
     else:
         names = _chain_names(chain)
+        root = names[-1] if len(names) > 1 else "its trust anchor"
         inter = names[1:-1] if len(names) > 2 else []
         if inter:
             steps.append(Step("Intermediate", chain.valid,
                               f"Host {host.name} is issued by {' under '.join(inter)}, "
-                              f"under root {names[-1]}"))
+                              f"under root {root}"))
         elif len(names) == 2:
             steps.append(Step("Intermediate", None,
-                              f"None: host {host.name} is issued directly by root {names[-1]}"))
+                              f"None: host {host.name} is issued directly by root {root}"))
         else:
             steps.append(Step("Intermediate", False,
                               f"The chain of host {host.name} could not be built to a root"))
@@ -294,7 +295,7 @@ def decide(
         if chain.valid and host.attributes is not None:
             days = host.attributes.days_to_expiry(at)
             steps.append(Step("Host certificate", True,
-                              f"valid, chain checked to {names[-1]}; expires in {days} day(s)"))
+                              f"valid, chain checked to {root}; expires in {days} day(s)"))
         else:
             steps.append(Step("Host certificate", False,
                               " ".join(r.message for r in cert_errors) or "not valid", tuple(cert_errors)))

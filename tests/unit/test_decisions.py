@@ -162,3 +162,28 @@ def test_fast_matrix_agrees_with_per_pair_on_random_fleets(kit: Kit, store: Trus
     assert any(fast.targets.values()) and not all(fast.targets.values())
     assert fast.groups <= len(vms)
     assert all(allowed_targets(v, hosts) == slow[v.uuid] for v in vms[:10])
+
+
+def test_warnings_do_not_refuse_and_chain_reasons_pass_through(kit: Kit) -> None:
+    """ChainResult/HostAttributes built directly: a stale-CRL warning is shown but not a refusal."""
+    from console.core.pki import ChainResult, HostAttributes
+    from console.core.reasons import Reason
+
+    attrs = HostAttributes("hx", "DE", None, "Berlin", "Escort Test", None, ("hx",), (), frozenset(
+        {"assurance:high"}), T0 + dt.timedelta(days=30))
+    stale = Reason("crl.stale", "The CRL of Region EU is past its nextUpdate.", "Publish a fresh CRL.",
+                   "warning")
+    ok_chain = ChainResult(True, (), (stale,), ca_fingerprints=frozenset({fp(kit.eu.cert)}))
+    d = decide(vm(kit), HostCheck.prepare("hx", ok_chain, attrs), at=T0)
+    assert d.allowed and [r.code for r in d.reasons] == ["crl.stale"]
+    assert d.reasons[0].severity == "warning"
+    revoked = Reason("cert.revoked", "Host certificate hx was revoked.", "Issue a new certificate.")
+    bad_chain = ChainResult(False, (revoked,), ca_fingerprints=frozenset({fp(kit.eu.cert)}))
+    d = decide(vm(kit), HostCheck.prepare("hx", bad_chain, attrs), at=T0)
+    assert not d.allowed and codes(d) == ["cert.revoked"]
+    step = next(s for s in d.steps if s.title == "Host certificate")
+    assert step.ok is False and step.reasons == (revoked,)
+    # the fast path agrees: an invalid chain is never a target, a warning is
+    hosts = [HostCheck.prepare("good", ok_chain, attrs), HostCheck.prepare("bad", bad_chain, attrs)]
+    m = allowed_matrix([vm(kit, current="elsewhere")], hosts)
+    assert list(m.targets.values()) == [("good",)]
