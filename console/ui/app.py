@@ -8,6 +8,7 @@ walkthrough pushed from VMs comes back to the same VM with Escape.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -156,16 +157,16 @@ class EscortApp(App[None]):
             await self._inventory.close()
 
     def title_line(self, screen: str) -> str:
-        """The top line: which fleet, what kind (demo/lab/real), read-only, and where we are."""
-        parts = ["escort", screen] if screen else ["escort"]
+        """The top line: read-only first (never cut off), where we are, which fleet and
+        what kind it is (demo/lab/real)."""
+        parts = ["escort"] + (["READ-ONLY"] if self.readonly else []) + ([screen] if screen else [])
         name = self.service.name
         if name:
             label = kind_label(self.service.kind)
             where = label if name == self.service.kind else f"{name}: {label}"
         else:
             where = "no fleet loaded (press p)"
-        line = " │ ".join(parts) + f" │ {where}"
-        return line + (" │ READ-ONLY" if self.readonly else "")
+        return " │ ".join([*parts, where])
 
     # ----------------------------------------------------------- themes
     def _load_themes(self) -> None:
@@ -212,6 +213,10 @@ class EscortApp(App[None]):
         self._host_rows = [self._host_row(h) for h in self._hosts]
         n_hosts = len(self._hosts)
         self._vm_rows = [self._vm_row(v, n_hosts) for v in self._vms]
+        # Views and rows live as long as the console: keep the cyclic GC from walking
+        # millions of them on every collection (measured: 100-300 ms pauses mid-typing
+        # with 10,000 VMs). Frozen objects are still freed by reference counting.
+        gc.freeze()
 
     def _host_row(self, host: HostView) -> Row:
         attrs = host.attributes

@@ -82,8 +82,11 @@ class VMsScreen(FleetScreen):
         if self._pending is not None:
             self._pending.stop()
         key = event.key
-        # holding an arrow key should not compute targets for every VM passed over
-        self._pending = self.set_timer(0.08, lambda: self._show_targets(key))
+        # holding an arrow key should not compute targets for every VM passed over, and
+        # while the operator types a filter the targets wait until typing pauses
+        box = self.filter_input()
+        delay = 0.3 if box is not None and box.has_focus else 0.08
+        self._pending = self.set_timer(delay, lambda: self._show_targets(key))
 
     def _show_targets(self, vm_key: str | None) -> None:
         """Ask for every host's decision in a worker thread: with 1,000 hosts the trust
