@@ -187,3 +187,48 @@ def test_warnings_do_not_refuse_and_chain_reasons_pass_through(kit: Kit) -> None
     hosts = [HostCheck.prepare("good", ok_chain, attrs), HostCheck.prepare("bad", bad_chain, attrs)]
     m = allowed_matrix([vm(kit, current="elsewhere")], hosts)
     assert list(m.targets.values()) == [("good",)]
+
+
+def test_synthetic_fleets_never_crash_and_paths_agree(kit: Kit) -> None:
+    """Hosts and VMs built directly, in every odd state, for both paths."""
+    from console.core.pki import ChainResult, HostAttributes
+    from console.core.policy import PolicyResult
+    from console.core.reasons import Reason
+
+    rng = random.Random(11)
+    fps = [fp(kit.root.cert), fp(kit.eu.cert), fp(kit.us.cert), "ab" * 32]
+    book = pol.PolicyBook(kit.owners)
+    hosts = []
+    for i in range(30):
+        attrs = None if rng.random() < 0.1 else HostAttributes(
+            f"h{i}", rng.choice(["DE", "FR", None]), rng.choice(["BY", None]), rng.choice(["Berlin", None]),
+            rng.choice(["Escort Test", None]), None, (), (),
+            frozenset(rng.sample(["assurance:high", "fips", "1.2.3.4"], rng.randint(0, 2))),
+            T0 + dt.timedelta(days=5))
+        valid = rng.random() < 0.8
+        chain = None if rng.random() < 0.1 else ChainResult(
+            valid, () if valid or rng.random() < 0.3 else (Reason("cert.expired", "Expired."),),
+            ca_fingerprints=frozenset(rng.sample(fps, rng.randint(0, 2))))
+        problem = Reason("host.unreachable", "Did not answer.") if rng.random() < 0.1 else None
+        state = rng.choice(["up", "down", "unknown"])
+        hosts.append(HostCheck.prepare(f"h{i}", chain, attrs, reachability=state, problem=problem))
+    vms = []
+    for _ in range(25):
+        req: dict[str, list[str]] = {}
+        for key, values in (("country", ["DE", "FR"]), ("state", ["BY"]), ("locality", ["Berlin"]),
+                            ("org", ["Escort Test"]), ("policies", ["assurance:high", "fips"])):
+            if rng.random() < 0.3:
+                req[key] = rng.sample(values, 1)
+        v = vm(kit, trust=rng.choice(["root", "eu", "us"]), require=req, current=f"h{rng.randint(0, 29)}",
+               book=book)
+        if rng.random() < 0.1:
+            v = VMCheck.prepare(v.uuid, v.name, v.current_host,
+                                PolicyResult("", None, None, (Reason("policy.unsigned", "No policy."),)))
+        vms.append(v)
+    slow = allowed_per_pair(vms, hosts, at=T0)
+    assert allowed_matrix(vms, hosts).targets == slow
+    assert sum(map(len, slow.values())) >= 5 and not all(slow.values())  # not vacuous either way
+    for v in vms[:5]:
+        for h in hosts:
+            d = decide(v, h, at=T0, admin=ANNE)
+            assert not d.allowed and d.reasons and len(d.steps) == 8  # no grant given to anne
