@@ -50,12 +50,14 @@ def register(group: click.Group) -> None:
                   help="Where the demo fleet lives (default: the user data dir).")
     @click.option("--at", "at_text", default=None, help="Judge certificates at this RFC 3339 time.")
     @click.option("--print-path", is_flag=True, help="Only (re)generate and print the fleet file path.")
+    @click.option("--admin", default=None,
+                  help="Decide as this admin (their grants count), e.g. oncall or night-shift.")
     @click.option("--lab", is_flag=True,
                   help="Root only: start (or reuse) the real lab of namespaced libvirt/QEMU hosts "
                        "and open the console on it instead.")
     @click.option("--lab-name", default="demo", show_default=True, help="Which lab (with --lab).")
     def demo(regenerate: bool, readonly: bool, directory: str | None, at_text: str | None,
-             print_path: bool, lab: bool, lab_name: str) -> None:
+             print_path: bool, admin: str | None, lab: bool, lab_name: str) -> None:
         """Open the console on a generated demo fleet (libvirt test driver; nothing really moves).
 
         The fleet is generated on first use into the user data directory and reused
@@ -76,7 +78,7 @@ def register(group: click.Group) -> None:
             if not result.already:
                 click.echo(f"escort: lab {the_lab.name!r} up in {result.seconds:.1f} s "
                            f"({the_lab.dir}); `escort lab down` stops it", err=True)
-            open_console(str(the_lab.fleet_file), readonly=readonly, at=at)
+            open_console(str(the_lab.fleet_file), readonly=readonly, at=at, admin=admin)
             return
         dest = Path(directory) if directory else demo_dir()
         fleet, made = ensure_demo(dest, regenerate=regenerate, at=at)
@@ -85,4 +87,4 @@ def register(group: click.Group) -> None:
             return
         if made:
             click.echo(f"escort: generated the demo fleet in {fleet.parent}", err=True)
-        open_console(str(fleet), readonly=readonly, at=at)
+        open_console(str(fleet), readonly=readonly, at=at, admin=admin)

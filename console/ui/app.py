@@ -160,6 +160,8 @@ class EscortApp(App[None]):
         """The top line: read-only first (never cut off), where we are, which fleet and
         what kind it is (demo/lab/real)."""
         parts = ["escort"] + (["READ-ONLY"] if self.readonly else []) + ([screen] if screen else [])
+        if self.admin:
+            parts.append(f"as {self.admin}")
         name = self.service.name
         if name:
             label = kind_label(self.service.kind)
@@ -381,6 +383,18 @@ class EscortApp(App[None]):
         screen = self.screen
         if isinstance(screen, HostsScreen):
             screen.focus_host(name)
+
+    def admin_ids(self) -> list[str]:
+        """Admins the fleet file names (whose grants decide what they may move)."""
+        return [a.id for a in getattr(self.service, "admins", ())]
+
+    def act_as(self, admin: str | None) -> None:
+        """Judge targets and walkthroughs for ``admin`` (their grants count) or, with
+        None, on the owners' policies alone."""
+        self.admin = admin
+        self.fleet_changed.publish(None)  # screens re-read rows and retitle themselves
+        who = f"admin {admin}: their grants now count" if admin else "no admin: owners' policies only"
+        self.notify(f"Deciding as {who}.", timeout=4, markup=False)
 
     def request_migration(self, vm_key: str, host: str) -> None:
         """Ask, then migrate. The service enforces read-only even if the UI let it through."""

@@ -34,6 +34,11 @@ class EscortCommands(Provider):
             ("Walkthrough of the selected VM and target", "step-by-step decision",
              partial(app.run_action, "screen.walkthrough")),
         ]
+        for admin in app.admin_ids():
+            items.append((f"Act as admin {admin}", "targets and walkthroughs count their grants",
+                          partial(app.act_as, admin)))
+        if app.admin:
+            items.append(("Act as no admin", "owners' policies only", partial(app.act_as, None)))
         if not app.readonly:
             items.append(("Migrate the selected VM to the selected target", "asks first",
                           partial(app.run_action, "screen.migrate")))

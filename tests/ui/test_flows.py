@@ -366,3 +366,27 @@ async def test_refresh_reads_hosts_through_libvirt_test_driver(make_app: MakeApp
         rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
         assert all(cells[5] == "✓ up" for cells in rows.values())
         assert sum(int(cells[6]) for cells in rows.values()) == len(VMS)
+
+
+async def test_acting_as_an_admin_brings_grants_into_the_decision(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"act as admin oncall")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.admin == "oncall"
+        assert "as oncall" in str(app.screen.query_one(".title-bar").render())
+        await select_vm(app, pilot, "pay-db-01")  # alice granted oncall her VMs
+        assert "✓ allowed fra-02" in target_lines(app)
+        await select_vm(app, pilot, "web-01")  # carol's grant is for night-shift
+        lines = target_lines(app)
+        assert not any(line.startswith("✓") for line in lines)
+        assert any("[grant." in line for line in lines)
+        targets(app).move_to_key("fra-02")
+        await pilot.press("w")
+        await pilot.pause()
+        text = app.screen.query_one(DetailPane).plain
+        assert "May oncall move VM web-01 to host fra-02?" in text and "Grant" in text

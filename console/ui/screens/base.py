@@ -54,6 +54,8 @@ class FleetScreen(Screen[None]):
         self.escort.fleet_changed.subscribe(self, self._fleet_changed)
 
     def _fleet_changed(self, _: None) -> None:
+        for bar in self.query(".title-bar").results(Static):
+            bar.update(self.escort.title_line(self.screen_label))
         self.reload()
 
     def reload(self) -> None:

@@ -112,7 +112,7 @@ class VMsScreen(FleetScreen):
     def _compute_targets(self, vm_key: str, name: str, width: int, keep: bool) -> None:
         worker = get_current_worker()
         try:
-            decisions = self.escort.service.targets(vm_key)
+            decisions = self.escort.service.targets(vm_key, admin=self.escort.admin)
         except EscortError as exc:
             self.app.call_from_thread(self._targets_failed, vm_key, str(exc))
             return

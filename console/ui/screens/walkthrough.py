@@ -117,6 +117,9 @@ class WalkthroughScreen(FleetScreen):
         yield from self.compose_bottom()
 
     def on_mount(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
         vm = self.escort.vm_by_key(self.vm_key)
         name = vm.name if vm is not None else self.vm_key
         self.sub_title = f"walkthrough: {name} → {self.host}"
