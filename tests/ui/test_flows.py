@@ -390,3 +390,15 @@ async def test_acting_as_an_admin_brings_grants_into_the_decision(make_app: Make
         await pilot.pause()
         text = app.screen.query_one(DetailPane).plain
         assert "May oncall move VM web-01 to host fra-02?" in text and "Grant" in text
+
+
+async def test_problems_screen_lists_hosts_and_vm_policies(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("p")
+        await pilot.pause()
+        text = app.screen.query_one(DetailPane).plain
+        assert "no problems: the fleet file" in text
+        for needle in ("par-02:", "[cert.expired]", "ams-02:", "[cert.revoked]", "legacy-01:",
+                       "[policy.unsigned]", "rogue-01:", "[policy.owner_untrusted]"):
+            assert needle in text, needle

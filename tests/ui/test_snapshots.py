@@ -40,6 +40,7 @@ async def _settle(pilot: Pilot[None]) -> None:
         pytest.param("hosts-expired", "hosts", ("down",) * 4, id="hosts-expired"),
         pytest.param("migrations", "migrations", (), id="migrations"),
         pytest.param("help", "vms", ("question_mark",), id="help"),
+        pytest.param("problems", "vms", ("p",), id="problems"),
     ],
 )
 def test_screen(snap_compare: Callable[..., bool], make_app: Callable[..., EscortApp],

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 
 from console.ui.screens.base import FleetScreen
 from console.ui.text import BAD
-from console.ui.widgets.detail import DetailPane
+from console.ui.widgets.detail import DetailPane, IndentedLines
 
 
 class MigrationsScreen(FleetScreen):
@@ -83,14 +82,33 @@ class ProblemsScreen(FleetScreen):
     def on_mount(self) -> None:
         self.sub_title = "problems"
         problems = self.escort.all_problems()
-        text = Text()
-        if not problems:
-            text.append("No problems: the fleet file, trust directory and policies all loaded.")
-        for line in problems:
-            text.append(f"{BAD} ", style=self.escort.tones()["bad"])
-            text.append(line + "\n")
+        bad = self.escort.tones()["bad"]
+        out = IndentedLines()
+
+        def section(title: str, items: list[str], empty: str) -> None:
+            out.add(0, (title, "bold"))
+            if not items:
+                out.add(2, empty)
+            for line in items:
+                out.add(2, (f"{BAD} ", bad), line)
+            out.blank()
+
+        section("Loading the fleet", problems,
+                "no problems: the fleet file, trust directories and grants loaded.")
+        hosts: list[str] = []
+        for h in self.escort.all_hosts():
+            reasons = [r for r in (h.problem, h.cert_problem) if r is not None]
+            if h.chain is not None and not h.chain.valid:
+                reasons += list(h.chain.reasons)
+            hosts += [f"{h.name}: {r.message} [{r.code}]" for r in reasons]
+        section("Hosts (details on the Hosts screen)", hosts, "none")
+        vms = [f"{v.name}: {v.policy_problems[0].message} [{v.policy_problems[0].code}]"
+               for v in self.escort.all_vms() if v.policy_problems]
+        if len(vms) > 200:
+            vms = [*vms[:200], f"… and {len(vms) - 200} more (filter the VMs screen by ✗)"]
+        section("VM policies (details on the VMs screen)", vms, "none")
         pane = self.query_one(DetailPane)
-        pane.show(text)
+        pane.show(out.renderable(), out.plain())
         pane.focus()
 
     def action_back(self) -> None:

@@ -11,15 +11,13 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.console import Group
-from rich.padding import Padding
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 
 from console.core.reasons import Reason
 from console.ui.screens.base import FleetScreen
 from console.ui.text import BAD, OK, WARN
-from console.ui.widgets.detail import DetailPane
+from console.ui.widgets.detail import DetailPane, IndentedLines
 
 
 def _step_fields(step: Any) -> tuple[str, bool | None, str, list[Reason]]:
@@ -34,25 +32,6 @@ def _step_fields(step: Any) -> tuple[str, bool | None, str, list[Reason]]:
     return title, ok if isinstance(ok, bool) else None, detail, reasons
 
 
-class _Lines:
-    """Lines with a hanging indent: wrapped text stays under its own bullet."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[int, Text]] = []
-
-    def add(self, indent: int, *parts: str | tuple[str, str]) -> None:
-        self.items.append((indent, Text.assemble(*parts)))
-
-    def blank(self) -> None:
-        self.items.append((0, Text("")))
-
-    def renderable(self) -> Group:
-        return Group(*(Padding(text, (0, 0, 0, indent)) for indent, text in self.items))
-
-    def plain(self) -> str:
-        return "\n".join(" " * indent + text.plain for indent, text in self.items)
-
-
 def render_walkthrough(vm_name: str, host: str, decision: Any, admin: str | None,
                        tones: Mapping[str, str]) -> tuple[Group, str]:
     """The Decision as numbered, plain-language steps -> (renderable, plain text to copy).
@@ -60,7 +39,7 @@ def render_walkthrough(vm_name: str, host: str, decision: Any, admin: str | None
     ``tones`` maps ok/bad to Rich styles of the current theme; glyphs and words carry
     the meaning on their own.
     """
-    out = _Lines()
+    out = IndentedLines()
     out.add(0, (f"May {admin or 'an admin'} move VM {vm_name} to host {host}?", "bold"))
     out.blank()
     steps = list(getattr(decision, "steps", ()) or ())

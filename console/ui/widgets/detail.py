@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
+from rich.padding import Padding
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
@@ -38,3 +39,22 @@ class DetailPane(VerticalScroll, can_focus=True):
         self._plain = plain
         self._body.update(content)
         self.scroll_home(animate=False)
+
+
+class IndentedLines:
+    """Lines with a hanging indent: wrapped text stays under its own bullet."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, Text]] = []
+
+    def add(self, indent: int, *parts: str | tuple[str, str]) -> None:
+        self.items.append((indent, Text.assemble(*parts)))
+
+    def blank(self) -> None:
+        self.items.append((0, Text("")))
+
+    def renderable(self) -> Group:
+        return Group(*(Padding(text, (0, 0, 0, indent)) for indent, text in self.items))
+
+    def plain(self) -> str:
+        return "\n".join(" " * indent + text.plain for indent, text in self.items)
