@@ -288,7 +288,9 @@ class Summary:
             out.append(f"  moved   {u.name}: {u.source} -> {u.target} ({u.elapsed_s:.1f} s)")
         for u in self.failed:
             where = f"still running on {u.vm_on}" if u.vm_on else "NOT verified on any host (reconcile)"
-            out.append(f"  {u.phase:<7} {u.name}: {u.source} -> {u.target}: {u.message}; {where}")
+            said = u.message.rstrip(".")
+            tail = "" if where in said else f"; {where}"
+            out.append(f"  {u.phase:<7} {u.name}: {u.source} -> {u.target}: {said}{tail}")
         for s in self.stuck:
             first = group_reasons(s.why_not)
             why = "; ".join(f"{r.code} on {len(h)} host(s)" for r, h in first[:3]) or "no candidate host"
