@@ -138,7 +138,8 @@ async def _service(fleet_path: Path, tmp_path: Path, **kw: Any) -> AsyncIterator
         await inventory.close()
 
 
-async def _until(run: MigrationRun, predicate: Callable[[mig.Progress], bool], timeout: float = 60) -> mig.Progress:
+async def _until(run: MigrationRun, predicate: Callable[[mig.Progress], bool],
+                 timeout: float = 60) -> mig.Progress:
     async def watch() -> mig.Progress:
         async for p in run.updates():
             if predicate(p):
@@ -276,7 +277,7 @@ async def test_link_cut_mid_way_watchdog_aborts(lab: Lab, mig_fleet: Path, tmp_p
             result = await run.wait()
         assert 2.5 <= fired_after < 15, fired_after
         assert result.outcome.result == "failed"
-        assert [r.code for r in result.outcome.reasons][0] == "migration.stalled"
+        assert result.outcome.reasons[0].code == "migration.stalled"
         assert result.outcome.vm_on == SOURCE, result.outcome.message
         _only_on(lab, uuid, SOURCE)
         outcome = _audit(tmp_path)[-1]
