@@ -26,7 +26,7 @@ from console.core import policy as pol
 from console.core.decisions import Decision
 from console.core.errors import InputError
 from console.core.reasons import Reason
-from console.services.fleet import FleetService
+from console.services.fleet import FleetService, load_certificates
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -135,9 +135,9 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
 def _load_signer(key_path: str, cert_path: str, chain_paths: tuple[str, ...]) -> tuple[
         iss.PrivateKey, list[x509.Certificate], env.OwnerIdentity]:
     key = iss.load_private_key(files.read_limited(key_path, what="private key"), key_path)
-    certs = pki.load_certificates(files.read_limited(cert_path, what="certificate"), cert_path)
+    certs = load_certificates(files.read_limited(cert_path, what="certificate"), cert_path)
     for extra in chain_paths:
-        certs += pki.load_certificates(files.read_limited(extra, what="certificate"), extra)
+        certs += load_certificates(files.read_limited(extra, what="certificate"), extra)
     env.alg_for_key(key)  # refuses unsupported keys with one line
     owner = env.owner_identity(certs[0])
     return key, certs, owner
@@ -163,7 +163,7 @@ def _trusted_ca(value: str) -> tuple[str, str]:
             raise InputError(f"--trust-ca {value!r}: the name before '=' is empty")
         return name.strip(), pol.normalize_fingerprint(fp)
     if Path(value).is_file():
-        cert = pki.load_certificate(files.read_limited(value, what="certificate"), value)
+        cert = load_certificates(files.read_limited(value, what="certificate"), value)[0]
         info = pki.cert_info(cert, value)
         if not info.is_ca:
             raise InputError(f"--trust-ca {value}: not a CA certificate")

@@ -167,3 +167,25 @@ def test_lazy_load_checks_only_what_is_asked(fleet: FleetFiles, monkeypatch: pyt
     eager_valid = [h.chain.valid for h in eager.hosts() if h.chain]
     assert eager_valid == [h.chain.valid for h in lazy.hosts() if h.chain]
     assert len(calls) == 4  # views at the load time were checked once
+
+
+def test_damaged_certificates_are_one_line_errors(fleet: FleetFiles) -> None:
+    """Byte-level damage to certificates never escapes as anything but InputError."""
+    import random
+
+    from cryptography.hazmat.primitives import serialization
+
+    from console.services.fleet import load_certificates
+
+    der = fleet.kit.alice.cert.public_bytes(serialization.Encoding.DER)
+    rng = random.Random(1)
+    refused = 0
+    for _ in range(400):
+        b = bytearray(der)
+        b[rng.randrange(len(b))] = rng.randrange(256)
+        try:
+            load_certificates(bytes(b), "x.der")
+        except InputError as exc:
+            refused += 1
+            assert "\n" not in str(exc)
+    assert refused > 50
