@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
+from click.testing import CliRunner
 
+from console.cli import main
 from console.core import migration as m
 from console.core.inventory import DomainFacts
 from console.core.issuance import (
@@ -294,3 +299,71 @@ def test_outcome_json() -> None:
                     {"migrate": 7.1234}, None)
     assert out.as_json()["timings"] == {"migrate": 7.123}
     assert out.as_json()["reasons"][0]["code"] == "migration.stalled"
+
+
+# -- `escort migrate` on the demo fleet (libvirt test driver: pre-flight only) -----------------
+
+@pytest.fixture(scope="module")
+def demo_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from console.demo import ensure_demo
+
+    path, _ = ensure_demo(tmp_path_factory.mktemp("demo") / "fleet")
+    return path
+
+
+def _events(output: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_demo_runs_the_full_preflight_then_explains(demo_fleet: Path) -> None:
+    res = CliRunner().invoke(main, ["migrate", "--fleet", str(demo_fleet), "pay-db-01", "fra-02",
+                                    "--admin", "oncall", "--yes"])
+    assert res.exit_code == 1, res.output
+    events = _events(res.output)
+    assert [e["event"] for e in events] == ["preflight", "demo"]
+    pre = events[0]
+    assert pre["ok"] is True and [c["check"] for c in pre["checks"]] == [k for k, _ in m.CHECKS]
+    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS"]
+    assert events[1]["migrated"] is False and "escort lab" in events[1]["message"]
+    assert events[1]["vm_on"] == "fra-01"
+
+
+def test_refusal_is_explained_and_audited(demo_fleet: Path) -> None:
+    from console.adapters.audit import read_entries, verify_file
+
+    res = CliRunner().invoke(main, ["migrate", "--fleet", str(demo_fleet), "pay-db-01", "ams-02",
+                                    "--admin", "oncall", "--json"])
+    assert res.exit_code == 1, res.output
+    pre, refused = _events(res.output)
+    assert pre["ok"] is False and refused["event"] == "refused"
+    codes = {r["code"] for r in refused["reasons"]}
+    assert {"cert.revoked", "attr.country"} <= codes
+    log = demo_fleet.parent / "audit.log"
+    assert verify_file(log).ok
+    last = read_entries(log)[-1]
+    assert (last["kind"], last["allowed"], last["target"]) == ("decision", False, "ams-02")
+    assert last["policy_hash"] and last["target_cert_sha256"]
+
+
+def test_migrate_bad_input_and_readonly(demo_fleet: Path) -> None:
+    runner = CliRunner()
+    unknown = runner.invoke(main, ["migrate", "--fleet", str(demo_fleet), "no-such-vm", "fra-02"])
+    assert unknown.exit_code == 2 and "no VM" in unknown.output
+    no_host = runner.invoke(main, ["migrate", "--fleet", str(demo_fleet), "pay-db-01", "nowhere",
+                                   "--admin", "oncall"])
+    assert no_host.exit_code == 2 and "no host" in no_host.output
+    ro = runner.invoke(main, ["--readonly", "migrate", "--fleet", str(demo_fleet), "pay-db-01",
+                              "fra-02", "--admin", "oncall"])
+    assert ro.exit_code == 3 and "read-only" in ro.output
+    missing = runner.invoke(main, ["migrate", "--fleet", str(demo_fleet.parent / "nope.toml"), "a", "b"])
+    assert missing.exit_code == 2
+
+
+def test_progress_line_for_a_terminal() -> None:
+    from console.cli.migrate_cmds import progress_line
+
+    assert progress_line(m.Progress("starting", 1.0)).startswith("starting   waiting for the destination")
+    line = progress_line(m.Progress("copying", 65.0, 100 * 2**20, 40 * 2**20, 60 * 2**20, 16 * 2**20,
+                                    iteration=1, eta_s=3.75))
+    assert "40%" in line and "40.0 MiB sent" in line and "16.0 MiB/s" in line and "01:05" in line
+    assert "ETA 00:03" in line
