@@ -30,6 +30,14 @@ class EscortGroup(click.Group):
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             click.echo(f"escort: {where}{exc.strerror or exc}", err=True)
             ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug: still one line for the user, details on request
+            if os.environ.get("ESCORT_DEBUG"):
+                raise
+            click.echo(f"escort: internal error ({type(exc).__name__}: {exc}); "
+                       "run again with ESCORT_DEBUG=1 for details and report it", err=True)
+            ctx.exit(70)
 
 
 @click.group(cls=EscortGroup, invoke_without_command=True)

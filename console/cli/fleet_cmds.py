@@ -7,6 +7,7 @@ The JSON shapes are a contract too (see docs/FLEET.md).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import sys
@@ -27,6 +28,7 @@ from console.core.decisions import Decision
 from console.core.errors import InputError
 from console.core.reasons import Reason
 from console.services.fleet import FleetService, load_certificates
+from console.services.inventory import refresh_fleet
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -66,6 +68,24 @@ def _print_decision(d: Decision) -> None:
         click.echo(line)
 
 
+def _live_opts(fn: Any) -> Any:
+    return click.option("--offline", is_flag=True,
+                        help="Do not reach the hosts: use only the fleet file and local certificates.")(fn)
+
+
+def _load_live(path: str, at: dt.datetime | None, offline: bool) -> FleetService:
+    """The fleet, with every host's VMs and certificate read live unless ``offline``.
+
+    VMs of lab and real fleets live in libvirt, not in the fleet file, so a question
+    about them needs one refresh (concurrent, bounded; a host that cannot be reached
+    becomes a reason on that host, never an error).
+    """
+    service = FleetService.load_strict(path, at=at)
+    if not offline and service.spec is not None and service.spec.hosts:
+        asyncio.run(refresh_fleet(service))
+    return service
+
+
 def _fleet_opts(fn: Any) -> Any:
     fn = click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None,
                       help="Fleet file (TOML), see docs/FLEET.md.")(fn)
@@ -79,14 +99,15 @@ def _fleet_opts(fn: Any) -> Any:
 @_fleet_opts
 @click.option("--admin", default=None, metavar="ID", help="Also check this admin's grant.")
 @click.option("--emergency", is_flag=True, help="Decide as for an evacuation (emergency-only grants count).")
+@_live_opts
 @click.argument("vm", metavar="VM")
 @click.argument("host", metavar="HOST")
 @click.pass_context
 def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_json: bool,
-                admin: str | None, emergency: bool, vm: str, host: str) -> None:
+                admin: str | None, emergency: bool, offline: bool, vm: str, host: str) -> None:
     """Why VM (UUID or name) may or may not move to HOST; exit 0 allowed, 1 refused, 2 bad input."""
     at = parse_time(at_text)
-    service = FleetService.load_strict(_fleet_path(ctx, fleet), at=at)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline)
     d = service.explain(vm, host, admin, at, emergency=emergency)
     if as_json:
         click.echo(json.dumps(d.as_json(), indent=2))
@@ -98,16 +119,17 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
 @click.command("targets")
 @_fleet_opts
 @click.option("--admin", default=None, metavar="ID", help="Also check this admin's grant.")
+@_live_opts
 @click.argument("vm", metavar="VM")
 @click.pass_context
 def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_json: bool,
-                admin: str | None, vm: str) -> None:
+                admin: str | None, offline: bool, vm: str) -> None:
     """Every host VM may move to, and why each other host is refused.
 
     Exit 0 when at least one host is allowed, 1 when none is, 2 on bad input.
     """
     at = parse_time(at_text)
-    service = FleetService.load_strict(_fleet_path(ctx, fleet), at=at)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline)
     decisions = service.targets(vm, admin, at)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]

@@ -20,15 +20,7 @@ import click
 from console.cli.fleet_cmds import _fleet_path
 from console.core.errors import InputError
 from console.services.fleet import FleetService
-from console.services.inventory import InventoryService
-
-
-async def _refresh(service: FleetService) -> None:
-    inventory = InventoryService.for_fleet(service)
-    try:
-        await inventory.refresh()
-    finally:
-        await inventory.close()
+from console.services.inventory import InventoryService, refresh_fleet
 
 
 def _host_rows(service: FleetService) -> list[dict[str, object]]:
@@ -64,7 +56,7 @@ def hosts() -> None:
 def refresh(ctx: click.Context, fleet: str | None, as_json: bool) -> None:
     """Reach every host now and show reachability, certificate and VM count."""
     service = FleetService.load_strict(_fleet_path(ctx, fleet))
-    asyncio.run(_refresh(service))
+    asyncio.run(refresh_fleet(service))
     rows = _host_rows(service)
     if as_json:
         click.echo(json.dumps({"fleet": service.name, "kind": service.kind, "hosts": rows}, indent=2))

@@ -265,3 +265,16 @@ class InventoryService:
 def _unprefixed(exc: BaseException, name: str) -> str:
     """The error's text without a leading "<host>: " (the reason adds its own)."""
     return str(exc).removeprefix(f"{name}: ")
+
+
+async def refresh_fleet(service: FactsSink, **kwargs: Any) -> dict[str, HostRefresh]:
+    """One refresh of every host of ``service``'s fleet, connections closed afterwards.
+
+    For one-shot commands (``escort explain``, ``escort targets``, ``escort hosts
+    refresh``); the console keeps its InventoryService open instead.
+    """
+    inventory = InventoryService.for_fleet(service, **kwargs)
+    try:
+        return await inventory.refresh()
+    finally:
+        await inventory.close()

@@ -83,3 +83,18 @@ def test_trust_of_a_known_key_changes_nothing(lab: Lab) -> None:
     assert lab.known_hosts.read_bytes() == before
     bad = _escort("hosts", "trust", "--fleet", str(lab.fleet_file), "fra-1", "md5:abc")
     assert bad.returncode == 2 and bad.stderr.startswith("escort: ")
+
+
+def test_targets_and_explain_read_vms_live_from_libvirt(lab: Lab) -> None:
+    """Lab VMs live only in libvirt: the CLI refreshes before answering."""
+    out = _escort("targets", "--fleet", str(lab.fleet_file), "web-1", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    refused = {r["host"]: [x["code"] for x in r["reasons"]] for r in doc["refused"]}
+    assert "chain.no_issuer" in refused["rogue-1"]
+    assert set(doc["allowed"]) <= {"fra-1", "fra-2", "par-1"} and doc["allowed"]
+    offline = _escort("targets", "--fleet", str(lab.fleet_file), "web-1", "--offline")
+    assert offline.returncode == 2 and "no VM 'web-1'" in offline.stderr
+    explain = _escort("explain", "--fleet", str(lab.fleet_file), "web-1", "rogue-1", "--json")
+    assert explain.returncode == 1
+    assert not json.loads(explain.stdout)["allowed"]
