@@ -3,7 +3,7 @@
 ``refresh`` reaches every host over SSH (through jump hosts), reads libvirt and the
 migration certificate there, and prints one line per host; a host that cannot be
 reached shows why on its own line and never blocks the others. Exit 0 when every
-host answered, 1 when some did not, 2 for unusable input.
+host reached answered, 1 when some did not, 2 for unusable input.
 
 ``trust`` is the deliberate way to accept an unknown host key: the operator reads
 the fingerprint on the host's console and types it; only a key with exactly that
@@ -69,11 +69,13 @@ def refresh(ctx: click.Context, fleet: str | None, as_json: bool) -> None:
                 if row["cert_valid"] is False:
                     first = row["cert_reasons"][0]  # type: ignore[index]
                     line += f" — {first['message']}"
+            elif row["reachable"] == "unknown":
+                line = f"- {row['host']:<14} not reached (no ssh or libvirt URI in the fleet file)"
             else:
                 problem = row["problem"] or {"message": "no answer"}
                 line = f"✗ {row['host']:<14} down  {problem['message']}"  # type: ignore[index]
             click.echo(line)
-    ctx.exit(0 if all(r["reachable"] == "up" for r in rows) else 1)
+    ctx.exit(1 if any(r["reachable"] == "down" for r in rows) else 0)
 
 
 @hosts.command("trust")

@@ -267,14 +267,26 @@ def _unprefixed(exc: BaseException, name: str) -> str:
     return str(exc).removeprefix(f"{name}: ")
 
 
+def is_live(spec: HostSpec) -> bool:
+    """Whether a host entry says how to reach it (SSH, or a libvirt URI of its own).
+
+    A host given only by its certificate file (``ssh`` empty, default URI) is checked
+    offline: its placement can be explained, but there is nothing to refresh.
+    """
+    return bool(spec.ssh) or spec.libvirt_uri != HostSpec.libvirt_uri
+
+
 async def refresh_fleet(service: FactsSink, **kwargs: Any) -> dict[str, HostRefresh]:
-    """One refresh of every host of ``service``'s fleet, connections closed afterwards.
+    """One refresh of every live host of ``service``'s fleet, connections closed afterwards.
 
     For one-shot commands (``escort explain``, ``escort targets``, ``escort hosts
     refresh``); the console keeps its InventoryService open instead.
     """
     inventory = InventoryService.for_fleet(service, **kwargs)
+    names = [h.name for h in inventory.fleet.hosts if is_live(h)]
+    if not names:
+        return {}
     try:
-        return await inventory.refresh()
+        return await inventory.refresh(names)
     finally:
         await inventory.close()
