@@ -462,8 +462,9 @@ class ProgressTracker:
         elapsed = self.current.elapsed_s
         if at is not None and self._started_at is not None:
             elapsed = at - self._started_at
+        moving = phase in ("copying", "converging", "switchover")
         self.current = replace(self.current, phase=phase, message=message, elapsed_s=elapsed,
-                               eta_s=None if phase in TERMINAL else self.current.eta_s)
+                               eta_s=self.current.eta_s if moving else None)
         return self.current
 
     def complete(self, completed_stats: Mapping[str, Any], at: float | None = None) -> Progress:

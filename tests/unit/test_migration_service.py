@@ -1,0 +1,310 @@
+"""The migration engine's control flow without a lab: fake hosts, real service code.
+
+The fakes stand in for libvirt's connections and domains only (migrate3 blocks until
+the test releases it or an abort arrives; jobStats reports a counter the test can
+freeze). Everything else — the run, progress publication, watchdog, abort, the
+unstick after a dead link, verification and the audit log — is the service's own
+code. The lab tests (tests/integration/test_migration_lab.py) do the same against
+real QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from console.adapters.audit import AuditLog, read_entries, verify_file
+from console.core import migration as mig
+from console.core.errors import EscortError, ReadOnlyError
+from console.core.inventory import HostSpec, VMView
+from console.core.reasons import Reason
+from console.services.migration import MigrationRefused, MigrationService
+
+UUID = "6b1a2c3d-0000-4000-8000-000000000001"
+MIB = 1024 * 1024
+
+
+def _err(msg: str, code: int = libvirt.VIR_ERR_OPERATION_FAILED) -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(msg)
+    exc.err = (code, 10, msg, 2, None, None, None, 0, 0)
+    return exc
+
+
+class World:
+    """Two hosts, one VM, and knobs for the test."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, str] = {"src": "running"}  # host -> state of the VM there
+        self.processed = 0
+        self.frozen = False  # jobStats stops advancing (a cut link)
+        self.release = threading.Event()  # the copy may finish
+        self.ignore_abort = False  # migrate3 does not return after abortJob (dead link)
+        self.dropped = threading.Event()  # the console closed its connection to the target
+        self.aborts = 0
+        self.migrate_calls = 0
+
+
+class FakeDom:
+    def __init__(self, world: World, host: str) -> None:
+        self.world, self.host = world, host
+
+    def migrate3(self, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
+        w = self.world
+        w.migrate_calls += 1
+        assert flags & libvirt.VIR_MIGRATE_TLS and params[libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION]
+        while True:
+            if w.dropped.is_set():
+                raise _err("End of file while reading data: Input/output error")
+            if w.aborts and not w.ignore_abort:
+                raise _err("operation aborted: job 'migration out' canceled by client",
+                           libvirt.VIR_ERR_OPERATION_ABORTED)
+            if w.release.is_set():
+                del w.where["src"]
+                w.where[dconn.host] = "running"
+                return FakeDom(w, dconn.host)
+            time.sleep(0.01)
+
+    def jobStats(self, flags: int = 0) -> dict[str, Any]:
+        w = self.world
+        if flags == libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            return {"type": 3, "downtime": 42, "time_elapsed": 1500, "data_processed": w.processed,
+                    "data_total": 100 * MIB}
+        if not w.frozen and not w.release.is_set():
+            w.processed += MIB
+        return {"type": 2, "data_total": 100 * MIB, "data_processed": w.processed,
+                "data_remaining": 100 * MIB - w.processed, "memory_iteration": 1}
+
+    def abortJob(self) -> int:
+        self.world.aborts += 1
+        return 0
+
+    def state(self) -> list[int]:
+        return [libvirt.VIR_DOMAIN_RUNNING, 1]
+
+    def isPersistent(self) -> int:
+        return 1
+
+    def name(self) -> str:
+        return "web"
+
+
+class FakeConn:
+    def __init__(self, world: World, host: str) -> None:
+        self.world, self.host = world, host
+
+    def lookupByUUIDString(self, uuid: str) -> FakeDom:
+        if uuid != UUID or self.host not in self.world.where:
+            raise _err("Domain not found", libvirt.VIR_ERR_NO_DOMAIN)
+        return FakeDom(self.world, self.host)
+
+
+class FakeHost:
+    def __init__(self, world: World, name: str) -> None:
+        self.name, self.conn = name, FakeConn(world, name)
+
+    async def call(self, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except libvirt.libvirtError as exc:
+            raise EscortError(f"{self.name}: {exc}") from exc
+
+
+class FakePool:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.dropped: list[str] = []
+
+    async def drop(self, ssh: str, jump: str = "") -> None:
+        self.dropped.append(ssh)
+        self.world.dropped.set()
+
+
+class FakeInventory:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.pool = FakePool(world)
+
+    def spec(self, name: str) -> HostSpec:
+        return HostSpec(name, ssh=f"root@{name}", migration_address="10.0.0.2")
+
+    async def libvirt(self, name: str) -> FakeHost:
+        return FakeHost(self.world, name)
+
+
+class FakeFleet:
+    spec = None
+    kind = "lab"
+    name = "fake"
+    path = ""
+    admins = ()
+
+    def __init__(self, readonly: bool = False) -> None:
+        self.readonly = readonly
+
+    def require_writable(self, action: str) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"read-only mode: {action} is disabled")
+
+    def vms(self) -> list[VMView]:
+        return [VMView(UUID, "web", "src", "running", memory_mib=64, vcpus=1)]
+
+
+def _preflight(ok: bool = True) -> mig.Preflight:
+    items = {k: mig.passed(k) for k, _ in mig.CHECKS}
+    if not ok:
+        items["grant"] = mig.failed("grant", Reason("grant.missing", "no grant names admin 'ops'"))
+    plan = mig.MigrationPlan(UUID, "web", "src", "dst", "dst.example", "tcp://10.0.0.2", "ab" * 32,
+                             admin="ops", policy_hash="p" * 64, grant_id="g-1")
+    return mig.assemble("web", UUID, "src", "dst", "ops", dt.datetime.now(dt.UTC), items, plan, 0.01,
+                        policy_hash="p" * 64, grant_id="g-1", cert_fingerprint="ab" * 32)
+
+
+def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
+             **kw: Any) -> MigrationService:
+    opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
+                            "settle_s": 0.3, **kw}
+    return MigrationService(fleet or FakeFleet(), FakeInventory(world),  # type: ignore[arg-type]
+                            audit=AuditLog(tmp_path / "audit.log"), **opts)
+
+
+async def _when(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_success_publishes_progress_verifies_and_audits(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    run = await svc.start(_preflight())
+    seen: list[mig.Progress] = []
+    run.subscribe(lambda _r, p: seen.append(p))
+    await _when(lambda: world.processed >= 5 * MIB)
+    world.release.set()
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "success" and result.outcome.vm_on == "dst"
+    assert result.outcome.downtime_ms == 42 and world.where == {"dst": "running"}
+    assert seen[-1].phase == "completed" and any(p.phase == "copying" for p in seen)
+    assert [p.phase for p in [x async for x in run.updates()]] == ["completed"]  # ended: latest only
+    assert verify_file(tmp_path / "audit.log").ok
+    decision, outcome = read_entries(tmp_path / "audit.log")
+    assert (decision["kind"], decision["allowed"], decision["grant_id"]) == ("decision", True, "g-1")
+    assert (outcome["result"], outcome["vm_on"], outcome["downtime_ms"]) == ("success", "dst", 42)
+
+
+async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    log = tmp_path / "audit.log"
+    seen_at_call: list[list[str]] = []
+    real = FakeDom.migrate3
+
+    def spy(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
+        seen_at_call.append([e["kind"] for e in read_entries(log)])
+        return real(self, dconn, params, flags)
+
+    FakeDom.migrate3 = spy  # type: ignore[method-assign]
+    try:
+        world.release.set()
+        run = await svc.start(_preflight())
+        await run.wait()
+    finally:
+        FakeDom.migrate3 = real  # type: ignore[method-assign]
+        await svc.close()
+    assert seen_at_call == [["decision"]]
+
+
+async def test_admin_abort(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    await run.abort("admin")
+    result = await run.wait()
+    await svc.close()
+    assert world.aborts == 1
+    assert (result.outcome.result, result.outcome.vm_on) == ("aborted", "src")
+    assert result.progress.phase == "aborted" and "still running on src" in result.outcome.message
+    assert read_entries(tmp_path / "audit.log")[-1]["aborted_by"] == "admin"
+
+
+async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world, stall_timeout_s=0.3)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.frozen = True
+    t0 = time.monotonic()
+    result = await asyncio.wait_for(run.wait(), 10)
+    await svc.close()
+    assert time.monotonic() - t0 >= 0.3
+    assert run.abort_requested == "watchdog" and world.aborts == 1
+    assert result.outcome.result == "failed" and result.outcome.reasons[0].code == "migration.stalled"
+    assert result.outcome.vm_on == "src"
+    last = read_entries(tmp_path / "audit.log")[-1]
+    assert last["watchdog"] is True and last["reasons"][0]["code"] == "migration.stalled"
+
+
+async def test_dead_link_after_abort_is_unstuck_by_closing_the_target_connection(tmp_path: Path) -> None:
+    world = World()
+    world.ignore_abort = True  # libvirt's Finish on the target would wait for TCP
+    svc = _service(tmp_path, world, stall_timeout_s=0.2, finish_grace_s=0.2)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 2 * MIB)
+    world.frozen = True
+    result = await asyncio.wait_for(run.wait(), 10)
+    await svc.close()
+    assert svc.inventory.pool.dropped == ["root@dst"]  # type: ignore[attr-defined]
+    assert result.outcome.result == "failed" and result.outcome.vm_on == "src"
+
+
+async def test_refused_preflight_never_reaches_libvirt_and_is_audited(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    with pytest.raises(MigrationRefused, match="no grant"):
+        await svc.start(_preflight(ok=False))
+    await svc.close()
+    assert world.migrate_calls == 0 and svc.runs == {}
+    (entry,) = read_entries(tmp_path / "audit.log")
+    assert entry["allowed"] is False and entry["reasons"][0]["code"] == "grant.missing"
+    assert entry["grant_id"] == "g-1" and entry["target_cert_sha256"] == "ab" * 32
+
+
+async def test_readonly_refuses_before_anything(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world, fleet=FakeFleet(readonly=True))
+    with pytest.raises(ReadOnlyError):
+        await svc.start(_preflight())
+    await svc.close()
+    assert world.migrate_calls == 0
+    assert not (tmp_path / "audit.log").exists() or read_entries(tmp_path / "audit.log") == []
+
+
+async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    run = await svc.start(_preflight())
+    got: list[mig.Progress] = []
+
+    async def slow_reader() -> None:
+        async for p in run.updates():
+            got.append(p)
+            await asyncio.sleep(0.15)
+
+    reader = asyncio.create_task(slow_reader())
+    await _when(lambda: world.processed >= 20 * MIB)
+    world.release.set()
+    await run.wait()
+    await asyncio.wait_for(reader, 5)
+    await svc.close()
+    assert got[-1].phase == "completed"
+    assert len(got) < run._version  # skipped intermediate states instead of queueing them
