@@ -354,3 +354,32 @@ async def test_reconcile_undefines_a_stale_second_definition(lab: Lab, mig_fleet
         assert [e["kind"] for e in _audit(tmp_path)] == ["reconcile"]
     finally:
         _remove(lab, uuid)
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+def test_escort_migrate_cli_json_lines(lab: Lab, mig_fleet: Path) -> None:
+    """`escort migrate` end to end: JSON lines when not on a terminal, exit 0 when verified."""
+    import json
+
+    from click.testing import CliRunner
+
+    from console.cli import main
+
+    uuid = _guest(lab, mig_fleet, "mig-cli")
+    try:
+        res = CliRunner().invoke(main, ["migrate", "--fleet", str(mig_fleet), "mig-cli", TARGET,
+                                        "--admin", ADMIN, "--yes", "--bandwidth", "64"])
+        events = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+        assert res.exit_code == 0, res.output
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "preflight" and kinds[-1] == "outcome" and "progress" in kinds
+        assert events[0]["ok"] is True and events[0]["plan"]["tls_name"] == TARGET
+        assert events[-1]["result"] == "success" and events[-1]["vm_on"] == TARGET
+        _only_on(lab, uuid, TARGET)
+        log = Path(events[-1]["audit_log"])
+        assert verify_file(log).ok
+        mine = [e for e in read_entries(log) if e.get("uuid") == uuid]
+        assert [(e["kind"], e.get("allowed", e.get("result"))) for e in mine] == [
+            ("decision", True), ("outcome", "success")]
+    finally:
+        _remove(lab, uuid)
