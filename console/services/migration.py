@@ -254,7 +254,8 @@ class MigrationService:
                          f"{len(admins)} admins)" if admins else
                          "the fleet file lists no [[admins]]: a migration needs an admin with a grant")
 
-    def _policy_and_grant(self, vm: VMView, admin: str, at: dt.datetime) -> tuple[str, str]:
+    def _policy_and_grant(self, vm: VMView, admin: str, at: dt.datetime,
+                          emergency: bool = False) -> tuple[str, str]:
         """The policy digest and the id (jti) of the grant the decision relied on.
 
         FleetService exposes the decision but not these two identifiers; they are
@@ -267,7 +268,7 @@ class MigrationService:
             pol = self.fleet._policy(rec, at)
             used, _ = authorise(self.fleet._grant_results(at), admin=self.fleet._admin(admin),
                                 vm_uuid=vm.uuid, vm_labels=pol.policy.labels if pol.policy else (),
-                                policy_owner=pol.owner if pol.policy else None)
+                                policy_owner=pol.owner if pol.policy else None, emergency=emergency)
             if used is not None and used.grant is not None:
                 grant_id = used.grant.jti
         except (AttributeError, EscortError):
@@ -297,11 +298,14 @@ class MigrationService:
                                 "check the host's certificate file and that the host is reachable")
 
     # -- pre-flight -----------------------------------------------------------------
-    async def preflight(self, vm: str, target: str, admin: str | None = None) -> mig.Preflight:
+    async def preflight(self, vm: str, target: str, admin: str | None = None, *,
+                        emergency: bool = False, refresh: bool = True) -> mig.Preflight:
         """Every check, all local except reading facts and the target's certificate.
 
         Changes nothing anywhere (allowed in read-only mode). Refreshes the two hosts
-        first so that reachability, the VM's state and the target's room are current.
+        first so that reachability, the VM's state and the target's room are current;
+        ``refresh=False`` is for a caller that has just refreshed them (an evacuation
+        planning many moves). ``emergency`` lets emergency-only grants count.
         """
         t0 = time.perf_counter()
         try:
@@ -315,15 +319,15 @@ class MigrationService:
         source = view.host
         if source == target:
             raise InputError(f"{view.name} already runs on {target}")
-        names = [n for n in (source, target) if n]
-        refreshed = await self.inventory.refresh(names)
-        for name, r in refreshed.items():
-            self.fleet.apply_facts(name, r.facts, r.problem)
+        if refresh:
+            names = [n for n in (source, target) if n]
+            for name, r in (await self.inventory.refresh(names)).items():
+                self.fleet.apply_facts(name, r.facts, r.problem)
         view = self._vm(view.uuid)  # the refresh may have moved it
         source = view.host
         at = self.fleet.at
         sview, tview = self._host(source) if source else None, self._host(target)
-        decision = self.fleet.explain(view.uuid, target, admin_id, at)
+        decision = self.fleet.explain(view.uuid, target, admin_id, at, emergency=emergency)
         split = mig.split_decision_reasons(r for r in decision.reasons)
         items: dict[mig.CheckKey, mig.CheckItem] = {}
         reach_from_decision = [r for r in split["allowed"] if r.code == "host.down"]
@@ -364,7 +368,7 @@ class MigrationService:
                 target, free_memory_mib=_free_memory(tview.facts), cpus=tview.facts.cpus,
                 memory_mib=dom.memory_mib if dom else view.memory_mib,
                 vcpus=dom.vcpus if dom else view.vcpus, reserved_memory_mib=reserved)
-        policy_hash, grant_id = self._policy_and_grant(view, admin_id, at)
+        policy_hash, grant_id = self._policy_and_grant(view, admin_id, at, emergency)
         plan: mig.MigrationPlan | None = None
         if all(i.ok for i in items.values()) and len(items) == len(mig.CHECKS) and presented is not None:
             address = tview.spec.migration_address or target
