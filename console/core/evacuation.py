@@ -132,6 +132,11 @@ def _no_room(host: Capacity, vm: Evacuee) -> Reason:
     )
 
 
+def room_reason(host: Capacity, vm: Evacuee) -> Reason:
+    """``capacity.full``: the host is allowed but ``host`` (what is left of it) lacks room."""
+    return _no_room(host, vm)
+
+
 def plan_evacuation(
     vms: Iterable[Evacuee],
     hosts: Iterable[Capacity],

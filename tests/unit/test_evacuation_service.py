@@ -25,6 +25,7 @@ from console.services.evacuation import (
     EvacuationRun,
     EvacuationService,
     Limits,
+    PlannedEvacuation,
     RunFinished,
     Summary,
     VMUpdate,
@@ -399,3 +400,37 @@ def test_large_generated_fleet_agrees_with_the_decision_code(tmp_path: Path, kit
             assert reasons, host
             decided = svc.explain(s.vm.uuid, host, emergency=True)
             assert decided.allowed == (reasons[0].code in ("capacity.full", "evacuate.cert_expiring"))
+
+
+def test_deferred_explanations_match_the_eager_ones(tmp_path: Path, kit: Kit) -> None:
+    g = small(tmp_path, kit)
+    svc = g.service()
+    eager = EvacuationService(svc, admin="anne").plan(["src"])
+    ev = EvacuationService(svc, admin="anne")
+    lazy = ev.plan(["src"], explain=False)
+    assert not lazy.explained and all(not rs for s in lazy.stuck for _, rs in s.why_not)
+    ev.explain_stuck(lazy)
+    assert lazy.explained
+
+    def codes(p: PlannedEvacuation) -> dict[str, dict[str, list[str]]]:
+        return {s.vm.name: {h: [r.code for r in rs] for h, rs in s.why_not} for s in p.stuck}
+
+    assert codes(lazy) == codes(eager) and codes(lazy)
+
+
+def test_indexed_grant_check_agrees_with_the_full_decision(tmp_path: Path, kit: Kit) -> None:
+    hosts = [GenHost("src", "eu"), GenHost("eu-a", "eu")]
+    vms = [GenVM("w1", "src", "alice", ("eu",), labels=("web",)),
+           GenVM("w2", "src", "bob", ("eu",), labels=("web",)),
+           GenVM("d1", "src", "alice", ("eu",), labels=("db",)), GenVM("n1", "src", "alice", ("eu",))]
+    g = generate(tmp_path, hosts, vms, kit=kit)
+    svc = g.service()
+    for admin in ("anne", "nobody"):
+        ev = EvacuationService(svc, admin=admin)
+        planned = ev.plan(["src"])
+        for v in g.vms.values():
+            full = svc.explain(v.uuid, "eu-a", admin, emergency=True)
+            grant_ok = not any(r.code.startswith("grant.") for r in full.reasons if r.severity == "error")
+            assert (v.name in {m.vm.name for m in planned.moves}) == grant_ok, (admin, v.name)
+    # anne's emergency-only grant from alice covers label web: w1 only (w2 is bob's)
+    assert {m.vm.name for m in EvacuationService(svc, admin="anne").plan(["src"]).moves} == {"w1"}
