@@ -350,8 +350,19 @@ async def test_reconcile_undefines_a_stale_second_definition(lab: Lab, mig_fleet
             done = await svc.resolve(cases[0], ADMIN)
             assert done == [f"undefine on {TARGET}"]
             assert [c for c in await svc.reconcile_scan([SOURCE, TARGET]) if c.uuid == uuid] == []
+            # the "resume" step on a real paused domain (a paused-for-migration source cannot be
+            # produced on demand; the classification itself is unit-tested)
+            conn = lab.open_libvirt(SOURCE)
+            try:
+                conn.lookupByUUIDString(uuid).suspend()
+            finally:
+                conn.close()
+            assert _where(lab, uuid)[SOURCE][0].startswith("paused")
+            paused = mig.ReconcileCase(uuid, "mig-twice", (mig.Copy(SOURCE, "paused", "migration"),),
+                                       "reconcile.paused_source", "paused", (("resume", SOURCE),))
+            assert await svc.resolve(paused, ADMIN) == [f"resume on {SOURCE}"]
         _only_on(lab, uuid, SOURCE)
-        assert [e["kind"] for e in _audit(tmp_path)] == ["reconcile"]
+        assert [e["kind"] for e in _audit(tmp_path)] == ["reconcile", "reconcile"]
     finally:
         _remove(lab, uuid)
 
