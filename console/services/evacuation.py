@@ -868,7 +868,8 @@ class MigrationMover:
 
         source = move.vm.source
         on_progress(Progress("preflight", message="pre-flight"))
-        pf = await self.migrations.preflight(move.vm.uuid, move.target, admin)
+        # emergency: grants marked emergency-only count, as they did in the plan
+        pf = await self.migrations.preflight(move.vm.uuid, move.target, admin, emergency=True)
         if abort.is_set():
             return Outcome("aborted", source, "aborted before the migration started")
         if not pf.ok:
