@@ -58,6 +58,8 @@ from console.services.inventory import InventoryService
 POLL_INTERVAL_S = 0.5
 #: After an abort, how long libvirt gets to unwind before we cut the target's connection.
 FINISH_GRACE_S = 10.0
+#: How long an abortJob call may take before we stop waiting for its answer.
+ABORT_CALL_S = 5.0
 #: How long the VM gets to settle on one host after a migration ends.
 SETTLE_S = 20.0
 #: A pre-flight older than this must be run again before it authorises anything.
@@ -452,26 +454,37 @@ class MigrationService:
 
             async def do_abort(who: str) -> None:
                 run._publish(run.tracker.set_phase(run.progress.phase, f"abort requested by {who}"))
-                with contextlib.suppress(Exception):
-                    await loop.run_in_executor(self._poll_threads, dom.abortJob)
+                job = loop.run_in_executor(self._poll_threads, _abort_job, dom)
+                await asyncio.wait({job}, timeout=ABORT_CALL_S)  # an unreachable source must not hang us
 
             run._abort_hook = do_abort
             dog = mig.StallWatchdog(self.stall_timeout_s, self.clock)
             unstuck = False
+            pending: asyncio.Future[Any] | None = None
+            next_poll = self.clock()
             while not fut.done():
-                sample = await loop.run_in_executor(self._poll_threads, _sample, dom)
-                if sample is not None and not fut.done():
-                    stats, paused = sample
-                    progress = run.tracker.feed(stats, self.clock(), source_paused=paused)
-                    run._publish(progress)
-                    started = bool(progress.data_total)
-                    if dog.observe(progress.data_processed if started else None) and not run.abort_requested:
-                        watchdog_fired = True
-                        run._publish(run.tracker.set_phase(
-                            progress.phase, f"no progress for {self.stall_timeout_s:g} s: aborting"))
-                        await run.abort("watchdog")
-                await asyncio.wait({fut}, timeout=self.poll_interval_s)
-                if run.abort_requested and not fut.done() and not unstuck:
+                if pending is None and self.clock() >= next_poll:
+                    pending = loop.run_in_executor(self._poll_threads, _sample, dom)
+                    next_poll = self.clock() + self.poll_interval_s
+                waiters: set[asyncio.Future[Any]] = {fut} if pending is None else {fut, pending}
+                await asyncio.wait(waiters, timeout=max(0.01, next_poll - self.clock()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if pending is not None and pending.done():
+                    sample, pending = pending.result(), None
+                    if sample is not None and not fut.done():
+                        stats, paused = sample
+                        run._publish(run.tracker.feed(stats, self.clock(), source_paused=paused))
+                if fut.done():
+                    break
+                # checked on every turn, also while a jobStats call hangs (source unreachable)
+                progress = run.progress
+                started = bool(progress.data_total)
+                if dog.observe(progress.data_processed if started else None) and not run.abort_requested:
+                    watchdog_fired = True
+                    run._publish(run.tracker.set_phase(
+                        progress.phase, f"no progress for {self.stall_timeout_s:g} s: aborting"))
+                    await run.abort("watchdog")
+                if run.abort_requested and not unstuck:
                     unstuck = True
                     await self._unstick(run, fut)
             new_dom, error = await fut
@@ -487,6 +500,13 @@ class MigrationService:
             located = await self._locate(plan)
             outcome = mig.Outcome("failed", _only_running(located), str(exc),
                                   [Reason("migration.not_started", str(exc))])
+        except Exception as exc:  # a bug must still leave an outcome, an audit entry, a finished run
+            text = f"internal error: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                located = await self._locate(plan)
+                text += f"; {plan.vm_name}: {located.describe()}"
+            outcome = mig.Outcome("failed", "", text, [Reason("migration.internal", text,
+                                                              "run reconcile, and report this")])
         timings["total"] = self.clock() - t_start + run.preflight.elapsed_s
         outcome.timings = timings
         if outcome.result == "success":
@@ -519,10 +539,16 @@ class MigrationService:
             return
         run._publish(run.tracker.set_phase(run.progress.phase,
                                            "target not answering: closing its connection"))
-        spec = self.inventory.spec(run.plan.target)
-        if spec.ssh:  # the forwarded libvirt socket rides on it: libvirt sees EOF
-            with contextlib.suppress(Exception):
-                await self.inventory.pool.drop(spec.ssh, spec.jump)
+        # first the target (a dead migration link), then, if libvirt is still stuck, the
+        # source (its own link died and Perform waits on it)
+        for name in (run.plan.target, run.plan.source):
+            spec = self.inventory.spec(name)
+            if spec.ssh:  # the forwarded libvirt socket rides on it: libvirt sees EOF
+                with contextlib.suppress(Exception):
+                    await self.inventory.pool.drop(spec.ssh, spec.jump)
+            done, _ = await asyncio.wait({fut}, timeout=self.finish_grace_s)
+            if done:
+                return
         await asyncio.wait({fut}, timeout=30.0)
 
     async def _verify_success(self, run: MigrationRun, dst: LibvirtHost, new_dom: Any) -> mig.Outcome:
@@ -652,6 +678,11 @@ def _migrate3(dom: Any, dconn: Any, params: dict[str, Any], flags: int) -> tuple
         return dom.migrate3(dconn, params, flags), ""
     except libvirt.libvirtError as exc:
         return None, libvirt_message(exc)
+
+
+def _abort_job(dom: Any) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.abortJob()
 
 
 def _sample(dom: Any) -> tuple[dict[str, Any], bool] | None:

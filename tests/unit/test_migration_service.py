@@ -49,6 +49,8 @@ class World:
         self.dropped = threading.Event()  # the console closed its connection to the target
         self.aborts = 0
         self.migrate_calls = 0
+        self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
+        self.stats_free = threading.Event()  # ... until this is set
 
 
 class FakeDom:
@@ -76,6 +78,8 @@ class FakeDom:
         if flags == libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
             return {"type": 3, "downtime": 42, "time_elapsed": 1500, "data_processed": w.processed,
                     "data_total": 100 * MIB}
+        if w.stats_hang.is_set():
+            w.stats_free.wait(10)
         if not w.frozen and not w.release.is_set():
             w.processed += MIB
         return {"type": 2, "data_total": 100 * MIB, "data_processed": w.processed,
@@ -308,3 +312,18 @@ async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Pat
     await svc.close()
     assert got[-1].phase == "completed"
     assert len(got) < run._version  # skipped intermediate states instead of queueing them
+
+
+async def test_watchdog_fires_even_while_jobstats_hangs(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world, stall_timeout_s=0.3)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.stats_hang.set()
+    try:
+        result = await asyncio.wait_for(run.wait(), 10)
+    finally:
+        world.stats_free.set()
+        await svc.close()
+    assert run.abort_requested == "watchdog" and world.aborts == 1
+    assert result.outcome.reasons[0].code == "migration.stalled" and result.outcome.vm_on == "src"
