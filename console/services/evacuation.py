@@ -401,6 +401,16 @@ class EvacuationService:
                                     f"{s} cannot be reached ({why.rstrip('.')}): its VMs cannot be "
                                     "live-migrated and are listed from the fleet file only.",
                                     "bring libvirt on the host back, or recover its VMs another way"))
+        for s in srcs:
+            chain = views[s].chain
+            if chain is not None and not chain.valid:
+                first = chain.reasons[0].message if chain.reasons else "it is not valid"
+                notes.append(Reason(
+                    "evacuate.source_cert",
+                    f"{s}'s certificate is refused ({first.rstrip('.')}); QEMU presents it as the TLS "
+                    "client certificate, so targets will likely refuse its migration streams.",
+                    f"renew {s}'s certificate under a trusted CA, or recover its VMs another way",
+                    "warning"))
         evacuees: list[Evacuee] = []
         held: list[tuple[Evacuee, Reason]] = []
         region = {n: v.spec.region for n, v in views.items()}

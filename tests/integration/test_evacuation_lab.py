@@ -23,6 +23,7 @@ import time
 import tomllib
 import uuid as uuidlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,21 +134,31 @@ def _where(lab: Lab, uuid: str) -> dict[str, str]:
 
 
 def _remove(lab: Lab, uuids: list[str]) -> None:
+    """Destroy and undefine the guests wherever they are, in parallel (libvirt gives each
+    QEMU a few seconds to exit after SIGTERM, which adds up one guest after another)."""
     libvirt = _libvirt()
-    for host in lab.hypervisors:
+
+    def one(host: str) -> None:
         conn = lab.open_libvirt(host)
         try:
+            doms = []
             for uuid in uuids:
-                try:
-                    dom = conn.lookupByUUIDString(uuid)
-                except libvirt.libvirtError:
-                    continue
+                with contextlib.suppress(libvirt.libvirtError):
+                    doms.append(conn.lookupByUUIDString(uuid))
+
+            def gone(dom: Any) -> None:
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.undefine()
+
+            with ThreadPoolExecutor(max(1, len(doms))) as pool:
+                list(pool.map(gone, doms))
         finally:
             conn.close()
+
+    with ThreadPoolExecutor(len(lab.hypervisors)) as pool:
+        list(pool.map(one, lab.hypervisors))
 
 
 @pytest.fixture()
@@ -277,3 +288,70 @@ def test_abort_during_the_run_leaves_every_vm_on_exactly_one_host(
     assert "aborted" in summary.text()
     print(summary.text())
     assert [e.phase for e in events if e.name == "ev-slow-0"][:2] == ["queued", "preflight"]
+
+
+@pytest.fixture(scope="module")
+def cli_fleet(lab: Lab) -> Path:
+    """A fleet file of its own whose grants name only the VMs the CLI tests create."""
+    doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
+    (lab.dir / "evac-cli-grants").mkdir(exist_ok=True)
+    doc["grants"] = [*doc.get("grants", []), "evac-cli-grants"]
+    path = lab.dir / "fleet-evacuation-cli.toml"
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def _cli_grant(lab: Lab, fleet: Path, uuids: list[str]) -> None:
+    doc = tomllib.loads(fleet.read_text(encoding="utf-8"))
+    fp = next(a["ssh_key_fingerprint"] for a in doc["admins"] if a["id"] == ADMIN)
+    signer = _pki(lab).owners["alice"]
+    now = dt.datetime.now(dt.UTC)
+    payload = build_grant_payload(owner="alice", admin=AdminRef(ADMIN, ssh_key=fp), vms=uuids,
+                                  not_before=now - dt.timedelta(minutes=5),
+                                  not_after=now + dt.timedelta(hours=1), emergency_only=True)
+    (lab.dir / "evac-cli-grants" / f"{uuidlib.uuid4().hex[:8]}.jws").write_text(
+        sign_grant(payload, signer.key, [signer.cert]))
+
+
+def test_cli_evacuates_with_yes_and_reports_json(lab: Lab, cli_fleet: Path, created: list[str]) -> None:
+    """As an admin runs it: the lab's own web-2 has no grant here, so it stays (stuck, owner
+    named) and the exit code is 1; the guest with a grant moves over TLS and is found there."""
+    uuid = lab.define_guest(SOURCE, "ev-cli", owner="alice")
+    created.append(uuid)
+    _cli_grant(lab, cli_fleet, [uuid])
+    out = subprocess.run([sys.executable, "-m", "console", "evacuate", "--fleet", str(cli_fleet), SOURCE,
+                          "--yes", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[0]["event"] == "plan" and lines[-1]["event"] == "summary"
+    summary = lines[-1]
+    assert [m["vm"] for m in summary["moved"]] == ["ev-cli"]
+    (web2,) = [s for s in summary["not_movable"] if s["vm"] == "web-2"]
+    assert web2["owner_to_contact"].startswith("alice")
+    assert any(r["code"].startswith("grant.") for r in web2["reasons"])
+    target = summary["moved"][0]["to"]
+    assert _where(lab, uuid) == {target: "running"}
+    assert _where(lab, _uuid_of(lab, SOURCE, "web-2")) == {SOURCE: "running"}
+    assert {e["phase"] for e in lines if e["event"] == "vm"} >= {"queued", "preflight", "moved"}
+
+
+def test_a_failed_move_is_reported_still_running_on_its_source_and_the_others_go_on(
+        lab: Lab, evac_fleet: Path, created: list[str]) -> None:
+    """rogue-1's certificate (QEMU's TLS *client* certificate on the source side) comes from a
+    CA outside the tree, so every target's QEMU refuses the migration stream; a second guest
+    on a healthy source in the same run still moves."""
+    bad = lab.define_guest("rogue-1", "ev-rogue", owner="alice")
+    good = lab.define_guest(SOURCE, "ev-fine", owner="alice")
+    created.extend([bad, good])
+    _grant(lab, evac_fleet, "alice", [bad, good])
+    planned, summary, _events, audit_path = asyncio.run(_evacuate(
+        evac_fleet, ["rogue-1", SOURCE], drop=["web-2"], limits=Limits()))
+    print(summary.text())
+    assert "evacuate.source_cert" in [n.code for n in planned.notes]  # the plan warned
+    (failed,) = summary.failed
+    assert failed.name == "ev-rogue" and failed.phase == "failed"
+    assert failed.vm_on == "rogue-1" and "still running on rogue-1" in summary.text()
+    assert [u.name for u in summary.moved] == ["ev-fine"]
+    assert _where(lab, bad) == {"rogue-1": "running"}
+    assert list(_where(lab, good).values()) == ["running"] and SOURCE not in _where(lab, good)
+    assert verify_file(audit_path).ok
