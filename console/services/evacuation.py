@@ -817,21 +817,25 @@ class EvacuationRun:
         return running[0] if len(running) == 1 else ""
 
     async def _settle(self, m: Move, outcome: Outcome, elapsed: float) -> None:
+        """Record how the move ended by where the VM is found running, not by what was reported."""
         uuid = m.vm.uuid
         await self._update(uuid, phase="verifying", message="looking for the VM on source and target",
                            elapsed_s=elapsed)
         on = await self._where(m, outcome.result)
         reasons = tuple(outcome.reasons)
-        if outcome.result == "success" and on == m.target:
-            await self._update(uuid, phase="moved", message="", vm_on=on, reasons=reasons, elapsed_s=elapsed,
-                               progress=self.board[uuid].progress)
+        if on == m.target:
+            # it runs on its target: moved, whatever was reported (an abort that came too late)
+            note = "" if outcome.result == "success" else (
+                f"reported {outcome.result} ({outcome.message or 'no message'}) but found running on "
+                f"{m.target}")
+            await self._update(uuid, phase="moved", message=note, vm_on=on, reasons=reasons,
+                               elapsed_s=elapsed, progress=self.board[uuid].progress)
             return
         phase: RunPhase = "aborted" if outcome.result == "aborted" else "failed"
         message = outcome.message or (reasons[0].message if reasons else outcome.result)
-        if outcome.result == "success" and on != m.target:
-            message = (f"the migration reported success but {m.vm.name} was not found running on "
-                       f"{m.target}" + (f"; it runs on {on}" if on else ""))
+        if outcome.result == "success":
             phase = "failed"
+            message = f"the migration reported success but {m.vm.name} was not found running on {m.target}"
         if not on:
             message += "; it was not found running on exactly one of source and target: run reconcile"
         await self._update(uuid, phase=phase, message=message, vm_on=on, reasons=reasons, elapsed_s=elapsed)

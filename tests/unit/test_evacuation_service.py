@@ -434,3 +434,29 @@ def test_indexed_grant_check_agrees_with_the_full_decision(tmp_path: Path, kit: 
             assert (v.name in {m.vm.name for m in planned.moves}) == grant_ok, (admin, v.name)
     # anne's emergency-only grant from alice covers label web: w1 only (w2 is bob's)
     assert {m.vm.name for m in EvacuationService(svc, admin="anne").plan(["src"]).moves} == {"w1"}
+
+
+class LyingMover(FakeMover):
+    """Reports the opposite of what happened: the outcome is judged by where the VM runs."""
+
+    async def move(self, move: Move, *, admin: str | None, on_progress: object,
+                   abort: asyncio.Event) -> Outcome:
+        if move.vm.name == "vm00":  # an abort that came too late: it did move
+            self.world[move.vm.uuid] = move.target
+            return Outcome("aborted", move.vm.source, "aborted")
+        if move.vm.name == "vm01":  # "success", but the VM is nowhere to be found running
+            self.world[move.vm.uuid] = "nowhere"
+            return Outcome("success", move.target)
+        return Outcome("failed", move.vm.source, "boom")  # and it stays where it was
+
+
+def test_the_summary_trusts_where_the_vm_runs_not_what_was_reported(tmp_path: Path, kit: Kit) -> None:
+    g = many(tmp_path, kit, n=3)
+    world = {v.uuid: v.host for v in g.vms.values()}
+    ev = EvacuationService(g.service(), mover=LyingMover(world), locator=FakeLocator(world))
+    summary = asyncio.run(ev.start(ev.plan(["src", "src2"])).run())
+    assert [u.name for u in summary.moved] == ["vm00"] and "found running on" in summary.moved[0].message
+    rows = {u.name: u for u in summary.failed}
+    assert rows["vm01"].vm_on == "" and "reconcile" in rows["vm01"].message
+    assert rows["vm02"].vm_on == rows["vm02"].source and "still running on" in summary.text()
+    assert "NOT verified" in summary.text()
