@@ -661,6 +661,7 @@ class EvacuationRun:
         self.max_per_target: dict[str, int] = {}
         self.summary: Summary | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self._queues: list[asyncio.Queue[EvacuationEvent]] = []
 
     # -- control --------------------------------------------------------------------------
     def abort(self, vm: str) -> bool:
@@ -682,7 +683,16 @@ class EvacuationRun:
         self._wake.set()
 
     # -- events ---------------------------------------------------------------------------
+    def queue(self) -> asyncio.Queue[EvacuationEvent]:
+        """A queue that receives every event from now on (a UI board can ``await q.get()``
+        in a worker); the last event of a run is ``RunFinished``."""
+        q: asyncio.Queue[EvacuationEvent] = asyncio.Queue()
+        self._queues.append(q)
+        return q
+
     async def _emit(self, event: EvacuationEvent) -> None:
+        for q in self._queues:
+            q.put_nowait(event)
         if self._on_event is None:
             return
         result = self._on_event(event)
@@ -792,7 +802,7 @@ class EvacuationRun:
             row = replace(self.board[uuid], phase=phase, progress=p, message=p.message,
                           elapsed_s=time.monotonic() - t0)
             self.board[uuid] = row
-            if self._on_event is not None:
+            if self._on_event is not None or self._queues:
                 loop.call_soon(self._emit_soon, row)
 
         mover = self.service.mover

@@ -308,7 +308,10 @@ def test_run_respects_bounds_reports_failures_and_writes_the_audit_log(tmp_path:
 
     async def go() -> tuple[EvacuationRun, Summary]:
         r = ev.start(planned, limits=Limits(parallel=3, per_source=2, per_target=1), on_event=events.append)
+        q = r.queue()
         s = await r.run()
+        queued = [q.get_nowait() for _ in range(q.qsize())]
+        assert queued == events  # the queue sees exactly what the callback sees
         return r, s
 
     r, summary = asyncio.run(go())
