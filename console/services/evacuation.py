@@ -155,7 +155,7 @@ class PlannedEvacuation:
                 out.append(f"  {m.vm.name:<20} {m.vm.source} -> {m.target:<14} "
                            f"{m.vm.memory_mib} MiB, {m.vm.vcpus} vCPU")
         if self.stuck:
-            out.append("Stuck (no allowed target with room) — call the owner:")
+            out.append("Stuck (no possible target: the reasons per host) — call the owner:")
             for s in self.stuck:
                 out.append(f"  {s.vm.name} on {s.vm.source}, owner {s.owner_to_contact}:")
                 for reason, hosts in group_reasons(s.why_not):
