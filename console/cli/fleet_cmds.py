@@ -26,8 +26,9 @@ from console.core import pki
 from console.core import policy as pol
 from console.core.decisions import Decision
 from console.core.errors import InputError
+from console.core.pki import load_certificates
 from console.core.reasons import Reason
-from console.services.fleet import FleetService, load_certificates
+from console.services.fleet import FleetService
 from console.services.inventory import refresh_fleet
 
 

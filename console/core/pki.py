@@ -321,10 +321,22 @@ def _der_kind(data: bytes) -> PemKind | None:
 
 
 def _check_extensions(cert: x509.Certificate, source: str) -> None:
+    """Read every field once, so a damaged certificate fails at the door.
+
+    cryptography parses names, extensions and keys lazily: a damaged certificate can
+    load fine and raise ValueError/InvalidVersion later, deep inside a check.
+    """
     try:
-        _ = cert.extensions  # parsed lazily by cryptography; fail here, not mid-check
+        _ = cert.extensions
     except ValueError as exc:
         raise InputError(f"{source}: certificate has a malformed extension ({exc})") from exc
+    try:
+        _ = (cert.subject, cert.issuer, cert.serial_number, cert.public_key(),
+             cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    except UnsupportedAlgorithm:
+        pass  # reported by the checks as key.unsupported / chain.signature, with context
+    except Exception as exc:  # ValueError, InvalidVersion...: damage of any kind
+        raise InputError(f"{source}: damaged certificate ({exc})") from exc
 
 
 def load_certificates(data: bytes, source: str, *, require_pem: bool = False) -> list[x509.Certificate]:

@@ -96,25 +96,6 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
-def load_certificates(data: bytes, source: str) -> list[x509.Certificate]:
-    """``pki.load_certificates`` plus a full read of every field, so damage shows up here.
-
-    cryptography parses names, extensions and keys lazily; a damaged certificate can
-    load fine and raise ValueError/InvalidVersion later, deep inside a check. Reading
-    everything once turns that into one InputError line at the door.
-    """
-    try:
-        certs = pki.load_certificates(data, source)
-        for c in certs:
-            _ = (c.subject, c.issuer, c.extensions, c.serial_number, c.public_key(),
-                 c.not_valid_before_utc, c.not_valid_after_utc, c.signature_hash_algorithm)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{source}: damaged certificate ({exc})") from exc
-    return certs
-
-
 def _now() -> dt.datetime:
     """Now, to the minute: decisions within one minute share every cache."""
     return dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
@@ -273,7 +254,7 @@ class FleetService:
         if not h.cert_file:
             return
         try:
-            certs = load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
+            certs = pki.load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
         except InputError as exc:
             view.cert_problem = self._problem(h.cert_file, "cert.unreadable", str(exc),
                                               f"fix cert_file for host {h.name}", fatal=True)
@@ -487,7 +468,7 @@ class FleetService:
         view.facts = facts
         if facts.cert_pem:
             try:
-                certs = load_certificates(facts.cert_pem, f"{host_name}:{view.spec.remote_cert}")
+                certs = pki.load_certificates(facts.cert_pem, f"{host_name}:{view.spec.remote_cert}")
                 self._set_cert(host_name, certs[0], certs[1:])
             except InputError as exc:
                 view.cert_problem = reason("cert.unreadable", str(exc),

@@ -175,7 +175,7 @@ def test_damaged_certificates_are_one_line_errors(fleet: FleetFiles) -> None:
 
     from cryptography.hazmat.primitives import serialization
 
-    from console.services.fleet import load_certificates
+    from console.core.pki import load_certificates
 
     der = fleet.kit.alice.cert.public_bytes(serialization.Encoding.DER)
     rng = random.Random(1)
