@@ -123,15 +123,20 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
         ev.mover = MigrationMover(migrations)
         ev.locator = InventoryLocator(inventory, fleet)
         ev.audit = migrations.audit  # one AuditLog instance: both services append to the same chain
-        last_phase: dict[str, str] = {}
+        last_shown: dict[str, tuple[str, int]] = {}
 
         def show(event: EvacuationEvent) -> None:
             if isinstance(event, RunFinished):
                 return
             if as_json:
                 _emit("vm", event.as_json())
-            elif last_phase.get(event.uuid) != event.phase:
-                last_phase[event.uuid] = event.phase
+                return
+            # one line per phase change and per quarter of the current pass: several VMs
+            # share the terminal, so no carriage-return progress bar
+            p = event.progress
+            quarter = int((p.fraction or 0.0) * 4) if p is not None and not event.done else 0
+            if last_shown.get(event.uuid) != (event.phase, quarter):
+                last_shown[event.uuid] = (event.phase, quarter)
                 click.echo(_board_line(event))
 
         run = ev.start(planned, limits=limits, on_event=show)
