@@ -606,7 +606,8 @@ def _classify(uuid: str, name: str, copies: tuple[Copy, ...], last_target: str) 
     if not running and paused_mig:
         # No copy runs. The source still holds the complete state unless the
         # destination reached Finish (then it would run). The paused copy that is
-        # persistent on its host and is not an incoming migration is the source.
+        # persistent on its host is the source: measured on libvirt 9.0, the incoming
+        # copy on the destination is paused with reason "migration" too, but transient.
         sources = [c for c in paused_mig if c.reason != "incoming migration" and c.persistent]
         incoming = [c for c in paused_mig if c not in sources]
         if len(sources) == 1:
