@@ -234,3 +234,23 @@ def test_audit_verify_cli_exit_codes(tmp_path: Path) -> None:
     garbage.write_bytes(b"\x00\xff\x00 not a log\n")
     unusable = runner.invoke(main, ["audit", "verify", str(garbage)])
     assert unusable.exit_code == 2 and "not an escort audit log" in unusable.output
+
+
+def test_threads_sharing_one_log(tmp_path: Path) -> None:
+    """Parallel migrations in one console append from several threads."""
+    import threading
+
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        def work(who: int) -> None:
+            for i in range(50):
+                log.append({"kind": "note", "who": who, "i": i})
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert log.seq == 200
+    report = verify_file(path)
+    assert report.ok and report.entries == 200 and report.last_seq == 200
