@@ -60,9 +60,12 @@ def _admin(fleet: FleetService, admin: str | None, *, required: bool) -> str | N
     return None
 
 
+_MOVING = frozenset({"copying", "converging", "switchover"})
+
+
 def _board_line(u: VMUpdate) -> str:
     pct = ""
-    if u.progress is not None and u.progress.fraction is not None and not u.done:
+    if u.progress is not None and u.progress.fraction is not None and u.phase in _MOVING:
         pct = f" {u.progress.fraction * 100:3.0f}%"
     where = f" (runs on {u.vm_on})" if u.done and u.vm_on else ""
     msg = f" — {u.message}" if u.message and u.phase in ("failed", "aborted") else ""
@@ -134,7 +137,7 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
             # one line per phase change and per quarter of the current pass: several VMs
             # share the terminal, so no carriage-return progress bar
             p = event.progress
-            quarter = int((p.fraction or 0.0) * 4) if p is not None and not event.done else 0
+            quarter = int((p.fraction or 0.0) * 4) if p is not None and event.phase in _MOVING else 0
             if last_shown.get(event.uuid) != (event.phase, quarter):
                 last_shown[event.uuid] = (event.phase, quarter)
                 click.echo(_board_line(event))
