@@ -24,6 +24,9 @@ class EscortGroup(click.Group):
                 raise
             click.echo(f"escort: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # `escort ... | head`: the reader left, nothing to say
+            sys.stderr.close()
+            ctx.exit(0)
         except OSError as exc:
             if os.environ.get("ESCORT_DEBUG"):
                 raise

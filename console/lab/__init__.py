@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -69,6 +70,10 @@ CACHE_ENV = "ESCORT_LAB_CACHE"
 DEFAULT_CACHE = Path("/var/cache/escort-lab/qemu-capabilities")
 DAEMON_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
 T = TypeVar("T")
+LAB_ADMIN = "lab-admin"
+#: (owner, label) pairs: each owner grants lab-admin the VMs their policies label so
+LAB_GRANTS = (("alice", "app"), ("bob", "db"))
+GRANT_DAYS = 30
 
 
 class NotRoot(EscortError):
@@ -482,7 +487,30 @@ class Lab:
         _write(self.ssh_config, configs.ssh_config(
             lab=self.name, lab_dir=self.dir, jump_ip=jump.ssh_ip,
             hosts=[(h.name, h.ssh_ip) for h in hosts if h.kind == "hypervisor"]).encode())
+        self._write_grants(console_pub)
         _write(self.fleet_file, self._fleet_toml(hosts, console_pub).encode())
+
+    def _write_grants(self, console_pub: bytes) -> None:
+        """Owners' grants for lab-admin: alice's "app" VMs and bob's "db" VMs.
+
+        web-* and stray-1 deliberately get none, so the console shows a grant refusal
+        next to allowed moves. Grants name labels, which only the owner-signed policy
+        can give a VM, so the same files stay right across `lab up`s (new UUIDs).
+        """
+        from console.core.grants import AdminRef, build_grant_payload, sign_grant
+
+        assert self.pki is not None
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        admin = AdminRef(LAB_ADMIN, ssh_key=ssh_fingerprint(console_pub))
+        out = self.dir / "grants"
+        shutil.rmtree(out, ignore_errors=True)
+        for owner, label in LAB_GRANTS:
+            signer = self.pki.owners[owner]
+            payload = build_grant_payload(owner=owner, admin=admin, label=label,
+                                          not_before=now - dt.timedelta(minutes=5),
+                                          not_after=now + dt.timedelta(days=GRANT_DAYS))
+            token = sign_grant(payload, signer.key, [signer.cert])
+            _write(out / f"{owner}-{label}.jws", (token + "\n").encode())
 
     def _fleet_toml(self, hosts: list[LabHost], console_pub: bytes) -> str:
         """The fleet file (field names of core/inventory.py FleetSpec/HostSpec).
@@ -503,7 +531,8 @@ class Lab:
             "identity_files": ["id_ed25519"],
             "audit_log": "audit.log",
             "stall_timeout_s": 30.0,
-            "admins": [{"id": "lab-admin", "ssh_key_fingerprint": ssh_fingerprint(console_pub)}],
+            "admins": [{"id": LAB_ADMIN, "ssh_key_fingerprint": ssh_fingerprint(console_pub)}],
+            "grants": ["grants"],
             "hosts": [],
         }
         for h in hosts:
