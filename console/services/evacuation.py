@@ -99,6 +99,8 @@ class PlannedEvacuation:
     title: str = ""  # "evacuate fra-1" / "drain CA Region EU (revoked)"
     explained: bool = True  # False: stuck VMs' reasons wait for EvacuationService.explain_stuck
     excluded: set[str] = field(default_factory=set)  # not targets either (a drain's other hosts)
+    live: set[str] = field(default_factory=set)  # hosts that answered the refresh
+    cert_short: dict[tuple[str, str], dt.datetime] = field(default_factory=dict)  # (VM, host) -> until
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -346,6 +348,7 @@ class AuditSink(Protocol):
 #: (the admin, all grant results, those naming each VM UUID, those naming each label)
 _GrantIndex = tuple[AdminRef, list[GrantResult], dict[str, list[GrantResult]], dict[str, list[GrantResult]]]
 
+
 class EvacuationService:
     """Plans over a ``FleetService``'s current facts; runs with a ``Mover`` and ``Locator``."""
 
@@ -360,6 +363,10 @@ class EvacuationService:
         self.mover = mover
         self.locator = locator
         self.audit = audit  # where the plan and the summary are recorded (None: nowhere)
+        # decisions within one time are stable: keyed by (VM, [host,] time)
+        self._why_cache: dict[tuple[str, str, dt.datetime], tuple[Reason, ...]] = {}
+        self._grant_cache: dict[tuple[str, dt.datetime], tuple[Reason, ...]] = {}
+        self._grant_index: _GrantIndex | None = None
 
     # -- planning -----------------------------------------------------------------------
     def plan(self, sources: Iterable[str], *, at: dt.datetime | None = None, title: str = "",
@@ -416,11 +423,8 @@ class EvacuationService:
         region = {n: v.spec.region for n, v in views.items()}
         expiry = {n: v.attributes.not_after for n, v in views.items()
                   if v.attributes is not None}
-        self._why_cache: dict[tuple[str, str], tuple[Reason, ...]] = {}
-        self._cert_short: dict[tuple[str, str], dt.datetime] = {}
-        self._grant_cache: dict[str, tuple[Reason, ...]] = {}
+        cert_short: dict[tuple[str, str], dt.datetime] = {}
         self._grant_index = self._index_grants(when) if self.admin is not None else None
-        self._live = live
         for vm in self.fleet.vms():
             if vm.host not in srcs:
                 continue
@@ -441,17 +445,19 @@ class EvacuationService:
                 if t in excluded or t not in live:
                     continue
                 if expiry.get(t) is None or expiry[t] < need_until:
-                    self._cert_short[(vm.uuid, t)] = need_until
+                    cert_short[(vm.uuid, t)] = need_until
                     continue
                 allowed.add(t)
             if allowed and self.admin is not None and self._grant_reasons(vm.uuid, when):
                 # the grant is the only thing between the VM and these hosts
-                self._why_cache.update({(vm.uuid, h): self._grant_reasons(vm.uuid, when) for h in allowed})
+                self._why_cache.update({(vm.uuid, h, when): self._grant_reasons(vm.uuid, when)
+                                        for h in allowed})
                 allowed = set()
             evacuees.append(replace(base, allowed=frozenset(allowed)))
         candidates = [c for n, c in capacities.items() if n not in excluded]
+
         def why_not(v: Evacuee, h: str) -> tuple[Reason, ...]:
-            return self._why_not(v, h, when, live) if explain else ()
+            return self._why_not(v, h, when, live, cert_short) if explain else ()
 
         plan = plan_evacuation(evacuees, candidates, why_not, sources=srcs)
         plan.sources = tuple(srcs)
@@ -461,7 +467,7 @@ class EvacuationService:
                                 "pass --admin ID", "warning"))
         return PlannedEvacuation(plan, capacities, when, self.admin, held, notes,
                                  title or f"evacuate {', '.join(srcs)}", explained=explain,
-                                 excluded=set(exclude_targets))
+                                 excluded=set(exclude_targets), live=live, cert_short=cert_short)
 
     def _host_views(self) -> list[HostView]:
         """The fleet's host views (facts, region, reachability, attributes) as they are.
@@ -491,7 +497,8 @@ class EvacuationService:
             if done or (wanted is not None and s.vm.uuid not in wanted and s.vm.name not in wanted):
                 continue
             why = tuple((h, (room_reason(left[h], s.vm),) if h in s.vm.allowed else
-                         self._why_not(s.vm, h, planned.at, self._live)) for h in sorted(left))
+                         self._why_not(s.vm, h, planned.at, planned.live, planned.cert_short))
+                        for h in sorted(left))
             planned.plan.stuck[i] = Stuck(s.vm, why)
         if wanted is None:
             planned.explained = True
@@ -524,7 +531,7 @@ class EvacuationService:
 
     def _grant_reasons(self, vm_uuid: str, at: dt.datetime) -> tuple[Reason, ...]:
         """Why the admin's grants do not cover this VM in an emergency (empty: they do)."""
-        hit = self._grant_cache.get(vm_uuid)
+        hit = self._grant_cache.get((vm_uuid, at))
         if hit is not None:
             return hit
         assert self._grant_index is not None and self.admin is not None
@@ -554,12 +561,13 @@ class EvacuationService:
                 if not out:
                     out = (Reason("grant.missing", f"No grant covers admin {self.admin!r} for this VM.",
                                   "ask the VM's owner for a grant"),)
-        self._grant_cache[vm_uuid] = out
+        self._grant_cache[(vm_uuid, at)] = out
         return out
 
-    def _why_not(self, vm: Evacuee, host: str, at: dt.datetime, live: set[str]) -> tuple[Reason, ...]:
+    def _why_not(self, vm: Evacuee, host: str, at: dt.datetime, live: set[str],
+                 cert_short: dict[tuple[str, str], dt.datetime]) -> tuple[Reason, ...]:
         """Why ``host`` cannot take ``vm``: the full decision, then our own checks."""
-        key = (vm.uuid, host)
+        key = (vm.uuid, host, at)
         hit = self._why_cache.get(key)
         if hit is not None:
             return hit
@@ -575,10 +583,10 @@ class EvacuationService:
                 errors.append(view.problem or Reason(
                     "evacuate.not_refreshed", f"{host} has not answered a refresh, so its room is unknown.",
                     "refresh the hosts, then plan again"))
-            elif key in self._cert_short:
+            elif (vm.uuid, host) in cert_short:
                 errors.append(Reason(
                     "evacuate.cert_expiring",
-                    f"{host}'s certificate expires before {self._cert_short[key]:%Y-%m-%d %H:%M} UTC, "
+                    f"{host}'s certificate expires before {cert_short[(vm.uuid, host)]:%Y-%m-%d %H:%M} UTC, "
                     "when this migration and its safety margin would end.",
                     "renew the host's certificate"))
             else:
