@@ -463,3 +463,17 @@ def test_the_summary_trusts_where_the_vm_runs_not_what_was_reported(tmp_path: Pa
     assert rows["vm01"].vm_on == "" and "reconcile" in rows["vm01"].message
     assert rows["vm02"].vm_on == rows["vm02"].source and "still running on" in summary.text()
     assert "NOT verified" in summary.text()
+
+
+def test_retarget_within_the_allowed_set_and_limits_for_parallel(tmp_path: Path, kit: Kit) -> None:
+    g = small(tmp_path, kit)
+    planned = EvacuationService(g.service()).plan(["src"])
+    move = planned.find("web-1")
+    other = "eu-a" if move.target != "eu-a" else "eu-b"
+    assert planned.retarget("web-1", other) is None and planned.find("web-1").target == other
+    refused = planned.retarget("web-2", "us-a")  # web-2 trusts only the EU CA
+    assert refused is not None and refused.code == "plan.not_allowed"
+    assert Limits.for_parallel(1) == Limits(1, 1, 1)
+    assert Limits.for_parallel(None) == Limits(10, 4, 2)
+    with pytest.raises(InputError):
+        Limits.for_parallel(0)
