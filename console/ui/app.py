@@ -271,6 +271,15 @@ class EscortApp(App[None]):
     def all_problems(self) -> list[str]:
         return [describe_problem(p) for p in self.service.problems] + self._extra_problems
 
+    def display_path(self, path: str) -> str:
+        """Paths inside the fleet's folder relative to it (what the fleet file says),
+        others as they are: shorter at 80 columns and the same on every machine."""
+        spec = getattr(self.service, "spec", None)
+        base = str(getattr(spec, "base_dir", "") or "")
+        if base and path.startswith(base.rstrip("/") + "/"):
+            return path[len(base.rstrip("/")) + 1:]
+        return path
+
     def show_host_detail(self, pane: DetailPane, name: str) -> None:
         """The Hosts detail (also used for host leaves in the Trust tree)."""
         host = self._host_index.get(name)
@@ -282,9 +291,12 @@ class EscortApp(App[None]):
         lines = [f"{host.name}   region {spec.region or '—'}   {reach}"]
         if host.problem is not None:
             lines += reason_lines([host.problem])
-        lines.append(f"libvirt      {spec.libvirt_uri}" + (f" via ssh {spec.ssh}" if spec.ssh else ""))
+        uri = spec.libvirt_uri
+        if uri.startswith("test://"):
+            uri = f"libvirt test driver, {self.display_path(uri.removeprefix('test://'))}"
+        lines.append(f"libvirt      {uri}" + (f" via ssh {spec.ssh}" if spec.ssh else ""))
         if spec.cert_file:
-            lines.append(f"Certificate  {spec.cert_file}")
+            lines.append(f"Certificate  {self.display_path(spec.cert_file)}")
         lines.append(f"VMs here     {self._vms_on_host.get(host.name, 0)}")
         if host.cert_problem is not None:
             lines += ["", "Certificate problem:", *reason_lines([host.cert_problem])]

@@ -1,8 +1,8 @@
-"""UI fixtures: the real demo fleet, generated once with a fixed clock and seed.
+"""UI fixtures: the real demo fleet, generated once per session with a fixed clock and seed.
 
-The snapshot demo lives at a fixed path (SNAP_DIR) because file paths appear on
-screen (libvirt URIs, certificate files); everything else about it is deterministic
-(seeded Ed25519 keys, fixed serials, UUIDs and times).
+Everything on screen is deterministic: seeded Ed25519 keys (deterministic signatures),
+fixed serials, UUIDs and times, and the console shows paths relative to the fleet's
+folder, so the session's temporary directory never appears in a snapshot.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from textual.app import App
+from textual.worker import WorkerCancelled
 
 from console.demo import generate
 from console.services.fleet import FleetService
@@ -21,14 +23,23 @@ from console.ui.config import UIConfig
 
 AT = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 SEED = "escort-tests"
-SNAP_DIR = Path("/tmp/escort-ui-tests/demo")
+
+
+async def settle(app: App[None]) -> None:
+    """Wait until no worker is running. A worker replaced by a newer one (exclusive
+    workers: a new selection cancels the old computation) counts as finished."""
+    for _ in range(100):
+        try:
+            await app.workers.wait_for_complete()
+            return
+        except WorkerCancelled:
+            continue
 
 
 @pytest.fixture(scope="session")
-def demo_fleet() -> Path:
-    """The seeded demo fleet file (regenerated once per test session)."""
-    shutil.rmtree(SNAP_DIR, ignore_errors=True)
-    return generate(SNAP_DIR, at=AT, seed=SEED)
+def demo_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded demo fleet file (generated once per test session)."""
+    return generate(tmp_path_factory.mktemp("ui") / "demo", at=AT, seed=SEED)
 
 
 @pytest.fixture

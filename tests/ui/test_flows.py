@@ -18,6 +18,7 @@ from console.ui.screens.walkthrough import WalkthroughScreen
 from console.ui.widgets.detail import DetailPane
 from console.ui.widgets.dialogs import ConfirmDialog
 from console.ui.widgets.vtable import VirtualTable
+from tests.ui.conftest import settle
 
 SIZE = (80, 24)
 MakeApp = Callable[..., EscortApp]
@@ -89,12 +90,18 @@ async def test_slash_in_targets_filters_the_targets(make_app: MakeApp) -> None:
 
 
 async def select_vm(app: EscortApp, pilot, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Put the cursor on VM ``name`` and wait until its targets are shown (they are
+    computed in a worker after a short debounce; the machine may be slow)."""
     key = next(v.uuid for v in app.all_vms() if v.name == name)
     assert isinstance(app.screen, VMsScreen)
     app.screen.focus_vm(key)
-    await pilot.pause(0.2)  # the highlight debounce
-    await app.workers.wait_for_complete()  # targets are computed in a worker thread
-    await pilot.pause()
+    for _ in range(200):
+        await pilot.pause(0.05)
+        await settle(app)
+        title = str(app.screen.query_one("#targets-title").render())
+        if title.startswith(f"Targets for {name}:") and "allowed" in title:
+            return
+    raise AssertionError(f"targets for {name} never appeared")
 
 
 async def test_select_vm_lists_every_host_with_reasons_and_fixes(make_app: MakeApp) -> None:
@@ -361,7 +368,7 @@ async def test_refresh_reads_hosts_through_libvirt_test_driver(make_app: MakeApp
     app = make_app(start_mode="hosts", live=True)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause(0.2)
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
         assert all(cells[5] == "✓ up" for cells in rows.values())

@@ -7,11 +7,13 @@ and look at the report before committing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
 
 from console.ui.app import EscortApp
+from tests.ui.conftest import settle
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 
@@ -19,7 +21,7 @@ SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40"
 async def _settle(pilot: Pilot[None]) -> None:
     # the libvirt refresh and the VM screen's targets run in workers
     await pilot.pause(0.3)
-    await pilot.app.workers.wait_for_complete()
+    await settle(pilot.app)
     await pilot.pause(0.1)
 
 
@@ -55,9 +57,6 @@ def test_readonly_screen(snap_compare: Callable[..., bool], make_app: Callable[.
     assert snap_compare(make_app(readonly=True), terminal_size=size, run_before=_settle)
 
 
-def test_missing_fleet_screen(snap_compare: Callable[..., bool], make_app: Callable[..., EscortApp],
-                              tmp_path_factory: pytest.TempPathFactory) -> None:
-    from pathlib import Path
-
-    app = make_app(Path("/tmp/escort-ui-tests/missing/fleet.toml"))
+def test_missing_fleet_screen(snap_compare: Callable[..., bool], make_app: Callable[..., EscortApp]) -> None:
+    app = make_app(Path("/nonexistent/escort/fleet.toml"))
     assert snap_compare(app, terminal_size=(80, 24), run_before=_settle)

@@ -116,7 +116,7 @@ class TrustScreen(FleetScreen):
         lines += ["", f"Depends on it  {plural(n_hosts, 'host')}, {plural(n_vms, 'VM')} "
                       "(hosts chained under it; VMs whose policy trusts it)"]
         if data.info.source:
-            lines.append(f"File         {data.info.source}")
+            lines.append(f"File         {self.escort.display_path(data.info.source)}")
         pane.show("\n".join(lines))
 
     def focus_ca(self, fingerprint: str) -> bool:

@@ -7,6 +7,7 @@ Enter on a target opens the walkthrough for that (VM, host) pair.
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 from textual import work
@@ -15,7 +16,6 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.timer import Timer
 from textual.widgets import Input, Label
-from textual.worker import get_current_worker
 
 from console.core.errors import EscortError
 from console.ui.screens.base import FleetScreen
@@ -89,7 +89,7 @@ class VMsScreen(FleetScreen):
         self._pending = self.set_timer(delay, lambda: self._show_targets(key))
 
     def _show_targets(self, vm_key: str | None) -> None:
-        """Ask for every host's decision in a worker thread: with 1,000 hosts the trust
+        """Ask for every host's decision in a cooperative worker: with 1,000 hosts the trust
         core needs seconds, and the table must keep answering keys meanwhile."""
         self._pending = None
         targets = self.query_one("#targets", VirtualTable)
@@ -108,20 +108,31 @@ class VMsScreen(FleetScreen):
         width = max(targets.size.width - self.TARGET_COLUMNS[0].width - 2, 30)
         self._compute_targets(vm_key, name, width, same_vm)
 
-    @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
-    def _compute_targets(self, vm_key: str, name: str, width: int, keep: bool) -> None:
-        worker = get_current_worker()
+    @work(exclusive=True, group="targets", exit_on_error=False)
+    async def _compute_targets(self, vm_key: str, name: str, width: int, keep: bool) -> None:
+        """One decision per host, yielding to the event loop every few hosts.
+
+        Not a thread: the fleet service keeps caches that are not thread-safe, and a
+        walkthrough or a refresh may use it meanwhile. Yielding keeps every key press
+        answered within a few milliseconds even when 1,000 hosts take seconds; a newer
+        selection cancels this one at its next yield (exclusive worker).
+        """
+        service = self.escort.service
+        admin = self.escort.admin
+        decisions = []
         try:
-            decisions = self.escort.service.targets(vm_key, admin=self.escort.admin)
+            for n, host in enumerate(self.escort.all_hosts()):
+                decisions.append(service.explain(vm_key, host.name, admin))
+                if n % 4 == 3:
+                    await asyncio.sleep(0)
         except EscortError as exc:
-            self.app.call_from_thread(self._targets_failed, vm_key, str(exc))
+            self._targets_failed(vm_key, str(exc))
             return
+        decisions.sort(key=lambda d: (not d.allowed, d.host))
         rows: list[Row] = []
         allowed = 0
         # reasons are wrapped to the pane (not truncated): the fix is the useful part
         for decision in decisions:
-            if worker.is_cancelled:
-                return
             host = decision.host
             if decision.allowed:
                 allowed += 1
@@ -137,8 +148,7 @@ class VMsScreen(FleetScreen):
                         rows.append(make_row(host, ["", "    " + line], ["", "dim"]))
         title = (f"Targets for {name}: {allowed} of {plural(len(decisions), 'host')} allowed"
                  " — Enter: walkthrough")
-        if not worker.is_cancelled:
-            self.app.call_from_thread(self._targets_ready, vm_key, title, rows, keep)
+        self._targets_ready(vm_key, title, rows, keep)
 
     def _targets_ready(self, vm_key: str, title: str, rows: list[Row], keep: bool) -> None:
         if vm_key != self._shown_vm:
