@@ -460,6 +460,7 @@ class MigrationService:
             run._abort_hook = do_abort
             dog = mig.StallWatchdog(self.stall_timeout_s, self.clock)
             unstuck = False
+            copied = False  # the memory copy is over (switch-over, Finish, Confirm follow)
             pending: asyncio.Future[Any] | None = None
             next_poll = self.clock()
             while not fut.done():
@@ -474,12 +475,18 @@ class MigrationService:
                     if sample is not None and not fut.done():
                         stats, paused = sample
                         run._publish(run.tracker.feed(stats, self.clock(), source_paused=paused))
+                        copied = copied or _copy_finished(stats)
+                    elif sample is None and run.progress.data_total:
+                        copied = True  # the source's job is gone after data flowed: switch-over
                 if fut.done():
                     break
-                # checked on every turn, also while a jobStats call hangs (source unreachable)
+                # checked on every turn, also while a jobStats call hangs (source unreachable);
+                # not once the copy is over: Finish/Confirm send no data, and cutting the
+                # target's connection then would turn a good migration into a rollback
                 progress = run.progress
                 started = bool(progress.data_total)
-                if dog.observe(progress.data_processed if started else None) and not run.abort_requested:
+                if (not copied and dog.observe(progress.data_processed if started else None)
+                        and not run.abort_requested):
                     watchdog_fired = True
                     run._publish(run.tracker.set_phase(
                         progress.phase, f"no progress for {self.stall_timeout_s:g} s: aborting"))
@@ -698,6 +705,15 @@ def _sample(dom: Any) -> tuple[dict[str, Any], bool] | None:
     except libvirt.libvirtError:
         return None
     return stats, False
+
+
+def _copy_finished(stats: dict[str, Any]) -> bool:
+    """The source's job says the memory copy is over (completed, or nothing left to send)."""
+    kind = stats.get("type")
+    if kind in (mig.JOB_COMPLETED, mig.JOB_FAILED, mig.JOB_CANCELLED):
+        return True
+    total, remaining = stats.get("data_total") or 0, stats.get("data_remaining")
+    return bool(total) and remaining == 0
 
 
 def _domain_facts(conn: Any, uuid: str) -> DomainFacts | None:

@@ -49,6 +49,7 @@ class World:
         self.dropped = threading.Event()  # the console closed its connection to the target
         self.aborts = 0
         self.migrate_calls = 0
+        self.finish_s = 0.0  # Finish/Confirm after the copy: the source job is gone meanwhile
         self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
         self.stats_free = threading.Event()  # ... until this is set
 
@@ -68,6 +69,7 @@ class FakeDom:
                 raise _err("operation aborted: job 'migration out' canceled by client",
                            libvirt.VIR_ERR_OPERATION_ABORTED)
             if w.release.is_set():
+                time.sleep(w.finish_s)
                 del w.where["src"]
                 w.where[dconn.host] = "running"
                 return FakeDom(w, dconn.host)
@@ -80,6 +82,8 @@ class FakeDom:
                     "data_total": 100 * MIB}
         if w.stats_hang.is_set():
             w.stats_free.wait(10)
+        if w.finish_s and w.release.is_set():
+            raise _err("Domain not found", libvirt.VIR_ERR_NO_DOMAIN)
         if not w.frozen and not w.release.is_set():
             w.processed += MIB
         return {"type": 2, "data_total": 100 * MIB, "data_processed": w.processed,
@@ -327,3 +331,19 @@ async def test_watchdog_fires_even_while_jobstats_hangs(tmp_path: Path) -> None:
         await svc.close()
     assert run.abort_requested == "watchdog" and world.aborts == 1
     assert result.outcome.reasons[0].code == "migration.stalled" and result.outcome.vm_on == "src"
+
+
+async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> None:
+    """Finish/Confirm send no data: a slow finish is not a stall (cutting the target's
+    connection then would roll back a migration that was about to succeed)."""
+    world = World()
+    world.finish_s = 1.0
+    svc = _service(tmp_path, world, stall_timeout_s=0.3, finish_grace_s=0.2)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.release.set()
+    result = await asyncio.wait_for(run.wait(), 10)
+    await svc.close()
+    assert run.abort_requested == "" and world.aborts == 0
+    assert svc.inventory.pool.dropped == []  # type: ignore[attr-defined]
+    assert result.outcome.result == "success" and result.outcome.vm_on == "dst"
