@@ -470,18 +470,8 @@ class EvacuationService:
                                  excluded=set(exclude_targets), live=live, cert_short=cert_short)
 
     def _host_views(self) -> list[HostView]:
-        """The fleet's host views (facts, region, reachability, attributes) as they are.
-
-        ``FleetService.hosts()`` re-checks every host chain when the minute changed or a
-        refresh replaced certificates, and the decision matrix checks them again on its
-        own: on a thousand hosts that doubles a cold plan (~0.6 s). Planning reads no
-        chain from the views (the matrix's decisions carry them), so it takes the views
-        without that re-check. The hook that would make this unnecessary: FleetService's
-        ``_host_check`` reusing ``view.chain`` when it was computed for the same time.
-        """
-        views = getattr(self.fleet, "_hosts", None)
-        if isinstance(views, dict):
-            return list(views.values())
+        """The fleet's host views; their chains are checked once per minute and shared
+        with the decision matrix (FleetService caches per host and time)."""
         return self.fleet.hosts()
 
     def explain_stuck(self, planned: PlannedEvacuation, vms: Iterable[str] | None = None) -> None:
@@ -517,7 +507,7 @@ class EvacuationService:
                else AdminRef(self.admin))
         # FleetService verifies (and caches) grant tokens but has no public accessor for the
         # results yet; read them through its internals like services/migration.py does.
-        results: list[GrantResult] = list(self.fleet._grant_results(at))
+        results: list[GrantResult] = list(self.fleet.grant_results(at))
         by_uuid: dict[str, list[GrantResult]] = {}
         by_label: dict[str, list[GrantResult]] = {}
         for r in results:

@@ -139,6 +139,8 @@ class FleetService:
         self._vms: dict[str, _VMRecord] = {}
         self._grant_tokens: list[tuple[str, str]] = []
         self._checks: dict[tuple[str, dt.datetime], HostCheck] = {}
+        #: host name -> (at, chain): the views, the matrix and explain share one check
+        self._chains: dict[str, tuple[dt.datetime, pki.ChainResult | None]] = {}
         self._matrix: Matrix | None = None
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
@@ -264,6 +266,7 @@ class FleetService:
     def _set_cert(self, name: str, leaf: x509.Certificate, rest: list[x509.Certificate]) -> None:
         view = self._hosts[name]
         self._host_certs[name] = (leaf, rest)
+        self._chains.pop(name, None)
         view.cert_problem = None
         try:
             view.attributes = pki.host_attributes(leaf, self.policy_names)
@@ -276,15 +279,20 @@ class FleetService:
             self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
+        cached = self._chains.get(name)
+        if cached is not None and cached[0] == at:
+            return cached[1]
         got = self._host_certs.get(name)
         if got is None or self.trust is None:
             return None
         try:
-            return self.trust.verify_host(got[0], at, intermediates=got[1])
+            chain = self.trust.verify_host(got[0], at, intermediates=got[1])
         except Exception as exc:  # one damaged certificate must not take the console down
-            return pki.ChainResult(False, (reason("cert.malformed",
-                                                  f"host {name}: certificate cannot be checked ({exc})",
-                                                  "reissue the host certificate"),))
+            chain = pki.ChainResult(False, (reason("cert.malformed",
+                                                   f"host {name}: certificate cannot be checked ({exc})",
+                                                   "reissue the host certificate"),))
+        self._chains[name] = (at, chain)
+        return chain
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -393,8 +401,12 @@ class FleetService:
                 return AdminRef(a.id, a.ssh_key_fingerprint, a.cert_fingerprint)
         return AdminRef(admin)
 
-    def _grant_results(self, at: dt.datetime) -> list[GrantResult]:
-        return [self._grants.verify(t, at, s) for s, t in self._grant_tokens]
+    def grant_results(self, at: dt.datetime | None = None) -> list[GrantResult]:
+        """Every grant of the fleet verified as of ``at`` (cached per token and time)."""
+        when = at or self.at
+        return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
+
+    _grant_results = grant_results
 
     # ------------------------------------------------------------------ decisions
     def explain(self, vm: str, host: str, admin: str | None = None, at: dt.datetime | None = None, *,
