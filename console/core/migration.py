@@ -473,11 +473,13 @@ class ProgressTracker:
         elapsed_ms = _int(completed_stats, "time_elapsed")
         processed = _int(completed_stats, "data_processed") or self.current.data_processed
         total = _int(completed_stats, "data_total") or self.current.data_total
+        iteration = _int(completed_stats, "memory_iteration") or self.current.iteration
         self.current = replace(
             self.current, phase="completed", message="",
             downtime_ms=int(downtime) if isinstance(downtime, int | float) else None,
             elapsed_s=elapsed_ms / 1000.0 if elapsed_ms else self.current.elapsed_s,
-            data_processed=processed, data_total=total, data_remaining=0, eta_s=None)
+            data_processed=processed, data_total=total, data_remaining=0, eta_s=None,
+            iteration=iteration)
         return self.current
 
 

@@ -193,7 +193,11 @@ def test_progress_rates_eta_and_phases() -> None:
     assert p.phase == "switchover"
     done = t.complete({"downtime": 87, "time_elapsed": 4200, "data_processed": 1200}, 15.0)
     assert (done.phase, done.downtime_ms, done.elapsed_s, done.data_remaining) == ("completed", 87, 4.2, 0)
-    assert done.fraction == 1.0
+    assert done.fraction == 1.0 and done.iteration == 3  # last sample's pass when not reported
+    other = m.ProgressTracker()
+    other.start(0.0)
+    other.feed(_stats(10, 990, memory_iteration=1), 1.0)
+    assert other.complete({"memory_iteration": 4, "downtime": 5}).iteration == 4
     # a late sample never reopens a finished migration
     assert t.feed(_stats(1, 999), 16.0).phase == "completed"
 
