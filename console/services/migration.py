@@ -203,6 +203,7 @@ class MigrationService:
         self.fleet = fleet
         self.inventory = inventory
         self._audit = audit
+        self._owns_audit = audit is None  # close only a log this service opened
         spec_timeout = fleet.spec.stall_timeout_s if fleet.spec else 30.0
         self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else spec_timeout
         self.poll_interval_s = poll_interval_s
@@ -674,7 +675,7 @@ class MigrationService:
                     await asyncio.wait_for(asyncio.shield(run.task), 30)
         self._migrate_threads.shutdown(wait=False)
         self._poll_threads.shutdown(wait=False)
-        if self._audit is not None:
+        if self._audit is not None and self._owns_audit:
             self._audit.close()
 
 
