@@ -208,7 +208,8 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str) -> dict[str, Any]
     fleet = FleetService.load_strict(fleet_path)
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
-    svc = MigrationService(fleet, inventory, audit=AuditLog(lab.dir / "bench-audit.log"))
+    audit = AuditLog(lab.dir / "bench-audit.log")
+    svc = MigrationService(fleet, inventory, audit=audit)
     tls: list[dict[str, float]] = []
     plain: list[dict[str, float]] = []
     preflights: list[float] = []
@@ -245,6 +246,7 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str) -> dict[str, Any]
     finally:
         await svc.close()
         await inventory.close()
+        audit.close()
     return {"tls": tls, "plain": plain, "preflight": preflights}
 
 

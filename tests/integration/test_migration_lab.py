@@ -130,12 +130,14 @@ async def _service(fleet_path: Path, tmp_path: Path, **kw: Any) -> AsyncIterator
     fleet = FleetService.load_strict(fleet_path)
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
-    service = MigrationService(fleet, inventory, audit=AuditLog(tmp_path / "audit.log"), **kw)
+    audit = AuditLog(tmp_path / "audit.log")
+    service = MigrationService(fleet, inventory, audit=audit, **kw)
     try:
         yield service
     finally:
         await service.close()
         await inventory.close()
+        audit.close()
 
 
 async def _until(run: MigrationRun, predicate: Callable[[mig.Progress], bool],
