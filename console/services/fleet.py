@@ -31,7 +31,7 @@ from console.core import pki
 from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
 from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
 from console.core.errors import EscortError, InputError, ReadOnlyError
-from console.core.grants import AdminRef, GrantBook, GrantResult
+from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
     AdminSpec,
     FleetKind,
@@ -407,6 +407,17 @@ class FleetService:
         return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
 
     _grant_results = grant_results
+
+    def audit_ids(self, vm: str, admin: str, at: dt.datetime | None = None, *,
+                  emergency: bool = False) -> tuple[str, str]:
+        """(policy digest, id of the grant relied on) for the audit log; "" where none."""
+        when = at or self.at
+        rec = self._find_vm(vm)
+        pr = self._policy(rec, when)
+        used, _ = authorise(self.grant_results(when), admin=self._admin(admin), vm_uuid=rec.uuid,
+                            vm_labels=pr.policy.labels if pr.policy else (),
+                            policy_owner=pr.owner if pr.policy else None, emergency=emergency)
+        return pr.digest, (used.grant.jti if used is not None and used.grant is not None else "")
 
     # ------------------------------------------------------------------ decisions
     def explain(self, vm: str, host: str, admin: str | None = None, at: dt.datetime | None = None, *,

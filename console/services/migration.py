@@ -47,7 +47,6 @@ from console.adapters.files import read_limited
 from console.adapters.libvirt import LibvirtHost, libvirt_message
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
-from console.core.grants import authorise
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
@@ -259,24 +258,11 @@ class MigrationService:
 
     def _policy_and_grant(self, vm: VMView, admin: str, at: dt.datetime,
                           emergency: bool = False) -> tuple[str, str]:
-        """The policy digest and the id (jti) of the grant the decision relied on.
-
-        FleetService exposes the decision but not these two identifiers; they are
-        read through its (stable) internals here rather than duplicating its loading.
-        """
-        policy_hash = grant_id = ""
+        """The policy digest and the id (jti) of the grant the decision relied on."""
         try:
-            rec = self.fleet._find_vm(vm.uuid)
-            policy_hash = self.fleet._policy(rec, at).digest
-            pol = self.fleet._policy(rec, at)
-            used, _ = authorise(self.fleet._grant_results(at), admin=self.fleet._admin(admin),
-                                vm_uuid=vm.uuid, vm_labels=pol.policy.labels if pol.policy else (),
-                                policy_owner=pol.owner if pol.policy else None, emergency=emergency)
-            if used is not None and used.grant is not None:
-                grant_id = used.grant.jti
-        except (AttributeError, EscortError):
-            pass
-        return policy_hash, grant_id
+            return self.fleet.audit_ids(vm.uuid, admin, at, emergency=emergency)
+        except EscortError:
+            return "", ""
 
     async def _presented_cert(self, spec: HostSpec, view: HostView) -> tuple[x509.Certificate | None,
                                                                               Reason | None]:

@@ -40,6 +40,12 @@ def test_views_and_matrix_agree_with_targets(fleet: FleetFiles) -> None:
     assert d.policy_digest == s.policy("web-1").digest == token_digest(s.policy_token(WEB_UUID))
     assert len(d.grant_digest) == 64
     assert s.explain("web-1", "hv-fr-1").grant_digest == ""
+    policy_hash, grant_id = s.audit_ids("web-1", "anne")
+    assert policy_hash == d.policy_digest
+    (grant,) = s.grant_results()
+    assert grant.grant is not None and grant_id == grant.grant.jti != ""
+    assert s.audit_ids("web-1", "bert") == (d.policy_digest, "")  # bert holds no grant
+    assert s.audit_ids("db-1", "anne")[1] == ""  # anne's grant names web-1 only
 
 
 def test_missing_fleet_is_a_problem_not_an_exception(tmp_path: Path) -> None:
