@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from textual.app import App
+from textual.pilot import Pilot
 from textual.worker import WorkerCancelled
 
 from console.demo import generate
@@ -34,6 +35,22 @@ async def settle(app: App[None]) -> None:
             return
         except WorkerCancelled:
             continue
+
+
+async def opened(pilot: Pilot[None]) -> None:
+    """Wait until the first screen is composed and mounted (switching modes is
+    asynchronous; on a loaded machine one ``pause()`` is not always enough)."""
+    from console.ui.screens.base import FleetScreen
+
+    app = pilot.app
+    for _ in range(250):
+        await pilot.pause(0.02)
+        screen = app.screen
+        if isinstance(screen, FleetScreen) and screen.is_mounted and screen.query(".title-bar"):
+            await settle(app)
+            await pilot.pause()
+            return
+    raise AssertionError(f"the console did not open a screen (got {app.screen!r})")
 
 
 @pytest.fixture(scope="session")

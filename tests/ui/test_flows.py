@@ -18,7 +18,7 @@ from console.ui.screens.walkthrough import WalkthroughScreen
 from console.ui.widgets.detail import DetailPane
 from console.ui.widgets.dialogs import ConfirmDialog
 from console.ui.widgets.vtable import VirtualTable
-from tests.ui.conftest import settle
+from tests.ui.conftest import opened, settle
 
 SIZE = (80, 24)
 MakeApp = Callable[..., EscortApp]
@@ -39,7 +39,7 @@ def target_lines(app: EscortApp) -> list[str]:
 async def test_opens_on_vms_with_kind_in_title(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         assert isinstance(app.screen, VMsScreen)
         assert vm_table(app).total_count == len(VMS) == 28
         title = str(app.screen.query_one(".title-bar").render())
@@ -49,6 +49,7 @@ async def test_opens_on_vms_with_kind_in_title(make_app: MakeApp) -> None:
 async def test_filter_as_you_type_and_escape_clears(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("slash", "p", "a", "y", "-", "d", "b")
         await pilot.pause()
         table = vm_table(app)
@@ -66,6 +67,7 @@ async def test_filter_as_you_type_and_escape_clears(make_app: MakeApp) -> None:
 async def test_filter_matches_owner_and_host_columns(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("slash", *"tyo-01")
         await pilot.pause()
         names = [app.vm_by_key(k).name for k in vm_table(app).visible_keys()]  # type: ignore[union-attr]
@@ -75,6 +77,7 @@ async def test_filter_matches_owner_and_host_columns(make_app: MakeApp) -> None:
 async def test_slash_in_targets_filters_the_targets(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         await pilot.press("tab", "slash", *"revoked")
         await pilot.pause()
@@ -107,6 +110,7 @@ async def select_vm(app: EscortApp, pilot, name: str) -> None:  # type: ignore[n
 async def test_select_vm_lists_every_host_with_reasons_and_fixes(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         hosts = {row.key for row in targets(app).rows_in_view()}
         assert len(hosts) == 12  # every host is listed
@@ -123,7 +127,7 @@ async def test_select_vm_lists_every_host_with_reasons_and_fixes(make_app: MakeA
 async def test_vm_allowing_nothing_and_bad_policies_are_shown(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         rows = {app.vm_by_key(r.key).name: r for r in vm_table(app).rows_in_view()}  # type: ignore[union-attr]
         assert rows["res-gpu-01"].cells[4] == "0/12"
         assert rows["legacy-01"].cells[3].startswith("✗ ")  # no policy, one-line reason
@@ -135,6 +139,7 @@ async def test_vm_allowing_nothing_and_bad_policies_are_shown(make_app: MakeApp)
 async def test_walkthrough_from_target_and_escape_back(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         await pilot.press("tab")  # to the targets
         assert targets(app).has_focus
@@ -153,6 +158,7 @@ async def test_walkthrough_from_target_and_escape_back(make_app: MakeApp) -> Non
 async def test_walkthrough_of_refusal_lists_reasons(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         targets(app).move_to_key("par-02")
         await pilot.press("w")
@@ -165,6 +171,7 @@ async def test_walkthrough_of_refusal_lists_reasons(make_app: MakeApp) -> None:
 async def test_readonly_hides_migrate_and_service_refuses(make_app: MakeApp) -> None:
     app = make_app(readonly=True)
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         title = str(app.screen.query_one(".title-bar").render())
         assert "READ-ONLY" in title
@@ -183,13 +190,14 @@ async def test_readonly_hides_migrate_and_service_refuses(make_app: MakeApp) -> 
 async def test_readonly_from_config_file(make_app: MakeApp) -> None:
     app = make_app(config=UIConfig(readonly=True))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         assert app.readonly
 
 
 async def test_migrate_confirmation_focuses_cancel(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         await pilot.press("tab", "m")  # fra-02: allowed
         await pilot.pause()
@@ -205,6 +213,7 @@ async def test_migrate_confirmation_focuses_cancel(make_app: MakeApp) -> None:
 async def test_refused_target_cannot_be_migrated(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await select_vm(app, pilot, "pay-db-01")
         targets(app).move_to_key("par-02")
         await pilot.press("m")
@@ -216,7 +225,7 @@ async def test_refused_target_cannot_be_migrated(make_app: MakeApp) -> None:
 async def test_trust_tree_shows_glyph_and_word(make_app: MakeApp) -> None:
     app = make_app(start_mode="trust")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         assert isinstance(app.screen, TrustScreen)
         tree = app.screen.query_one(Tree)
         labels: list[str] = []
@@ -240,7 +249,7 @@ async def test_trust_tree_shows_glyph_and_word(make_app: MakeApp) -> None:
 async def test_hosts_table_and_chain_detail(make_app: MakeApp) -> None:
     app = make_app(start_mode="hosts")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         assert isinstance(app.screen, HostsScreen)
         table = app.screen.query_one(VirtualTable)
         assert table.total_count == 12
@@ -257,6 +266,7 @@ async def test_hosts_table_and_chain_detail(make_app: MakeApp) -> None:
 async def test_palette_go_to_vm(make_app: MakeApp) -> None:
     app = make_app(start_mode="trust")
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"go to vm web-05")
@@ -270,6 +280,7 @@ async def test_palette_go_to_vm(make_app: MakeApp) -> None:
 async def test_keymap_from_config_remaps_bindings(make_app: MakeApp) -> None:
     app = make_app(config=UIConfig(keymap={"app.trust": "t", "screen.filter": "f"}))
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("f", "w", "e", "b")
         await pilot.pause()
         assert vm_table(app).row_count == 6
@@ -281,6 +292,7 @@ async def test_keymap_from_config_remaps_bindings(make_app: MakeApp) -> None:
 async def test_copy_detail_and_last_error(make_app: MakeApp) -> None:
     app = make_app(start_mode="hosts")
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("c")
         await pilot.pause()
         assert app.clipboard.startswith("fra-01")
@@ -293,6 +305,7 @@ async def test_copy_detail_and_last_error(make_app: MakeApp) -> None:
 async def test_help_lists_keys_with_ids(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
@@ -310,7 +323,7 @@ async def test_bad_theme_file_notifies_once_and_falls_back(make_app: MakeApp, tm
     (themes / "mine.toml").write_text("name = 'mine'\nprimary = '#ff0000'\n")
     app = make_app(themes=themes, config=UIConfig(theme="broken"))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         messages = [n.message for n in app._notifications]
         named = [m for m in messages if "broken.toml" in m]
         assert len(named) == 1
@@ -321,7 +334,7 @@ async def test_bad_theme_file_notifies_once_and_falls_back(make_app: MakeApp, tm
 async def test_missing_fleet_file_opens_with_problem(make_app: MakeApp, tmp_path: Path) -> None:
     app = make_app(tmp_path / "nope.toml")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         bar = str(app.screen.query_one(".problem-bar").render())
         assert "1 problem" in bar and "nope.toml" in bar
         await pilot.press("p")
@@ -337,7 +350,7 @@ async def test_corrupt_fleet_file_opens_with_problem(make_app: MakeApp, fleet_co
     fleet_copy.write_text("this is [not toml")
     app = make_app(fleet_copy)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         assert "not valid TOML" in str(app.screen.query_one(".problem-bar").render())
 
 
@@ -346,7 +359,7 @@ async def test_unreadable_host_certificate_shown_on_the_host(make_app: MakeApp, 
     cert.write_bytes(b"garbage, not a certificate")
     app = make_app(fleet_copy, start_mode="hosts")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
         assert rows["fra-01"][4].startswith("✗")
         detail = app.screen.query_one(DetailPane).plain
@@ -359,7 +372,7 @@ async def test_host_cert_path_is_a_directory(make_app: MakeApp, fleet_copy: Path
     cert.mkdir()  # a directory where the certificate file belongs
     app = make_app(fleet_copy, start_mode="hosts")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
+        await opened(pilot)
         rows = {r.key: r.cells for r in app.screen.query_one(VirtualTable).rows_in_view()}
         assert rows["nyc-01"][4].startswith("✗")
 
@@ -367,6 +380,7 @@ async def test_host_cert_path_is_a_directory(make_app: MakeApp, fleet_copy: Path
 async def test_refresh_reads_hosts_through_libvirt_test_driver(make_app: MakeApp) -> None:
     app = make_app(start_mode="hosts", live=True)
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.pause(0.2)
         await settle(app)
         await pilot.pause()
@@ -378,6 +392,7 @@ async def test_refresh_reads_hosts_through_libvirt_test_driver(make_app: MakeApp
 async def test_acting_as_an_admin_brings_grants_into_the_decision(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"act as admin oncall")
@@ -402,6 +417,7 @@ async def test_acting_as_an_admin_brings_grants_into_the_decision(make_app: Make
 async def test_problems_screen_lists_hosts_and_vm_policies(make_app: MakeApp) -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
         await pilot.press("p")
         await pilot.pause()
         text = app.screen.query_one(DetailPane).plain

@@ -13,14 +13,15 @@ import pytest
 from textual.pilot import Pilot
 
 from console.ui.app import EscortApp
-from tests.ui.conftest import settle
+from tests.ui.conftest import opened, settle
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 
 
 async def _settle(pilot: Pilot[None]) -> None:
     # the libvirt refresh and the VM screen's targets run in workers
-    await pilot.pause(0.3)
+    await opened(pilot)
+    await pilot.pause(0.3)  # past the VM screen's debounce
     await settle(pilot.app)
     await pilot.pause(0.1)
 
