@@ -133,3 +133,21 @@ def test_demo_is_reused_then_regenerated_when_stale(tmp_path: Path) -> None:
     _, made = ensure_demo(dest, at=AT + dt.timedelta(days=10))
     assert made  # older than 5 days: dates would have drifted
     assert not list(tmp_path.glob(".demo-*")) and not (tmp_path / "demo.old").exists()
+
+
+def test_escort_demo_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from console.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo", "--dir", str(tmp_path / "d"), "--print-path"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(tmp_path / "d" / "fleet.toml")
+    assert (tmp_path / "d" / "nodes" / "fra-01.xml").is_file()
+    result = runner.invoke(main, ["demo", "--dir", str(tmp_path / "d"), "--at", "yesterday"])
+    assert result.exit_code == 2 and "RFC 3339" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    monkeypatch.delenv("ESCORT_FLEET", raising=False)
+    result = runner.invoke(main, [])
+    assert result.exit_code == 2 and "escort demo" in result.output
