@@ -44,6 +44,7 @@ async def _settle(pilot: Pilot[None]) -> None:
         pytest.param("migrations", "migrations", (), id="migrations"),
         pytest.param("help", "vms", ("question_mark",), id="help"),
         pytest.param("problems", "vms", ("p",), id="problems"),
+        pytest.param("confirm-migrate", "vms", ("tab", "m"), id="confirm-migrate"),
     ],
 )
 def test_screen(snap_compare: Callable[..., bool], make_app: Callable[..., EscortApp],
