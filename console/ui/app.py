@@ -271,6 +271,10 @@ class EscortApp(App[None]):
     def all_problems(self) -> list[str]:
         return [describe_problem(p) for p in self.service.problems] + self._extra_problems
 
+    def policy_names(self) -> dict[str, str]:
+        """The fleet's friendly names for certificate policy OIDs (plus escort's defaults)."""
+        return dict(getattr(self.service, "policy_names", {}) or {})
+
     def display_path(self, path: str) -> str:
         """Paths inside the fleet's folder relative to it (what the fleet file says),
         others as they are: shorter at 80 columns and the same on every machine."""
@@ -318,7 +322,8 @@ class EscortApp(App[None]):
                              f"(until {info.not_after:%Y-%m-%d}, {info.fingerprint[:16]}…)")
             lines += reason_lines(chain.reasons) + reason_lines(chain.warnings)
             if chain.leaf is not None:
-                lines += ["", "Host certificate:"] + ["  " + ln for ln in cert_lines(chain.leaf, self.at)]
+                leaf = cert_lines(chain.leaf, self.at, self.policy_names())
+                lines += ["", "Host certificate:", *("  " + ln for ln in leaf)]
         pane.show("\n".join(lines))
 
     # ---------------------------------------------------------- actions

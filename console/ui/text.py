@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterable
 
 from console.core.inventory import FleetKind, HostView
+from console.core.issuance import DEFAULT_POLICY_NAMES
 from console.core.pki import CANode, CertInfo
 from console.core.reasons import Reason
 
@@ -89,7 +90,14 @@ def reason_lines(reasons: Iterable[Reason], indent: str = "  ") -> list[str]:
     return out
 
 
-def cert_lines(info: CertInfo, at: dt.datetime) -> list[str]:
+def policy_words(oids: Iterable[str], names: dict[str, str] | None = None) -> str:
+    """Dotted certificatePolicies OIDs as friendly names where known (``assurance:high``)."""
+    table = {**DEFAULT_POLICY_NAMES, **(names or {})}
+    by_oid = {oid: name for name, oid in table.items()}
+    return ", ".join(by_oid.get(o, o) for o in oids) or "none"
+
+
+def cert_lines(info: CertInfo, at: dt.datetime, policy_names: dict[str, str] | None = None) -> list[str]:
     """The certificate facts the Trust and Hosts screens show, one per line."""
     days = info.days_left(at)
     left = f"{plural(days, 'day')} left" if days >= 0 else f"expired {plural(-days, 'day')} ago"
@@ -107,7 +115,7 @@ def cert_lines(info: CertInfo, at: dt.datetime) -> list[str]:
         f"Valid until  {info.not_after:%Y-%m-%d %H:%M} UTC ({left})",
         f"Key          {info.key_type}",
         f"Constraints  {constraints}",
-        f"Policies     {', '.join(info.policies) if info.policies else 'none'}",
+        f"Policies     {policy_words(info.policies, policy_names)}",
         f"SHA-256      {' '.join(fp[i:i + 8] for i in range(0, min(len(fp), 32), 8))}",
         f"             {' '.join(fp[i:i + 8] for i in range(32, len(fp), 8))}",
     ]

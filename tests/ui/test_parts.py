@@ -10,9 +10,10 @@ import pytest
 from textual.app import App, ComposeResult
 
 from console.core.errors import InputError
+from console.core.issuance import DEFAULT_POLICY_NAMES
 from console.demo import CAS, HOSTS, VMS, ensure_demo, generate, generated_at
 from console.ui.config import load_config
-from console.ui.text import expiry_words, kind_label, wrap
+from console.ui.text import expiry_words, kind_label, policy_words, wrap
 from console.ui.themes import load_theme_dirs, parse_theme, shipped_theme_dir
 from console.ui.widgets.vtable import Column, VirtualTable, make_row
 
@@ -104,6 +105,8 @@ def test_text_helpers() -> None:
     assert expiry_words(AT - dt.timedelta(days=3), AT) == ("✗ expired 3 d ago", "bad")
     assert expiry_words(AT + dt.timedelta(days=5, hours=1), AT)[1] == "warn"
     assert "nothing really migrates" in kind_label("demo")
+    assert policy_words([DEFAULT_POLICY_NAMES["assurance:high"], "1.2.3.4"]) == "assurance:high, 1.2.3.4"
+    assert policy_words([]) == "none"
     words = "one two three four five six seven eight nine ten eleven twelve"
     lines = wrap(words, 20, "  ")
     assert all(len(line) <= 20 for line in lines) and lines[1].startswith("  ")

@@ -111,7 +111,7 @@ class TrustScreen(FleetScreen):
         if data.crl_stale:
             lines.append("⚠ This CA's own CRL is past its next-update date (revocations may be missing).")
         lines.append("")
-        lines += cert_lines(data.info, at)
+        lines += cert_lines(data.info, at, self.escort.policy_names())
         n_hosts, n_vms = self.escort.service.dependants(data.info.fingerprint)
         lines += ["", f"Depends on it  {plural(n_hosts, 'host')}, {plural(n_vms, 'VM')} "
                       "(hosts chained under it; VMs whose policy trusts it)"]

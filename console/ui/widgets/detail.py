@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Group, RenderableType
 from rich.padding import Padding
+from rich.table import Table
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
@@ -31,14 +34,39 @@ class DetailPane(VerticalScroll, can_focus=True):
         return self._plain
 
     def show(self, content: Text | str | RenderableType, plain: str | None = None) -> None:
-        """Show ``content``; ``plain`` is what ``c`` copies (defaults to the text itself)."""
+        """Show ``content``; ``plain`` is what ``c`` copies (defaults to the text itself).
+
+        Plain strings keep their layout when a narrow pane wraps them: an indented
+        line wraps under its indent, a "Label   value" line wraps under its value.
+        """
         if isinstance(content, str):
-            content = Text(content)
+            plain = content if plain is None else plain
+            content = hanging(content)
         if plain is None:
             plain = content.plain if isinstance(content, Text) else ""
         self._plain = plain
         self._body.update(content)
         self.scroll_home(animate=False)
+
+
+_LABEL = re.compile(r"^(\s*\S(?:[^ ]| (?! ))*\s{2,})(?=\S)")
+
+
+def hanging(text: str) -> Group:
+    """Lines with hanging indents (see ``DetailPane.show``)."""
+    parts: list[RenderableType] = []
+    for line in text.split("\n"):
+        label = _LABEL.match(line)
+        if label is not None and len(label.group(1)) <= 20:
+            grid = Table.grid()
+            grid.add_column(width=len(label.group(1)), no_wrap=True)
+            grid.add_column(ratio=1, overflow="fold")
+            grid.add_row(label.group(1), Text(line[len(label.group(1)):]))
+            parts.append(grid)
+        else:
+            lead = len(line) - len(line.lstrip(" "))
+            parts.append(Padding(Text(line[lead:]), (0, 0, 0, lead)))
+    return Group(*parts)
 
 
 class IndentedLines:
