@@ -36,7 +36,6 @@ from console.ui.text import (
 )
 from console.ui.themes import load_theme_dirs, shipped_theme_dir
 from console.ui.widgets.detail import DetailPane
-from console.ui.widgets.dialogs import ConfirmDialog
 from console.ui.widgets.vtable import Row, make_row
 
 
@@ -104,7 +103,7 @@ class EscortApp(App[None]):
     # ------------------------------------------------------------ modes
     def _mode_factories(self) -> dict[str, Callable[[], Screen[Any]]]:
         from console.ui.screens.hosts import HostsScreen
-        from console.ui.screens.misc import MigrationsScreen
+        from console.ui.screens.migrations import MigrationsScreen
         from console.ui.screens.trust import TrustScreen
         from console.ui.screens.vms import VMsScreen
 
@@ -134,12 +133,8 @@ class EscortApp(App[None]):
         self.run_worker(self._refresh(), exclusive=True, group="refresh", exit_on_error=False)
 
     async def _refresh(self) -> None:
-        from console.services.inventory import InventoryService
-
         try:
-            if self._inventory is None:
-                self._inventory = InventoryService.for_fleet(self.service)  # type: ignore[arg-type]
-            results = await self._inventory.refresh()
+            results = await self.inventory_service().refresh()
         except EscortError as exc:
             self.notify(f"Refresh failed: {exc}", severity="error", markup=False)
             return
@@ -152,7 +147,18 @@ class EscortApp(App[None]):
             self.notify(f"{plural(len(down), 'host')} did not answer: {', '.join(sorted(down)[:5])}",
                         severity="warning", markup=False)
 
+    def inventory_service(self) -> Any:
+        """The one InventoryService (SSH pool, libvirt connections) refresh and migrations share."""
+        from console.services.inventory import InventoryService
+
+        if self._inventory is None:
+            self._inventory = InventoryService.for_fleet(self.service)  # type: ignore[arg-type]
+        return self._inventory
+
     async def on_unmount(self) -> None:
+        from console.ui.screens.migrations import close_hub
+
+        await close_hub(self)  # aborts migrations still running, closes the audit log
         if self._inventory is not None:
             await self._inventory.close()
 
@@ -414,27 +420,14 @@ class EscortApp(App[None]):
         self.notify(f"Deciding as {who}.", timeout=4, markup=False)
 
     def request_migration(self, vm_key: str, host: str) -> None:
-        """Ask, then migrate. The service enforces read-only even if the UI let it through."""
-        try:
-            self.service.require_writable("migrate")
-        except EscortError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
-        decision = self.service.explain(vm_key, host, self.admin)
-        vm = self._vm_index.get(vm_key)
-        name = vm.name if vm is not None else vm_key
-        if not decision.allowed:
-            first = decision.reasons[0].message if decision.reasons else "refused"
-            self.notify(f"{name} may not move to {host}: {first} (w: walkthrough)",
-                        severity="error", markup=False)
-            return
-        body = (f"Live-migrate {name} from {vm.host if vm else '?'} to {host}.\n"
-                "Every trust check passed (w shows the walkthrough).")
+        """Pre-flight checklist, confirmation, start (console/ui/screens/migrations.py).
+        The service enforces read-only even if the UI let it through."""
+        from console.ui.screens.migrations import request_migration
 
-        def done(confirmed: bool | None) -> None:
-            if confirmed:
-                self.notify("Migration is not built into the console yet; nothing was moved.",
-                            severity="warning", markup=False)
+        request_migration(self, vm_key, host)
 
-        self.push_screen(ConfirmDialog(f"Migrate {name}?", body, confirm_label="Migrate",
-                                       type_to_confirm=name), done)
+    def request_evacuation(self, hosts: list[str]) -> None:
+        """Plan, edit, confirm and run an evacuation of ``hosts`` (screens/evacuation.py)."""
+        from console.ui.screens.evacuation import open_evacuation
+
+        open_evacuation(self, hosts)
