@@ -30,7 +30,8 @@ class HostsScreen(FleetScreen):
             with Vertical(classes="main"):
                 yield Input(placeholder="filter hosts (Enter keeps it, Esc clears)", id="filter",
                             classes="filter")
-                yield VirtualTable(self.COLUMNS, id="hosts-table", empty_text="no host matches")
+                yield VirtualTable(self.COLUMNS, id="hosts-table", empty_text="no host matches",
+                                   no_rows_text="no hosts in this fleet (press p for problems)")
             yield DetailPane(id="detail")
         yield from self.compose_bottom()
 

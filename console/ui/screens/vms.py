@@ -52,7 +52,8 @@ class VMsScreen(FleetScreen):
             with Vertical(classes="main"):
                 yield Input(placeholder="filter VMs (Enter keeps it, Esc clears)", id="filter",
                             classes="filter")
-                yield VirtualTable(self.COLUMNS, id="vms-table", empty_text="no VM matches")
+                yield VirtualTable(self.COLUMNS, id="vms-table", empty_text="no VM matches",
+                                   no_rows_text="no VMs in this fleet (press p for problems)")
             with Vertical(classes="side"):
                 yield Label("Targets", id="targets-title", classes="pane-title")
                 yield VirtualTable(self.TARGET_COLUMNS, id="targets", show_header=False, group_rows=True,

@@ -128,6 +128,7 @@ class VirtualTable(ScrollView, can_focus=True):
         show_header: bool = True,
         group_rows: bool = False,
         empty_text: str = "nothing to show",
+        no_rows_text: str = "",
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
@@ -137,7 +138,8 @@ class VirtualTable(ScrollView, can_focus=True):
         self.show_header = show_header
         #: rows sharing a key (a host and its reason lines) are filtered as one group
         self.group_rows = group_rows
-        self.empty_text = empty_text
+        self.empty_text = empty_text  # the filter hides every row
+        self.no_rows_text = no_rows_text or empty_text  # there are no rows at all
         self._rows: list[Row] = []
         self._view: list[int] = []  # indexes into _rows that pass the filter
         self._filter = ""
@@ -257,7 +259,8 @@ class VirtualTable(ScrollView, can_focus=True):
         if not self._view:
             if index == 0:
                 style = self.get_component_rich_style("vtable--empty")
-                return Strip([Segment(set_cell_size(" " + self.empty_text, width), style)], width)
+                text = self.empty_text if self._rows else self.no_rows_text
+                return Strip([Segment(set_cell_size(" " + text, width), style)], width)
             return Strip.blank(width, self.rich_style)
         if index < 0 or index >= len(self._view):
             return Strip.blank(width, self.rich_style)
