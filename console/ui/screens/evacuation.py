@@ -19,6 +19,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, OptionList, Static
+from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 from textual.widgets.option_list import Option
 
 from console.core.errors import EscortError
@@ -235,7 +236,7 @@ class EvacuationScreen(FleetScreen):
             return None
         try:
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:  # noqa: BLE001 - an empty or refreshing table has no cursor row
+        except CellDoesNotExist:  # an empty or refreshing table has no cursor row
             return None
         return str(key) if key is not None else None
 
@@ -357,7 +358,7 @@ class EvacuationScreen(FleetScreen):
             try:
                 table.update_cell(uuid, table.ordered_columns[4].key, phase_cell(update))
                 table.update_cell(uuid, table.ordered_columns[5].key, note_cell(update))
-            except Exception:  # noqa: BLE001 - a row dropped from the plan is not on the board
+            except (CellDoesNotExist, RowDoesNotExist):  # a dropped VM is not on the board
                 pass
         self._dirty.clear()
 

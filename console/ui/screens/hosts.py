@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import Input
 
@@ -14,6 +17,9 @@ from console.ui.widgets.vtable import Column, Row, VirtualTable
 class HostsScreen(FleetScreen):
     screen_label = "Hosts"
     has_filter = True
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("e", "evacuate", "Evacuate", id="hosts.evacuate"),
+    ]
     COLUMNS = (
         Column("Host", 12, flex=True),
         Column("Region", 8),
@@ -57,6 +63,14 @@ class HostsScreen(FleetScreen):
 
     def on_virtual_table_chosen(self, event: VirtualTable.Chosen) -> None:
         self.query_one(DetailPane).focus()
+
+    def action_evacuate(self) -> None:
+        """Plan moving every VM off the selected host (screens/evacuation.py)."""
+        key = self.query_one("#hosts-table", VirtualTable).cursor_key
+        if key is None:
+            self.notify("Select a host first.", timeout=3)
+            return
+        self.escort.request_evacuation([key])
 
     def focus_host(self, name: str) -> bool:
         return self.query_one("#hosts-table", VirtualTable).move_to_key(name)

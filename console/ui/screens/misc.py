@@ -1,4 +1,4 @@
-"""Smaller screens: migrations (placeholder, labelled honestly), help and problems."""
+"""Smaller screens: help and problems (the Migrations tab is in screens/migrations.py)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,6 @@ from textual.binding import Binding, BindingType
 from console.ui.screens.base import FleetScreen
 from console.ui.text import BAD
 from console.ui.widgets.detail import DetailPane, IndentedLines
-
-
-class MigrationsScreen(FleetScreen):
-    screen_label = "Migrations"
-    def compose(self) -> ComposeResult:
-        yield from self.compose_top()
-        yield DetailPane(id="migrations")
-        yield from self.compose_bottom()
-
-    def on_mount(self) -> None:
-        kind = self.escort.service.kind
-        lines = [
-            "Migrations — not built yet.",
-            "",
-            "This tab will list running and past migrations with live progress,",
-            "abort, and the audit log. Migration arrives with real hosts (the lab",
-            "or a real fleet) in a later release.",
-        ]
-        if kind == "demo":
-            lines += ["", "This is the demo fleet on libvirt's test driver: nothing really migrates."]
-        self.query_one(DetailPane).show("\n".join(lines))
 
 
 class HelpScreen(FleetScreen):
