@@ -238,6 +238,14 @@ class PreflightScreen(ModalScreen["mig.Preflight | None"]):
         """Async worker on the app's loop: the service does libvirt/SSH in its own threads,
         and the fleet service is not thread-safe, so no thread of ours touches it."""
         hub = hub_for(self.escort)
+        admins = self.escort.admin_ids()
+        if self.escort.admin is None and len(admins) != 1:
+            self.query_one("#pf-checks", Static).update(
+                f"{BAD} A migration is made by an admin whose grant covers the VM, and this "
+                f"console is acting as no admin. ctrl+p → \"Act as admin …\" "
+                f"({', '.join(admins) or 'the fleet file lists none'}), then m again.")
+            self.query_one("#pf-verdict", Static).update("Nothing was checked or changed.")
+            return
         try:
             pf = await hub.service.preflight(self.vm_key, self.host, self.escort.admin)
         except EscortError as exc:

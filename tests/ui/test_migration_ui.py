@@ -1,0 +1,269 @@
+"""Pilot tests of the migration and evacuation screens on the seeded demo fleet (80x24).
+
+The demo runs on libvirt's test driver: the full pre-flight runs, then the console
+says plainly that live migration needs real hosts; an evacuation plans, can be
+edited, and refuses to run. The lab test (tests/integration/test_console_lab.py)
+drives the same screens through a real migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from textual.app import App, ComposeResult
+from textual.pilot import Pilot
+from textual.widgets import Button, DataTable, Input, OptionList, ProgressBar, Static
+
+from console.core.migration import Outcome, Progress
+from console.ui.app import EscortApp
+from console.ui.screens.evacuation import ChooseTarget, EvacuationScreen
+from console.ui.screens.migrations import MigrationsScreen, PreflightScreen
+from console.ui.screens.vms import VMsScreen
+from console.ui.widgets.dialogs import ConfirmDialog
+from console.ui.widgets.progress import MigrationPanel
+from console.ui.widgets.vtable import VirtualTable
+from tests.ui.conftest import opened, settle
+
+SIZE = (80, 24)
+MakeApp = Callable[..., EscortApp]
+
+
+def text_of(app: App[None], selector: str) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+async def select_vm(app: EscortApp, pilot: Pilot[None], name: str) -> str:
+    key = next(v.uuid for v in app.all_vms() if v.name == name)
+    assert app.screen.query_one("#vms-table", VirtualTable).move_to_key(key)
+    await pilot.pause(0.2)
+    await settle(app)
+    await pilot.pause()
+    return key
+
+
+async def wait_for(pilot: Pilot[None], cond: Callable[[], bool], what: str, tries: int = 200) -> None:
+    for _ in range(tries):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_migrate_on_demo_runs_preflight_then_says_it_needs_real_hosts(make_app: MakeApp) -> None:
+    app = make_app()
+    app.admin = "oncall"
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        await select_vm(app, pilot, "pay-db-01")
+        await pilot.press("tab")
+        assert app.screen.query_one("#targets", VirtualTable).cursor_key == "fra-02"
+        await pilot.press("m")
+        await wait_for(pilot, lambda: isinstance(app.screen, PreflightScreen), "the pre-flight")
+        screen = app.screen
+        assert isinstance(screen, PreflightScreen)
+        focused = app.focused
+        assert isinstance(focused, Button) and focused.id == "cancel"
+        await wait_for(pilot, lambda: screen.result is not None, "the pre-flight result")
+        await pilot.pause()
+        checks = text_of(app, "#pf-checks")
+        for title in ("placement policy", "allowed set", "grant", "certificate", "reachable",
+                      "running on the source", "room"):
+            assert title in checks, title
+        assert checks.count("✓") == 7 and "✗" not in checks
+        verdict = text_of(app, "#pf-verdict")
+        assert "Every check passed" in verdict and "needs real hosts" in verdict
+        assert "escort lab up" in verdict
+        assert screen.query_one("#go", Button).disabled  # nothing pretends to migrate
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, VMsScreen)
+        await pilot.press("4")
+        await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the Migrations tab")
+        await pilot.pause()
+        assert "needs real hosts" in text_of(app, "#mig-empty")
+        assert not list(app.screen.query(MigrationPanel))
+
+
+async def test_preflight_lists_each_failed_check_with_its_reasons(make_app: MakeApp) -> None:
+    app = make_app()
+    app.admin = "night-shift"  # its grant covers label web, signed by carol: not alice's pay-db-01
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        await select_vm(app, pilot, "pay-db-01")
+        await pilot.press("tab", "m")
+        await wait_for(pilot, lambda: isinstance(app.screen, PreflightScreen), "the pre-flight")
+        screen = app.screen
+        assert isinstance(screen, PreflightScreen)
+        await wait_for(pilot, lambda: screen.result is not None, "the pre-flight result")
+        await pilot.pause()
+        checks = text_of(app, "#pf-checks")
+        assert "✗ admin's grant covers this VM now — FAILED" in checks
+        assert "signed by carol" in checks
+        assert "Refused" in text_of(app, "#pf-verdict")
+        assert screen.query_one("#go", Button).disabled
+
+
+async def test_preflight_without_an_admin_says_how_to_choose_one(make_app: MakeApp) -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        await select_vm(app, pilot, "pay-db-01")
+        await pilot.press("tab", "m")
+        await wait_for(pilot, lambda: isinstance(app.screen, PreflightScreen), "the pre-flight")
+        await settle(app)
+        await pilot.pause()
+        assert "Act as admin" in text_of(app, "#pf-checks")
+
+
+async def test_readonly_blocks_migrate_and_evacuate(make_app: MakeApp) -> None:
+    app = make_app(readonly=True)
+    app.admin = "oncall"
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        key = await select_vm(app, pilot, "pay-db-01")
+        assert app.screen.check_action("migrate", ()) is False
+        await pilot.press("tab", "m")
+        await pilot.pause()
+        assert not isinstance(app.screen, PreflightScreen | ConfirmDialog)
+        app.request_migration(key, "fra-02")  # called directly: refused with one line
+        await pilot.pause()
+        assert not isinstance(app.screen, PreflightScreen)
+        assert "read-only" in app.last_error
+        # the evacuation board opens (planning changes nothing) but cannot run
+        app.request_evacuation(["fra-01"])
+        await wait_for(pilot, lambda: isinstance(app.screen, EvacuationScreen), "the board")
+        board = app.screen
+        assert isinstance(board, EvacuationScreen)
+        await wait_for(pilot, lambda: board.planned is not None, "the plan")
+        assert board.check_action("run", ()) is False
+        await pilot.press("g")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmDialog) and board.run is None
+
+
+async def test_evacuation_board_plans_drops_retargets_and_demo_refuses_to_run(make_app: MakeApp) -> None:
+    app = make_app(start_mode="hosts")
+    app.admin = "oncall"
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        assert app.screen.query_one("#hosts-table", VirtualTable).move_to_key("fra-02")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, EvacuationScreen), "the board")
+        board = app.screen
+        assert isinstance(board, EvacuationScreen)
+        await wait_for(pilot, lambda: board.planned is not None, "the plan")
+        await pilot.pause()
+        planned = board.planned
+        assert planned is not None and planned.moves
+        table = board.query_one("#ev-board", DataTable)
+        assert table.row_count == len(planned.moves)
+        on_host = {v.name for v in app.all_vms() if v.host == "fra-02"}
+        assert {m.vm.name for m in planned.moves} | {s.vm.name for s in planned.stuck} | {
+            v.name for v, _ in planned.held} == on_host
+        assert "move" in text_of(app, "#ev-status")
+        # retarget: the first VM with another allowed host
+        row = next(i for i, m in enumerate(planned.moves) if len(m.vm.allowed - {"fra-02"}) >= 2)
+        move = planned.moves[row]
+        table.move_cursor(row=row)
+        await pilot.pause()
+        await pilot.press("t")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChooseTarget), "the target chooser")
+        options = app.screen.query_one(OptionList)
+        other = next(i for i in range(options.option_count)
+                     if options.get_option_at_index(i).id != move.target)
+        new_host = options.get_option_at_index(other).id
+        options.highlighted = other
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen is board
+        assert planned.find(move.vm.uuid).target == new_host
+        assert new_host in [str(c) for c in table.get_row(move.vm.uuid)]
+        # drop the selected VM: it leaves the board and is listed as staying
+        n = len(planned.moves)
+        drop_row = next(i for i, m in enumerate(planned.moves) if m.vm.uuid != move.vm.uuid)
+        table.move_cursor(row=drop_row)
+        first = planned.moves[drop_row].vm.name
+        await pilot.press("d")
+        await pilot.pause()
+        assert len(planned.moves) == n - 1 and table.row_count == n - 1
+        assert first in text_of(app, "#ev-detail") and "Dropped" in text_of(app, "#ev-detail")
+        # run: confirmation focuses Cancel and wants "evacuate" typed; the demo refuses
+        await pilot.press("g")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
+        focused = app.focused
+        assert isinstance(focused, Button) and focused.id == "cancel"
+        confirm = app.screen.query_one("#confirm", Button)
+        assert confirm.disabled
+        app.screen.query_one("#dialog-typed", Input).value = "evacuate"
+        await pilot.pause()
+        assert not confirm.disabled
+        confirm.press()
+        await pilot.pause()
+        assert app.screen is board
+        assert board.run is None
+        assert "test driver" in text_of(app, "#ev-status")
+        assert "test driver" in app.last_error
+        # c copies the (edited) plan
+        copied = board.copy_text()
+        assert f"Dropped by the admin: {first}" in copied
+        assert f"{move.vm.name}" in copied and f"-> {new_host}" in copied
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is not board
+
+
+async def test_stuck_vms_listed_with_reasons_per_host_and_owner_to_call(make_app: MakeApp) -> None:
+    app = make_app(start_mode="hosts")
+    app.admin = "oncall"  # oncall's grants cover the pay-* VMs, not what runs on ber-01
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        app.request_evacuation(["ber-01"])
+        await wait_for(pilot, lambda: isinstance(app.screen, EvacuationScreen), "the board")
+        board = app.screen
+        assert isinstance(board, EvacuationScreen)
+        await wait_for(pilot, lambda: board.planned is not None, "the plan")
+        await pilot.pause()
+        planned = board.planned
+        assert planned is not None and not planned.moves and planned.stuck
+        detail = text_of(app, "#ev-detail")
+        for stuck in planned.stuck:
+            assert f"{stuck.vm.name} on ber-01: call {stuck.owner_to_contact}" in detail
+        assert "[grant." in detail  # the reason codes per candidate host
+        await pilot.press("g")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmDialog)  # nothing to run
+
+
+class PanelApp(App[None]):
+    def compose(self) -> ComposeResult:
+        yield MigrationPanel("r1", "app-1", "par-1", "fra-1", id="p")
+
+
+async def test_progress_panel_is_indeterminate_until_totals_then_shows_outcome() -> None:
+    app = PanelApp()
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.query_one(MigrationPanel)
+        panel.show(Progress("starting", elapsed_s=0.2))
+        await pilot.pause()
+        assert app.query_one(ProgressBar).total is None
+        mib = 1024 * 1024
+        panel.show(Progress("copying", elapsed_s=3.0, data_total=100 * mib, data_processed=40 * mib,
+                            data_remaining=60 * mib, rate_bps=12 * mib, rate_history=(5 * mib, 12 * mib),
+                            dirty_rate_bps=mib, iteration=1, eta_s=5.0))
+        await pilot.pause()
+        bar = app.query_one(ProgressBar)
+        assert bar.total == 100 and round(bar.progress) == 40
+        stats = str(app.query_one(".mp-stats", Static).render())
+        assert "40.0 MiB sent of 100.0 MiB" in stats and "12.0 MiB/s" in stats and "ETA 5.0 s" in stats
+        assert "pass 1" in stats
+        done = Progress("completed", elapsed_s=9.0, data_total=100 * mib, data_processed=101 * mib,
+                        data_remaining=0, downtime_ms=57)
+        panel.show(done, Outcome("success", "fra-1", "verified"))
+        await pilot.pause()
+        assert "Downtime 57 ms" in str(app.query_one(".mp-stats", Static).render())
+        outcome = str(app.query_one(".mp-outcome", Static).render())
+        assert "MOVED" in outcome and "fra-1" in outcome and "✓" in outcome
+        panel.show(done, Outcome("aborted", "par-1", "operation aborted"))
+        await pilot.pause()
+        outcome = str(app.query_one(".mp-outcome", Static).render())
+        assert "✗ ABORTED" in outcome and "still running on par-1 (checked)" in outcome
