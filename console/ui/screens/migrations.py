@@ -52,6 +52,7 @@ class MigrationHub:
         self.versions: dict[str, int] = {}  # run id -> publications seen (the screen redraws changes)
         self.cases: list[mig.ReconcileCase] = []
         self.scanned = False
+        self._ended: set[str] = set()
 
     def unavailable(self) -> str:
         """Why this console cannot migrate at all ("" when it can)."""
@@ -90,6 +91,11 @@ class MigrationHub:
     def _published(self, run: MigrationRun, _progress: mig.Progress) -> None:
         # called on the loop thread; only counts — the screen's timer draws the latest state
         self.versions[run.id] = self.versions.get(run.id, 0) + 1
+        if run.done and run.id not in self._ended:
+            self._ended.add(run.id)
+            # the VM moved (or not): re-read every host so the other tabs show where it is
+            if not self.app.refreshing:
+                self.app.call_later(self.app.action_refresh)
 
     async def scan(self) -> list[mig.ReconcileCase]:
         self.cases = await self.service.reconcile_scan()

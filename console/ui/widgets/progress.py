@@ -129,8 +129,11 @@ class MigrationPanel(Vertical, can_focus=True):
             bar.update(total=100, progress=progress.fraction * 100)
         else:
             bar.update(total=None)  # indeterminate until libvirt knows the total
-        history = list(progress.rate_history) or [0.0]
-        self.query_one(".mp-spark", Sparkline).data = history
+        history = list(progress.rate_history)
+        spark = self.query_one(".mp-spark", Sparkline)
+        # a flat line of zeros draws as a full block: show the rate only once it has a shape
+        spark.display = len(history) >= 2 and max(history) > 0
+        spark.data = history or [0.0]
         self.query_one(".mp-stats", Static).update("\n".join(progress_lines(progress)))
         box = self.query_one(".mp-outcome", Static)
         if self.outcome is not None:
