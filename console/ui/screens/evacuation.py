@@ -135,7 +135,7 @@ class EvacuationScreen(FleetScreen):
         self.run: EvacuationRun | None = None
         self.summary: Summary | None = None
         self._latest: dict[str, VMUpdate] = {}
-        self._dirty: set[str] = set()
+        self._changed: set[str] = set()
 
     @property
     def is_modal_like(self) -> bool:
@@ -346,21 +346,21 @@ class EvacuationScreen(FleetScreen):
                 self._finished(event.summary)
                 return
             self._latest[event.uuid] = event
-            self._dirty.add(event.uuid)
+            self._changed.add(event.uuid)
 
     def _redraw_running(self) -> None:
         """Latest state of every VM that changed, at most twice a second."""
-        if not self._dirty:
+        if not self._changed:
             return
         table: DataTable[str] = self.query_one("#ev-board", DataTable)
-        for uuid in list(self._dirty):
+        for uuid in list(self._changed):
             update = self._latest[uuid]
             try:
                 table.update_cell(uuid, table.ordered_columns[4].key, phase_cell(update))
                 table.update_cell(uuid, table.ordered_columns[5].key, note_cell(update))
             except (CellDoesNotExist, RowDoesNotExist):  # a dropped VM is not on the board
                 pass
-        self._dirty.clear()
+        self._changed.clear()
 
     def _finished(self, summary: Summary) -> None:
         self._redraw_running()

@@ -311,6 +311,7 @@ class MigrationsScreen(FleetScreen):
 
     def on_mount(self) -> None:
         self._drawn: dict[str, int] = {}
+        self._n_running = 0
         self._show_cases()
         self._tick()
         self.set_interval(0.5, self._tick)
@@ -347,6 +348,10 @@ class MigrationsScreen(FleetScreen):
         empty.display = not hub.runs
         if not hub.runs:
             empty.update(self._empty_text())
+        running = sum(1 for r in hub.runs if not r.done)
+        if running != self._n_running:
+            self._n_running = running
+            self.refresh_bindings()  # Abort appears while something runs
         for run in hub.runs:
             panel_id = f"run-{run.id}"
             found = list(self.query(f"#{panel_id}").results(MigrationPanel))
@@ -375,8 +380,15 @@ class MigrationsScreen(FleetScreen):
         return running[0] if len(running) == 1 else None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Keys show only when they can do something (the footer says what is possible)."""
         if action in ("abort", "resolve") and self.escort.readonly:
             return False
+        if action == "abort":
+            return any(not r.done for r in self.hub.runs)
+        if action == "resolve":
+            return any(c.steps for c in self.hub.cases)
+        if action == "scan":
+            return not self.hub.unavailable()
         return super().check_action(action, parameters)
 
     def action_abort(self) -> None:
@@ -430,6 +442,7 @@ class MigrationsScreen(FleetScreen):
         box.display = True
         if not cases:
             box.update(f"{OK} No half-done migration found (no VM paused for migration or on two hosts).")
+            self.refresh_bindings()
             return
         lines = [f"{WARN} {plural(len(cases), 'VM')} left half-done by a migration — resolve first:"]
         for n, case in enumerate(cases, 1):
@@ -441,6 +454,7 @@ class MigrationsScreen(FleetScreen):
             else:
                 lines.append(f"     no automatic resolution: {case.advice}")
         box.update("\n".join(lines))
+        self.refresh_bindings()  # Fix appears when a case has a safe resolution
 
     def action_resolve(self) -> None:
         case = next((c for c in self.hub.cases if c.steps), None)
