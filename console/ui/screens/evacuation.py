@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from console.ui.app import EscortApp
 
 CONFIRM_WORD = "evacuate"
+#: fits the 15-column Phase cell with a percentage
+SHORT_PHASE = {"preflight": "pre-flight", "starting": "start", "copying": "copy",
+               "converging": "converge", "switchover": "switch-over", "verifying": "verify"}
 
 
 def open_evacuation(app: EscortApp, hosts: list[str]) -> None:
@@ -58,10 +61,11 @@ def phase_cell(update: VMUpdate) -> str:
         return f"{OK} moved"
     if update.phase in ("failed", "aborted"):
         return f"{BAD} {update.phase}"
+    word = SHORT_PHASE.get(update.phase, update.phase)
     p = update.progress
     if p is not None and p.fraction is not None and update.phase in ("copying", "converging"):
-        return f"… {update.phase} {p.fraction * 100:.0f}%"
-    return f"… {update.phase}" if update.phase != "queued" else "queued"
+        return f"… {word} {p.fraction * 100:.0f}%"
+    return f"… {word}" if update.phase != "queued" else "queued"
 
 
 def note_cell(update: VMUpdate) -> str:
@@ -146,7 +150,12 @@ class EvacuationScreen(FleetScreen):
         yield Static(f"Planning the evacuation of {', '.join(self.hosts)}: refreshing hosts…",
                      id="ev-status", markup=False)
         table: DataTable[str] = DataTable(id="ev-board", cursor_type="row", zebra_stripes=True)
-        table.add_columns("VM", "From", "To", "MiB", "Phase", "Note")
+        # fixed widths: phases and notes change during the run, and a DataTable sizes
+        # columns by their first content; the note takes what is left (80 columns: 19)
+        widths = {"VM": 12, "From": 7, "To": 7, "MiB": 6, "Phase": 15}
+        note = max(18, self.app.size.width - sum(widths.values()) - 2 * (len(widths) + 1) - 2)
+        for label, width in [*widths.items(), ("Note", note)]:
+            table.add_column(label, width=width)
         yield table
         with VerticalScroll(id="ev-lower"):
             yield Static("", id="ev-detail", markup=False)
@@ -176,7 +185,10 @@ class EvacuationScreen(FleetScreen):
             results = await app.inventory_service().refresh()
             down = sorted(n for n, r in results.items() if r.facts is None)
             app.load_views()
-            service = EvacuationService(fleet, admin=app.admin)
+            admins = app.admin_ids()
+            # the fleet's only admin is the one acting (as the migration pre-flight assumes)
+            admin = app.admin or (admins[0] if len(admins) == 1 else None)
+            service = EvacuationService(fleet, admin=admin)
             planned = service.plan(self.hosts, explain=False)
             service.explain_stuck(planned)
         except EscortError as exc:
