@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, DataTable, Input, Label, Static
 
 from console.services.fleet import FleetService
 from console.ui.app import EscortApp
@@ -134,4 +134,50 @@ async def test_console_migrates_across_regions_through_the_jump_host_and_back(la
             if running_on(lab, uuid) == {AWAY: "running"}:
                 back = await migrate_from_console(pilot, app, uuid, HOME)
                 assert "MOVED: verified running on par-1" in back.plain(), back.plain()
+        assert running_on(lab, uuid) == {HOME: "running"}
+
+
+async def test_console_evacuates_a_host_in_a_few_keys_and_shows_the_summary(lab: Lab, tmp_path: Path) -> None:
+    """Hosts tab → e on par-1 → g → type "evacuate" → the board ends with the summary."""
+    from console.ui.screens.evacuation import EvacuationScreen
+    from console.ui.screens.hosts import HostsScreen
+
+    service = FleetService.load(lab.fleet_file)
+    themes = tmp_path / "themes"
+    themes.mkdir()
+    app = EscortApp(service, config=UIConfig(), admin=ADMIN, user_theme_dir=themes, live=True,
+                    start_mode="hosts")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: any(v.name == VM for v in app.all_vms()), "the lab's VMs")
+        uuid = next(v.uuid for v in app.all_vms() if v.name == VM)
+        assert running_on(lab, uuid) == {HOME: "running"}, "the lab is not as the tests expect"
+        await wait_for(pilot, lambda: isinstance(app.screen, HostsScreen), "the Hosts tab")
+        assert app.screen.query_one("#hosts-table", VirtualTable).move_to_key(HOME)
+        try:
+            await pilot.press("e")
+            await wait_for(pilot, lambda: isinstance(app.screen, EvacuationScreen), "the board")
+            board = app.screen
+            assert isinstance(board, EvacuationScreen)
+            await wait_for(pilot, lambda: board.planned is not None, "the plan")
+            assert board.planned is not None and [m.vm.name for m in board.planned.moves] == [VM]
+            target = board.planned.moves[0].target
+            await pilot.press("g")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
+            assert isinstance(app.focused, Button) and app.focused.id == "cancel"
+            app.screen.query_one("#dialog-typed", Input).value = "evacuate"
+            await pilot.pause()
+            app.screen.query_one("#confirm", Button).press()
+            await wait_for(pilot, lambda: board.summary is not None, "the summary", seconds=180)
+            assert board.summary is not None
+            assert [u.name for u in board.summary.moved] == [VM], board.summary.text()
+            await pilot.pause(0.6)  # the board redraws at most twice a second
+            assert f"moved   {VM}: {HOME} -> {target}" in str(board.query_one("#ev-detail", Static).render())
+            assert "✓ moved" in [str(c) for c in board.query_one("#ev-board", DataTable).get_row(uuid)]
+            assert running_on(lab, uuid) == {target: "running"}
+            await pilot.press("escape")
+        finally:
+            where = running_on(lab, uuid)
+            if where != {HOME: "running"} and len(where) == 1:
+                back = await migrate_from_console(pilot, app, uuid, HOME)
+                assert "MOVED" in back.plain(), back.plain()
         assert running_on(lab, uuid) == {HOME: "running"}

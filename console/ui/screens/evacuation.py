@@ -71,7 +71,7 @@ def phase_cell(update: VMUpdate) -> str:
 def note_cell(update: VMUpdate) -> str:
     if update.phase == "moved":
         down = update.progress.downtime_ms if update.progress else None
-        return f"on {update.vm_on}" + (f", {down} ms down" if down is not None else "")
+        return f"on {update.vm_on}" + (f", down {down} ms" if down is not None else "")
     if update.phase in ("failed", "aborted"):
         where = f"still on {update.vm_on}" if update.vm_on else "NOT verified: reconcile"
         return f"{where}: {update.message}"
