@@ -105,7 +105,8 @@ async def select_vm(app: EscortApp, pilot, name: str) -> None:  # type: ignore[n
         title = str(app.screen.query_one("#targets-title").render())
         if title.startswith(f"Targets for {name}:") and "allowed" in title:
             return
-    raise AssertionError(f"targets for {name} never appeared")
+    raise AssertionError(f"targets for {name} never appeared (title: {title!r}, "
+                         f"cursor on {app.screen.main_table().cursor_key}, workers: {list(app.workers)})")
 
 
 async def test_select_vm_lists_every_host_with_reasons_and_fixes(make_app: MakeApp) -> None:

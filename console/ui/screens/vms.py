@@ -43,7 +43,7 @@ class VMsScreen(FleetScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending: Timer | None = None
+        self._pending: Timer | None = None  # the debounce timer; a strong reference on purpose
         self._shown_vm: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -92,7 +92,9 @@ class VMsScreen(FleetScreen):
     def _show_targets(self, vm_key: str | None) -> None:
         """Ask for every host's decision in a cooperative worker: with 1,000 hosts the trust
         core needs seconds, and the table must keep answering keys meanwhile."""
-        self._pending = None
+        # ``self._pending`` is deliberately not cleared here: Textual keeps timers only
+        # weakly, so dropping the reference to a newer, still-pending timer (this call may
+        # come from an older one) lets the garbage collector cancel it silently.
         targets = self.query_one("#targets", VirtualTable)
         title = self.query_one("#targets-title", Label)
         same_vm = vm_key == self._shown_vm
