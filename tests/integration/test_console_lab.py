@@ -181,3 +181,77 @@ async def test_console_evacuates_a_host_in_a_few_keys_and_shows_the_summary(lab:
                 back = await migrate_from_console(pilot, app, uuid, HOME)
                 assert "MOVED" in back.plain(), back.plain()
         assert running_on(lab, uuid) == {HOME: "running"}
+
+
+async def test_console_abort_key_stops_a_migration_and_shows_the_vm_on_its_source(
+        lab: Lab, tmp_path: Path) -> None:
+    """A slow migration (RAM full of random bytes, bandwidth capped) is watched live on its
+    panel (indeterminate, then a real bar and a rate), then aborted with ``a`` → confirm."""
+    import tomllib
+
+    import tomli_w
+
+    from console.services.migration import MigrationService
+    from tests.integration.test_migration_lab import _grant, _remove
+
+    # a fleet file of our own with a grants directory for the guest this test creates
+    doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
+    (lab.dir / "mig-grants").mkdir(exist_ok=True)
+    doc["grants"] = [*doc.get("grants", []), "mig-grants"]
+    fleet_path = lab.dir / "fleet-console-abort.toml"
+    fleet_path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    name = "ui-abort"
+    uuid = lab.define_guest(AWAY, name, memory_mib=128, random_fill_mib=96, owner="alice")
+    _grant(lab, fleet_path, uuid)
+    try:
+        service = FleetService.load(fleet_path)
+        themes = tmp_path / "themes"
+        themes.mkdir()
+        app = EscortApp(service, config=UIConfig(), admin=ADMIN, user_theme_dir=themes, live=True)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: any(v.name == name for v in app.all_vms()), "the guest")
+            await wait_for(pilot, lambda: not app.refreshing, "the refresh")
+            hub = hub_for(app)
+            # 12 MiB/s: ~8 s for 96 MiB, time enough to watch and abort
+            hub._service = MigrationService(service, app.inventory_service(), bandwidth_mib_s=12)
+            await app.switch_mode("vms")
+            await wait_for(pilot, lambda: isinstance(app.screen, VMsScreen), "the VMs tab")
+            screen = app.screen
+            assert isinstance(screen, VMsScreen) and screen.focus_vm(uuid)
+            title = screen.query_one("#targets-title", Label)
+            await wait_for(pilot, lambda: f"Targets for {name}:" in str(title.render())
+                           and " allowed" in str(title.render()), "the VM's targets")
+            targets = screen.query_one("#targets", VirtualTable)
+            assert targets.move_to_key(HOME)
+            targets.focus()
+            await pilot.press("m")
+            await wait_for(pilot, lambda: isinstance(app.screen, PreflightScreen), "the pre-flight")
+            pf_screen = app.screen
+            assert isinstance(pf_screen, PreflightScreen)
+            await wait_for(pilot, lambda: pf_screen.result is not None, "the pre-flight result")
+            await pilot.pause()
+            pf_screen.query_one("#go", Button).press()
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
+            app.screen.query_one("#dialog-typed", Input).value = name
+            await pilot.pause()
+            app.screen.query_one("#confirm", Button).press()
+            await wait_for(pilot, lambda: bool(hub.runs), "the run")
+            run = hub.runs[-1]
+            await wait_for(pilot, lambda: isinstance(app.screen, MigrationsScreen), "the Migrations tab")
+            await wait_for(pilot, lambda: bool(run.progress.data_total) and run.progress.rate_bps > 0,
+                           "data to flow", seconds=30)
+            await pilot.pause(0.6)  # one redraw
+            panel = app.screen.query_one(f"#run-{run.id}", MigrationPanel)
+            assert "MiB/s" in panel.plain() and "sent of ?" not in panel.plain(), panel.plain()
+            panel.focus()
+            await pilot.press("a")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the abort confirmation")
+            assert isinstance(app.focused, Button) and app.focused.id == "cancel"
+            app.screen.query_one("#confirm", Button).press()
+            await wait_for(pilot, lambda: run.done, "the abort", seconds=60)
+            await wait_for(pilot, lambda: panel.outcome is not None, "the outcome on the panel", seconds=5)
+            text = panel.plain()
+            assert "ABORTED" in text and f"still running on {AWAY} (checked)" in text, text
+        assert running_on(lab, uuid) == {AWAY: "running"}
+    finally:
+        _remove(lab, uuid)
