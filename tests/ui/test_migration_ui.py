@@ -267,3 +267,95 @@ async def test_progress_panel_is_indeterminate_until_totals_then_shows_outcome()
         await pilot.pause()
         outcome = str(app.query_one(".mp-outcome", Static).render())
         assert "✗ ABORTED" in outcome and "still running on par-1 (checked)" in outcome
+
+
+class FakeRun:
+    """What the Migrations screen reads of a MigrationRun (the lab test uses real ones)."""
+
+    def __init__(self, run_id: str, vm: str, source: str, target: str) -> None:
+        from console.core.migration import MigrationPlan
+
+        self.id = run_id
+        self.plan = MigrationPlan(vm_uuid=f"{run_id}-uuid", vm_name=vm, source=source, target=target,
+                                  tls_name=target, migration_uri=f"tcp://{target}",
+                                  cert_fingerprint="ab" * 32)
+        self.progress = Progress("starting")
+        self.result: object = None
+        self.done = False
+        self.aborted_by = ""
+
+    async def abort(self, who: str = "admin") -> None:
+        self.aborted_by = who
+
+
+async def test_migrations_tab_panels_per_run_latest_state_abort_and_reconcile_first(
+        make_app: MakeApp) -> None:
+    from console.core.migration import Copy, ReconcileCase
+    from console.ui.screens.migrations import hub_for
+
+    app = make_app(start_mode="migrations")
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        screen = app.screen
+        assert isinstance(screen, MigrationsScreen)
+        assert screen.check_action("abort", ()) is False  # nothing runs: no Abort key
+        hub = hub_for(app)
+        one, two = FakeRun("r1", "web-01", "ber-01", "par-01"), FakeRun("r2", "web-02", "par-01", "ams-01")
+        for run in (one, two):
+            hub.runs.append(run)  # type: ignore[arg-type]
+            hub.versions[run.id] = 0
+        await pilot.pause(0.7)
+        panels = {p.run_id: p for p in screen.query(MigrationPanel)}
+        assert set(panels) == {"r1", "r2"}  # several at once, one panel each
+        assert screen.check_action("abort", ()) is True
+        mib = 1024 * 1024
+        # many publications between two redraws: the panel shows the latest only
+        for done in range(1, 6):
+            one.progress = Progress("copying", elapsed_s=done, data_total=50 * mib,
+                                    data_processed=done * 10 * mib, data_remaining=(50 - done * 10) * mib,
+                                    rate_bps=10 * mib, rate_history=(9 * mib, 10 * mib))
+            hub.versions["r1"] += 1
+        await pilot.pause(0.7)
+        assert "50.0 MiB sent of 50.0 MiB" in panels["r1"].plain()
+        assert "0 B sent of ?" in panels["r2"].plain()  # untouched
+        # a: with two running, the focused one; the confirmation starts on Cancel
+        panels["r2"].focus()
+        await pilot.press("a")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the abort confirmation")
+        focused = app.focused
+        assert isinstance(focused, Button) and focused.id == "cancel"
+        app.screen.query_one("#confirm", Button).press()
+        await wait_for(pilot, lambda: two.aborted_by == "admin", "the abort call")
+        assert one.aborted_by == ""
+        # half-done migrations are listed first, with the one safe resolution
+        hub.cases = [ReconcileCase("u1", "web-03", (Copy("ams-01", "paused", "migration"),
+                                                   Copy("par-01", "running")),
+                                   "reconcile.paused_source", "paused on ams-01, running on par-01",
+                                   (("destroy", "ams-01"),))]
+        hub.scanned = True
+        screen._show_cases()
+        await pilot.pause()
+        shown = text_of(app, "#reconcile")
+        assert "1 VM left half-done" in shown and "safe resolution: destroy on ams-01" in shown
+        assert screen.check_action("resolve", ()) is True
+        body = screen.query_one("#mig-body")
+        assert body.children[0].id == "reconcile"  # shown before the panels
+
+
+def test_board_cells_say_phase_in_words_and_where_the_vm_is() -> None:
+    from console.services.evacuation import VMUpdate
+    from console.ui.screens.evacuation import note_cell, phase_cell
+
+    mib = 1024 * 1024
+    p = Progress("copying", data_total=100 * mib, data_processed=30 * mib, data_remaining=70 * mib,
+                 rate_bps=5 * mib)
+    row = VMUpdate("u", "web-01", "ber-01", "par-01", "alice", "copying", progress=p)
+    assert phase_cell(row) == "… copy 30%" and note_cell(row) == "30.0 MiB at 5.0 MiB/s"
+    done = VMUpdate("u", "web-01", "ber-01", "par-01", "alice", "moved", vm_on="par-01",
+                    progress=Progress("completed", downtime_ms=40))
+    assert phase_cell(done) == "✓ moved" and note_cell(done) == "on par-01, down 40 ms"
+    failed = VMUpdate("u", "web-01", "ber-01", "par-01", "alice", "failed", vm_on="ber-01",
+                      message="TLS refused")
+    assert phase_cell(failed) == "✗ failed" and note_cell(failed) == "still on ber-01: TLS refused"
+    lost = VMUpdate("u", "web-01", "ber-01", "par-01", "alice", "aborted", message="cut")
+    assert "NOT verified" in note_cell(lost)
