@@ -40,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_matrix import AT, POLICIES, REGIONS, machine
+from bench.bench_matrix import AT, POLICIES, REGIONS
+from bench.machine import RESULTS, describe, record
 from console.core import grants as gr
 from console.core import issuance as iss
 from console.core import policy as pol
@@ -162,7 +163,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--record", action="store_true", help="add the report to bench/RESULTS.md")
     args = ap.parse_args()
-    where = machine()
+    where = describe()
     print(f"machine: {where}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-evac-") as tmp:
         t0 = time.perf_counter()
@@ -224,13 +225,9 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if args.record:
-        path = Path(__file__).with_name("RESULTS.md")
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        marker = "### Recorded runs (bench_evacuation.py)\n"
-        if marker not in text:
-            text += "\n" + SECTION + "\n" + marker
-        head, _, tail = text.partition(marker)
-        path.write_text(head + marker + "\n" + report + tail)
+        if "### Recorded runs (bench_evacuation.py)" not in RESULTS.read_text():
+            record(SECTION)
+        record(report, section="### Recorded runs (bench_evacuation.py)")
     return 0
 
 

@@ -35,7 +35,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import asyncssh
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.machine import describe, record  # noqa: E402
 
 CERT_PATH = "/etc/pki/qemu/server-cert.pem"
 
@@ -202,19 +202,9 @@ async def bench_refresh(workdir: Path, ports: list[int], cert: bytes,
     return times[0], times[1]
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({model}), load average {load} when it finished "
-            f"(the machine is shared: figures are noisy), Python {platform.python_version()}, "
-            f"asyncssh {asyncssh.__version__}, {ssh_v.split(',')[0]}, {platform.system()} "
-            f"{platform.release()}")
+def _ssh_version() -> str:
+    out = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    return out.split(",")[0]
 
 
 def main() -> None:
@@ -270,7 +260,7 @@ def main() -> None:
     out = [
         f"## Inventory refresh over SSH, {n} hosts ({when})",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {describe(f'asyncssh {asyncssh.__version__}', _ssh_version())}.",
         "Servers: asyncssh in a separate process on 127.0.0.1 (see bench/bench_inventory.py for "
         "exactly what is measured). Per host: TCP connect, key exchange, known_hosts check "
         f"({n} entries), ed25519 public-key auth, one exec reading the certificate.",
@@ -286,10 +276,7 @@ def main() -> None:
     print(text)
     print(json.dumps({label: round(t, 3) for label, t in rows}))
     if args.record:
-        results = ROOT / "bench" / "RESULTS.md"
-        prefix = "" if results.exists() else "# Benchmark results\n\n"
-        with results.open("a") as fh:
-            fh.write(prefix + text + "\n")
+        record(text)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import random
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.machine import describe, record
 from console.core import issuance as iss
 from console.core import pki
 from console.core import policy as pol
@@ -213,20 +212,6 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}, "
-            f"load average at start {load} (machine shared with other work)")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vms", type=int, default=10_000)
@@ -242,7 +227,7 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="append the report to bench/RESULTS.md")
     args = ap.parse_args()
 
-    where = machine()
+    where = describe()
     print(f"machine: {where}", flush=True)
     f, t_setup = timed(lambda: build(args.hosts, args.vms, args.owners, args.shapes, args.owner_keys,
                                      args.seed))
@@ -302,14 +287,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if args.record:
-        path = Path(__file__).with_name("RESULTS.md")
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        marker = "### Recorded runs (bench_matrix.py)\n"
-        if marker not in text:
-            text += "\n" + marker
-        # newest run first, right under this benchmark's own heading
-        head, _, tail = text.partition(marker)
-        path.write_text(head + marker + "\n" + report + tail)
+        record(report, section="### Recorded runs (bench_matrix.py)")
     return 1 if mismatches else 0
 
 

@@ -36,8 +36,6 @@ import argparse
 import asyncio
 import datetime as dt
 import gzip
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -54,7 +52,7 @@ import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+from bench.machine import describe, record  # noqa: E402
 from console.adapters.audit import AuditLog  # noqa: E402
 from console.core.grants import AdminRef, build_grant_payload, sign_grant  # noqa: E402
 from console.lab import Lab  # noqa: E402
@@ -139,21 +137,6 @@ def define_linux_guest(lab: Lab, host: str, name: str, memory: int) -> str:
             raise SystemExit(f"the Linux guest did not start dirtying memory (see {serial})")
         time.sleep(0.5)
     return uuid
-
-
-def _machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 ** 3)
-    load = os.getloadavg()
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}), {mem} GiB RAM, "
-            f"Python {platform.python_version()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
 
 
 def _fleet_with_grant(lab: Lab, vm_uuid: str) -> Path:
@@ -261,7 +244,7 @@ def _summary(memory: int, rounds: int, res: dict[str, Any], guest: str) -> str:
     lines = [
         f"#### {what} {rounds} round(s), "
         f"{A} <-> {B} ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)",
-        f"Machine: {_machine()}",
+        f"Machine: {describe()}",
         "",
         "| | median migration (libvirt elapsed) | median wall of migrate3 | median downtime "
         "| median passes |",
@@ -303,9 +286,7 @@ def main() -> None:
     text = _summary(args.memory, args.rounds, res, args.guest)
     print(text)
     if args.record:
-        results = ROOT / "bench" / "RESULTS.md"
-        with results.open("a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

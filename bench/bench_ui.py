@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,10 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+from textual import __version__ as textual_version  # noqa: E402
 from textual.app import App, ComposeResult  # noqa: E402
 from textual.widgets import DataTable  # noqa: E402
 
+from bench.machine import describe, record  # noqa: E402
 from console.ui.app import EscortApp  # noqa: E402
 from console.ui.config import UIConfig  # noqa: E402
 from console.ui.widgets.vtable import VirtualTable  # noqa: E402
@@ -189,23 +188,6 @@ async def datatable_first_paint(rows: list[tuple[str, ...]]) -> float:
         DataTable.render_line = original  # type: ignore[method-assign]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    import textual
-
-    return (f"{os.cpu_count()} CPUs ({cpu}), load average {load} at the end (shared machine), "
-            f"Python {platform.python_version()}, textual {textual.__version__}, {platform.system()} "
-            f"{platform.release()}")
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vms", type=int, default=10_000)
@@ -243,7 +225,7 @@ async def main() -> None:
             "",
             f"## Console: VM screen with {args.vms:,} VMs x {args.hosts:,} hosts ({when})",
             "",
-            f"Machine: {machine()}.",
+            f"Machine: {describe(f'textual {textual_version}')}.",
             "Headless `App.run_test` at 120x40; fleet views built in memory (tests/ui/fakes.py,"
             f" {build:.1f} s, not timed); see bench/bench_ui.py for exactly what is measured.",
             "",
@@ -262,8 +244,7 @@ async def main() -> None:
         if dt_paint is not None:
             lines.append(f"| for orientation: Textual DataTable, same rows, first paint | "
                          f"{dt_paint * 1000:.0f} ms | — |")
-        with (ROOT / "bench" / "RESULTS.md").open("a") as fh:
-            fh.write("\n".join(lines) + "\n")
+        record("\n".join(lines))
         print("recorded in bench/RESULTS.md")
 
 
