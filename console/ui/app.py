@@ -143,6 +143,9 @@ class EscortApp(App[None]):
         down = [name for name, r in results.items() if r.facts is None]
         self.load_views()
         self.fleet_changed.publish(None)
+        from console.ui.screens.migrations import hub_for
+
+        hub_for(self).after_refresh()  # migrations left half-done: on start, after every refresh
         if down:
             self.notify(f"{plural(len(down), 'host')} did not answer: {', '.join(sorted(down)[:5])}",
                         severity="warning", markup=False)

@@ -52,6 +52,7 @@ class MigrationHub:
         self.versions: dict[str, int] = {}  # run id -> publications seen (the screen redraws changes)
         self.cases: list[mig.ReconcileCase] = []
         self.scanned = False
+        self.cases_version = 0  # bumped by every scan (the screen redraws the list)
         self._ended: set[str] = set()
 
     def unavailable(self) -> str:
@@ -100,7 +101,28 @@ class MigrationHub:
     async def scan(self) -> list[mig.ReconcileCase]:
         self.cases = await self.service.reconcile_scan()
         self.scanned = True
+        self.cases_version += 1
         return self.cases
+
+    def after_refresh(self) -> None:
+        """On start and after every refresh (the app calls this): look for migrations left
+        half-done on a live fleet, and say so wherever the operator is."""
+        if self.demo or not self.app.live or self.unavailable():
+            return
+        self.app.run_worker(self._scan_and_tell(), group="reconcile", exclusive=True,
+                            exit_on_error=False)
+
+    async def _scan_and_tell(self) -> None:
+        try:
+            cases = await self.scan()
+        except EscortError as exc:
+            self.app.notify(f"Could not look for half-done migrations: {exc}", severity="warning",
+                            markup=False)
+            return
+        if cases:
+            self.app.notify(f"{plural(len(cases), 'VM')} left half-done by a migration: the "
+                            "Migrations tab (4) shows each with its safe fix.", severity="warning",
+                            timeout=15, markup=False)
 
     async def close(self) -> None:
         if self._service is not None:
@@ -312,18 +334,11 @@ class MigrationsScreen(FleetScreen):
     def on_mount(self) -> None:
         self._drawn: dict[str, int] = {}
         self._n_running = 0
-        self._show_cases()
+        self._cases_drawn = -1
         self._tick()
         self.set_interval(0.5, self._tick)
-        hub = self.hub
-        if (not hub.scanned and self.escort.live and not hub.demo and not hub.unavailable()):
-            self.scan()
-
-    def reload(self) -> None:
-        """After a refresh: look again for half-done migrations (live fleets)."""
-        hub = self.hub
-        if self.escort.live and not hub.demo and not hub.unavailable():
-            self.scan()
+        # the app scans for half-done migrations on start and after every refresh
+        # (MigrationHub.after_refresh); this screen shows the latest list, s scans now
 
     # -- panels ----------------------------------------------------------------------
     def _empty_text(self) -> str:
@@ -343,6 +358,8 @@ class MigrationsScreen(FleetScreen):
     def _tick(self) -> None:
         """Mount panels for new runs and redraw the ones whose state changed (latest only)."""
         hub = self.hub
+        if hub.cases_version != self._cases_drawn:
+            self._show_cases()
         body = self.query_one("#mig-body", VerticalScroll)
         empty = self.query_one("#mig-empty", Static)
         empty.display = not hub.runs
@@ -433,6 +450,7 @@ class MigrationsScreen(FleetScreen):
     def _show_cases(self) -> None:
         box = self.query_one("#reconcile", Static)
         hub = self.hub
+        self._cases_drawn = hub.cases_version
         cases = hub.cases
         box.set_class(bool(cases), "-cases")
         if not hub.scanned:
