@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -48,7 +49,7 @@ class ConfirmDialog(ModalScreen[bool]):
             yield Static(self.body, id="dialog-body", markup=False)
             if self.type_to_confirm:
                 yield Label(f"Type {self.type_to_confirm!r} to confirm:")
-                yield Input(id="dialog-typed")
+                yield Input(id="dialog-typed", select_on_focus=False)
             with Horizontal():
                 yield Button("Cancel", id="cancel", variant="primary")
                 yield Button(self.confirm_label, id="confirm", variant="error",
@@ -59,6 +60,25 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.query_one("#confirm", Button).disabled = event.value != self.type_to_confirm
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Typing the exact name and Enter confirms; anything else does nothing."""
+        event.stop()
+        if self.type_to_confirm and event.value == self.type_to_confirm:
+            self.dismiss(True)
+
+    def on_key(self, event: events.Key) -> None:
+        """Cancel has the focus, yet typing the name must just work: the first printable
+        key moves the focus to the name field (Enter on Cancel still cancels)."""
+        if not self.type_to_confirm or not event.is_printable or not event.character:
+            return
+        typed = self.query_one("#dialog-typed", Input)
+        if self.focused is typed:
+            return
+        event.stop()
+        event.prevent_default()
+        typed.focus()
+        typed.insert_text_at_cursor(event.character)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "confirm")
