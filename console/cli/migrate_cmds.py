@@ -147,11 +147,17 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
                                   "vm_on": pf.source})
             return 1
 
+        last: list[dict[str, Any]] = []
+
         def show(_run: Any, p: Any) -> None:
             if tty:
                 click.echo("\r\x1b[2K" + progress_line(p), nl=False)
-            else:
-                _emit("progress", {"run": run.id, **p.as_json()})
+                return
+            sample = p.as_json()
+            if last and last[0] == sample:  # the same state again: nothing new to say
+                return
+            last[:] = [sample]
+            _emit("progress", {"run": run.id, **sample})
 
         run.subscribe(show)
         loop = asyncio.get_running_loop()
