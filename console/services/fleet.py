@@ -15,6 +15,7 @@ reused until ``apply_facts`` changes something. Read-only mode is enforced here
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import multiprocessing
 import os
 import threading
@@ -84,6 +85,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     own = max(0, int((total - (n - 1) * meanwhile_weight) / n))
     rest = todo[own:]
     chunks = [rest[i::n - 1] for i in range(n - 1)]
+    # Objects the children inherit stay untouched by their garbage collector (no
+    # copy-on-write storm over the parent's heap).
+    gc.freeze()
     with ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [pool.submit(_open_chunk, (chunk, typ, fields)) for chunk in chunks]
         if meanwhile is not None:
@@ -93,6 +97,7 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
         for chunk, future in zip(chunks, futures, strict=True):
             for token, portable in zip(chunk, future.result(), strict=True):
                 verifier.adopt(token, typ, portable)
+    gc.unfreeze()
     return len(todo)
 
 
