@@ -45,7 +45,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -409,7 +409,11 @@ def load_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
 
 # --------------------------------------------------------------------------- facts
 
-def _ext(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _ext(cert: x509.Certificate, cls: type[_E]) -> _E | None:
+    """The certificate's extension of type ``cls``, or None when it has none."""
     try:
         return cert.extensions.get_extension_for_class(cls).value
     except x509.ExtensionNotFound:
@@ -417,38 +421,33 @@ def _ext(cert: x509.Certificate, cls: type[x509.ExtensionType]) -> x509.Extensio
 
 
 def _basic(cert: x509.Certificate) -> x509.BasicConstraints | None:
-    value = _ext(cert, x509.BasicConstraints)
-    return value if isinstance(value, x509.BasicConstraints) else None
+    return _ext(cert, x509.BasicConstraints)
 
 
 def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
-    value = _ext(cert, x509.KeyUsage)
-    return value if isinstance(value, x509.KeyUsage) else None
+    return _ext(cert, x509.KeyUsage)
 
 
 def _eku(cert: x509.Certificate) -> x509.ExtendedKeyUsage | None:
-    value = _ext(cert, x509.ExtendedKeyUsage)
-    return value if isinstance(value, x509.ExtendedKeyUsage) else None
+    return _ext(cert, x509.ExtendedKeyUsage)
 
 
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
-    value = _ext(cert, x509.SubjectAlternativeName)
-    return value if isinstance(value, x509.SubjectAlternativeName) else None
+    return _ext(cert, x509.SubjectAlternativeName)
 
 
 def _name_constraints(cert: x509.Certificate) -> x509.NameConstraints | None:
-    value = _ext(cert, x509.NameConstraints)
-    return value if isinstance(value, x509.NameConstraints) else None
+    return _ext(cert, x509.NameConstraints)
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
     value = _ext(cert, x509.SubjectKeyIdentifier)
-    return value.digest if isinstance(value, x509.SubjectKeyIdentifier) else None
+    return value.digest if value is not None else None
 
 
 def _aki(cert: x509.Certificate) -> bytes | None:
     value = _ext(cert, x509.AuthorityKeyIdentifier)
-    return value.key_identifier if isinstance(value, x509.AuthorityKeyIdentifier) else None
+    return value.key_identifier if value is not None else None
 
 
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
