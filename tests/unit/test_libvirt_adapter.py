@@ -169,18 +169,21 @@ async def test_calls_run_in_the_hosts_single_thread(host: LibvirtHost):
 
 async def test_long_calls_do_not_block_the_hosts_thread(host: LibvirtHost):
     started = asyncio.Event()
+    release = threading.Event()
     loop = asyncio.get_running_loop()
 
     def long_call() -> str:
         loop.call_soon_threadsafe(started.set)
-        time.sleep(0.4)
+        release.wait(30)  # held until facts() has answered: it must not queue behind this
         return threading.current_thread().name
 
     long = asyncio.create_task(host.call_long(long_call))
     await started.wait()
-    t0 = time.perf_counter()
-    assert (await host.facts()).domains  # not queued behind the long call
-    assert time.perf_counter() - t0 < 0.3
+    try:
+        facts = await asyncio.wait_for(host.facts(), 20)
+    finally:
+        release.set()
+    assert facts.domains
     assert (await long).startswith("libvirt-hosta-long")
     with pytest.raises(HostProblem) as err:
         await host.call_long(host.conn.lookupByName, "nope")
@@ -192,10 +195,11 @@ async def test_two_hosts_run_in_parallel(tmp_path: Path):
     (tmp_path / "b").mkdir()
     ha = await open_host(HostSpec(name="a", libvirt_uri=node_xml(tmp_path / "a")))
     hb = await open_host(HostSpec(name="b", libvirt_uri=node_xml(tmp_path / "b")))
+    # Both calls must be inside their threads at once to pass the barrier; if one
+    # host's call waited for the other's, the barrier would break (timeout).
+    meet = threading.Barrier(2, timeout=20)
     try:
-        start = time.perf_counter()
-        await asyncio.gather(ha.call(time.sleep, 0.3), hb.call(time.sleep, 0.3))
-        assert time.perf_counter() - start < 0.55
+        await asyncio.gather(ha.call(meet.wait), hb.call(meet.wait))
     finally:
         await ha.close()
         await hb.close()

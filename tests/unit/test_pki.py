@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -248,16 +248,15 @@ class TestTree:
         result = store.verify_host(host, demo_pki.at)
         assert codes(result) == {"chain.no_anchor"} and "does not verify" in result.reasons[0].message
 
+    @pytest.mark.timeout(30)  # a loop that is followed forever fails here, not by a clock
     def test_cross_signed_loop_is_reported_and_terminates(self, demo_pki: DemoPKI) -> None:
         ka, kb = iss.make_key(), iss.make_key()
         v = iss.Validity.days(100, start=DEMO_START)
         b0 = iss.issue_ca(iss.CASpec(iss.Subject("Loop B")), kb, v)
         a = iss.issue_ca(iss.CASpec(iss.Subject("Loop A")), ka, v, issuer=iss.Issuer(b0, kb))
         b = iss.issue_ca(iss.CASpec(iss.Subject("Loop B")), kb, v, issuer=iss.Issuer(a, ka))
-        t0 = time.perf_counter()
         store, problems = TrustStore.build([("a.pem", iss.cert_pem(a)), ("b.pem", iss.cert_pem(b))],
                                            at=demo_pki.at)
-        assert time.perf_counter() - t0 < 2
         loops = [p for p in problems if p.reason.code == "trust.loop"]
         assert len(loops) == 1 and "Loop A" in loops[0].reason.message and "Loop B" in loops[0].reason.message
         assert store.anchors == []
@@ -573,18 +572,33 @@ class TestHostChecks:
             assert all(pool.map(work, range(16)))
         assert len(store._cache) <= 8
 
-    def test_thousand_host_checks_are_fast(self, demo_pki: DemoPKI) -> None:
+    def test_thousand_host_checks_share_per_ca_work_and_index_crls(
+            self, demo_pki: DemoPKI, monkeypatch: pytest.MonkeyPatch) -> None:
+        """What keeps 1,000 checks cheap, asserted directly (timing lives in bench/):
+        each CA path is computed once per time, and revocation uses the serial index,
+        never the CRL's linear scan."""
         regions = list(demo_pki.regions)
         certs = [demo_pki.host(f"h{i}.example", regions[i % 3], ips=[f"10.{i // 250}.0.{i % 250}"])[0]
                  for i in range(1000)]
         crls = [(f"{r}.crl", demo_pki.crl(demo_pki.regions[r], range(50_000, 52_000))) for r in regions]
         store = demo_pki.store(crls)
-        # CPU time of this process: the machine is shared, wall time would be flaky.
-        t0 = time.process_time()
+        computed: list[str] = []
+        original = store._compute_path
+
+        def counting(node: Any, at: Any, offset: int) -> Any:
+            computed.append(node.info.name)
+            return original(node, at, offset)
+
+        def linear_scan(*_args: Any) -> None:
+            raise AssertionError("the CRL's linear scan was used on the verification path")
+
+        monkeypatch.setattr(store, "_compute_path", counting)
+        monkeypatch.setattr(x509.CertificateRevocationList, "get_revoked_certificate_by_serial_number",
+                            linear_scan)
         results = [store.verify_host(c, demo_pki.at) for c in certs]
-        elapsed = time.process_time() - t0
         assert all(r.valid for r in results)
-        assert elapsed < 1.0, f"1,000 host checks took {elapsed:.2f} s of CPU"
+        assert sorted(set(computed)) == sorted(computed)  # each CA path once for this time
+        assert len(computed) <= len(store.nodes())
 
 
 # --------------------------------------------------------------------------- owners
