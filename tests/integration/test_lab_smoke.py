@@ -41,10 +41,8 @@ def _libvirt() -> Any:
 
 @pytest.mark.lab
 def test_lab_up_is_idempotent(lab: Lab) -> None:
-    t0 = time.monotonic()
     again = lab.up()
-    assert again.already is True
-    assert time.monotonic() - t0 < 2
+    assert again.already is True  # nothing rebuilt: the running lab is reported as it is
     assert lab.is_up()
 
 
