@@ -156,3 +156,22 @@ class FleetScreen(Screen[None]):
         self.app.copy_to_clipboard(text)
         lines = text.count("\n") + 1
         self.notify(f"Copied {plural(lines, 'line')} to the clipboard (OSC 52).", timeout=3)
+
+
+class PaneScreen(FleetScreen):
+    """A screen pushed over the tabs showing one detail pane (help, problems,
+    walkthrough); Escape goes back to where the operator was."""
+
+    pane_id: ClassVar[str] = "pane"
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_top()
+        yield DetailPane(id=self.pane_id)
+        yield from self.compose_bottom()
+
+    def action_back(self) -> None:
+        self.dismiss()
+
+    @property
+    def is_modal_like(self) -> bool:
+        return True

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 
-from console.ui.screens.base import FleetScreen
+from console.ui.screens.base import PaneScreen
 from console.ui.text import BAD
 from console.ui.widgets.detail import DetailPane, IndentedLines
 
 
-class HelpScreen(FleetScreen):
+class HelpScreen(PaneScreen):
     """Keys as currently mapped (the keymap in config.toml changes them)."""
 
     screen_label = "Help"
+    pane_id = "help"
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="help.back"),
@@ -25,38 +25,22 @@ class HelpScreen(FleetScreen):
         super().__init__()
         self.text = text
 
-    def compose(self) -> ComposeResult:
-        yield from self.compose_top()
-        yield DetailPane(id="help")
-        yield from self.compose_bottom()
-
     def on_mount(self) -> None:
         self.sub_title = "help"
         pane = self.query_one(DetailPane)
         pane.show(self.text)
         pane.focus()
 
-    def action_back(self) -> None:
-        self.dismiss()
 
-    @property
-    def is_modal_like(self) -> bool:
-        return True
-
-
-class ProblemsScreen(FleetScreen):
+class ProblemsScreen(PaneScreen):
     """Every problem found while loading, each with where it belongs and one-line why."""
 
     screen_label = "Problems"
+    pane_id = "problems"
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="problems.back"),
     ]
-
-    def compose(self) -> ComposeResult:
-        yield from self.compose_top()
-        yield DetailPane(id="problems")
-        yield from self.compose_bottom()
 
     def on_mount(self) -> None:
         self.sub_title = "problems"
@@ -89,10 +73,3 @@ class ProblemsScreen(FleetScreen):
         pane = self.query_one(DetailPane)
         pane.show(out.renderable(), out.plain())
         pane.focus()
-
-    def action_back(self) -> None:
-        self.dismiss()
-
-    @property
-    def is_modal_like(self) -> bool:
-        return True

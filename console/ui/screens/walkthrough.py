@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.console import Group
-from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 
 from console.core.reasons import Reason
-from console.ui.screens.base import FleetScreen
+from console.ui.screens.base import PaneScreen
 from console.ui.text import BAD, OK, WARN
 from console.ui.widgets.detail import DetailPane, IndentedLines
 
@@ -79,8 +78,9 @@ def render_walkthrough(vm_name: str, host: str, decision: Any, admin: str | None
     return out.renderable(), out.plain()
 
 
-class WalkthroughScreen(FleetScreen):
+class WalkthroughScreen(PaneScreen):
     screen_label = "Walkthrough"
+    pane_id = "walkthrough"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="walkthrough.back"),
     ]
@@ -89,11 +89,6 @@ class WalkthroughScreen(FleetScreen):
         super().__init__()
         self.vm_key = vm_key
         self.host = host
-
-    def compose(self) -> ComposeResult:
-        yield from self.compose_top()
-        yield DetailPane(id="walkthrough")
-        yield from self.compose_bottom()
 
     def on_mount(self) -> None:
         self.reload()
@@ -108,10 +103,3 @@ class WalkthroughScreen(FleetScreen):
                                          self.escort.tones())
         pane.show(body, plain)
         pane.focus()
-
-    def action_back(self) -> None:
-        self.dismiss()
-
-    @property
-    def is_modal_like(self) -> bool:
-        return True
