@@ -411,7 +411,6 @@ class FleetService:
         when = at or self.at
         return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
 
-    _grant_results = grant_results
 
     def audit_ids(self, vm: str, admin: str, at: dt.datetime | None = None, *,
                   emergency: bool = False) -> tuple[str, str]:
@@ -438,7 +437,7 @@ class FleetService:
                 emergency: bool) -> Decision:
         admin_ref = self._admin(admin) if admin else None
         d = decide(self._vm_check(rec, at), self._host_check(host, at), at=at, admin=admin_ref,
-                   grants=self._grant_results(at) if admin_ref else (), emergency=emergency,
+                   grants=self.grant_results(at) if admin_ref else (), emergency=emergency,
                    policy_names=self.policy_names, known_cas=self._known_cas())
         if admin_ref is not None and not any(a.id == admin for a in self.admins):
             unknown = reason("grant.unknown_admin", f"admin {admin!r} is not in the fleet file's [[admins]]",
