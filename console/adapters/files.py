@@ -97,6 +97,38 @@ def load_trust_dir(
     return certs, crls, problems
 
 
+def _damage(kind: str, data: bytes, name: str) -> str:
+    """Why one certificate or CRL entry is unusable ("" when it reads whole).
+
+    cryptography parses lazily: a certificate with an invalid version or a duplicated
+    extension, or a CRL with a damaged issuer name, loads fine and raises later, deep
+    inside the trust store. Every field the store reads is read here, at the door, so
+    a damaged file becomes a problem of its own instead of stopping the directory.
+    """
+    try:
+        if kind == "certificate":
+            for cert in pki.load_certificates(data, name):
+                _ = (cert.version, cert.subject.rfc4514_string(), cert.issuer.rfc4514_string())
+                for ext in cert.extensions:
+                    _ = ext.value
+            return ""
+        crl = pki.load_crl(data, name)
+        _ = (crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc,
+             crl.signature_hash_algorithm, crl.tbs_certlist_bytes)
+        for ext in crl.extensions:
+            _ = ext.value
+        for entry in crl:
+            _ = (entry.serial_number, entry.revocation_date_utc)
+            for ext in entry.extensions:
+                _ = ext.value
+    except InputError as exc:
+        return str(exc)
+    except Exception as exc:  # untrusted bytes: ValueError, InvalidVersion, DuplicateExtension...
+        what = "certificate" if kind == "certificate" else "CRL"
+        return f"{name}: damaged {what} ({type(exc).__name__}: {exc})".strip()
+    return ""
+
+
 def _classify(
     data: bytes, source: str,
 ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], list[Problem]]:
@@ -109,6 +141,12 @@ def _classify(
         wanted = [b for b in blocks if b[0] in ("certificate", "crl")]
         for i, (kind, _label, block) in enumerate(wanted):
             name = source if len(wanted) == 1 else f"{source}[{i + 1}]"
+            damage = _damage(kind, block, name)
+            if damage:
+                problems.append(Problem(name, Reason(
+                    "file.invalid", damage.rstrip(".") + ".",
+                    "Remove the file or replace it with an intact certificate or CRL.")))
+                continue
             (certs if kind == "certificate" else crls).append((name, block))
         for kind, label, _block in blocks:
             if kind == "private key":
@@ -124,17 +162,19 @@ def _classify(
         problems.append(Problem(source, Reason("file.ignored", f"{source}: empty file.",
                                                "Remove it.", severity="warning")))
         return certs, crls, problems
-    try:
-        pki.load_certificates(data, source)
+    cert_damage = _damage("certificate", data, source)
+    if not cert_damage:
         certs.append((source, data))
-    except InputError:
-        try:
-            pki.load_crl(data, source)
-            crls.append((source, data))
-        except InputError:
-            problems.append(Problem(source, Reason(
-                "file.invalid", f"{source}: neither a certificate nor a CRL (PEM or DER).",
-                "Remove the file from the trust directory.")))
+        return certs, crls, problems
+    crl_damage = _damage("crl", data, source)
+    if not crl_damage:
+        crls.append((source, data))
+        return certs, crls, problems
+    # say what it is when it looked like one of them (DER), else what it is not
+    why = next((d for d in (cert_damage, crl_damage) if "damaged" in d),
+               f"{source}: neither a certificate nor a CRL (PEM or DER)")
+    problems.append(Problem(source, Reason(
+        "file.invalid", why.rstrip(".") + ".", "Remove the file from the trust directory.")))
     return certs, crls, problems
 
 

@@ -10,7 +10,9 @@ can be moved or checked out anywhere.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,27 @@ def _opt(fn: Callable[[str], str]) -> Callable[[str], str]:
     return lambda v: fn(v) if v else v
 
 
+#: Largest count that makes sense for memory (MiB) or vCPUs; bigger is a typo or an attack.
+MAX_COUNT = 2**40
+MAX_STALL_TIMEOUT_S = 86400.0
+
+
+def _count(value: int) -> int:
+    if not 0 <= value <= MAX_COUNT:
+        raise InputError(f"must be between 0 and {MAX_COUNT}, not {value}")
+    return value
+
+
+def _timeout(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= MAX_STALL_TIMEOUT_S:
+        raise InputError(f"must be a number of seconds above 0 and at most {MAX_STALL_TIMEOUT_S:.0f}, "
+                         f"not {value}")
+    return value
+
+
+_OID = re.compile(r"^[0-2](?:\.(?:0|[1-9][0-9]{0,18})){1,31}$", re.ASCII)
+
+
 TOP: dict[str, _Key] = {
     "name": _Key(str, True, check=_name),
     "kind": _Key(str, True, check=_kind),
@@ -60,7 +83,7 @@ TOP: dict[str, _Key] = {
     "identity_files": _Key(list, path=True),
     "audit_log": _Key(str, path=True),
     "readonly": _Key(bool),
-    "stall_timeout_s": _Key((int, float)),
+    "stall_timeout_s": _Key((int, float), check=_timeout),
     "grants": _Key(list, path=True),
     "policy_names": _Key(dict),
     "hosts": _Key(list),
@@ -92,10 +115,10 @@ ADMIN: dict[str, _Key] = {
 VM: dict[str, _Key] = {
     "uuid": _Key(str, True, check=normalize_uuid),
     "name": _Key(str, True, check=_name),
-    "host": _Key(str, True),
+    "host": _Key(str, True, check=_name),
     "policy_file": _Key(str, path=True),
-    "memory_mib": _Key(int),
-    "vcpus": _Key(int),
+    "memory_mib": _Key(int, check=_count),
+    "vcpus": _Key(int, check=_count),
 }
 
 _TYPE_WORDS = {str: "a string", bool: "true/false", int: "an integer", float: "a number",
@@ -114,13 +137,19 @@ def _value_word(value: Any) -> str:
     return type(value).__name__
 
 
+def _printable(text: str, limit: int = 80) -> str:
+    """A key path as it can be shown on one line: control characters escaped, length capped."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown + "…" if len(text) > limit else shown
+
+
 class _Reader:
     def __init__(self, source: str, base: Path) -> None:
         self.source = source
         self.base = base
 
     def fail(self, where: str, message: str) -> InputError:
-        return InputError(f"{self.source}: {where}: {message}")
+        return InputError(f"{self.source}: {_printable(where)}: {message}")
 
     def resolve(self, value: str) -> str:
         if not value:
@@ -148,6 +177,9 @@ class _Reader:
             # TOML booleans are ints to Python; never let true pass as a number.
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise self.fail(path, f"expected {_type_word(spec.kind)}, got {_value_word(value)}")
+            bad = _nul_in(value)
+            if bad is not None:
+                raise self.fail(path + bad, "contains a NUL character")
             if spec.check is not None:
                 try:
                     value = spec.check(value)
@@ -168,7 +200,52 @@ class _Reader:
         return [self.table(item, schema, f"{key}[{i}]") for i, item in enumerate(data.get(key, []))]
 
 
+def _nul_in(value: Any) -> str | None:
+    """Where a NUL character hides in a string value ("" for the value itself), else None."""
+    if isinstance(value, str):
+        return "" if "\0" in value else None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str) and "\0" in item:
+                return f"[{i}]"
+    return None
+
+
+#: Bounds checked on the raw text *before* the TOML parser runs, in linear time: deep
+#: nesting (tomllib: RecursionError past ~1000 levels), dotted keys of thousands of
+#: parts (tomllib: O(n**2), a 40 KB key took 18 s) and integers of thousands of digits
+#: (ValueError past 4300) are refused whichever parser is used. A fleet file needs
+#: none of them: its deepest value is an array of tables, its longest key has three parts.
+MAX_TOML_DEPTH = 16
+MAX_KEY_PARTS = 16
+MAX_DIGITS = 40
+#: Strings and comments (blanked before the bounds are measured), or one bracket.
+_TOML_SKIP = re.compile(
+    r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"|\'[^\'\n]*\'|#[^\n]*')
+_KEY_PART = r'(?:[\w-]+|"")'
+_TOML_DOTTED = re.compile(rf'(?<![\w"-]){_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART}){{{MAX_KEY_PARTS},}}')
+_TOML_DIGITS = re.compile(r"[0-9](?:_?[0-9]){" + str(MAX_DIGITS) + ",}")
+
+
+def _precheck(text: str, source: str) -> None:
+    """Refuse, in linear time, TOML that would make the parser slow or crash."""
+    bare = _TOML_SKIP.sub('""', text)
+    depth = 0
+    for ch in re.findall(r"[\[\]{}]", bare):
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_TOML_DEPTH:
+                raise InputError(f"{source}: arrays or tables nested deeper than {MAX_TOML_DEPTH} levels")
+        else:
+            depth -= 1
+    if _TOML_DOTTED.search(bare):
+        raise InputError(f"{source}: a dotted key has more than {MAX_KEY_PARTS} parts")
+    if _TOML_DIGITS.search(bare):
+        raise InputError(f"{source}: a number has more than {MAX_DIGITS} digits")
+
+
 def _toml(text: str, source: str) -> dict[str, Any]:
+    _precheck(text, source)
     # rtoml (Rust) parses a 10,000-VM fleet ~8x faster than tomllib (0.07 vs 0.6 s here)
     try:
         raw = rtoml.loads(text)
@@ -195,8 +272,9 @@ def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
         if not isinstance(value, str):
             raise reader.fail(f"policy_names.{key}",
                               f"expected a dotted OID string, got {_value_word(value)}")
-        if not all(part.isdigit() for part in value.split(".")) or value.count(".") < 1:
-            raise reader.fail(f"policy_names.{key}", f"{value!r} is not a dotted OID")
+        if not _OID.match(value):
+            raise reader.fail(f"policy_names.{key}", f"{value!r} is not a dotted OID (ASCII digits, "
+                              "e.g. 1.3.6.1.4.1.55555.1.1)")
     hosts = [HostSpec(**row) for row in reader.rows(raw, "hosts", HOST)]
     admins = [AdminSpec(**row) for row in reader.rows(raw, "admins", ADMIN)]
     vms = [VMSpec(**row) for row in reader.rows(raw, "vms", VM)]

@@ -175,7 +175,10 @@ def _write_token(out: str, token: str, force: bool) -> None:
 
 def _window(start_text: str | None, length: dt.timedelta) -> tuple[dt.datetime, dt.datetime]:
     start = parse_time(start_text).replace(microsecond=0)
-    return start, start + length
+    try:
+        return start, start + length
+    except OverflowError as exc:
+        raise InputError(f"--start {start_text}: the validity window would end after year 9999") from exc
 
 
 def _trusted_ca(value: str) -> tuple[str, str]:

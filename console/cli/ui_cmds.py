@@ -14,11 +14,9 @@ from console.core.errors import InputError
 def _parse_at(text: str | None) -> dt.datetime | None:
     if not text:
         return None
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InputError(f"--at {text!r} is not an RFC 3339 time (e.g. 2026-11-26T12:00:00Z)") from exc
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    from console.cli.pki_cmds import parse_time  # one --at parser (range-checked) for every command
+
+    return parse_time(text)
 
 
 def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | None = None,

@@ -437,6 +437,10 @@ def policy_metadata_xml(token: str) -> str:
     return ET.tostring(elem, encoding="unicode")
 
 
+#: A domain XML is a few KiB; libvirt caps a whole domain definition well below this.
+MAX_METADATA_CHARS = 4 * 1024 * 1024
+
+
 def token_from_metadata_xml(xml: str) -> str:
     """The policy token from our metadata element or from a whole domain XML.
 
@@ -446,10 +450,14 @@ def token_from_metadata_xml(xml: str) -> str:
     """
     if "<!DOCTYPE" in xml or "<!ENTITY" in xml:
         raise InputError("metadata XML with a DTD or entities is refused")
+    if len(xml) > MAX_METADATA_CHARS:
+        raise InputError(f"metadata XML is larger than {MAX_METADATA_CHARS // 1024} KiB")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
         raise InputError(f"metadata XML is not well-formed ({exc})") from exc
+    except (ValueError, UnicodeError) as exc:  # e.g. a lone surrogate: not text at all
+        raise InputError("metadata XML is not well-formed (not Unicode text)") from exc
     tag = f"{{{POLICY_NS}}}policy"
     if root.tag == tag:
         elem = root

@@ -85,6 +85,8 @@ def _der_kind(data: bytes) -> PemKind | None:
     for kind, parse in parsers:
         try:
             parse(data)
+        except x509.InvalidVersion:
+            return kind  # it is one, with a damaged version field: the loader says so
         except (ValueError, TypeError):
             continue
         return kind
@@ -105,7 +107,7 @@ def _check_extensions(cert: x509.Certificate, source: str) -> None:
     """
     try:
         _ = cert.extensions
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise InputError(f"{source}: certificate has a malformed extension ({exc})") from exc
     try:
         _ = (cert.subject, cert.issuer, cert.serial_number, cert.public_key(),
@@ -133,9 +135,9 @@ def load_certificates(data: bytes, source: str, *, require_pem: bool = False) ->
                 continue
             try:
                 cert = x509.load_pem_x509_certificate(block)
-            except ValueError as exc:
+            except (ValueError, x509.InvalidVersion) as exc:
                 raise InputError(f"{source}: malformed PEM ({label} block is not a valid "
-                                 "X.509 certificate)") from exc
+                                 f"X.509 certificate: {exc})") from exc
             _check_extensions(cert, source)
             certs.append(cert)
         if not certs:
@@ -148,7 +150,10 @@ def load_certificates(data: bytes, source: str, *, require_pem: bool = False) ->
         if require_pem:
             raise InputError(f"{source}: DER (binary) data where PEM was expected; convert it with "
                              f"openssl x509 -inform der -in {source} -out {source}.pem")
-        cert = x509.load_der_x509_certificate(data)
+        try:
+            cert = x509.load_der_x509_certificate(data)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise InputError(f"{source}: damaged certificate ({exc})") from exc
         _check_extensions(cert, source)
         return [cert]
     if der is not None:
@@ -174,11 +179,14 @@ def load_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
             raise InputError(f"{source}: {what}, expected a CRL")
         try:
             return x509.load_pem_x509_crl(crls[0][2])
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise InputError(f"{source}: malformed PEM (X509 CRL block is not a valid CRL)") from exc
     der = _der_kind(data)
     if der == "crl":
-        return x509.load_der_x509_crl(data)
+        try:
+            return x509.load_der_x509_crl(data)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise InputError(f"{source}: damaged CRL ({exc})") from exc
     if der is not None:
         raise InputError(f"{source}: {_WRONG_KIND[der]} (DER), expected a CRL")
     raise InputError(f"{source}: not a CRL (neither PEM nor DER)")
