@@ -229,14 +229,14 @@ def _print_verified(kind: str, path: str, header: dict[str, Any], payload: dict[
     if as_json:
         click.echo(json.dumps({
             "valid": valid, "digest": digest, "header": {k: v for k, v in header.items() if k != "x5c"},
-            "owner": {"name": owner.name, "email": owner.email, "fingerprint": owner.fingerprint}
-            if owner else None,
+            "owner": {"name": owner.name, "email": owner.email, "fingerprint": owner.fingerprint,
+                      "issuer": owner.issuer, "issuer_key": owner.issuer_key} if owner else None,
             "payload": payload, "reasons": [r.as_json() for r in reasons],
         }, indent=2))
         return
     click.echo(f"{'valid' if valid else 'INVALID'} {kind}: {path}")
     if owner:
-        click.echo(f"  signed by {owner.label()} (certificate {owner.fingerprint[:16]}…), "
+        click.echo(f"  signed by {owner.full_label()} (certificate {owner.fingerprint[:16]}…), "
                    f"{header.get('alg')}")
     click.echo(f"  digest sha256:{digest}")
     for k in sorted(payload):

@@ -30,7 +30,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -75,20 +75,73 @@ class OwnerVerifier(Protocol):
 
 @dataclass(frozen=True)
 class OwnerIdentity:
-    """Who signed a document, as the leaf certificate in ``x5c`` says."""
+    """Who signed a document: the leaf certificate in ``x5c`` *and* the CA that certified it.
+
+    An owner is the owners' CA that issued the certificate (identified by its public
+    key) plus the subject's e-mail address (else its subject): two owners' CAs can
+    both certify an "alice@example.org", and they are two different owners. The
+    issuing CA is known only once the chain has been verified (``bind_issuer``);
+    until then ``issuer_key`` is "" and the identity matches nobody.
+    """
 
     name: str  # CN, else the RFC 4514 subject
     email: str  # first rfc822Name SAN (or emailAddress), "" if none
     subject: str  # RFC 4514
     fingerprint: str  # SHA-256 of the certificate, lowercase hex
+    issuer_key: str = ""  # SHA-256 of the issuing CA's SubjectPublicKeyInfo, lowercase hex
+    issuer: str = ""  # the issuing CA's name, for messages
 
     @property
     def key(self) -> str:
-        """The identity owners are compared by (a renewed certificate keeps it)."""
-        return self.email.lower() if self.email else self.subject
+        """The identity owners are compared by (a certificate renewed by the same CA keeps it).
+
+        "" while the issuing CA is unknown: an unverified signer is nobody.
+        """
+        if not self.issuer_key:
+            return ""
+        return f"{self.issuer_key}/{self.email.lower() if self.email else self.subject}"
+
+    def same_owner(self, other: OwnerIdentity | None) -> bool:
+        """Whether ``other`` is this owner (same issuing CA key and e-mail/subject); fails closed."""
+        return other is not None and bool(self.key) and self.key == other.key
 
     def label(self) -> str:
         return f"{self.name} <{self.email}>" if self.email and self.email != self.name else self.name
+
+    def matches_iss(self, iss: str) -> bool:
+        return iss in {self.name, self.subject} or (bool(self.email) and iss.lower() == self.email.lower())
+
+    def full_label(self) -> str:
+        """The label plus the CA that vouches for it (where two owners could share a name)."""
+        return f"{self.label()} (certified by {self.issuer})" if self.issuer else self.label()
+
+    def as_json(self) -> dict[str, str]:
+        return {"name": self.name, "email": self.email, "subject": self.subject,
+                "fingerprint": self.fingerprint, "issuer": self.issuer, "issuer_key": self.issuer_key}
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """SHA-256 of a certificate's SubjectPublicKeyInfo (its key, whatever the certificate)."""
+    der = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def bind_issuer(owner: OwnerIdentity, chain: ChainResult | None) -> OwnerIdentity:
+    """``owner`` with the issuing CA of a *verified* chain filled in (unchanged otherwise).
+
+    The issuer is the certificate after the leaf in the verified path (an intermediate
+    from x5c or the store); the path builder has checked that it signed the leaf and
+    chains to an owners' trust anchor.
+    """
+    if chain is None or not chain.valid or len(chain.chain) < 2:
+        return owner
+    ca = chain.chain[1]
+    try:
+        key = spki_sha256(ca.cert)
+    except (ValueError, UnsupportedAlgorithm):
+        return owner
+    return replace(owner, issuer_key=key, issuer=ca.name)
 
     def matches_iss(self, iss: str) -> bool:
         return iss in {self.name, self.subject} or (bool(self.email) and iss.lower() == self.email.lower())
@@ -630,8 +683,8 @@ class EnvelopeVerifier:
                 reasons.append(_r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
                                   f"ask the owner ({opened.owner.label() if opened.owner else '?'}) "
                                   f"to sign a new {prefix}"))
-        return Verified(opened.digest, opened.typ, payload, opened.owner, tuple(reasons), tuple(warns),
-                        chain)
+        owner = bind_issuer(opened.owner, chain) if opened.owner is not None else None
+        return Verified(opened.digest, opened.typ, payload, owner, tuple(reasons), tuple(warns), chain)
 
 
 def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -659,6 +712,7 @@ __all__ = [
     "Portable",
     "Verified",
     "alg_for_key",
+    "bind_issuer",
     "decode_unverified",
     "fingerprint",
     "open_portable",
@@ -667,5 +721,6 @@ __all__ = [
     "reason",
     "sign",
     "sign_raw",
+    "spki_sha256",
     "token_digest",
 ]

@@ -227,11 +227,15 @@ def check_grant(
         reasons.append(reason("grant.owner_mismatch",
                               "the VM has no valid owner policy, so no grant can be matched to its owner",
                               "attach a valid owner-signed policy to the VM first"))
-    elif result.owner is not None and result.owner.key != policy_owner.key:
+    elif result.owner is None or not policy_owner.same_owner(result.owner):
+        # the same owner = the same owners' CA (by key) *and* the same e-mail/subject:
+        # another owners' CA that also certifies "alice@..." is not Alice's CA
+        signer = result.owner.full_label() if result.owner is not None else "an unknown signer"
         reasons.append(reason("grant.owner_mismatch",
-                              f"the grant is signed by {result.owner.label()}, but the VM belongs to "
-                              f"{policy_owner.label()}",
-                              f"ask {policy_owner.label()} (the VM's owner) for the grant"))
+                              f"the grant is signed by {signer}, but the VM belongs to "
+                              f"{policy_owner.full_label()}",
+                              f"ask {policy_owner.label()} (the VM's owner) for the grant, signed with "
+                              f"a certificate from {policy_owner.issuer or 'their owners CA'}"))
     if grant.emergency_only and not emergency:
         reasons.append(reason("grant.emergency_only",
                               "the grant is for emergencies (evacuations) only",

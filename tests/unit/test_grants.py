@@ -125,3 +125,49 @@ def test_build_refusals() -> None:
         gr.build_grant_payload(admin=ANNE, **base)  # type: ignore[arg-type]
     with pytest.raises(InputError):
         gr.build_grant_payload(admin=gr.AdminRef("x", "SHA256:short"), vms=(VM_X,), **base)  # type: ignore[arg-type]
+
+
+def test_second_owners_ca_minting_the_same_email_cannot_grant(kit: Kit) -> None:
+    """Two owners' CAs, both trusted; the second certifies its own "alice@example.org".
+
+    With the real trust store both certificates verify, and the e-mail is the same,
+    but the owner is the issuing CA plus the e-mail: the impostor's grant is refused.
+    """
+    from console.core import issuance as iss
+    from console.core.pki import TrustStore
+    from tests.unit.trustkit import _owner
+
+    store, problems = TrustStore.build([("owners.pem", iss.cert_pem(kit.owners_ca.cert)),
+                                        ("second.pem", iss.cert_pem(kit.rogue_owners_ca.cert))], [], at=T0)
+    assert problems == []
+    impostor = _owner("Alice", "alice@example.org", "ec", kit.rogue_owners_ca)
+    payload = pol.build_policy_payload(owner=kit.alice.email, vm_uuid=VM_X, vm_name="x",
+                                       trusted_cas=[("EU", fp(kit.eu.cert))], require={},
+                                       not_before=T0 - dt.timedelta(days=1),
+                                       not_after=T0 + dt.timedelta(days=1))
+    policy = pol.PolicyBook(store).verify(pol.sign_policy(payload, kit.alice.key, kit.alice.chain), T0)
+    assert policy.valid and policy.owner is not None and policy.owner.issuer == "Owners CA"
+
+    def grant_by(signer: object) -> gr.GrantResult:
+        p = gr.build_grant_payload(owner="alice@example.org", admin=ANNE, vms=[VM_X],
+                                   not_before=T0 - dt.timedelta(hours=1),
+                                   not_after=T0 + dt.timedelta(hours=8))
+        token = gr.sign_grant(p, signer.key, signer.chain)  # type: ignore[attr-defined]
+        return gr.GrantBook(store).verify(token, T0)
+
+    forged, real = grant_by(impostor), grant_by(kit.alice)
+    assert forged.valid and real.valid  # both chain to a trusted owners' CA
+    assert forged.owner is not None and forged.owner.email == policy.owner.email  # same e-mail
+    why = gr.check_grant(forged, admin=ANNE, vm_uuid=VM_X, policy_owner=policy.owner)
+    assert [r.code for r in why] == ["grant.owner_mismatch"]
+    assert "Rogue Owners CA" in why[0].message and "Owners CA" in why[0].message
+    assert gr.check_grant(real, admin=ANNE, vm_uuid=VM_X, policy_owner=policy.owner) == []
+    # a certificate renewed by the same CA (new key, same e-mail) is still Alice
+    renewed = _owner("Alice", "alice@example.org", "ed25519", kit.owners_ca)
+    assert gr.check_grant(grant_by(renewed), admin=ANNE, vm_uuid=VM_X, policy_owner=policy.owner) == []
+
+
+def test_unverified_signer_is_nobody(kit: Kit) -> None:
+    r = gr.GrantBook(None).verify(grant_token(kit), T0)
+    assert r.owner is not None and r.owner.key == ""
+    assert not r.owner.same_owner(r.owner)

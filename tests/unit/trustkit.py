@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from console.core import issuance as iss
-from console.core.pki import ChainResult
+from console.core.pki import ChainResult, cert_info
 from console.core.reasons import Reason
 
 T0 = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -55,7 +55,10 @@ class FakeOwners:
                 reasons.append(Reason("cert.signature", "bad signature"))
         if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
             reasons.append(Reason("cert.expired", "outside its validity"))
-        return ChainResult(not reasons, tuple(reasons), leaf=None)
+        # the path, leaf first, as the real store reports it: the owner identity binds
+        # to the issuing CA (the entry after the leaf)
+        chain = (cert_info(cert), cert_info(self.ca))
+        return ChainResult(not reasons, tuple(reasons), chain=chain, leaf=chain[0])
 
 
 @dataclass
