@@ -12,6 +12,14 @@ import os
 import pytest
 
 REQUIRE_LAB = os.environ.get("ESCORT_REQUIRE_LAB") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never read or write the user's own escort state (the policies-seen memory):
+    each run gets a fresh XDG state directory, inherited by every process it starts."""
+    import tempfile
+
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="escort-test-state-")
 _lab_skipped: list[str] = []
 
 

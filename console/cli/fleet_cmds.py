@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from console.adapters import files
 from console.cli.pki_cmds import parse_time
@@ -267,19 +268,62 @@ def policy_group() -> None:
                    "policy (all listed policies required). Repeatable.")
 @click.option("--label", "labels", multiple=True, help="Label grants may refer to (repeatable).")
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--seq", type=click.IntRange(0, pol.MAX_SEQ), default=None,
+              help="Sequence number; a VM never accepts a lower one than it has seen "
+                   "(default: the start time in seconds since 1970).")
+@click.option("--handover", "handover_path", default=None, type=click.Path(dir_okay=False),
+              help="The previous owner's hand-over of this VM (`escort policy handover`).")
 def policy_sign_cmd(key_path: str, cert_path: str, chain_paths: tuple[str, ...], start_text: str | None,
                     out: str, force: bool, vm_uuid: str, vm_name: str, trust_cas: tuple[str, ...],
-                    requires: tuple[str, ...], labels: tuple[str, ...], days: int) -> None:
+                    requires: tuple[str, ...], labels: tuple[str, ...], days: int, seq: int | None,
+                    handover_path: str | None) -> None:
     """Sign a placement policy for one VM with the owner's key."""
     key, chain, owner = _load_signer(key_path, cert_path, chain_paths)
     start, end = _window(start_text, dt.timedelta(days=days))
+    handover = _read_token(handover_path) if handover_path else ""
     payload = pol.build_policy_payload(
         owner=owner.email or owner.name, vm_uuid=vm_uuid, vm_name=vm_name,
         trusted_cas=[_trusted_ca(v) for v in trust_cas], require=pol.parse_requirements(requires),
-        not_before=start, not_after=end, labels=labels)
+        not_before=start, not_after=end, labels=labels, seq=seq, handover=handover)
     token = pol.sign_policy(payload, key, chain)
     _write_token(out, token, force)
     click.echo(f"policy for {payload['vm_uuid']} signed by {owner.label()}, valid until "
+               f"{end:%Y-%m-%d %H:%M} UTC: {out}")
+
+
+@policy_group.command("handover")
+@_signer_opts
+@click.option("--vm-uuid", required=True, help="The VM being handed over.")
+@click.option("--to-cert", "to_cert", required=True, type=click.Path(dir_okay=False),
+              help="The new owner's certificate (PEM): its e-mail (else subject) is named.")
+@click.option("--to-ca", "to_ca", required=True, type=click.Path(dir_okay=False),
+              help="The owners' CA certificate that issued --to-cert (its key is named).")
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True)
+def policy_handover_cmd(key_path: str, cert_path: str, chain_paths: tuple[str, ...], start_text: str | None,
+                        out: str, force: bool, vm_uuid: str, to_cert: str, to_ca: str, days: int) -> None:
+    """Hand one VM over to another owner (signed by the current owner).
+
+    The new owner passes the file to `escort policy sign --handover`; escort then
+    accepts the new owner's policy for a VM whose policies the current owner signed.
+    """
+    key, chain, owner = _load_signer(key_path, cert_path, chain_paths)
+    new = load_certificates(files.read_limited(to_cert, what="certificate"), to_cert)[0]
+    ca = load_certificates(files.read_limited(to_ca, what="certificate"), to_ca)[0]
+    if new.issuer != ca.subject:
+        raise InputError(f"{to_ca}: not the CA that issued {to_cert} (its issuer is "
+                         f"{new.issuer.rfc4514_string()})")
+    try:
+        new.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise InputError(f"{to_cert}: not signed by the key of {to_ca}") from exc
+    who = env.owner_identity(new)
+    start, end = _window(start_text, dt.timedelta(days=days))
+    payload = pol.build_handover_payload(owner=owner.email or owner.name, vm_uuid=vm_uuid,
+                                         to=who.email or who.subject, to_ca=env.spki_sha256(ca),
+                                         not_before=start, not_after=end)
+    token = pol.sign_handover(payload, key, chain)
+    _write_token(out, token, force)
+    click.echo(f"hand-over of {payload['vm_uuid']} from {owner.label()} to {who.label()}, valid until "
                f"{end:%Y-%m-%d %H:%M} UTC: {out}")
 
 

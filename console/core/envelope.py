@@ -50,7 +50,8 @@ from .reasons import Reason, Severity
 
 TYP_POLICY = "escort-policy+jwt"
 TYP_GRANT = "escort-grant+jwt"
-PREFIX = {TYP_POLICY: "policy", TYP_GRANT: "grant"}
+TYP_HANDOVER = "escort-handover+jwt"
+PREFIX = {TYP_POLICY: "policy", TYP_GRANT: "grant", TYP_HANDOVER: "handover"}
 VERSION = 1
 #: Claims every document carries; ``iat`` is optional.
 COMMON_CLAIMS = frozenset({"ver", "iss", "jti", "nbf", "exp", "iat"})
@@ -703,6 +704,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 __all__ = [
     "TYP_GRANT",
+    "TYP_HANDOVER",
     "TYP_POLICY",
     "VERSION",
     "EnvelopeVerifier",

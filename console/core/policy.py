@@ -17,10 +17,11 @@ import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .envelope import (
+    TYP_HANDOVER,
     TYP_POLICY,
     VERSION,
     EnvelopeVerifier,
@@ -37,7 +38,11 @@ from .reasons import Reason
 
 POLICY_NS = "https://escort.dev/xmlns/policy/1"
 POLICY_PREFIX = "escort"
-POLICY_FIELDS = frozenset({"vm_uuid", "vm_name", "trusted_cas", "require", "labels"})
+POLICY_FIELDS = frozenset({"vm_uuid", "vm_name", "trusted_cas", "require", "labels", "seq", "handover"})
+#: A hand-over: the VM's previous owner names the next one (see ``PolicyBook.continuity``).
+HANDOVER_FIELDS = frozenset({"vm_uuid", "to", "to_ca"})
+#: Largest sequence number (JSON integers are exact up to 2**53 in every language).
+MAX_SEQ = 2**53
 #: Requirement keys in the payload -> HostAttributes field they constrain.
 REQUIRE_KEYS = {
     "country": "country",
@@ -120,6 +125,8 @@ class PlacementPolicy:
     not_after: dt.datetime
     jti: str
     labels: tuple[str, ...] = ()
+    seq: int = 0  # monotonic per VM: an older one than already seen is a rollback
+    handover: str = ""  # the previous owner's signed hand-over (compact JWS), "" when none
 
     def summary(self) -> str:
         parts = [f"{len(self.trusted_cas)} CA(s)"]
@@ -144,7 +151,21 @@ class PlacementPolicy:
         }
         if self.labels:
             out["labels"] = list(self.labels)
+        if self.seq:
+            out["seq"] = self.seq
+        if self.handover:
+            out["handover"] = self.handover
         return out
+
+
+@dataclass(frozen=True)
+class SeenPolicy:
+    """What escort remembers about a VM's newest policy (the state adapter stores it)."""
+
+    owner: str  # OwnerIdentity.key: issuing owners' CA key + e-mail/subject
+    owner_label: str  # for messages
+    seq: int
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -259,6 +280,14 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, lis
     if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
         bad("the policy's labels are not a list of strings")
         labels = []
+    seq = payload.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        bad(f"the policy's seq is not a whole number between 0 and {MAX_SEQ}")
+        seq = 0
+    handover = payload.get("handover", "")
+    if not isinstance(handover, str) or ("handover" in payload and not _JWS_SHAPE.match(handover)):
+        bad("the policy's handover is not a compact JWS (from `escort policy handover`)")
+        handover = ""
     if reasons or vm_uuid is None or requirements is None:
         return None, reasons
     policy = PlacementPolicy(
@@ -271,8 +300,13 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, lis
         not_after=dt.datetime.fromtimestamp(payload["exp"], dt.UTC),
         jti=str(payload["jti"]),
         labels=tuple(labels),
+        seq=seq,
+        handover=handover,
     )
     return policy, reasons
+
+
+_JWS_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 
 
 @dataclass
@@ -285,6 +319,9 @@ class PolicyBook:
     """
 
     owners: OwnerVerifier | None
+    #: VM UUID -> the newest policy escort has accepted for it before (from the state
+    #: adapter; empty = nothing remembered). The core never reads or writes state itself.
+    seen: dict[str, SeenPolicy] = field(default_factory=dict)
     envelopes: EnvelopeVerifier = field(init=False)
     _bodies: dict[str, tuple[PlacementPolicy | None, tuple[Reason, ...]]] = field(default_factory=dict)
     #: (token digest, VM UUID) -> the last result and the time it was computed for
@@ -294,15 +331,98 @@ class PolicyBook:
         self.envelopes = EnvelopeVerifier(self.owners)
 
     def verify(self, token: str, at: dt.datetime, *, vm_uuid: str | None = None) -> PolicyResult:
-        """Verify ``token`` at ``at``; ``vm_uuid`` is the VM it is attached to (if known)."""
+        """Verify ``token`` at ``at``; ``vm_uuid`` is the VM it is attached to (if known).
+
+        With a ``vm_uuid`` the policy is also checked against what was seen before for
+        that VM (``seen``): no rollback, no change of owner without a hand-over.
+        """
         opened = self.envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
         key = (opened.digest, vm_uuid)
         hit = self._results.get(key)
         if hit is not None and hit[0] == at:
-            return hit[1]
-        result = self._verify(opened, at, vm_uuid)
-        self._results[key] = (at, result)
+            result = hit[1]
+        else:
+            result = self._verify(opened, at, vm_uuid)
+            self._results[key] = (at, result)
+        if vm_uuid is not None and self.seen:
+            seen = self.seen.get(vm_uuid) or self.seen.get(vm_uuid.lower())
+            if seen is not None:
+                more = self.continuity(result, seen, at, vm_uuid)
+                if more:
+                    result = replace(result, reasons=result.reasons + tuple(more))
         return result
+
+    def continuity(self, result: PolicyResult, seen: SeenPolicy, at: dt.datetime,
+                   vm_uuid: str) -> list[Reason]:
+        """Why ``result`` may not replace the policy already seen for the VM ([] = it may).
+
+        * same owner: its ``seq`` must not be lower than the one seen
+          (``policy.rollback``), and an equal ``seq`` must be the same policy;
+        * another owner: refused (``policy.owner_changed``) unless the policy carries a
+          hand-over signed by the owner seen before, for this VM, naming the new owner
+          (its owners' CA key and e-mail/subject), valid now (``policy.handover_invalid``
+          says what is wrong with it) — and its ``seq`` is higher than the one seen.
+        """
+        pol, owner = result.policy, result.owner
+        if pol is None or owner is None or not owner.key:
+            return []  # unusable anyway; its own reasons say why
+        if result.digest == seen.digest:
+            return []
+        who = owner.full_label()
+        if owner.key == seen.owner:
+            if pol.seq < seen.seq:
+                return [reason("policy.rollback",
+                               f"the policy has sequence number {pol.seq}, but escort has already seen "
+                               f"sequence {seen.seq} for this VM: it is an older policy replayed",
+                               f"attach the newest policy {who} signed for this VM")]
+            if pol.seq == seen.seq:
+                return [reason("policy.rollback",
+                               f"the policy reuses sequence number {pol.seq} of a different policy "
+                               "escort has already seen for this VM",
+                               f"ask {owner.label()} to sign the policy again with a higher --seq")]
+            return []
+        if not pol.handover:
+            return [reason("policy.owner_changed",
+                           f"the policy is signed by {who}, but this VM's policies so far were signed by "
+                           f"{seen.owner_label}",
+                           f"ask {seen.owner_label} to hand the VM over (`escort policy handover`), "
+                           "then sign the new policy with --handover")]
+        problems = self._handover_problems(pol, owner, seen, at, vm_uuid)
+        if problems:
+            return [reason("policy.handover_invalid",
+                           f"the policy from {who} carries a hand-over that does not count: {problems}",
+                           f"ask {seen.owner_label} for a new hand-over to this owner for this VM")]
+        if pol.seq <= seen.seq:
+            return [reason("policy.rollback",
+                           f"the handed-over policy has sequence number {pol.seq}, not above the "
+                           f"{seen.seq} already seen for this VM",
+                           "sign the new policy with a higher --seq")]
+        return []
+
+    def _handover_problems(self, pol: PlacementPolicy, owner: OwnerIdentity, seen: SeenPolicy,
+                           at: dt.datetime, vm_uuid: str) -> str:
+        checked = self.envelopes.verify(pol.handover, TYP_HANDOVER, HANDOVER_FIELDS, at)
+        if not checked.valid or checked.payload is None:
+            return "; ".join(r.message.rstrip(".") for r in checked.reasons) or "it is unusable"
+        out: list[str] = []
+        signer = checked.owner
+        if signer is None or signer.key != seen.owner:
+            out.append(f"it is signed by {signer.full_label() if signer else 'nobody'}, "
+                       f"not by {seen.owner_label}")
+        hv = checked.payload.get("vm_uuid")
+        try:
+            hv_uuid = normalize_uuid(hv) if isinstance(hv, str) else ""
+        except InputError:
+            hv_uuid = ""
+        if hv_uuid != normalize_uuid(vm_uuid):
+            out.append(f"it is for VM {hv!r}, not this one")
+        to, to_ca = checked.payload.get("to"), checked.payload.get("to_ca")
+        names = {owner.email.lower(), owner.subject} - {""}
+        if not isinstance(to, str) or to.lower() not in {n.lower() for n in names}:
+            out.append(f"it names {to!r} as the new owner, not {owner.label()}")
+        if not isinstance(to_ca, str) or to_ca.lower() != owner.issuer_key:
+            out.append(f"it names another owners' CA than {owner.issuer or 'the signer'}'s")
+        return "; ".join(out)
 
     def _verify(self, opened: Opened, at: dt.datetime, vm_uuid: str | None) -> PolicyResult:
         checked: Verified = self.envelopes.check(opened, at)
@@ -374,8 +494,14 @@ def build_policy_payload(
     not_after: dt.datetime,
     jti: str | None = None,
     labels: Sequence[str] = (),
+    seq: int | None = None,
+    handover: str = "",
 ) -> dict[str, Any]:
-    """A policy payload, validated the way the verifier will see it."""
+    """A policy payload, validated the way the verifier will see it.
+
+    ``seq`` defaults to ``not_before`` in seconds since 1970, so a policy signed later
+    outranks an earlier one without the owner having to count.
+    """
     if not trusted_cas:
         raise InputError("a policy must trust at least one CA (--trust-ca NAME=SHA256)")
     if not_after <= not_before:
@@ -400,11 +526,52 @@ def build_policy_payload(
     }
     if labels:
         payload["labels"] = sorted(set(labels))
+    payload["seq"] = int(not_before.timestamp()) if seq is None else seq
+    if not isinstance(payload["seq"], int) or not 0 <= payload["seq"] <= MAX_SEQ:
+        raise InputError(f"--seq must be a whole number between 0 and {MAX_SEQ}")
+    if handover:
+        payload["handover"] = handover.strip()
     return payload
 
 
 def _body_reasons(payload: Mapping[str, Any]) -> list[Reason]:
     return _parse_body(payload)[1]
+
+
+def build_handover_payload(*, owner: str, vm_uuid: str, to: str, to_ca: str, not_before: dt.datetime,
+                           not_after: dt.datetime, jti: str | None = None) -> dict[str, Any]:
+    """A hand-over of one VM from ``owner`` (the signer) to the owner ``to`` (e-mail, else
+    subject) certified by the owners' CA whose key has SHA-256 ``to_ca``."""
+    if not to.strip():
+        raise InputError("a hand-over must name the new owner (their certificate's e-mail or subject)")
+    if not re.fullmatch(r"[0-9a-f]{64}", to_ca):
+        raise InputError("a hand-over must name the new owner's CA by the SHA-256 of its key")
+    if not_after <= not_before:
+        raise InputError("the hand-over's validity window is empty")
+    return {"ver": VERSION, "iss": owner, "jti": jti or str(uuidlib.uuid4()),
+            "iat": int(not_before.timestamp()), "nbf": int(not_before.timestamp()),
+            "exp": int(not_after.timestamp()), "vm_uuid": normalize_uuid(vm_uuid), "to": to, "to_ca": to_ca}
+
+
+def _handover_body(payload: Mapping[str, Any]) -> list[Reason]:
+    out: list[Reason] = []
+    vm = payload.get("vm_uuid")
+    try:
+        ok = isinstance(vm, str) and bool(normalize_uuid(vm))
+    except InputError:
+        ok = False
+    if not ok:
+        out.append(reason("handover.malformed", "the hand-over's vm_uuid is not a UUID"))
+    if not isinstance(payload.get("to"), str) or not payload.get("to"):
+        out.append(reason("handover.malformed", "the hand-over names no new owner (to)"))
+    to_ca = payload.get("to_ca")
+    if not isinstance(to_ca, str) or not re.fullmatch(r"[0-9a-f]{64}", to_ca):
+        out.append(reason("handover.malformed", "the hand-over's to_ca is not a SHA-256 (64 hex digits)"))
+    return out
+
+
+def sign_handover(payload: Mapping[str, Any], key: Any, chain: Sequence[Any]) -> str:
+    return sign_envelope(payload, TYP_HANDOVER, key, chain, fields=HANDOVER_FIELDS, body=_handover_body)
 
 
 def sign_policy(payload: Mapping[str, Any], key: Any, chain: Sequence[Any]) -> str:
@@ -474,6 +641,7 @@ def token_from_metadata_xml(xml: str) -> str:
 
 
 __all__ = [
+    "HANDOVER_FIELDS",
     "POLICY_FIELDS",
     "POLICY_NS",
     "REQUIRE_KEYS",
@@ -481,13 +649,16 @@ __all__ = [
     "PolicyBook",
     "PolicyResult",
     "Requirements",
+    "SeenPolicy",
     "TrustedCA",
+    "build_handover_payload",
     "build_policy_payload",
     "normalize_fingerprint",
     "normalize_uuid",
     "parse_requirements",
     "policy_metadata_xml",
     "resolve_policy_names",
+    "sign_handover",
     "sign_policy",
     "token_from_metadata_xml",
     "verify_policy",

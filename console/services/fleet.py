@@ -28,9 +28,10 @@ from cryptography import x509
 
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
+from console.adapters.state import PolicyMemory, state_path
 from console.core import pki
 from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
-from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
+from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason, token_digest
 from console.core.errors import EscortError, InputError, ReadOnlyError
 from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
@@ -43,7 +44,13 @@ from console.core.inventory import (
     VMView,
 )
 from console.core.pki import Problem, TrustStore
-from console.core.policy import POLICY_FIELDS, PolicyBook, PolicyResult, token_from_metadata_xml
+from console.core.policy import (
+    POLICY_FIELDS,
+    PolicyBook,
+    PolicyResult,
+    SeenPolicy,
+    token_from_metadata_xml,
+)
 from console.core.reasons import Reason
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
@@ -115,6 +122,8 @@ class _VMRecord:
     host: str
     token: str = ""
     token_problem: Reason | None = None  # the policy file or metadata could not be read
+    file_token: str = ""  # the policy the fleet file names (policy_file), "" when none
+    conflict: Reason | None = None  # the fleet file and the domain's <metadata> disagree
     state: str = "unknown"
     memory_mib: int = 0
     vcpus: int = 0
@@ -150,6 +159,8 @@ class FleetService:
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
+        self._memory: PolicyMemory | None = None
+        self._pending: dict[str, SeenPolicy] = {}
         if spec is not None:
             self._load(spec)
 
@@ -197,6 +208,7 @@ class FleetService:
         self.owners = self._store(spec.owners_trust_dir, "owners' CA", at)
         self._policies = PolicyBook(self.owners)
         self._grants = GrantBook(self.owners)
+        self._open_memory()
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
         for v in spec.vms:
@@ -204,6 +216,7 @@ class FleetService:
             if v.policy_file:
                 try:
                     rec.token = read_limited(v.policy_file, what="policy").decode("ascii").strip()
+                    rec.file_token = rec.token
                 except (InputError, UnicodeDecodeError) as exc:
                     msg = str(exc) if isinstance(exc, InputError) else f"{v.policy_file}: not a policy token"
                     rec.token_problem = self._problem(v.policy_file, "policy.unreadable", msg,
@@ -356,10 +369,46 @@ class FleetService:
         """The VM's policy token as known (fleet file or domain metadata), "" when none."""
         return self._find_vm(vm).token
 
+    def _open_memory(self) -> None:
+        """The remembered newest policy per VM (state adapter), handed to the PolicyBook."""
+        if not self.path or self.owners is None:
+            return
+        anchors = [n.info.fingerprint for n in self.owners.nodes() if n.anchor]
+        memory = PolicyMemory(state_path(self.path, anchors))
+        if memory.problem:
+            self._problem(str(memory.path), "state.unreadable",
+                          f"escort's memory of policies seen cannot be read: {memory.problem}; "
+                          "rollbacks and owner changes are not detected until it is fixed",
+                          f"move {memory.path} aside (escort then starts a new memory)")
+        self._memory = memory
+        self._policies.seen = memory.seen
+
     def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
-        return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        result = self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        if rec.conflict is not None:
+            return replace(result, reasons=(rec.conflict, *result.reasons))
+        if self._memory is not None and result.valid and result.owner is not None and result.policy:
+            seen = self._policies.seen.get(rec.uuid)
+            if seen is None or seen.digest != result.digest:
+                self._pending[rec.uuid] = SeenPolicy(result.owner.key, result.owner.full_label(),
+                                                     result.policy.seq, result.digest)
+        return result
+
+    def _remember(self) -> None:
+        """Write the policies accepted since the last call to the memory (one atomic write)."""
+        if self._memory is None or not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        try:
+            self._memory.record(pending)
+        except OSError as exc:  # a full or read-only disk must not stop decisions
+            self._problem(str(self._memory.path), "state.unwritable",
+                          f"escort cannot record the policies it has seen ({exc.strerror or exc})",
+                          "free space or fix permissions in the state directory", severity="warning")
+            return
+        self._policies.seen = self._memory.seen
 
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
         return VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
@@ -387,6 +436,7 @@ class FleetService:
             hosts = [self._host_check(n, at) for n in self._hosts]
             self._matrix = allowed_matrix(vms, hosts)
             self._matrix_at = at
+            self._remember()
         return self._matrix
 
     def _find_vm(self, key: str) -> _VMRecord:
@@ -443,6 +493,7 @@ class FleetService:
             unknown = reason("grant.unknown_admin", f"admin {admin!r} is not in the fleet file's [[admins]]",
                              "add the admin (id and SSH key fingerprint) to the fleet file")
             d = replace(d, allowed=False, reasons=(unknown, *d.reasons))
+        self._remember()
         return d
 
     def _known_cas(self) -> dict[str, str] | None:
@@ -516,6 +567,7 @@ class FleetService:
                                                "re-attach the owner's policy to the domain")
             if token:
                 rec.token, rec.token_problem = token, None
+            self._check_conflict(rec, dom.name)
             self._vms[uuid] = rec
         for uuid, rec in list(self._vms.items()):
             if rec.host == host_name and uuid not in seen:
@@ -523,6 +575,25 @@ class FleetService:
                     del self._vms[uuid]
                 else:
                     rec.state = "unknown"
+
+    def _check_conflict(self, rec: _VMRecord, domain: str) -> None:
+        """The fleet file's policy and the domain's <metadata> must agree; a conflict is shown
+        (a problem, and a reason on every decision about the VM), never silently resolved."""
+        source = f"{self.path}: vms {rec.name}"
+        self.problems = [p for p in self.problems
+                         if not (p.source == source and p.reason.code == "policy.conflict")]
+        rec.conflict = None
+        if not rec.file_token or rec.token == rec.file_token:
+            return
+        spec_file = next((v.policy_file for v in (self.spec.vms if self.spec else ()) if v.uuid == rec.uuid),
+                         "the fleet file")
+        rec.conflict = self._problem(
+            source, "policy.conflict",
+            f"VM {rec.name}: the policy in domain {domain}'s <metadata> differs from {spec_file} "
+            f"named in the fleet file (sha256 {token_digest(rec.token)[:12]}… vs "
+            f"{token_digest(rec.file_token)[:12]}…); escort uses neither until they agree",
+            f"attach the owner's current policy to the domain (`escort policy xml`) and put the same "
+            f"token in {spec_file}, or remove policy_file from the fleet file")
 
 
 __all__ = ["FleetService"]

@@ -160,6 +160,8 @@ _policy_payloads = st.fixed_dictionaries(
         "iat": st.one_of(st.integers(0, 2**34), _junk),
         "vm_name": st.one_of(st.text(max_size=6), _junk),
         "labels": st.one_of(st.lists(st.text(max_size=4), max_size=2), _junk),
+        "seq": st.one_of(st.integers(-1, 2**54), _junk),
+        "handover": st.one_of(st.sampled_from(["a.b.c", "a.b", "", "x.y.z!"]), _junk),
         "colour": _junk,
     },
 )

@@ -1,0 +1,126 @@
+"""What escort remembers between runs: the newest policy seen per VM.
+
+A policy carries a monotonic ``seq``; escort remembers, per VM, the owner and the
+highest ``seq`` it has accepted, so an older policy replayed later, or a policy from
+another owner without a hand-over, is refused (``core.policy.PolicyBook.continuity``;
+the core gets this memory as input and never touches the file).
+
+The file lives under the user's XDG state directory
+(``$XDG_STATE_HOME/escort/policies/``, by default ``~/.local/state/escort/policies/``),
+one JSON file per fleet *and* owners' trust anchors: the name is a hash of the
+fleet file's absolute path and the fingerprints of the owners' root CAs, so a lab
+or demo whose CAs are made anew starts with a clean memory instead of refusing its
+own new owners. Writes are atomic (temporary file + rename) and serialised between
+consoles with ``flock`` on a lock file next to it; each write merges with what is
+on disk, keeping the higher ``seq`` per VM, so two consoles never lose each other's
+memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import platformdirs
+
+from console.adapters.files import atomic_write, read_limited
+from console.core import strictjson
+from console.core.errors import InputError
+from console.core.policy import SeenPolicy
+
+STATE_VERSION = 1
+#: 200,000 VMs x ~250 bytes; far above any fleet, far below memory trouble.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+def state_dir() -> Path:
+    return Path(platformdirs.user_state_dir("escort", appauthor=False)) / "policies"
+
+
+def state_path(fleet_path: str | os.PathLike[str], owner_anchors: Iterable[str]) -> Path:
+    """The memory file for one fleet file and one set of owners' trust anchors."""
+    scope = "\n".join([str(Path(fleet_path).resolve()), *sorted(owner_anchors)])
+    return state_dir() / f"{hashlib.sha256(scope.encode()).hexdigest()[:32]}.json"
+
+
+class PolicyMemory:
+    """The remembered newest policy per VM UUID, read once and merged on every write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problem = ""  # why the file could not be read ("" = fine); then nothing is written
+        self.seen: dict[str, SeenPolicy] = {}
+        try:
+            self.seen = _read(path)
+        except InputError as exc:
+            self.problem = str(exc)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def record(self, updates: Mapping[str, SeenPolicy]) -> None:
+        """Remember ``updates`` (already accepted by the core), merged with the file's content.
+
+        Per VM the entry with the higher ``seq`` wins (an equal one: what is on disk),
+        so a console that saw an older policy never overwrites a newer one another
+        console recorded meanwhile.
+        """
+        if not updates or self.problem:
+            return
+        with self._locked():
+            try:
+                merged = _read(self.path)
+            except InputError as exc:
+                self.problem = str(exc)
+                return
+            changed = False
+            for uuid, new in updates.items():
+                old = merged.get(uuid)
+                if old is None or new.seq > old.seq:
+                    merged[uuid] = new
+                    changed = True
+            if changed:
+                body = {"version": STATE_VERSION, "vms": {u: _entry(p) for u, p in sorted(merged.items())}}
+                atomic_write(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode(),
+                             mode=0o600)
+            self.seen = merged
+
+
+def _entry(p: SeenPolicy) -> dict[str, object]:
+    return {"owner": p.owner, "owner_label": p.owner_label, "seq": p.seq, "digest": p.digest}
+
+
+def _read(path: Path) -> dict[str, SeenPolicy]:
+    if not path.exists():
+        return {}
+    data = read_limited(path, limit=MAX_STATE_BYTES, what="escort state file")
+    try:
+        body = strictjson.loads(data)
+    except strictjson.StrictJSONError as exc:
+        raise InputError(f"{path}: damaged state file ({exc})") from exc
+    if (not isinstance(body, dict) or body.get("version") != STATE_VERSION
+            or not isinstance(body.get("vms"), dict)):
+        raise InputError(f"{path}: not an escort state file (version {STATE_VERSION})")
+    out: dict[str, SeenPolicy] = {}
+    for uuid, e in body["vms"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("owner"), str)
+                and isinstance(e.get("owner_label"), str) and isinstance(e.get("digest"), str)
+                and isinstance(e.get("seq"), int) and not isinstance(e.get("seq"), bool)):
+            raise InputError(f"{path}: damaged entry for VM {uuid}")
+        out[uuid] = SeenPolicy(e["owner"], e["owner_label"], e["seq"], e["digest"])
+    return out
+
+
+__all__ = ["PolicyMemory", "state_dir", "state_path"]
