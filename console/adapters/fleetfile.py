@@ -219,29 +219,61 @@ def _nul_in(value: Any) -> str | None:
 MAX_TOML_DEPTH = 16
 MAX_KEY_PARTS = 16
 MAX_DIGITS = 40
-#: Strings and comments (blanked before the bounds are measured), or one bracket.
+#: Strings and comments, blanked (on the few suspicious lines only) before a bound is measured.
 _TOML_SKIP = re.compile(
     r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"|\'[^\'\n]*\'|#[^\n]*')
 _KEY_PART = r'(?:[\w-]+|"")'
-_TOML_DOTTED = re.compile(rf'(?<![\w"-]){_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART}){{{MAX_KEY_PARTS},}}')
-_TOML_DIGITS = re.compile(r"[0-9](?:_?[0-9]){" + str(MAX_DIGITS) + ",}")
+_TOML_DOTTED = re.compile(rf'(?<![\w"-]){_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART}){{{MAX_KEY_PARTS}}}')
+#: MAX_KEY_PARTS dots on one line: the only place a too-long dotted key can be.
+_MANY_DOTS = re.compile(rb"^(?:[^.\n]*+\.){" + str(MAX_KEY_PARTS).encode() + rb"}", re.M)
+_TOML_DIGITS = re.compile(rb"[0-9](?:_?[0-9]){" + str(MAX_DIGITS).encode() + rb"}")
+#: ``bytes.translate`` tables: brackets become parentheses, everything else goes;
+#: digits become "1", everything else "0" (underscores, TOML's digit separator, go).
+_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_DIGITS_TO_1 = bytes(0x31 if chr(c).isdigit() and c < 128 else 0x30 for c in range(256))
+_LONG_RUN = b"1" * (MAX_DIGITS + 1)
+
+
+def _nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether brackets nest deeper than ``limit``: each pass removes the innermost pairs
+    (``bytes.replace``, C speed), so ``limit`` passes clear every shallower nesting."""
+    b = raw.translate(_TO_PARENS, _NOT_BRACKETS)
+    if b"(" * (limit + 1) in b:  # the common attack, found by one fast search
+        return True
+    for _ in range(limit):
+        shorter = b.replace(b"()", b"")
+        if len(shorter) == len(b):
+            return False  # nothing left that nests (unbalanced leftovers are the parser's to report)
+        b = shorter
+    return b"()" in b
+
+
+def _line_at(raw: bytes, pos: int) -> str:
+    start = raw.rfind(b"\n", 0, pos) + 1
+    end = raw.find(b"\n", pos)
+    return raw[start:end if end >= 0 else len(raw)].decode("utf-8", "replace")
 
 
 def _precheck(text: str, source: str) -> None:
-    """Refuse, in linear time, TOML that would make the parser slow or crash."""
-    bare = _TOML_SKIP.sub('""', text)
-    depth = 0
-    for ch in re.findall(r"[\[\]{}]", bare):
-        if ch in "[{":
-            depth += 1
-            if depth > MAX_TOML_DEPTH:
-                raise InputError(f"{source}: arrays or tables nested deeper than {MAX_TOML_DEPTH} levels")
-        else:
-            depth -= 1
-    if _TOML_DOTTED.search(bare):
-        raise InputError(f"{source}: a dotted key has more than {MAX_KEY_PARTS} parts")
-    if _TOML_DIGITS.search(bare):
-        raise InputError(f"{source}: a number has more than {MAX_DIGITS} digits")
+    """Refuse, in linear time, TOML that would make the parser slow or crash.
+
+    Measured on the raw bytes with C-speed operations; only lines that could break a
+    bound are looked at again with their strings and comments blanked (a dot or a
+    digit inside a string is not part of a key or a number). Brackets are counted
+    everywhere: 16 unbalanced brackets inside one string is not a fleet file.
+    """
+    raw = text.encode("utf-8", "surrogatepass")
+    if _nesting_exceeds(raw, MAX_TOML_DEPTH):
+        raise InputError(f"{source}: arrays or tables nested deeper than {MAX_TOML_DEPTH} levels")
+    if raw.count(b".") >= MAX_KEY_PARTS:
+        for m in _MANY_DOTS.finditer(raw):
+            if _TOML_DOTTED.search(_TOML_SKIP.sub('""', _line_at(raw, m.start()))):
+                raise InputError(f"{source}: a dotted key has more than {MAX_KEY_PARTS} parts")
+    if _LONG_RUN in raw.translate(_DIGITS_TO_1, b"_"):
+        for m in _TOML_DIGITS.finditer(raw):
+            if _TOML_DIGITS.search(_TOML_SKIP.sub('""', _line_at(raw, m.start())).encode()):
+                raise InputError(f"{source}: a number has more than {MAX_DIGITS} digits")
 
 
 def _toml(text: str, source: str) -> dict[str, Any]:
