@@ -619,3 +619,24 @@ def test_a_jump_hosts_key_is_trusted_with_hosts_trust(lab: Lab, tmp_path: Path, 
     assert control.returncode == 0 and control.stdout.strip() == "fra-1", control.stderr
     unknown = _escort_cli("hosts", "trust", "--fleet", str(fleet), "nowhere", fp, env=env)
     assert unknown.returncode == 2 and "no such host" in unknown.stderr
+
+
+# -- 4. a question about VMs when hosts cannot be reached: exit 4, naming them ---------------
+def test_targets_with_unreachable_hosts_is_a_connection_problem(lab: Lab, tmp_path: Path, home: Path):
+    dead_jump = f"root@{jump_ip(lab)}:2999"  # nothing listens there
+    fleet = _fleet(lab, tmp_path, "deadjump", hosts={n: {"jump": dead_jump} for n in lab.hypervisors})
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(common_block(lab.known_hosts, lab.identity))
+    control = openssh(cfg, "-J", dead_jump, f"root@{ip(lab, 'par-1')}", "true", home=home)
+    assert control.returncode == 255 and "Connection refused" in control.stderr
+    env = {**os.environ, "HOME": str(home)}
+    for cmd in (("targets", "app-1"), ("explain", "app-1", "fra-1")):
+        out = _escort_cli(cmd[0], "--fleet", str(fleet), *cmd[1:], env=env)
+        assert out.returncode == 4, out.stderr
+        line = out.stderr.strip()
+        assert "\n" not in line and "could not be reached" in line and "no VM 'app-1' in fleet" not in line
+        for host in lab.hypervisors:
+            assert host in line
+    # the VM really missing while every host answers is still unusable input (exit 2)
+    out = _escort_cli("targets", "--fleet", str(lab.fleet_file), "no-such-vm", env=env)
+    assert out.returncode == 2 and "no VM 'no-such-vm'" in out.stderr
