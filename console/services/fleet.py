@@ -119,6 +119,7 @@ class _VMRecord:
     memory_mib: int = 0
     vcpus: int = 0
     from_facts: bool = False
+    policy_file: str = ""  # read on first use when the service is lazy ("" = read already / none)
 
 
 class FleetService:
@@ -150,6 +151,10 @@ class FleetService:
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
+        #: lazy services read host certificates, policy files and grants on first use;
+        #: a file that cannot be read then is an InputError (the CLI's exit 2)
+        self._cert_pending: set[str] = set()
+        self._grants_pending: tuple[str, ...] | None = None
         if spec is not None:
             self._load(spec)
 
@@ -200,14 +205,10 @@ class FleetService:
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
         for v in spec.vms:
-            rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus)
-            if v.policy_file:
-                try:
-                    rec.token = read_limited(v.policy_file, what="policy").decode("ascii").strip()
-                except (InputError, UnicodeDecodeError) as exc:
-                    msg = str(exc) if isinstance(exc, InputError) else f"{v.policy_file}: not a policy token"
-                    rec.token_problem = self._problem(v.policy_file, "policy.unreadable", msg,
-                                                      "fix policy_file for this VM", fatal=True)
+            rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus,
+                            policy_file=v.policy_file)
+            if self.eager:
+                self._read_token(rec)
             self._vms[v.uuid] = rec
         # host chains are checked here while worker processes check policy signatures
         if self.eager:
@@ -215,10 +216,45 @@ class FleetService:
                                  TYP_POLICY, POLICY_FIELDS,
                                  meanwhile=lambda: self._load_host_certs(spec.hosts),
                                  meanwhile_weight=HOST_CHECK_WEIGHT * len(spec.hosts))
+            self._load_grants(spec.grant_files, at)
         else:
-            self._load_host_certs(spec.hosts)
+            self._cert_pending = {h.name for h in spec.hosts if h.cert_file}
+            self._grants_pending = tuple(spec.grant_files)
         self._views_at = at if self.eager else None
-        for source in self._grant_files(spec.grant_files):
+
+    def _read_token(self, rec: _VMRecord) -> None:
+        """Read the VM's policy file (once); lazily, an unreadable one is an InputError."""
+        path, rec.policy_file = rec.policy_file, ""
+        if not path:
+            return
+        try:
+            rec.token = read_limited(path, what="policy").decode("ascii").strip()
+        except (InputError, UnicodeDecodeError) as exc:
+            msg = str(exc) if isinstance(exc, InputError) else f"{path}: not a policy token"
+            rec.token_problem = self._problem(path, "policy.unreadable", msg,
+                                              "fix policy_file for this VM", fatal=True)
+            if not self.eager:
+                raise InputError(msg) from exc
+
+    def _ensure_cert(self, name: str) -> None:
+        if name in self._cert_pending:
+            self._cert_pending.discard(name)
+            self._load_host_cert(self._hosts[name].spec)
+            view = self._hosts[name]
+            if view.cert_problem is not None and view.cert_problem.code == "cert.unreadable" \
+                    and name not in self._host_certs:
+                raise InputError(view.cert_problem.message)
+
+    def _ensure_grants(self) -> None:
+        if self._grants_pending is not None:
+            pending, self._grants_pending = self._grants_pending, None
+            before = len(self._fatal)
+            self._load_grants(pending, self.at)
+            if len(self._fatal) > before:
+                raise InputError(self._fatal[before].reason.message)
+
+    def _load_grants(self, entries: Iterable[str], at: dt.datetime) -> None:
+        for source in self._grant_files(entries):
             try:
                 token = read_limited(source, what="grant").decode("ascii").strip()
             except (InputError, UnicodeDecodeError) as exc:
@@ -270,6 +306,7 @@ class FleetService:
 
     def _set_cert(self, name: str, leaf: x509.Certificate, rest: list[x509.Certificate]) -> None:
         view = self._hosts[name]
+        self._cert_pending.discard(name)  # what a refresh read replaces the local copy
         self._host_certs[name] = (leaf, rest)
         self._chains.pop(name, None)
         view.cert_problem = None
@@ -284,6 +321,7 @@ class FleetService:
             self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
+        self._ensure_cert(name)
         cached = self._chains.get(name)
         if cached is not None and cached[0] == at:
             return cached[1]
@@ -327,6 +365,8 @@ class FleetService:
         at = self.at
         if self._views_at != at:
             # certificates expire while the console stays open: re-check at the new minute
+            for name in list(self._cert_pending):
+                self._ensure_cert(name)
             for name, view in self._hosts.items():
                 if name in self._host_certs:
                     view.chain = self._verify_host(name, at)
@@ -357,6 +397,8 @@ class FleetService:
         return self._find_vm(vm).token
 
     def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
+        if rec.policy_file:
+            self._read_token(rec)
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
         return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
@@ -368,6 +410,7 @@ class FleetService:
         key = (name, at)
         hit = self._checks.get(key)
         if hit is None:
+            self._ensure_cert(name)
             view = self._hosts[name]
             chain = self._verify_host(name, at)
             problem = view.problem
@@ -409,6 +452,7 @@ class FleetService:
     def grant_results(self, at: dt.datetime | None = None) -> list[GrantResult]:
         """Every grant of the fleet verified as of ``at`` (cached per token and time)."""
         when = at or self.at
+        self._ensure_grants()
         return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
 
 
