@@ -14,9 +14,10 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
   start-up and first paint. One unmeasured launch first warms the page cache.
 * **verdicts complete**: until no row says "checking" (equal to first rows when rows
   come with their verdicts).
-* **Down -> full target list**: Down arrow until the targets pane's title names the
-  next VM with its "N of M hosts allowed" (the list is complete when the title says
-  so); the same row's ``N/M`` must agree with the title (checked, reported).
+* **Down -> target list**: Down arrow until the targets pane's title names the next
+  VM with its "N of M hosts allowed" (every host is listed with its verdict then), and
+  until the title ends in "Enter: walkthrough" (every refused host's reasons and fixes
+  listed too); the same row's ``N/M`` must agree with the title (checked, reported).
 * **filter keystroke**: with ``/`` and all but the last character of a VM name typed,
   the last key until the table shows exactly that VM.
 * ``escort explain --offline`` for one pair and ``escort targets --offline`` for one VM:
@@ -56,6 +57,7 @@ class SizeResult:
     first_rows: list[float] = field(default_factory=list)
     verdicts: list[float] = field(default_factory=list)
     down: list[float] = field(default_factory=list)
+    down_full: list[float] = field(default_factory=list)
     filter_key: list[float] = field(default_factory=list)
     explain: list[float] = field(default_factory=list)
     targets: list[float] = field(default_factory=list)
@@ -66,8 +68,11 @@ class SizeResult:
 class Term:
     """One tmux server of our own (``-L``), one 80x24 session."""
 
+    count = 0
+
     def __init__(self, name: str) -> None:
-        self.sock = f"escort-bench-{os.getpid()}-{name}"
+        Term.count += 1
+        self.sock = f"escort-bench-{os.getpid()}-{name}-{Term.count}"
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.sock, *args], check=False, capture_output=True,
@@ -154,6 +159,9 @@ def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = 
             t_key = term.keys("Down")
             t_done, lines = term.wait(lambda ls, f=following: (title(ls) or ("",))[0] == f)
             res.down.append(t_done - t_key)
+            t_full, lines = term.wait(lambda ls, f=following: (title(ls) or ("",))[0] == f and any(
+                "Enter: walkthrough" in ln for ln in ls))
+            res.down_full.append(t_full - t_key)
             shown = title(lines)
             row = vm_rows(lines).get(following, "")
             if shown is not None and row and row != f"{shown[1]}/{shown[2]}":
@@ -208,6 +216,7 @@ GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
     "first_rows": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
     "verdicts": (None, "—"),
     "down": (0.1, "≤ 100 ms"),
+    "down_full": (None, "—"),
     "filter_key": (0.1, "≤ 100 ms"),
     "explain": (0.5, "≤ 0.5 s"),
     "targets": (None, "lean (no number in the issue)"),
@@ -215,7 +224,8 @@ GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
 LABELS = {
     "first_rows": "launch -> first VM rows painted",
     "verdicts": "launch -> every row's verdict shown",
-    "down": "Down -> next VM's full target list",
+    "down": "Down -> next VM: every host's verdict listed",
+    "down_full": "Down -> next VM: every refusal's reasons listed",
     "filter_key": "filter keystroke -> table narrowed",
     "explain": "`escort explain --offline` one pair (process)",
     "targets": "`escort targets --offline` one VM (process)",

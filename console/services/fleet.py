@@ -154,6 +154,9 @@ class FleetService:
         #: lazy services read host certificates, policy files and grants on first use;
         #: a file that cannot be read then is an InputError (the CLI's exit 2)
         self._cert_pending: set[str] = set()
+        self._vm_checks: dict[tuple[object, ...], VMCheck] = {}
+        self._known: tuple[TrustStore, dict[str, str]] | None = None
+        self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
         self._grants_pending: tuple[str, ...] | None = None
         if spec is not None:
             self._load(spec)
@@ -404,7 +407,16 @@ class FleetService:
         return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
 
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
-        return VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+        # one VM against 1,000 hosts prepares its check once, not per host; the key holds
+        # everything the check is made of (a refresh replaces token, host or problem)
+        key = (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file, at)
+        hit = self._vm_checks.get(key)
+        if hit is None:
+            hit = VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+            if len(self._vm_checks) > 2 * max(1, len(self._vms)):
+                self._vm_checks.clear()
+            self._vm_checks[key] = hit
+        return hit
 
     def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
         key = (name, at)
@@ -436,7 +448,12 @@ class FleetService:
         rec = self._vms.get(key) or self._vms.get(key.lower())
         if rec is not None:
             return rec
-        named = [r for r in self._vms.values() if r.name == key]
+        if self._names is None or self._names[0] != len(self._vms):
+            index: dict[str, list[_VMRecord]] = {}
+            for r in self._vms.values():
+                index.setdefault(r.name, []).append(r)
+            self._names = (len(self._vms), index)
+        named = self._names[1].get(key, [])
         if len(named) == 1:
             return named[0]
         if named:
@@ -492,7 +509,9 @@ class FleetService:
     def _known_cas(self) -> dict[str, str] | None:
         if self.trust is None:
             return None
-        return {n.info.fingerprint: n.info.name for n in self.trust.nodes()}
+        if self._known is None or self._known[0] is not self.trust:
+            self._known = (self.trust, {n.info.fingerprint: n.info.name for n in self.trust.nodes()})
+        return self._known[1]
 
     def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None) -> list[Decision]:
         """A decision for every host of the fleet (allowed ones first, then by name)."""
@@ -530,6 +549,7 @@ class FleetService:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._matrix = None
+        self._names = None
         if facts is None:
             view.reachability = "down"
             view.problem = problem

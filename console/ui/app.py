@@ -114,7 +114,8 @@ class EscortApp(App[None]):
         for mode, factory in self._mode_factories().items():
             self.add_mode(mode, factory)
         self.title = f"escort — {self.service.name}" if self.service.name else "escort"
-        self.sub_title = kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
+        self.sub_title = (kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
+                          + ("" if self.live else " · offline"))
         self._load_themes()
         self.switch_mode(self._start_mode)
         if self.live:
@@ -179,6 +180,8 @@ class EscortApp(App[None]):
         if name:
             label = kind_label(self.service.kind)
             where = label if name == self.service.kind else f"{name}: {label}"
+            if not self.live:
+                where = f"offline │ {where}"
         else:
             where = "no fleet loaded (press p)"
         return " │ ".join([*parts, where])
@@ -262,6 +265,21 @@ class EscortApp(App[None]):
         owner = vm.owner.split(" <", 1)[0]  # "alice <alice@example>" -> "alice"
         return make_row(vm.uuid, [vm.name, owner, vm.host or "?", summary, targets],
                         ["strong", "", "", tone, "bad" if n == 0 else ""])
+
+    def agree_vm_targets(self, key: str, allowed: int, total: int) -> Row | None:
+        """The targets pane just decided every host for VM ``key``: make its row say the
+        same (a refresh may have changed facts since the rows were built). Returns the new
+        row when it changed."""
+        for i, row in enumerate(self._vm_rows):
+            if row.key == key:
+                text = f"{allowed}/{total}"
+                if row.cells[4] == text or row.cells[4].startswith(BAD):
+                    return None
+                cells = (*row.cells[:4], text, *row.cells[5:])
+                tones = (*row.tones[:4], "bad" if allowed == 0 else "", *row.tones[5:])
+                self._vm_rows[i] = make_row(key, cells, tones)
+                return self._vm_rows[i]
+        return None
 
     def host_rows(self) -> list[Row]:
         return self._host_rows
