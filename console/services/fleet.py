@@ -19,7 +19,8 @@ import gc
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,16 @@ from cryptography import x509
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.core import pki
-from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
+from console.core.decisions import (
+    Decision,
+    Groups,
+    HostCheck,
+    HostIndex,
+    Matrix,
+    VMCheck,
+    allowed_matrix,
+    decide,
+)
 from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
 from console.core.errors import EscortError, InputError, ReadOnlyError
 from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
@@ -154,6 +164,8 @@ class FleetService:
         #: lazy services read host certificates, policy files and grants on first use;
         #: a file that cannot be read then is an InputError (the CLI's exit 2)
         self._cert_pending: set[str] = set()
+        self._generation = 0  # bumped by every apply_facts: a step-wise check started before is stale
+        self._strict = False  # load_strict: a file read lazily and unreadable is an InputError
         self._vm_checks: dict[tuple[object, ...], VMCheck] = {}
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
@@ -183,6 +195,7 @@ class FleetService:
         the whole fleet's.
         """
         service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
+        service._strict = True
         if service._fatal:
             first = service._fatal[0]
             more = f" (and {len(service._fatal) - 1} more problem(s))" if len(service._fatal) > 1 else ""
@@ -236,7 +249,7 @@ class FleetService:
             msg = str(exc) if isinstance(exc, InputError) else f"{path}: not a policy token"
             rec.token_problem = self._problem(path, "policy.unreadable", msg,
                                               "fix policy_file for this VM", fatal=True)
-            if not self.eager:
+            if self._strict:
                 raise InputError(msg) from exc
 
     def _ensure_cert(self, name: str) -> None:
@@ -244,8 +257,8 @@ class FleetService:
             self._cert_pending.discard(name)
             self._load_host_cert(self._hosts[name].spec)
             view = self._hosts[name]
-            if view.cert_problem is not None and view.cert_problem.code == "cert.unreadable" \
-                    and name not in self._host_certs:
+            if self._strict and view.cert_problem is not None \
+                    and view.cert_problem.code == "cert.unreadable" and name not in self._host_certs:
                 raise InputError(view.cert_problem.message)
 
     def _ensure_grants(self) -> None:
@@ -253,7 +266,7 @@ class FleetService:
             pending, self._grants_pending = self._grants_pending, None
             before = len(self._fatal)
             self._load_grants(pending, self.at)
-            if len(self._fatal) > before:
+            if self._strict and len(self._fatal) > before:
                 raise InputError(self._fatal[before].reason.message)
 
     def _load_grants(self, entries: Iterable[str], at: dt.datetime) -> None:
@@ -379,17 +392,68 @@ class FleetService:
     def vms(self) -> list[VMView]:
         at = self.at
         matrix = self._current_matrix(at)
-        out = []
-        for rec in self._vms.values():
+        return [self._view(rec, self._policy(rec, at), matrix.targets.get(rec.uuid, ()))
+                for rec in self._vms.values()]
+
+    def host_stubs(self) -> list[HostView]:
+        """The hosts' views as they are, without checking a certificate (console rows first)."""
+        return list(self._hosts.values())
+
+    def vm_stubs(self) -> list[VMView]:
+        """Every VM as the fleet file (or the last refresh) names it, nothing checked yet:
+        the console's rows before their verdicts (``checking=True``)."""
+        return [VMView(uuid=r.uuid, name=r.name, host=r.host, state=r.state, memory_mib=r.memory_mib,
+                       vcpus=r.vcpus, policy_summary="checking…", checking=True)
+                for r in self._vms.values()]
+
+    def check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
+        """Check the whole fleet in small steps, yielding the VMs whose verdicts are done.
+
+        Host certificates and chains first, then the VMs' policies, a few at a time: each
+        step takes about ``budget_s`` so the console stays responsive and paints verdicts
+        as they arrive. The views yielded are exactly what ``vms()`` returns (same policy
+        results, same allowed-target matrix); afterwards ``vms()`` and ``matrix()`` answer
+        from the cache. An empty list means "hosts still being checked".
+        """
+        at = self.at
+        generation = self._generation
+        clock = time.perf_counter
+        start = clock()
+        for name in self._hosts:
+            self._host_check(name, at)
+            if clock() - start > budget_s:
+                yield []
+                start = clock()
+        hosts = [self._host_check(n, at) for n in self._hosts]
+        index = HostIndex.build(hosts)
+        groups: Groups = {}
+        targets: dict[str, tuple[str, ...]] = {}
+        done: list[VMView] = []
+        for rec in list(self._vms.values()):
             pr = self._policy(rec, at)
-            pol = pr.policy
-            out.append(VMView(
-                uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
-                vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
-                policy_summary=pol.summary() if pol else "no valid policy",
-                policy_problems=pr.reasons, allowed_targets=matrix.targets.get(rec.uuid, ()),
-            ))
-        return out
+            part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
+            targets.update(part.targets)
+            done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
+            if clock() - start > budget_s:
+                yield done
+                done = []
+                start = clock()
+        if done:
+            yield done
+        if (self._fixed_at is None and at != self.at) or generation != self._generation:
+            return  # the clock moved on or a refresh changed facts: vms() recomputes
+        self._matrix = Matrix(targets, len(groups), len(index.names))
+        self._matrix_at = at
+        self._views_at = at
+
+    def _view(self, rec: _VMRecord, pr: PolicyResult, allowed: tuple[str, ...]) -> VMView:
+        pol = pr.policy
+        return VMView(
+            uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
+            vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
+            policy_summary=pol.summary() if pol else "no valid policy",
+            policy_problems=pr.reasons, allowed_targets=allowed,
+        )
 
     def policy(self, vm: str, at: dt.datetime | None = None) -> PolicyResult:
         """The VM's verified policy (UUID or name), e.g. its digest for the audit log."""
@@ -550,6 +614,7 @@ class FleetService:
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._matrix = None
         self._names = None
+        self._generation += 1
         if facts is None:
             view.reachability = "down"
             view.problem = problem

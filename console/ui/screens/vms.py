@@ -69,8 +69,16 @@ class VMsScreen(FleetScreen):
         table = self.query_one("#vms-table", VirtualTable)
         table.set_rows(self.escort.vm_rows())
         table.focus()
+        self.escort.verdicts_arrived.subscribe(self, self._verdicts_arrived)
         # the targets are computed after the first paint so the table shows at once
         self.call_after_refresh(self._show_targets, table.cursor_key)
+
+    def _verdicts_arrived(self, keys: frozenset[str]) -> None:
+        """The start-up check decided more VMs: their rows now show verdicts."""
+        self.main_table().set_rows(self.escort.vm_rows())
+        if self._shown_vm in keys and self.escort.admin is None:
+            self._shown_vm = None  # the pane may have used the "checking" state: list again
+            self._show_targets(self.main_table().cursor_key)
 
     def reload(self) -> None:
         table = self.main_table()
@@ -128,7 +136,7 @@ class VMsScreen(FleetScreen):
         admin = self.escort.admin
         hosts = [h.name for h in self.escort.all_hosts()]
         vm = self.escort.vm_by_key(vm_key)
-        if vm is not None and not keep and admin is None:
+        if vm is not None and not vm.checking and not keep and admin is None:
             # Every host's verdict at once, from the same allowed-target matrix as the VM's
             # row (so row and pane agree); the reasons for each refusal follow below.
             allowed_set = set(vm.allowed_targets)
