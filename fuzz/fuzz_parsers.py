@@ -377,7 +377,7 @@ def worst_cases() -> list[tuple[str, Callable[[], object]]]:
             ),
         ),
         (
-            "metadata XML 4 MiB: deep elements",
+            "metadata XML 1 MiB: deep elements",
             lambda: _xml("<a>" * (pol.MAX_METADATA_CHARS // 8) + "</a>" * (pol.MAX_METADATA_CHARS // 8)),
         ),
         ("audit line 1 MiB: nesting", lambda: audit.verify_chain(["[" * (1 << 20) + "\n"])),
@@ -409,7 +409,7 @@ def main() -> int:
         "",
         f"Machine: {describe()}",
         "",
-        "| parser | inputs | crashes | slowest input (s) | total (s) |",
+        "| parser | inputs | crashes | slowest input (s; re-timed best of 3) | total (s) |",
         "|---|---|---|---|---|",
     ]
     crashes = 0
@@ -417,6 +417,7 @@ def main() -> int:
     for name, (corpus, kind, fn) in tgts.items():
         bad = 0
         slowest = 0.0
+        slowest_input = b""
         t0 = time.perf_counter()
         for _ in range(per):
             data = mutate(rng, rng.choice(corpus), kind)
@@ -430,9 +431,19 @@ def main() -> int:
                 slug = "".join(c for c in name.split()[0].lower() if c.isalnum())
                 (CRASHES / f"{slug}-{digest}.bin").write_bytes(data)
                 (CRASHES / f"{slug}-{digest}.txt").write_text(traceback.format_exc())
-            slowest = max(slowest, time.perf_counter() - s)
+            took = time.perf_counter() - s
+            if took > slowest:
+                slowest, slowest_input = took, data
         crashes += bad
-        lines.append(f"| {name} | {per:,} | {bad} | {slowest:.3f} | {time.perf_counter() - t0:.1f} |")
+        # the slowest input again, best of three: a one-off stall of a shared machine or the input?
+        again = []
+        for _ in range(3):
+            s = time.perf_counter()
+            with contextlib.suppress(Exception):
+                fn(slowest_input)
+            again.append(time.perf_counter() - s)
+        lines.append(f"| {name} | {per:,} | {bad} | {slowest:.3f} (again: {min(again):.3f}) | "
+                     f"{time.perf_counter() - t0:.1f} |")
         print(lines[-1], flush=True)
     lines += [
         "",

@@ -604,8 +604,8 @@ def policy_metadata_xml(token: str) -> str:
     return ET.tostring(elem, encoding="unicode")
 
 
-#: A domain XML is a few KiB; libvirt caps a whole domain definition well below this.
-MAX_METADATA_CHARS = 4 * 1024 * 1024
+#: A domain XML is a few KiB (escort's metadata element well under one); 1 MiB bounds the parse.
+MAX_METADATA_CHARS = 1024 * 1024
 
 
 def token_from_metadata_xml(xml: str) -> str:
