@@ -79,6 +79,7 @@ class HostProblem(ConnectionProblem):
         super().__init__(" ".join(message.split()))
         self.code = code
         self.fix = fix
+        self.via_jump = False  # already says which jump host failed (not wrapped again)
 
     def reason(self) -> Reason:
         """The same problem as a :class:`Reason` for views and JSON output."""
@@ -280,11 +281,26 @@ class SshPool:
         self._known_hosts = self._read_known_hosts()
 
     def _known(self, host: str, port: int) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
-        """(plain host keys, @cert-authority keys) known_hosts lists for this name."""
+        """(plain host keys, @cert-authority keys) known_hosts lists for this name.
+
+        For a non-22 port, ``[host]:port`` lines, else the port-less lines: OpenSSH also
+        accepts a key found "without port identifier" (and so does asyncssh's matcher).
+        """
         keys, cas, *_ = asyncssh.match_known_hosts(
             self._known_hosts, host, "", None if port == DEFAULT_PORT else port
         )
         return list(keys), list(cas)
+
+    def _known_exact(self, host: str, port: int) -> list[asyncssh.SSHKey]:
+        """Plain keys listed for exactly this name (``[host]:port`` for a non-22 port).
+
+        Only these make a different key "CHANGED"; a port-less line that does not match
+        makes it unknown, as in OpenSSH (which then offers to add ``[host]:port``).
+        """
+        keys, *_ = self._known_hosts._match(  # asyncssh 2.24.1 (pinned): no port fall-back
+            host, "", None if port == DEFAULT_PORT else port
+        )
+        return list(keys)
 
     def _is_known(self, host: str, port: int) -> bool:
         keys, cas = self._known(host, port)
@@ -392,7 +408,7 @@ class SshPool:
                 try:
                     tunnel = await self._connect_route(hops[:-1], via)
                 except HostProblem as exc:
-                    if exc.code in (JUMP_FAILED, JUMP_LOOP):
+                    if exc.code in (JUMP_FAILED, JUMP_LOOP) or exc.via_jump:
                         raise
                     message = f"{label}: jump host {via} failed: {exc}"
                     fix = exc.fix
@@ -405,7 +421,11 @@ class SshPool:
                             known_hosts_name=exc.known_hosts_name, hop=exc.hop or via,
                             hop_code=exc.code,
                         ) from exc
-                    raise HostProblem(JUMP_FAILED, message, fix) from exc
+                    # an authentication failure keeps its own code: the fix is about keys
+                    code = AUTH_FAILED if exc.code == AUTH_FAILED else JUMP_FAILED
+                    wrapped = HostProblem(code, message, fix)
+                    wrapped.via_jump = True
+                    raise wrapped from exc
             conn = await self._open(hops[-1], tunnel, label, via=hops[-2].spec if len(hops) > 1 else "")
             self._entries[key] = _Entry(conn, jump_key)
             return conn
@@ -488,12 +508,14 @@ class SshPool:
                 raise
             problem = self._map_error(exc, hop, label, seen, cas, via, keyset)
             if problem.code in TRUSTABLE and problem.code != KEY_UNKNOWN and not plain_only:
-                # OpenSSH: a certificate that fails is retried as the plain key inside it.
+                # OpenSSH: a certificate that fails is retried as the plain key inside it;
+                # if that key is unknown too, the refusal names the certificate's problem
+                # and shows the plain key's fingerprint (what `hosts trust` accepts).
                 try:
                     return await self._open(hop, tunnel, label, via=via, plain_only=True)
                 except HostKeyProblem as plain:
-                    if isinstance(problem, HostKeyProblem):
-                        problem.key = plain.key if plain.code == KEY_UNKNOWN else problem.key
+                    if plain.code == KEY_UNKNOWN and plain.key is not None:
+                        problem = self._map_error(exc, hop, label, [plain.key], cas, via, keyset)
                 except HostProblem:
                     pass
             raise problem from exc
@@ -610,8 +632,7 @@ class SshPool:
             else "a key of a type known_hosts has no entry for"
         )
         check = f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub"
-        keys, _cas = self._known(host, port)
-        if keys:
+        if self._known_exact(host, port):
             return HostKeyProblem(
                 KEY_CHANGED,
                 f"{where}host key CHANGED for {name}: it presented {presented}, which differs "

@@ -42,7 +42,7 @@ from console.core.decisions import (
     decide,
 )
 from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
-from console.core.errors import EscortError, InputError, ReadOnlyError
+from console.core.errors import ConnectionProblem, EscortError, InputError, ReadOnlyError
 from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
     AdminSpec,
@@ -552,6 +552,14 @@ class FleetService:
             return named[0]
         if named:
             raise InputError(f"{len(named)} VMs are named {key!r}; use the UUID")
+        down = [(n, v) for n, v in self._hosts.items() if v.reachability == "down"]
+        if down:
+            # Not bad input: the VM may well be on a host that did not answer.
+            names = ", ".join(f"{n} ({v.problem.code})" if v.problem else n for n, v in down)
+            raise ConnectionProblem(
+                f"no VM {key!r} on the hosts that answered; {len(down)} of {len(self._hosts)} "
+                f"host(s) could not be reached: {names} (escort hosts refresh says why)"
+            )
         raise InputError(f"no VM {key!r} in fleet {self.name or self.path}")
 
     def _admin(self, admin: str) -> AdminRef:
