@@ -75,7 +75,7 @@ class VMsScreen(FleetScreen):
 
     def _verdicts_arrived(self, keys: frozenset[str]) -> None:
         """The start-up check decided more VMs: their rows now show verdicts."""
-        self.main_table().set_rows(self.escort.vm_rows())
+        self.main_table().update_rows(self.escort.vm_rows(), keys)
         if self._shown_vm in keys and self.escort.admin is None:
             self._shown_vm = None  # the pane may have used the "checking" state: list again
             self._show_targets(self.main_table().cursor_key)
