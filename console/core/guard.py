@@ -249,6 +249,26 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
     return GuardVerdict(False, first.code, first.message, reasons=errors, decision=d, **ids)
 
 
+_GUARD_LINE = re.compile(r"escort-guard refused (?P<vm>.*?): (?P<code>[a-z_]+\.[a-z_.]+): (?P<rest>.*)")
+
+
+def guard_refusal(error: str, target: str = "") -> Reason | None:
+    """The guard's refusal inside a libvirt error ("Hook script execution failed: ... <line>").
+
+    libvirt ends its error with the hook's stderr; escort shows that line as the reason
+    (code ``guard.refused``) instead of a generic migration failure.
+    """
+    m = _GUARD_LINE.search(error or "")
+    if m is None:
+        return None
+    where = f"host {target}'s" if target else "the target host's"
+    return Reason("guard.refused", f"{where} escort guard refused the VM: {m.group('code')}: "
+                  f"{m.group('rest').strip()}",
+                  f"see `escort explain VM {target or 'HOST'}`; the guard logs every verdict in "
+                  "/var/log/libvirt/escort-guard.log on that host"
+                  )
+
+
 __all__ = [
     "CHECKED_OPS",
     "GUARD_VERSION",
@@ -258,5 +278,6 @@ __all__ = [
     "GuardVerdict",
     "domain_identity",
     "guard_decide",
+    "guard_refusal",
     "material_digest",
 ]

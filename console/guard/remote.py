@@ -148,8 +148,6 @@ def install(data: bytes, bundle: str, conf_id: str, force_restart: bool = False)
                 m.name = m.name[4:]
                 if m.name:
                     tar.extract(m, tmp)
-        subprocess.run([sys.executable, "-I", "-S", "-m", "compileall", "-q", tmp], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(lib_dir, ignore_errors=True)
         os.rename(tmp, lib_dir)
         steps.append("code")

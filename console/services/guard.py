@@ -16,8 +16,11 @@ import asyncio
 import hashlib
 import io
 import json
+import py_compile
 import shlex
+import sys
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +98,41 @@ class Bundle:
                 files[rel] = path.read_bytes()
         backend = Path(_cffi_backend.__file__)
         files[backend.name] = backend.read_bytes()
+        files.update(_compiled(files))
         h = hashlib.sha256()
         for rel in sorted(files):
             h.update(f"{rel}\0{len(files[rel])}\0".encode())
             h.update(files[rel])
         h.update(launcher())
         return cls(files, h.hexdigest())
+
+
+def _compiled(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Byte code for every module, as unchecked-hash .pyc files (PEP 552).
+
+    The host's python3 then imports without compiling (the hook must decide fast) and
+    without checking source times (tar keeps none). A host python of another version
+    ignores these files (other cache tag) and compiles in memory: slower, same result.
+    """
+    tag = sys.implementation.cache_tag
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="escort-guard-pyc-") as tmp:
+        for rel, data in files.items():
+            if not rel.endswith(".py"):
+                continue
+            src = Path(tmp) / "src.py"
+            src.write_bytes(data)
+            parent, _, name = rel.rpartition("/")
+            where = f"{parent}/__pycache__" if parent else "__pycache__"
+            target = f"{where}/{name[:-3]}.{tag}.pyc"
+            cfile = Path(tmp) / "out.pyc"
+            try:
+                py_compile.compile(str(src), cfile=str(cfile), dfile=rel, doraise=True,
+                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            except py_compile.PyCompileError:
+                continue
+            out[target] = cfile.read_bytes()
+    return out
 
 
 _BUNDLE: Bundle | None = None
