@@ -1,0 +1,268 @@
+"""`escort check`: what is wrong with a fleet now, and what breaks within N days.
+
+Every placement finding comes from the shared decision (``FleetService.explain`` ->
+``decisions.decide``), the same one the console, the CLI and the host guard use; the
+impact of an expiring item is the allowed-target matrix recomputed as of the moment
+after it expires, compared with the matrix now. Codes: docs/CHECK.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from console.core import migration as mig
+from console.core.check import Finding, impact_sentence, iso, placement_reasons, signer_of
+from console.core.envelope import reason
+from console.services.fleet import FleetService
+from console.services.guard import GuardService, GuardState
+from console.services.inventory import InventoryService, is_live
+
+DEFAULT_DAYS = 14
+_OFF_STATES = {"shut off", "shutoff", "crashed"}
+
+
+@dataclass
+class CheckReport:
+    findings: list[Finding]
+    checked_at: dt.datetime
+    offline: bool
+    days: int
+    hosts: int = 0
+    vms: int = 0
+    guard_states: list[GuardState] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"findings": [f.as_json() for f in self.findings], "checked_at": iso(self.checked_at),
+                "offline": self.offline, "days": self.days, "hosts": self.hosts, "vms": self.vms}
+
+
+def _days_text(when: dt.datetime, now: dt.datetime) -> str:
+    stamp = f"{when.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    if when <= now:
+        return f"expired on {stamp}"
+    days = (when - now).days
+    return f"expires on {stamp} (in {days} day{'s' if days != 1 else ''})"
+
+
+class CheckService:
+    """Collects findings about one loaded fleet."""
+
+    def __init__(self, service: FleetService, *, days: int = DEFAULT_DAYS, offline: bool = False,
+                 inventory: InventoryService | None = None) -> None:
+        self.service = service
+        self.days = days
+        self.offline = offline
+        self._inventory = inventory
+        self._impacts: dict[dt.datetime, tuple[int, int, int]] = {}
+
+    async def run(self) -> CheckReport:
+        s = self.service
+        now = s.at
+        findings: list[Finding] = []
+        guard_states: list[GuardState] = []
+        if not self.offline and s.spec is not None and any(is_live(h) for h in s.spec.hosts):
+            inventory = self._inventory or InventoryService.for_fleet(s)
+            try:
+                results = await inventory.refresh()
+                down = set()
+                for name, r in sorted(results.items()):
+                    if r.facts is None:
+                        down.add(name)
+                        why = r.problem.message if r.problem else "no answer"
+                        findings.append(Finding(
+                            "host.unreachable", "error", f"host {name} could not be reached: {why}",
+                            (r.problem.fix if r.problem and r.problem.fix else
+                             "check the host, its sshd and libvirtd, and the path to it"), host=name))
+                guards = GuardService(s, inventory)
+                up = [h.name for h in s.spec.hosts if is_live(h) and h.name not in down]
+                guard_states = await guards.status(up)
+                findings.extend(self._guard_findings(guard_states))
+            finally:
+                if self._inventory is None:
+                    await inventory.close()
+            findings.extend(self._half_done())
+        findings.extend(self._host_certificates())
+        findings.extend(self._placement(now))
+        findings.extend(self._expiring(now))
+        return CheckReport(findings, now, self.offline, self.days, len(s.hosts()), len(s.vms()),
+                           guard_states)
+
+    # ------------------------------------------------------------------ guard
+    @staticmethod
+    def _guard_findings(states: Iterable[GuardState]) -> list[Finding]:
+        out = []
+        install = "run `escort hosts guard install {host}`"
+        for st in states:
+            if st.state == "missing":
+                out.append(Finding("guard.missing", "error",
+                                   f"host {st.host} has no escort guard: anyone with root can move VMs "
+                                   "there with plain virsh, whatever their owners' policies say",
+                                   install.format(host=st.host), host=st.host))
+            elif st.state == "stale":
+                out.append(Finding("guard.stale", "warning",
+                                   f"host {st.host}'s guard is stale: {st.problem}",
+                                   install.format(host=st.host), host=st.host,
+                                   extra={"trust_digest": st.trust_digest,
+                                          "expected_digest": st.expected_digest}))
+            elif st.state == "broken":
+                out.append(Finding("guard.broken", "error",
+                                   f"host {st.host}'s guard does not work: {st.problem} (it refuses "
+                                   "every incoming or starting VM)", install.format(host=st.host),
+                                   host=st.host))
+            elif st.state == "unreachable":
+                out.append(Finding("guard.unchecked", "warning",
+                                   f"host {st.host}'s guard could not be checked: {st.problem}",
+                                   "check the SSH path to the host", host=st.host))
+        return out
+
+    # ------------------------------------------------------------------ now
+    def _half_done(self) -> list[Finding]:
+        facts = {h.name: list(h.facts.domains) for h in self.service.hosts() if h.facts is not None}
+        out = []
+        for case in mig.find_reconcile_cases(facts):
+            out.append(Finding("migration.half_done", "error", case.message,
+                               case.advice or "open the console's Migrations tab and reconcile",
+                               vm=case.name, extra={"case": case.code,
+                                                    "copies": [c.describe() for c in case.copies]}))
+        return out
+
+    def _host_certificates(self) -> list[Finding]:
+        out = []
+        for h in self.service.hosts():
+            if h.chain is not None and not h.chain.valid and h.chain.reasons:
+                first = h.chain.reasons[0]
+                out.append(Finding("host.certificate", "error",
+                                   f"host {h.name}'s certificate is refused: {first.message}",
+                                   first.fix or "reissue the host certificate", host=h.name,
+                                   reasons=h.chain.reasons))
+        return out
+
+    def _placed(self) -> list[tuple[str, str, str]]:
+        """(uuid, name, host) of VMs that are on a host (running, paused, or as the fleet file says)."""
+        return [(v.uuid, v.name, v.host) for v in self.service.vms()
+                if v.host and v.state not in _OFF_STATES]
+
+    def _no_policy_ok(self, uuid: str, host: str) -> bool | None:
+        """For a VM without any policy: True if its host admits such VMs (guard setting)."""
+        if self.service.policy_token(uuid):
+            return None
+        hosts = self.service.spec.hosts if self.service.spec else ()
+        spec = next((h for h in hosts if h.name == host), None)
+        return spec is None or spec.guard_no_policy != "refuse"
+
+    def _placement(self, now: dt.datetime) -> list[Finding]:
+        out = []
+        for uuid, name, host in self._placed():
+            label = name or uuid
+            ok = self._no_policy_ok(uuid, host)
+            if ok is True:
+                continue
+            if ok is False:
+                r = reason("guard.no_policy", f"VM {label} carries no owner-signed policy and host {host} "
+                           "admits only VMs with one", "attach the owner's policy")
+                out.append(Finding("placement.violation", "error",
+                                   f"VM {label} runs on {host}, which refuses it: {r.message}", r.fix,
+                                   vm=label, host=host, reasons=(r,)))
+                continue
+            d = self.service.explain(uuid, host, at=now)
+            errors, unchecked = placement_reasons(d.reasons)
+            if unchecked:
+                out.append(Finding("placement.unchecked", "warning",
+                                   f"could not check whether VM {label} may run on {host}: "
+                                   + " ".join(r.message for r in errors),
+                                   "refresh the host or set its cert_file", vm=label, host=host,
+                                   reasons=tuple(errors)))
+            elif errors:
+                out.append(Finding("placement.violation", "error",
+                                   f"VM {label} runs on {host}, which its policy refuses: "
+                                   + " ".join(r.message for r in errors),
+                                   f"move {label} to an allowed host (`escort targets {label}`), "
+                                   f"or: {errors[0].fix}", vm=label, host=host, reasons=tuple(errors)))
+        return out
+
+    # ------------------------------------------------------------------ soon
+    def _impact(self, when: dt.datetime, now: dt.datetime) -> str:
+        after = when.astimezone(dt.UTC).replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+        hit = self._impacts.get(after)
+        if hit is None:
+            s = self.service
+            current = dict(s.matrix(now).targets)
+            later = dict(s.matrix(after).targets)
+            lose_all = sum(1 for u, t in current.items() if t and not later.get(u))
+            lose_some = sum(1 for u, t in current.items()
+                            if later.get(u) and set(later.get(u, ())) < set(t))
+            misplaced = 0
+            for uuid, _name, host in self._placed():
+                if self._no_policy_ok(uuid, host) is not None:
+                    continue
+                now_err, _ = placement_reasons(s.explain(uuid, host, at=now).reasons)
+                then_err, _ = placement_reasons(s.explain(uuid, host, at=after).reasons)
+                if then_err and not now_err:
+                    misplaced += 1
+            hit = self._impacts[after] = (lose_all, lose_some, misplaced)
+            s.matrix(now)  # leave the service's cache at "now" for whoever asks next
+        return impact_sentence(when, *hit)
+
+    def _expiring(self, now: dt.datetime) -> list[Finding]:
+        s = self.service
+        horizon = now + dt.timedelta(days=self.days)
+        items: list[tuple[dt.datetime, str, str, str, str, str]] = []  # when, code, text, fix, vm, host
+
+        def add(when: dt.datetime | None, code: str, what: str, fix: str, vm: str = "",
+                host: str = "") -> None:
+            if when is not None and when <= horizon:
+                items.append((when.astimezone(dt.UTC), code, what, fix, vm, host))
+
+        for h in s.hosts():
+            if h.attributes is not None:
+                add(h.attributes.not_after, "expiry.host_cert", f"host {h.name}'s certificate",
+                    f"issue a new certificate for {h.name} and install it in /etc/pki/qemu", host=h.name)
+        for store, kind in ((s.trust, "host"), (s.owners, "owners'")):
+            if store is None:
+                continue
+            for node in store.nodes():
+                add(node.info.not_after, "expiry.ca_cert", f"{kind} CA {node.info.name}'s certificate",
+                    f"renew CA {node.info.name} and distribute the new certificate "
+                    "(trust_dir and `escort hosts guard install`)")
+            for crl in store.crls:
+                add(crl.next_update, "expiry.crl", f"the CRL of {crl.issuer} (nextUpdate)",
+                    "publish a fresh CRL into the trust directory, then `escort hosts guard install`")
+        signers: dict[str, tuple[dt.datetime, str]] = {}
+        for v in s.vms():
+            token = s.policy_token(v.uuid)
+            if not token:
+                continue
+            pol = s.policy(v.uuid).policy
+            if pol is not None:
+                add(pol.not_after, "expiry.policy", f"VM {v.name or v.uuid}'s placement policy",
+                    f"ask {pol.owner} to re-sign the policy (`escort policy sign`) and attach it",
+                    vm=v.name or v.uuid)
+            signer = signer_of(token)
+            if signer is not None:
+                signers.setdefault(signer.fingerprint, (signer.not_after, signer.name))
+        for when, name in signers.values():
+            add(when, "expiry.owner_cert", f"owner {name}'s signing certificate",
+                f"issue {name} a new certificate and have the policies re-signed with it")
+        for g in s.grant_results(now):
+            if g.grant is not None:
+                add(g.grant.not_after, "expiry.grant",
+                    f"the grant for admin {g.grant.admin.id} ({g.grant.scope()}) from {g.grant.owner}",
+                    "ask the owner for a new grant (`escort grant issue`) if the work is not done")
+        out = []
+        for when, code, what, fix, vm, host in sorted(items, key=lambda i: (i[0], i[1], i[2])):
+            if when <= now:
+                impact = "already in effect"
+            elif code == "expiry.grant":
+                impact = f"after {when:%Y-%m-%d}, that admin can no longer migrate those VMs"
+            else:
+                impact = self._impact(when, now)
+            out.append(Finding(code, "error" if when <= now else "warning",
+                               f"{what} {_days_text(when, now)}; {impact}", fix, vm=vm, host=host,
+                               when=when))
+        return out
+
+
+__all__ = ["DEFAULT_DAYS", "CheckReport", "CheckService"]
