@@ -16,12 +16,66 @@ from typing import Any
 from console.core import migration as mig
 from console.core.check import Finding, impact_sentence, iso, placement_reasons, signer_of
 from console.core.envelope import reason
+from console.core.reasons import Reason
 from console.services.fleet import FleetService
 from console.services.guard import GuardService, GuardState
 from console.services.inventory import InventoryService, is_live
 
 DEFAULT_DAYS = 14
 _OFF_STATES = {"shut off", "shutoff", "crashed"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A VM on a host its policy refuses (``unchecked``: the host's certificate is unknown)."""
+
+    uuid: str
+    name: str
+    host: str
+    reasons: tuple[Reason, ...]
+    unchecked: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.uuid
+
+
+def _no_policy_admitted(service: FleetService, host: str) -> bool:
+    hosts = service.spec.hosts if service.spec else ()
+    spec = next((h for h in hosts if h.name == host), None)
+    return spec is None or spec.guard_no_policy != "refuse"
+
+
+def misplaced(service: FleetService, at: dt.datetime | None = None) -> list[Placement]:
+    """Every VM on a host its owner's policy refuses at ``at``, with every failing check.
+
+    The allowed-target matrix says which VMs are fine where they are (``at_home``); only
+    the others get a full decision (``FleetService.explain`` -> ``decisions.decide``), so
+    a healthy fleet of 10,000 VMs costs one matrix. VMs on a host that is down are not
+    judged (``host.unreachable`` covers them); a VM without any policy is misplaced only on
+    a host whose guard refuses such VMs (``guard_no_policy = "refuse"``).
+    """
+    when = at or service.at
+    vms = [v for v in service.vms() if v.host and v.state not in _OFF_STATES]
+    hosts = {h.name: h for h in service.hosts()}
+    home = service.matrix(when).at_home
+    out: list[Placement] = []
+    for v in vms:
+        view = hosts.get(v.host)
+        if v.uuid in home or view is None or view.reachability == "down":
+            continue
+        if not service.policy_token(v.uuid):
+            if not _no_policy_admitted(service, v.host):
+                r = reason("guard.no_policy", f"VM {v.name or v.uuid} carries no owner-signed policy and "
+                           f"host {v.host} admits only VMs with one", "attach the owner's policy")
+                out.append(Placement(v.uuid, v.name, v.host, (r,)))
+            continue
+        errors, unchecked = placement_reasons(service.explain(v.uuid, v.host, at=when).reasons)
+        if errors:
+            out.append(Placement(v.uuid, v.name, v.host, tuple(errors), unchecked))
+    if at is not None:
+        service.matrix()  # leave the service's cache at "now" for whoever asks next
+    return out
 
 
 @dataclass
@@ -140,47 +194,23 @@ class CheckService:
                                    reasons=h.chain.reasons))
         return out
 
-    def _placed(self) -> list[tuple[str, str, str]]:
-        """(uuid, name, host) of VMs that are on a host (running, paused, or as the fleet file says)."""
-        return [(v.uuid, v.name, v.host) for v in self.service.vms()
-                if v.host and v.state not in _OFF_STATES]
-
-    def _no_policy_ok(self, uuid: str, host: str) -> bool | None:
-        """For a VM without any policy: True if its host admits such VMs (guard setting)."""
-        if self.service.policy_token(uuid):
-            return None
-        hosts = self.service.spec.hosts if self.service.spec else ()
-        spec = next((h for h in hosts if h.name == host), None)
-        return spec is None or spec.guard_no_policy != "refuse"
-
     def _placement(self, now: dt.datetime) -> list[Finding]:
         out = []
-        for uuid, name, host in self._placed():
-            label = name or uuid
-            ok = self._no_policy_ok(uuid, host)
-            if ok is True:
-                continue
-            if ok is False:
-                r = reason("guard.no_policy", f"VM {label} carries no owner-signed policy and host {host} "
-                           "admits only VMs with one", "attach the owner's policy")
-                out.append(Finding("placement.violation", "error",
-                                   f"VM {label} runs on {host}, which refuses it: {r.message}", r.fix,
-                                   vm=label, host=host, reasons=(r,)))
-                continue
-            d = self.service.explain(uuid, host, at=now)
-            errors, unchecked = placement_reasons(d.reasons)
-            if unchecked:
+        for p in misplaced(self.service, now):
+            if p.unchecked:
                 out.append(Finding("placement.unchecked", "warning",
-                                   f"could not check whether VM {label} may run on {host}: "
-                                   + " ".join(r.message for r in errors),
-                                   "refresh the host or set its cert_file", vm=label, host=host,
-                                   reasons=tuple(errors)))
-            elif errors:
+                                   f"could not check whether VM {p.label} may run on {p.host}: "
+                                   + " ".join(r.message for r in p.reasons),
+                                   "refresh the host or set its cert_file", vm=p.label, host=p.host,
+                                   reasons=p.reasons))
+            else:
+                what = "which refuses it" if p.reasons[0].code == "guard.no_policy" else \
+                    "which its policy refuses"
                 out.append(Finding("placement.violation", "error",
-                                   f"VM {label} runs on {host}, which its policy refuses: "
-                                   + " ".join(r.message for r in errors),
-                                   f"move {label} to an allowed host (`escort targets {label}`), "
-                                   f"or: {errors[0].fix}", vm=label, host=host, reasons=tuple(errors)))
+                                   f"VM {p.label} runs on {p.host}, {what}: "
+                                   + " ".join(r.message for r in p.reasons),
+                                   f"move {p.label} to an allowed host (`escort targets {p.label}`), "
+                                   f"or: {p.reasons[0].fix}", vm=p.label, host=p.host, reasons=p.reasons))
         return out
 
     # ------------------------------------------------------------------ soon
@@ -194,15 +224,9 @@ class CheckService:
             lose_all = sum(1 for u, t in current.items() if t and not later.get(u))
             lose_some = sum(1 for u, t in current.items()
                             if later.get(u) and set(later.get(u, ())) < set(t))
-            misplaced = 0
-            for uuid, _name, host in self._placed():
-                if self._no_policy_ok(uuid, host) is not None:
-                    continue
-                now_err, _ = placement_reasons(s.explain(uuid, host, at=now).reasons)
-                then_err, _ = placement_reasons(s.explain(uuid, host, at=after).reasons)
-                if then_err and not now_err:
-                    misplaced += 1
-            hit = self._impacts[after] = (lose_all, lose_some, misplaced)
+            bad_now = {p.uuid for p in misplaced(s, now)}
+            misplaced_then = sum(1 for p in misplaced(s, after) if p.uuid not in bad_now)
+            hit = self._impacts[after] = (lose_all, lose_some, misplaced_then)
             s.matrix(now)  # leave the service's cache at "now" for whoever asks next
         return impact_sentence(when, *hit)
 
@@ -265,4 +289,4 @@ class CheckService:
         return out
 
 
-__all__ = ["DEFAULT_DAYS", "CheckReport", "CheckService"]
+__all__ = ["DEFAULT_DAYS", "CheckReport", "CheckService", "Placement", "misplaced"]
