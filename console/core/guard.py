@@ -108,7 +108,7 @@ class GuardMaterial:
 
 
 def material_digest(material: GuardMaterial, config: GuardConfig) -> str:
-    """One SHA-256 over every trust file (by role and name) and the decision-relevant config.
+    """One SHA-256 over every trust file (by role and name) and the config (not the VM list).
 
     escort computes it before pushing; the hook recomputes it from what is on disk,
     so `escort hosts guard status` shows stale or tampered material.
@@ -120,10 +120,15 @@ def material_digest(material: GuardMaterial, config: GuardConfig) -> str:
             h.update(f"{role}\0{name}\0{len(data)}\0".encode())
             h.update(data)
     cfg = config.as_json()
-    cfg.pop("trust_digest")
-    cfg.pop("version")
+    for key in ("trust_digest", "version", "policy_uuids"):  # the VM list has its own digest
+        cfg.pop(key)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def vms_digest(uuids: frozenset[str]) -> str:
+    """SHA-256 of the list of VMs known to carry a policy (what stripped-policy checks use)."""
+    return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -280,4 +285,5 @@ __all__ = [
     "guard_decide",
     "guard_refusal",
     "material_digest",
+    "vms_digest",
 ]

@@ -135,7 +135,7 @@ def status() -> dict[str, Any]:
     try:
         import cryptography
 
-        from console.core.guard import GUARD_VERSION, material_digest
+        from console.core.guard import GUARD_VERSION, material_digest, vms_digest
 
         out["version"] = GUARD_VERSION
         out["cryptography"] = cryptography.__version__
@@ -145,7 +145,8 @@ def status() -> dict[str, Any]:
         out["recorded_digest"] = recorded
         out["host"] = config.host
         out["no_policy"] = config.no_policy
-        out["policy_uuids"] = len(config.policy_uuids)
+        out["vms_digest"] = vms_digest(config.policy_uuids)
+        out["policy_uuids"] = sorted(config.policy_uuids)
         out["ok"] = out["trust_digest"] == recorded
         if not out["ok"]:
             out["problem"] = "the trust material on disk differs from what escort pushed"

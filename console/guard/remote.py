@@ -155,7 +155,8 @@ def install(data: bytes, bundle: str, conf_id: str, force_restart: bool = False)
         raise SystemExit(json.dumps({"ok": False, "problem": "the code bundle is missing on the host"}))
     _swap(os.path.join(LIB, "lib"), lib_dir)
     _prune(LIB, "v-" + bundle)
-    conf_dir = os.path.join(CONF, "v-" + conf_id)
+    # a fresh directory every time: the one `current` points to is never touched until the swap
+    conf_dir = os.path.join(CONF, f"v-{conf_id}-{time.time_ns()}")
     tmp = conf_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -167,7 +168,7 @@ def install(data: bytes, bundle: str, conf_id: str, force_restart: bool = False)
     shutil.rmtree(conf_dir, ignore_errors=True)
     os.rename(tmp, conf_dir)
     _swap(os.path.join(CONF, "current"), conf_dir)
-    _prune(CONF, "v-" + conf_id)
+    _prune(CONF, os.path.basename(conf_dir))
     steps.append("trust material")
     member = tar.extractfile("hook")
     if member is None:

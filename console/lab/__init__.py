@@ -391,6 +391,25 @@ class Lab:
         specs = [h for h in service.spec.hosts if hosts is None or h.name in hosts]
         return _parallel(one, specs)
 
+    def remove_guard(self, hosts: list[str] | None = None) -> None:
+        """Remove the guard (what `escort hosts guard remove` does), e.g. to set up history."""
+        from console.services.guard import remote_command
+
+        for name in hosts or self.hypervisors:
+            self._nsenter_input(self.host(name), b"", "sh", "-c", remote_command("remove"))
+
+    @contextlib.contextmanager
+    def guard_off(self, *hosts: str) -> Iterator[None]:
+        """Without the guard on ``hosts`` for a moment, then installed again (and libvirtd
+        restarted, which leaves guests alone): how a VM that its policy refuses comes to run
+        on a host — it was there before the guard, or before its policy changed."""
+        names = list(hosts) or self.hypervisors
+        self.remove_guard(names)
+        try:
+            yield
+        finally:
+            self.install_guard(names)
+
     def _policy_uuids(self) -> list[str]:
         """UUIDs of the lab's domains that carry an escort policy (read from libvirt)."""
         from console.core.policy import POLICY_NS

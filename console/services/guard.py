@@ -170,7 +170,11 @@ def policy_uuids(service: FleetService) -> frozenset[str]:
 
 @dataclass
 class GuardPlan:
-    """What `install` would push to one host, and its digest (also what `status` compares)."""
+    """What `install` would push to one host, and its digest (also what `status` compares).
+
+    ``digest`` covers the trust material and the configuration except the VM list,
+    which `status` compares on its own (new VMs are normal; say how many are missing).
+    """
 
     host: HostSpec
     config: GuardConfig
@@ -234,12 +238,14 @@ class GuardState:
     trust_digest: str = ""  # computed by the guard on the host from what is on disk
     expected_digest: str = ""  # what escort would push now
     problem: str = ""
+    missing_vms: int = 0  # VMs with a policy the guard does not know (a stripped copy would pass)
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {"host": self.host, "state": self.state, "version": self.version,
                 "trust_digest": self.trust_digest, "expected_digest": self.expected_digest,
-                "expected_version": GUARD_VERSION, "problem": self.problem}
+                "expected_version": GUARD_VERSION, "problem": self.problem,
+                "missing_vms": self.missing_vms}
 
 
 class GuardService:
@@ -314,7 +320,15 @@ class GuardService:
         elif st.version != GUARD_VERSION:
             st.state, st.problem = "stale", f"guard version {st.version}, escort ships {GUARD_VERSION}"
         elif st.trust_digest != expected:
-            st.state, st.problem = "stale", "its trust material or VM list differs from the fleet's"
+            st.state, st.problem = "stale", "its trust material differs from the fleet's"
+        else:
+            have = {str(u) for u in data.get("policy_uuids", []) if isinstance(u, str)}
+            missing = self.plan(host).config.policy_uuids - have
+            if missing:
+                st.missing_vms = len(missing)
+                st.state = "stale"
+                st.problem = (f"{len(missing)} VM(s) that carry a policy are not on its list (a copy "
+                              "stripped of its policy would be admitted)")
         return st
 
     async def status(self, names: Iterable[str] = ()) -> list[GuardState]:

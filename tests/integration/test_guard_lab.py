@@ -89,16 +89,23 @@ def test_virsh_bypass_refused_by_the_destination_guard(lab: Lab, wrapper: Path) 
     assert len(refused[0]["uuid"]) == 36 and len(refused[0]["policy_digest"]) == 64
 
 
+def _app1_home(lab: Lab) -> tuple[str, str]:
+    """(where app-1 runs, the other host its policy admits): par-1/fra-1 in a fresh lab."""
+    home = "par-1" if "app-1" in _running(lab, "par-1") else "fra-1"
+    assert "app-1" in _running(lab, home)
+    return home, ("fra-1" if home == "par-1" else "par-1")
+
+
 def test_allowed_move_succeeds_and_moves_back(lab: Lab, wrapper: Path) -> None:
-    assert "app-1" in _running(lab, "par-1")
-    proc = _migrate(lab, wrapper, "app-1", "par-1", "fra-1")
+    home, away = _app1_home(lab)
+    proc = _migrate(lab, wrapper, "app-1", home, away)
     assert proc.returncode == 0, proc.stderr
-    assert "app-1" in _running(lab, "fra-1") and "app-1" not in _running(lab, "par-1")
-    admitted = [e for e in _log(lab, "fra-1") if e["vm"] == "app-1" and e["op"] == "migrate begin"]
+    assert "app-1" in _running(lab, away) and "app-1" not in _running(lab, home)
+    admitted = [e for e in _log(lab, away) if e["vm"] == "app-1" and e["op"] == "migrate begin"]
     assert admitted and admitted[-1]["verdict"] == "admitted"
-    back = _migrate(lab, wrapper, "app-1", "fra-1", "par-1")
+    back = _migrate(lab, wrapper, "app-1", away, home)
     assert back.returncode == 0, back.stderr
-    assert "app-1" in _running(lab, "par-1")
+    assert "app-1" in _running(lab, home)
 
 
 def test_stripped_policy_is_refused(lab: Lab, wrapper: Path) -> None:
@@ -126,6 +133,9 @@ def test_stripped_policy_is_refused(lab: Lab, wrapper: Path) -> None:
 
 def test_guard_cli_status_remove_install(lab: Lab) -> None:
     fleet = str(lab.fleet_file)
+    # other tests define VMs with policies: bring every guard's VM list up to date first
+    first = _escort("hosts", "guard", "install", "--fleet", fleet, "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
     st = _escort("hosts", "guard", "status", "--fleet", fleet, "--json")
     assert st.returncode == 0, st.stdout + st.stderr
     rows = {r["host"]: r for r in json.loads(st.stdout)["hosts"]}
@@ -152,26 +162,26 @@ def test_guard_cli_status_remove_install(lab: Lab) -> None:
 def test_escort_migration_through_the_guard_and_a_guard_refusal(lab: Lab) -> None:
     """escort's own migration passes the guard; when the guard refuses, escort shows its reason."""
     fleet = str(lab.fleet_file)
-    before = len(_log(lab, "fra-1"))
-    ok = _escort("migrate", "--fleet", fleet, "app-1", "fra-1", "--admin", "lab-admin", "--yes", "--json")
+    home, away = _app1_home(lab)
+    before = len(_log(lab, away))
+    ok = _escort("migrate", "--fleet", fleet, "app-1", away, "--admin", "lab-admin", "--yes", "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "app-1" in _running(lab, "fra-1")
-    assert any(e["vm"] == "app-1" and e["verdict"] == "admitted" for e in _log(lab, "fra-1")[before:])
-    # a guard that cannot read its trust material refuses (fail closed): break par-1's
-    current = lab.host("par-1").root / "etc" / "libvirt" / "escort-guard" / "current"
+    assert "app-1" in _running(lab, away)
+    assert any(e["vm"] == "app-1" and e["verdict"] == "admitted" for e in _log(lab, away)[before:])
+    # a guard that cannot read its trust material refuses (fail closed): break home's
+    current = lab.host(home).root / "etc" / "libvirt" / "escort-guard" / "current"
     target = current.readlink()
     current.unlink()
     try:
-        back = _escort("migrate", "--fleet", fleet, "app-1", "par-1", "--admin", "lab-admin", "--yes",
-                       "--json")
+        back = _escort("migrate", "--fleet", fleet, "app-1", home, "--admin", "lab-admin", "--yes", "--json")
         assert back.returncode == 1, back.stdout + back.stderr
         lines = [json.loads(x) for x in back.stdout.splitlines() if x.startswith("{")]
         outcome = next(x for x in lines if x.get("event") == "outcome")
         text = json.dumps(outcome)
         assert "guard.refused" in text and "guard.trust_unusable" in text, text
-        assert "app-1" in _running(lab, "fra-1") and "app-1" not in _running(lab, "par-1")
+        assert "app-1" in _running(lab, away) and "app-1" not in _running(lab, home)
     finally:
         current.symlink_to(target)
-    home = _escort("migrate", "--fleet", fleet, "app-1", "par-1", "--admin", "lab-admin", "--yes", "--json")
-    assert home.returncode == 0, home.stdout + home.stderr
-    assert "app-1" in _running(lab, "par-1")
+    again = _escort("migrate", "--fleet", fleet, "app-1", home, "--admin", "lab-admin", "--yes", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "app-1" in _running(lab, home)

@@ -14,11 +14,12 @@ import json
 import shutil
 import subprocess
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from console.core.guard import GuardConfig, GuardMaterial, guard_decide, material_digest
+from console.core.guard import GuardConfig, GuardMaterial, guard_decide, material_digest, vms_digest
 from console.core.issuance import cert_pem
 from console.core.policy import policy_metadata_xml
 from console.services.fleet import FleetService
@@ -116,8 +117,11 @@ def test_digest_covers_material_and_vm_list(fleet: FleetFiles) -> None:
     config, material = _plan(s, "hv-fr-1")
     d = material_digest(material, config)
     assert d == material_digest(material, config)
-    fewer = GuardConfig(config.host, config.no_policy, frozenset({WEB_UUID}), {}, config.host_cert)
-    assert material_digest(material, fewer) != d
+    fewer = replace(config, policy_uuids=frozenset({WEB_UUID}))
+    assert material_digest(material, fewer) == d  # the VM list has its own digest
+    assert vms_digest(fewer.policy_uuids) != vms_digest(config.policy_uuids)
+    refuse = replace(config, no_policy="refuse")
+    assert material_digest(material, refuse) != d
     more = GuardMaterial([*material.host_certs, ("x.pem", cert_pem(fleet.kit.us.cert))],
                          material.host_crls, material.owner_certs, material.owner_crls)
     assert material_digest(more, config) != d
