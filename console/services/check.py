@@ -16,6 +16,7 @@ from typing import Any
 from console.core import migration as mig
 from console.core.check import Finding, impact_sentence, iso, placement_reasons, signer_of
 from console.core.envelope import reason
+from console.core.inventory import VMView
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
 from console.services.guard import GuardService, GuardState
@@ -46,7 +47,8 @@ def _no_policy_admitted(service: FleetService, host: str) -> bool:
     return spec is None or spec.guard_no_policy != "refuse"
 
 
-def misplaced(service: FleetService, at: dt.datetime | None = None) -> list[Placement]:
+def misplaced(service: FleetService, at: dt.datetime | None = None, *,
+              vms: Iterable[VMView] | None = None) -> list[Placement]:
     """Every VM on a host its owner's policy refuses at ``at``, with every failing check.
 
     The allowed-target matrix says which VMs are fine where they are (``at_home``); only
@@ -56,11 +58,11 @@ def misplaced(service: FleetService, at: dt.datetime | None = None) -> list[Plac
     a host whose guard refuses such VMs (``guard_no_policy = "refuse"``).
     """
     when = at or service.at
-    vms = [v for v in service.vms() if v.host and v.state not in _OFF_STATES]
+    placed = [v for v in (service.vms() if vms is None else vms) if v.host and v.state not in _OFF_STATES]
     hosts = {h.name: h for h in service.hosts()}
     home = service.matrix(when).at_home
     out: list[Placement] = []
-    for v in vms:
+    for v in placed:
         view = hosts.get(v.host)
         if v.uuid in home or view is None or view.reachability == "down":
             continue
@@ -140,7 +142,7 @@ class CheckService:
             findings.extend(self._half_done())
         findings.extend(self._host_certificates())
         findings.extend(self._placement(now))
-        findings.extend(self._expiring(now))
+        findings.extend(self.expiring(now))
         return CheckReport(findings, now, self.offline, self.days, len(s.hosts()), len(s.vms()),
                            guard_states)
 
@@ -230,7 +232,9 @@ class CheckService:
             s.matrix(now)  # leave the service's cache at "now" for whoever asks next
         return impact_sentence(when, *hit)
 
-    def _expiring(self, now: dt.datetime) -> list[Finding]:
+    def expiring(self, now: dt.datetime | None = None) -> list[Finding]:
+        """Everything that expires within ``days`` (or has expired), soonest first, with impact."""
+        now = now or self.service.at
         s = self.service
         horizon = now + dt.timedelta(days=self.days)
         items: list[tuple[dt.datetime, str, str, str, str, str]] = []  # when, code, text, fix, vm, host

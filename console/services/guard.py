@@ -294,8 +294,8 @@ class GuardService:
         return data
 
     async def status_one(self, host: HostSpec) -> GuardState:
-        if not is_live(host):
-            return GuardState(host.name, "not-live", problem="no ssh in the fleet file")
+        if not is_live(host) or not host.ssh:
+            return GuardState(host.name, "not-live", problem="no ssh in the fleet file (the guard needs it)")
         expected = self.plan(host).digest
         try:
             conn = await self.inventory.pool.connect(host.ssh, host.jump, name=host.name)
@@ -336,8 +336,9 @@ class GuardService:
         return list(await asyncio.gather(*(self.status_one(h) for h in hosts)))
 
     async def install_one(self, host: HostSpec, *, restart: bool = False) -> dict[str, Any]:
-        if not is_live(host):
-            return {"host": host.name, "ok": False, "problem": "no ssh in the fleet file"}
+        if not is_live(host) or not host.ssh:
+            return {"host": host.name, "ok": False,
+                    "problem": "no ssh in the fleet file (the guard needs it)"}
         plan = self.plan(host)
         b = bundle()
         try:
