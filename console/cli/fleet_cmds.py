@@ -7,7 +7,6 @@ The JSON shapes are a contract too (see docs/FLEET.md).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import sys
@@ -29,7 +28,6 @@ from console.core.errors import InputError
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
-from console.services.inventory import refresh_fleet
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -83,6 +81,10 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool) -> FleetService
     """
     service = FleetService.load_strict(path, at=at)
     if not offline and service.spec is not None and service.spec.hosts:
+        import asyncio
+
+        from console.services.inventory import refresh_fleet  # asyncssh/libvirt: only when needed
+
         asyncio.run(refresh_fleet(service))
     return service
 
