@@ -172,9 +172,13 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
         out = result.outcome
         if tty:
             click.echo("")
-            verdict = {"success": "MIGRATED", "aborted": "ABORTED"}.get(out.result, "FAILED")
+            verdict = {"success": "MIGRATED", "aborted": "ABORTED", "unknown": "OUTCOME UNKNOWN"}.get(
+                out.result, "FAILED")
             downtime = f", downtime {out.downtime_ms} ms" if out.downtime_ms is not None else ""
             click.echo(f"{verdict}: {out.message} (took {out.timings.get('total', 0):.1f} s{downtime})")
+            if out.result != "success" or any(not h.answered for h in out.hosts):
+                for h in out.hosts:
+                    click.echo(f"  {h.describe()}")
             click.echo(f"  audit: {service.audit.path} (head {service.audit.head[:16]}…)")
         else:
             _emit("outcome", {"run": result.run_id, **out.as_json(), "audit_log": str(service.audit.path)})
