@@ -728,8 +728,8 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
       the VM, both run it, it runs nowhere); ``next_step`` names the host to check.
     """
     hosts = (source, target)
-    reconcile_hint = ("then run `escort reconcile` (or the console's Migrations tab, key s) "
-                      "to find and fix any copy left behind")
+    reconcile_hint = ("`escort reconcile` (or the console's Migrations tab, key s) finds and fixes "
+                      "any copy left behind")
     if source.running and target.running:
         return Verdict("unknown", "", hosts,
                        f"{vm} is running on BOTH {source.host} and {target.host} (checked)",
@@ -776,8 +776,8 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
     seen = "; ".join(h.describe() for h in hosts)
     if silent:
         names = " and ".join(h.host for h in silent)
-        step = (f"check {names} (" + "; ".join(f"{h.host}: {h.problem}" for h in silent) + "), "
-                + reconcile_hint)
+        step = (f"check {names} (" + "; ".join(f"{h.host}: {h.problem}" for h in silent) + "); when it "
+                f"answers again, {reconcile_hint}")
         return Verdict("unknown", "", hosts,
                        f"{vm}: where it runs is UNKNOWN — {seen}", step, True)
     return Verdict("unknown", "", hosts,

@@ -735,6 +735,18 @@ class MigrationService:
         domains = {n: list(r.facts.domains) for n, r in refreshed.items() if r.facts is not None}
         return mig.find_reconcile_cases(domains, self._last_targets())
 
+    def unverified(self) -> list[dict[str, Any]]:
+        """Migrations whose latest outcome in the audit log is "unknown" (a host could not
+        be asked): each is offered again until a reconcile scan sees both hosts."""
+        latest: dict[str, dict[str, Any]] = {}
+        try:
+            for e in read_entries(self.audit.path):
+                if e.get("kind") == "outcome":
+                    latest[str(e.get("uuid"))] = e
+        except EscortError:
+            return []
+        return [e for e in latest.values() if e.get("vm_state") == "unknown"]
+
     def _last_targets(self) -> dict[str, str]:
         path = self.audit.path
         out: dict[str, str] = {}
