@@ -195,7 +195,7 @@ def _preflight(ok: bool = True) -> mig.Preflight:
 def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
              **kw: Any) -> MigrationService:
     opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
-                            "settle_s": 0.3, **kw}
+                            "settle_s": 30.0, **kw}  # a deadline only: both answer at once
     return MigrationService(fleet or FakeFleet(), FakeInventory(world),  # type: ignore[arg-type]
                             audit=AuditLog(tmp_path / "audit.log"), **opts)
 
