@@ -720,7 +720,10 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
     * moved: verified running on the target, and the source did not answer "running".
       A source that could not be asked may still hold a *paused* copy (libvirt never
       resumes a source after switch-over): that is said, and reconcile finds it later.
-    * stayed: verified running on the source, and the target holds no running copy.
+    * stayed: verified running on the source, and the target holds no running copy
+      (when the target could not be asked: only if libvirt did not resume the source
+      after a switch-over — reason "migration canceled" — because then the target may
+      have resumed it too, its answer lost).
       A target that could not be asked may hold an unfinished incoming QEMU: it was
       started paused and only the target's libvirtd could resume it, so it cannot run
       by itself; the next step says to check the target when it is back.
@@ -753,7 +756,8 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
         return Verdict("moved", target.host, hosts,
                        f"{vm} moved: it runs on {target.host} (checked){gone}{extra}",
                        step, leftover or not source.answered)
-    if source.running and not libvirt_ok:
+    resumed_after_switchover = (source.copy is not None and source.copy.state_reason == "migration canceled")
+    if source.running and not libvirt_ok and (target.answered or not resumed_after_switchover):
         leftover = target.answered and target.copy is not None
         extra = ""
         step = ""

@@ -34,7 +34,7 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ ABORT_CALL_S = 5.0
 #: returns as soon as both hosts answered (or one is known to be gone); this is only
 #: how long a host that does not answer at all is waited for.
 SETTLE_S = 20.0
+#: The reason libvirt gives a source it resumed after a failed switch-over (Confirm "cancelled").
+CANCELLED_REASON = "migration canceled"
 #: How often a host that has not given a final answer is asked again.
 VERIFY_POLL_S = 0.5
 #: One "where is the VM" call may take this long before it counts as no answer (yet).
@@ -137,6 +139,7 @@ class MigrationRun:
         self._abort_hook: Callable[[str], Any] | None = None
         self.task: asyncio.Task[MigrationResult] | None = None
         self.stopped_waiting = ""  # who stopped the verification's wait ("" = nobody)
+        self.fenced = ""  # the host where escort paused the VM so it cannot run twice ("" = none)
         self._stop_wait = asyncio.Event()
 
     # -- publishing -----------------------------------------------------------------
@@ -525,7 +528,26 @@ class MigrationService:
                                                timeout=3.0)
                     run._publish(run.tracker.complete(completed))
                     run._publish(run.tracker.set_phase("verifying", "checking where the VM runs"))
+            fenced = ""
+            if new_dom is None and not copied:
+                # libvirt resumes a source it had paused for switch-over with the reason
+                # "migration canceled": the copy was over although the poller missed it
+                with contextlib.suppress(EscortError):
+                    state = await src.call(_state_of, src.conn, plan.vm_uuid, timeout=5.0)
+                    copied = state == ("running", CANCELLED_REASON)
+            if new_dom is None and copied:
+                # The copy was over when libvirt failed: the target may have resumed the VM
+                # while its answer (Finish) was lost, and libvirt's client then resumes the
+                # source too (Confirm "cancelled"). Measured in the lab (link cut just after
+                # the target ran the VM): both copies ran. Pause the source first; resume it
+                # only once the target has answered that it does not run the VM.
+                fenced = await self._fence(run, src)
             seen = await self._observe(run)
+            if fenced and seen[1].answered and not seen[1].running:
+                await self._unfence(run, src)
+                fenced = ""
+                seen = await self._observe(run)
+            run.fenced = fenced
             outcome = self._conclude(run, seen, libvirt_ok=new_dom is not None, error=error,
                                      watchdog=watchdog_fired)
             timings["verify"] = self.clock() - t_ver
@@ -555,7 +577,7 @@ class MigrationService:
             "target_cert_sha256": plan.cert_fingerprint, "policy_hash": plan.policy_hash,
             "grant_id": plan.grant_id, "tls_name": plan.tls_name, "watchdog": watchdog_fired,
             "aborted_by": run.abort_requested, "data_processed": run.progress.data_processed,
-            "stopped_waiting": run.stopped_waiting,
+            "stopped_waiting": run.stopped_waiting, "fenced": run.fenced,
         }
         try:
             written.append(await self._record(entry))
@@ -585,6 +607,29 @@ class MigrationService:
             if done:
                 return
         await asyncio.wait({fut}, timeout=30.0)
+
+    async def _fence(self, run: MigrationRun, src: Any) -> str:
+        """Pause the source's copy if it runs; returns the host name when it did."""
+        run._publish(run.tracker.set_phase("verifying", f"the copy was over when libvirt failed: pausing "
+                                           f"{run.plan.vm_name} on {run.plan.source} until "
+                                           f"{run.plan.target} says it does not run it"))
+        try:
+            paused = await src.call(_suspend_if_running, src.conn, run.plan.vm_uuid, timeout=5.0)
+        except EscortError:
+            return ""  # the source cannot be asked either: its libvirtd keeps it paused itself
+        if paused:
+            with contextlib.suppress(Exception):
+                await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+                                    "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "pause",
+                                    "why": "the copy was over when libvirt failed; the target may run it"})
+        return run.plan.source if paused else ""
+
+    async def _unfence(self, run: MigrationRun, src: Any) -> None:
+        with contextlib.suppress(EscortError):
+            await src.call(_resume_if_paused, src.conn, run.plan.vm_uuid, timeout=5.0)
+            await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+                                "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "resume",
+                                "why": f"{run.plan.target} answered: it does not run the VM"})
 
     async def _ask(self, name: str, role: mig.Role, uuid: str) -> mig.HostSeen:
         """One host's answer: the VM's state there, or why the host could not be asked."""
@@ -688,7 +733,13 @@ class MigrationService:
             reasons.append(Reason("migration.failed", error, _fix_for(error)))
             cause = error
         paused = self._paused_warning(plan, source)
-        if paused:
+        if run.fenced:
+            reasons.append(Reason(
+                "migration.fenced", f"escort paused {plan.vm_name} on {plan.source}: the copy was over when "
+                f"libvirt failed, so {plan.target} may be running it (its answer was lost)",
+                f"when {plan.target} answers: if it runs the VM, `escort reconcile` removes the paused "
+                f"copy on {plan.source}; if not, it resumes it there"))
+        elif paused:
             reasons.append(paused)
         for h in seen:
             if not h.answered:
@@ -711,6 +762,8 @@ class MigrationService:
         else:
             result = "unknown"
             message = f"{cause}. {verdict.summary}"
+        if run.fenced:
+            message += "".join(f". {r.message}" for r in reasons if r.code == "migration.fenced")
         if verdict.next_step:
             message += f". Next: {verdict.next_step}"
         return mig.Outcome(result, verdict.vm_on, message, reasons, downtime_ms=run.progress.downtime_ms,
@@ -732,8 +785,26 @@ class MigrationService:
         refreshed = await self.inventory.refresh(hosts)
         for name, r in refreshed.items():
             self.fleet.apply_facts(name, r.facts, r.problem)
-        domains = {n: list(r.facts.domains) for n, r in refreshed.items() if r.facts is not None}
+        fenced = self._fenced()
+        domains = {n: [replace(d, state_reason="migration") if (d.uuid, n) in fenced and d.state == "paused"
+                       else d for d in r.facts.domains]
+                   for n, r in refreshed.items() if r.facts is not None}
         return mig.find_reconcile_cases(domains, self._last_targets())
+
+    def _fenced(self) -> set[tuple[str, str]]:
+        """(uuid, host) pairs escort paused after a lost Finish and nobody reconciled since:
+        reconcile treats them as paused for the migration (resume, or remove if the other runs)."""
+        out: set[tuple[str, str]] = set()
+        try:
+            for e in read_entries(self.audit.path):
+                key = (str(e.get("uuid")), str(e.get("host")))
+                if e.get("kind") == "fence":
+                    (out.add if e.get("action") == "pause" else out.discard)(key)
+                elif e.get("kind") == "reconcile":
+                    out = {k for k in out if k[0] != str(e.get("uuid"))}
+        except EscortError:
+            return set()
+        return out
 
     def unverified(self) -> list[dict[str, Any]]:
         """Migrations whose latest outcome in the audit log is "unknown" (a host could not
@@ -813,6 +884,27 @@ def _sample(dom: Any) -> tuple[dict[str, Any], bool] | None:
     except libvirt.libvirtError:
         return None
     return stats, False
+
+
+def _state_of(conn: Any, uuid: str) -> tuple[str, str]:
+    from console.adapters.libvirt import state_name
+
+    state, reason = conn.lookupByUUIDString(uuid).state()
+    return state_name(state, reason)
+
+
+def _suspend_if_running(conn: Any, uuid: str) -> bool:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+        dom.suspend()
+        return True
+    return False
+
+
+def _resume_if_paused(conn: Any, uuid: str) -> None:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
 
 
 def _probe(conn: Any) -> str:

@@ -395,6 +395,9 @@ def _seen(host: str, role: str, state: str | None, *, persistent: bool = True, r
     (("running", True, ""), ("running", True, ""), False, "unknown", "", True),
     (("paused", True, "migration"), (None, True, ""), False, "unknown", "", True),
     (("running", True, ""), (None, True, ""), True, "unknown", "", True),  # libvirt said yes: odd
+    # resumed by libvirt after a switch-over, target silent: the target may run it too
+    (("running", True, "migration canceled"), ("down", False, ""), False, "unknown", "", True),
+    (("running", True, "migration canceled"), (None, True, ""), False, "stayed", "S", False),
 ])
 def test_judge_three_values(src: tuple[str | None, bool, str], dst: tuple[str | None, bool, str], ok: bool,
                             state: str, on: str, reconcile: bool) -> None:

@@ -57,6 +57,7 @@ class World:
         self.silent: set[str] = set()  # hosts that never answer (a cut link)
         self.target_daemon_dead = threading.Event()  # the target's libvirtd died mid-way
         self.asks: list[str] = []  # hosts asked where the VM is
+        self.lost_finish = False  # the target ran the VM but its answer never came back
 
 
 class FakeDom:
@@ -76,6 +77,12 @@ class FakeDom:
             if w.aborts and not w.ignore_abort:
                 raise _err("operation aborted: job 'migration out' canceled by client",
                            libvirt.VIR_ERR_OPERATION_ABORTED)
+            if w.release.is_set() and w.lost_finish:
+                time.sleep(w.finish_s)
+                w.where[dconn.host] = "running"  # Finish resumed it, but its answer was lost ...
+                w.silent.add(dconn.host)
+                raise _err("End of file while reading data: Input/output error",
+                           libvirt.VIR_ERR_SYSTEM_ERROR)  # ... and Confirm resumed the source
             if w.release.is_set():
                 time.sleep(w.finish_s)
                 del w.where["src"]
@@ -102,7 +109,17 @@ class FakeDom:
         return 0
 
     def state(self) -> list[int]:
+        if self.world.where.get(self.host) == "paused":
+            return [libvirt.VIR_DOMAIN_PAUSED, 1]
         return [libvirt.VIR_DOMAIN_RUNNING, 1]
+
+    def suspend(self) -> int:
+        self.world.where[self.host] = "paused"
+        return 0
+
+    def resume(self) -> int:
+        self.world.where[self.host] = "running"
+        return 0
 
     def isPersistent(self) -> int:
         return 1
@@ -457,3 +474,55 @@ async def test_libvirt_error_after_switchover_but_vm_moved_is_success(tmp_path: 
     out = result.outcome
     assert (out.result, out.vm_state, out.vm_on) == ("success", "moved", "dst")
     assert "libvirt reported an error after the switch-over" in out.message
+
+
+async def test_lost_finish_answer_fences_the_source(tmp_path: Path) -> None:
+    """The target resumed the VM, its answer was lost, libvirt's client resumed the source
+    (Confirm "cancelled"): escort pauses the source so the VM never runs twice, reports
+    unknown, and reconcile later removes the paused copy once the target shows it runs."""
+    world = World()
+    world.finish_s = 0.5
+    world.lost_finish = True
+    svc = _service(tmp_path, world, settle_s=0.5)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.release.set()
+    result = await asyncio.wait_for(run.wait(), 30)
+    out = result.outcome
+    assert world.where == {"src": "paused", "dst": "running"}  # never both running after escort
+    assert (out.result, out.vm_state, run.fenced) == ("unknown", "unknown", "src")
+    assert "escort paused web on src" in out.message and "migration.fenced" in [r.code for r in out.reasons]
+    entries = read_entries(tmp_path / "audit.log")
+    assert [e["kind"] for e in entries] == ["decision", "fence", "outcome"]
+    assert entries[-1]["fenced"] == "src"
+    assert svc._fenced() == {(UUID, "src")}
+    await svc.close()
+    assert verify_file(tmp_path / "audit.log").ok
+
+
+async def test_lost_finish_but_target_answers_without_the_vm_resumes_the_source(tmp_path: Path) -> None:
+    world = World()
+    world.finish_s = 0.5
+    svc = _service(tmp_path, world)
+    real = FakeDom.migrate3
+
+    def finish_failed(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
+        while not world.release.is_set():
+            time.sleep(0.01)
+        time.sleep(world.finish_s)
+        raise _err("End of file while reading data: Input/output error", libvirt.VIR_ERR_SYSTEM_ERROR)
+
+    FakeDom.migrate3 = finish_failed  # type: ignore[method-assign]
+    try:
+        run = await svc.start(_preflight())
+        await _when(lambda: world.processed >= 3 * MIB)
+        world.release.set()
+        result = await asyncio.wait_for(run.wait(), 30)
+    finally:
+        FakeDom.migrate3 = real  # type: ignore[method-assign]
+        await svc.close()
+    out = result.outcome
+    assert world.where == {"src": "running"} and run.fenced == ""
+    assert (out.result, out.vm_state, out.vm_on) == ("failed", "stayed", "src")
+    kinds = [(e["kind"], e.get("action")) for e in read_entries(tmp_path / "audit.log")]
+    assert kinds == [("decision", None), ("fence", "pause"), ("fence", "resume"), ("outcome", None)]
