@@ -780,8 +780,7 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
     seen = "; ".join(h.describe() for h in hosts)
     if silent:
         names = " and ".join(h.host for h in silent)
-        step = (f"check {names} (" + "; ".join(f"{h.host}: {h.problem}" for h in silent) + "); when it "
-                f"answers again, {reconcile_hint}")
+        step = f"check {names} (could not be asked, see above); when it answers again, {reconcile_hint}"
         return Verdict("unknown", "", hosts,
                        f"{vm}: where it runs is UNKNOWN — {seen}", step, True)
     return Verdict("unknown", "", hosts,

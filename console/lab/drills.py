@@ -119,8 +119,10 @@ def truth(lab: Lab, uuid: str) -> dict[str, str]:
 
 
 def _settled(states: dict[str, str]) -> bool:
-    """No unfinished incoming copy left for libvirt itself to remove."""
-    return not any(s.endswith("transient") for s in states.values())
+    """No unfinished incoming copy left for libvirt itself to remove, nothing mid-way
+    (a copy "shutting down" is being removed by libvirt right now)."""
+    return all(not s.endswith("transient") and s.split(" (")[0] in ("running", "shut off", "paused")
+               for s in states.values())
 
 
 def _qemu_started(pid_file: Path) -> bool:
@@ -256,8 +258,7 @@ async def run_drill(lab: Lab, fault: str, moment: str, *, fleet_file: Path, audi
             r.reconciled.append(case.code)
             if case.steps:
                 await svc.resolve(case, faults_admin(fleet_file))
-        if cases:
-            r.truth = await asyncio.to_thread(truth, lab, r.uuid)
+        r.truth = await asyncio.to_thread(truth, lab, r.uuid)
         say(f"truth {r.truth}, reconcile {r.reconciled}")
         r.problems += check_report(r, out)
         if out.vm_state == "unknown":

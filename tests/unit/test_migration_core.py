@@ -427,3 +427,16 @@ def test_leftover_incoming_copy_is_a_reconcile_item() -> None:
     assert case.code == "reconcile.leftover_incoming"
     assert case.steps == (("destroy", "par-1"),)
     assert "fra-1" in case.advice
+
+
+def test_escort_reconcile_on_the_demo_fleet(demo_fleet: Path) -> None:
+    """`escort reconcile`: every host asked (libvirt's test driver), JSON shape, exit codes."""
+    res = CliRunner().invoke(main, ["reconcile", "--fleet", str(demo_fleet), "--json"])
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert set(data) == {"cases", "unverified", "unreachable", "fixed"}
+    assert res.exit_code == (0 if not data["cases"] and not data["unreachable"] else 1)
+    assert data["fixed"] == []
+    res = CliRunner().invoke(main, ["--readonly", "reconcile", "--fleet", str(demo_fleet), "--fix"])
+    assert res.exit_code == 3, res.output
+    res = CliRunner().invoke(main, ["reconcile"])
+    assert res.exit_code == 2 and "--fleet" in res.output
