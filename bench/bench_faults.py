@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import describe, record
@@ -62,18 +63,31 @@ async def _run(lab: Lab, args: argparse.Namespace, out: Path | None) -> list[dri
     return results
 
 
-def _table(results: list[drills.DrillResult]) -> str:
-    cells: dict[tuple[str, str], list[drills.DrillResult]] = collections.defaultdict(list)
+def _table(results: list[dict[str, Any]]) -> str:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for r in results:
-        cells[(r.fault, r.moment)].append(r)
+        cells[(r["fault"], r["moment"])].append(r)
     lines = ["| fault | moment | runs | moved | stayed | unknown | lost | doubled | wrongly reported "
              "| missed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (fault, moment), rs in cells.items():
-        count = collections.Counter(r.vm_state for r in rs)
+        count = collections.Counter(r["vm_state"] for r in rs)
         lines.append(f"| {fault} | {moment} | {len(rs)} | {count['moved']} | {count['stayed']} | "
-                     f"{count['unknown']} | {sum(r.lost for r in rs)} | {sum(r.doubled for r in rs)} | "
-                     f"{sum(r.wrong for r in rs)} | {sum(not r.fired for r in rs)} |")
+                     f"{count['unknown']} | {sum(r['lost'] for r in rs)} | {sum(r['doubled'] for r in rs)} | "
+                     f"{sum(r['wrong'] for r in rs)} | {sum(not r['fired'] for r in rs)} |")
     return "\n".join(lines)
+
+
+def _report(results: list[dict[str, Any]], runs: str, wall_s: float, faults: int, moments: int) -> str:
+    lost = sum(r["lost"] for r in results)
+    doubled = sum(r["doubled"] for r in results)
+    wrong = sum(r["wrong"] for r in results)
+    missed = sum(not r["fired"] for r in results)
+    return (f"## bench_faults.py — outage drills: {runs} x {faults} faults x {moments} moments "
+            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+            f"Machine: {describe()}\n\n"
+            f"{len(results)} scenarios in {wall_s / 60:.1f} min: **{lost} VMs lost, {doubled} doubled, "
+            f"{wrong} wrongly reported**; {missed} missed (moment not reached or fault refused; "
+            "not counted as passes).\n\n" + _table(results) + "\n")
 
 
 def main() -> int:
@@ -83,7 +97,21 @@ def main() -> int:
     ap.add_argument("--moment", action="append", choices=drills.MOMENTS)
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--jsonl", type=Path, default=None, help="append every scenario as JSON here")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="JSONL",
+                    help="only summarize a --jsonl file of an earlier (possibly interrupted) run")
     args = ap.parse_args()
+    if args.summarize is not None:
+        rows = [json.loads(line) for line in args.summarize.read_text().splitlines() if line.strip()]
+        rounds = max((r["round"] for r in rows), default=0)
+        full = sum(1 for rnd in range(1, rounds + 1)
+                   if sum(r["round"] == rnd for r in rows) == len(drills.FAULT_MATRIX) * len(drills.MOMENTS))
+        report = _report(rows, f"{full} complete round(s) ({len(rows)} scenarios)", 0.0,
+                         len({r["fault"] for r in rows}), len({r["moment"] for r in rows}))
+        report = report.replace(" in 0.0 min", "")
+        print(report)
+        if args.record:
+            record(report)
+        return 0
     args.fault = args.fault or list(drills.FAULT_MATRIX)
     args.moment = args.moment or list(drills.MOMENTS)
     with tempfile.TemporaryDirectory(prefix="escort-bench-faults-") as tmp:
@@ -95,21 +123,13 @@ def main() -> int:
         finally:
             lab.down()
         wall = time.monotonic() - t0
-    total = len(results)
-    lost = sum(r.lost for r in results)
-    doubled = sum(r.doubled for r in results)
-    wrong = sum(r.wrong for r in results)
-    missed = sum(not r.fired for r in results)
-    report = (f"## bench_faults.py — outage drills: {args.runs} run(s) x {len(args.fault)} faults x "
-              f"{len(args.moment)} moments ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-              f"Machine: {describe()}\n\n"
-              f"{total} scenarios in {wall / 60:.1f} min: **{lost} VMs lost, {doubled} doubled, "
-              f"{wrong} wrongly reported**; {missed} missed (moment not reached or fault refused; "
-              "not counted as passes).\n\n" + _table(results) + "\n")
+    rows = [r.as_json() for r in results]
+    report = _report(rows, f"{args.runs} run(s)", wall, len(args.fault), len(args.moment))
     print(report)
     if args.record:
         record(report)
-    return 0 if not (lost or doubled or wrong or missed) else 1
+    bad = any(r["lost"] or r["doubled"] or r["wrong"] or not r["fired"] for r in rows)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -335,10 +335,14 @@ def remove_guest(lab: Lab, name: str) -> list[str]:
                 dom = conn.lookupByUUIDString(uuid)
             except libvirt.libvirtError:
                 continue
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+            except libvirt.libvirtError as exc:  # a transient leftover libvirt removed meanwhile
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
             done.append(host)
         finally:
             conn.close()
