@@ -382,10 +382,13 @@ async def test_a_while_verifying_stops_waiting_without_an_abort_dialog(make_app:
                                 "stop waiting: a (console) / Ctrl-C (CLI)")
         hub.runs.append(run)  # type: ignore[arg-type]
         hub.versions[run.id] = 0
-        await pilot.pause(0.7)
+        def phase_text() -> str:
+            panels = [p for p in screen.query(MigrationPanel) if p.run_id == "r9"]
+            return str(panels[0].query_one(".mp-phase", Label).render()) if panels else ""
+
+        await wait_for(pilot, lambda: "waiting for par-1" in phase_text(), "the countdown in the panel")
+        assert "14 s left" in phase_text()
         panel = next(p for p in screen.query(MigrationPanel) if p.run_id == "r9")
-        phase = str(panel.query_one(".mp-phase", Label).render())
-        assert "waiting for par-1" in phase and "14 s left" in phase
         panel.focus()
         await pilot.press("a")
         await wait_for(pilot, lambda: run.stopped_waiting == "admin", "stop waiting")
