@@ -55,6 +55,7 @@ from console.adapters.ssh import (
 )
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
+from console.core.guard import guard_refusal
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
@@ -730,8 +731,9 @@ class MigrationService:
             reasons.append(Reason("migration.aborted", f"aborted by {run.abort_requested}: {error}"))
             cause = reasons[0].message
         else:
-            reasons.append(Reason("migration.failed", error, _fix_for(error)))
-            cause = error
+            reasons.append(guard_refusal(error, plan.target)
+                           or Reason("migration.failed", error, _fix_for(error)))
+            cause = reasons[0].message
         paused = self._paused_warning(plan, source)
         if run.fenced:
             reasons.append(Reason(
