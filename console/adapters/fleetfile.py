@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -277,10 +277,16 @@ def _nesting_exceeds(raw: bytes, limit: int) -> bool:
     return b"()" in b
 
 
-def _line_at(raw: bytes, pos: int) -> str:
-    start = raw.rfind(b"\n", 0, pos) + 1
-    end = raw.find(b"\n", pos)
-    return raw[start:end if end >= 0 else len(raw)].decode("utf-8", "replace")
+def _lines_of(raw: bytes, matches: Iterator[re.Match[bytes]]) -> Iterator[str]:
+    """Each line holding a match, once (many matches on one long line cost one look)."""
+    done = -1
+    for m in matches:
+        if m.start() <= done:
+            continue
+        start = raw.rfind(b"\n", 0, m.start()) + 1
+        end = raw.find(b"\n", m.start())
+        done = end if end >= 0 else len(raw)
+        yield raw[start:done].decode("utf-8", "replace")
 
 
 def _precheck(text: str, source: str) -> None:
@@ -295,12 +301,12 @@ def _precheck(text: str, source: str) -> None:
     if _nesting_exceeds(raw, MAX_TOML_DEPTH):
         raise InputError(f"{source}: arrays or tables nested deeper than {MAX_TOML_DEPTH} levels")
     if raw.count(b".") >= MAX_KEY_PARTS:
-        for m in _MANY_DOTS.finditer(raw):
-            if _TOML_DOTTED.search(_TOML_SKIP.sub('""', _line_at(raw, m.start()))):
+        for line in _lines_of(raw, _MANY_DOTS.finditer(raw)):
+            if _TOML_DOTTED.search(_TOML_SKIP.sub('""', line)):
                 raise InputError(f"{source}: a dotted key has more than {MAX_KEY_PARTS} parts")
     if _LONG_RUN in raw.translate(_DIGITS_TO_1, b"_"):
-        for m in _TOML_DIGITS.finditer(raw):
-            if _TOML_DIGITS.search(_TOML_SKIP.sub('""', _line_at(raw, m.start())).encode()):
+        for line in _lines_of(raw, _TOML_DIGITS.finditer(raw)):
+            if _TOML_DIGITS.search(_TOML_SKIP.sub('""', line).encode()):
                 raise InputError(f"{source}: a number has more than {MAX_DIGITS} digits")
 
 
