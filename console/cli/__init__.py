@@ -6,6 +6,7 @@ reach users (set ESCORT_DEBUG=1 to see them).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -14,8 +15,45 @@ import click
 
 from console.core.errors import EscortError
 
+#: Every module that adds commands, and which commands each adds. A command is
+#: imported only when it runs (``escort explain`` need not import asyncssh, libvirt or
+#: Textual: ~0.5-1 s of a one-pair answer on this machine). A name not listed here
+#: imports every module first, so a module adding a command is never missed.
+MODULES: dict[str, tuple[str, ...]] = {
+    "pki_cmds": ("cert", "pki"),
+    "fleet_cmds": ("explain", "targets", "policy", "grant"),
+    "hosts_cmds": ("hosts",),
+    "lab_cmds": ("lab",),
+    "migrate_cmds": ("audit", "migrate"),
+    "ui_cmds": ("demo",),
+    "evacuate_cmds": ("evacuate", "drain"),
+}
+_loaded: set[str] = set()
+
+
+def _load(module: str, group: click.Group) -> None:
+    if module not in _loaded:
+        _loaded.add(module)
+        importlib.import_module(f"console.cli.{module}").register(group)
+
 
 class EscortGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for module in MODULES:
+            _load(module, self)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        for module, names in MODULES.items():
+            if cmd_name in names:
+                _load(module, self)
+        found = super().get_command(ctx, cmd_name)
+        if found is None:
+            for module in MODULES:
+                _load(module, self)
+            found = super().get_command(ctx, cmd_name)
+        return found
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -47,32 +85,17 @@ class EscortGroup(click.Group):
 @click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
               help="Fleet file (TOML) to open in the console.")
 @click.option("--readonly", is_flag=True, help="Disable every action that changes anything.")
+@click.option("--offline", is_flag=True,
+              help="Console: contact no host; decide from the fleet file and local certificates.")
 @click.version_option(package_name="escort")
 @click.pass_context
-def main(ctx: click.Context, fleet_file: str | None, readonly: bool) -> None:
+def main(ctx: click.Context, fleet_file: str | None, readonly: bool, offline: bool) -> None:
     """escort: certificate-gated VM migration, from a terminal."""
     if ctx.invoked_subcommand is None:
         from console.cli.ui_cmds import open_console
 
-        open_console(fleet_file, readonly=readonly)
+        open_console(fleet_file, readonly=readonly, offline=offline)
 
-
-def _register() -> None:
-    from console.cli import (
-        evacuate_cmds,
-        fleet_cmds,
-        hosts_cmds,
-        lab_cmds,
-        migrate_cmds,
-        pki_cmds,
-        ui_cmds,
-    )
-
-    for module in (pki_cmds, fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, ui_cmds, evacuate_cmds):
-        module.register(main)
-
-
-_register()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
