@@ -33,6 +33,7 @@ import contextlib
 import getpass
 import os
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ KEY_REVOKED = "host.key_revoked"
 #: the codes of host-key refusals whose presented plain key can be accepted with ``hosts trust``
 TRUSTABLE = frozenset({KEY_UNKNOWN, HOST_CERT_CA_UNKNOWN, HOST_CERT_PRINCIPAL, HOST_CERT_EXPIRED,
                        HOST_CERT_NOT_YET_VALID})
+CONFIG_CACHE_S = 5.0
 MAX_HOPS = 16  # longer ProxyJump chains are refused as loops (OpenSSH has no limit at all)
 
 
@@ -259,6 +261,10 @@ class SshPool:
         self.command_timeout = command_timeout
         self.agent_timeout = agent_timeout
         self._agents: dict[str, sshkeys.AgentSource] = {}
+        self._config_cache: dict[
+            tuple[str, int | None, str | None],
+            tuple[tuple[tuple[float, int], ...], float, SSHClientConfig],
+        ] = {}
         self._known_hosts = self._read_known_hosts()
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -320,6 +326,26 @@ class SshPool:
         return Hop(spec, host, port, user)
 
     def _load_config(self, target: Target) -> SSHClientConfig:
+        """The ssh_config as it applies to ``target``; reused while the file is unchanged.
+
+        Routes, keys and error messages ask for a hop's config several times per connect;
+        parsing it each time costs milliseconds per host. An entry is reused for at most
+        :data:`CONFIG_CACHE_S` and only while the config file's mtime/size are unchanged
+        (an edited ``Include``d file is seen after at most that long).
+        """
+        stamp = tuple(_file_stamp(p) for p in self._config_paths)
+        key = (target.host, target.port, target.user)
+        hit = self._config_cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] == stamp and now - hit[1] < CONFIG_CACHE_S:
+            return hit[2]
+        config = self._parse_config(target)
+        if len(self._config_cache) > 4096:
+            self._config_cache.clear()
+        self._config_cache[key] = (stamp, now, config)
+        return config
+
+    def _parse_config(self, target: Target) -> SSHClientConfig:
         try:
             config = SSHClientConfig.load(
                 None,
@@ -813,6 +839,14 @@ def _key_type(key: asyncssh.SSHKey | None) -> str:
         if word in alg:
             return word
     return "*"
+
+
+def _file_stamp(path: str) -> tuple[float, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0.0, -1)
+    return (st.st_mtime, st.st_size)
 
 
 def _route_key(hops: Sequence[Hop]) -> str:
