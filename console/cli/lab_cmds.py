@@ -41,22 +41,25 @@ def lab_group() -> None:
 @_dir_option
 @_name_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def lab_up(dir_: str | None, name: str, as_json: bool) -> None:
+@click.option("--no-guard", is_flag=True,
+              help="Leave the escort host guard out (default: installed on every hypervisor).")
+def lab_up(dir_: str | None, name: str, as_json: bool, no_guard: bool) -> None:
     """Start the lab (idempotent; cleans up after a crashed earlier run)."""
     lab = _lab(dir_, name)
-    result = lab.up()
+    result = lab.up(guard=not no_guard)
     if as_json:
         click.echo(json.dumps({"already": result.already, "seconds": round(result.seconds, 3),
                                "dir": str(result.dir), "fleet_file": str(result.fleet_file),
                                "ssh_config": str(lab.ssh_config), "guests": result.guests,
-                               "policies": result.policies}))
+                               "policies": result.policies, "guard": result.guard}))
         return
     if result.already:
         click.echo(f"lab {lab.name!r} is already up in {lab.dir} (`escort lab status` shows it)")
     else:
         extra = "" if result.policies else " (no signed policies: core/policy.py unavailable)"
+        guard = "escort guard on every hypervisor" if result.guard else "NO host guard (--no-guard)"
         click.echo(f"lab {lab.name!r} up in {result.seconds:.1f} s: {len(lab.hypervisors)} "
-                   f"hypervisors behind a jump host, {result.guests} guests{extra}")
+                   f"hypervisors behind a jump host, {result.guests} guests{extra}; {guard}")
     click.echo(f"  fleet file   {result.fleet_file}")
     click.echo(f"  ssh          ssh -F {lab.ssh_config} {lab.hypervisors[0]}")
     click.echo(f"  console      escort --fleet {result.fleet_file}")

@@ -47,6 +47,7 @@ from console.adapters.files import read_limited
 from console.adapters.libvirt import LibvirtHost, libvirt_message
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
+from console.core.guard import guard_refusal
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
@@ -584,7 +585,7 @@ class MigrationService:
             reason = Reason("migration.aborted", f"aborted by {run.abort_requested}: {error}")
             result = "aborted"
         else:
-            reason = Reason("migration.failed", error, _fix_for(error))
+            reason = guard_refusal(error, plan.target) or Reason("migration.failed", error, _fix_for(error))
             result = "failed"
         reasons = [reason]
         state = located.describe()
