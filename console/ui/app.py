@@ -180,6 +180,9 @@ class EscortApp(App[None]):
         # the streamed views are final; hosts now carry their checked chains (cached)
         self._set_views(list(self.service.hosts()), self._vms)
         self.fleet_changed.publish(None)
+        notice = getattr(service, "cache_notice", "")
+        if notice:
+            self.notify(notice, severity="warning", markup=False, timeout=8)
         problems = self.all_problems()
         if len(problems) > problems_before:
             self.notify(f"{plural(len(problems), 'problem')} loading this fleet: {problems[0]} — press p",
