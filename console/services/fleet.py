@@ -622,9 +622,12 @@ class FleetService:
         decisions = [self._decide(rec, h, admin, when, False) for h in self._hosts]
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
 
-    def matrix(self) -> Matrix:
-        """Allowed targets for every VM (the fast path), cached until facts change."""
-        return self._current_matrix()
+    def matrix(self, at: dt.datetime | None = None) -> Matrix:
+        """Allowed targets for every VM (the fast path), cached until facts change.
+
+        ``at``: as of another time (`escort check` asks what breaks when something expires).
+        """
+        return self._current_matrix(at)
 
     def dependants(self, ca_fingerprint: str) -> tuple[int, int]:
         """(hosts whose chain passes through the CA, VMs whose policy trusts it)."""
