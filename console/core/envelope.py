@@ -79,8 +79,9 @@ class OwnerIdentity:
     """Who signed a document: the leaf certificate in ``x5c`` *and* the CA that certified it.
 
     An owner is the owners' CA that issued the certificate (identified by its public
-    key) plus the subject's e-mail address (else its subject): two owners' CAs can
-    both certify an "alice@example.org", and they are two different owners. The
+    key) plus the certificate's subject and e-mail address, as ``pki.OwnerIdentity``
+    says: two owners' CAs can both certify an "alice@example.org", and they are two
+    different owners. The
     issuing CA is known only once the chain has been verified (``bind_issuer``);
     until then ``issuer_key`` is "" and the identity matches nobody.
     """
@@ -100,10 +101,11 @@ class OwnerIdentity:
         """
         if not self.issuer_key:
             return ""
-        return f"{self.issuer_key}/{self.email.lower() if self.email else self.subject}"
+        # as pki.OwnerIdentity.key(): the issuing CA's key, the subject and the e-mail
+        return f"{self.issuer_key}|{self.subject}|{self.email}"
 
     def same_owner(self, other: OwnerIdentity | None) -> bool:
-        """Whether ``other`` is this owner (same issuing CA key and e-mail/subject); fails closed."""
+        """Whether ``other`` is this owner (same issuing CA key, subject and e-mail); fails closed."""
         return other is not None and bool(self.key) and self.key == other.key
 
     def label(self) -> str:
@@ -138,6 +140,9 @@ def bind_issuer(owner: OwnerIdentity, chain: ChainResult | None) -> OwnerIdentit
     if chain is None or not chain.valid or len(chain.chain) < 2:
         return owner
     ca = chain.chain[1]
+    vouched = chain.owner_identity  # the store's own answer (pki), when it gives one
+    if vouched is not None:
+        return replace(owner, issuer_key=vouched.ca_key, issuer=vouched.ca_name or ca.name)
     try:
         key = spki_sha256(ca.cert)
     except (ValueError, UnsupportedAlgorithm):
