@@ -659,3 +659,26 @@ class TestOwner:
         cert = custom_cert("NoSig", iss.make_key(), demo_pki.owners.issuer, ca=False, ku=False,
                            eku=[ExtendedKeyUsageOID.EMAIL_PROTECTION])
         assert codes(owners.verify_owner(cert, [], demo_pki.at)) == {"owner.keyusage"}
+
+
+def test_crl_state_for_the_trust_screen(demo_pki: DemoPKI) -> None:
+    """fresh until …, stale, missing and unusable, as CANode.crl_state and the Trust screen say it."""
+    from console.ui.text import crl_words
+
+    eu, west, us = (demo_pki.regions[r] for r in ("eu-central", "eu-west", "us-east"))
+    forged = iss.crl_pem(iss.issue_crl(iss.Issuer(us.cert, west.key), [],
+                                       iss.Validity.days(9, start=DEMO_START)))
+    store, _ = TrustStore.build(
+        demo_pki.trust_files(),
+        [("eu.crl", demo_pki.crl(eu, days=60)), ("west.crl", demo_pki.crl(west, days=7)), ("us.crl", forged)],
+        at=demo_pki.at)
+    by_name = {n.info.name: n for n in store.nodes()}
+    states = {name: n.crl_state(demo_pki.at)[0] for name, n in by_name.items()}
+    assert states == {"Escort Demo Root CA": "missing", "Escort eu-central CA": "fresh",
+                      "Escort eu-west CA": "stale", "Escort us-east CA": "unusable"}
+    label, sentence, tone = crl_words(by_name["Escort eu-central CA"], demo_pki.at)
+    assert label == f"CRL fresh until {(DEMO_START + dt.timedelta(days=60)):%Y-%m-%d}" and tone == "dim"
+    assert crl_words(by_name["Escort eu-west CA"], demo_pki.at)[0] == "CRL stale"
+    label, sentence, tone = crl_words(by_name["Escort us-east CA"], demo_pki.at)
+    assert label == "CRL unusable" and "forged" in sentence and tone == "bad"
+    assert crl_words(by_name["Escort Demo Root CA"], demo_pki.at)[0] == "CRL missing"
