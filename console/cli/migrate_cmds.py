@@ -1,6 +1,8 @@
 """``escort migrate`` and ``escort audit verify``.
 
-``migrate`` exit codes: 0 migrated (and verified on the target), 1 refused or failed
+``migrate`` first proves that the operator holds the acting admin's SSH key
+(services/identity.py): refused otherwise (exit 1, nothing asked of any host).
+Exit codes: 0 migrated (and verified on the target), 1 refused or failed
 (the VM's state is said), 2 unusable input, 3 read-only mode. Output is a checklist
 and a progress line on a terminal, JSON lines otherwise (or with ``--json``): one
 ``{"event": "preflight"|"progress"|"outcome"|"refused"|"demo", ...}`` object per line.
@@ -105,8 +107,9 @@ def _emit(event: str, payload: dict[str, Any]) -> None:
 
 
 async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: bool, json_out: bool,
-                   readonly: bool, bandwidth: int, stall: float | None) -> int:
+                   readonly: bool, bandwidth: int, stall: float | None, admin_key: str | None = None) -> int:
     from console.services.fleet import FleetService
+    from console.services.identity import AdminIdentity, terminal_prompt
     from console.services.inventory import InventoryService
     from console.services.migration import DEMO_EXPLANATION, MigrationRefused, MigrationService
 
@@ -114,9 +117,15 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
     fleet.require_writable("migration")
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
-    service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall)
+    identity = AdminIdentity(fleet, admin_key=admin_key, passphrase=terminal_prompt())
+    service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall,
+                               identity=identity)
     tty = sys.stdout.isatty() and not json_out
     try:
+        proof = None
+        if fleet.kind != "demo":  # first of all: the operator proves they hold the admin's key
+            proof = await service.prove(admin, f"migrate {vm} to {host}")
+            admin = proof.admin
         pf = await service.preflight(vm, host, admin)
         if tty:
             _print_preflight(pf)
@@ -138,7 +147,7 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
                 click.echo(f"Not confirmed; nothing changed. {pf.vm} stays on {pf.source}.")
                 return 1
         try:
-            run = await service.start(pf)
+            run = await service.start(pf, proof=proof)
         except MigrationRefused as exc:
             if tty:
                 click.echo(f"REFUSED: {exc}. Nothing was changed; {pf.vm} stays on {pf.source or '?'}.")
@@ -188,7 +197,10 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
 @click.argument("vm")
 @click.argument("host")
-@click.option("--admin", default=None, metavar="ID", help="The admin acting (must hold a grant).")
+@click.option("--admin", default=None, metavar="ID",
+              help="The admin acting (must hold a grant; default: the one admin whose key is present).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (besides the SSH agent and the fleet's identity_files).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "json_out", is_flag=True, help="JSON lines (the default when not on a terminal).")
 @click.option("--bandwidth", type=click.IntRange(0, 100_000), default=0, metavar="MIB/S",
@@ -196,8 +208,9 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
 @click.option("--stall-timeout", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
               help="Abort when no progress for this long (default: the fleet file's stall_timeout_s).")
 @click.pass_context
-def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None, yes: bool,
-            json_out: bool, bandwidth: int, stall_timeout: float | None) -> None:
+def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None,
+            admin_key: str | None, yes: bool, json_out: bool, bandwidth: int,
+            stall_timeout: float | None) -> None:
     """Live-migrate VM to HOST over TLS, after the same pre-flight the console shows.
 
     Exit 0 migrated and verified on HOST; 1 refused or failed (the VM's state is
@@ -208,7 +221,7 @@ def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: st
         raise InputError("no fleet file: pass --fleet FILE")
     readonly = bool(ctx.find_root().params.get("readonly"))
     code = asyncio.run(_migrate(str(fleet_path), vm, host, admin, yes, json_out, readonly, bandwidth,
-                                stall_timeout))
+                                stall_timeout, admin_key))
     raise click.exceptions.Exit(code)
 
 

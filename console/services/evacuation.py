@@ -714,6 +714,9 @@ class EvacuationRun:
         """Run every move within the bounds; returns (and emits) the summary."""
         svc = self.service
         started = dt.datetime.now(dt.UTC)
+        prove = getattr(svc.mover, "prove", None)
+        if prove is not None:  # the operator proves the admin's key before anything moves
+            await prove(self.planned.admin, f"{self.planned.title or 'evacuation'}")
         svc.record({"event": "start", "title": self.planned.title, "admin": self.planned.admin,
                     "sources": list(self.planned.sources), "plan": self.planned.as_json(),
                     "limits": {"parallel": self.limits.parallel, "per_source": self.limits.per_source,
@@ -881,11 +884,21 @@ class MigrationMover:
     pre-flight's reasons, and nothing was asked of libvirt.
     """
 
-    def __init__(self, migrations: Any) -> None:
+    def __init__(self, migrations: Any, proof: Any = None) -> None:
         self.migrations = migrations  # services.migration.MigrationService
+        self.proof = proof  # services.identity.AdminProof: one proof for every move of a run
+
+    async def prove(self, admin: str | None, action: str) -> Any:
+        """Prove the admin's key once for the run (refused: nothing moves, the refusal is audited)."""
+        from console.services.identity import is_proof
+
+        if not is_proof(self.proof, admin):
+            self.proof = await self.migrations.prove(admin, action)
+        return self.proof
 
     async def move(self, move: Move, *, admin: str | None, on_progress: ProgressFn,
                    abort: asyncio.Event) -> Outcome:
+        from console.services.identity import AdminNotProven
         from console.services.migration import MigrationRefused
 
         source = move.vm.source
@@ -899,7 +912,9 @@ class MigrationMover:
             first = reasons[0].message if reasons else "pre-flight did not pass"
             return Outcome("refused", source, f"pre-flight refused: {first}", reasons)
         try:
-            run = await self.migrations.start(pf)
+            run = await self.migrations.start(pf, proof=self.proof)
+        except AdminNotProven as exc:
+            return Outcome("refused", source, str(exc), [exc.reason()])
         except MigrationRefused as exc:
             return Outcome("refused", source, str(exc), list(pf.reasons))
         run.subscribe(lambda _run, p: on_progress(p))

@@ -51,6 +51,7 @@ from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, V
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
+from console.services.identity import AdminIdentity, AdminNotProven, AdminProof, is_proof, require_admin
 from console.services.inventory import InventoryService
 
 #: Minimum time between two progress publications (the UI must not be flooded).
@@ -198,8 +199,11 @@ class MigrationService:
                  audit: AuditLog | None = None, stall_timeout_s: float | None = None,
                  poll_interval_s: float = POLL_INTERVAL_S, bandwidth_mib_s: int = 0,
                  cert_margin_s: float = 600.0, finish_grace_s: float = FINISH_GRACE_S,
-                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic,
+                 identity: AdminIdentity | None = None) -> None:
         self.fleet = fleet
+        #: where the acting admin's key is found (agent, --admin-key, identity files)
+        self.identity = identity or AdminIdentity(fleet)
         self.inventory = inventory
         self._audit = audit
         self._owns_audit = audit is None  # close only a log this service opened
@@ -229,6 +233,12 @@ class MigrationService:
     async def _record(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Append + fsync in a thread; returns only when the entry is on disk."""
         return await asyncio.to_thread(self.audit.append, entry)
+
+    # -- who acts -------------------------------------------------------------------
+    async def prove(self, admin: str | None, action: str) -> AdminProof:
+        """Read-only check, then proof that the operator holds ``admin``'s key (refusals audited)."""
+        return await require_admin(self.fleet, action, admin=admin, identity=self.identity,
+                                   audit=self._record)
 
     # -- lookups --------------------------------------------------------------------
     def _vm(self, key: str) -> VMView:
@@ -385,10 +395,23 @@ class MigrationService:
             "flags": plan.flag_names() if plan else [], "preflight_s": round(pf.elapsed_s, 4), **extra,
         }
 
-    async def start(self, pf: mig.Preflight) -> MigrationRun:
-        """Authorise with a fresh, passing pre-flight; audit (fsynced); start; return at once."""
+    async def start(self, pf: mig.Preflight, *, proof: AdminProof | None = None) -> MigrationRun:
+        """Authorise with a fresh, passing pre-flight; audit (fsynced); start; return at once.
+
+        ``proof``: the acting admin's proof of possession (an evacuation proves once for
+        all its moves); without one the admin proves it here, before anything changes.
+        """
         self.fleet.require_writable("migration")
         run_id = uuidlib.uuid4().hex[:12]
+        if self.fleet.kind != "demo":
+            if proof is None:
+                proof = await self.prove(pf.admin, f"migrate {pf.vm} to {pf.target}")
+            if not is_proof(proof, pf.admin):
+                why = AdminNotProven("admin.not_proven", f"no proof that the operator holds admin "
+                                     f"{pf.admin}'s key", "prove the admin's key first", pf.admin)
+                await self._record({"kind": "refusal", "action": f"migrate {pf.vm} to {pf.target}",
+                                    "admin": pf.admin, "code": why.code, "message": why.message})
+                raise why
         if not pf.ok or pf.plan is None:
             await self._record(self._decision_entry(run_id, pf, None))
             raise MigrationRefused(f"{pf.vm} -> {pf.target} refused: "
@@ -401,7 +424,9 @@ class MigrationService:
             raise MigrationRefused(f"the pre-flight is {int(age)} s old; run it again")
         if any(r.plan.vm_uuid == pf.vm_uuid and not r.done for r in self.runs.values()):
             raise MigrationRefused(f"{pf.vm} is already being migrated")
-        return await self._launch(run_id, pf, pf.plan, self._decision_entry(run_id, pf, pf.plan))
+        assert proof is not None
+        return await self._launch(run_id, pf, pf.plan,
+                                  self._decision_entry(run_id, pf, pf.plan, proof=proof.as_json()))
 
     async def _launch(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan,
                       decision: dict[str, Any]) -> MigrationRun:
@@ -415,9 +440,10 @@ class MigrationService:
 
     async def migrate(self, vm: str, target: str, admin: str | None = None, *,
                       on_progress: ProgressCallback | None = None) -> MigrationResult:
-        """Pre-flight, then run to the end (the CLI's path; the UI uses start())."""
-        pf = await self.preflight(vm, target, admin)
-        run = await self.start(pf)
+        """Prove the admin's key, pre-flight, then run to the end (the UI uses start())."""
+        proof = await self.prove(admin, f"migrate {vm} to {target}")
+        pf = await self.preflight(vm, target, proof.admin)
+        run = await self.start(pf, proof=proof)
         if on_progress is not None:
             run.subscribe(on_progress)
         return await run.wait()
@@ -637,12 +663,16 @@ class MigrationService:
             pass
         return out
 
-    async def resolve(self, case: mig.ReconcileCase, admin: str | None = None) -> list[str]:
+    async def resolve(self, case: mig.ReconcileCase, admin: str | None = None, *,
+                      proof: AdminProof | None = None) -> list[str]:
         """Carry out a case's safe steps (audited first); returns what was done."""
         self.fleet.require_writable("reconcile")
         if not case.steps:
             raise EscortError(f"{case.name}: no automatic resolution ({case.advice})")
-        await self._record({"kind": "reconcile", "admin": self._admin(admin), "vm": case.name,
+        if proof is None or not is_proof(proof, admin):
+            proof = await self.prove(admin, f"reconcile {case.name}")
+        admin = proof.admin
+        await self._record({"kind": "reconcile", "admin": admin, "proof": proof.as_json(), "vm": case.name,
                             "uuid": case.uuid, "code": case.code,
                             "copies": [c.describe() for c in case.copies],
                             "steps": [list(s) for s in case.steps]})
@@ -754,25 +784,6 @@ def _fix_for(error: str) -> str:
     if "tls channel" in low or "end of file" in low:
         return "the target or the link went away mid-way; check the target host"
     return ""
-
-
-# -- test-only ---------------------------------------------------------------------------
-async def _force_unchecked_migration(service: MigrationService, vm_uuid: str, vm_name: str, source: str,
-                                     target: str, tls_name: str, *, admin: str) -> MigrationResult:
-    """TESTS ONLY: skip the local pre-flight to prove QEMU's own TLS pin refuses.
-
-    Not reachable from the CLI or the UI. The audit log records that the local check
-    was bypassed.
-    """
-    spec = service.inventory.spec(target)
-    plan = mig.MigrationPlan(vm_uuid=vm_uuid, vm_name=vm_name, source=source, target=target,
-                             tls_name=tls_name, migration_uri=mig.migration_uri(spec.migration_address),
-                             cert_fingerprint="", admin=admin, bandwidth_mib_s=service.bandwidth_mib_s)
-    pf = mig.Preflight(vm_name, vm_uuid, source, target, admin, dt.datetime.now(dt.UTC), (), plan)
-    run_id = uuidlib.uuid4().hex[:12]
-    entry = service._decision_entry(run_id, pf, plan, allowed=False, bypassed="local pre-flight (test only)")
-    run = await service._launch(run_id, pf, plan, entry)
-    return await run.wait()
 
 
 __all__ = ["DEMO_EXPLANATION", "MigrationFailed", "MigrationRefused", "MigrationResult", "MigrationRun",

@@ -92,6 +92,8 @@ class EscortApp(App[None]):
         self._vm_rows: list[Row] = []
         self._vms_on_host: dict[str, int] = {}
         self.live = live
+        #: admin id -> why their key is missing ("" = present); None until the keys were looked at
+        self.admin_keys: dict[str, str] | None = None
         self._inventory: Any = None
         self.refreshing = False
         #: published after a refresh changed the views; screens re-read their rows
@@ -119,6 +121,23 @@ class EscortApp(App[None]):
         self.switch_mode(self._start_mode)
         if self.live:
             self.action_refresh()
+            self.run_worker(self._survey_admin_keys(), group="admin-keys", exit_on_error=False)
+
+    async def _survey_admin_keys(self) -> None:
+        """Which admins' keys the operator holds (agent, identity files): "Act as" offers only those."""
+        if getattr(self.service, "spec", None) is None:
+            return
+        from console.services.identity import AdminIdentity, default_identity
+
+        try:
+            ident: AdminIdentity = default_identity(self.service)  # type: ignore[arg-type]
+            ident.passphrase = None  # never prompt under the console
+            avail = await ident.available()
+        except Exception as exc:  # a broken agent must not take the console down
+            self.admin_keys = {a: f"keys could not be checked ({exc})" for a in self.admin_ids()}
+            return
+        self.admin_keys = {**{a: "" for a in avail.present},
+                           **{a: r.message for a, r in avail.missing.items()}}
 
     # ---------------------------------------------------------- refresh
     def action_refresh(self) -> None:
@@ -416,7 +435,11 @@ class EscortApp(App[None]):
 
     def act_as(self, admin: str | None) -> None:
         """Judge targets and walkthroughs for ``admin`` (their grants count) or, with
-        None, on the owners' policies alone."""
+        None, on the owners' policies alone. Only an admin whose key the operator holds."""
+        why = (self.admin_keys or {}).get(admin or "", "")
+        if admin and why:
+            self.notify(f"Cannot act as {admin}: {why}", severity="warning", timeout=8, markup=False)
+            return
         self.admin = admin
         self.fleet_changed.publish(None)  # screens re-read rows and retitle themselves
         who = f"admin {admin}: their grants now count" if admin else "no admin: owners' policies only"

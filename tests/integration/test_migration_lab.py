@@ -30,8 +30,8 @@ from console.services.migration import (
     MigrationRefused,
     MigrationRun,
     MigrationService,
-    _force_unchecked_migration,
 )
+from tests.integration.forced import UncheckedMigrationService, force_unchecked_migration
 
 if TYPE_CHECKING:
     from console.lab import Lab
@@ -126,12 +126,13 @@ def _remove(lab: Lab, uuid: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _service(fleet_path: Path, tmp_path: Path, **kw: Any) -> AsyncIterator[MigrationService]:
+async def _service(fleet_path: Path, tmp_path: Path, *, cls: type[MigrationService] = MigrationService,
+                   **kw: Any) -> AsyncIterator[MigrationService]:
     fleet = FleetService.load_strict(fleet_path)
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
     audit = AuditLog(tmp_path / "audit.log")
-    service = MigrationService(fleet, inventory, audit=audit, **kw)
+    service = cls(fleet, inventory, audit=audit, **kw)
     try:
         yield service
     finally:
@@ -227,8 +228,8 @@ async def test_forced_past_the_local_check_qemu_tls_refuses(lab: Lab, mig_fleet:
     """The pin holds even without escort's own check: QEMU refuses the rogue certificate."""
     uuid = _guest(lab, mig_fleet, "mig-force")
     try:
-        async with _service(mig_fleet, tmp_path) as svc:
-            result = await _force_unchecked_migration(svc, uuid, "mig-force", SOURCE, ROGUE, ROGUE,
+        async with _service(mig_fleet, tmp_path, cls=UncheckedMigrationService) as svc:
+            result = await force_unchecked_migration(svc, uuid, "mig-force", SOURCE, ROGUE, ROGUE,
                                                       admin=ADMIN)
         assert result.outcome.result == "failed"
         assert "certificate" in result.outcome.message.lower(), result.outcome.message

@@ -23,9 +23,11 @@ import pytest
 from console.adapters.audit import AuditLog, read_entries, verify_file
 from console.core import migration as mig
 from console.core.errors import EscortError, ReadOnlyError
-from console.core.inventory import HostSpec, VMView
+from console.core.inventory import AdminSpec, HostSpec, VMView
 from console.core.reasons import Reason
+from console.services.identity import AdminIdentity
 from console.services.migration import MigrationRefused, MigrationService
+from tests.unit.adminkeys import make_key
 
 UUID = "6b1a2c3d-0000-4000-8000-000000000001"
 MIB = 1024 * 1024
@@ -151,7 +153,7 @@ class FakeFleet:
     kind = "lab"
     name = "fake"
     path = ""
-    admins = ()
+    admins: tuple[AdminSpec, ...] = ()
 
     def __init__(self, readonly: bool = False) -> None:
         self.readonly = readonly
@@ -178,8 +180,13 @@ def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
              **kw: Any) -> MigrationService:
     opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
                             "settle_s": 0.3, **kw}
-    return MigrationService(fleet or FakeFleet(), FakeInventory(world),  # type: ignore[arg-type]
-                            audit=AuditLog(tmp_path / "audit.log"), **opts)
+    fleet = fleet or FakeFleet()
+    # the acting admin "ops" and a real key of theirs (the proof of possession really runs)
+    key, fp = make_key(tmp_path, "ops")
+    fleet.admins = (AdminSpec("ops", fp),)
+    identity = AdminIdentity(fleet, admin_key=str(key), agent_path="")  # type: ignore[arg-type]
+    return MigrationService(fleet, FakeInventory(world),  # type: ignore[arg-type]
+                            audit=AuditLog(tmp_path / "audit.log"), identity=identity, **opts)
 
 
 async def _when(predicate: Any, timeout: float = 5.0) -> None:
