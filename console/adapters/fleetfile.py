@@ -11,11 +11,12 @@ can be moved or checked out anywhere.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
+
+import rtoml
 
 from console.adapters.files import read_limited
 from console.core.errors import InputError
@@ -65,7 +66,13 @@ TOP: dict[str, _Key] = {
     "hosts": _Key(list),
     "admins": _Key(list),
     "vms": _Key(list),
+    "vm_files": _Key(list, path=True),
 }
+#: The fleet file and each of its ``vm_files`` may be this big (10,000 VMs in the
+#: documented [[vms]] layout are ~1.6 MB); a bound against a wrong or hostile file.
+FLEET_MAX_BYTES = 16 * 1024 * 1024
+#: How many VMs all files together may list.
+FLEET_MAX_VMS = 200_000
 HOST: dict[str, _Key] = {
     "name": _Key(str, True, check=_name),
     "region": _Key(str),
@@ -161,13 +168,27 @@ class _Reader:
         return [self.table(item, schema, f"{key}[{i}]") for i, item in enumerate(data.get(key, []))]
 
 
-def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str]) -> FleetSpec:
-    """Parse fleet TOML text; ``base_dir`` anchors relative paths."""
-    reader = _Reader(source, Path(base_dir).resolve())
+def _toml(text: str, source: str) -> dict[str, Any]:
+    # rtoml (Rust) parses a 10,000-VM fleet ~8x faster than tomllib (0.07 vs 0.6 s here)
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{source}: not valid TOML ({exc})") from exc
+        raw = rtoml.loads(text)
+    except Exception as exc:  # rtoml.TomlParsingError, or anything else odd input provokes
+        detail = " ".join(str(exc).split())
+        raise InputError(f"{source}: not valid TOML ({detail})") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: not a TOML document")
+    return raw
+
+
+def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
+                read_vm_files: Callable[[str], list[tuple[str, str]]] | None = None) -> FleetSpec:
+    """Parse fleet TOML text; ``base_dir`` anchors relative paths.
+
+    ``read_vm_files(entry) -> [(text, source)]`` reads one ``vm_files`` entry (a file,
+    or a directory of them); without it, ``vm_files`` is an error.
+    """
+    reader = _Reader(source, Path(base_dir).resolve())
+    raw = _toml(text, source)
     top = reader.table(raw, TOP, "")
     names = top.get("policy_names", {})
     for key, value in names.items():
@@ -179,6 +200,20 @@ def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str]) -> Fle
     hosts = [HostSpec(**row) for row in reader.rows(raw, "hosts", HOST)]
     admins = [AdminSpec(**row) for row in reader.rows(raw, "admins", ADMIN)]
     vms = [VMSpec(**row) for row in reader.rows(raw, "vms", VM)]
+    if len(vms) > FLEET_MAX_VMS:
+        raise reader.fail("vms", f"more than {FLEET_MAX_VMS:,} VMs (the limit); "
+                          "split the fleet into several fleet files")
+    for entry in top.get("vm_files", ()):
+        if read_vm_files is None:
+            raise reader.fail("vm_files", "only a fleet file on disk can name vm_files")
+        for vm_text, vm_source in read_vm_files(entry):
+            extra = _toml(vm_text, vm_source)
+            vm_reader = _Reader(vm_source, Path(vm_source).parent.resolve())
+            vm_reader.table(extra, {"vms": _Key(list, True)}, "")
+            vms += [VMSpec(**row) for row in vm_reader.rows(extra, "vms", VM)]
+            if len(vms) > FLEET_MAX_VMS:
+                raise InputError(f"{vm_source}: more than {FLEET_MAX_VMS:,} VMs in the fleet "
+                                 "(the limit); split the fleet into several fleet files")
     _unique(reader, "hosts", [h.name for h in hosts], "name")
     _unique(reader, "admins", [a.id for a in admins], "id")
     _unique(reader, "vms", [v.uuid for v in vms], "uuid")
@@ -214,15 +249,42 @@ def _unique(reader: _Reader, table: str, values: list[str], key: str) -> None:
         seen.add(value)
 
 
-def load_fleet(path: str | os.PathLike[str]) -> FleetSpec:
-    """Read and parse a fleet file (bounded read; one-line InputError on any problem)."""
-    p = Path(path)
-    data = read_limited(p, what="fleet file")
+def _read_text(p: Path, what: str) -> str:
     try:
-        text = data.decode("utf-8")
+        data = read_limited(p, what=what, limit=FLEET_MAX_BYTES)
+    except InputError as exc:
+        if "larger than" not in str(exc):
+            raise
+        raise InputError(
+            f"{p}: larger than {FLEET_MAX_BYTES // (1024 * 1024)} MiB (the limit for a {what}); "
+            "move [[vms]] into several files named by vm_files = [\"vms/\"] (see docs/FLEET.md)"
+        ) from exc
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{p}: not UTF-8 text, so not a fleet file") from exc
-    return parse_fleet(text, str(p), p.parent)
+        raise InputError(f"{p}: not UTF-8 text, so not a {what}") from exc
 
 
-__all__ = ["load_fleet", "parse_fleet"]
+def _read_vm_files(entry: str) -> list[tuple[str, str]]:
+    """One ``vm_files`` entry: a TOML file, or a directory standing for its *.toml files."""
+    d = Path(entry)
+    if not d.is_dir():
+        return [(_read_text(d, "VM list file"), entry)]
+    try:
+        files = sorted(f for f in d.iterdir()
+                       if f.suffix == ".toml" and not f.name.startswith(".") and f.is_file())
+    except OSError as exc:
+        raise InputError(f"{d}: cannot list ({exc.strerror or exc})") from exc
+    if not files:
+        raise InputError(f"{d}: no *.toml files in this vm_files directory")
+    return [(_read_text(f, "VM list file"), str(f)) for f in files]
+
+
+def load_fleet(path: str | os.PathLike[str]) -> FleetSpec:
+    """Read and parse a fleet file and its ``vm_files`` (bounded reads; one-line InputError
+    on any problem)."""
+    p = Path(path)
+    return parse_fleet(_read_text(p, "fleet file"), str(p), p.parent, _read_vm_files)
+
+
+__all__ = ["FLEET_MAX_BYTES", "FLEET_MAX_VMS", "load_fleet", "parse_fleet"]

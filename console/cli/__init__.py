@@ -47,14 +47,16 @@ class EscortGroup(click.Group):
 @click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
               help="Fleet file (TOML) to open in the console.")
 @click.option("--readonly", is_flag=True, help="Disable every action that changes anything.")
+@click.option("--offline", is_flag=True,
+              help="Console: contact no host; decide from the fleet file and local certificates.")
 @click.version_option(package_name="escort")
 @click.pass_context
-def main(ctx: click.Context, fleet_file: str | None, readonly: bool) -> None:
+def main(ctx: click.Context, fleet_file: str | None, readonly: bool, offline: bool) -> None:
     """escort: certificate-gated VM migration, from a terminal."""
     if ctx.invoked_subcommand is None:
         from console.cli.ui_cmds import open_console
 
-        open_console(fleet_file, readonly=readonly)
+        open_console(fleet_file, readonly=readonly, offline=offline)
 
 
 def _register() -> None:

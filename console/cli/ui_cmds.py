@@ -22,8 +22,13 @@ def _parse_at(text: str | None) -> dt.datetime | None:
 
 
 def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | None = None,
-                 admin: str | None = None, problems: list[str] | None = None) -> None:
-    """Load the fleet (problems are shown in the console, never raised) and run the UI."""
+                 admin: str | None = None, problems: list[str] | None = None,
+                 offline: bool = False) -> None:
+    """Load the fleet (problems are shown in the console, never raised) and run the UI.
+
+    ``offline``: never contact a host (no refresh on start, ``r`` refuses); decisions
+    come from the fleet file and local certificates only.
+    """
     from console.services.fleet import FleetService
     from console.ui.app import EscortApp
     from console.ui.config import load_config
@@ -36,7 +41,7 @@ def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | No
     config, config_problems = load_config()
     service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at)
     app = EscortApp(service, config=config, at=at, admin=admin,
-                    problems=[*config_problems, *(problems or [])])
+                    problems=[*config_problems, *(problems or [])], live=not offline)
     app.run()
 
 
@@ -56,8 +61,14 @@ def register(group: click.Group) -> None:
                   help="Root only: start (or reuse) the real lab of namespaced libvirt/QEMU hosts "
                        "and open the console on it instead.")
     @click.option("--lab-name", default="demo", show_default=True, help="Which lab (with --lab).")
+    @click.option("--vms", type=click.IntRange(0, 100_000), default=None,
+                  help="Generate an offline fleet of this many VMs instead (with --hosts); "
+                       "e.g. --vms 10000 --hosts 1000.")
+    @click.option("--hosts", type=click.IntRange(1, 10_000), default=None,
+                  help="Hosts of the generated offline fleet (with --vms).")
     def demo(regenerate: bool, readonly: bool, directory: str | None, at_text: str | None,
-             print_path: bool, admin: str | None, lab: bool, lab_name: str) -> None:
+             print_path: bool, admin: str | None, lab: bool, lab_name: str, vms: int | None,
+             hosts: int | None) -> None:
         """Open the console on a generated demo fleet (libvirt test driver; nothing really moves).
 
         The fleet is generated on first use into the user data directory and reused
@@ -79,6 +90,23 @@ def register(group: click.Group) -> None:
                 click.echo(f"escort: lab {the_lab.name!r} up in {result.seconds:.1f} s "
                            f"({the_lab.dir}); `escort lab down` stops it", err=True)
             open_console(str(the_lab.fleet_file), readonly=readonly, at=at, admin=admin)
+            return
+        if vms is not None or hosts is not None:
+            from console.demo_scale import ensure_scale, scale_dir
+
+            if lab:
+                raise InputError("--vms/--hosts make an offline fleet; they do not go with --lab")
+            n_vms, n_hosts = (vms if vms is not None else 1000), (hosts if hosts is not None else 100)
+            where = Path(directory) if directory else scale_dir(n_vms, n_hosts)
+            fleet, made = ensure_scale(where, vms=n_vms, hosts=n_hosts, regenerate=regenerate,
+                                       progress=lambda text: click.echo(f"escort: {text}", err=True))
+            if print_path:
+                click.echo(str(fleet))
+                return
+            if made:
+                click.echo(f"escort: generated an offline fleet of {n_vms:,} VMs on {n_hosts:,} hosts "
+                           f"in {fleet.parent}", err=True)
+            open_console(str(fleet), readonly=readonly, at=at, admin=admin, offline=True)
             return
         dest = Path(directory) if directory else demo_dir()
         fleet, made = ensure_demo(dest, regenerate=regenerate, at=at)

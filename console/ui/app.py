@@ -145,6 +145,10 @@ class EscortApp(App[None]):
         spec = getattr(self.service, "spec", None)
         if spec is None or not hasattr(self.service, "apply_facts"):
             return
+        if not self.live:
+            self.notify("Offline: no host is contacted; decisions come from the fleet file and "
+                        "local certificates.", timeout=4, markup=False)
+            return
         if self.refreshing:
             self.notify("A refresh is already running.", timeout=3)
             return

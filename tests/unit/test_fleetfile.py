@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
-from console.adapters.fleetfile import load_fleet, parse_fleet
+from console.adapters.fleetfile import FLEET_MAX_BYTES, load_fleet, parse_fleet
 from console.core.errors import InputError
 
 MIN = 'name = "f"\nkind = "demo"\ntrust_dir = "t"\nowners_trust_dir = "o"\n'
@@ -62,7 +63,7 @@ def test_load_fleet_file_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not UTF-8"):
         load_fleet(tmp_path / "bin.toml")
     big = tmp_path / "big.toml"
-    big.write_bytes(b"#" * (1024 * 1024 + 10))
+    big.write_bytes(b"#" * (FLEET_MAX_BYTES + 10))
     with pytest.raises(InputError, match="larger than"):
         load_fleet(big)
 
@@ -82,3 +83,80 @@ def test_the_documented_example_parses() -> None:
     example = doc[start:doc.index("```", start)]
     spec = parse_fleet(example, "FLEET.md", "/srv/fleet")
     assert spec.hosts and spec.vms and spec.admins and spec.grant_files
+
+
+# --------------------------------------------------------------------------- big fleets
+
+def _vm_tables(n: int, start: int = 0) -> str:
+    return "".join(
+        f'[[vms]]\nuuid = "{uuid.UUID(int=start + i + 1)}"\nname = "vm-{start + i:05d}"\nhost = "h1"\n'
+        f'policy_file = "policies/vm-{start + i:05d}.jws"\nmemory_mib = 4096\nvcpus = 2\n\n'
+        for i in range(n))
+
+
+def test_ten_thousand_vms_in_the_documented_layout_load(tmp_path: Path) -> None:
+    text = MIN + "[[hosts]]\nname = 'h1'\n\n" + _vm_tables(10_000)
+    assert len(text.encode()) > 1024 * 1024  # what the old 1 MiB cap refused
+    (tmp_path / "fleet.toml").write_text(text)
+    spec = load_fleet(tmp_path / "fleet.toml")
+    assert len(spec.vms) == 10_000
+    assert spec.vms[-1].policy_file == str(tmp_path.resolve() / "policies/vm-09999.jws")
+
+
+def test_a_fleet_file_past_the_bound_names_the_limit_and_how_to_split(tmp_path: Path) -> None:
+    big = tmp_path / "fleet.toml"
+    with big.open("wb") as fh:
+        fh.write(MIN.encode())
+        fh.write(b"#" * (FLEET_MAX_BYTES + 1) + b"\n")
+    with pytest.raises(InputError) as err:
+        load_fleet(big)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"larger than {FLEET_MAX_BYTES // (1024 * 1024)} MiB" in msg and "vm_files" in msg
+
+
+def test_vm_files_split_a_fleet_over_files_and_directories(tmp_path: Path) -> None:
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "vms" / "a.toml").write_text(_vm_tables(3))
+    (tmp_path / "vms" / "b.toml").write_text(_vm_tables(2, start=3))
+    (tmp_path / "vms" / ".hidden.toml").write_text("not toml [")
+    (tmp_path / "vms" / "notes.txt").write_text("ignored")
+    (tmp_path / "more.toml").write_text(_vm_tables(1, start=5))
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["vms", "more.toml"]\n'
+                                         "[[hosts]]\nname = 'h1'\n" + _vm_tables(1, start=6))
+    spec = load_fleet(tmp_path / "fleet.toml")
+    assert [v.name for v in spec.vms] == [f"vm-{i:05d}" for i in (6, 0, 1, 2, 3, 4, 5)]
+    # a VM list file's relative paths are relative to that file
+    assert spec.vms[1].policy_file == str((tmp_path / "vms" / "policies/vm-00000.jws").resolve())
+
+
+@pytest.mark.parametrize(("content", "expect"), [
+    ("vms = 3\n", "vms: expected a list"),
+    ("[[vms]]\nname = 'x'\n", "vms[0].uuid: missing"),
+    ("[[hosts]]\nname = 'h2'\n", "hosts: unknown key"),
+    ("[[vms]\n", "not valid TOML"),
+])
+def test_vm_file_errors_name_the_file_and_key(tmp_path: Path, content: str, expect: str) -> None:
+    (tmp_path / "extra.toml").write_text(content)
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["extra.toml"]\n[[hosts]]\nname = "h1"\n')
+    with pytest.raises(InputError) as err:
+        load_fleet(tmp_path / "fleet.toml")
+    assert str(tmp_path / "extra.toml") in str(err.value) and expect in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_vm_files_duplicates_and_unknown_hosts_across_files(tmp_path: Path) -> None:
+    (tmp_path / "extra.toml").write_text(_vm_tables(1))
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["extra.toml"]\n[[hosts]]\nname = "h1"\n'
+                                         + _vm_tables(1))
+    with pytest.raises(InputError, match="appears twice"):
+        load_fleet(tmp_path / "fleet.toml")
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["missing-dir/x.toml"]\n')
+    with pytest.raises(InputError, match="no such VM list file"):
+        load_fleet(tmp_path / "fleet.toml")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["empty"]\n')
+    with pytest.raises(InputError, match=r"no \*\.toml files"):
+        load_fleet(tmp_path / "fleet.toml")
+    with pytest.raises(InputError, match="vm_files"):
+        parse(MIN + 'vm_files = ["x.toml"]\n')

@@ -1,0 +1,203 @@
+"""What a certificate says: its extensions, the facts escort shows, a host's attributes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import InputError
+from ..issuance import DEFAULT_POLICY_NAMES
+from .model import CertInfo, HostAttributes
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def ext(cert: x509.Certificate, cls: type[_E]) -> _E | None:
+    """The certificate's extension of type ``cls``, or None when it has none."""
+    try:
+        return cert.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    return ext(cert, x509.BasicConstraints)
+
+
+def key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
+    return ext(cert, x509.KeyUsage)
+
+
+def ext_key_usage(cert: x509.Certificate) -> x509.ExtendedKeyUsage | None:
+    return ext(cert, x509.ExtendedKeyUsage)
+
+
+def subject_alt_names(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    return ext(cert, x509.SubjectAlternativeName)
+
+
+def name_constraints_of(cert: x509.Certificate) -> x509.NameConstraints | None:
+    return ext(cert, x509.NameConstraints)
+
+
+def ski_of(cert: x509.Certificate) -> bytes | None:
+    value = ext(cert, x509.SubjectKeyIdentifier)
+    return value.digest if value is not None else None
+
+
+def aki_of(cert: x509.Certificate) -> bytes | None:
+    value = ext(cert, x509.AuthorityKeyIdentifier)
+    return value.key_identifier if value is not None else None
+
+
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def key_type(cert: x509.Certificate) -> str:
+    """"EC P-256", "RSA 2048", "Ed25519"... for display and the key checks."""
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return f"unsupported ({cert.public_key_algorithm_oid.dotted_string})"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {_CURVES.get(key.curve.name, key.curve.name)}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"DSA {key.key_size}"
+    return type(key).__name__
+
+
+_KU_BITS = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+            "key_agreement", "key_cert_sign", "crl_sign")
+_KU_NAMES = ("digitalSignature", "nonRepudiation", "keyEncipherment", "dataEncipherment",
+             "keyAgreement", "keyCertSign", "cRLSign")
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+
+
+def gn_text(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.RFC822Name):
+        return f"email:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    if isinstance(name, x509.DirectoryName):
+        return f"DirName:{name.value.rfc4514_string()}"
+    return type(name).__name__
+
+
+def nc_summary(nc: x509.NameConstraints | None) -> str:
+    if nc is None:
+        return ""
+    parts = []
+    if nc.permitted_subtrees:
+        parts.append("permit " + ", ".join(gn_text(n) for n in nc.permitted_subtrees))
+    if nc.excluded_subtrees:
+        parts.append("exclude " + ", ".join(gn_text(n) for n in nc.excluded_subtrees))
+    return "; ".join(parts)
+
+
+def common_name(name: x509.Name) -> str | None:
+    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else None
+
+
+def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
+    """The facts escort shows about a certificate; InputError for unparseable extensions."""
+    try:
+        basic = basic_constraints(cert)
+        ku = key_usage(cert)
+        eku = ext_key_usage(cert)
+        nc = name_constraints_of(cert)
+        pol = ext(cert, x509.CertificatePolicies)
+        ski, aki = ski_of(cert), aki_of(cert)
+    except ValueError as exc:
+        raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
+    subject = cert.subject.rfc4514_string()
+    is_ca = bool(basic and basic.ca)
+    path_len = basic.path_length if basic and basic.ca else None
+    ku_names: tuple[str, ...] = ()
+    if ku is not None:
+        ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
+    constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
+    return CertInfo(
+        cert=cert,
+        name=common_name(cert.subject) or subject,
+        subject=subject,
+        issuer=cert.issuer.rfc4514_string(),
+        serial=cert.serial_number,
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        is_ca=is_ca,
+        path_len=path_len,
+        key_type=key_type(cert),
+        policies=tuple(p.policy_identifier.dotted_string for p in pol)
+        if isinstance(pol, x509.CertificatePolicies) else (),
+        name_constraints=nc_summary(nc),
+        source=source,
+        ski=ski.hex() if ski else "",
+        aki=aki.hex() if aki else "",
+        key_usage=ku_names,
+        ext_key_usage=tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
+        constraints=constraints,
+    )
+
+
+def host_attributes(cert: x509.Certificate, policy_names: Mapping[str, str] | None = None) -> HostAttributes:
+    """What a host certificate says about the host, for placement policies.
+
+    ``policy_names`` maps friendly names to dotted OIDs (the fleet file's table, same
+    direction as ``issuance.DEFAULT_POLICY_NAMES``, which it extends and overrides).
+    """
+    table = {**DEFAULT_POLICY_NAMES, **(policy_names or {})}
+    by_oid = {oid: name for name, oid in table.items()}
+
+    def first(oid: x509.ObjectIdentifier) -> str | None:
+        attrs = cert.subject.get_attributes_for_oid(oid)
+        return str(attrs[0].value) if attrs else None
+
+    try:
+        san = subject_alt_names(cert)
+        pol = ext(cert, x509.CertificatePolicies)
+    except ValueError as exc:
+        raise InputError(f"certificate {cert.subject.rfc4514_string()}: malformed extension") from exc
+    dns = tuple(san.get_values_for_type(x509.DNSName)) if san else ()
+    ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress)) if san else ()
+    oids = ([p.policy_identifier.dotted_string for p in pol]
+            if isinstance(pol, x509.CertificatePolicies) else [])
+    return HostAttributes(
+        common_name=first(NameOID.COMMON_NAME) or cert.subject.rfc4514_string(),
+        country=first(NameOID.COUNTRY_NAME),
+        state=first(NameOID.STATE_OR_PROVINCE_NAME),
+        locality=first(NameOID.LOCALITY_NAME),
+        organization=first(NameOID.ORGANIZATION_NAME),
+        org_unit=first(NameOID.ORGANIZATIONAL_UNIT_NAME),
+        dns_names=dns,
+        ips=ips,
+        policies=frozenset(by_oid.get(o, o) for o in oids),
+        not_after=cert.not_valid_after_utc,
+    )
+
+

@@ -1,0 +1,185 @@
+"""PEM/DER input: what a file holds, and certificates/CRLs out of it (or one-line errors)."""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Callable
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from ..errors import InputError
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)-----END ([A-Z0-9 ]+)-----", re.S)
+_PEM_BEGIN = re.compile(rb"-----BEGIN ")
+
+PemKind = Literal["certificate", "crl", "private key", "public key", "certificate request",
+                  "other"]
+
+
+def _label_kind(label: str) -> PemKind:
+    if label in ("CERTIFICATE", "X509 CERTIFICATE"):
+        return "certificate"
+    if label == "X509 CRL":
+        return "crl"
+    if label.endswith("PRIVATE KEY"):
+        return "private key"
+    if label.endswith("PUBLIC KEY"):
+        return "public key"
+    if label.endswith("CERTIFICATE REQUEST"):
+        return "certificate request"
+    return "other"
+
+
+def pem_blocks(data: bytes, source: str) -> list[tuple[PemKind, str, bytes]]:
+    """Every PEM block in ``data`` as (kind, label, whole block), or an InputError.
+
+    Returns ``[]`` for data without any ``-----BEGIN`` line (DER or garbage).
+    """
+    if not _PEM_BEGIN.search(data):
+        return []
+    blocks: list[tuple[PemKind, str, bytes]] = []
+    for m in _PEM_BLOCK.finditer(data):
+        begin, end = m.group(1).decode(), m.group(3).decode()
+        if begin != end:
+            raise InputError(f"{source}: malformed PEM (BEGIN {begin} closed by END {end})")
+        body = re.sub(rb"\s+", b"", m.group(2))
+        if b":" in m.group(2):  # RFC 1421 headers (encrypted keys): nothing we read
+            kind = _label_kind(begin)
+            blocks.append((kind, begin, m.group(0)))
+            continue
+        try:
+            binascii.a2b_base64(body, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(f"{source}: malformed PEM ({begin} block is not valid base64)") from exc
+        blocks.append((_label_kind(begin), begin, m.group(0)))
+    if not blocks:
+        raise InputError(f"{source}: malformed PEM (BEGIN line without a matching END line)")
+    return blocks
+
+
+def classify_pem(data: bytes, source: str) -> set[PemKind]:
+    """The kinds of PEM block in ``data`` (empty set when it is not PEM at all)."""
+    return {kind for kind, _, _ in pem_blocks(data, source)}
+
+
+_WRONG_KIND = {
+    "crl": "is a CRL",
+    "private key": "contains a private key (keep keys out of trust directories)",
+    "public key": "is a bare public key",
+    "certificate request": "is a certificate request (CSR), not a signed certificate",
+    "certificate": "is a certificate",
+}
+
+
+def _der_kind(data: bytes) -> PemKind | None:
+    """Which kind of DER object ``data`` is, by trying the parsers in turn."""
+    parsers: tuple[tuple[PemKind, Callable[[bytes], object]], ...] = (
+        ("certificate", x509.load_der_x509_certificate),
+        ("crl", x509.load_der_x509_crl),
+        ("certificate request", x509.load_der_x509_csr),
+    )
+    for kind, parse in parsers:
+        try:
+            parse(data)
+        except (ValueError, TypeError):
+            continue
+        return kind
+    try:
+        serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        pass
+    else:
+        return "private key"
+    return None
+
+
+def _check_extensions(cert: x509.Certificate, source: str) -> None:
+    """Read every field once, so a damaged certificate fails at the door.
+
+    cryptography parses names, extensions and keys lazily: a damaged certificate can
+    load fine and raise ValueError/InvalidVersion later, deep inside a check.
+    """
+    try:
+        _ = cert.extensions
+    except ValueError as exc:
+        raise InputError(f"{source}: certificate has a malformed extension ({exc})") from exc
+    try:
+        _ = (cert.subject, cert.issuer, cert.serial_number, cert.public_key(),
+             cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    except UnsupportedAlgorithm:
+        pass  # reported by the checks as key.unsupported / chain.signature, with context
+    except Exception as exc:  # ValueError, InvalidVersion...: damage of any kind
+        raise InputError(f"{source}: damaged certificate ({exc})") from exc
+
+
+def load_certificates(data: bytes, source: str, *, require_pem: bool = False) -> list[x509.Certificate]:
+    """Every certificate in ``data`` (a PEM bundle or one DER certificate).
+
+    Anything else (a CRL, a key, a CSR, malformed PEM, binary noise) is a one-line
+    InputError naming ``source``. ``require_pem`` refuses DER, for files that tools
+    such as QEMU read and which must therefore be PEM.
+    """
+    if not data.strip():
+        raise InputError(f"{source}: empty file, expected a certificate")
+    blocks = pem_blocks(data, source)
+    if blocks:
+        certs: list[x509.Certificate] = []
+        for kind, label, block in blocks:
+            if kind != "certificate":
+                continue
+            try:
+                cert = x509.load_pem_x509_certificate(block)
+            except ValueError as exc:
+                raise InputError(f"{source}: malformed PEM ({label} block is not a valid "
+                                 "X.509 certificate)") from exc
+            _check_extensions(cert, source)
+            certs.append(cert)
+        if not certs:
+            kind = blocks[0][0]
+            what = _WRONG_KIND.get(kind, f"holds a {blocks[0][1]} block")
+            raise InputError(f"{source}: {what}, expected a certificate")
+        return certs
+    der = _der_kind(data)
+    if der == "certificate":
+        if require_pem:
+            raise InputError(f"{source}: DER (binary) data where PEM was expected; convert it with "
+                             f"openssl x509 -inform der -in {source} -out {source}.pem")
+        cert = x509.load_der_x509_certificate(data)
+        _check_extensions(cert, source)
+        return [cert]
+    if der is not None:
+        raise InputError(f"{source}: {_WRONG_KIND[der]} (DER), expected a certificate")
+    raise InputError(f"{source}: not a certificate (neither PEM nor DER)")
+
+
+def load_certificate(data: bytes, source: str, *, require_pem: bool = False) -> x509.Certificate:
+    """The first certificate in ``data``; see ``load_certificates``."""
+    return load_certificates(data, source, require_pem=require_pem)[0]
+
+
+def load_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
+    """One CRL, PEM or DER, or a one-line InputError naming ``source``."""
+    if not data.strip():
+        raise InputError(f"{source}: empty file, expected a CRL")
+    blocks = pem_blocks(data, source)
+    if blocks:
+        crls = [b for b in blocks if b[0] == "crl"]
+        if not crls:
+            kind = blocks[0][0]
+            what = _WRONG_KIND.get(kind, f"holds a {blocks[0][1]} block")
+            raise InputError(f"{source}: {what}, expected a CRL")
+        try:
+            return x509.load_pem_x509_crl(crls[0][2])
+        except ValueError as exc:
+            raise InputError(f"{source}: malformed PEM (X509 CRL block is not a valid CRL)") from exc
+    der = _der_kind(data)
+    if der == "crl":
+        return x509.load_der_x509_crl(data)
+    if der is not None:
+        raise InputError(f"{source}: {_WRONG_KIND[der]} (DER), expected a CRL")
+    raise InputError(f"{source}: not a CRL (neither PEM nor DER)")
+
