@@ -186,9 +186,9 @@ async def test_sshsig_is_accepted_by_ssh_keygen(tmp_path: Path, agent: str, alg:
                 ak.sshsig_verify(sig, message + b" ", ak.NS_AUDIT)
             (tmp_path / "sig").write_text(sig)
             (tmp_path / "allowed").write_text(f"alice {signer.public_line()}\n")
-            done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(tmp_path / "allowed"), "-I", "alice",
-                                   "-n", ak.NS_AUDIT, "-s", str(tmp_path / "sig")], input=message,
-                                  capture_output=True)
+            done = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(tmp_path / "allowed"),
+                                   "-I", "alice", "-n", ak.NS_AUDIT, "-s", str(tmp_path / "sig")],
+                                  input=message, capture_output=True)
             assert done.returncode == 0, done.stderr
     finally:
         agent_keys.close()
@@ -199,8 +199,8 @@ def test_ssh_keygen_signature_verifies_here(tmp_path: Path) -> None:
     key, fp = make_key(tmp_path, "alice")
     msg = tmp_path / "msg"
     msg.write_bytes(b"hello")
-    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", ak.NS_AUDIT, str(msg)], check=True,
-                   capture_output=True)
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", ak.NS_AUDIT, str(msg)],
+                   check=True, capture_output=True)
     assert ak.sshsig_verify((tmp_path / "msg.sig").read_text(), b"hello", ak.NS_AUDIT) == fp
     with pytest.raises(ak.AdminKeyProblem):
         ak.sshsig_verify((tmp_path / "msg.sig").read_text(), b"hello", ak.NS_PROOF)
