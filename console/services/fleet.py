@@ -14,6 +14,7 @@ reused until ``apply_facts`` changes something. Read-only mode is enforced here
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import multiprocessing
@@ -30,9 +31,17 @@ from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.core import pki
 from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
-from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
+from console.core.envelope import (
+    NBF_SKEW,
+    TYP_GRANT,
+    TYP_POLICY,
+    EnvelopeVerifier,
+    Portable,
+    open_portable,
+    reason,
+)
 from console.core.errors import EscortError, InputError, ReadOnlyError
-from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
+from console.core.grants import GRANT_FIELDS, AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
     AdminSpec,
     FleetKind,
@@ -43,8 +52,10 @@ from console.core.inventory import (
     VMView,
 )
 from console.core.pki import Problem, TrustStore
+from console.core.pki.model import EXPIRING_DAYS
 from console.core.policy import POLICY_FIELDS, PolicyBook, PolicyResult, token_from_metadata_xml
 from console.core.reasons import Reason
+from console.core.timekey import boundaries, time_key
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
@@ -102,8 +113,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
 
 
 def _now() -> dt.datetime:
-    """Now, to the minute: decisions within one minute share every cache."""
-    return dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    """Now, the real time: decisions are never made at a truncated clock (see core/timekey.py
+    for how caches stay shared between the instants that matter)."""
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -150,6 +162,8 @@ class FleetService:
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
+        #: every instant at which a time-dependent answer may change (None: to be collected)
+        self._instants: tuple[dt.datetime, ...] | None = None
         if spec is not None:
             self._load(spec)
 
@@ -226,6 +240,7 @@ class FleetService:
                 self._problem(source, "grant.unreadable", msg, "fix the fleet file's grants", fatal=True)
                 continue
             self._grant_tokens.append((source, token))
+            self._instants = None  # its nbf/exp are instants that matter
             result = self._grants.verify(token, at, source)
             broken = [r for r in result.reasons if r.code not in {"grant.expired", "grant.not_yet_valid"}]
             if broken:
@@ -271,6 +286,7 @@ class FleetService:
     def _set_cert(self, name: str, leaf: x509.Certificate, rest: list[x509.Certificate]) -> None:
         view = self._hosts[name]
         self._host_certs[name] = (leaf, rest)
+        self._instants = None
         self._chains.pop(name, None)
         view.cert_problem = None
         try:
@@ -284,6 +300,7 @@ class FleetService:
             self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
+        at = self._key(at)
         cached = self._chains.get(name)
         if cached is not None and cached[0] == at:
             return cached[1]
@@ -305,6 +322,58 @@ class FleetService:
         """The time decisions are made for (fixed by ``--at``, else now)."""
         return self._fixed_at or _now()
 
+    def _key(self, at: dt.datetime) -> dt.datetime:
+        """The cache key of ``at`` (core/timekey.py): a time with the same answers as ``at``.
+
+        Lazy services (one CLI question) use ``at`` itself; eager ones (the console)
+        share cached chains, policies, grants and the matrix between the instants that
+        can change an answer.
+        """
+        if not self.eager:
+            return at
+        if self._instants is None:
+            self._instants = self._collect_instants()
+        return time_key(self._instants, at)
+
+    def _collect_instants(self) -> tuple[dt.datetime, ...]:
+        """Every certificate, CRL and token instant the checks compare the time with."""
+        out: list[dt.datetime | None] = []
+        soon = dt.timedelta(days=EXPIRING_DAYS)
+
+        def cert(c: x509.Certificate) -> None:
+            out.extend((c.not_valid_before_utc, c.not_valid_after_utc, c.not_valid_after_utc - soon))
+
+        for store in (self.trust, self.owners):
+            if store is None:
+                continue
+            for n in store.nodes():
+                out.extend((n.info.not_before, n.info.not_after, n.info.not_after - soon))
+            for crl in getattr(store, "crls", ()):
+                out.extend((crl.last_update, crl.next_update, *crl.revoked.values()))
+        for leaf, rest in self._host_certs.values():
+            for c in (leaf, *rest):
+                cert(c)
+        seen_chains: set[tuple[str, ...]] = set()
+        tokens = [(r.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes) for r in self._vms.values()
+                  if r.token]
+        tokens += [(t, TYP_GRANT, GRANT_FIELDS, self._grants.envelopes) for _, t in self._grant_tokens]
+        for token, typ, fields, verifier in tokens:
+            opened = verifier.open(token, typ, fields)
+            payload = opened.payload or {}
+            for claim in ("nbf", "exp"):
+                value = payload.get(claim)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    with contextlib.suppress(OverflowError, OSError, ValueError):
+                        when = dt.datetime.fromtimestamp(value, dt.UTC)
+                        out.append(when)
+                        if claim == "nbf":
+                            out.append(when - NBF_SKEW)
+            if opened.chain_key not in seen_chains:
+                seen_chains.add(opened.chain_key)
+                for c in opened.certs:
+                    cert(c)
+        return boundaries(out)
+
     @property
     def kind(self) -> FleetKind:
         return self.spec.kind if self.spec else "real"
@@ -324,7 +393,7 @@ class FleetService:
 
     # ------------------------------------------------------------------ views
     def hosts(self) -> list[HostView]:
-        at = self.at
+        at = self._key(self.at)
         if self._views_at != at:
             # certificates expire while the console stays open: re-check at the new minute
             for name, view in self._hosts.items():
@@ -359,12 +428,13 @@ class FleetService:
     def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
-        return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        return self._policies.verify(rec.token, self._key(at), vm_uuid=rec.uuid)
 
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
         return VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
 
     def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
+        at = self._key(at)
         key = (name, at)
         hit = self._checks.get(key)
         if hit is None:
@@ -381,7 +451,7 @@ class FleetService:
         return hit
 
     def _current_matrix(self, at: dt.datetime | None = None) -> Matrix:
-        at = at or self.at
+        at = self._key(at or self.at)
         if self._matrix is None or self._matrix_at != at:
             vms = [self._vm_check(r, at) for r in self._vms.values()]
             hosts = [self._host_check(n, at) for n in self._hosts]
@@ -408,7 +478,7 @@ class FleetService:
 
     def grant_results(self, at: dt.datetime | None = None) -> list[GrantResult]:
         """Every grant of the fleet verified as of ``at`` (cached per token and time)."""
-        when = at or self.at
+        when = self._key(at or self.at)
         return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
 
 
@@ -486,6 +556,7 @@ class FleetService:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._matrix = None
+        self._instants = None  # new tokens or certificates: new instants
         if facts is None:
             view.reachability = "down"
             view.problem = problem
