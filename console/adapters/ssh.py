@@ -7,10 +7,18 @@ Why a pool of our own instead of letting asyncssh (or libvirt) open connections 
   connection (124 ms per connect with a 5,000-line file).
 * Host-key checking is always on. We never pass ``known_hosts=None``; a missing file is an
   empty list, so every host is refused until its key is accepted deliberately.
-* Jump hosts are resolved here (``HostSpec.jump`` or ``ProxyJump`` from the SSH config)
-  and opened through the pool, so 200 hosts behind one jump host share *one* jump
-  connection, checked against the same known_hosts. asyncssh's own ``ProxyJump`` handling
-  would open a fresh jump connection per host and check it against ``~/.ssh/known_hosts``.
+* Jump hosts are resolved here with OpenSSH's rules (:meth:`SshPool.route`: the fleet's
+  ``jump`` acts like ``ssh -J``, every jump host's own ssh_config block applies
+  recursively, loops are refused) and opened through the pool, so 200 hosts behind one
+  jump host share *one* jump connection, checked against the same known_hosts. asyncssh's
+  own ``ProxyJump`` handling would open a fresh jump connection per host, check it against
+  ``~/.ssh/known_hosts`` and is skipped whenever a tunnel is passed (also ``None``), which
+  is why every connect here passes the tunnel explicitly.
+* Client keys come from console/adapters/sshkeys.py: agent first, encrypted files skipped
+  (never a passphrase prompt), and the authentication error names the file to ``ssh-add``.
+* Host keys as OpenSSH checks them: a known plain key is asked for first (also when the
+  host has a certificate), certificates when an ``@cert-authority`` line covers the host,
+  and each certificate failure (CA unknown, principal, expiry) has its own code.
 * Every failure becomes a one-line :class:`HostProblem` (a ``ConnectionProblem``) with a
   stable code the inventory shows on that host's row.
 
@@ -31,7 +39,9 @@ from pathlib import Path
 
 import asyncssh
 from asyncssh.config import SSHClientConfig
+from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
+from console.adapters import sshkeys
 from console.core.errors import ConnectionProblem
 from console.core.reasons import Reason
 
@@ -50,6 +60,16 @@ READ_FAILED = "host.read_failed"
 LIBVIRT_DOWN = "host.libvirt_down"
 LIBVIRT_ERROR = "host.libvirt_error"
 CERT_UNREADABLE = "host.cert_unreadable"
+JUMP_LOOP = "host.jump_loop"
+HOST_CERT_CA_UNKNOWN = "host.cert_ca_unknown"
+HOST_CERT_PRINCIPAL = "host.cert_principal"
+HOST_CERT_EXPIRED = "host.cert_expired"
+HOST_CERT_NOT_YET_VALID = "host.cert_not_yet_valid"
+KEY_REVOKED = "host.key_revoked"
+#: the codes of host-key refusals whose presented plain key can be accepted with ``hosts trust``
+TRUSTABLE = frozenset({KEY_UNKNOWN, HOST_CERT_CA_UNKNOWN, HOST_CERT_PRINCIPAL, HOST_CERT_EXPIRED,
+                       HOST_CERT_NOT_YET_VALID})
+MAX_HOPS = 16  # longer ProxyJump chains are refused as loops (OpenSSH has no limit at all)
 
 
 class HostProblem(ConnectionProblem):
@@ -76,10 +96,14 @@ class HostKeyProblem(HostProblem):
         *,
         key: asyncssh.SSHKey | None,
         known_hosts_name: str,
+        hop: str = "",
+        hop_code: str = "",
     ) -> None:
         super().__init__(code, message, fix)
         self.key = key
         self.known_hosts_name = known_hosts_name
+        self.hop = hop  # the hop (as written in the configs) whose key this is
+        self.hop_code = hop_code or code  # that hop's own code (a jump failure keeps it here)
 
     @property
     def fingerprint(self) -> str:
@@ -141,20 +165,29 @@ def known_hosts_name(host: str, port: int) -> str:
 
 
 class _KeyCatcher(asyncssh.SSHClient):
-    """Remembers the key a server presented when known_hosts did not trust it.
+    """Remembers the keys a server presented when known_hosts did not trust them.
 
-    asyncssh calls ``validate_host_public_key`` only for keys absent from known_hosts;
-    we still refuse (return False), but keep the key so the error can show its SHA256
-    fingerprint and the exact line that would accept it.
+    asyncssh calls ``validate_host_public_key`` only for plain keys absent from
+    known_hosts, and ``validate_host_ca_key`` for a host certificate signed by a CA that
+    known_hosts does not list for this host. We still refuse (return False), but keep the
+    keys so the error can show their SHA256 fingerprints and the line that would accept
+    the plain key.
     """
 
-    def __init__(self, seen: list[asyncssh.SSHKey]) -> None:
+    def __init__(self, seen: list[asyncssh.SSHKey], cas: list[asyncssh.SSHKey]) -> None:
         self._seen = seen
+        self._cas = cas
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
         self._seen.append(key)
+        return False
+
+    def validate_host_ca_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self._cas.append(key)
         return False
 
 
@@ -164,14 +197,31 @@ class _Entry:
     jump_key: str | None  # pool key of the jump connection this one rides on
 
 
+@dataclass(frozen=True)
+class Hop:
+    """One resolved hop: what was written (``spec``) and where it really goes."""
+
+    spec: str
+    host: str
+    port: int
+    user: str
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _split_jumps(text: str) -> list[str]:
+    return [j.strip() for j in text.split(",") if j.strip()]
+
+
 class SshPool:
-    """Pooled asyncssh client connections, keyed by destination (and jump chain).
+    """Pooled asyncssh client connections, keyed by route (every hop, outermost first).
 
     ``config``: an OpenSSH client config file; ``None`` means ``~/.ssh/config`` when
     it exists. ``known_hosts``: a path, or ``None`` for ``~/.ssh/known_hosts``; read once
-    here (call :meth:`reload_known_hosts` after editing it). ``identity_files``: keys to
-    offer; empty means the SSH config's IdentityFile, the default keys and the agent
-    (``SSH_AUTH_SOCK``).
+    here (call :meth:`reload_known_hosts` after editing it). ``identity_files``: key files
+    offered to every hop, before the hop's own ``IdentityFile`` lines; the agent
+    (``SSH_AUTH_SOCK`` or ``IdentityAgent``) is always asked first (console/adapters/sshkeys.py).
     """
 
     def __init__(
@@ -185,6 +235,7 @@ class SshPool:
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 3,
         command_timeout: float = 30.0,
+        agent_timeout: float = sshkeys.AGENT_TIMEOUT_S,
     ) -> None:
         home_ssh = Path("~/.ssh").expanduser()
         self.known_hosts_path = str(Path(known_hosts).expanduser()) if known_hosts else str(
@@ -197,15 +248,16 @@ class SshPool:
         else:
             default = home_ssh / "config"
             self._config_paths = [str(default)] if os.access(default, os.R_OK) else []
-        for key in identity_files:
-            if not os.access(Path(key).expanduser(), os.R_OK):
-                raise HostProblem(AUTH_FAILED, f"{key}: identity file not readable")
+        # Missing or encrypted files are not an error here: like OpenSSH, they are skipped
+        # per connection and named in the authentication error if nothing else works.
         self._client_keys = [str(Path(k).expanduser()) for k in identity_files]
         self.connect_timeout = connect_timeout
         self.login_timeout = login_timeout
         self.keepalive_interval = keepalive_interval
         self.keepalive_count_max = keepalive_count_max
         self.command_timeout = command_timeout
+        self.agent_timeout = agent_timeout
+        self._agents: dict[str, sshkeys.AgentSource] = {}
         self._known_hosts = self._read_known_hosts()
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -227,10 +279,15 @@ class SshPool:
         """Re-read known_hosts (after a key was accepted); open connections are kept."""
         self._known_hosts = self._read_known_hosts()
 
-    def _is_known(self, host: str, port: int) -> bool:
+    def _known(self, host: str, port: int) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+        """(plain host keys, @cert-authority keys) known_hosts lists for this name."""
         keys, cas, *_ = asyncssh.match_known_hosts(
             self._known_hosts, host, "", None if port == DEFAULT_PORT else port
         )
+        return list(keys), list(cas)
+
+    def _is_known(self, host: str, port: int) -> bool:
+        keys, cas = self._known(host, port)
         return bool(keys or cas)
 
     # -- resolution ------------------------------------------------------------------
@@ -241,6 +298,10 @@ class SshPool:
         port = target.port or int(str(cfg.get("Port", DEFAULT_PORT)))
         user = target.user or str(cfg.get("User", self._local_user))
         return host, port, user
+
+    def _hop(self, spec: str) -> Hop:
+        host, port, user = self.resolve(parse_target(spec))
+        return Hop(spec, host, port, user)
 
     def _load_config(self, target: Target) -> SSHClientConfig:
         try:
@@ -260,14 +321,48 @@ class SshPool:
         assert isinstance(config, SSHClientConfig)
         return config
 
+    def route(self, ssh: str, jump: str = "", *, name: str = "") -> list[Hop]:
+        """Every hop to ``ssh``, outermost first, ending with ``ssh`` itself.
+
+        Exactly OpenSSH's ProxyJump rules: ``jump`` (the fleet's ``jump``) acts like
+        ``ssh -J jump ssh`` and replaces the destination's own ProxyJump; of a list
+        ``a,b`` the last is the hop next to the destination and is reached with
+        ``-J a``, so its own ProxyJump is ignored; a hop reached without such a list
+        (the first of a list, or a single ProxyJump) follows its own ssh_config block
+        (ProxyJump, HostName, User, Port, IdentityFile), recursively. ``none`` means no
+        jump. A route that comes back to a hop it already passed is refused: OpenSSH
+        refuses a host that jumps through itself ("jumphost loop via ...") and would
+        recurse forever on a longer loop; escort refuses every loop.
+        """
+        label = name or ssh
+        hops = [self._hop(ssh)]
+        override = jump.strip()
+        while True:
+            if override:
+                jumps = [] if override.lower() == "none" else _split_jumps(override)
+            else:
+                proxy = self._load_config(parse_target(hops[0].spec)).get("ProxyJump")
+                text = str(proxy).strip() if proxy else ""
+                jumps = [] if not text or text.lower() == "none" else _split_jumps(text)
+            if not jumps:
+                return hops
+            nxt = self._hop(jumps[-1])
+            if any((h.host, h.port, h.user) == (nxt.host, nxt.port, nxt.user) for h in hops) or (
+                len(hops) >= MAX_HOPS
+            ):
+                path = " -> ".join([nxt.spec, *(h.spec for h in hops)])
+                raise HostProblem(
+                    JUMP_LOOP,
+                    f"{label}: jumphost loop via {nxt.spec} ({path}); refused",
+                    "fix the ProxyJump lines of these hosts in the SSH config (or the fleet's "
+                    "jump) so that no host is reached through itself",
+                )
+            hops.insert(0, nxt)
+            override = ",".join(jumps[:-1])
+
     def jump_chain(self, ssh: str, jump: str = "") -> list[str]:
-        """The jump hosts (outermost first) for a destination: ``jump`` or its ProxyJump."""
-        if jump:
-            chain = [j.strip() for j in jump.split(",") if j.strip()]
-        else:
-            proxy = self._load_config(parse_target(ssh)).get("ProxyJump")
-            chain = [j.strip() for j in str(proxy).split(",") if j.strip()] if proxy else []
-        return [j for j in chain if j.lower() != "none"]
+        """The jump hosts (outermost first) for a destination, as written in the configs."""
+        return [h.spec for h in self.route(ssh, jump)[:-1]]
 
     # -- connections -----------------------------------------------------------------
     async def connect(self, ssh: str, jump: str = "", *, name: str = "") -> asyncssh.SSHClientConnection:
@@ -277,13 +372,11 @@ class SshPool:
         that has closed is replaced.
         """
         self._loop = asyncio.get_running_loop()
-        chain = self.jump_chain(ssh, jump)
-        return await self._connect_chain(ssh, chain, name or ssh)
+        hops = self.route(ssh, jump, name=name)
+        return await self._connect_route(hops, name or ssh)
 
-    async def _connect_chain(
-        self, ssh: str, chain: list[str], label: str
-    ) -> asyncssh.SSHClientConnection:
-        key = "|".join([*chain, ssh])
+    async def _connect_route(self, hops: list[Hop], label: str) -> asyncssh.SSHClientConnection:
+        key = _route_key(hops)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._entries.get(key)
@@ -293,37 +386,85 @@ class SshPool:
                 await self._drop_key(key)
             tunnel: asyncssh.SSHClientConnection | None = None
             jump_key: str | None = None
-            if chain:
-                jump_key = "|".join(chain)
+            if len(hops) > 1:
+                jump_key = _route_key(hops[:-1])
+                via = hops[-2].spec
                 try:
-                    tunnel = await self._connect_chain(chain[-1], chain[:-1], chain[-1])
+                    tunnel = await self._connect_route(hops[:-1], via)
                 except HostProblem as exc:
-                    if exc.code == JUMP_FAILED:
+                    if exc.code in (JUMP_FAILED, JUMP_LOOP):
                         raise
-                    message = f"{label}: jump host {chain[-1]} failed: {exc}"
+                    message = f"{label}: jump host {via} failed: {exc}"
+                    fix = exc.fix
                     if isinstance(exc, HostKeyProblem):  # keep the key: it can be accepted
+                        if exc.code in TRUSTABLE and exc.key is not None:
+                            fix = (f"check that fingerprint on {via}, then: escort hosts trust "
+                                   f"{via} {exc.fingerprint}")
                         raise HostKeyProblem(
-                            JUMP_FAILED, message, exc.fix, key=exc.key,
-                            known_hosts_name=exc.known_hosts_name,
+                            JUMP_FAILED, message, fix, key=exc.key,
+                            known_hosts_name=exc.known_hosts_name, hop=exc.hop or via,
+                            hop_code=exc.code,
                         ) from exc
-                    raise HostProblem(JUMP_FAILED, message, exc.fix) from exc
-            conn = await self._open(ssh, tunnel, label, via=chain[-1] if chain else "")
+                    raise HostProblem(JUMP_FAILED, message, fix) from exc
+            conn = await self._open(hops[-1], tunnel, label, via=hops[-2].spec if len(hops) > 1 else "")
             self._entries[key] = _Entry(conn, jump_key)
             return conn
 
+    def _agent_for(self, cfg: SSHClientConfig) -> sshkeys.AgentSource | None:
+        """The agent for a hop: ``IdentityAgent`` from its config block, else SSH_AUTH_SOCK."""
+        configured = cfg.get("IdentityAgent")
+        path = str(configured) if configured else os.environ.get("SSH_AUTH_SOCK", "")
+        if path.lower() == "none":
+            return None
+        if path == "SSH_AUTH_SOCK":
+            path = os.environ.get("SSH_AUTH_SOCK", "")
+        path = str(Path(path).expanduser()) if path else ""
+        if path not in self._agents:
+            self._agents[path] = sshkeys.AgentSource(path, timeout=self.agent_timeout)
+        return self._agents[path]
+
+    async def keys_for(self, hop: Hop | str) -> sshkeys.KeySet:
+        """The keys offered to one hop: agent first, then the fleet's and the hop's files."""
+        spec = hop.spec if isinstance(hop, Hop) else hop
+        cfg = self._load_config(parse_target(spec))
+        configured = cfg.get("IdentityFile") or []
+        files = [*self._client_keys, *(str(Path(str(f)).expanduser()) for f in configured)]  # type: ignore[attr-defined]
+        return await sshkeys.collect_keys(
+            files, self._agent_for(cfg), identities_only=bool(cfg.get("IdentitiesOnly"))
+        )
+
+    def _host_key_algs(self, hop: Hop) -> list[bytes]:
+        """Which host key types to ask for, as OpenSSH orders them.
+
+        A plain key known_hosts lists for the host is asked for first (so a host that also
+        has a certificate is accepted by that key); certificates only when an
+        ``@cert-authority`` line covers the host; with nothing known, the plain key, so the
+        refusal and ``hosts trust`` show the fingerprint an admin can check on the host.
+        """
+        keys, cas = self._known(hop.host, hop.port)
+        plain_default = list(get_default_public_key_algs())
+        algs: list[bytes] = []
+        for key in keys:
+            algs.extend(a for a in key.sig_algorithms if a not in algs)
+        if cas:
+            algs.extend(a for a in get_default_certificate_algs() if a not in algs)
+        algs.extend(a for a in plain_default if a not in algs)
+        return algs
+
     async def _open(
         self,
-        ssh: str,
+        hop: Hop,
         tunnel: asyncssh.SSHClientConnection | None,
         label: str,
         *,
         via: str,
+        plain_only: bool = False,
     ) -> asyncssh.SSHClientConnection:
-        target = parse_target(ssh)
+        target = parse_target(hop.spec)
         seen: list[asyncssh.SSHKey] = []
-        kwargs: dict[str, object] = {}
-        if self._client_keys:
-            kwargs["client_keys"] = self._client_keys
+        cas: list[asyncssh.SSHKey] = []
+        keyset = await self.keys_for(hop)
+        algs = list(get_default_public_key_algs()) if plain_only else self._host_key_algs(hop)
         try:
             conn = await asyncssh.connect(
                 target.host,
@@ -331,41 +472,61 @@ class SshPool:
                 username=target.user if target.user else (),
                 config=self._config_paths,
                 known_hosts=self._known_hosts,
-                tunnel=tunnel,
-                client_factory=lambda: _KeyCatcher(seen),
+                tunnel=tunnel,  # never (): asyncssh would open its own ProxyJump route
+                client_factory=lambda: _KeyCatcher(seen, cas),
+                client_keys=keyset.keypairs or None,
+                agent_path=None,  # the agent's keys are already in client_keys
+                ignore_encrypted=True,
+                server_host_key_algs=[a.decode("ascii") for a in algs],
                 connect_timeout=self.connect_timeout,
                 login_timeout=self.login_timeout,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_count_max=self.keepalive_count_max,
-                **kwargs,
             )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
-            raise self._map_error(exc, target, label, seen, via) from exc
+            problem = self._map_error(exc, hop, label, seen, cas, via, keyset)
+            if problem.code in TRUSTABLE and problem.code != KEY_UNKNOWN and not plain_only:
+                # OpenSSH: a certificate that fails is retried as the plain key inside it.
+                try:
+                    return await self._open(hop, tunnel, label, via=via, plain_only=True)
+                except HostKeyProblem as plain:
+                    if isinstance(problem, HostKeyProblem):
+                        problem.key = plain.key if plain.code == KEY_UNKNOWN else problem.key
+                except HostProblem:
+                    pass
+            raise problem from exc
         self.connects += 1
         return conn
 
     def _map_error(
         self,
         exc: BaseException,
-        target: Target,
+        hop: Hop,
         label: str,
         seen: list[asyncssh.SSHKey],
+        cas: list[asyncssh.SSHKey],
         via: str,
+        keyset: sshkeys.KeySet | None = None,
     ) -> HostProblem:
         """One plain line per failure, saying what happened and what to do."""
         where = f"{label}: " if label else ""
-        host, port, user = self.resolve(target)
+        host, port, user = hop.host, hop.port, hop.user
         route = f" via jump host {via}" if via else ""
         if isinstance(exc, asyncssh.HostKeyNotVerifiable) or (
             isinstance(exc, asyncssh.KeyExchangeFailed) and "host key" in str(exc).lower()
         ):
-            return self._host_key_problem(where, host, port, seen, exc)
+            return self._host_key_problem(where, hop, seen, cas, exc)
         if isinstance(exc, asyncssh.PermissionDenied):
+            reason = exc.reason or str(exc)
+            notes = keyset.problems() if keyset is not None else []
+            offered = len(keyset.keypairs) if keyset is not None else 0
+            extra = f"; offered {offered} key(s)" + (f"; {'; '.join(notes)}" if notes else "")
             return HostProblem(
                 AUTH_FAILED,
-                f"{where}authentication failed as {user}@{host}:{port} ({exc.reason or exc})",
+                f"{where}authentication failed as {user}@{host}:{port}{route} ({reason}){extra}",
+                keyset.fix() if keyset is not None else
                 "check the identity file, the agent (SSH_AUTH_SOCK) and the host's authorized_keys",
             )
         if isinstance(exc, TimeoutError | asyncio.TimeoutError) or (
@@ -398,20 +559,59 @@ class SshPool:
     def _host_key_problem(
         self,
         where: str,
-        host: str,
-        port: int,
+        hop: Hop,
         seen: list[asyncssh.SSHKey],
+        cas: list[asyncssh.SSHKey],
         exc: BaseException,
     ) -> HostKeyProblem:
+        host, port = hop.host, hop.port
         key = seen[-1] if seen else None
         name = known_hosts_name(host, port)
+        kh = self.known_hosts_path
+        text = str(exc).lower()
+        trust = f"escort hosts trust {hop.spec} SHA256:<the host's plain key>"
+        cert_checks = (
+            ("ca key is not trusted", HOST_CERT_CA_UNKNOWN,
+             "its host certificate is signed by a CA{ca} that no @cert-authority line in "
+             f"{kh} lists for {name}",
+             f"if you trust that CA, add '@cert-authority <host pattern> <CA public key>' to {kh}; "
+             f"or accept the host's plain key ({trust})"),
+            ("principal mismatch", HOST_CERT_PRINCIPAL,
+             f"Certificate invalid: name is not a listed principal (the host certificate does "
+             f"not name {host})",
+             f"re-issue the host certificate with {host} among its principals "
+             f"(ssh-keygen -s CA_KEY -h -n {host},... HOST_KEY.pub), or connect by a name it lists"),
+            ("certificate expired", HOST_CERT_EXPIRED,
+             "Certificate invalid: expired (its host certificate is past its validity)",
+             "renew the host certificate (ssh-keygen -s CA_KEY -h -n NAMES -V +52w HOST_KEY.pub) "
+             "and restart sshd"),
+            ("not yet valid", HOST_CERT_NOT_YET_VALID,
+             "Certificate invalid: not yet valid (check the clocks of this machine and the CA)",
+             "fix the clock, or re-issue the certificate with a validity that has started"),
+        )
+        for needle, code, what, fix in cert_checks:
+            if needle in text:
+                ca = f" {cas[-1].get_fingerprint('sha256')}" if cas else ""
+                plain = (f"; its plain key is {key.get_algorithm()} {key.get_fingerprint('sha256')}, "
+                         f"not in {kh} either") if key is not None else ""
+                return HostKeyProblem(
+                    code, f"{where}host key refused for {name}: {what.format(ca=ca)}{plain}",
+                    fix, key=key, known_hosts_name=name, hop=hop.spec,
+                )
+        if "revoked" in text:
+            return HostKeyProblem(
+                KEY_REVOKED,
+                f"{where}host key refused for {name}: {exc} (marked @revoked in {kh})",
+                "the key or its CA was revoked on purpose: ask who revoked it before changing anything",
+                key=key, known_hosts_name=name, hop=hop.spec,
+            )
         presented = (
             f"{key.get_algorithm()} {key.get_fingerprint('sha256')}" if key is not None
             else "a key of a type known_hosts has no entry for"
         )
-        kh = self.known_hosts_path
         check = f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub"
-        if self._is_known(host, port):
+        keys, _cas = self._known(host, port)
+        if keys:
             return HostKeyProblem(
                 KEY_CHANGED,
                 f"{where}host key CHANGED for {name}: it presented {presented}, which differs "
@@ -421,15 +621,19 @@ class SshPool:
                 f"verify the fingerprint on the host, then replace its line in {kh}",
                 key=key,
                 known_hosts_name=name,
+                hop=hop.spec,
             )
+        fp = key.get_fingerprint("sha256") if key is not None else "SHA256:..."
         return HostKeyProblem(
             KEY_UNKNOWN,
             f"{where}host key unknown for {name}: it presented {presented}, not in {kh}; "
             f"refused. To accept it deliberately, check that fingerprint on the host "
-            f"({check}) and add the host's line to {kh}",
-            f"verify the fingerprint on the host, then add its line to {kh}",
+            f"({check}), then: escort hosts trust {hop.spec} {fp}",
+            f"verify the fingerprint on the host, then add its line to {kh} "
+            f"(escort hosts trust {hop.spec} {fp})",
             key=key,
             known_hosts_name=name,
+            hop=hop.spec,
         )
 
     # -- commands --------------------------------------------------------------------
@@ -488,14 +692,16 @@ class SshPool:
     async def accept_host_key(
         self, ssh: str, fingerprint: str, *, jump: str = "", name: str = ""
     ) -> str:
-        """Add the key ``ssh`` presents to known_hosts, only if it has ``fingerprint``.
+        """Add the plain key ``ssh`` presents to known_hosts, only if it has ``fingerprint``.
 
         The operator checks the fingerprint on the host's console first and types it
         here; a key with any other fingerprint is refused, so this is never blind
-        trust-on-first-use. Only *unknown* keys are added: a CHANGED key has to be
-        removed by hand (``ssh-keygen -R``), because silently replacing it is exactly
-        what known_hosts protects against. Returns the line added ("" if the key was
-        already trusted).
+        trust-on-first-use. Only *unknown* keys are added (also the plain key inside a
+        host certificate that could not be verified, as OpenSSH offers): a CHANGED key
+        has to be removed by hand (``ssh-keygen -R``), because silently replacing it is
+        exactly what known_hosts protects against. A jump host on the way must be trusted
+        first (``escort hosts trust <jump> SHA256:...``). Returns the line added ("" if
+        the key was already trusted).
         """
         label = name or ssh
         try:
@@ -504,8 +710,13 @@ class SshPool:
         except HostKeyProblem as exc:
             problem = exc
         if problem.code == JUMP_FAILED:
-            raise HostProblem(JUMP_FAILED, f"{problem} (accept the jump host's key first)")
-        if problem.code == KEY_CHANGED:
+            raise HostProblem(
+                JUMP_FAILED,
+                f"{problem} (accept the jump host's key first: escort hosts trust {problem.hop} "
+                f"{problem.fingerprint or 'SHA256:...'})",
+                problem.fix,
+            )
+        if problem.code not in TRUSTABLE:
             raise problem
         if problem.key is None or problem.fingerprint != fingerprint.strip():
             raise HostProblem(
@@ -528,13 +739,20 @@ class SshPool:
     # -- lifecycle ------------------------------------------------------------------------
     def cached(self, ssh: str, jump: str = "") -> asyncssh.SSHClientConnection | None:
         """The open pooled connection for a destination, if any (no connect)."""
-        key = "|".join([*self.jump_chain(ssh, jump), ssh])
+        try:
+            key = _route_key(self.route(ssh, jump))
+        except HostProblem:
+            return None
         entry = self._entries.get(key)
         return entry.conn if entry is not None and not _is_closed(entry.conn) else None
 
     async def drop(self, ssh: str, jump: str = "") -> None:
         """Close a destination's connection so the next use reconnects (after a failure)."""
-        await self._drop_key("|".join([*self.jump_chain(ssh, jump), ssh]))
+        try:
+            key = _route_key(self.route(ssh, jump))
+        except HostProblem:
+            return
+        await self._drop_key(key)
 
     async def _drop_key(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -552,11 +770,13 @@ class SshPool:
         """Close every connection (riders before their jump hosts). Run on the pool's loop."""
         for key in sorted(self._entries, key=lambda k: -k.count("|")):
             await self._drop_key(key)
+        for agent in self._agents.values():
+            await agent.close()
 
     def close_threadsafe(self, timeout: float = 10.0) -> None:
         """Close from another thread: the work runs on the loop the connections live on."""
         loop = self._loop
-        if loop is None or loop.is_closed() or not self._entries:
+        if loop is None or loop.is_closed() or not (self._entries or self._agents):
             self._entries.clear()
             return
         if not loop.is_running():
@@ -572,6 +792,10 @@ def _key_type(key: asyncssh.SSHKey | None) -> str:
         if word in alg:
             return word
     return "*"
+
+
+def _route_key(hops: Sequence[Hop]) -> str:
+    return "|".join(f"{h.user}@{h.host}:{h.port}" for h in hops)
 
 
 def _is_closed(conn: asyncssh.SSHClientConnection) -> bool:

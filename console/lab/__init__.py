@@ -10,6 +10,7 @@ CONTRACT (other engineers' integration tests use these names; extend, don't rena
   ``lab.fleet_file``, ``lab.known_hosts``, ``lab.ssh_config``, ``lab.identity``,
   ``lab.pki_dir``, ``lab.pki`` (the in-memory ``LabPKI`` after ``up()``).
 * Fault injection: ``stop_sshd/start_sshd``, ``stop_libvirtd/start_libvirtd``,
+  ``start_extra_sshd/stop_extra_sshd`` (a second sshd: another port, a host certificate),
   ``cut_link/restore_link`` (the host's leg on the back/migration network),
   ``kill_qemu(host, domain)``, ``define_guest(host, name, ...)``.
 
@@ -570,6 +571,31 @@ class Lab:
     def stop_sshd(self, host: str) -> None:
         self._stop_pidfile(self.host(host), self.host(host).sshd_pid_file)
 
+    def start_extra_sshd(self, host: str, port: int, *, host_certificate: bytes = b"") -> None:
+        """A second sshd on ``port`` of a lab host (same host key and users as its own sshd).
+
+        ``host_certificate``: an OpenSSH host certificate (``ssh-keygen -s CA -h ...``) of
+        the host's key, presented by this sshd only. Stop it with :meth:`stop_extra_sshd`;
+        ``lab down`` stops it too. Used by the SSH tests (non-22 ports, host certificates).
+        """
+        h = self.host(host)
+        ssh_dir = h.root / "etc" / "ssh"
+        pid_file = h.root / "run" / f"sshd-{port}.pid"
+        text = configs.sshd_config(pid_file=pid_file).replace("Port 22\n", f"Port {port}\n")
+        cert = ssh_dir / f"ssh_host_ed25519_key-cert-{port}.pub"
+        cert.unlink(missing_ok=True)
+        if host_certificate:
+            _write(cert, host_certificate)
+            text += f"HostCertificate /etc/ssh/{cert.name}\n"
+        _write(ssh_dir / f"sshd_config-{port}", text.encode())
+        self._stop_pidfile(h, pid_file)
+        self._nsenter(h, "/usr/sbin/sshd", "-f", f"/etc/ssh/sshd_config-{port}",
+                      "-E", str(h.log_dir / f"sshd-{port}.log"))
+
+    def stop_extra_sshd(self, host: str, port: int) -> None:
+        h = self.host(host)
+        self._stop_pidfile(h, h.root / "run" / f"sshd-{port}.pid")
+
     def start_libvirtd(self, host: str) -> None:
         h = self.host(host)
         if h.kind != "hypervisor":
@@ -717,6 +743,8 @@ class Lab:
             qemu_pids = sorted((root / "run" / "libvirt" / "qemu").glob("*.pid"))
             # driver.pid is libvirtd's own lock file, not a guest; libvirtd.pid covers it.
             yield from ((p, ns) for p in qemu_pids if p.name != "driver.pid")
+            # extra sshds (start_extra_sshd) before the host's own daemons
+            yield from ((p, ns) for p in sorted((root / "run").glob("sshd-*.pid")))
             for rel in ("run/sshd.pid", "run/libvirt/libvirtd.pid", "run/anchor.pid"):
                 yield root / rel, ns
 

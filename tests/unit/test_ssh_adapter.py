@@ -498,3 +498,36 @@ def test_parse_target(text, host, port, user):
 def test_parse_target_refuses(text):
     with pytest.raises(HostProblem):
         parse_target(text)
+
+
+def _route_pool(tmp_path: Path, config: str) -> SshPool:
+    cfg = tmp_path / "route_config"
+    cfg.write_text(config)
+    return SshPool(known_hosts=str(tmp_path / "kh"), config=str(cfg))
+
+
+def test_route_follows_each_jump_hosts_own_proxyjump(tmp_path, client_key):
+    pool = _route_pool(tmp_path, (
+        "Host c-par-1\n  HostName 10.0.0.3\n  ProxyJump c-fra-1\n"
+        "Host c-fra-1\n  HostName 10.0.0.2\n  ProxyJump gw\n  User ops\n  Port 2222\n"
+        "Host gw\n  HostName 10.0.0.1\n"))
+    hops = pool.route("c-par-1")
+    assert [h.spec for h in hops] == ["gw", "c-fra-1", "c-par-1"]
+    assert (hops[1].host, hops[1].port, hops[1].user) == ("10.0.0.2", 2222, "ops")
+    # fleet jump = ssh -J: replaces the destination's ProxyJump; "a,b": b reached with -J a
+    assert pool.jump_chain("c-par-1", "gw") == ["gw"]
+    assert pool.jump_chain("c-par-1", "c-fra-1") == ["gw", "c-fra-1"]
+    assert pool.jump_chain("c-par-1", "other,c-fra-1") == ["other", "c-fra-1"]
+    assert pool.jump_chain("c-par-1", "none") == []
+
+
+def test_route_refuses_loops(tmp_path, client_key):
+    pool = _route_pool(tmp_path, (
+        "Host a\n  HostName 10.0.0.1\n  ProxyJump b\n"
+        "Host b\n  HostName 10.0.0.2\n  ProxyJump a\n"
+        "Host 10.0.0.9\n  ProxyJump 10.0.0.9\n"))
+    for dest in ("a", "10.0.0.9"):
+        with pytest.raises(HostProblem) as err:
+            pool.route(dest)
+        assert err.value.code == "host.jump_loop" and "jumphost loop via" in str(err.value)
+    assert pool.cached("a") is None  # never raises
