@@ -302,7 +302,7 @@ class FleetService:
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
         at = self._key(at)
         cached = self._chains.get(name)
-        if cached is not None and cached[0] == at:
+        if cached is not None and (cached[0] == at or self._key(cached[0]) == at):
             return cached[1]
         got = self._host_certs.get(name)
         if got is None or self.trust is None:
@@ -329,7 +329,7 @@ class FleetService:
         share cached chains, policies, grants and the matrix between the instants that
         can change an answer.
         """
-        if not self.eager:
+        if not self.eager or self._fixed_at is not None:
             return at
         if self._instants is None:
             self._instants = self._collect_instants()
@@ -394,7 +394,7 @@ class FleetService:
     # ------------------------------------------------------------------ views
     def hosts(self) -> list[HostView]:
         at = self._key(self.at)
-        if self._views_at != at:
+        if self._views_at is None or (self._views_at != at and self._key(self._views_at) != at):
             # certificates expire while the console stays open: re-check at the new minute
             for name, view in self._hosts.items():
                 if name in self._host_certs:
@@ -452,7 +452,8 @@ class FleetService:
 
     def _current_matrix(self, at: dt.datetime | None = None) -> Matrix:
         at = self._key(at or self.at)
-        if self._matrix is None or self._matrix_at != at:
+        if self._matrix is None or self._matrix_at is None or (
+                self._matrix_at != at and self._key(self._matrix_at) != at):
             vms = [self._vm_check(r, at) for r in self._vms.values()]
             hosts = [self._host_check(n, at) for n in self._hosts]
             self._matrix = allowed_matrix(vms, hosts)
