@@ -61,6 +61,7 @@ def main(ctx: click.Context, fleet_file: str | None, readonly: bool, offline: bo
 
 def _register() -> None:
     from console.cli import (
+        emergency_cmds,
         evacuate_cmds,
         fleet_cmds,
         hosts_cmds,
@@ -70,7 +71,8 @@ def _register() -> None:
         ui_cmds,
     )
 
-    for module in (pki_cmds, fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, ui_cmds, evacuate_cmds):
+    for module in (pki_cmds, fleet_cmds, hosts_cmds, lab_cmds, migrate_cmds, ui_cmds, evacuate_cmds,
+                   emergency_cmds):
         module.register(main)
 
 

@@ -107,7 +107,10 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
             for h in down:
                 click.echo(f"! {h.name} did not answer: "
                            f"{h.problem.message if h.problem else 'no answer'}", err=True)
-        ev = EvacuationService(fleet, admin=who, vcpu_ratio=cpu_ratio)
+        from console.services.emergency import audit_path, declared
+
+        ev = EvacuationService(fleet, admin=who, vcpu_ratio=cpu_ratio,
+                               emergencies=declared(fleet, audit_path(fleet)))
         planned = plan_fn(ev)
         complete = not (planned.stuck or planned.held)
         if as_json:

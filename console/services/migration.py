@@ -35,21 +35,21 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import libvirt
-import platformdirs
 from cryptography import x509
 
 from console.adapters.audit import AuditLog, read_entries
 from console.adapters.files import read_limited
 from console.adapters.libvirt import LibvirtHost, libvirt_message
+from console.adapters.reservations import Reservations
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
+from console.services.emergency import declared, default_audit_path
 from console.services.fleet import FleetService
 from console.services.identity import AdminIdentity, AdminNotProven, AdminProof, is_proof, require_admin
 from console.services.inventory import InventoryService
@@ -62,8 +62,11 @@ FINISH_GRACE_S = 10.0
 ABORT_CALL_S = 5.0
 #: How long the VM gets to settle on one host after a migration ends.
 SETTLE_S = 20.0
-#: A pre-flight older than this must be run again before it authorises anything.
-PREFLIGHT_MAX_AGE_S = 300.0
+#: A pre-flight older than this must be run again before it authorises anything (the
+#: just-in-time checks before migrate3 re-check certificate, grant, policy and room anyway).
+PREFLIGHT_MAX_AGE_S = 60.0
+#: Pre-flights this service produced and that were not used yet (oldest forgotten first).
+MAX_ISSUED = 256
 DEMO_EXPLANATION = ("live migration needs real hosts: the demo runs on libvirt's test driver, which "
                     "cannot migrate. Start real hosts with `escort lab up` and use the lab's fleet file")
 
@@ -76,8 +79,6 @@ class MigrationFailed(EscortError):
     """libvirt was asked and the migration did not complete (the VM's state is in the message)."""
 
 
-def default_audit_path() -> Path:
-    return Path(platformdirs.user_state_dir("escort")) / "audit.log"
 
 
 @dataclass
@@ -112,6 +113,8 @@ class MigrationRun:
         self.progress = self.tracker.current
         self.abort_requested: str = ""  # "" or who asked ("admin", "watchdog")
         self.memory_mib = 0  # what the target must hold (counted against its room meanwhile)
+        self.emergency = False  # emergency-only grants counted (re-checked just in time the same way)
+        self.reserved = False  # memory reserved on the target (just before migrate3, until the end)
         self.result: MigrationResult | None = None
         self._version = 0
         self._event = asyncio.Event()
@@ -216,6 +219,11 @@ class MigrationService:
         self.settle_s = settle_s
         self.clock = clock
         self.runs: dict[str, MigrationRun] = {}
+        #: id(pre-flight) -> (the pre-flight, emergency): only these authorise start()
+        self._issued: dict[int, tuple[mig.Preflight, bool]] = {}
+        #: one just-in-time capacity check at a time per target (check + reserve is atomic)
+        self._target_locks: dict[str, asyncio.Lock] = {}
+        self._reservations: Reservations | None = None
         # migrate3 blocks for a whole migration: its own threads, never the hosts' workers
         self._migrate_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="escort-migrate")
         self._poll_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="escort-jobstats")
@@ -239,6 +247,18 @@ class MigrationService:
         """Read-only check, then proof that the operator holds ``admin``'s key (refusals audited)."""
         return await require_admin(self.fleet, action, admin=admin, identity=self.identity,
                                    audit=self._record)
+
+    def emergency_basis(self, source: str) -> str:
+        """Why emergency-only grants may count for a move off ``source`` now ("" = they may not):
+        an emergency declared for it (signed, in the audit log) or the host is down."""
+        em = declared(self.fleet, self.audit.path).get(source)
+        if em is not None:
+            return f"emergency declared for {source} by {em.admin} until {em.end:%Y-%m-%d %H:%M} UTC"
+        with contextlib.suppress(InputError):
+            view = self._host(source)
+            if view.reachability == "down":
+                return f"{source} is down ({view.problem.message if view.problem else 'no answer'})"
+        return ""
 
     # -- lookups --------------------------------------------------------------------
     def _vm(self, key: str) -> VMView:
@@ -274,9 +294,20 @@ class MigrationService:
         except EscortError:
             return "", ""
 
-    async def _presented_cert(self, spec: HostSpec, view: HostView) -> tuple[x509.Certificate | None,
-                                                                              Reason | None]:
-        """The certificate QEMU on the target will present, read *now*."""
+    async def _presented_cert(self, spec: HostSpec, view: HostView, *,
+                              live: bool = False) -> tuple[x509.Certificate | None, Reason | None]:
+        """The certificate QEMU on the target will present, read *now*.
+
+        ``live``: only the file QEMU uses, read over SSH (``remote_cert``) counts — a
+        local ``cert_file`` compared with itself would pin nothing. Every non-demo
+        pre-flight and every just-in-time check reads live.
+        """
+        if live and not (spec.ssh and spec.remote_cert):
+            return None, Reason("migration.no_remote_cert",
+                                f"{spec.name} has no ssh + remote_cert in the fleet file: escort cannot "
+                                "read the certificate QEMU there presents, so nothing would pin it",
+                                "set remote_cert to the certificate file QEMU uses "
+                                "(e.g. /etc/pki/qemu/server-cert.pem)")
         try:
             if spec.ssh and spec.remote_cert:
                 data = await self.inventory.pool.read_file(spec.ssh, spec.remote_cert, jump=spec.jump,
@@ -325,6 +356,8 @@ class MigrationService:
         view = self._vm(view.uuid)  # the refresh may have moved it
         source = view.host
         at = self.fleet.at
+        # emergency-only grants count only in a declared emergency or with the source down
+        emergency = emergency and bool(source) and bool(self.emergency_basis(source))
         sview, tview = self._host(source) if source else None, self._host(target)
         decision = self.fleet.explain(view.uuid, target, admin_id, at, emergency=emergency)
         split = mig.split_decision_reasons(r for r in decision.reasons)
@@ -335,7 +368,7 @@ class MigrationService:
         items["allowed"] = mig.item_from_reasons("allowed", split["allowed"])
         items["grant"] = mig.item_from_reasons("grant", split["grant"])
         checked = tview.chain.leaf.cert if tview.chain and tview.chain.leaf else None
-        presented, why = await self._presented_cert(tview.spec, tview)
+        presented, why = await self._presented_cert(tview.spec, tview, live=self.fleet.kind != "demo")
         duration = mig.expected_duration_s(view.memory_mib, self.bandwidth_mib_s)
         cert_item = mig.check_certificate(checked, presented, at=dt.datetime.now(dt.UTC),
                                           duration_s=duration, margin_s=self.cert_margin_s,
@@ -376,9 +409,17 @@ class MigrationService:
                 migration_uri=mig.migration_uri(address), cert_fingerprint=mig.fingerprint(presented),
                 admin=admin_id, policy_hash=policy_hash, grant_id=grant_id,
                 bandwidth_mib_s=self.bandwidth_mib_s)
-        return mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
-                            time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
-                            cert_fingerprint=mig.fingerprint(presented) if presented else "")
+        return self._issue(mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
+                                        time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
+                                        cert_fingerprint=mig.fingerprint(presented) if presented else ""),
+                           emergency)
+
+    def _issue(self, pf: mig.Preflight, emergency: bool = False) -> mig.Preflight:
+        """Remember ``pf`` as produced here: start() accepts nothing else."""
+        while len(self._issued) >= MAX_ISSUED:
+            self._issued.pop(next(iter(self._issued)))
+        self._issued[id(pf)] = (pf, emergency)
+        return pf
 
     # -- run ------------------------------------------------------------------------
     def _decision_entry(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan | None,
@@ -403,6 +444,11 @@ class MigrationService:
         """
         self.fleet.require_writable("migration")
         run_id = uuidlib.uuid4().hex[:12]
+        issued = self._issued.pop(id(pf), None)
+        if issued is None or issued[0] is not pf:
+            raise MigrationRefused(f"{pf.vm} -> {pf.target} refused: this pre-flight was not produced by "
+                                   "this migration service (or was used already); run the pre-flight again")
+        emergency = issued[1]
         if self.fleet.kind != "demo":
             if proof is None:
                 proof = await self.prove(pf.admin, f"migrate {pf.vm} to {pf.target}")
@@ -412,7 +458,8 @@ class MigrationService:
                 await self._record({"kind": "refusal", "action": f"migrate {pf.vm} to {pf.target}",
                                     "admin": pf.admin, "code": why.code, "message": why.message})
                 raise why
-        if not pf.ok or pf.plan is None:
+        complete = {i.key for i in pf.items} == {k for k, _ in mig.CHECKS}
+        if not pf.ok or pf.plan is None or not complete:  # zero (or some) checks never pass
             await self._record(self._decision_entry(run_id, pf, None))
             raise MigrationRefused(f"{pf.vm} -> {pf.target} refused: "
                                    + "; ".join(r.message for r in pf.reasons[:3])
@@ -420,13 +467,17 @@ class MigrationService:
         if self.fleet.kind == "demo":
             raise MigrationRefused(DEMO_EXPLANATION)
         age = (dt.datetime.now(dt.UTC) - pf.at).total_seconds()
-        if age > PREFLIGHT_MAX_AGE_S:
-            raise MigrationRefused(f"the pre-flight is {int(age)} s old; run it again")
+        if age > PREFLIGHT_MAX_AGE_S or age < -5:
+            raise MigrationRefused(f"the pre-flight is {int(age)} s old (at most {PREFLIGHT_MAX_AGE_S:g} s); "
+                                   "run it again")
         if any(r.plan.vm_uuid == pf.vm_uuid and not r.done for r in self.runs.values()):
             raise MigrationRefused(f"{pf.vm} is already being migrated")
         assert proof is not None
-        return await self._launch(run_id, pf, pf.plan,
-                                  self._decision_entry(run_id, pf, pf.plan, proof=proof.as_json()))
+        run = await self._launch(run_id, pf, pf.plan,
+                                 self._decision_entry(run_id, pf, pf.plan, proof=proof.as_json(),
+                                                      emergency=emergency))
+        run.emergency = emergency
+        return run
 
     async def _launch(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan,
                       decision: dict[str, Any]) -> MigrationRun:
@@ -459,6 +510,11 @@ class MigrationService:
             src = await self.inventory.libvirt(plan.source)
             dst = await self.inventory.libvirt(plan.target)
             dom = await src.call(src.conn.lookupByUUIDString, plan.vm_uuid)
+            if run.emergency and not self.emergency_basis(plan.source):
+                run.emergency = False  # the emergency ended: ordinary grants only
+            not_now = await self._just_in_time(run, dst)
+            if not_now:
+                raise _NotNow(not_now)
             run._publish(run.tracker.start(self.clock()))
             self.libvirt_migrate_calls += 1
             t_mig = self.clock()
@@ -516,6 +572,12 @@ class MigrationService:
             else:
                 outcome = await self._verify_failure(run, error, watchdog_fired)
             timings["verify"] = self.clock() - t_ver
+        except _NotNow as exc:  # the just-in-time checks refused: libvirt was not asked
+            reasons = exc.reasons
+            outcome = mig.Outcome("refused", plan.source,
+                                  f"refused just before the migration: {reasons[0].message}"
+                                  + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else "")
+                                  + f"; {plan.vm_name} stays on {plan.source}", reasons)
         except EscortError as exc:  # could not even start (host gone between pre-flight and now)
             located = await self._locate(plan)
             outcome = mig.Outcome("failed", _only_running(located), str(exc),
@@ -527,6 +589,7 @@ class MigrationService:
                 text += f"; {plan.vm_name}: {located.describe()}"
             outcome = mig.Outcome("failed", "", text, [Reason("migration.internal", text,
                                                               "run reconcile, and report this")])
+        await self._release(run)
         timings["total"] = self.clock() - t_start + run.preflight.elapsed_s
         outcome.timings = timings
         if outcome.result == "success":
@@ -549,6 +612,111 @@ class MigrationService:
             run.result = result
             run._finish()
         return result
+
+    # -- just in time ---------------------------------------------------------------
+    async def _just_in_time(self, run: MigrationRun, dst: LibvirtHost) -> list[Reason]:
+        """Immediately before migrate3: every reason not to go now ([] = go).
+
+        The certificate the destination presents *now* (read over SSH) has the planned
+        fingerprint and is valid long enough; the grant and the policy still allow the
+        move *now* (same policy as pre-flight); the target's free memory *now*, minus
+        what migrations already heading there reserved (this process and others),
+        holds the VM — and then this migration reserves its memory there.
+        """
+        reasons = await self._jit_certificate(run)
+        reasons += self._jit_decision(run)
+        if not reasons:
+            reasons += await self._jit_capacity(run, dst)
+        return reasons
+
+    async def _jit_certificate(self, run: MigrationRun) -> list[Reason]:
+        plan = run.plan
+        spec = self.inventory.spec(plan.target)
+        presented, why = await self._presented_cert(spec, self._host(plan.target), live=True)
+        if presented is None:
+            return [why] if why is not None else []
+        fp = mig.fingerprint(presented)
+        if fp != plan.cert_fingerprint:
+            return [Reason("migration.cert_changed",
+                           f"{plan.target} now presents another certificate (SHA-256 {fp[:16]}…) than the "
+                           f"one checked at pre-flight ({plan.cert_fingerprint[:16]}…)",
+                           "find out why the certificate changed, then run the pre-flight again")]
+        duration = mig.expected_duration_s(run.memory_mib, self.bandwidth_mib_s)
+        item = mig.check_certificate(presented, presented, at=dt.datetime.now(dt.UTC), duration_s=duration,
+                                     margin_s=self.cert_margin_s)
+        return [r for r in item.reasons if r.severity == "error"]
+
+    def _jit_decision(self, run: MigrationRun) -> list[Reason]:
+        plan = run.plan
+        now = dt.datetime.now(dt.UTC)
+        try:
+            decision = self.fleet.explain(plan.vm_uuid, plan.target, plan.admin, now, emergency=run.emergency)
+        except EscortError as exc:
+            return [Reason("migration.recheck_failed", f"the decision could not be re-checked: {exc}",
+                           "run the pre-flight again")]
+        reasons = [r for r in decision.reasons if r.severity == "error"] if not decision.allowed else []
+        if not decision.allowed and not reasons:
+            reasons = [Reason("migration.not_allowed_now",
+                              f"{plan.vm_name} may no longer move to {plan.target}")]
+        policy_hash, _ = self._policy_and_grant(self._vm(plan.vm_uuid), plan.admin, now, run.emergency)
+        if plan.policy_hash and policy_hash != plan.policy_hash:
+            reasons.append(Reason("migration.policy_changed",
+                                  f"{plan.vm_name}'s policy changed since the pre-flight",
+                                  "run the pre-flight again (the owner's new policy decides)"))
+        return reasons
+
+    def _reservations_file(self) -> Reservations | None:
+        if self._reservations is None:
+            with contextlib.suppress(Exception):
+                path = self.audit.path
+                self._reservations = Reservations(path.with_name(path.name + ".reservations"))
+        return self._reservations
+
+    async def _jit_capacity(self, run: MigrationRun, dst: LibvirtHost) -> list[Reason]:
+        plan = run.plan
+        need = run.memory_mib
+        if need <= 0:
+            return []  # unknown size: the pre-flight's capacity check is all there is
+        lock = self._target_locks.setdefault(plan.target, asyncio.Lock())
+        async with lock:
+            try:
+                free = await dst.call(_free_mib, dst.conn)
+            except EscortError as exc:
+                return [Reason("migration.capacity_unknown", f"{plan.target}: free memory unreadable ({exc})",
+                               "check the target host")]
+            here = sum(r.memory_mib for r in self.runs.values()
+                       if r.plan.target == plan.target and r.reserved and not r.done and r is not run)
+            seen: list[int] = []
+
+            def fits(elsewhere: int) -> bool:
+                seen.append(elsewhere)
+                return free - here - elsewhere >= need
+
+            shared = self._reservations_file()
+            if shared is not None:
+                try:
+                    ok = await asyncio.to_thread(shared.reserve, run.id, plan.target, need, fits)
+                except OSError:
+                    ok = fits(0)
+            else:
+                ok = fits(0)
+            if not ok:
+                other = seen[-1] if seen else 0
+                return [Reason("migration.no_memory",
+                               f"{plan.target} has {free} MiB free, {here + other} MiB of it promised to "
+                               f"migrations already heading there; {plan.vm_name} needs {need} MiB",
+                               "wait for those migrations, or choose another target")]
+            run.reserved = True
+        return []
+
+    async def _release(self, run: MigrationRun) -> None:
+        if not run.reserved:
+            return
+        run.reserved = False
+        shared = self._reservations_file()
+        if shared is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(shared.release, run.id)
 
     async def _unstick(self, run: MigrationRun, fut: asyncio.Future[Any]) -> None:
         """After an abort libvirt still calls Finish on the target; over a dead link that
@@ -695,7 +863,17 @@ class MigrationService:
             self._audit.close()
 
 
+class _NotNow(Exception):
+    def __init__(self, reasons: list[Reason]) -> None:
+        super().__init__(reasons[0].message if reasons else "refused")
+        self.reasons = reasons
+
+
 # -- blocking helpers (run in threads) -------------------------------------------------
+def _free_mib(conn: Any) -> int:
+    return int(conn.getFreeMemory()) // (1024 * 1024)
+
+
 def _migrate3(dom: Any, dconn: Any, params: dict[str, Any], flags: int) -> tuple[Any, str]:
     """(new domain, "") or (None, libvirt's message): never raises."""
     try:

@@ -203,6 +203,33 @@ async def test_tls_migration_between_regions_verified_and_audited(lab: Lab, mig_
 
 
 # -- refused locally ---------------------------------------------------------------------------
+async def test_certificate_swapped_after_preflight_is_refused_at_start(lab: Lab, mig_fleet: Path,
+                                                                       tmp_path: Path) -> None:
+    """Just in time: the certificate QEMU on the target presents is re-read right before
+    migrate3; swapped since the pre-flight (here: another host's certificate put in its
+    place), the move is refused and libvirt is never asked."""
+    uuid = _guest(lab, mig_fleet, "mig-swap")
+    served = lab.host(TARGET).root / "etc" / "pki" / "qemu" / "server-cert.pem"
+    original = served.read_bytes()
+    try:
+        async with _service(mig_fleet, tmp_path) as svc:
+            pf = await svc.preflight("mig-swap", TARGET, ADMIN)
+            assert pf.ok, pf.reasons
+            served.write_bytes((lab.pki_dir / "hosts" / f"{SOURCE}.pem").read_bytes())
+            run = await svc.start(pf)
+            result = await run.wait()
+            assert svc.libvirt_migrate_calls == 0
+        assert result.outcome.result == "refused", result.outcome.message
+        assert [r.code for r in result.outcome.reasons] == ["migration.cert_changed"]
+        _only_on(lab, uuid, SOURCE)
+        entries = _audit(tmp_path)
+        assert [(e["kind"], e.get("allowed"), e.get("result")) for e in entries] == [
+            ("decision", True, None), ("outcome", None, "refused")]
+    finally:
+        served.write_bytes(original)
+        _remove(lab, uuid)
+
+
 async def test_target_under_untrusted_ca_is_refused_before_libvirt(lab: Lab, mig_fleet: Path,
                                                                     tmp_path: Path) -> None:
     uuid = _guest(lab, mig_fleet, "mig-rogue")

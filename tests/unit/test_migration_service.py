@@ -26,7 +26,7 @@ from console.core.errors import EscortError, ReadOnlyError
 from console.core.inventory import AdminSpec, HostSpec, VMView
 from console.core.reasons import Reason
 from console.services.identity import AdminIdentity
-from console.services.migration import MigrationRefused, MigrationService
+from console.services.migration import MigrationRefused, MigrationRun, MigrationService
 from tests.unit.adminkeys import make_key
 
 UUID = "6b1a2c3d-0000-4000-8000-000000000001"
@@ -54,6 +54,7 @@ class World:
         self.finish_s = 0.0  # Finish/Confirm after the copy: the source job is gone meanwhile
         self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
         self.stats_free = threading.Event()  # ... until this is set
+        self.free_mib = 4096  # what the target's libvirt reports free
 
 
 class FakeDom:
@@ -108,6 +109,9 @@ class FakeDom:
 class FakeConn:
     def __init__(self, world: World, host: str) -> None:
         self.world, self.host = world, host
+
+    def getFreeMemory(self) -> int:
+        return self.world.free_mib * MIB
 
     def lookupByUUIDString(self, uuid: str) -> FakeDom:
         if uuid != UUID or self.host not in self.world.where:
@@ -176,6 +180,19 @@ def _preflight(ok: bool = True) -> mig.Preflight:
                         policy_hash="p" * 64, grant_id="g-1", cert_fingerprint="ab" * 32)
 
 
+class Service(MigrationService):
+    """The real service; only the just-in-time certificate and decision re-checks are
+    left out, because these fakes have no certificates, policies or grants (the lab
+    tests run them for real: test_certificate_swapped_after_preflight_is_refused_at_start).
+    The just-in-time capacity check runs as is."""
+
+    async def _jit_certificate(self, run: Any) -> list[Reason]:
+        return []
+
+    def _jit_decision(self, run: Any) -> list[Reason]:
+        return []
+
+
 def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
              **kw: Any) -> MigrationService:
     opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
@@ -185,8 +202,8 @@ def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
     key, fp = make_key(tmp_path, "ops")
     fleet.admins = (AdminSpec("ops", fp),)
     identity = AdminIdentity(fleet, admin_key=str(key), agent_path="")  # type: ignore[arg-type]
-    return MigrationService(fleet, FakeInventory(world),  # type: ignore[arg-type]
-                            audit=AuditLog(tmp_path / "audit.log"), identity=identity, **opts)
+    return Service(fleet, FakeInventory(world),  # type: ignore[arg-type]
+                   audit=AuditLog(tmp_path / "audit.log"), identity=identity, **opts)
 
 
 async def _when(predicate: Any, timeout: float = 5.0) -> None:
@@ -199,7 +216,7 @@ async def _when(predicate: Any, timeout: float = 5.0) -> None:
 async def test_success_publishes_progress_verifies_and_audits(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     seen: list[mig.Progress] = []
     run.subscribe(lambda _r, p: seen.append(p))
     await _when(lambda: world.processed >= 5 * MIB)
@@ -230,7 +247,7 @@ async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> No
     FakeDom.migrate3 = spy  # type: ignore[method-assign]
     try:
         world.release.set()
-        run = await svc.start(_preflight())
+        run = await svc.start(svc._issue(_preflight()))
         await run.wait()
     finally:
         FakeDom.migrate3 = real  # type: ignore[method-assign]
@@ -241,7 +258,7 @@ async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> No
 async def test_admin_abort(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     await run.abort("admin")
     result = await run.wait()
@@ -255,7 +272,7 @@ async def test_admin_abort(tmp_path: Path) -> None:
 async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, stall_timeout_s=0.3)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.frozen = True
     t0 = time.monotonic()
@@ -273,7 +290,7 @@ async def test_dead_link_after_abort_is_unstuck_by_closing_the_target_connection
     world = World()
     world.ignore_abort = True  # libvirt's Finish on the target would wait for TCP
     svc = _service(tmp_path, world, stall_timeout_s=0.2, finish_grace_s=0.2)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 2 * MIB)
     world.frozen = True
     result = await asyncio.wait_for(run.wait(), 10)
@@ -286,7 +303,7 @@ async def test_refused_preflight_never_reaches_libvirt_and_is_audited(tmp_path: 
     world = World()
     svc = _service(tmp_path, world)
     with pytest.raises(MigrationRefused, match="no grant"):
-        await svc.start(_preflight(ok=False))
+        await svc.start(svc._issue(_preflight(ok=False)))
     await svc.close()
     assert world.migrate_calls == 0 and svc.runs == {}
     (entry,) = read_entries(tmp_path / "audit.log")
@@ -298,7 +315,7 @@ async def test_readonly_refuses_before_anything(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, fleet=FakeFleet(readonly=True))
     with pytest.raises(ReadOnlyError):
-        await svc.start(_preflight())
+        await svc.start(svc._issue(_preflight()))
     await svc.close()
     assert world.migrate_calls == 0
     assert not (tmp_path / "audit.log").exists() or read_entries(tmp_path / "audit.log") == []
@@ -307,7 +324,7 @@ async def test_readonly_refuses_before_anything(tmp_path: Path) -> None:
 async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     got: list[mig.Progress] = []
 
     async def slow_reader() -> None:
@@ -328,7 +345,7 @@ async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Pat
 async def test_watchdog_fires_even_while_jobstats_hangs(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, stall_timeout_s=0.3)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.stats_hang.set()
     try:
@@ -346,7 +363,7 @@ async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> Non
     world = World()
     world.finish_s = 1.0
     svc = _service(tmp_path, world, stall_timeout_s=0.3, finish_grace_s=0.2)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.release.set()
     result = await asyncio.wait_for(run.wait(), 10)
@@ -354,3 +371,92 @@ async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> Non
     assert run.abort_requested == "" and world.aborts == 0
     assert svc.inventory.pool.dropped == []  # type: ignore[attr-defined]
     assert result.outcome.result == "success" and result.outcome.vm_on == "dst"
+
+
+# -- start() accepts only its own, complete, fresh pre-flight ------------------------------------
+async def test_start_refuses_a_preflight_it_did_not_produce(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    pf = _preflight()
+    with pytest.raises(MigrationRefused, match="not produced"):
+        await svc.start(pf)  # hand-made: never issued by svc.preflight
+    svc._issue(pf)
+    world.release.set()
+    run = await svc.start(pf)
+    await run.wait()
+    with pytest.raises(MigrationRefused, match="not produced"):
+        await svc.start(pf)  # used once: not again
+    await svc.close()
+    assert world.migrate_calls == 1
+
+
+async def test_zero_checks_never_pass(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    full = _preflight()
+    empty = mig.Preflight("web", UUID, "src", "dst", "ops", dt.datetime.now(dt.UTC), (), full.plan)
+    assert not empty.ok
+    with pytest.raises(MigrationRefused):
+        await svc.start(svc._issue(empty))
+    await svc.close()
+    assert world.migrate_calls == 0
+    assert [e["allowed"] for e in read_entries(tmp_path / "audit.log")] == [False]
+
+
+async def test_an_old_preflight_is_refused(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    old = _preflight()
+    old = mig.assemble("web", UUID, "src", "dst", "ops", dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120),
+                       {i.key: i for i in old.items}, old.plan, policy_hash="p" * 64, grant_id="g-1",
+                       cert_fingerprint="ab" * 32)
+    with pytest.raises(MigrationRefused, match="old"):
+        await svc.start(svc._issue(old))
+    await svc.close()
+    assert world.migrate_calls == 0
+
+
+# -- just in time: the target's room, counting migrations already heading there ----------------
+async def test_room_promised_to_a_migration_in_this_process_is_not_given_twice(tmp_path: Path) -> None:
+    world = World()
+    world.free_mib = 100  # room for one 64 MiB VM, not two
+    svc = _service(tmp_path, world)
+    other = mig.MigrationPlan("00000000-0000-4000-8000-00000000000f", "big", "src2", "dst", "dst.example",
+                              "tcp://10.0.0.2", "ab" * 32, admin="ops")
+    heading = MigrationRun("other", _preflight(), other)
+    heading.memory_mib, heading.reserved = 64, True
+    svc.runs["other"] = heading
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "refused" and world.migrate_calls == 0
+    assert [r.code for r in result.outcome.reasons] == ["migration.no_memory"]
+    assert world.where == {"src": "running"}
+
+
+async def test_room_promised_by_another_process_is_not_given_twice(tmp_path: Path) -> None:
+    """Two consoles on one fleet share the reservations next to the audit log."""
+    import os
+
+    from console.adapters.reservations import Reservations
+
+    world = World()
+    world.free_mib = 100
+    shared = Reservations(tmp_path / "audit.log.reservations")
+    # a live process other than this one (our parent) holds 64 MiB on dst
+    assert shared.reserve("elsewhere", "dst", 64, lambda _o: True) is True
+    rows = __import__("json").loads(shared.path.read_text())
+    rows[0]["pid"] = os.getppid()
+    shared.path.write_text(__import__("json").dumps(rows))
+    svc = _service(tmp_path, world)
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    assert result.outcome.result == "refused" and world.migrate_calls == 0
+    assert "promised" in result.outcome.reasons[0].message
+    shared.release("elsewhere")
+    world.release.set()
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "success" and world.migrate_calls == 1
+    assert shared.others("dst") == 0  # released at the end

@@ -189,7 +189,9 @@ class EvacuationScreen(FleetScreen):
             admins = app.admin_ids()
             # the fleet's only admin is the one acting (as the migration pre-flight assumes)
             admin = app.admin or (admins[0] if len(admins) == 1 else None)
-            service = EvacuationService(fleet, admin=admin)
+            from console.services.emergency import audit_path, declared
+
+            service = EvacuationService(fleet, admin=admin, emergencies=declared(fleet, audit_path(fleet)))
             planned = service.plan(self.hosts, explain=False)
             service.explain_stuck(planned)
         except EscortError as exc:
