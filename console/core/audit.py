@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import strictjson
+
 #: ``prev`` of the first entry: a fixed, documented value (sha256 of a label).
 GENESIS = hashlib.sha256(b"escort audit log v1").hexdigest()
 #: Fields the chain owns; an entry's own payload may not use them.
@@ -106,8 +108,10 @@ class ChainReport:
 def parse_line(text: str) -> dict[str, Any] | None:
     """The entry on one line, or ``None`` when it is not a JSON object."""
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
+        # strict: NaN/Infinity, lone surrogates, duplicate keys or deep nesting would
+        # otherwise parse and then crash (or mislead) the canonical re-encoding
+        value = strictjson.loads(text)
+    except strictjson.StrictJSONError:
         return None
     return value if isinstance(value, dict) else None
 

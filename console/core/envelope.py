@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
+from . import strictjson
 from .errors import InputError
 from .pki import ChainResult
 from .reasons import Reason, Severity
@@ -209,17 +210,21 @@ def _jose_key(key: Any) -> JoseKey:
     return OKPKey.import_key(key)
 
 
-def sign(
+#: A document's own payload check (policy, grant): reasons, [] when the body is good.
+BodyCheck = Callable[[Mapping[str, Any]], Sequence[Reason]]
+
+
+def sign_raw(
     payload: Mapping[str, Any],
     typ: str,
     key: Any,
     chain: Sequence[x509.Certificate],
 ) -> str:
-    """A compact JWS of ``payload`` signed by ``key``; ``chain`` is owner cert first.
+    """A compact JWS of ``payload`` signed by ``key`` *without* checking the payload.
 
-    The caller supplies the full payload (claims included); it is checked here with
-    the same rules the verifier applies, so escort never produces a token it would
-    refuse.
+    Only the envelope itself is checked (document type, key fits the owner
+    certificate, the common claims present). Tests use it to make signed tokens the
+    verifier must refuse; owners' tools use ``sign``.
     """
     if typ not in PREFIX:
         raise InputError(f"unknown document type {typ!r}")
@@ -242,12 +247,43 @@ def sign(
         "typ": typ,
         "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain],
     }
-    body = json.dumps(dict(payload), separators=(",", ":"), sort_keys=True).encode()
+    try:
+        raw = json.dumps(dict(payload), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the payload is not plain JSON ({exc})") from exc
     with warnings.catch_warnings():
         # joserfc flags EdDSA as superseded by RFC 9864's "Ed25519"; we keep the name
         # most JOSE tools still understand and pin it to Ed25519 keys.
         warnings.simplefilter("ignore", SecurityWarning)
-        return jws.serialize_compact(header, body, _jose_key(key), registry=_registry(alg))
+        return jws.serialize_compact(header, raw, _jose_key(key), registry=_registry(alg))
+def sign(
+    payload: Mapping[str, Any],
+    typ: str,
+    key: Any,
+    chain: Sequence[x509.Certificate],
+    *,
+    fields: frozenset[str],
+    body: BodyCheck | None = None,
+) -> str:
+    """A compact JWS of ``payload`` signed by ``key``; ``chain`` is owner cert first.
+
+    Signer and verifier accept exactly the same language: the token is opened again
+    with the verifier's own time-independent checks (``open_token`` with the
+    document's ``fields``, then its ``body`` check) and refused with the first reason
+    if anything is wrong, and the payload the verifier reads back must equal the one
+    given (nothing changed by JSON encoding). So escort never produces a token it
+    would refuse, and refuses to sign nothing the verifier accepts.
+    """
+    token = sign_raw(payload, typ, key, chain)
+    opened = open_token(token, typ, fields)
+    problems = list(opened.reasons)
+    if opened.payload is not None and not problems and body is not None:
+        problems.extend(body(opened.payload))
+    if problems:
+        raise InputError(f"refusing to sign: {problems[0].message.rstrip('.')}")
+    if opened.payload != dict(payload):
+        raise InputError("refusing to sign: the payload does not survive JSON encoding unchanged")
+    return token
 
 
 _PLAIN_WORD = re.compile(r"^[a-z]+[,:;]?$")
@@ -287,7 +323,8 @@ def _b64url(segment: str) -> bytes:
 
 
 def _b64url_json(segment: str) -> Any:
-    return json.loads(_b64url(segment))
+    """Strict JSON (``strictjson``: no duplicate keys, bounded nesting) in base64url."""
+    return strictjson.loads(_b64url(segment))
 
 
 _HEADERS: dict[str, dict[str, Any] | None] = {}
@@ -477,9 +514,11 @@ def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -
                           "(tampered with, or signed by someone else)",
                           f"ask the owner to sign the {prefix} again"),), signer.key)
     try:
-        payload = json.loads(raw_payload)
-    except (ValueError, UnicodeDecodeError):
-        payload = None
+        payload = strictjson.loads(raw_payload)
+    except strictjson.StrictJSONError as exc:
+        return Opened(token, digest, typ, header, None, certs, owner,
+                      (_r(prefix, "malformed", f"the {prefix}'s payload is not strict JSON ({exc})",
+                          f"re-sign the {prefix} with escort"),), signer.key)
     if not isinstance(payload, dict):
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "malformed", f"the {prefix}'s payload is not a JSON object",
@@ -631,5 +670,6 @@ __all__ = [
     "owner_identity",
     "reason",
     "sign",
+    "sign_raw",
     "token_digest",
 ]

@@ -310,8 +310,13 @@ def build_grant_payload(
     return payload
 
 
+def _body_reasons(payload: Mapping[str, Any]) -> list[Reason]:
+    return _parse_body(payload)[1]
+
+
 def sign_grant(payload: Mapping[str, Any], key: Any, chain: Sequence[Any]) -> str:
-    return sign_envelope(payload, TYP_GRANT, key, chain)
+    """Sign ``payload``; refused (InputError) exactly when the verifier would refuse it."""
+    return sign_envelope(payload, TYP_GRANT, key, chain, fields=GRANT_FIELDS, body=_body_reasons)
 
 
 __all__ = [

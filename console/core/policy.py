@@ -194,15 +194,16 @@ def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Require
                                       f"{', '.join(sorted(extra))}",
                                       "re-sign the policy with `escort policy sign`"))
                 continue
-            if not isinstance(entry, dict) or "sha256" not in entry:
-                bad(f"entry {i + 1} of trusted_cas is not {{name, sha256}}")
+            if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                    or not isinstance(entry.get("name", ""), str)):
+                bad(f"entry {i + 1} of trusted_cas is not {{name, sha256}} (strings)")
                 continue
             try:
-                fp = normalize_fingerprint(str(entry["sha256"]))
+                fp = normalize_fingerprint(entry["sha256"])
             except InputError:
                 bad(f"entry {i + 1} of trusted_cas has no SHA-256 fingerprint")
                 continue
-            cas.append(TrustedCA(str(entry.get("name", fp[:16])), fp))
+            cas.append(TrustedCA(entry.get("name") or fp[:16], fp))
     sets: dict[str, frozenset[str]] = {}
     if not isinstance(req, dict):
         bad("the policy's require is not a table")
@@ -216,6 +217,13 @@ def _parse_shape(raw_cas: Any, req: Any) -> tuple[tuple[TrustedCA, ...], Require
         if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
             bad(f"the policy's require.{k} is not a list of strings")
             values = []
+        elif k in req and not values:
+            # an empty list must not read as "no requirement": that would admit everything
+            reasons.append(reason("policy.empty_requirement",
+                                  f"the policy's require.{k} is an empty list, which would admit "
+                                  f"any {k}",
+                                  f"re-sign the policy listing the allowed {k} values, or without "
+                                  f"require.{k} to admit any"))
         sets[k] = frozenset(values)
     fps = frozenset(c.fingerprint for c in cas)
     requirements = None if reasons else Requirements(trusted_cas=fps, **sets)
@@ -327,7 +335,7 @@ class PolicyBook:
 def _claims_broken(reasons: Sequence[Reason]) -> bool:
     """Claim problems that make the payload meaningless (version, missing claims, malformed)."""
     return any(r.code in {"policy.version", "policy.missing_field", "policy.malformed",
-                          "policy.unknown_field"} for r in reasons)
+                          "policy.unknown_field", "policy.empty_requirement"} for r in reasons)
 
 
 def verify_policy(token: str, owners: OwnerVerifier | None, at: dt.datetime, *,
@@ -375,6 +383,9 @@ def build_policy_payload(
     unknown = set(require) - set(REQUIRE_KEYS)
     if unknown:
         raise InputError(f"unknown requirement(s) {', '.join(sorted(unknown))}")
+    empty = sorted(k for k, v in require.items() if not v)
+    if empty:
+        raise InputError(f"requirement {empty[0]} has no values (leave it out to admit any {empty[0]})")
     payload: dict[str, Any] = {
         "ver": VERSION,
         "iss": owner,
@@ -385,15 +396,20 @@ def build_policy_payload(
         "vm_uuid": normalize_uuid(vm_uuid),
         "vm_name": vm_name,
         "trusted_cas": [{"name": n, "sha256": normalize_fingerprint(fp)} for n, fp in trusted_cas],
-        "require": {k: sorted(set(v)) for k, v in require.items() if v},
+        "require": {k: sorted(set(v)) for k, v in require.items()},
     }
     if labels:
         payload["labels"] = sorted(set(labels))
     return payload
 
 
+def _body_reasons(payload: Mapping[str, Any]) -> list[Reason]:
+    return _parse_body(payload)[1]
+
+
 def sign_policy(payload: Mapping[str, Any], key: Any, chain: Sequence[Any]) -> str:
-    return sign_envelope(payload, TYP_POLICY, key, chain)
+    """Sign ``payload``; refused (InputError) exactly when the verifier would refuse it."""
+    return sign_envelope(payload, TYP_POLICY, key, chain, fields=POLICY_FIELDS, body=_body_reasons)
 
 
 def resolve_policy_names(names: Iterable[str], table: Mapping[str, str] | None = None) -> frozenset[str]:

@@ -42,7 +42,7 @@ def verify(kit: Kit, token: str, at: dt.datetime = T0, typ: str = env.TYP_POLICY
 @pytest.mark.parametrize("who", ["alice", "bob", "carol"])
 def test_roundtrip_each_key_type(kit: Kit, who: str) -> None:
     owner = getattr(kit, who)
-    token = env.sign(payload(owner.email), env.TYP_POLICY, owner.key, owner.chain)
+    token = env.sign(payload(owner.email), env.TYP_POLICY, owner.key, owner.chain, fields=FIELDS)
     header, _ = env.decode_unverified(token)
     assert header["alg"] == {"alice": "ES256", "bob": "RS256", "carol": "EdDSA"}[who]
     assert header["typ"] == "escort-policy+jwt"
@@ -55,7 +55,7 @@ def test_roundtrip_each_key_type(kit: Kit, who: str) -> None:
 
 
 def test_tampered_payload_is_a_signature_failure(kit: Kit) -> None:
-    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     h, _p, s = token.split(".")
     forged = base64.urlsafe_b64encode(json.dumps(payload(vm_uuid="y")).encode()).decode().rstrip("=")
     v = verify(kit, f"{h}.{forged}.{s}")
@@ -65,16 +65,16 @@ def test_tampered_payload_is_a_signature_failure(kit: Kit) -> None:
 def test_wrong_signer_key_with_someone_elses_chain(kit: Kit) -> None:
     # Bob's key, Alice's certificate in x5c: sign() refuses, and a hand-made one fails.
     with pytest.raises(InputError):
-        env.sign(payload(), env.TYP_POLICY, kit.bob.key, kit.alice.chain)
-    good = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
-    other = env.sign(payload(), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+        env.sign_raw(payload(), env.TYP_POLICY, kit.bob.key, kit.alice.chain)
+    good = env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    other = env.sign_raw(payload(), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
     h_alice = good.split(".")[0]
     _, p, s = other.split(".")
     assert "policy.signature" in codes(verify(kit, f"{h_alice}.{p}.{s}"))
 
 
 def test_untrusted_owner(kit: Kit) -> None:
-    token = env.sign(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+    token = env.sign_raw(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
     v = verify(kit, token)
     assert codes(v) == {"policy.owner_untrusted"}
     v2 = env.EnvelopeVerifier(None).verify(token, env.TYP_POLICY, FIELDS, T0)
@@ -101,33 +101,33 @@ def test_hs256_refused(kit: Kit) -> None:
 
 
 def test_grant_cannot_pass_as_policy(kit: Kit) -> None:
-    token = env.sign(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
     assert codes(verify(kit, token, typ=env.TYP_POLICY)) == {"policy.typ"}
 
 
 def test_unknown_fields_version_and_missing_claims(kit: Kit) -> None:
-    token = env.sign(payload(color="red", ver=2), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(color="red", ver=2), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     assert codes(verify(kit, token)) == {"policy.unknown_field", "policy.version"}
     p = payload()
     del p["jti"]
     p["jti"] = ""
-    token = env.sign(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     assert codes(verify(kit, token)) == {"policy.missing_field"}
 
 
 def test_issuer_must_be_the_signer(kit: Kit) -> None:
-    token = env.sign(payload("bob@example.org"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload("bob@example.org"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     assert codes(verify(kit, token)) == {"policy.issuer_mismatch"}
 
 
 def test_time_window(kit: Kit) -> None:
-    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     assert codes(verify(kit, token, T0 - dt.timedelta(hours=1))) == {"policy.not_yet_valid"}
     assert codes(verify(kit, token, T0 + dt.timedelta(hours=2))) == {"policy.expired"}
 
 
 def test_grant_prefix(kit: Kit) -> None:
-    token = env.sign(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(), env.TYP_GRANT, kit.alice.key, kit.alice.chain)
     v = verify(kit, token, T0 + dt.timedelta(hours=2), typ=env.TYP_GRANT)
     assert codes(v) == {"grant.expired"}
 
@@ -136,7 +136,7 @@ def test_owner_chain_checked_once_per_owner_and_time(kit: Kit) -> None:
     verifier = env.EnvelopeVerifier(kit.owners)
     before = len(kit.owners.calls)
     for i in range(5):
-        tok = env.sign(payload(jti=f"j{i}"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+        tok = env.sign_raw(payload(jti=f"j{i}"), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
         assert verifier.verify(tok, env.TYP_POLICY, FIELDS, T0).valid
     assert len(kit.owners.calls) - before == 1
 
@@ -149,7 +149,7 @@ def test_decode_unverified_errors() -> None:
 
 
 def test_header_edge_cases(kit: Kit) -> None:
-    good = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    good = env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     _h, p, s = good.split(".")
     header, _ = env.decode_unverified(good)
     # crit / b64 / jku would change how the token is processed: refused
@@ -167,17 +167,17 @@ def test_header_edge_cases(kit: Kit) -> None:
 
 def test_sign_refuses_bad_inputs(kit: Kit) -> None:
     with pytest.raises(InputError):
-        env.sign(payload(), "escort-other+jwt", kit.alice.key, kit.alice.chain)
+        env.sign_raw(payload(), "escort-other+jwt", kit.alice.key, kit.alice.chain)
     with pytest.raises(InputError):
-        env.sign(payload(), env.TYP_POLICY, kit.alice.key, [])
+        env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, [])
     p = payload()
     del p["exp"]
     with pytest.raises(InputError):
-        env.sign(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+        env.sign_raw(p, env.TYP_POLICY, kit.alice.key, kit.alice.chain)
 
 
 def test_reasons_are_sentences(kit: Kit) -> None:
-    token = env.sign(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
+    token = env.sign_raw(payload("mallory@example.org"), env.TYP_POLICY, kit.mallory.key, kit.mallory.chain)
     r = verify(kit, token).reasons[0]
     assert r.message[0].isupper() and r.message.endswith(".") and r.fix.endswith(".")
 
@@ -186,7 +186,7 @@ def test_no_single_character_change_survives(kit: Kit) -> None:
     """Any one-character change anywhere in a token makes it invalid (no malleable spellings)."""
     import random
 
-    token = env.sign(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     rng = random.Random(3)
     dots = [i for i, c in enumerate(token) if c == "."]
@@ -200,7 +200,7 @@ def test_no_single_character_change_survives(kit: Kit) -> None:
 
 @pytest.mark.parametrize("claim", ["nbf", "exp", "iat"])
 def test_absurd_dates_are_reasons(kit: Kit, claim: str) -> None:
-    token = env.sign(payload(**{claim: 10**30}), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
+    token = env.sign_raw(payload(**{claim: 10**30}), env.TYP_POLICY, kit.alice.key, kit.alice.chain)
     v = verify(kit, token)
     assert "policy.malformed" in codes(v) and not v.valid
     assert v.not_before is None or v.not_after is None or claim == "iat"

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from console.core import envelope as env
 from console.core import policy as pol
 from console.core.errors import InputError
 from tests.unit.trustkit import T0, Kit, fp, make_kit
@@ -66,7 +67,7 @@ def test_unknown_requirement_refused(kit: Kit) -> None:
         owner=o.email, vm_uuid=VM, vm_name="x", trusted_cas=[("EU", fp(kit.eu.cert))], require={},
         not_before=T0 - dt.timedelta(days=1), not_after=T0 + dt.timedelta(days=1))
     payload["require"] = {"planet": ["earth"]}
-    r = pol.PolicyBook(kit.owners).verify(pol.sign_policy(payload, o.key, o.chain), T0)
+    r = pol.PolicyBook(kit.owners).verify(env.sign_raw(payload, env.TYP_POLICY, o.key, o.chain), T0)
     assert "policy.unknown_field" in {x.code for x in r.reasons} and r.policy is None
 
 

@@ -1,0 +1,125 @@
+"""One strict JSON reader for every untrusted JSON text escort parses.
+
+Signed payloads, JWS headers and audit lines must mean exactly one thing, and no
+input of allowed size may crash the parser or make it slow. Python's ``json``
+module accepts several things that break that:
+
+* duplicate object keys (last one wins, so a payload can *show* one value and
+  *mean* another) — refused;
+* ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON; cannot be written back) — refused;
+* lone UTF-16 surrogate escapes (``"\\ud800"``: a str that cannot be encoded as
+  UTF-8 again) — refused;
+* integers of thousands of digits (slow to convert, refused by Python only past
+  4300 digits) — refused past ``MAX_INT_DIGITS``;
+* deep nesting (``[[[[...``: ``RecursionError`` deep inside the parser) — the
+  nesting depth is measured with a linear scan *before* parsing and refused past
+  ``MAX_DEPTH``.
+
+``loads`` raises ``StrictJSONError`` (a ValueError) with one plain sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+#: Deeper than any document escort reads (policies nest three levels).
+MAX_DEPTH = 32
+#: 2**63 has 19 digits; timestamps and sequence numbers need far fewer than 40.
+MAX_INT_DIGITS = 40
+
+#: A whole JSON string (skipped: brackets inside strings do not nest) or one bracket.
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
+
+
+class StrictJSONError(ValueError):
+    """The text is not strict JSON; the message says why in one sentence."""
+
+
+def nesting_depth(data: bytes | str, limit: int = MAX_DEPTH) -> int:
+    """Greatest nesting depth of ``[``/``{`` outside strings; stops counting past ``limit``.
+
+    Linear in the input and independent of the parser, so it can run before it.
+    """
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    depth = deepest = 0
+    for m in _TOKENS.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise StrictJSONError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not a JSON number")
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise StrictJSONError(f"an integer of {len(text.lstrip('-'))} digits is too long")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > 2 * MAX_INT_DIGITS:
+        raise StrictJSONError("a number is too long")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise StrictJSONError(f"{text} is out of range")
+    return value
+
+
+def _check_text(value: Any, depth: int = 0) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StrictJSONError("a string holds a lone surrogate escape (not Unicode text)") from exc
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, depth + 1)
+            _check_text(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, depth + 1)
+
+
+def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse strict JSON or raise ``StrictJSONError`` (one sentence, never another exception)."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StrictJSONError("not UTF-8 text") from exc
+    else:
+        text = data
+    if nesting_depth(text, max_depth) > max_depth:
+        raise StrictJSONError(f"nested deeper than {max_depth} levels")
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant,
+                           parse_int=_int, parse_float=_float)
+    except StrictJSONError:
+        raise
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise StrictJSONError(f"not JSON ({exc})") from exc
+    _check_text(value)
+    return value
+
+
+__all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "StrictJSONError", "loads", "nesting_depth"]
