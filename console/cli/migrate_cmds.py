@@ -32,23 +32,52 @@ def audit_group() -> None:
 @click.argument("log_file", type=click.Path(dir_okay=True))
 @click.option("--head", "expect_head", default=None,
               help="The head hash recorded earlier: also detects entries cut off the end.")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None,
+              help="Fleet file: each signature must be by the key its admin has there.")
+@click.option("--copy", "copy", type=click.Path(dir_okay=False), default=None,
+              help="An outside copy of the entries (journalctl -t escort -o cat): compared line by line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def audit_verify(log_file: str, expect_head: str | None, as_json: bool) -> None:
-    """Check every link of LOG_FILE. Exit 0 intact, 1 tampered (which line, what), 2 unusable."""
+@click.pass_context
+def audit_verify(ctx: click.Context, log_file: str, expect_head: str | None, fleet: str | None,
+                 copy: str | None, as_json: bool) -> None:
+    """Check every link and every admin signature of LOG_FILE, and say who did what.
+
+    Exit 0 intact, 1 tampered (which line, what), 2 unusable.
+    """
     from console.adapters.audit import verify_file
 
     if expect_head is not None and (len(expect_head) != 64 or
                                     any(c not in "0123456789abcdef" for c in expect_head)):
         raise InputError("--head must be a 64-character lowercase SHA-256 hex value")
-    report = verify_file(log_file, expect_head=expect_head)
+    admins: dict[str, str] | None = None
+    fleet_path = fleet or ctx.find_root().params.get("fleet_file")
+    if fleet_path:
+        from console.adapters.fleetfile import load_fleet
+
+        admins = {a.id: a.ssh_key_fingerprint for a in load_fleet(str(fleet_path)).admins}
+    report = verify_file(log_file, expect_head=expect_head, admins=admins, copy=copy)
     if as_json:
         click.echo(json.dumps(report.as_json(), sort_keys=True))
-    elif report.ok:
-        click.echo(f"ok: {report.entries} entries, chain intact, head {report.head}")
     else:
-        click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.entries} entries")
-        for problem in report.problems:
-            click.echo(f"  {problem}  [{problem.code}]")
+        if report.ok:
+            click.echo(f"ok: {report.entries} entries, chain intact, head {report.head}")
+        else:
+            click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.entries} entries")
+            for problem in report.problems:
+                click.echo(f"  {problem}  [{problem.code}]")
+        extra = report.extra
+        if extra:
+            bound = "against the fleet file's admins" if admins is not None else \
+                "by the keys they name (pass --fleet to bind them to admins)"
+            click.echo(f"signatures: entries up to seq {extra.get('signed_through', 0)} signed, "
+                       f"checked {bound}")
+            for admin, kinds in sorted(dict(extra.get("actions", {})).items()):
+                click.echo(f"  {admin}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        for warning in report.warnings:
+            click.echo(f"  note: {warning}  [{warning.code}]")
+        if expect_head is None and copy is None:
+            click.echo("  (no outside anchor: entries cut off the end since the last signature cannot be "
+                       "seen; pass --head or --copy)")
     if not report.ok:
         raise click.exceptions.Exit(1)
 

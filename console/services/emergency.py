@@ -29,7 +29,7 @@ from console.adapters import adminkey as ak
 from console.adapters.audit import AuditLog, read_entries
 from console.core.errors import EscortError, InputError
 from console.services.fleet import FleetService
-from console.services.identity import AdminIdentity, AdminProof, require_admin
+from console.services.identity import AdminIdentity, AdminProof, append_signed, require_admin
 
 NS_EMERGENCY = "escort-emergency@escort"
 
@@ -101,7 +101,7 @@ async def declare(fleet: FleetService, host: str, reason: str, *, hours: float =
     except ak.AdminKeyProblem as exc:
         raise EscortError(f"the declaration could not be signed: {exc}") from exc
     fields["proof"] = proof.as_json()
-    await asyncio.to_thread(audit.append, fields)
+    await append_signed(audit, fields, proof)
     return Emergency(host, text, proof.admin, start, start + dt.timedelta(hours=hours)), proof
 
 

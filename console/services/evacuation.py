@@ -643,6 +643,14 @@ class EvacuationService:
         if self.audit is not None:
             self.audit.append({"kind": "evacuation", **fields})
 
+    async def record_signed(self, fields: dict[str, Any]) -> None:
+        """Like ``record``, signed by the acting admin when the mover can (MigrationMover)."""
+        signed = getattr(self.mover, "record", None)
+        if signed is not None and self.audit is not None:
+            await signed({"kind": "evacuation", **fields})
+        else:
+            self.record(fields)
+
 
 class EvacuationRun:
     """One running evacuation: its board, per-VM abort and abort-all, and the summary."""
@@ -723,7 +731,7 @@ class EvacuationRun:
         prove = getattr(svc.mover, "prove", None)
         if prove is not None:  # the operator proves the admin's key before anything moves
             await prove(self.planned.admin, f"{self.planned.title or 'evacuation'}")
-        svc.record({"event": "start", "title": self.planned.title, "admin": self.planned.admin,
+        await svc.record_signed({"event": "start", "title": self.planned.title, "admin": self.planned.admin,
                     "sources": list(self.planned.sources), "plan": self.planned.as_json(),
                     "limits": {"parallel": self.limits.parallel, "per_source": self.limits.per_source,
                                "per_target": self.limits.per_target}})
@@ -788,7 +796,7 @@ class EvacuationRun:
             stuck=list(self.planned.stuck), held=list(self.planned.held),
             dropped=list(self.planned.plan.dropped))
         self.summary = summary
-        svc.record({"event": "summary", **summary.as_json()})
+        await svc.record_signed({"event": "summary", "admin": self.planned.admin, **summary.as_json()})
         await self._emit(RunFinished(summary))
         return summary
 
@@ -901,6 +909,10 @@ class MigrationMover:
         if not is_proof(self.proof, admin):
             self.proof = await self.migrations.prove(admin, action)
         return self.proof
+
+    async def record(self, fields: dict[str, Any]) -> None:
+        """An evacuation entry in the migrations' audit log, signed with this run's proof."""
+        await self.migrations._record(fields)
 
     async def move(self, move: Move, *, admin: str | None, on_progress: ProgressFn,
                    abort: asyncio.Event) -> Outcome:

@@ -239,6 +239,33 @@ def _public_fingerprint(path: str) -> str:
 AuditAppend = Callable[[dict[str, Any]], Any]
 
 
+async def sign_entry(audit: Any, entry: Mapping[str, Any], proof: AdminProof) -> dict[str, Any]:
+    """Append a ``signature`` entry: the admin's SSHSIG over the exact text of ``entry``'s line.
+
+    ``audit`` is an adapters.audit.AuditLog; ``entry`` what its ``append`` returned.
+    ``ssh-keygen -Y verify -n escort-audit@escort`` accepts the signature over that line.
+    """
+    import asyncio
+
+    from console.core.audit import canonical_line, signature_fields
+
+    line = canonical_line(entry)
+    armored = await proof.sign(line.encode("utf-8"))
+    fields = signature_fields(line, entry, admin=proof.admin, key=proof.fingerprint, sshsig=armored)
+    written: dict[str, Any] = await asyncio.to_thread(audit.append, fields)
+    return written
+
+
+async def append_signed(audit: Any, fields: Mapping[str, Any], proof: AdminProof | None) -> dict[str, Any]:
+    """Append ``fields`` (fsynced) and, with a proof, the admin's signature over it."""
+    import asyncio
+
+    entry: dict[str, Any] = await asyncio.to_thread(audit.append, dict(fields))
+    if proof is not None:
+        await sign_entry(audit, entry, proof)
+    return entry
+
+
 async def require_admin(fleet: FleetService, action: str, *, admin: str | None = None,
                         identity: AdminIdentity | None = None, audit: AuditAppend | None = None,
                         writable: bool = True) -> AdminProof:
@@ -270,5 +297,5 @@ def default_identity(fleet: FleetService) -> AdminIdentity:
                          passphrase=terminal_prompt())
 
 
-__all__ = ["AdminIdentity", "AdminNotProven", "AdminProof", "Availability", "default_identity", "is_proof",
-           "require_admin", "terminal_prompt"]
+__all__ = ["AdminIdentity", "AdminNotProven", "AdminProof", "Availability", "append_signed",
+           "default_identity", "is_proof", "require_admin", "sign_entry", "terminal_prompt"]

@@ -301,7 +301,7 @@ async def trust_host_key(fleet: Any, inventory: InventoryService, host: str, fin
     written to the audit log. Returns the known_hosts line added ("" if already trusted).
     """
     from console.adapters.audit import AuditLog
-    from console.services.identity import require_admin
+    from console.services.identity import append_signed, require_admin
     from console.services.migration import default_audit_path
 
     fleet.require_writable("trust a host key")
@@ -312,9 +312,8 @@ async def trust_host_key(fleet: Any, inventory: InventoryService, host: str, fin
         proof = await require_admin(fleet, "trust a host key", admin=admin, identity=identity,
                                     audit=lambda e: asyncio.to_thread(audit.append, e))
         line = await inventory.pool.accept_host_key(spec.ssh, fingerprint, jump=spec.jump, name=host)
-        await asyncio.to_thread(audit.append, {"kind": "host_key", "admin": proof.admin,
-                                               "proof": proof.as_json(), "host": host,
-                                               "fingerprint": fingerprint, "added": bool(line)})
+        await append_signed(audit, {"kind": "host_key", "admin": proof.admin, "proof": proof.as_json(),
+                                    "host": host, "fingerprint": fingerprint, "added": bool(line)}, proof)
         return line
     finally:
         audit.close()

@@ -51,7 +51,14 @@ from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.emergency import declared, default_audit_path
 from console.services.fleet import FleetService
-from console.services.identity import AdminIdentity, AdminNotProven, AdminProof, is_proof, require_admin
+from console.services.identity import (
+    AdminIdentity,
+    AdminNotProven,
+    AdminProof,
+    is_proof,
+    require_admin,
+    sign_entry,
+)
 from console.services.inventory import InventoryService
 
 #: Minimum time between two progress publications (the UI must not be flooded).
@@ -73,6 +80,10 @@ DEMO_EXPLANATION = ("live migration needs real hosts: the demo runs on libvirt's
 
 class MigrationRefused(EscortError):
     """The pre-flight refused: nothing was asked of any host."""
+
+
+class ReconcileRefused(EscortError):
+    """The reconcile fix was refused (no grant, or the VM changed since the scan): nothing done."""
 
 
 class MigrationFailed(EscortError):
@@ -224,6 +235,8 @@ class MigrationService:
         #: one just-in-time capacity check at a time per target (check + reserve is atomic)
         self._target_locks: dict[str, asyncio.Lock] = {}
         self._reservations: Reservations | None = None
+        #: admin -> their proof of possession in this service (signs their audit entries)
+        self._proofs: dict[str, AdminProof] = {}
         # migrate3 blocks for a whole migration: its own threads, never the hosts' workers
         self._migrate_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="escort-migrate")
         self._poll_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="escort-jobstats")
@@ -238,15 +251,31 @@ class MigrationService:
             self._audit = AuditLog(configured or default_audit_path())
         return self._audit
 
-    async def _record(self, entry: Mapping[str, Any]) -> dict[str, Any]:
-        """Append + fsync in a thread; returns only when the entry is on disk."""
-        return await asyncio.to_thread(self.audit.append, entry)
+    async def _record(self, entry: Mapping[str, Any], *, must_sign: bool = False) -> dict[str, Any]:
+        """Append + fsync in a thread; returns only when the entry is on disk.
+
+        When the entry's admin has proven their key in this service, a ``signature``
+        entry (their SSHSIG over this line) follows. ``must_sign``: a signature that
+        cannot be made is an error (a decision is signed before anything acts on it);
+        otherwise the entry stays unsigned and ``escort audit verify`` says so.
+        """
+        written: dict[str, Any] = await asyncio.to_thread(self.audit.append, entry)
+        proof = self._proofs.get(str(entry.get("admin", "")))
+        if proof is not None:
+            try:
+                await sign_entry(self.audit, written, proof)
+            except EscortError:
+                if must_sign:
+                    raise
+        return written
 
     # -- who acts -------------------------------------------------------------------
     async def prove(self, admin: str | None, action: str) -> AdminProof:
         """Read-only check, then proof that the operator holds ``admin``'s key (refusals audited)."""
-        return await require_admin(self.fleet, action, admin=admin, identity=self.identity,
-                                   audit=self._record)
+        proof = await require_admin(self.fleet, action, admin=admin, identity=self.identity,
+                                    audit=self._record)
+        self._proofs[proof.admin] = proof
+        return proof
 
     def emergency_basis(self, source: str) -> str:
         """Why emergency-only grants may count for a move off ``source`` now ("" = they may not):
@@ -473,6 +502,7 @@ class MigrationService:
         if any(r.plan.vm_uuid == pf.vm_uuid and not r.done for r in self.runs.values()):
             raise MigrationRefused(f"{pf.vm} is already being migrated")
         assert proof is not None
+        self._proofs[proof.admin] = proof
         run = await self._launch(run_id, pf, pf.plan,
                                  self._decision_entry(run_id, pf, pf.plan, proof=proof.as_json(),
                                                       emergency=emergency))
@@ -481,7 +511,8 @@ class MigrationService:
 
     async def _launch(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan,
                       decision: dict[str, Any]) -> MigrationRun:
-        written = [await self._record(decision)]  # on disk before anything changes
+        self.fleet.require_writable("migration")  # every path that changes something, not only start()
+        written = [await self._record(decision, must_sign=True)]  # on disk, signed, before anything changes
         run = MigrationRun(run_id, pf, plan)
         with contextlib.suppress(EscortError):
             run.memory_mib = self._vm(plan.vm_uuid).memory_mib
@@ -840,16 +871,51 @@ class MigrationService:
         if proof is None or not is_proof(proof, admin):
             proof = await self.prove(admin, f"reconcile {case.name}")
         admin = proof.admin
+        self._proofs[admin] = proof
+        action = f"reconcile {case.name}"
+        # the fix destroys, undefines or resumes the owner's VM: it needs their grant, like a move
+        try:
+            _, grant_id = self.fleet.audit_ids(case.uuid, admin, dt.datetime.now(dt.UTC))
+        except EscortError:
+            grant_id = ""
+        if not grant_id:
+            await self._refuse(action, admin, Reason(
+                "reconcile.no_grant", f"admin {admin} holds no grant covering {case.name}",
+                "ask the VM's owner for a grant: the fix changes their VM"))
+        # right before acting: the VM's state on every host involved, read again now
+        now = await self._reread(case)
+        changed = _changed_since_scan(case, now)
+        if changed:
+            await self._refuse(action, admin, Reason(
+                "reconcile.state_changed", f"{case.name} changed since the scan ({changed})",
+                "scan again (the console does after every refresh) and decide on what is there now"))
         await self._record({"kind": "reconcile", "admin": admin, "proof": proof.as_json(), "vm": case.name,
-                            "uuid": case.uuid, "code": case.code,
+                            "uuid": case.uuid, "code": case.code, "grant_id": grant_id,
                             "copies": [c.describe() for c in case.copies],
-                            "steps": [list(s) for s in case.steps]})
+                            "steps": [list(s) for s in case.steps]}, must_sign=True)
         done: list[str] = []
         for action, host_name in case.steps:
             host = await self.inventory.libvirt(host_name)
             await host.call(_apply_step, host.conn, case.uuid, action)
             done.append(f"{action} on {host_name}")
         return done
+
+    async def _refuse(self, action: str, admin: str, why: Reason) -> None:
+        await self._record({"kind": "refusal", "action": action, "admin": admin, "code": why.code,
+                            "message": why.message})
+        raise ReconcileRefused(f"refused ({why.code}): {why.message}; fix: {why.fix}; nothing was changed")
+
+    async def _reread(self, case: mig.ReconcileCase) -> dict[str, DomainFacts | str | None]:
+        """host -> the VM's facts there now (None: not defined; str: could not ask)."""
+        hosts = sorted({c.host for c in case.copies} | {h for _, h in case.steps})
+        out: dict[str, DomainFacts | str | None] = {}
+        for name in hosts:
+            try:
+                host = await self.inventory.libvirt(name)
+                out[name] = await host.call(_domain_facts, host.conn, case.uuid)
+            except EscortError as exc:
+                out[name] = str(exc)
+        return out
 
     async def close(self) -> None:
         for run in list(self.runs.values()):
@@ -861,6 +927,24 @@ class MigrationService:
         self._poll_threads.shutdown(wait=False)
         if self._audit is not None and self._owns_audit:
             self._audit.close()
+
+
+def _changed_since_scan(case: mig.ReconcileCase, now: Mapping[str, DomainFacts | str | None]) -> str:
+    """"" when every host still shows what the scan saw (state and persistence), else what changed."""
+    diffs: list[str] = []
+    seen = {c.host: c for c in case.copies}
+    for host, facts in now.items():
+        before = seen.get(host)
+        if isinstance(facts, str):
+            diffs.append(f"{host} could not be asked: {facts}")
+        elif facts is None:
+            if before is not None:
+                diffs.append(f"gone from {host}")
+        elif before is None:
+            diffs.append(f"now {facts.state} on {host}")
+        elif facts.state != before.state or facts.persistent != before.persistent:
+            diffs.append(f"{before.state} -> {facts.state} on {host}")
+    return "; ".join(diffs)
 
 
 class _NotNow(Exception):
@@ -964,5 +1048,13 @@ def _fix_for(error: str) -> str:
     return ""
 
 
-__all__ = ["DEMO_EXPLANATION", "MigrationFailed", "MigrationRefused", "MigrationResult", "MigrationRun",
-           "MigrationService", "default_audit_path"]
+__all__ = [
+    "DEMO_EXPLANATION",
+    "MigrationFailed",
+    "MigrationRefused",
+    "MigrationResult",
+    "MigrationRun",
+    "MigrationService",
+    "ReconcileRefused",
+    "default_audit_path",
+]

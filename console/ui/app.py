@@ -94,6 +94,8 @@ class EscortApp(App[None]):
         self.live = live
         #: admin id -> why their key is missing ("" = present); None until the keys were looked at
         self.admin_keys: dict[str, str] | None = None
+        #: emergencies declared for hosts (services/emergency.py), shown in the title until they end
+        self.emergencies: dict[str, Any] = {}
         self._inventory: Any = None
         self.refreshing = False
         #: published after a refresh changed the views; screens re-read their rows
@@ -138,6 +140,21 @@ class EscortApp(App[None]):
             return
         self.admin_keys = {**{a: "" for a in avail.present},
                            **{a: r.message for a, r in avail.missing.items()}}
+        self._read_emergencies()
+
+    def _read_emergencies(self) -> None:
+        """Declared emergencies in force (signed, from the audit log); retitle when they change."""
+        if getattr(self.service, "spec", None) is None:
+            return
+        from console.services.emergency import audit_path, declared
+
+        try:
+            found = declared(self.service, audit_path(self.service))  # type: ignore[arg-type]
+        except Exception:  # an unreadable log must not take the console down
+            return
+        if set(found) != set(self.emergencies):
+            self.emergencies = found
+            self.fleet_changed.publish(None)
 
     # ---------------------------------------------------------- refresh
     def action_refresh(self) -> None:
@@ -164,6 +181,7 @@ class EscortApp(App[None]):
         finally:
             self.refreshing = False
         down = [name for name, r in results.items() if r.facts is None]
+        self._read_emergencies()
         self.load_views()
         self.fleet_changed.publish(None)
         from console.ui.screens.migrations import hub_for
@@ -194,6 +212,10 @@ class EscortApp(App[None]):
         parts = ["escort"] + (["READ-ONLY"] if self.readonly else []) + ([screen] if screen else [])
         if self.admin:
             parts.append(f"as {self.admin}")
+        now = dt.datetime.now(dt.UTC)
+        for em in self.emergencies.values():
+            if em.active(now):
+                parts.append(f"EMERGENCY {em.host} until {em.end:%H:%M} UTC")
         name = self.service.name
         if name:
             label = kind_label(self.service.kind)

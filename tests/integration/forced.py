@@ -25,6 +25,7 @@ class UncheckedMigrationService(MigrationService):
 async def force_unchecked_migration(service: MigrationService, vm_uuid: str, vm_name: str, source: str,
                                     target: str, tls_name: str, *, admin: str) -> MigrationResult:
     """Skip the local pre-flight and launch; the audit log records that it was bypassed."""
+    await service.prove(admin, "forced migration (test only)")  # the entries are signed as usual
     spec = service.inventory.spec(target)
     plan = mig.MigrationPlan(vm_uuid=vm_uuid, vm_name=vm_name, source=source, target=target,
                              tls_name=tls_name, migration_uri=mig.migration_uri(spec.migration_address),

@@ -331,7 +331,7 @@ def test_run_respects_bounds_reports_failures_and_writes_the_audit_log(tmp_path:
     assert {"queued", "preflight", "copying", "verifying", "moved", "failed"} <= phases
     assert isinstance(events[-1], RunFinished)
     audit.close()
-    assert verify_file(tmp_path / "audit.log").ok
+    assert verify_file(tmp_path / "audit.log", signatures=False).ok  # fake mover: nobody signs
     entries = read_entries(tmp_path / "audit.log")
     assert [e["event"] for e in entries] == ["start", "summary"]
     assert entries[1]["failed"][0]["vm"] == "vm04" and len(entries[1]["moved"]) == 11
