@@ -86,7 +86,8 @@ class AdminKey:
     source: str  # "ssh-agent" or a file path
     comment: str = ""
     certificate: str = ""  # "key id, principals" of an OpenSSH user certificate, if one came with it
-    _agent_pair: object | None = field(default=None, repr=False)
+    _agent_path: str = field(default="", repr=False)  # the agent socket holding the key
+    _agent_blob: bytes = field(default=b"", repr=False)  # the key (or certificate) blob the agent lists
     _private: asyncssh.SSHKey | None = field(default=None, repr=False)
 
     @property
@@ -109,12 +110,23 @@ class AdminKey:
         try:
             if self._private is not None:
                 return bytes(self._private.sign(data, self._sig_algorithm()))
-            pair = self._agent_pair
-            if pair is None:
+            if not self._agent_path:
                 raise AdminKeyProblem("admin.key_missing", "no private key to sign with")
-            pair.set_sig_algorithm(self._sig_algorithm())  # type: ignore[attr-defined]
-            signing = pair.sign_async(data)  # type: ignore[attr-defined]
-            sig = await asyncio.wait_for(signing, _AGENT_TIMEOUT_S)
+            # a connection of its own for every signature: the one that listed the keys is
+            # long closed when an audit entry is signed minutes later
+            client = await asyncio.wait_for(asyncssh.connect_agent(self._agent_path), _AGENT_TIMEOUT_S)
+            try:
+                pairs = await asyncio.wait_for(client.get_keys(), _AGENT_TIMEOUT_S)
+                pair = next((p for p in pairs if bytes(p.public_data) == self._agent_blob), None)
+                if pair is None:
+                    raise AdminKeyProblem("admin.key_missing",
+                                          f"the SSH agent no longer holds key {self.fingerprint}",
+                                          "ssh-add the key again")
+                pair.set_sig_algorithm(self._sig_algorithm())
+                signing = pair.sign_async(data)  # type: ignore[attr-defined]
+                sig = await asyncio.wait_for(signing, _AGENT_TIMEOUT_S)
+            finally:
+                client.close()
             return bytes(sig)
         except AdminKeyProblem:
             raise
@@ -291,7 +303,8 @@ async def agent_keys(agent_path: str | None = None) -> AgentKeys:
                 pub = decode_ssh_public_key(blob)
         except (asyncssh.KeyImportError, ValueError):
             continue  # a key type this asyncssh cannot read: not usable for a proof
-        key = AdminKey(pub, "ssh-agent", pair.get_comment() or "", cert_text, _agent_pair=pair)
+        key = AdminKey(pub, "ssh-agent", pair.get_comment() or "", cert_text, _agent_path=path,
+                       _agent_blob=bytes(pair.public_data))
         fp = key.fingerprint
         if fp in seen and not cert_text:
             continue

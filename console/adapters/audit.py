@@ -149,6 +149,7 @@ class AuditLog:
         last = _read_last_line(self._rfd, size)
         if not last:
             self._head, self._seq = GENESIS, 0
+            self.last_ts = ""
         else:
             if not last.endswith(b"\n"):
                 raise AuditError(f"{self.path}: last line is incomplete (a write was cut short); "
@@ -160,6 +161,7 @@ class AuditLog:
                 raise AuditError(f"{self.path}: last line is not an escort audit entry; "
                                  f"run `escort audit verify {self.path}`")
             self._head, self._seq = line_hash(text), seq
+            self.last_ts = str(entry.get("ts", "")) if entry else ""
         self._end = size
 
     @property
@@ -209,6 +211,7 @@ class AuditLog:
                     raise AuditError(f"{self.path}: disk full, audit entry not written") from exc
                 raise AuditError(f"{self.path}: audit entry not written ({exc.strerror or exc})") from exc
             self._head, self._seq, self._end = line_hash(line), entry["seq"], size + len(data)
+            self.last_ts = str(entry["ts"])
         to_syslog(line)
         return entry
 

@@ -268,7 +268,7 @@ async def append_signed(audit: Any, fields: Mapping[str, Any], proof: AdminProof
 
 async def require_admin(fleet: FleetService, action: str, *, admin: str | None = None,
                         identity: AdminIdentity | None = None, audit: AuditAppend | None = None,
-                        writable: bool = True) -> AdminProof:
+                        writable: bool = True, clock_check: Callable[[], None] | None = None) -> AdminProof:
     """The gate of every changing action: read-only check, then proof of possession.
 
     ``audit`` (an async or sync append of one entry) records a refusal before it is
@@ -280,6 +280,8 @@ async def require_admin(fleet: FleetService, action: str, *, admin: str | None =
         fleet.require_writable(action)
     ident = identity or AdminIdentity(fleet)
     try:
+        if clock_check is not None:
+            clock_check()
         return await ident.prove(admin, action)
     except AdminNotProven as exc:
         if audit is not None:
@@ -289,6 +291,32 @@ async def require_admin(fleet: FleetService, action: str, *, admin: str | None =
             if inspect.isawaitable(result):
                 await result
         raise
+
+
+#: How far the local clock may be behind the newest audit entry before actions are refused.
+CLOCK_BEHIND_S = 300.0
+
+
+def clock_check_against(last_ts: str, now: dt.datetime | None = None) -> None:
+    """Refuse when this machine's clock is far behind the audit log's newest entry.
+
+    The log's timestamps come from the clocks of every console that wrote to it; a
+    clock minutes behind the newest of them is wrong, and time-limited grants and
+    certificates would be judged at the wrong time.
+    """
+    if not last_ts:
+        return
+    try:
+        newest = dt.datetime.strptime(last_ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return
+    current = now or dt.datetime.now(dt.UTC)
+    behind = (newest - current).total_seconds()
+    if behind > CLOCK_BEHIND_S:
+        raise AdminNotProven("time.clock_off",
+                             f"this machine's clock ({current:%Y-%m-%d %H:%M:%S} UTC) is {int(behind)} s "
+                             f"behind the newest audit entry ({last_ts})",
+                             "fix the clock (timedatectl / NTP), then try again")
 
 
 def default_identity(fleet: FleetService) -> AdminIdentity:

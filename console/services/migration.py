@@ -55,6 +55,7 @@ from console.services.identity import (
     AdminIdentity,
     AdminNotProven,
     AdminProof,
+    clock_check_against,
     is_proof,
     require_admin,
     sign_entry,
@@ -273,7 +274,8 @@ class MigrationService:
     async def prove(self, admin: str | None, action: str) -> AdminProof:
         """Read-only check, then proof that the operator holds ``admin``'s key (refusals audited)."""
         proof = await require_admin(self.fleet, action, admin=admin, identity=self.identity,
-                                    audit=self._record)
+                                    audit=self._record,
+                                    clock_check=lambda: clock_check_against(self.audit.last_ts))
         self._proofs[proof.admin] = proof
         return proof
 

@@ -206,3 +206,36 @@ def test_ssh_keygen_signature_verifies_here(tmp_path: Path) -> None:
         ak.sshsig_verify((tmp_path / "msg.sig").read_text(), b"hello", ak.NS_PROOF)
 
 
+
+
+async def test_agent_proof_still_signs_after_the_listing_connection_closed(tmp_path: Path,
+                                                                           agent: str) -> None:
+    """Audit entries are signed minutes after the proof: the agent is asked again each time."""
+    key, fp = make_key(tmp_path, "alice")
+    ssh_add(agent, key)
+    proof = await ident(Fleet({"alice": fp}), agent_path=agent).prove("alice")
+    sig = await proof.sign(b"line")
+    assert ak.sshsig_verify(sig, b"line", ak.NS_AUDIT) == fp
+    subprocess.run(["ssh-add", "-q", "-D"], env={**os.environ, "SSH_AUTH_SOCK": agent}, check=True,
+                   capture_output=True)
+    with pytest.raises(AdminNotProven) as err:  # the key left the agent: said, not hidden
+        await proof.sign(b"line")
+    assert err.value.code == "admin.key_missing"
+
+
+async def test_a_clock_far_behind_the_audit_log_is_refused(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from console.services.identity import clock_check_against
+
+    key, fp = make_key(tmp_path, "alice")
+    fleet = Fleet({"alice": fp})
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    written: list[dict[str, Any]] = []
+    with pytest.raises(AdminNotProven) as err:
+        await require_admin(fleet, "migrate x", admin="alice",  # type: ignore[arg-type]
+                            identity=ident(fleet, agent_path="", admin_key=str(key)), audit=written.append,
+                            clock_check=lambda: clock_check_against(ahead))
+    assert err.value.code == "time.clock_off" and "behind" in str(err.value)
+    assert [e["code"] for e in written] == ["time.clock_off"]
+    clock_check_against(dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))  # in step: fine

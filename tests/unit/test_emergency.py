@@ -94,3 +94,42 @@ def test_cli_declare_and_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     bad = runner.invoke(main, ["emergency", "declare", "hv-fr-1", "--fleet", str(fleet_path), "--reason",
                                "power", "--hours", "500", "--admin-key", str(key)])
     assert bad.exit_code == 2
+
+
+def test_host_key_trust_needs_the_admin_key_and_write_mode(tmp_path: Path) -> None:
+    """`escort hosts trust` below the CLI: read-only and the proof are checked by the service."""
+    from console.core.inventory import HostSpec
+    from console.services.inventory import trust_host_key
+
+    fleet_path, key, _ = _fleet(tmp_path)
+
+    class Pool:
+        def __init__(self) -> None:
+            self.accepted: list[str] = []
+
+        async def accept_host_key(self, ssh: str, fp: str, *, jump: str = "", name: str = "") -> str:
+            self.accepted.append(fp)
+            return f"{name} ssh-ed25519 AAAA"
+
+    class Inventory:
+        def __init__(self) -> None:
+            self.pool = Pool()
+
+        def spec(self, name: str) -> HostSpec:
+            return HostSpec(name, ssh="root@192.0.2.1")
+
+    inv = Inventory()
+    ro = FleetService.load(fleet_path, readonly=True)
+    with pytest.raises(ReadOnlyError):
+        asyncio.run(trust_host_key(ro, inv, "hv-de-1", "SHA256:x",  # type: ignore[arg-type]
+                                   identity=AdminIdentity(ro, admin_key=str(key), agent_path="")))
+    fleet = FleetService.load(fleet_path)
+    with pytest.raises(AdminNotProven):
+        asyncio.run(trust_host_key(fleet, inv, "hv-de-1", "SHA256:x",  # type: ignore[arg-type]
+                                   identity=AdminIdentity(fleet, agent_path="")))
+    assert inv.pool.accepted == []
+    line = asyncio.run(trust_host_key(fleet, inv, "hv-de-1", "SHA256:x",  # type: ignore[arg-type]
+                                      identity=AdminIdentity(fleet, admin_key=str(key), agent_path="")))
+    assert line and inv.pool.accepted == ["SHA256:x"]
+    kinds = [e["kind"] for e in read_entries(tmp_path / "audit.log")]
+    assert kinds == ["refusal", "host_key", "signature"]
