@@ -33,6 +33,7 @@ import contextlib
 import getpass
 import os
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ KEY_REVOKED = "host.key_revoked"
 #: the codes of host-key refusals whose presented plain key can be accepted with ``hosts trust``
 TRUSTABLE = frozenset({KEY_UNKNOWN, HOST_CERT_CA_UNKNOWN, HOST_CERT_PRINCIPAL, HOST_CERT_EXPIRED,
                        HOST_CERT_NOT_YET_VALID})
+CONFIG_CACHE_S = 5.0
 MAX_HOPS = 16  # longer ProxyJump chains are refused as loops (OpenSSH has no limit at all)
 
 
@@ -79,6 +81,7 @@ class HostProblem(ConnectionProblem):
         super().__init__(" ".join(message.split()))
         self.code = code
         self.fix = fix
+        self.via_jump = False  # already says which jump host failed (not wrapped again)
 
     def reason(self) -> Reason:
         """The same problem as a :class:`Reason` for views and JSON output."""
@@ -258,6 +261,10 @@ class SshPool:
         self.command_timeout = command_timeout
         self.agent_timeout = agent_timeout
         self._agents: dict[str, sshkeys.AgentSource] = {}
+        self._config_cache: dict[
+            tuple[str, int | None, str | None],
+            tuple[tuple[tuple[float, int], ...], float, SSHClientConfig],
+        ] = {}
         self._known_hosts = self._read_known_hosts()
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -280,11 +287,26 @@ class SshPool:
         self._known_hosts = self._read_known_hosts()
 
     def _known(self, host: str, port: int) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
-        """(plain host keys, @cert-authority keys) known_hosts lists for this name."""
+        """(plain host keys, @cert-authority keys) known_hosts lists for this name.
+
+        For a non-22 port, ``[host]:port`` lines, else the port-less lines: OpenSSH also
+        accepts a key found "without port identifier" (and so does asyncssh's matcher).
+        """
         keys, cas, *_ = asyncssh.match_known_hosts(
             self._known_hosts, host, "", None if port == DEFAULT_PORT else port
         )
         return list(keys), list(cas)
+
+    def _known_exact(self, host: str, port: int) -> list[asyncssh.SSHKey]:
+        """Plain keys listed for exactly this name (``[host]:port`` for a non-22 port).
+
+        Only these make a different key "CHANGED"; a port-less line that does not match
+        makes it unknown, as in OpenSSH (which then offers to add ``[host]:port``).
+        """
+        keys, *_ = self._known_hosts._match(  # asyncssh 2.24.1 (pinned): no port fall-back
+            host, "", None if port == DEFAULT_PORT else port
+        )
+        return list(keys)
 
     def _is_known(self, host: str, port: int) -> bool:
         keys, cas = self._known(host, port)
@@ -304,6 +326,26 @@ class SshPool:
         return Hop(spec, host, port, user)
 
     def _load_config(self, target: Target) -> SSHClientConfig:
+        """The ssh_config as it applies to ``target``; reused while the file is unchanged.
+
+        Routes, keys and error messages ask for a hop's config several times per connect;
+        parsing it each time costs milliseconds per host. An entry is reused for at most
+        :data:`CONFIG_CACHE_S` and only while the config file's mtime/size are unchanged
+        (an edited ``Include``d file is seen after at most that long).
+        """
+        stamp = tuple(_file_stamp(p) for p in self._config_paths)
+        key = (target.host, target.port, target.user)
+        hit = self._config_cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] == stamp and now - hit[1] < CONFIG_CACHE_S:
+            return hit[2]
+        config = self._parse_config(target)
+        if len(self._config_cache) > 4096:
+            self._config_cache.clear()
+        self._config_cache[key] = (stamp, now, config)
+        return config
+
+    def _parse_config(self, target: Target) -> SSHClientConfig:
         try:
             config = SSHClientConfig.load(
                 None,
@@ -392,7 +434,7 @@ class SshPool:
                 try:
                     tunnel = await self._connect_route(hops[:-1], via)
                 except HostProblem as exc:
-                    if exc.code in (JUMP_FAILED, JUMP_LOOP):
+                    if exc.code in (JUMP_FAILED, JUMP_LOOP) or exc.via_jump:
                         raise
                     message = f"{label}: jump host {via} failed: {exc}"
                     fix = exc.fix
@@ -405,7 +447,11 @@ class SshPool:
                             known_hosts_name=exc.known_hosts_name, hop=exc.hop or via,
                             hop_code=exc.code,
                         ) from exc
-                    raise HostProblem(JUMP_FAILED, message, fix) from exc
+                    # an authentication failure keeps its own code: the fix is about keys
+                    code = AUTH_FAILED if exc.code == AUTH_FAILED else JUMP_FAILED
+                    wrapped = HostProblem(code, message, fix)
+                    wrapped.via_jump = True
+                    raise wrapped from exc
             conn = await self._open(hops[-1], tunnel, label, via=hops[-2].spec if len(hops) > 1 else "")
             self._entries[key] = _Entry(conn, jump_key)
             return conn
@@ -488,12 +534,14 @@ class SshPool:
                 raise
             problem = self._map_error(exc, hop, label, seen, cas, via, keyset)
             if problem.code in TRUSTABLE and problem.code != KEY_UNKNOWN and not plain_only:
-                # OpenSSH: a certificate that fails is retried as the plain key inside it.
+                # OpenSSH: a certificate that fails is retried as the plain key inside it;
+                # if that key is unknown too, the refusal names the certificate's problem
+                # and shows the plain key's fingerprint (what `hosts trust` accepts).
                 try:
                     return await self._open(hop, tunnel, label, via=via, plain_only=True)
                 except HostKeyProblem as plain:
-                    if isinstance(problem, HostKeyProblem):
-                        problem.key = plain.key if plain.code == KEY_UNKNOWN else problem.key
+                    if plain.code == KEY_UNKNOWN and plain.key is not None:
+                        problem = self._map_error(exc, hop, label, [plain.key], cas, via, keyset)
                 except HostProblem:
                     pass
             raise problem from exc
@@ -610,8 +658,7 @@ class SshPool:
             else "a key of a type known_hosts has no entry for"
         )
         check = f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub"
-        keys, _cas = self._known(host, port)
-        if keys:
+        if self._known_exact(host, port):
             return HostKeyProblem(
                 KEY_CHANGED,
                 f"{where}host key CHANGED for {name}: it presented {presented}, which differs "
@@ -792,6 +839,14 @@ def _key_type(key: asyncssh.SSHKey | None) -> str:
         if word in alg:
             return word
     return "*"
+
+
+def _file_stamp(path: str) -> tuple[float, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0.0, -1)
+    return (st.st_mtime, st.st_size)
 
 
 def _route_key(hops: Sequence[Hop]) -> str:

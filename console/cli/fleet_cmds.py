@@ -7,7 +7,6 @@ The JSON shapes are a contract too (see docs/FLEET.md).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import sys
@@ -29,7 +28,6 @@ from console.core.errors import InputError
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
-from console.services.inventory import refresh_fleet
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -83,6 +81,10 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool) -> FleetService
     """
     service = FleetService.load_strict(path, at=at)
     if not offline and service.spec is not None and service.spec.hosts:
+        import asyncio
+
+        from console.services.inventory import refresh_fleet  # asyncssh/libvirt: only when needed
+
         asyncio.run(refresh_fleet(service))
     return service
 
@@ -106,7 +108,10 @@ def _fleet_opts(fn: Any) -> Any:
 @click.pass_context
 def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_json: bool,
                 admin: str | None, emergency: bool, offline: bool, vm: str, host: str) -> None:
-    """Why VM (UUID or name) may or may not move to HOST; exit 0 allowed, 1 refused, 2 bad input."""
+    """Why VM (UUID or name) may or may not move to HOST; exit 0 allowed, 1 refused, 2 bad input.
+
+    Exit 4 when the VM was not found and some hosts could not be reached (it may be on one).
+    """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline)
     d = service.explain(vm, host, admin, at, emergency=emergency)
@@ -127,7 +132,8 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
                 admin: str | None, offline: bool, vm: str) -> None:
     """Every host VM may move to, and why each other host is refused.
 
-    Exit 0 when at least one host is allowed, 1 when none is, 2 on bad input.
+    Exit 0 when at least one host is allowed, 1 when none is, 2 on bad input, 4 when the
+    VM was not found and some hosts could not be reached (it may be on one of them).
     """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline)

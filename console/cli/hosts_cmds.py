@@ -91,8 +91,11 @@ def trust(ctx: click.Context, fleet: str | None, admin: str | None, admin_key: s
           fingerprint: str) -> None:
     """Accept HOST's SSH key if (and only if) it has FINGERPRINT (SHA256:...).
 
-    Read the fingerprint on the host itself (``ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub``)
-    and type it here; escort adds the key to the fleet's known_hosts file.
+    HOST is a fleet host or a jump host on the way to one (as the fleet or ssh_config
+    names it, e.g. root@10.0.0.1, or its address). Read the fingerprint on the host itself
+    (``ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub``) and type it here; escort adds
+    the host's plain key to the fleet's known_hosts file (also for a host that presents a
+    certificate escort could not verify, as OpenSSH offers).
     """
     if not fingerprint.startswith("SHA256:"):
         raise InputError(f"{fingerprint!r} is not an SSH fingerprint (expected SHA256:...)")
@@ -103,6 +106,7 @@ def trust(ctx: click.Context, fleet: str | None, admin: str | None, admin_key: s
     service = FleetService.load_strict(_fleet_path(ctx, fleet), readonly=readonly)
     inventory = InventoryService.for_fleet(service)
     identity = AdminIdentity(service, admin_key=admin_key, passphrase=terminal_prompt())
+    inventory.trust_target(host)  # an unknown name is unusable input (exit 2), before any connect
 
     async def go() -> str:
         try:

@@ -39,7 +39,8 @@ def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | No
         raise InputError("no fleet file: try `escort demo`, or `escort --fleet FILE` "
                          "(or set ESCORT_FLEET)")
     config, config_problems = load_config()
-    service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at)
+    # lazy: the console paints rows first and checks the fleet in steps after (ui/app.py)
+    service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at, eager=False)
     app = EscortApp(service, config=config, at=at, admin=admin,
                     problems=[*config_problems, *(problems or [])], live=not offline)
     app.run()

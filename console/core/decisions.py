@@ -441,13 +441,22 @@ class Matrix:
     eligible_hosts: int
 
 
-def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck]) -> Matrix:
+#: one requirement group's allowed hosts and their positions (``allowed_matrix``)
+Groups = dict[tuple[Requirements, frozenset[str]], tuple[tuple[str, ...], dict[str, int]]]
+
+
+def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, index: HostIndex | None = None,
+                   groups: Groups | None = None) -> Matrix:
     """Allowed targets for every VM: one mask per distinct requirement set, then per-VM slicing.
 
     ``vms`` carry verified policies and ``hosts`` verified chains; nothing is verified here.
+    ``index`` and ``groups`` (built from the same ``hosts``) may be passed in to reuse them
+    when the VMs arrive in several parts (the console's start-up checks them in steps).
     """
-    index = HostIndex.build(hosts)
-    groups: dict[tuple[Requirements, frozenset[str]], tuple[tuple[str, ...], dict[str, int]]] = {}
+    if index is None:
+        index = HostIndex.build(hosts)
+    if groups is None:
+        groups = {}
     out: dict[str, tuple[str, ...]] = {}
     for vm in vms:
         pol = vm.policy.policy
@@ -480,6 +489,7 @@ def allowed_per_pair(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, at: 
 
 __all__ = [
     "Decision",
+    "Groups",
     "HostCheck",
     "HostIndex",
     "Matrix",

@@ -124,3 +124,4 @@ class VMView:
     policy_summary: str = ""
     policy_problems: tuple[Reason, ...] = ()
     allowed_targets: tuple[str, ...] = ()
+    checking: bool = False  # not checked yet: the console shows "checking…", never a count

@@ -20,7 +20,8 @@ import gc
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +31,16 @@ from cryptography import x509
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.core import pki
-from console.core.decisions import Decision, HostCheck, Matrix, VMCheck, allowed_matrix, decide
+from console.core.decisions import (
+    Decision,
+    Groups,
+    HostCheck,
+    HostIndex,
+    Matrix,
+    VMCheck,
+    allowed_matrix,
+    decide,
+)
 from console.core.envelope import (
     NBF_SKEW,
     TYP_GRANT,
@@ -40,7 +50,7 @@ from console.core.envelope import (
     open_portable,
     reason,
 )
-from console.core.errors import EscortError, InputError, ReadOnlyError
+from console.core.errors import ConnectionProblem, EscortError, InputError, ReadOnlyError
 from console.core.grants import GRANT_FIELDS, AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
     AdminSpec,
@@ -131,6 +141,7 @@ class _VMRecord:
     memory_mib: int = 0
     vcpus: int = 0
     from_facts: bool = False
+    policy_file: str = ""  # read on first use when the service is lazy ("" = read already / none)
 
 
 class FleetService:
@@ -155,15 +166,29 @@ class FleetService:
         self._views_at: dt.datetime | None = None
         self._vms: dict[str, _VMRecord] = {}
         self._grant_tokens: list[tuple[str, str]] = []
-        self._checks: dict[tuple[str, dt.datetime], HostCheck] = {}
+        self._checks: dict[tuple[str], tuple[dt.datetime, HostCheck]] = {}
         #: host name -> (at, chain): the views, the matrix and explain share one check
         self._chains: dict[str, tuple[dt.datetime, pki.ChainResult | None]] = {}
         self._matrix: Matrix | None = None
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
-        #: every instant at which a time-dependent answer may change (None: to be collected)
-        self._instants: tuple[dt.datetime, ...] | None = None
+        #: every instant at which a time-dependent answer may change, of every certificate,
+        #: CRL and token a cached answer was computed from (core/timekey.py)
+        self._instant_set: set[dt.datetime] = set()
+        self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
+        self._noted: set[str] = set()  # token digests / chain keys already noted
+        self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
+        self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
+        #: lazy services read host certificates, policy files and grants on first use;
+        #: a file that cannot be read then is an InputError (the CLI's exit 2)
+        self._cert_pending: set[str] = set()
+        self._generation = 0  # bumped by every apply_facts: a step-wise check started before is stale
+        self._strict = False  # load_strict: a file read lazily and unreadable is an InputError
+        self._vm_checks: dict[tuple[object, ...], tuple[dt.datetime, VMCheck]] = {}
+        self._known: tuple[TrustStore, dict[str, str]] | None = None
+        self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
+        self._grants_pending: tuple[str, ...] | None = None
         if spec is not None:
             self._load(spec)
 
@@ -189,6 +214,7 @@ class FleetService:
         the whole fleet's.
         """
         service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
+        service._strict = True
         if service._fatal:
             first = service._fatal[0]
             more = f" (and {len(service._fatal) - 1} more problem(s))" if len(service._fatal) > 1 else ""
@@ -209,19 +235,17 @@ class FleetService:
         at = self.at
         self.trust = self._store(spec.trust_dir, "host CA", at)
         self.owners = self._store(spec.owners_trust_dir, "owners' CA", at)
+        self._note_store(self.trust)
+        self._note_store(self.owners)
         self._policies = PolicyBook(self.owners)
         self._grants = GrantBook(self.owners)
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
         for v in spec.vms:
-            rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus)
-            if v.policy_file:
-                try:
-                    rec.token = read_limited(v.policy_file, what="policy").decode("ascii").strip()
-                except (InputError, UnicodeDecodeError) as exc:
-                    msg = str(exc) if isinstance(exc, InputError) else f"{v.policy_file}: not a policy token"
-                    rec.token_problem = self._problem(v.policy_file, "policy.unreadable", msg,
-                                                      "fix policy_file for this VM", fatal=True)
+            rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus,
+                            policy_file=v.policy_file)
+            if self.eager:
+                self._read_token(rec)
             self._vms[v.uuid] = rec
         # host chains are checked here while worker processes check policy signatures
         if self.eager:
@@ -229,10 +253,45 @@ class FleetService:
                                  TYP_POLICY, POLICY_FIELDS,
                                  meanwhile=lambda: self._load_host_certs(spec.hosts),
                                  meanwhile_weight=HOST_CHECK_WEIGHT * len(spec.hosts))
+            self._load_grants(spec.grant_files, at)
         else:
-            self._load_host_certs(spec.hosts)
+            self._cert_pending = {h.name for h in spec.hosts if h.cert_file}
+            self._grants_pending = tuple(spec.grant_files)
         self._views_at = at if self.eager else None
-        for source in self._grant_files(spec.grant_files):
+
+    def _read_token(self, rec: _VMRecord) -> None:
+        """Read the VM's policy file (once); lazily, an unreadable one is an InputError."""
+        path, rec.policy_file = rec.policy_file, ""
+        if not path:
+            return
+        try:
+            rec.token = read_limited(path, what="policy").decode("ascii").strip()
+        except (InputError, UnicodeDecodeError) as exc:
+            msg = str(exc) if isinstance(exc, InputError) else f"{path}: not a policy token"
+            rec.token_problem = self._problem(path, "policy.unreadable", msg,
+                                              "fix policy_file for this VM", fatal=True)
+            if self._strict:
+                raise InputError(msg) from exc
+
+    def _ensure_cert(self, name: str) -> None:
+        if name in self._cert_pending:
+            self._cert_pending.discard(name)
+            self._load_host_cert(self._hosts[name].spec)
+            view = self._hosts[name]
+            if self._strict and view.cert_problem is not None \
+                    and view.cert_problem.code == "cert.unreadable" and name not in self._host_certs:
+                raise InputError(view.cert_problem.message)
+
+    def _ensure_grants(self) -> None:
+        if self._grants_pending is not None:
+            pending, self._grants_pending = self._grants_pending, None
+            before = len(self._fatal)
+            self._load_grants(pending, self.at)
+            if self._strict and len(self._fatal) > before:
+                raise InputError(self._fatal[before].reason.message)
+
+    def _load_grants(self, entries: Iterable[str], at: dt.datetime) -> None:
+        for source in self._grant_files(entries):
             try:
                 token = read_limited(source, what="grant").decode("ascii").strip()
             except (InputError, UnicodeDecodeError) as exc:
@@ -240,7 +299,6 @@ class FleetService:
                 self._problem(source, "grant.unreadable", msg, "fix the fleet file's grants", fatal=True)
                 continue
             self._grant_tokens.append((source, token))
-            self._instants = None  # its nbf/exp are instants that matter
             result = self._grants.verify(token, at, source)
             broken = [r for r in result.reasons if r.code not in {"grant.expired", "grant.not_yet_valid"}]
             if broken:
@@ -285,8 +343,10 @@ class FleetService:
 
     def _set_cert(self, name: str, leaf: x509.Certificate, rest: list[x509.Certificate]) -> None:
         view = self._hosts[name]
+        self._cert_pending.discard(name)  # what a refresh read replaces the local copy
         self._host_certs[name] = (leaf, rest)
-        self._instants = None
+        for c in (leaf, *rest):
+            self._note_cert(c)
         self._chains.pop(name, None)
         view.cert_problem = None
         try:
@@ -300,9 +360,9 @@ class FleetService:
             self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
-        at = self._key(at)
+        self._ensure_cert(name)
         cached = self._chains.get(name)
-        if cached is not None and (cached[0] == at or self._key(cached[0]) == at):
+        if cached is not None and self._fresh(cached[0], at):
             return cached[1]
         got = self._host_certs.get(name)
         if got is None or self.trust is None:
@@ -322,57 +382,58 @@ class FleetService:
         """The time decisions are made for (fixed by ``--at``, else now)."""
         return self._fixed_at or _now()
 
-    def _key(self, at: dt.datetime) -> dt.datetime:
-        """The cache key of ``at`` (core/timekey.py): a time with the same answers as ``at``.
+    # ------------------------------------------------------------------ time
+    def _note(self, instants: Iterable[dt.datetime | None]) -> None:
+        before = len(self._instant_set)
+        self._instant_set.update(boundaries(instants))
+        if len(self._instant_set) != before:
+            self._instants = None
 
-        Lazy services (one CLI question) use ``at`` itself; eager ones (the console)
-        share cached chains, policies, grants and the matrix between the instants that
-        can change an answer.
-        """
-        if not self.eager or self._fixed_at is not None:
-            return at
-        if self._instants is None:
-            self._instants = self._collect_instants()
-        return time_key(self._instants, at)
+    def _note_cert(self, cert: x509.Certificate) -> None:
+        after = cert.not_valid_after_utc
+        self._note((cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS)))
 
-    def _collect_instants(self) -> tuple[dt.datetime, ...]:
-        """Every certificate, CRL and token instant the checks compare the time with."""
-        out: list[dt.datetime | None] = []
+    def _note_store(self, store: TrustStore | None) -> None:
+        if store is None:
+            return
         soon = dt.timedelta(days=EXPIRING_DAYS)
+        for n in store.nodes():
+            self._note((n.info.not_before, n.info.not_after, n.info.not_after - soon))
+        for crl in getattr(store, "crls", ()):
+            self._note((crl.last_update, crl.next_update, *crl.revoked.values()))
 
-        def cert(c: x509.Certificate) -> None:
-            out.extend((c.not_valid_before_utc, c.not_valid_after_utc, c.not_valid_after_utc - soon))
+    def _note_token(self, token: str, typ: str, fields: frozenset[str], verifier: EnvelopeVerifier) -> None:
+        """A token's nbf (and nbf minus the skew allowance), exp and its signers' certificates."""
+        opened = verifier.open(token, typ, fields)
+        if opened.digest in self._noted:
+            return
+        self._noted.add(opened.digest)
+        payload = opened.payload or {}
+        for claim in ("nbf", "exp"):
+            value = payload.get(claim)
+            if isinstance(value, int) and not isinstance(value, bool):
+                with contextlib.suppress(OverflowError, OSError, ValueError):
+                    when = dt.datetime.fromtimestamp(value, dt.UTC)
+                    self._note((when, when - NBF_SKEW) if claim == "nbf" else (when,))
+        chain = "chain:" + ",".join(opened.chain_key)
+        if chain not in self._noted:
+            self._noted.add(chain)
+            for c in opened.certs:
+                self._note_cert(c)
 
-        for store in (self.trust, self.owners):
-            if store is None:
-                continue
-            for n in store.nodes():
-                out.extend((n.info.not_before, n.info.not_after, n.info.not_after - soon))
-            for crl in getattr(store, "crls", ()):
-                out.extend((crl.last_update, crl.next_update, *crl.revoked.values()))
-        for leaf, rest in self._host_certs.values():
-            for c in (leaf, *rest):
-                cert(c)
-        seen_chains: set[tuple[str, ...]] = set()
-        tokens = [(r.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes) for r in self._vms.values()
-                  if r.token]
-        tokens += [(t, TYP_GRANT, GRANT_FIELDS, self._grants.envelopes) for _, t in self._grant_tokens]
-        for token, typ, fields, verifier in tokens:
-            opened = verifier.open(token, typ, fields)
-            payload = opened.payload or {}
-            for claim in ("nbf", "exp"):
-                value = payload.get(claim)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    with contextlib.suppress(OverflowError, OSError, ValueError):
-                        when = dt.datetime.fromtimestamp(value, dt.UTC)
-                        out.append(when)
-                        if claim == "nbf":
-                            out.append(when - NBF_SKEW)
-            if opened.chain_key not in seen_chains:
-                seen_chains.add(opened.chain_key)
-                for c in opened.certs:
-                    cert(c)
-        return boundaries(out)
+    def _fresh(self, stored: dt.datetime | None, at: dt.datetime) -> bool:
+        """A result computed at ``stored`` is the result at ``at``: no instant that any
+        cached answer depends on lies between them (core/timekey.py). Every answer is
+        computed at the exact time it is asked for; only reuse goes by interval."""
+        if stored is None:
+            return False
+        if stored == at:
+            return True
+        if self._fixed_at is not None:
+            return False
+        if self._instants is None:
+            self._instants = tuple(sorted(self._instant_set))
+        return time_key(self._instants, stored) == time_key(self._instants, at)
 
     @property
     def kind(self) -> FleetKind:
@@ -393,9 +454,11 @@ class FleetService:
 
     # ------------------------------------------------------------------ views
     def hosts(self) -> list[HostView]:
-        at = self._key(self.at)
-        if self._views_at is None or (self._views_at != at and self._key(self._views_at) != at):
+        at = self.at
+        if not self._fresh(self._views_at, at):
             # certificates expire while the console stays open: re-check at the new minute
+            for name in list(self._cert_pending):
+                self._ensure_cert(name)
             for name, view in self._hosts.items():
                 if name in self._host_certs:
                     view.chain = self._verify_host(name, at)
@@ -405,17 +468,68 @@ class FleetService:
     def vms(self) -> list[VMView]:
         at = self.at
         matrix = self._current_matrix(at)
-        out = []
-        for rec in self._vms.values():
+        return [self._view(rec, self._policy(rec, at), matrix.targets.get(rec.uuid, ()))
+                for rec in self._vms.values()]
+
+    def host_stubs(self) -> list[HostView]:
+        """The hosts' views as they are, without checking a certificate (console rows first)."""
+        return list(self._hosts.values())
+
+    def vm_stubs(self) -> list[VMView]:
+        """Every VM as the fleet file (or the last refresh) names it, nothing checked yet:
+        the console's rows before their verdicts (``checking=True``)."""
+        return [VMView(uuid=r.uuid, name=r.name, host=r.host, state=r.state, memory_mib=r.memory_mib,
+                       vcpus=r.vcpus, policy_summary="checking…", checking=True)
+                for r in self._vms.values()]
+
+    def check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
+        """Check the whole fleet in small steps, yielding the VMs whose verdicts are done.
+
+        Host certificates and chains first, then the VMs' policies, a few at a time: each
+        step takes about ``budget_s`` so the console stays responsive and paints verdicts
+        as they arrive. The views yielded are exactly what ``vms()`` returns (same policy
+        results, same allowed-target matrix); afterwards ``vms()`` and ``matrix()`` answer
+        from the cache. An empty list means "hosts still being checked".
+        """
+        at = self.at
+        generation = self._generation
+        clock = time.perf_counter
+        start = clock()
+        for name in self._hosts:
+            self._host_check(name, at)
+            if clock() - start > budget_s:
+                yield []
+                start = clock()
+        hosts = [self._host_check(n, at) for n in self._hosts]
+        index = HostIndex.build(hosts)
+        groups: Groups = {}
+        targets: dict[str, tuple[str, ...]] = {}
+        done: list[VMView] = []
+        for rec in list(self._vms.values()):
             pr = self._policy(rec, at)
-            pol = pr.policy
-            out.append(VMView(
-                uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
-                vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
-                policy_summary=pol.summary() if pol else "no valid policy",
-                policy_problems=pr.reasons, allowed_targets=matrix.targets.get(rec.uuid, ()),
-            ))
-        return out
+            part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
+            targets.update(part.targets)
+            done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
+            if clock() - start > budget_s:
+                yield done
+                done = []
+                start = clock()
+        if done:
+            yield done
+        if not self._fresh(at, self.at) or generation != self._generation:
+            return  # the clock moved on or a refresh changed facts: vms() recomputes
+        self._matrix = Matrix(targets, len(groups), len(index.names))
+        self._matrix_at = at
+        self._views_at = at
+
+    def _view(self, rec: _VMRecord, pr: PolicyResult, allowed: tuple[str, ...]) -> VMView:
+        pol = pr.policy
+        return VMView(
+            uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
+            vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
+            policy_summary=pol.summary() if pol else "no valid policy",
+            policy_problems=pr.reasons, allowed_targets=allowed,
+        )
 
     def policy(self, vm: str, at: dt.datetime | None = None) -> PolicyResult:
         """The VM's verified policy (UUID or name), e.g. its digest for the audit log."""
@@ -426,18 +540,38 @@ class FleetService:
         return self._find_vm(vm).token
 
     def _policy(self, rec: _VMRecord, at: dt.datetime) -> PolicyResult:
+        if rec.policy_file:
+            self._read_token(rec)
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
-        return self._policies.verify(rec.token, self._key(at), vm_uuid=rec.uuid)
+        hit = self._policy_cache.get(rec.uuid)
+        if hit is not None and hit[1] == rec.token and self._fresh(hit[0], at):
+            return hit[2]
+        if rec.token:
+            self._note_token(rec.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes)
+        result = self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        self._policy_cache[rec.uuid] = (at, rec.token, result)
+        return result
 
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
-        return VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+        # one VM against 1,000 hosts prepares its check once, not per host; the key holds
+        # everything the check is made of (a refresh replaces token, host or problem)
+        key = (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file)
+        cached = self._vm_checks.get(key)
+        if cached is not None and self._fresh(cached[0], at):
+            return cached[1]
+        hit = VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+        if len(self._vm_checks) > 2 * max(1, len(self._vms)):
+            self._vm_checks.clear()
+        self._vm_checks[key] = (at, hit)
+        return hit
 
     def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
-        at = self._key(at)
-        key = (name, at)
-        hit = self._checks.get(key)
+        key = (name,)
+        cached = self._checks.get(key)
+        hit = cached[1] if cached is not None and self._fresh(cached[0], at) else None
         if hit is None:
+            self._ensure_cert(name)
             view = self._hosts[name]
             chain = self._verify_host(name, at)
             problem = view.problem
@@ -445,15 +579,12 @@ class FleetService:
                 problem = view.cert_problem
             hit = HostCheck.prepare(name, chain, view.attributes, reachability=view.reachability,
                                     problem=problem, policy_names=self.policy_names)
-            if len(self._checks) > 10 * max(1, len(self._hosts)):
-                self._checks.clear()
-            self._checks[key] = hit
+            self._checks[key] = (at, hit)
         return hit
 
     def _current_matrix(self, at: dt.datetime | None = None) -> Matrix:
-        at = self._key(at or self.at)
-        if self._matrix is None or self._matrix_at is None or (
-                self._matrix_at != at and self._key(self._matrix_at) != at):
+        at = at or self.at
+        if self._matrix is None or not self._fresh(self._matrix_at, at):
             vms = [self._vm_check(r, at) for r in self._vms.values()]
             hosts = [self._host_check(n, at) for n in self._hosts]
             self._matrix = allowed_matrix(vms, hosts)
@@ -464,11 +595,24 @@ class FleetService:
         rec = self._vms.get(key) or self._vms.get(key.lower())
         if rec is not None:
             return rec
-        named = [r for r in self._vms.values() if r.name == key]
+        if self._names is None or self._names[0] != len(self._vms):
+            index: dict[str, list[_VMRecord]] = {}
+            for r in self._vms.values():
+                index.setdefault(r.name, []).append(r)
+            self._names = (len(self._vms), index)
+        named = self._names[1].get(key, [])
         if len(named) == 1:
             return named[0]
         if named:
             raise InputError(f"{len(named)} VMs are named {key!r}; use the UUID")
+        down = [(n, v) for n, v in self._hosts.items() if v.reachability == "down"]
+        if down:
+            # Not bad input: the VM may well be on a host that did not answer.
+            names = ", ".join(f"{n} ({v.problem.code})" if v.problem else n for n, v in down)
+            raise ConnectionProblem(
+                f"no VM {key!r} on the hosts that answered; {len(down)} of {len(self._hosts)} "
+                f"host(s) could not be reached: {names} (escort hosts refresh says why)"
+            )
         raise InputError(f"no VM {key!r} in fleet {self.name or self.path}")
 
     def _admin(self, admin: str) -> AdminRef:
@@ -479,8 +623,16 @@ class FleetService:
 
     def grant_results(self, at: dt.datetime | None = None) -> list[GrantResult]:
         """Every grant of the fleet verified as of ``at`` (cached per token and time)."""
-        when = self._key(at or self.at)
-        return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
+        self._ensure_grants()
+        when = at or self.at
+        cached = self._grant_cache
+        if cached is not None and cached[1] == len(self._grant_tokens) and self._fresh(cached[0], when):
+            return list(cached[2])
+        for _, token in self._grant_tokens:
+            self._note_token(token, TYP_GRANT, GRANT_FIELDS, self._grants.envelopes)
+        results = [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
+        self._grant_cache = (when, len(self._grant_tokens), results)
+        return list(results)
 
 
     def audit_ids(self, vm: str, admin: str, at: dt.datetime | None = None, *,
@@ -519,7 +671,9 @@ class FleetService:
     def _known_cas(self) -> dict[str, str] | None:
         if self.trust is None:
             return None
-        return {n.info.fingerprint: n.info.name for n in self.trust.nodes()}
+        if self._known is None or self._known[0] is not self.trust:
+            self._known = (self.trust, {n.info.fingerprint: n.info.name for n in self.trust.nodes()})
+        return self._known[1]
 
     def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None) -> list[Decision]:
         """A decision for every host of the fleet (allowed ones first, then by name)."""
@@ -557,7 +711,8 @@ class FleetService:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._matrix = None
-        self._instants = None  # new tokens or certificates: new instants
+        self._names = None
+        self._generation += 1
         if facts is None:
             view.reachability = "down"
             view.problem = problem

@@ -29,8 +29,9 @@ from console.adapters.ssh import (
     READ_FAILED,
     HostProblem,
     SshPool,
+    known_hosts_name,
 )
-from console.core.errors import EscortError
+from console.core.errors import EscortError, InputError
 from console.core.inventory import FleetSpec, HostFacts, HostSpec
 from console.core.reasons import Reason
 
@@ -126,6 +127,35 @@ class InventoryService:
             if host.name == name:
                 return host
         raise EscortError(f"{name}: no such host in fleet {self.fleet.name}")
+
+    def trust_target(self, name: str) -> tuple[str, str]:
+        """(ssh, jump) that reach ``name``: a fleet host, or a jump host on a fleet host's
+        route, named as the fleet or ssh_config writes it (``root@10.0.0.1``, an alias) or by
+        its address. The route to a jump host is the same prefix its riders use."""
+        for host in self.fleet.hosts:
+            if host.name == name and host.ssh:
+                return host.ssh, host.jump
+        for host in self.fleet.hosts:
+            if not host.ssh:
+                continue
+            try:
+                hops = self.pool.route(host.ssh, host.jump, name=host.name)
+            except HostProblem:
+                continue
+            for i, hop in enumerate(hops[:-1]):
+                if name in (hop.spec, hop.host, f"{hop.user}@{hop.host}",
+                            known_hosts_name(hop.host, hop.port)):
+                    return hop.spec, ",".join(h.spec for h in hops[:i]) or "none"
+        if not any(host.name == name for host in self.fleet.hosts):
+            raise InputError(f"{name}: no such host in fleet {self.fleet.name}, nor a jump host "
+                             "on the way to one")
+        raise InputError(f"{name}: the fleet reaches this host without SSH; there is no key to trust")
+
+    async def trust_host_key(self, name: str, fingerprint: str) -> str:
+        """Accept the SSH key of a fleet host or jump host, only with this fingerprint
+        (:meth:`SshPool.accept_host_key`). Returns the known_hosts line added ("" if known)."""
+        ssh, jump = self.trust_target(name)
+        return await self.pool.accept_host_key(ssh, fingerprint, jump=jump, name=name)
 
     # -- refresh -------------------------------------------------------------------------
     async def refresh(self, names: Iterable[str] | None = None) -> dict[str, HostRefresh]:
@@ -305,13 +335,12 @@ async def trust_host_key(fleet: Any, inventory: InventoryService, host: str, fin
     from console.services.migration import default_audit_path
 
     fleet.require_writable("trust a host key")
-    spec = inventory.spec(host)
     configured = fleet.spec.audit_log if fleet.spec else ""
     audit = await asyncio.to_thread(AuditLog, configured or default_audit_path())
     try:
         proof = await require_admin(fleet, "trust a host key", admin=admin, identity=identity,
                                     audit=lambda e: asyncio.to_thread(audit.append, e))
-        line = await inventory.pool.accept_host_key(spec.ssh, fingerprint, jump=spec.jump, name=host)
+        line = await inventory.trust_host_key(host, fingerprint)
         await append_signed(audit, {"kind": "host_key", "admin": proof.admin, "proof": proof.as_json(),
                                     "host": host, "fingerprint": fingerprint, "added": bool(line)}, proof)
         return line

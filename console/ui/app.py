@@ -100,7 +100,17 @@ class EscortApp(App[None]):
         self.refreshing = False
         #: published after a refresh changed the views; screens re-read their rows
         self.fleet_changed: Signal[None] = Signal(self, "fleet-changed")
-        self.load_views()
+        #: published while the start-up check streams verdicts in: the VM keys now decided
+        self.verdicts_arrived: Signal[frozenset[str]] = Signal(self, "verdicts-arrived")
+        #: a lazy service is checked in steps after the first paint: rows first ("checking…"),
+        #: verdicts as they are decided (services/fleet.py ``check_in_steps``)
+        self.progressive = (callable(getattr(service, "check_in_steps", None))
+                            and not getattr(service, "eager", True))
+        self.checking = False
+        if self.progressive:
+            self._load_stub_views()
+        else:
+            self.load_views()
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
 
@@ -118,9 +128,12 @@ class EscortApp(App[None]):
         for mode, factory in self._mode_factories().items():
             self.add_mode(mode, factory)
         self.title = f"escort — {self.service.name}" if self.service.name else "escort"
-        self.sub_title = kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
+        self.sub_title = (kind_label(self.service.kind) + (" · READ-ONLY" if self.readonly else "")
+                          + ("" if self.live else " · offline"))
         self._load_themes()
         self.switch_mode(self._start_mode)
+        if self.progressive:
+            self.call_after_refresh(self.start_checking)  # after the first paint
         if self.live:
             self.action_refresh()
             self.run_worker(self._survey_admin_keys(), group="admin-keys", exit_on_error=False)
@@ -156,6 +169,58 @@ class EscortApp(App[None]):
             self.emergencies = found
             self.fleet_changed.publish(None)
 
+    # ---------------------------------------------------------- start-up check
+    def _load_stub_views(self) -> None:
+        """Rows from what the fleet names, nothing checked yet: every verdict "checking…"."""
+        service: Any = self.service
+        self.checking = True
+        self._set_views(list(service.host_stubs()), list(service.vm_stubs()))
+
+    def start_checking(self) -> None:
+        """Check the fleet in small steps on the event loop; rows get their verdicts as
+        they are decided. A newer check (after a refresh) replaces a running one."""
+        if not self.progressive:
+            return
+        self.checking = True
+        self.run_worker(self._check_fleet(), exclusive=True, group="check", exit_on_error=False)
+
+    async def _check_fleet(self) -> None:
+        import asyncio
+        import time
+
+        service: Any = self.service
+        problems_before = len(self.all_problems())
+        position = {v.uuid: i for i, v in enumerate(self._vms)}
+        n_hosts = len(self._hosts)
+        arrived: set[str] = set()
+        last = time.perf_counter()
+        try:
+            for views in service.check_in_steps():
+                for view in views:
+                    i = position.get(view.uuid)
+                    if i is None:
+                        continue
+                    self._vms[i] = view
+                    self._vm_index[view.uuid] = view
+                    self._vm_rows[i] = self._vm_row(view, n_hosts)
+                    arrived.add(view.uuid)
+                if arrived and time.perf_counter() - last > 0.1:
+                    self.verdicts_arrived.publish(frozenset(arrived))
+                    arrived = set()
+                    last = time.perf_counter()
+                await asyncio.sleep(0)
+        except EscortError as exc:
+            self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
+            return
+        self.checking = False
+        # the streamed views are final; hosts now carry their checked chains (cached)
+        self._set_views(list(self.service.hosts()), self._vms)
+        self.fleet_changed.publish(None)
+        problems = self.all_problems()
+        if len(problems) > problems_before:
+            self.notify(f"{plural(len(problems), 'problem')} loading this fleet: {problems[0]} — press p",
+                        severity="warning", markup=False, timeout=8)
+
     # ---------------------------------------------------------- refresh
     def action_refresh(self) -> None:
         """Ask every host what it runs now (libvirt; the demo's test:// driver too)."""
@@ -182,8 +247,13 @@ class EscortApp(App[None]):
             self.refreshing = False
         down = [name for name, r in results.items() if r.facts is None]
         self._read_emergencies()
-        self.load_views()
-        self.fleet_changed.publish(None)
+        if self.progressive:
+            self._load_stub_views()  # facts changed: every verdict is re-decided, none kept stale
+            self.fleet_changed.publish(None)
+            self.start_checking()
+        else:
+            self.load_views()
+            self.fleet_changed.publish(None)
         from console.ui.screens.migrations import hub_for
 
         hub_for(self).after_refresh()  # migrations left half-done: on start, after every refresh
@@ -220,6 +290,8 @@ class EscortApp(App[None]):
         if name:
             label = kind_label(self.service.kind)
             where = label if name == self.service.kind else f"{name}: {label}"
+            if not self.live:
+                where = f"offline │ {where}"
         else:
             where = "no fleet loaded (press p)"
         return " │ ".join([*parts, where])
@@ -258,8 +330,11 @@ class EscortApp(App[None]):
     def load_views(self) -> None:
         """Read the service's views once and precompute every table row (and its filter
         text), so screens and filters never walk the fleet again."""
-        self._hosts = list(self.service.hosts())
-        self._vms = list(self.service.vms())
+        self._set_views(list(self.service.hosts()), list(self.service.vms()))
+
+    def _set_views(self, hosts: list[HostView], vms: list[VMView]) -> None:
+        self._hosts = hosts
+        self._vms = vms
         self._host_index = {h.name: h for h in self._hosts}
         self._vm_index = {v.uuid: v for v in self._vms}
         counts: dict[str, int] = {}
@@ -294,6 +369,10 @@ class EscortApp(App[None]):
         )
 
     def _vm_row(self, vm: VMView, n_hosts: int) -> Row:
+        if vm.checking:
+            owner = vm.owner.split(" <", 1)[0]
+            return make_row(vm.uuid, [vm.name, owner, vm.host or "?", "checking…", "checking…"],
+                            ["strong", "", "", "dim", "dim"])
         if vm.policy_problems:
             summary, tone = f"{BAD} {vm.policy_problems[0].message}", "bad"
         else:
@@ -303,6 +382,21 @@ class EscortApp(App[None]):
         owner = vm.owner.split(" <", 1)[0]  # "alice <alice@example>" -> "alice"
         return make_row(vm.uuid, [vm.name, owner, vm.host or "?", summary, targets],
                         ["strong", "", "", tone, "bad" if n == 0 else ""])
+
+    def agree_vm_targets(self, key: str, allowed: int, total: int) -> Row | None:
+        """The targets pane just decided every host for VM ``key``: make its row say the
+        same (a refresh may have changed facts since the rows were built). Returns the new
+        row when it changed."""
+        for i, row in enumerate(self._vm_rows):
+            if row.key == key:
+                text = f"{allowed}/{total}"
+                if row.cells[4] == text or row.cells[4].startswith(BAD):
+                    return None
+                cells = (*row.cells[:4], text, *row.cells[5:])
+                tones = (*row.tones[:4], "bad" if allowed == 0 else "", *row.tones[5:])
+                self._vm_rows[i] = make_row(key, cells, tones)
+                return self._vm_rows[i]
+        return None
 
     def host_rows(self) -> list[Row]:
         return self._host_rows

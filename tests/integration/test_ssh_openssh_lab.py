@@ -27,8 +27,14 @@ import pytest
 import tomli_w
 
 from console.adapters.ssh import (
+    AUTH_FAILED,
+    HOST_CERT_CA_UNKNOWN,
+    HOST_CERT_EXPIRED,
+    HOST_CERT_PRINCIPAL,
+    JUMP_FAILED,
     JUMP_LOOP,
     KEY_CHANGED,
+    KEY_UNKNOWN,
     HostProblem,
     SshPool,
 )
@@ -343,3 +349,294 @@ def test_include_aliases_hashed_known_hosts_and_strict_keys(lab: Lab, tmp_path: 
     assert control.returncode == 255 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in control.stderr
     got = escort_run(cfg, plain, "hv-fra-1")
     assert isinstance(got, HostProblem) and got.code == KEY_CHANGED
+
+
+# -- 2. keys as OpenSSH: agent first, encrypted files skipped, the fix named ----------------
+def via_gw_config(lab: Lab, tmp_path: Path, known: Path, identity: Path | None = None) -> Path:
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host gw\n  HostName {jump_ip(lab)}\n"
+                   f"Host c-fra-1\n  HostName {ip(lab, 'fra-1')}\n  ProxyJump gw\n"
+                   + common_block(known, identity))
+    return cfg
+
+
+def test_encrypted_identity_file_is_used_through_the_agent(
+        lab: Lab, tmp_path: Path, home: Path, known: Path, agent: str, authorize: Any,
+        monkeypatch: pytest.MonkeyPatch):
+    """The README's example: ``identity_files = [passphrase-protected key]``, the key
+    unlocked in ssh-agent. OpenSSH uses the agent; so does escort. Without the agent's
+    copy both fail, and escort's one line names the file and ``ssh-add FILE``."""
+    enc = keygen(tmp_path / "id_enc", "correct horse")
+    authorize(enc.with_suffix(".pub"), "jump", *lab.hypervisors)
+    ssh_add(agent, enc, "correct horse", tmp_path)
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent)
+    cfg = via_gw_config(lab, tmp_path, known)
+    control = openssh(cfg, "-i", str(enc), "c-fra-1", "hostname", home=home, agent=agent)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-1", control.stderr
+    assert escort_run(cfg, known, "c-fra-1", identity_files=(str(enc),)) == "fra-1\n"
+    # the whole fleet, through the CLI, as the README configures it
+    fleet = _fleet(lab, tmp_path, "enc", config=cfg, known=known, identity_files=[str(enc)])
+    env = {**os.environ, "HOME": str(home), "SSH_AUTH_SOCK": agent}
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    rows = json.loads(out.stdout)["hosts"]
+    assert out.returncode == 0 and all(r["reachable"] == "up" for r in rows), out.stdout
+    # the agent forgets the key: OpenSSH and escort both fail; escort says what to do
+    assert _run("ssh-add", "-D", env=_env(home, agent)).returncode == 0
+    control = openssh(cfg, "-i", str(enc), "c-fra-1", "hostname", home=home, agent=agent)
+    assert control.returncode == 255 and "Permission denied" in control.stderr
+    got = escort_run(cfg, known, "c-fra-1", identity_files=(str(enc),))
+    assert isinstance(got, HostProblem) and got.code == AUTH_FAILED
+    assert f"{enc} is encrypted" in str(got) and f"ssh-add {enc}" in str(got)
+    assert got.fix == f"ssh-add {enc}" and "Passphrase" not in str(got)
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    rows = json.loads(out.stdout)["hosts"]
+    assert out.returncode == 1
+    for row in rows:
+        assert row["problem"]["code"] == AUTH_FAILED, row
+        assert row["problem"]["message"].startswith(f"{row['host']}: ")
+        assert f"ssh-add {enc}" in row["problem"]["message"]
+
+
+def test_agent_only(lab: Lab, tmp_path: Path, home: Path, known: Path, agent: str,
+                    monkeypatch: pytest.MonkeyPatch):
+    ssh_add(agent, lab.identity, "", tmp_path)
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent)
+    cfg = via_gw_config(lab, tmp_path, known)  # no IdentityFile anywhere, empty HOME
+    control = openssh(cfg, "c-fra-1", "hostname", home=home, agent=agent)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-1", control.stderr
+    assert escort_run(cfg, known, "c-fra-1") == "fra-1\n"
+
+
+def test_missing_identity_file_is_skipped_and_named(lab: Lab, tmp_path: Path, home: Path, known: Path):
+    """OpenSSH warns about a missing ``-i`` file and goes on with the next one. (On the
+    jump host itself: OpenSSH passes ``-i`` to the destination only, escort's
+    identity_files go to every hop — see docs/SSH.md.)"""
+    missing = tmp_path / "no_such_key"
+    cfg = via_gw_config(lab, tmp_path, known)
+    control = openssh(cfg, "-i", str(missing), "-i", str(lab.identity), "gw", "hostname", home=home)
+    assert control.returncode == 0, control.stderr
+    assert "not accessible" in control.stderr
+    assert escort_run(cfg, known, "gw", identity_files=(str(missing), str(lab.identity))) == \
+        control.stdout
+    control = openssh(cfg, "-i", str(missing), "gw", "hostname", home=home)
+    assert control.returncode == 255 and "Permission denied" in control.stderr
+    got = escort_run(cfg, known, "gw", identity_files=(str(missing),))
+    assert isinstance(got, HostProblem) and got.code == AUTH_FAILED
+    assert f"identity file {missing} does not exist" in str(got), str(got)
+
+
+@pytest.fixture
+def silent_agent(tmp_path: Path) -> Iterator[str]:
+    """A socket that accepts connections and never answers (a hung agent)."""
+    import socket
+    import threading
+
+    path = tmp_path / "silent.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield str(path)
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
+def test_an_agent_that_does_not_answer_is_left_out(lab: Lab, tmp_path: Path, home: Path, known: Path,
+                                                   silent_agent: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SSH_AUTH_SOCK", silent_agent)
+    cfg = via_gw_config(lab, tmp_path, known)
+    assert escort_run(cfg, known, "c-fra-1", identity_files=(str(lab.identity),),
+                      agent_timeout=1) == "fra-1\n"
+    enc = keygen(tmp_path / "id_enc", "pw")
+    got = escort_run(cfg, known, "c-fra-1", identity_files=(str(enc),), agent_timeout=1)
+    assert isinstance(got, HostProblem) and got.code == AUTH_FAILED
+    assert f"the agent at {silent_agent} did not answer" in str(got) and f"ssh-add {enc}" in str(got)
+
+
+# -- 3. host keys as OpenSSH: host certificates, plain-key fallback, jump-host trust ---------
+@pytest.fixture
+def cert_host(lab: Lab, tmp_path: Path) -> Iterator[Any]:
+    """fra-2 with a second sshd on CERT_PORT presenting a host certificate of its key."""
+    host_ca, other_ca = keygen(tmp_path / "host_ca"), keygen(tmp_path / "other_ca")
+    pub = tmp_path / "fra2_host.pub"
+    pub.write_text(host_pub(lab, "fra-2") + "\n")
+
+    def serve(*, ca: Path = host_ca, principals: str = "", validity: str = "-5m:+1h") -> None:
+        cert = tmp_path / "fra2_host-cert.pub"
+        cert.unlink(missing_ok=True)
+        out = _run("ssh-keygen", "-q", "-s", str(ca), "-I", "fra-2", "-h",
+                   "-n", principals or ip(lab, "fra-2"), "-V", validity, str(pub))
+        assert out.returncode == 0, out.stderr
+        lab.start_extra_sshd("fra-2", CERT_PORT, host_certificate=cert.read_bytes())
+
+    try:
+        yield type("CertHost", (), {"serve": staticmethod(serve), "ca": host_ca, "other_ca": other_ca,
+                                    "pub": pub})
+    finally:
+        lab.stop_extra_sshd("fra-2", CERT_PORT)
+
+
+def cert_config(lab: Lab, tmp_path: Path, known: Path) -> Path:
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host gw\n  HostName {jump_ip(lab)}\n"
+                   f"Host c-cert\n  HostName {ip(lab, 'fra-2')}\n  Port {CERT_PORT}\n  ProxyJump gw\n"
+                   + common_block(known, lab.identity))
+    return cfg
+
+
+def test_host_certificates_as_openssh_checks_them(lab: Lab, tmp_path: Path, home: Path, cert_host: Any):
+    known = tmp_path / "known_cert"
+    cfg = cert_config(lab, tmp_path, known)
+    jump_line = kh_line(jump_ip(lab), host_pub(lab, "jump"))
+    plain_line = kh_line(f"[{ip(lab, 'fra-2')}]:{CERT_PORT}", host_pub(lab, "fra-2"))
+    plain_fp = fingerprint(cert_host.pub)
+
+    def ca_line(ca: Path) -> str:
+        return "@cert-authority * " + " ".join(ca.with_suffix(".pub").read_text().split()[:2]) + "\n"
+
+    def both(known_text: str) -> tuple[subprocess.CompletedProcess[str], str | HostProblem]:
+        known.write_text(known_text)
+        return openssh(cfg, "c-cert", "hostname", home=home), escort_run(cfg, known, "c-cert")
+
+    cert_host.serve()
+    # a correct certificate under @cert-authority (principal and validity checked): accepted
+    control, got = both(jump_line + ca_line(cert_host.ca))
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
+    assert got == "fra-2\n"
+    # trusted by its plain key only, while presenting a certificate: accepted
+    control, got = both(jump_line + plain_line)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
+    assert got == "fra-2\n"
+    # nothing known: refused, and the fingerprint shown is the plain key's (hosts trust takes it)
+    control, got = both(jump_line)
+    assert control.returncode == 255 and "Host key verification failed" in control.stderr
+    assert isinstance(got, HostProblem) and got.code == KEY_UNKNOWN and plain_fp in str(got)
+    # a CA known_hosts does not list: its own code, and the fix is not ssh-keygen -R
+    control, got = both(jump_line + ca_line(cert_host.other_ca))
+    assert control.returncode == 255
+    assert isinstance(got, HostProblem) and got.code == HOST_CERT_CA_UNKNOWN, got
+    assert "@cert-authority" in str(got) and "ssh-keygen -R" not in str(got) + got.fix
+    assert "CHANGED" not in str(got) and plain_fp in str(got)
+    # the name escort connects to is not a principal of the certificate
+    cert_host.serve(principals="some-other-name")
+    control, got = both(jump_line + ca_line(cert_host.ca))
+    assert control.returncode == 255
+    assert "Certificate invalid: name is not a listed principal" in control.stderr
+    assert isinstance(got, HostProblem) and got.code == HOST_CERT_PRINCIPAL, got
+    assert "name is not a listed principal" in str(got) and "ssh-keygen -R" not in str(got) + got.fix
+    assert ip(lab, "fra-2") in got.fix
+    # an expired certificate
+    cert_host.serve(validity="20200101:20200102")
+    control, got = both(jump_line + ca_line(cert_host.ca))
+    assert control.returncode == 255 and "Certificate invalid: expired" in control.stderr
+    assert isinstance(got, HostProblem) and got.code == HOST_CERT_EXPIRED, got
+    assert "ssh-keygen -R" not in str(got) + got.fix and "renew" in got.fix
+    # the plain key beside the failing certificate still works when known (OpenSSH's retry)
+    control, got = both(jump_line + ca_line(cert_host.ca) + plain_line)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
+    assert got == "fra-2\n"
+
+
+def test_hosts_trust_accepts_the_plain_key_of_a_certificate_host(
+        lab: Lab, tmp_path: Path, home: Path, cert_host: Any):
+    """The fleet reaches fra-2 at its certificate-presenting sshd; known_hosts lacks it."""
+    cert_host.serve()
+    known = tmp_path / "known_trust"
+    known.write_text(lab.known_hosts.read_text())  # fra-2's key on port 22 only
+    cfg = cert_config(lab, tmp_path, known)
+    # OpenSSH accepts the key found "without port identifier"; so does escort
+    control = openssh(cfg, "c-cert", "hostname", home=home)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
+    assert escort_run(cfg, known, "c-cert") == "fra-2\n"
+    known.write_text("".join(line + "\n" for line in lab.known_hosts.read_text().splitlines()
+                             if not line.startswith("fra-2,")))
+    fleet = _fleet(lab, tmp_path, "certtrust", known=known,
+                   hosts={"fra-2": {"ssh": f"root@{ip(lab, 'fra-2')}:{CERT_PORT}"}})
+    env = {**os.environ, "HOME": str(home)}
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    rows = {r["host"]: r for r in json.loads(out.stdout)["hosts"]}
+    assert rows["fra-2"]["problem"]["code"] == KEY_UNKNOWN
+    assert fingerprint(cert_host.pub) in rows["fra-2"]["problem"]["message"]
+    assert rows["fra-1"]["reachable"] == "up"
+    assert openssh(cfg, "c-cert", "hostname", home=home).returncode == 255  # the control agrees
+    wrong = _escort_cli("hosts", "trust", "--fleet", str(fleet), "fra-2", "SHA256:notthekey", env=env)
+    assert wrong.returncode != 0 and "nothing was added" in wrong.stderr
+    right = _escort_cli("hosts", "trust", "--fleet", str(fleet), "fra-2", fingerprint(cert_host.pub),
+                        env=env)
+    assert right.returncode == 0 and "added to known_hosts" in right.stdout, right.stderr
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    assert out.returncode == 0, out.stdout
+    control = openssh(cfg, "c-cert", "hostname", home=home)  # OpenSSH accepts the added line
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
+
+
+def test_a_jump_hosts_key_is_trusted_with_hosts_trust(lab: Lab, tmp_path: Path, home: Path):
+    known = tmp_path / "known_nojump"
+    known.write_text("".join(line + "\n" for line in lab.known_hosts.read_text().splitlines()
+                             if not line.startswith(f"{lab.name}-jump,")))
+    fleet = _fleet(lab, tmp_path, "jumptrust", known=known)
+    jump = f"root@{jump_ip(lab)}"
+    jump_pub = tmp_path / "jump.pub"
+    jump_pub.write_text(host_pub(lab, "jump") + "\n")
+    fp = fingerprint(jump_pub)
+    env = {**os.environ, "HOME": str(home)}
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(common_block(known, lab.identity))
+    control = openssh(cfg, "-J", jump, f"root@{ip(lab, 'fra-1')}", "hostname", home=home)
+    assert control.returncode == 255 and "Host key verification failed" in control.stderr
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    rows = json.loads(out.stdout)["hosts"]
+    assert out.returncode == 1
+    for row in rows:
+        assert row["problem"]["code"] == JUMP_FAILED
+        assert f"escort hosts trust {jump} {fp}" in row["problem"]["fix"], row["problem"]
+    # trusting a host behind it first says which key to accept
+    behind = _escort_cli("hosts", "trust", "--fleet", str(fleet), "fra-1", "SHA256:x", env=env)
+    assert behind.returncode != 0 and f"escort hosts trust {jump} {fp}" in behind.stderr
+    wrong = _escort_cli("hosts", "trust", "--fleet", str(fleet), jump, "SHA256:notthekey", env=env)
+    assert wrong.returncode != 0 and "nothing was added" in wrong.stderr
+    right = _escort_cli("hosts", "trust", "--fleet", str(fleet), jump, fp, env=env)
+    assert right.returncode == 0 and "added to known_hosts" in right.stdout, right.stderr
+    out = _escort_cli("hosts", "refresh", "--fleet", str(fleet), "--json", env=env)
+    assert out.returncode == 0, out.stdout
+    control = openssh(cfg, "-J", jump, f"root@{ip(lab, 'fra-1')}", "hostname", home=home)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-1", control.stderr
+    unknown = _escort_cli("hosts", "trust", "--fleet", str(fleet), "nowhere", fp, env=env)
+    assert unknown.returncode == 2 and "no such host" in unknown.stderr
+
+
+# -- 4. a question about VMs when hosts cannot be reached: exit 4, naming them ---------------
+def test_targets_with_unreachable_hosts_is_a_connection_problem(lab: Lab, tmp_path: Path, home: Path):
+    dead_jump = f"root@{jump_ip(lab)}:2999"  # nothing listens there
+    fleet = _fleet(lab, tmp_path, "deadjump", hosts={n: {"jump": dead_jump} for n in lab.hypervisors})
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(common_block(lab.known_hosts, lab.identity))
+    control = openssh(cfg, "-J", dead_jump, f"root@{ip(lab, 'par-1')}", "true", home=home)
+    assert control.returncode == 255 and "Connection refused" in control.stderr
+    env = {**os.environ, "HOME": str(home)}
+    for cmd in (("targets", "app-1"), ("explain", "app-1", "fra-1")):
+        out = _escort_cli(cmd[0], "--fleet", str(fleet), *cmd[1:], env=env)
+        assert out.returncode == 4, out.stderr
+        line = out.stderr.strip()
+        assert "\n" not in line and "could not be reached" in line and "no VM 'app-1' in fleet" not in line
+        for host in lab.hypervisors:
+            assert host in line
+    # the VM really missing while every host answers is still unusable input (exit 2)
+    out = _escort_cli("targets", "--fleet", str(lab.fleet_file), "no-such-vm", env=env)
+    assert out.returncode == 2 and "no VM 'no-such-vm'" in out.stderr

@@ -98,7 +98,6 @@ def test_cli_declare_and_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_host_key_trust_needs_the_admin_key_and_write_mode(tmp_path: Path) -> None:
     """`escort hosts trust` below the CLI: read-only and the proof are checked by the service."""
-    from console.core.inventory import HostSpec
     from console.services.inventory import trust_host_key
 
     fleet_path, key, _ = _fleet(tmp_path)
@@ -112,11 +111,14 @@ def test_host_key_trust_needs_the_admin_key_and_write_mode(tmp_path: Path) -> No
             return f"{name} ssh-ed25519 AAAA"
 
     class Inventory:
+        """InventoryService's trust_host_key, with the SSH part replaced (the SSH adapter's
+        own tests cover accept_host_key against a real sshd)."""
+
         def __init__(self) -> None:
             self.pool = Pool()
 
-        def spec(self, name: str) -> HostSpec:
-            return HostSpec(name, ssh="root@192.0.2.1")
+        async def trust_host_key(self, name: str, fp: str) -> str:
+            return await self.pool.accept_host_key("root@192.0.2.1", fp, name=name)
 
     inv = Inventory()
     ro = FleetService.load(fleet_path, readonly=True)

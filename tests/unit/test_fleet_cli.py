@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from console.adapters.fleetfile import load_fleet
 from console.cli import main
 from tests.unit.trustkit import ANNE_KEY, DB_UUID, T0, WEB_UUID, FleetFiles, build_fleet, fp
 
@@ -254,3 +256,26 @@ def test_policy_sign_with_intermediate_in_x5c(fleet: FleetFiles, tmp_path: Path)
     assert json.loads(ok.stdout)["header"]["alg"] == "EdDSA"
     missing = run("policy", "show", "--owners", owners, "--at", AT, str(tmp_path / "without.jws"))
     assert missing.exit_code == 1 and "policy.owner_untrusted" in missing.stdout
+
+
+def test_one_pair_reads_only_that_pair(fleet: FleetFiles, tmp_path: Path) -> None:
+    """explain reads the VM's policy file and the host's certificate, nothing else: other
+    VMs' policies and other hosts' certificates may be missing (they are not opened)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(fleet.fleet.parent, copy)
+    fleet_file = copy / fleet.fleet.name
+    spec = load_fleet(fleet_file)
+    web = next(v for v in spec.vms if v.name == "web-1")
+    for v in spec.vms:
+        if v.name != "web-1" and v.policy_file and v.policy_file != web.policy_file:
+            Path(v.policy_file).unlink(missing_ok=True)
+    for h in spec.hosts:
+        if h.name != "hv-fr-1" and h.cert_file:
+            Path(h.cert_file).unlink(missing_ok=True)
+    ok = run("explain", "--offline", "--fleet", str(fleet_file), "--at", AT, "--json", "web-1", "hv-fr-1")
+    assert ok.exit_code == 0, ok.output
+    # asking about a host whose certificate file is gone is unusable input (exit 2, one line)
+    other = next(h.name for h in spec.hosts if h.name != "hv-fr-1" and h.cert_file)
+    bad = CliRunner().invoke(main, ["explain", "--offline", "--fleet", str(fleet_file), "--at", AT,
+                                    "web-1", other])
+    assert bad.exit_code == 2 and "no such certificate" in bad.stderr and bad.stderr.count("\n") == 1

@@ -8,6 +8,7 @@ Enter on a target opens the walkthrough for that (VM, host) pair.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import ClassVar
 
 from textual import work
@@ -52,7 +53,10 @@ class VMsScreen(FleetScreen):
             with Vertical(classes="main"):
                 yield Input(placeholder="filter VMs (Enter keeps it, Esc clears)", id="filter",
                             classes="filter")
-                yield VirtualTable(self.COLUMNS, id="vms-table", empty_text="no VM matches",
+                # "1000/1000" must fit: the Targets column is as wide as the fleet needs
+                n = len(self.escort.all_hosts())
+                columns = (*self.COLUMNS[:-1], Column("Targets", max(7, 2 * len(str(n)) + 1)))
+                yield VirtualTable(columns, id="vms-table", empty_text="no VM matches",
                                    no_rows_text="no VMs in this fleet (press p for problems)")
             with Vertical(classes="side"):
                 yield Label("Targets", id="targets-title", classes="pane-title")
@@ -65,8 +69,16 @@ class VMsScreen(FleetScreen):
         table = self.query_one("#vms-table", VirtualTable)
         table.set_rows(self.escort.vm_rows())
         table.focus()
+        self.escort.verdicts_arrived.subscribe(self, self._verdicts_arrived)
         # the targets are computed after the first paint so the table shows at once
         self.call_after_refresh(self._show_targets, table.cursor_key)
+
+    def _verdicts_arrived(self, keys: frozenset[str]) -> None:
+        """The start-up check decided more VMs: their rows now show verdicts."""
+        self.main_table().set_rows(self.escort.vm_rows())
+        if self._shown_vm in keys and self.escort.admin is None:
+            self._shown_vm = None  # the pane may have used the "checking" state: list again
+            self._show_targets(self.main_table().cursor_key)
 
     def reload(self) -> None:
         table = self.main_table()
@@ -122,12 +134,28 @@ class VMsScreen(FleetScreen):
         """
         service = self.escort.service
         admin = self.escort.admin
+        hosts = [h.name for h in self.escort.all_hosts()]
+        vm = self.escort.vm_by_key(vm_key)
+        if vm is not None and not vm.checking and not keep and admin is None:
+            # Every host's verdict at once, from the same allowed-target matrix as the VM's
+            # row (so row and pane agree); the reasons for each refusal follow below.
+            allowed_set = set(vm.allowed_targets)
+            quick = sorted(hosts, key=lambda h: (h not in allowed_set, h))
+            self._targets_ready(
+                vm_key, f"Targets for {name}: {len(allowed_set)} of {plural(len(hosts), 'host')} allowed"
+                " — listing reasons…",
+                [make_row(h, [f"{OK} allowed", h], ["ok", "strong"]) if h in allowed_set
+                 else make_row(h, [f"{BAD} refused", h], ["bad", "strong"]) for h in quick], False)
+            keep = True
+            await asyncio.sleep(0)
         decisions = []
         try:
-            for n, host in enumerate(self.escort.all_hosts()):
-                decisions.append(service.explain(vm_key, host.name, admin))
-                if n % 4 == 3:
+            last = time.perf_counter()
+            for host in hosts:
+                decisions.append(service.explain(vm_key, host, admin))
+                if time.perf_counter() - last > 0.01:  # keys are answered within ~10 ms
                     await asyncio.sleep(0)
+                    last = time.perf_counter()
         except EscortError as exc:
             self._targets_failed(vm_key, str(exc))
             return
@@ -151,13 +179,18 @@ class VMsScreen(FleetScreen):
                         rows.append(make_row(host, ["", "    " + line], ["", "dim"]))
         title = (f"Targets for {name}: {allowed} of {plural(len(decisions), 'host')} allowed"
                  " — Enter: walkthrough")
-        self._targets_ready(vm_key, title, rows, keep)
+        self._targets_ready(vm_key, title, rows, keep, (allowed, len(decisions)))
 
-    def _targets_ready(self, vm_key: str, title: str, rows: list[Row], keep: bool) -> None:
+    def _targets_ready(self, vm_key: str, title: str, rows: list[Row], keep: bool,
+                       counts: tuple[int, int] | None = None) -> None:
         if vm_key != self._shown_vm:
             return  # the operator has moved on
         self.query_one("#targets-title", Label).update(title)
         self.query_one("#targets", VirtualTable).set_rows(rows, keep_key=keep)
+        if counts is not None:  # the VM's row says what the pane says, always
+            row = self.escort.agree_vm_targets(vm_key, *counts)
+            if row is not None:
+                self.main_table().replace_row(row)
 
     def _targets_failed(self, vm_key: str, message: str) -> None:
         if vm_key == self._shown_vm:

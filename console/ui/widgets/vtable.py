@@ -179,6 +179,14 @@ class VirtualTable(ScrollView, can_focus=True):
         self._rows = list(rows)
         self._apply_filter(key)
 
+    def replace_row(self, row: Row) -> None:
+        """Replace the row with ``row.key`` in place (filter and cursor unchanged)."""
+        for i, old in enumerate(self._rows):
+            if old.key == row.key:
+                self._rows[i] = row
+                self.refresh()
+                return
+
     def set_filter(self, text: str) -> None:
         """Show only rows whose text contains ``text`` (case-insensitive substring)."""
         key = self.cursor_key
@@ -202,6 +210,10 @@ class VirtualTable(ScrollView, can_focus=True):
                     break
         self._update_virtual_size()
         self.cursor = new_cursor
+        if keep is None:
+            self.scroll_to(y=0, animate=False, immediate=True)  # a new list starts at its top
+        else:
+            self._scroll_cursor_into_view()  # the cursor may not have moved, the rows did
         self.refresh()
 
     @property

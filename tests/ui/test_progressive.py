@@ -1,0 +1,60 @@
+"""Start-up at scale: rows first with an honest "checking…", verdicts streamed in, and the
+streamed verdicts equal to what the fleet service decides in one go (one verdict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from console.demo_scale import generate_scale
+from console.services.fleet import FleetService
+from console.ui.app import EscortApp
+from console.ui.config import UIConfig
+from console.ui.widgets.vtable import VirtualTable
+from tests.ui.conftest import settle
+
+
+@pytest.fixture(scope="module")
+def scale_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_scale(tmp_path_factory.mktemp("scale") / "f", vms=120, hosts=30, owners=4, rules=12)
+
+
+async def test_rows_first_then_every_verdict_streamed_in(scale_fleet: Path) -> None:
+    lazy = FleetService.load(scale_fleet, eager=False)
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    assert app.progressive and app.checking
+    # before the check: every row is "checking…", never a count
+    assert {row.cells[4] for row in app.vm_rows()} == {"checking…"}
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app)
+        await pilot.pause()
+        assert not app.checking
+        table = app.screen.query_one("#vms-table", VirtualTable)
+        shown = {row.key: row.cells[4] for row in table.rows_in_view()}
+    eager = FleetService.load(scale_fleet)  # the whole fleet checked at once, separately
+    expected = {v.uuid: v for v in eager.vms()}
+    n = len(eager.hosts())
+    assert set(shown) == set(expected)
+    for key, cell in shown.items():
+        vm = expected[key]
+        want = f"{len(vm.allowed_targets)}/{n}" if not vm.policy_problems else "✗ 0"
+        assert cell == want, (vm.name, cell, want)
+    assert any(len(v.allowed_targets) for v in expected.values())  # not all refusals
+
+
+async def test_an_unreadable_policy_file_is_a_problem_not_a_crash(scale_fleet: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(scale_fleet.parent, copy)
+    victim = sorted((copy / "policies").iterdir())[3]
+    victim.unlink()
+    app = EscortApp(FleetService.load(copy / "fleet.toml", eager=False), config=UIConfig(), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app)
+        await pilot.pause()
+        assert not app.checking
+        assert any(victim.name in p for p in app.all_problems())
+        row = next(r for r in app.vm_rows() if r.cells[0] == victim.stem)
+        assert row.cells[4] == "✗ 0"  # refused with its reason, not "checking…", not a count
