@@ -71,18 +71,17 @@ class Reservations:
         os.replace(tmp, self.path)
 
     def others(self, target: str, *, run: str = "") -> int:
-        """MiB reserved on ``target`` by other processes' migrations (this process's are counted
-        by the caller from its own runs)."""
+        """MiB reserved on ``target`` by every migration in flight but ``run`` (any process,
+        any service in this process)."""
         with self._locked():
             rows = self._load()
-        return sum(r["mib"] for r in rows if r.get("target") == target and r["pid"] != os.getpid()
-                   and r.get("run") != run)
+        return sum(r["mib"] for r in rows if r.get("target") == target and r.get("run") != run)
 
     def reserve(self, run: str, target: str, mib: int, fits: Callable[[int], bool]) -> bool:
-        """Atomically: ``fits(MiB reserved on target by other processes)``; if so, add ours."""
+        """Atomically: ``fits(MiB reserved on target by every other migration)``; if so, add ours."""
         with self._locked():
             rows = [r for r in self._load() if r.get("run") != run]
-            other = sum(r["mib"] for r in rows if r.get("target") == target and r["pid"] != os.getpid())
+            other = sum(r["mib"] for r in rows if r.get("target") == target)
             if not fits(other):
                 self._save(rows)
                 return False

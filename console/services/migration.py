@@ -717,26 +717,29 @@ class MigrationService:
             except EscortError as exc:
                 return [Reason("migration.capacity_unknown", f"{plan.target}: free memory unreadable ({exc})",
                                "check the target host")]
+            # the reservations file counts every migration heading there (this service, other
+            # services in this process, other processes); without it, this service's own runs
             here = sum(r.memory_mib for r in self.runs.values()
                        if r.plan.target == plan.target and r.reserved and not r.done and r is not run)
             seen: list[int] = []
 
-            def fits(elsewhere: int) -> bool:
-                seen.append(elsewhere)
-                return free - here - elsewhere >= need
+            def fits(promised: int) -> bool:
+                seen.append(promised)
+                return free - promised >= need
 
             shared = self._reservations_file()
+            ok = False
             if shared is not None:
                 try:
                     ok = await asyncio.to_thread(shared.reserve, run.id, plan.target, need, fits)
                 except OSError:
-                    ok = fits(0)
-            else:
-                ok = fits(0)
+                    shared = None
+            if shared is None:
+                ok = fits(here)
             if not ok:
-                other = seen[-1] if seen else 0
+                promised = seen[-1] if seen else here
                 return [Reason("migration.no_memory",
-                               f"{plan.target} has {free} MiB free, {here + other} MiB of it promised to "
+                               f"{plan.target} has {free} MiB free, {promised} MiB of it promised to "
                                f"migrations already heading there; {plan.vm_name} needs {need} MiB",
                                "wait for those migrations, or choose another target")]
             run.reserved = True

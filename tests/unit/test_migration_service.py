@@ -170,6 +170,11 @@ class FakeFleet:
         return [VMView(UUID, "web", "src", "running", memory_mib=64, vcpus=1)]
 
 
+def _entries(path: Path) -> list[dict[str, Any]]:
+    """The log's entries without the admin's signature entries (test_audit_signatures.py)."""
+    return [e for e in read_entries(path) if e["kind"] != "signature"]
+
+
 def _preflight(ok: bool = True) -> mig.Preflight:
     items = {k: mig.passed(k) for k, _ in mig.CHECKS}
     if not ok:
@@ -228,7 +233,7 @@ async def test_success_publishes_progress_verifies_and_audits(tmp_path: Path) ->
     assert seen[-1].phase == "completed" and any(p.phase == "copying" for p in seen)
     assert [p.phase for p in [x async for x in run.updates()]] == ["completed"]  # ended: latest only
     assert verify_file(tmp_path / "audit.log").ok
-    decision, outcome = read_entries(tmp_path / "audit.log")
+    decision, outcome = _entries(tmp_path / "audit.log")
     assert (decision["kind"], decision["allowed"], decision["grant_id"]) == ("decision", True, "g-1")
     assert (outcome["result"], outcome["vm_on"], outcome["downtime_ms"]) == ("success", "dst", 42)
 
@@ -241,7 +246,7 @@ async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> No
     real = FakeDom.migrate3
 
     def spy(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
-        seen_at_call.append([e["kind"] for e in read_entries(log)])
+        seen_at_call.append([e["kind"] for e in _entries(log)])
         return real(self, dconn, params, flags)
 
     FakeDom.migrate3 = spy  # type: ignore[method-assign]
@@ -266,7 +271,7 @@ async def test_admin_abort(tmp_path: Path) -> None:
     assert world.aborts == 1
     assert (result.outcome.result, result.outcome.vm_on) == ("aborted", "src")
     assert result.progress.phase == "aborted" and "still running on src" in result.outcome.message
-    assert read_entries(tmp_path / "audit.log")[-1]["aborted_by"] == "admin"
+    assert _entries(tmp_path / "audit.log")[-1]["aborted_by"] == "admin"
 
 
 async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
@@ -282,7 +287,7 @@ async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
     assert run.abort_requested == "watchdog" and world.aborts == 1
     assert result.outcome.result == "failed" and result.outcome.reasons[0].code == "migration.stalled"
     assert result.outcome.vm_on == "src"
-    last = read_entries(tmp_path / "audit.log")[-1]
+    last = _entries(tmp_path / "audit.log")[-1]
     assert last["watchdog"] is True and last["reasons"][0]["code"] == "migration.stalled"
 
 
@@ -306,7 +311,7 @@ async def test_refused_preflight_never_reaches_libvirt_and_is_audited(tmp_path: 
         await svc.start(svc._issue(_preflight(ok=False)))
     await svc.close()
     assert world.migrate_calls == 0 and svc.runs == {}
-    (entry,) = read_entries(tmp_path / "audit.log")
+    (entry,) = _entries(tmp_path / "audit.log")
     assert entry["allowed"] is False and entry["reasons"][0]["code"] == "grant.missing"
     assert entry["grant_id"] == "g-1" and entry["target_cert_sha256"] == "ab" * 32
 
@@ -318,7 +323,7 @@ async def test_readonly_refuses_before_anything(tmp_path: Path) -> None:
         await svc.start(svc._issue(_preflight()))
     await svc.close()
     assert world.migrate_calls == 0
-    assert not (tmp_path / "audit.log").exists() or read_entries(tmp_path / "audit.log") == []
+    assert not (tmp_path / "audit.log").exists() or _entries(tmp_path / "audit.log") == []
 
 
 async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Path) -> None:
@@ -400,7 +405,7 @@ async def test_zero_checks_never_pass(tmp_path: Path) -> None:
         await svc.start(svc._issue(empty))
     await svc.close()
     assert world.migrate_calls == 0
-    assert [e["allowed"] for e in read_entries(tmp_path / "audit.log")] == [False]
+    assert [e["allowed"] for e in _entries(tmp_path / "audit.log")] == [False]
 
 
 async def test_an_old_preflight_is_refused(tmp_path: Path) -> None:
@@ -426,6 +431,8 @@ async def test_room_promised_to_a_migration_in_this_process_is_not_given_twice(t
     heading = MigrationRun("other", _preflight(), other)
     heading.memory_mib, heading.reserved = 64, True
     svc.runs["other"] = heading
+    assert svc._reservations_file() is not None
+    svc._reservations_file().reserve("other", "dst", 64, lambda _p: True)  # as its start did
     run = await svc.start(svc._issue(_preflight()))
     result = await run.wait()
     await svc.close()
@@ -435,7 +442,8 @@ async def test_room_promised_to_a_migration_in_this_process_is_not_given_twice(t
 
 
 async def test_room_promised_by_another_process_is_not_given_twice(tmp_path: Path) -> None:
-    """Two consoles on one fleet share the reservations next to the audit log."""
+    """Two consoles on one fleet (or two services in one) share the reservations next to the
+    audit log."""
     import os
 
     from console.adapters.reservations import Reservations
