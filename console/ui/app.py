@@ -167,7 +167,15 @@ class EscortApp(App[None]):
             return
         if set(found) != set(self.emergencies):
             self.emergencies = found
-            self.fleet_changed.publish(None)
+            # retitle only: rows and focus stay as they are (a dialog may be open)
+            from textual.widgets import Static
+
+            for screen in self.screen_stack:
+                label = getattr(screen, "screen_label", None)
+                if label is None:
+                    continue
+                for bar in screen.query(".title-bar").results(Static):
+                    bar.update(self.title_line(label))
 
     # ---------------------------------------------------------- start-up check
     def _load_stub_views(self) -> None:
