@@ -12,8 +12,11 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
   every ~5 ms; each poll is a ``tmux`` process, so figures are +-10 ms). Includes the
   interpreter start, imports, reading and checking the fleet, building rows, Textual's
   start-up and first paint. One unmeasured launch first warms the page cache.
-* **verdicts complete**: until no row says "checking" (equal to first rows when rows
-  come with their verdicts).
+* **verdicts complete**: until no row says "checking" (the console paints rows first
+  and checks the fleet in steps after). Measured once with an empty cache of opened
+  policies (``ESCORT_CACHE_DIR``, a directory of the benchmark's own; that launch fills
+  it) and ``--runs`` times warm. The verdict goals (matrix cold <= 2 s, warm <= 0.5 s)
+  are judged here on the whole launch, which is stricter than the matrix alone.
 * **Down -> target list**: Down arrow until the targets pane's title names the next
   VM with its "N of M hosts allowed" (every host is listed with its verdict then), and
   until the title ends in "Enter: walkthrough" (every refused host's reasons and fixes
@@ -56,6 +59,8 @@ class SizeResult:
     hosts: int
     first_rows: list[float] = field(default_factory=list)
     verdicts: list[float] = field(default_factory=list)
+    first_rows_cold: list[float] = field(default_factory=list)
+    verdicts_cold: list[float] = field(default_factory=list)
     down: list[float] = field(default_factory=list)
     down_full: list[float] = field(default_factory=list)
     filter_key: list[float] = field(default_factory=list)
@@ -194,8 +199,14 @@ def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool) -> S
     fleet = generate(vms, hosts, where / f"scale-{vms}x{hosts}", regenerate)
     width, hwidth = max(4, len(str(vms))), max(4, len(str(hosts)))
     vm, host = f"vm-{vms // 2:0{width}d}", f"hv-{hosts // 3:0{hwidth}d}"
+    cache = where / f"cache-{vms}x{hosts}"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["ESCORT_CACHE_DIR"] = str(cache)  # the console's cache of opened policies, ours alone
     cli_run(["explain", "--offline", "--fleet", str(fleet), vm, host])  # warm the page cache
-    console_run(fleet, SizeResult(vms, hosts), interact=False)          # ditto, not counted
+    console_run(fleet, SizeResult(vms, hosts), interact=False, env_cmd="ESCORT_NO_CACHE=1 ")  # not counted
+    cold = SizeResult(vms, hosts)
+    console_run(fleet, cold, interact=False)  # empty cache: it is filled by this launch
+    res.first_rows_cold, res.verdicts_cold = cold.first_rows, cold.verdicts
     for i in range(runs):
         console_run(fleet, res, interact=i == 0)
     for _ in range(2 * runs):
@@ -213,8 +224,10 @@ def ms(values: list[float]) -> str:
 
 
 GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
+    "first_rows_cold": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
+    "verdicts_cold": (2.0, "≤ 2 s (matrix cold)"),
     "first_rows": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
-    "verdicts": (None, "—"),
+    "verdicts": (0.5, "≤ 0.5 s (matrix warm; launch included here)"),
     "down": (0.1, "≤ 100 ms"),
     "down_full": (None, "—"),
     "filter_key": (0.1, "≤ 100 ms"),
@@ -222,8 +235,10 @@ GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
     "targets": (None, "lean (no number in the issue)"),
 }
 LABELS = {
-    "first_rows": "launch -> first VM rows painted",
-    "verdicts": "launch -> every row's verdict shown",
+    "first_rows_cold": "launch -> first VM rows painted (empty cache)",
+    "verdicts_cold": "launch -> every row's verdict shown (empty cache)",
+    "first_rows": "launch -> first VM rows painted (warm cache)",
+    "verdicts": "launch -> every row's verdict shown (warm cache)",
     "down": "Down -> next VM: every host's verdict listed",
     "down_full": "Down -> next VM: every refusal's reasons listed",
     "filter_key": "filter keystroke -> table narrowed",
@@ -246,7 +261,7 @@ def report(results: list[SizeResult], runs: int) -> str:
             met = "—"
         else:
             ok = statistics.median(g) <= goal
-            if key == "first_rows" and b:
+            if key.startswith("first_rows") and b:
                 ok = ok and statistics.median(g) <= 1.5 * statistics.median(b)
             met = "**yes**" if ok else "**no**"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} | {text} | {met} |")

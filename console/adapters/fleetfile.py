@@ -56,6 +56,12 @@ def _name(value: str) -> str:
     return value
 
 
+def _guard_mode(value: str) -> str:
+    if value not in ("admit", "refuse"):
+        raise InputError(f"must be \"admit\" or \"refuse\", not {value!r}")
+    return value
+
+
 def _opt(fn: Callable[[str], str]) -> Callable[[str], str]:
     return lambda v: fn(v) if v else v
 
@@ -93,6 +99,7 @@ HOST: dict[str, _Key] = {
     "remote_cert": _Key(str),  # a path on the host, not resolved locally
     "migration_address": _Key(str),
     "tls_name": _Key(str),
+    "guard_no_policy": _Key(str, check=_guard_mode),
 }
 ADMIN: dict[str, _Key] = {
     "id": _Key(str, True, check=_name),

@@ -48,6 +48,9 @@ DEFAULT_IDENTITY_FILES = (
 AGENT_TIMEOUT_S = 5.0
 #: How long one agent answer (its key list) is reused; ``ssh-add`` shows up after this.
 AGENT_CACHE_S = 2.0
+#: How long an agent that failed (silent, gone) is not asked again: a refresh of many hosts
+#: then waits for it once, not once per host.
+AGENT_FAILURE_CACHE_S = 30.0
 
 OK = "ok"
 ENCRYPTED = "encrypted"
@@ -173,8 +176,10 @@ class AgentSource:
             self._lock = asyncio.Lock()
         async with self._lock:
             now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < AGENT_CACHE_S:
-                return self._cached[1]
+            if self._cached is not None:
+                age, last = now - self._cached[0], self._cached[1]
+                if age < (AGENT_FAILURE_CACHE_S if last.problem else AGENT_CACHE_S):
+                    return last
             result = await self._ask()
             self._cached = (time.monotonic(), result)
             return result

@@ -28,6 +28,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "ui_cmds": ("demo",),
     "evacuate_cmds": ("evacuate", "drain"),
     "emergency_cmds": ("emergency",),
+    "check_cmds": ("check",),
 }
 _loaded: set[str] = set()
 

@@ -20,6 +20,7 @@ import click
 from console.cli.fleet_cmds import _fleet_path
 from console.core.errors import InputError
 from console.services.fleet import FleetService
+from console.services.guard import GuardService, GuardState
 from console.services.inventory import InventoryService, refresh_fleet
 
 
@@ -116,6 +117,125 @@ def trust(ctx: click.Context, fleet: str | None, admin: str | None, admin_key: s
 
     line = asyncio.run(go())
     click.echo(f"{host}: key already trusted" if not line else f"{host}: added to known_hosts: {line}")
+
+
+@hosts.group("guard")
+def guard() -> None:
+    """The escort guard: a libvirt hook on each hypervisor that enforces the owners' policies."""
+
+
+def _guard_service(ctx: click.Context, fleet: str | None) -> tuple[FleetService, GuardService]:
+    service = FleetService.load_strict(_fleet_path(ctx, fleet))
+    return service, GuardService(service)
+
+
+def _short(digest: str) -> str:
+    return f"sha256:{digest[:16]}" if digest else "-"
+
+
+@guard.command("install")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--restart", is_flag=True, help="Restart libvirtd even when it already knows the hook.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def guard_install(ctx: click.Context, fleet: str | None, restart: bool, as_json: bool,
+                  names: tuple[str, ...]) -> None:
+    """Push the guard (code bundle + trust material) to HOSTs (default: all); idempotent.
+
+    Hosts are refreshed first, so the guard learns every VM that carries a policy (a
+    VM arriving without it is then refused as stripped). libvirtd is restarted only
+    when it started before the hook existed; running guests are not affected.
+    """
+    service, guards = _guard_service(ctx, fleet)
+    service.require_writable("install the host guard")
+
+    async def go() -> list[dict[str, object]]:
+        try:
+            await guards.inventory.refresh()
+            return await guards.install(names, restart=restart)
+        finally:
+            await guards.inventory.close()
+
+    rows = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps({"fleet": service.name, "hosts": rows}, indent=2))
+    else:
+        for r in rows:
+            if r.get("ok"):
+                steps = ", ".join(r.get("steps", [])) or "nothing changed"  # type: ignore[arg-type]
+                extra = f"; {r['restart']}" if r.get("restart") else ""
+                click.echo(f"✓ {r['host']:<14} guard installed ({steps}{extra}), "
+                           f"trust {_short(str(r.get('trust_digest', '')))}")
+            else:
+                click.echo(f"✗ {r['host']:<14} {r.get('problem')}")
+    ctx.exit(0 if all(r.get("ok") for r in rows) else 1)
+
+
+@guard.command("status")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--offline", is_flag=True, help="Compare with the fleet file's VMs only (no refresh first).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def guard_status(ctx: click.Context, fleet: str | None, offline: bool, as_json: bool,
+                 names: tuple[str, ...]) -> None:
+    """Guard version and trust-material digest per host: current, stale, missing or broken.
+
+    Exit 0 when every host's guard is current, 1 otherwise (an unreachable host too).
+    """
+    service, guards = _guard_service(ctx, fleet)
+
+    async def go() -> list[GuardState]:
+        try:
+            if not offline:
+                await guards.inventory.refresh()
+            return await guards.status(names)
+        finally:
+            await guards.inventory.close()
+
+    states = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps({"fleet": service.name, "hosts": [s.as_json() for s in states]}, indent=2))
+    else:
+        marks = {"current": "✓", "stale": "!", "missing": "✗", "broken": "✗", "unreachable": "?",
+                 "not-live": "-"}
+        for s in states:
+            line = f"{marks.get(s.state, '?')} {s.host:<14} {s.state:<11}"
+            if s.version:
+                line += f" version {s.version}, trust {_short(s.trust_digest)}"
+            if s.problem:
+                line += f" — {s.problem}"
+            click.echo(line)
+    ctx.exit(0 if all(s.state == "current" for s in states) else 1)
+
+
+@guard.command("remove")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def guard_remove(ctx: click.Context, fleet: str | None, as_json: bool, names: tuple[str, ...]) -> None:
+    """Remove the guard (hook, trust material, code) from HOSTs (default: all)."""
+    service, guards = _guard_service(ctx, fleet)
+
+    async def go() -> list[dict[str, object]]:
+        try:
+            return await guards.remove(names)
+        finally:
+            await guards.inventory.close()
+
+    rows = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps({"fleet": service.name, "hosts": rows}, indent=2))
+    else:
+        for r in rows:
+            if r.get("ok"):
+                click.echo(f"✓ {r['host']:<14} guard removed" if r.get("removed") else
+                           f"- {r['host']:<14} no guard was installed")
+            else:
+                click.echo(f"✗ {r['host']:<14} {r.get('problem')}")
+    ctx.exit(0 if all(r.get("ok") for r in rows) else 1)
 
 
 def register(group: click.Group) -> None:

@@ -439,6 +439,9 @@ class Matrix:
     targets: dict[str, tuple[str, ...]]
     groups: int  # distinct (requirements, policy OIDs) sets evaluated
     eligible_hosts: int
+    #: UUIDs of VMs whose current host is one their policy admits (placement is fine);
+    #: the others are candidates for a placement check (`escort check`, the console)
+    at_home: set[str] = field(default_factory=set)
 
 
 #: one requirement group's allowed hosts and their positions (``allowed_matrix``)
@@ -458,6 +461,7 @@ def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, index:
     if groups is None:
         groups = {}
     out: dict[str, tuple[str, ...]] = {}
+    home: set[str] = set()
     for vm in vms:
         pol = vm.policy.policy
         if pol is None or not vm.policy.valid:
@@ -470,8 +474,12 @@ def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, index:
             group = groups[key] = (names, {n: i for i, n in enumerate(names)} if names else {})
         names, pos = group
         i = pos.get(vm.current_host)
-        out[vm.uuid] = names if i is None else names[:i] + names[i + 1:]
-    return Matrix(out, len(groups), len(index.names))
+        if i is None:
+            out[vm.uuid] = names
+        else:
+            out[vm.uuid] = names[:i] + names[i + 1:]
+            home.add(vm.uuid)
+    return Matrix(out, len(groups), len(index.names), home)
 
 
 def allowed_targets(vm: VMCheck, hosts: Sequence[HostCheck]) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ class HostSpec:
     remote_cert: str = "/etc/pki/qemu/server-cert.pem"  # read over SSH when ssh is set
     migration_address: str = ""  # address QEMU listens on for migration (dest URI)
     tls_name: str = ""  # name expected in the cert for VIR_MIGRATE_PARAM_TLS_DESTINATION
+    guard_no_policy: str = "admit"  # the host guard's answer for VMs without any policy: admit | refuse
 
 
 @dataclass(frozen=True)

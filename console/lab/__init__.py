@@ -96,6 +96,7 @@ class UpResult:
     fleet_file: Path
     guests: int = 0
     policies: bool = False
+    guard: bool = False  # the escort guard is installed on every hypervisor
 
 
 @dataclass
@@ -253,16 +254,23 @@ class Lab:
                     return False
         return netns.netns_exists(self.switch_ns)
 
-    def up(self) -> UpResult:
-        """Build and start the lab; a lab that is already up is left alone."""
+    def up(self, *, guard: bool = True) -> UpResult:
+        """Build and start the lab; a lab that is already up is left alone.
+
+        ``guard`` (default): once the guests run, install the escort host guard on
+        every hypervisor exactly as `escort hosts guard install` does (same installer,
+        same bundle, libvirtd restarted so it sees the hook); ``guard=False`` leaves the
+        hosts unguarded (tests of the unguarded case).
+        """
         require_root()
         t0 = time.monotonic()
         if self.is_up():
+            state = self._state()
             return UpResult(True, time.monotonic() - t0, self.dir, self.fleet_file,
-                            policies=bool(self._state().get("policies")))
+                            policies=bool(state.get("policies")), guard=bool(state.get("guard")))
         self._teardown()  # whatever a crashed earlier run left behind
         try:
-            result = self._build(t0)
+            result = self._build(t0, guard=guard)
         except BaseException:
             if not os.environ.get("ESCORT_LAB_KEEP"):
                 self._teardown()
@@ -285,7 +293,7 @@ class Lab:
                 return idx
         raise LabError("no free lab address range left (198.18.1-254.0/24 all in use)")
 
-    def _build(self, t0: float) -> UpResult:
+    def _build(self, t0: float, *, guard: bool = True) -> UpResult:
         longest = self.dir / "hosts" / "rogue-1" / "run" / "libvirt" / "libvirt-sock"
         if len(str(longest).encode()) > 107:
             raise LabError(f"lab directory {self.dir} is too long for Unix socket paths "
@@ -345,11 +353,93 @@ class Lab:
         self._write_client_files(index, hosts, host_keys, pub)
         mark("guests")
         with_policies = any(n[1] for n in counts)
+        if guard:
+            self.install_guard()
+            mark("guard")
         self._wait_sshd(hosts)
         mark("ready")
-        self._write_state(status="up", policies=with_policies, phases=phases)
+        self._write_state(status="up", policies=with_policies, phases=phases, guard=guard)
         return UpResult(False, time.monotonic() - t0, self.dir, self.fleet_file,
-                        guests=sum(n[0] for n in counts), policies=with_policies)
+                        guests=sum(n[0] for n in counts), policies=with_policies, guard=guard)
+
+    # --- the host guard -------------------------------------------------------------
+    def install_guard(self, hosts: list[str] | None = None) -> list[dict[str, Any]]:
+        """Install the escort guard on hypervisors, as `escort hosts guard install` would.
+
+        The same plan (bundle, trust material, guard.json from the fleet file and the
+        VMs now running) and the same installer (console/guard/remote.py) run inside
+        each host's namespaces; only the transport differs (nsenter instead of SSH),
+        which saves the lab a dozen SSH round trips through the jump host.
+        """
+        from console.services.fleet import FleetService
+        from console.services.guard import bundle, payload, plan_for, remote_command
+
+        service = FleetService.load(self.fleet_file)
+        if service.spec is None:
+            raise LabError(f"{self.fleet_file}: the lab's fleet file is unusable")
+        uuids = frozenset(self._policy_uuids())
+        b = bundle()
+
+        def one(spec: Any) -> dict[str, Any]:
+            plan = plan_for(service, spec, uuids=uuids)
+            cmd = remote_command("install", b.digest[:16], plan.digest[:16])
+            out = self._nsenter_input(self.host(spec.name), payload(plan, with_code=True), "sh", "-c", cmd)
+            data = json.loads(out.strip().splitlines()[-1])
+            if not data.get("ok"):
+                raise LabError(f"{spec.name}: guard install failed: {data.get('problem')}")
+            return dict(data, host=spec.name)
+
+        specs = [h for h in service.spec.hosts if hosts is None or h.name in hosts]
+        return _parallel(one, specs)
+
+    def remove_guard(self, hosts: list[str] | None = None) -> None:
+        """Remove the guard (what `escort hosts guard remove` does), e.g. to set up history."""
+        from console.services.guard import remote_command
+
+        for name in hosts or self.hypervisors:
+            self._nsenter_input(self.host(name), b"", "sh", "-c", remote_command("remove"))
+
+    @contextlib.contextmanager
+    def guard_off(self, *hosts: str) -> Iterator[None]:
+        """Without the guard on ``hosts`` for a moment, then installed again (and libvirtd
+        restarted, which leaves guests alone): how a VM that its policy refuses comes to run
+        on a host — it was there before the guard, or before its policy changed."""
+        names = list(hosts) or self.hypervisors
+        self.remove_guard(names)
+        try:
+            yield
+        finally:
+            self.install_guard(names)
+
+    def _policy_uuids(self) -> list[str]:
+        """UUIDs of the lab's domains that carry an escort policy (read from libvirt)."""
+        from console.core.policy import POLICY_NS
+
+        libvirt = _quiet_libvirt()
+        out: list[str] = []
+        for name in self.hypervisors:
+            conn = self._open(self.host(name))
+            try:
+                for dom in conn.listAllDomains():
+                    try:
+                        dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, POLICY_NS)
+                    except libvirt.libvirtError:
+                        continue
+                    out.append(dom.UUIDString())
+            finally:
+                conn.close()
+        return out
+
+    def _nsenter_input(self, h: LabHost, data: bytes, *cmd: str) -> str:
+        anchor = netns.read_pid(h.anchor_pid_file)
+        if anchor is None or not netns.pid_in_netns(anchor, h.ns):
+            raise LabError(f"{h.name}: the host is not running (run `escort lab up`)")
+        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--", *cmd],
+                              input=data, capture_output=True, env=DAEMON_ENV, timeout=180, check=False)
+        if proc.returncode != 0:
+            last = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+            raise LabError(f"{h.name}: {last[-1] if last else f'exit {proc.returncode}'}")
+        return proc.stdout.decode(errors="replace")
 
     def _build_network(self, index: int, hosts: list[LabHost]) -> None:
         sw = self.switch_ns
@@ -512,6 +602,29 @@ class Lab:
                                           not_after=now + dt.timedelta(days=GRANT_DAYS))
             token = sign_grant(payload, signer.key, [signer.cert])
             _write(out / f"{owner}-{label}.jws", (token + "\n").encode())
+
+    def grant_vm(self, owner: str, vm_uuid: str, vm_name: str) -> Path:
+        """``owner`` grants lab-admin one VM (by UUID) for GRANT_DAYS; returns the file.
+
+        Used by ``escort lab guest add``; the file sits with the lab's other grants
+        (the fleet file's ``grants`` directory).
+        """
+        import tomllib
+
+        from console.core.grants import AdminRef, build_grant_payload, sign_grant
+
+        if self.pki is None:
+            self.pki = certs.load(self.pki_dir)
+        doc = tomllib.loads(self.fleet_file.read_text(encoding="utf-8"))
+        fp = next(str(a["ssh_key_fingerprint"]) for a in doc["admins"] if a["id"] == LAB_ADMIN)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        signer = self.pki.owners[owner]
+        payload = build_grant_payload(owner=owner, admin=AdminRef(LAB_ADMIN, ssh_key=fp), vms=[vm_uuid],
+                                      not_before=now - dt.timedelta(minutes=5),
+                                      not_after=now + dt.timedelta(days=GRANT_DAYS))
+        path = self.dir / "grants" / f"{owner}-vm-{vm_name}.jws"
+        _write(path, (sign_grant(payload, signer.key, [signer.cert]) + "\n").encode())
+        return path
 
     def _fleet_toml(self, hosts: list[LabHost], console_pub: bytes) -> str:
         """The fleet file (field names of core/inventory.py FleetSpec/HostSpec).

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from console.adapters.cache import OpenedCache
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.core import pki
@@ -184,7 +185,11 @@ class FleetService:
         #: a file that cannot be read then is an InputError (the CLI's exit 2)
         self._cert_pending: set[str] = set()
         self._generation = 0  # bumped by every apply_facts: a step-wise check started before is stale
-        self._strict = False  # load_strict: a file read lazily and unreadable is an InputError
+        self._strict = False
+        #: the console keeps opened policies across runs (adapters/cache.py); None = off
+        self.use_cache = False
+        self._cache: OpenedCache | None = None
+        self.cache_notice = ""  # load_strict: a file read lazily and unreadable is an InputError
         self._vm_checks: dict[tuple[object, ...], tuple[dt.datetime, VMCheck]] = {}
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
@@ -505,7 +510,18 @@ class FleetService:
         groups: Groups = {}
         targets: dict[str, tuple[str, ...]] = {}
         done: list[VMView] = []
+        cache = self._opened_cache()
+        envelopes = self._policies.envelopes
+        fresh: list[str] = []
         for rec in list(self._vms.values()):
+            if rec.policy_file:
+                self._read_token(rec)
+            if cache is not None and rec.token and not envelopes.is_open(rec.token, TYP_POLICY):
+                hit = cache.get(TYP_POLICY, rec.token)
+                if hit is not None:
+                    envelopes.adopt(rec.token, TYP_POLICY, hit)
+                else:
+                    fresh.append(rec.token)
             pr = self._policy(rec, at)
             part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
             targets.update(part.targets)
@@ -516,11 +532,25 @@ class FleetService:
                 start = clock()
         if done:
             yield done
+        if cache is not None and fresh:
+            opened = [envelopes.open(t, TYP_POLICY, POLICY_FIELDS) for t in fresh]
+            cache.put(TYP_POLICY, [(o.digest, o.payload, o.reasons, o.chain_key) for o in opened])
+            cache.save()
+        if cache is not None and cache.notice:
+            self.cache_notice = cache.notice
         if not self._fresh(at, self.at) or generation != self._generation:
             return  # the clock moved on or a refresh changed facts: vms() recomputes
         self._matrix = Matrix(targets, len(groups), len(index.names))
         self._matrix_at = at
         self._views_at = at
+
+    def _opened_cache(self) -> OpenedCache | None:
+        """The persistent cache of opened policies (adapters/cache.py), when enabled."""
+        if not self.use_cache or os.environ.get("ESCORT_NO_CACHE"):
+            return None
+        if self._cache is None:
+            self._cache = OpenedCache()
+        return self._cache
 
     def _view(self, rec: _VMRecord, pr: PolicyResult, allowed: tuple[str, ...]) -> VMView:
         pol = pr.policy
@@ -682,9 +712,12 @@ class FleetService:
         decisions = [self._decide(rec, h, admin, when, False) for h in self._hosts]
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
 
-    def matrix(self) -> Matrix:
-        """Allowed targets for every VM (the fast path), cached until facts change."""
-        return self._current_matrix()
+    def matrix(self, at: dt.datetime | None = None) -> Matrix:
+        """Allowed targets for every VM (the fast path), cached until facts change.
+
+        ``at``: as of another time (`escort check` asks what breaks when something expires).
+        """
+        return self._current_matrix(at)
 
     def dependants(self, ca_fingerprint: str) -> tuple[int, int]:
         """(hosts whose chain passes through the CA, VMs whose policy trusts it)."""

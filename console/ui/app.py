@@ -26,6 +26,8 @@ from console.ui.config import DEFAULT_THEME, UIConfig, config_dir
 from console.ui.service import FleetLike
 from console.ui.text import (
     BAD,
+    OK,
+    WARN,
     assurance,
     cert_lines,
     expiry_words,
@@ -68,6 +70,7 @@ class EscortApp(App[None]):
         Binding("p", "problems", "Problems", show=False, id="app.problems"),
         Binding("C", "copy_error", "Copy error", show=False, id="app.copy_error"),
         Binding("r", "refresh", "Refresh", show=False, id="app.refresh"),
+        Binding("R", "radar", "Radar", show=False, id="app.radar"),
     ]
 
     def __init__(self, service: FleetLike, *, config: UIConfig | None = None,
@@ -91,6 +94,10 @@ class EscortApp(App[None]):
         self._host_rows: list[Row] = []
         self._vm_rows: list[Row] = []
         self._vms_on_host: dict[str, int] = {}
+        #: VM UUID -> services.check.Placement: VMs running where their policy refuses them
+        self.misplaced: dict[str, Any] = {}
+        #: host name -> services.guard.GuardState, after the first live refresh
+        self.guard_states: dict[str, Any] = {}
         self.live = live
         #: admin id -> why their key is missing ("" = present); None until the keys were looked at
         self.admin_keys: dict[str, str] | None = None
@@ -224,6 +231,9 @@ class EscortApp(App[None]):
         # the streamed views are final; hosts now carry their checked chains (cached)
         self._set_views(list(self.service.hosts()), self._vms)
         self.fleet_changed.publish(None)
+        notice = getattr(service, "cache_notice", "")
+        if notice:
+            self.notify(notice, severity="warning", markup=False, timeout=8)
         problems = self.all_problems()
         if len(problems) > problems_before:
             self.notify(f"{plural(len(problems), 'problem')} loading this fleet: {problems[0]} — press p",
@@ -265,9 +275,29 @@ class EscortApp(App[None]):
         from console.ui.screens.migrations import hub_for
 
         hub_for(self).after_refresh()  # migrations left half-done: on start, after every refresh
+        self.run_worker(self._guard_status(), exclusive=True, group="guard", exit_on_error=False)
         if down:
             self.notify(f"{plural(len(down), 'host')} did not answer: {', '.join(sorted(down)[:5])}",
                         severity="warning", markup=False)
+
+    async def _guard_status(self) -> None:
+        """Each host's guard (version, trust digest) for the Hosts screen and Problems."""
+        from console.services.guard import GuardService
+
+        if getattr(self.service, "spec", None) is None:
+            return
+        try:
+            states = await GuardService(self.service, self.inventory_service()).status()  # type: ignore[arg-type]
+        except Exception as exc:  # the console stays up; the Hosts screen shows "?"
+            self.notify(f"Guard status could not be read: {exc}", severity="warning", markup=False)
+            return
+        self.guard_states = {st.host: st for st in states}
+        self.load_views()
+        self.fleet_changed.publish(None)
+        missing = sorted(st.host for st in states if st.state in ("missing", "broken"))
+        if missing:
+            self.notify(f"No working escort guard on {', '.join(missing[:5])}: plain virsh can move VMs "
+                        "there regardless of policies (see Problems).", severity="warning", markup=False)
 
     def inventory_service(self) -> Any:
         """The one InventoryService (SSH pool, libvirt connections) refresh and migrations share."""
@@ -349,6 +379,7 @@ class EscortApp(App[None]):
         for vm in self._vms:
             counts[vm.host] = counts.get(vm.host, 0) + 1
         self._vms_on_host = counts
+        self.misplaced = self._find_misplaced()
         self._host_rows = [self._host_row(h) for h in self._hosts]
         n_hosts = len(self._hosts)
         self._vm_rows = [self._vm_row(v, n_hosts) for v in self._vms]
@@ -356,6 +387,26 @@ class EscortApp(App[None]):
         # millions of them on every collection (measured: 100-300 ms pauses mid-typing
         # with 10,000 VMs). Frozen objects are still freed by reference counting.
         gc.freeze()
+
+    def _find_misplaced(self) -> dict[str, Any]:
+        """VMs on a host their policy refuses (one shared placement check, services/check.py)."""
+        from console.services.check import misplaced
+
+        if not hasattr(self.service, "matrix") or not hasattr(self.service, "policy_token"):
+            return {}  # a test double without the full service
+        try:
+            return {p.uuid: p for p in misplaced(self.service, vms=self._vms)}  # type: ignore[arg-type]
+        except EscortError:
+            return {}
+
+    def guard_words(self, host: str) -> tuple[str, str]:
+        """(cell text, tone) for a host's guard: glyph + word, never colour alone."""
+        st = self.guard_states.get(host)
+        if st is None:
+            return "·", "dim"
+        return {"current": (f"{OK} on", "ok"), "stale": (f"{WARN} old", "warn"),
+                "missing": (f"{BAD} none", "bad"), "broken": (f"{BAD} bad", "bad"),
+                "unreachable": ("? n/a", "dim"), "not-live": ("—", "dim")}.get(st.state, ("?", "dim"))
 
     def _host_row(self, host: HostView) -> Row:
         attrs = host.attributes
@@ -369,11 +420,12 @@ class EscortApp(App[None]):
         else:
             expiry, expiry_tone = "?", "dim"
         reach, reach_tone = reach_words(host)
+        guard, guard_tone = self.guard_words(host.name)
         return make_row(
             host.name,
             [host.name, host.spec.region, (attrs.country or "") if attrs else "", assurance(host),
-             expiry, reach, str(self._vms_on_host.get(host.name, 0))],
-            ["strong", "", "", "", expiry_tone, reach_tone, ""],
+             expiry, reach, str(self._vms_on_host.get(host.name, 0)), guard],
+            ["strong", "", "", "", expiry_tone, reach_tone, "", guard_tone],
         )
 
     def _vm_row(self, vm: VMView, n_hosts: int) -> Row:
@@ -388,8 +440,15 @@ class EscortApp(App[None]):
         n = len(vm.allowed_targets)
         targets = f"{n}/{n_hosts}" if not vm.policy_problems else f"{BAD} 0"
         owner = vm.owner.split(" <", 1)[0]  # "alice <alice@example>" -> "alice"
-        return make_row(vm.uuid, [vm.name, owner, vm.host or "?", summary, targets],
-                        ["strong", "", "", tone, "bad" if n == 0 else ""])
+        host, host_tone = vm.host or "?", ""
+        bad_place = self.misplaced.get(vm.uuid)
+        if bad_place is not None and not bad_place.unchecked:
+            # loud, and not by colour alone: a glyph on the host and the words in the policy cell
+            host, host_tone = f"{BAD} {vm.host}", "bad"
+            codes = ", ".join(r.code for r in bad_place.reasons)
+            summary, tone = f"{BAD} MISPLACED: {codes}", "bad"
+        return make_row(vm.uuid, [vm.name, owner, host, summary, targets],
+                        ["strong", "", host_tone, tone, "bad" if n == 0 else ""])
 
     def agree_vm_targets(self, key: str, allowed: int, total: int) -> Row | None:
         """The targets pane just decided every host for VM ``key``: make its row say the
@@ -458,6 +517,18 @@ class EscortApp(App[None]):
         if spec.cert_file:
             lines.append(f"Certificate  {self.display_path(spec.cert_file)}")
         lines.append(f"VMs here     {self._vms_on_host.get(host.name, 0)}")
+        st = self.guard_states.get(host.name)
+        if st is None:
+            state = "not checked yet (refresh)" if self.live else "not checked (offline)"
+            lines.append(f"Guard        {state}")
+        else:
+            word, _ = self.guard_words(host.name)
+            text = f"Guard        {word} ({st.state})"
+            if st.version:
+                text += f", version {st.version}, trust sha256:{st.trust_digest[:16]}"
+            lines.append(text)
+            if st.problem:
+                lines.append(f"             {st.problem}")
         if host.cert_problem is not None:
             lines += ["", "Certificate problem:", *reason_lines([host.cert_problem])]
         attrs = host.attributes
@@ -505,7 +576,9 @@ class EscortApp(App[None]):
             "  In tables: ↑ ↓ PgUp PgDn Home End move, Enter opens, Tab switches pane.",
             "  /  filters the table as you type; Enter keeps the filter; Escape clears it.",
             "  Escape goes back: filter → table → previous screen.",
-            "  ctrl+p: every action, \"go to VM …\", \"go to host …\", themes.",
+            "  ctrl+p: every action, \"go to VM …\", \"go to host …\", themes;",
+            "          \"why VM HOST\" + Enter: why (not) that VM on that host, step by step.",
+            "  R: radar (what expires when, and what breaks then).",
             "  c copies the detail pane (OSC 52 — works over SSH); C copies the last error.",
             "",
             "Glyphs: ✓ valid/allowed  ⚠ expiring/warning  ✗ expired/refused  ⊘ revoked  ? unknown",
@@ -513,6 +586,15 @@ class EscortApp(App[None]):
         if self.readonly:
             lines += ["", "READ-ONLY: every action that changes something is disabled."]
         return "\n".join(lines)
+
+    def action_radar(self) -> None:
+        from console.ui.screens.radar import RadarScreen
+
+        self.push_screen(RadarScreen())
+
+    def open_why(self, vm_key: str, host: str) -> None:
+        """"Why can't VM X go to host Y?": the walkthrough of that pair."""
+        self.open_walkthrough(vm_key, host)
 
     def action_problems(self) -> None:
         from console.ui.screens.misc import ProblemsScreen

@@ -29,7 +29,8 @@ class EscortCommands(Provider):
              partial(app.switch_mode, "migrations")),
             ("Evacuate the selected host", "plan every VM off it; edit; run (Hosts tab)",
              partial(app.run_action, "screen.evacuate")),
-            ("Show problems", "everything that failed to load", app.action_problems),
+            ("Show problems", "load problems, hosts, guards, misplaced VMs", app.action_problems),
+            ("Show radar", "what expires when and what breaks then (R)", app.action_radar),
             ("Help: keys", "every key as currently mapped", app.action_help),
             ("Copy last error", "OSC 52 clipboard", app.action_copy_error),
             ("Filter this table", "as you type", partial(app.run_action, "screen.filter")),
@@ -52,6 +53,36 @@ class EscortCommands(Provider):
                           partial(app.run_action, "screen.migrate")))
         return items
 
+    def _why(self, query: str, app: EscortApp) -> list[Hit]:
+        """`why VM HOST`: one hit per matching (VM, host) pair; Enter opens the walkthrough.
+
+        Both words are matched as substrings (case-insensitive), so `why db par` finds
+        db-1 -> par-1; a missing host word lists the VM's refused hosts first.
+        """
+        words = query.strip().split()[1:]
+        vm_word = words[0].lower() if words else ""
+        host_word = words[1].lower() if len(words) > 1 else ""
+        vms = [v for v in app.all_vms() if not vm_word or vm_word in v.name.lower() or vm_word in v.uuid]
+        exact = [v for v in vms if v.name.lower() == vm_word]
+        vms = exact or vms
+        hosts = [h.name for h in app.all_hosts() if not host_word or host_word in h.name.lower()]
+        exact_h = [h for h in hosts if h.lower() == host_word]
+        hosts = exact_h or hosts
+        hits: list[Hit] = []
+        for vm in vms[:MAX_HITS]:
+            allowed = set(vm.allowed_targets)
+            ordered = sorted(hosts, key=lambda h: (h in allowed, h))
+            for host in ordered:
+                verdict = "allowed" if host in allowed else (
+                    "runs there" if host == vm.host else "refused")
+                text = f"Why can't {vm.name} go to {host}? ({verdict})"
+                score = 1.0 if (exact and exact_h) else 0.9 - 0.01 * len(hits) / MAX_HITS
+                hits.append(Hit(score, text, partial(app.open_why, vm.uuid, host),
+                                help="the step-by-step decision (same code as escort explain)"))
+                if len(hits) >= MAX_HITS:
+                    return hits
+        return hits
+
     async def discover(self) -> Hits:
         for title, help_text, callback in self._actions():
             yield DiscoveryHit(title, callback, help=help_text)
@@ -63,6 +94,10 @@ class EscortCommands(Provider):
             score = matcher.match(title)
             if score > 0:
                 yield Hit(score, matcher.highlight(title), callback, help=help_text)
+        if query.lower().lstrip().startswith("why"):
+            for hit in self._why(query, app):
+                yield hit
+            return
         needle = query.lower().strip()
         for word in ("go to", "goto", "vm", "host"):
             if needle.startswith(word):

@@ -467,6 +467,11 @@ def test_an_agent_that_does_not_answer_is_left_out(lab: Lab, tmp_path: Path, hom
     got = escort_run(cfg, known, "c-fra-1", identity_files=(str(enc),), agent_timeout=1)
     assert isinstance(got, HostProblem) and got.code == AUTH_FAILED
     assert f"the agent at {silent_agent} did not answer" in str(got) and f"ssh-add {enc}" in str(got)
+    # the whole lab fleet (key files) still refreshes with the silent agent in SSH_AUTH_SOCK
+    out = _escort_cli("hosts", "refresh", "--fleet", str(lab.fleet_file), "--json",
+                      env={**os.environ, "HOME": str(home), "SSH_AUTH_SOCK": silent_agent})
+    assert out.returncode == 0, out.stdout
+    assert all(r["reachable"] == "up" for r in json.loads(out.stdout)["hosts"])
 
 
 # -- 3. host keys as OpenSSH: host certificates, plain-key fallback, jump-host trust ---------
@@ -541,6 +546,18 @@ def test_host_certificates_as_openssh_checks_them(lab: Lab, tmp_path: Path, home
     assert isinstance(got, HostProblem) and got.code == HOST_CERT_PRINCIPAL, got
     assert "name is not a listed principal" in str(got) and "ssh-keygen -R" not in str(got) + got.fix
     assert ip(lab, "fra-2") in got.fix
+    # `hosts trust` accepts the plain key beside that certificate (as OpenSSH would offer)
+    async def trust(fp: str) -> str:
+        pool = SshPool(known_hosts=str(known), config=str(cfg))
+        try:
+            return await pool.accept_host_key("c-cert", fp, name="c-cert")
+        finally:
+            await pool.close()
+    added = asyncio.run(trust(plain_fp))
+    assert added.startswith(f"[{ip(lab, 'fra-2')}]:{CERT_PORT} ssh-ed25519 ")
+    assert escort_run(cfg, known, "c-cert") == "fra-2\n"
+    control = openssh(cfg, "c-cert", "hostname", home=home)
+    assert control.returncode == 0 and control.stdout.strip() == "fra-2", control.stderr
     # an expired certificate
     cert_host.serve(validity="20200101:20200102")
     control, got = both(jump_line + ca_line(cert_host.ca))

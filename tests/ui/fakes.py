@@ -86,7 +86,7 @@ class FakeFleet:
     def vms(self) -> list[VMView]:
         return self.vms_
 
-    def explain(self, vm: str, host: str, admin: str | None = None) -> FakeDecision:
+    def explain(self, vm: str, host: str, admin: str | None = None, at: object = None) -> FakeDecision:
         h = next(x for x in self.hosts_ if x.name == host)
         reasons: list[Reason] = []
         countries = self.policies.get(vm)

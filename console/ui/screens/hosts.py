@@ -28,6 +28,7 @@ class HostsScreen(FleetScreen):
         Column("Cert expiry", 18),
         Column("Reach", 9),
         Column("VMs", 4),
+        Column("Guard", 6),
     )
 
     def compose(self) -> ComposeResult:

@@ -64,7 +64,16 @@ class ProblemsScreen(PaneScreen):
             if h.chain is not None and not h.chain.valid:
                 reasons += list(h.chain.reasons)
             hosts += [f"{h.name}: {r.message} [{r.code}]" for r in reasons]
+        for name, st in sorted(self.escort.guard_states.items()):
+            if st.state in ("missing", "broken", "stale"):
+                hosts.append(f"{name}: escort guard {st.state}: "
+                             f"{st.problem or 'plain virsh can move any VM here'} [guard.{st.state}]")
         section("Hosts (details on the Hosts screen)", hosts, "none")
+        placed = [f"{p.label} runs on {p.host}, which its policy refuses: "
+                  f"{'; '.join(r.message for r in p.reasons)} [{', '.join(r.code for r in p.reasons)}]"
+                  for p in self.escort.misplaced.values() if not p.unchecked]
+        section("Placement (VMs running where their policy refuses them)", placed,
+                "none: every VM runs on a host its policy admits")
         vms = [f"{v.name}: {v.policy_problems[0].message} [{v.policy_problems[0].code}]"
                for v in self.escort.all_vms() if v.policy_problems]
         if len(vms) > 200:

@@ -149,10 +149,11 @@ class VMsScreen(FleetScreen):
             keep = True
             await asyncio.sleep(0)
         decisions = []
+        at = getattr(service, "at", None)  # one time for the whole list (and its caches)
         try:
             last = time.perf_counter()
             for host in hosts:
-                decisions.append(service.explain(vm_key, host, admin))
+                decisions.append(service.explain(vm_key, host, admin, at))
                 if time.perf_counter() - last > 0.01:  # keys are answered within ~10 ms
                     await asyncio.sleep(0)
                     last = time.perf_counter()

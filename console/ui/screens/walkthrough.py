@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.console import Group
+from rich.text import Text
 from textual.binding import Binding, BindingType
 
 from console.core.reasons import Reason
@@ -101,5 +102,13 @@ class WalkthroughScreen(PaneScreen):
         pane = self.query_one(DetailPane)
         body, plain = render_walkthrough(name, self.host, decision, self.escort.admin,
                                          self.escort.tones())
+        placed = self.escort.misplaced.get(vm.uuid) if vm is not None else None
+        if placed is not None and not placed.unchecked:
+            # the 3 a.m. case: say first that the VM is where it must not be, and which checks fail
+            codes = ", ".join(r.code for r in placed.reasons)
+            note = (f"{BAD} {name} RUNS ON {placed.host}, WHICH ITS POLICY REFUSES — failing check(s): "
+                    f"{codes}")
+            body = Group(Text(note, style="bold " + self.escort.tones()["bad"]), Text(""), body)
+            plain = note + "\n\n" + plain
         pane.show(body, plain)
         pane.focus()

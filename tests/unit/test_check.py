@@ -1,0 +1,74 @@
+"""`escort check` offline on the test fleet: placement from the shared decision, expiry with impact."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from console.cli import main
+from console.core.check import impact_sentence, signer_of
+from console.services.check import CheckService
+from console.services.fleet import FleetService
+from tests.unit.trustkit import T0, build_fleet
+
+
+@pytest.fixture()
+def fleet_path(tmp_path: Path) -> Path:
+    return build_fleet(tmp_path).fleet
+
+
+async def test_offline_findings_agree_with_explain(fleet_path: Path) -> None:
+    s = FleetService.load(fleet_path, at=T0)
+    report = await CheckService(s, days=120, offline=True).run()
+    by_code: dict[str, list[dict[str, object]]] = {}
+    for f in report.findings:
+        by_code.setdefault(f.code, []).append(f.as_json())
+    # placement: exactly the VMs whose decision on their current host fails
+    expected = set()
+    for v in s.vms():
+        d = s.explain(v.uuid, v.host)
+        if any(r.severity == "error" and r.code not in ("host.current", "host.down") for r in d.reasons):
+            expected.add((v.name, v.host))
+    got = {(f["vm"], f["host"]) for f in by_code.get("placement.violation", [])}
+    assert got == expected
+    # hv-de-old's certificate expired before T0: an error, with its impact
+    old = [f for f in by_code["expiry.host_cert"] if f["host"] == "hv-de-old"]
+    assert old and old[0]["severity"] == "error" and "expired on" in str(old[0]["message"])
+    # policies (90 days) and the grant (8 hours) fall inside 120 days, soonest first
+    whens = [f.when for f in report.findings if f.when is not None]
+    assert whens == sorted(whens)
+    assert {"expiry.policy", "expiry.grant"} <= set(by_code)
+    policy = by_code["expiry.policy"][0]
+    assert "lose" in str(policy["message"]) and str(policy["message"]).count("after ") == 1
+    assert not [f for f in report.findings if f.code.startswith(("guard.", "host.unreachable"))]
+
+
+async def test_horizon(fleet_path: Path) -> None:
+    s = FleetService.load(fleet_path, at=T0)
+    report = await CheckService(s, days=0, offline=True).run()
+    assert not [f for f in report.findings if f.code in ("expiry.policy", "expiry.grant")]
+    report = await CheckService(s, days=3650, offline=True).run()
+    codes = {f.code for f in report.findings}
+    assert {"expiry.owner_cert", "expiry.ca_cert", "expiry.host_cert"} <= codes
+
+
+def test_cli_exit_codes_and_json(fleet_path: Path) -> None:
+    r = CliRunner().invoke(main, ["check", "--fleet", str(fleet_path), "--offline", "--json"])
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.output)
+    assert set(doc) >= {"findings", "checked_at"} and doc["findings"]
+    for f in doc["findings"]:
+        assert set(f) >= {"code", "severity", "message", "fix"}
+    bad = CliRunner().invoke(main, ["check", "--fleet", str(fleet_path.parent / "nope.toml")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_impact_sentence_and_signer() -> None:
+    when = dt.datetime(2026, 12, 6, 12, tzinfo=dt.UTC)
+    assert impact_sentence(when, 37, 0, 0) == "after 2026-12-06, 37 VMs lose all allowed targets"
+    assert impact_sentence(when, 0, 0, 0) == "after 2026-12-06, no VM loses an allowed target"
+    assert signer_of("garbage") is None and signer_of("") is None
