@@ -356,8 +356,7 @@ class PolicyBook:
                    vm_uuid: str) -> list[Reason]:
         """Why ``result`` may not replace the policy already seen for the VM ([] = it may).
 
-        * same owner: its ``seq`` must not be lower than the one seen
-          (``policy.rollback``), and an equal ``seq`` must be the same policy;
+        * same owner: its ``seq`` must not be lower than the one seen (``policy.rollback``);
         * another owner: refused (``policy.owner_changed``) unless the policy carries a
           hand-over signed by the owner seen before, for this VM, naming the new owner
           (its owners' CA key and e-mail/subject), valid now (``policy.handover_invalid``
@@ -375,12 +374,7 @@ class PolicyBook:
                                f"the policy has sequence number {pol.seq}, but escort has already seen "
                                f"sequence {seen.seq} for this VM: it is an older policy replayed",
                                f"attach the newest policy {who} signed for this VM")]
-            if pol.seq == seen.seq:
-                return [reason("policy.rollback",
-                               f"the policy reuses sequence number {pol.seq} of a different policy "
-                               "escort has already seen for this VM",
-                               f"ask {owner.label()} to sign the policy again with a higher --seq")]
-            return []
+            return []  # an equal seq is the same policy re-signed (signatures differ each time)
         if not pol.handover:
             return [reason("policy.owner_changed",
                            f"the policy is signed by {who}, but this VM's policies so far were signed by "
