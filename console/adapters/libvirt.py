@@ -103,6 +103,9 @@ def _silence_libvirt_stderr() -> None:
             _quiet = True
 
 
+_silence_libvirt_stderr()  # at import: an error before the first open_host must not print either
+
+
 def libvirt_message(exc: BaseException) -> str:
     """libvirt's message on one line."""
     if isinstance(exc, libvirt.libvirtError):

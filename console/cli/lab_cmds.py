@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -109,6 +109,95 @@ def lab_status(ctx: click.Context, dir_: str | None, name: str, as_json: bool) -
         click.echo(f"fleet file: {Path(lab.fleet_file)}")
     if not healthy:
         ctx.exit(1)
+
+
+# -- guests for drills ----------------------------------------------------------------------
+@lab_group.group("guest")
+def guest_group() -> None:
+    """Add or remove a guest whose RAM is full of random data (migrations take visible time)."""
+
+
+@guest_group.command("add")
+@click.argument("vm")
+@click.option("--host", required=True, help="The hypervisor to start it on (fra-1, fra-2, par-1, rogue-1).")
+@click.option("--memory", "memory", type=click.IntRange(32, 4096), default=128, show_default=True,
+              metavar="MIB", help="Guest RAM.")
+@click.option("--fill", "fill", type=click.IntRange(0, 4000), default=None, metavar="MIB",
+              help="RAM filled with random bytes (default: 96 MiB; 0 = none).")
+@click.option("--owner", default="alice", show_default=True,
+              help="Who signs its policy and grant (alice, bob).")
+@click.option("--policy", "policy", multiple=True, metavar="SPEC",
+              help="trust=CA[,CA] (root, eu-central, eu-west; default root) or KEY=V[,V] "
+                   "(country=DE,FR; policies=assurance:high). Repeatable.")
+@_dir_option
+@_name_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def guest_add(vm: str, host: str, memory: int, fill: int | None, owner: str, policy: tuple[str, ...],
+              dir_: str | None, name: str, as_json: bool) -> None:
+    """Define and start VM on HOST, with an owner-signed policy and a grant for lab-admin."""
+    from console.lab import faults
+
+    lab = _lab(dir_, name)
+    out = faults.add_guest(lab, vm, host, memory_mib=memory, fill_mib=fill, owner=owner, policy=policy)
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    click.echo(f"{vm} runs on {host}: {out['memory_mib']} MiB, {out['fill_mib']} MiB of it random; policy "
+               f"signed by {owner}; grant for lab-admin in {out['grant']}")
+    click.echo(f"  migrate it:  escort migrate --fleet {lab.fleet_file} {vm} TARGET --admin lab-admin "
+               "--bandwidth 5")
+
+
+@guest_group.command("remove")
+@click.argument("vm")
+@_dir_option
+@_name_option
+def guest_remove(vm: str, dir_: str | None, name: str) -> None:
+    """Destroy and undefine a guest added with `escort lab guest add` (wherever it runs now)."""
+    from console.lab import faults
+
+    lab = _lab(dir_, name)
+    hosts = faults.remove_guest(lab, vm)
+    where = f" from {', '.join(hosts)}" if hosts else " (it was on no host any more)"
+    click.echo(f"{vm} removed{where}; its grant deleted")
+
+
+# -- outage drills ---------------------------------------------------------------------------
+@lab_group.group("fault")
+def fault_group() -> None:
+    """Outage drills: kill a daemon, a VM's QEMU or a link on a lab host (lab processes only,
+    by PID; each recorded in the lab's audit log as a drill). `restart` and `heal-link` undo."""
+
+
+def _fault_command(action: str, doc: str, *, vm: bool = False) -> None:
+    def command(host: str, dir_: str | None, name: str, as_json: bool, vm_name: str = "") -> None:
+        from console.lab import faults
+
+        lab = _lab(dir_, name)
+        result = faults.inject(lab, action, host, vm_name)
+        if as_json:
+            click.echo(json.dumps(result.as_json(), sort_keys=True))
+        else:
+            seq = f" (audit #{result.audit_seq}, drill)" if result.audit_seq is not None else ""
+            click.echo(f"{result.what}{seq}")
+
+    command.__doc__ = doc
+    as_json = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    decorated: Any = as_json(command)
+    decorated = _name_option(_dir_option(decorated))
+    if vm:
+        decorated = click.argument("vm_name", metavar="VM")(decorated)
+    decorated = click.argument("host")(decorated)  # applied last: the first argument
+    fault_group.command(action)(decorated)
+
+
+_fault_command("kill-libvirtd", "SIGKILL HOST's libvirtd (its guests keep running, as on a real host).")
+_fault_command("kill-qemu", "SIGKILL the QEMU process of VM on HOST (a crash, as far as libvirt knows).",
+               vm=True)
+_fault_command("kill-sshd", "SIGKILL every sshd of HOST (listener and sessions); `jump` is the jump host.")
+_fault_command("cut-link", "Pull HOST's cable on the lab network (migration and SSH traffic stop silently).")
+_fault_command("heal-link", "Plug HOST's cable back in.")
+_fault_command("restart", "Start HOST's killed daemons (libvirtd, sshd) again; running ones are left alone.")
 
 
 def register(group: click.Group) -> None:

@@ -172,9 +172,13 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
         out = result.outcome
         if tty:
             click.echo("")
-            verdict = {"success": "MIGRATED", "aborted": "ABORTED"}.get(out.result, "FAILED")
+            verdict = {"success": "MIGRATED", "aborted": "ABORTED", "unknown": "OUTCOME UNKNOWN"}.get(
+                out.result, "FAILED")
             downtime = f", downtime {out.downtime_ms} ms" if out.downtime_ms is not None else ""
             click.echo(f"{verdict}: {out.message} (took {out.timings.get('total', 0):.1f} s{downtime})")
+            if out.result != "success" or any(not h.answered for h in out.hosts):
+                for h in out.hosts:
+                    click.echo(f"  {h.describe()}")
             click.echo(f"  audit: {service.audit.path} (head {service.audit.head[:16]}…)")
         else:
             _emit("outcome", {"run": result.run_id, **out.as_json(), "audit_log": str(service.audit.path)})
@@ -212,7 +216,104 @@ def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: st
     raise click.exceptions.Exit(code)
 
 
+# -- reconcile ------------------------------------------------------------------------------
+async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, json_out: bool,
+                     readonly: bool) -> int:
+    from console.core.errors import EscortError
+    from console.services.fleet import FleetService
+    from console.services.inventory import InventoryService, is_live
+    from console.services.migration import MigrationService
+
+    fleet = FleetService.load_strict(fleet_path, readonly=readonly)
+    if fix:
+        fleet.require_writable("reconcile")
+    assert fleet.spec is not None
+    inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
+    service = MigrationService(fleet, inventory)
+    try:
+        names = [h.name for h in fleet.spec.hosts if is_live(h)]
+        cases = await service.reconcile_scan(names)
+        silent = {n: r.problem.message.removeprefix(f"{n}: ") if r.problem else "no answer"
+                  for n, r in inventory.last.items() if r.facts is None}
+        where: dict[str, list[str]] = {}
+        for name, r in inventory.last.items():
+            for d in r.facts.domains if r.facts is not None else ():
+                where.setdefault(d.uuid, []).append(f"{d.state} on {name}")
+        earlier = service.unverified()
+        fixed: list[str] = []
+        if fix and cases:
+            todo = [c for c in cases if c.steps]
+            if todo and not yes:
+                if not sys.stdin.isatty():
+                    raise InputError("not on a terminal: pass --yes to carry out the reconcile steps")
+                if not click.confirm(f"Carry out the safe steps for {len(todo)} VM(s)?", default=False):
+                    todo = []
+            for case in todo:
+                try:
+                    done = await service.resolve(case, admin)
+                    fixed.append(f"{case.name}: {', '.join(done)}")
+                except EscortError as exc:
+                    fixed.append(f"{case.name}: NOT fixed: {exc}")
+            if todo:
+                cases = await service.reconcile_scan(names)
+        if json_out:
+            click.echo(json.dumps({"cases": [c.as_json() for c in cases], "unreachable": silent,
+                                   "unverified": [{"run": e.get("run"), "vm": e.get("vm"),
+                                                   "uuid": e.get("uuid"), "source": e.get("source"),
+                                                   "target": e.get("target"), "ts": e.get("ts"),
+                                                   "now": where.get(str(e.get("uuid")), [])}
+                                                  for e in earlier],
+                                   "fixed": fixed}, sort_keys=True))
+        else:
+            for line in fixed:
+                click.echo(f"fixed: {line}")
+            for case in cases:
+                click.echo(f"{case.name}: {case.message} [{case.code}]")
+                click.echo(f"  copies: {'; '.join(c.describe() for c in case.copies)}")
+                click.echo(f"  {case.advice}")
+                if case.steps:
+                    click.echo(f"  safe steps: {', '.join(f'{a} on {h}' for a, h in case.steps)}"
+                               + ("" if fix else " (run with --fix to carry them out)"))
+            for e in earlier:
+                now = where.get(str(e.get("uuid")), [])
+                click.echo(f"{e.get('vm')}: the migration {e.get('source')} -> {e.get('target')} at "
+                           f"{e.get('ts')} ended UNKNOWN; now: "
+                           + ("; ".join(now) + " (checked)" if now else "found on no host that answered"))
+            for name, why in sorted(silent.items()):
+                click.echo(f"{name}: could not be asked: {why}")
+            if not cases and not silent:
+                click.echo(f"nothing to reconcile: {len(names)} host(s) checked")
+        return 0 if not cases and not silent else 1
+    finally:
+        await service.close()
+        await inventory.close()
+
+
+@click.command("reconcile")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--fix", is_flag=True, help="Carry out each case's safe steps (audited first).")
+@click.option("--admin", default=None, metavar="ID", help="The admin acting (with --fix).")
+@click.option("--yes", is_flag=True, help="Do not ask before --fix acts.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def reconcile(ctx: click.Context, fleet: str | None, fix: bool, admin: str | None, yes: bool,
+              json_out: bool) -> None:
+    """Find VMs a migration left half-done (on two hosts, paused, a leftover incoming
+    copy) and migrations whose outcome was unknown; --fix carries out the safe steps.
+
+    Exit 0 nothing to reconcile and every host answered; 1 cases found or a host could
+    not be asked; 2 unusable input; 3 read-only mode (with --fix).
+    """
+    fleet_path = fleet or ctx.find_root().params.get("fleet_file")
+    if not fleet_path:
+        raise InputError("no fleet file: pass --fleet FILE")
+    readonly = bool(ctx.find_root().params.get("readonly"))
+    code = asyncio.run(_reconcile(str(fleet_path), admin, fix, yes, json_out, readonly))
+    raise click.exceptions.Exit(code)
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to ``group``."""
     group.add_command(audit_group)
     group.add_command(migrate)
+    group.add_command(reconcile)

@@ -596,6 +596,17 @@ def _classify(uuid: str, name: str, copies: tuple[Copy, ...], last_target: str) 
                              f"{name} runs on {len(running)} hosts at once",
                              (), "No automatic resolution: both copies may have written data. "
                              "Pause one after checking which one clients use, then destroy it." + hint)
+    leftovers = [c for c in copies if not c.running and not c.persistent
+                 and (c.reason == "incoming migration" or c.state == "paused")]
+    if len(running) == 1 and leftovers and all(c in leftovers for c in copies if not c.running):
+        # The migration failed before Finish: the target's unfinished incoming QEMU
+        # (transient, started paused) is still there. It cannot run by itself; remove it.
+        return ReconcileCase(uuid, name, copies, "reconcile.leftover_incoming",
+                             f"{name} runs on {running[0].host}; an unfinished incoming copy is left "
+                             f"on {', '.join(c.host for c in leftovers)}",
+                             tuple(("destroy", c.host) for c in leftovers),
+                             f"Keep the running copy on {running[0].host}; destroy the leftover "
+                             "incoming copy (it never ran).")
     if len(running) == 1 and paused_mig:
         # Switch-over happened (the destination runs); the paused copies are stale.
         steps: list[Step] = [("destroy", c.host) for c in paused_mig]
@@ -634,22 +645,176 @@ def _classify(uuid: str, name: str, copies: tuple[Copy, ...], last_target: str) 
     return None
 
 
+# -- after the migration: what was seen, and what can be said ------------------------------
+VmState = Literal["moved", "stayed", "unknown"]
+Role = Literal["source", "target"]
+
+
+@dataclass(frozen=True)
+class HostSeen:
+    """One host's answer (or silence) when asked where the VM is after a migration.
+
+    ``answered`` False means the host could not be asked: ``problem`` says why. Then
+    nothing is known about the VM there — never "not running".
+    """
+
+    host: str
+    role: Role
+    answered: bool
+    copy: DomainFacts | None = None  # None when answered: the VM is not defined there
+    problem: str = ""  # why the host could not be asked
+    gone: bool = False  # the failure is definite (refused, daemon down), not "no answer yet"
+
+    @property
+    def running(self) -> bool:
+        return self.answered and self.copy is not None and self.copy.state == "running"
+
+    @property
+    def state(self) -> str:
+        """"running", "paused (migration)", "absent", ... or "unknown" when not asked."""
+        if not self.answered:
+            return "unknown"
+        if self.copy is None:
+            return "absent"
+        reason = self.copy.state_reason if self.copy.state != "running" else ""
+        why = f" ({reason})" if reason else ""
+        return f"{self.copy.state}{why}"
+
+    def describe(self) -> str:
+        if not self.answered:
+            return f"{self.host} ({self.role}) could not be asked: {self.problem or 'no answer'}"
+        if self.copy is None:
+            return f"{self.host} ({self.role}): not there (checked)"
+        kind = "" if self.copy.persistent else ", transient"
+        return f"{self.host} ({self.role}): {self.state}{kind} (checked)"
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"host": self.host, "role": self.role, "checked": self.answered,
+                               "state": self.state}
+        if self.answered and self.copy is not None:
+            out["persistent"] = self.copy.persistent
+        if not self.answered:
+            out["problem"] = self.problem
+        return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Where the VM is, as far as it was verified: moved, stayed, or unknown (+ next step)."""
+
+    vm_state: VmState
+    vm_on: str  # the host it was verified running on ("" unless moved/stayed)
+    hosts: tuple[HostSeen, ...]
+    summary: str  # one sentence: the state and what it rests on
+    next_step: str = ""  # what the operator does now ("" when nothing is needed)
+    needs_reconcile: bool = False
+
+    def host_lines(self) -> list[str]:
+        return [h.describe() for h in self.hosts]
+
+
+def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
+          copy_started: bool = True) -> Verdict:
+    """Turn the two hosts' answers into a three-valued state. Pure; never guesses.
+
+    * moved: verified running on the target, and the source did not answer "running".
+      A source that could not be asked may still hold a *paused* copy (libvirt never
+      resumes a source after switch-over): that is said, and reconcile finds it later.
+    * stayed: verified running on the source, and the target holds no running copy
+      (when the target could not be asked: only if libvirt did not resume the source
+      after a switch-over — reason "migration canceled" — because then the target may
+      have resumed it too, its answer lost).
+      A target that could not be asked may hold an unfinished incoming QEMU: it was
+      started paused and only the target's libvirtd could resume it, so it cannot run
+      by itself; the next step says to check the target when it is back.
+    * unknown: anything else (a host could not be asked and the other does not run
+      the VM, both run it, it runs nowhere); ``next_step`` names the host to check.
+    """
+    hosts = (source, target)
+    reconcile_hint = ("`escort reconcile` (or the console's Migrations tab, key s) finds and fixes "
+                      "any copy left behind")
+    if source.running and target.running:
+        return Verdict("unknown", "", hosts,
+                       f"{vm} is running on BOTH {source.host} and {target.host} (checked)",
+                       "do not start anything: check which copy clients use, pause the other; "
+                       "`escort reconcile` lists it", True)
+    if target.running:
+        extra = ""
+        leftover = source.answered and source.copy is not None
+        if not source.answered:
+            extra = (f"; {source.host} could not be asked ({source.problem}): it may still hold a "
+                     "paused copy, which libvirt never resumes by itself")
+        step = ""
+        if not source.answered:
+            step = f"when {source.host} answers again, check it: {reconcile_hint}"
+        elif leftover:
+            step = f"{source.host} still has a {source.state} copy: {reconcile_hint}"
+        gone = ""
+        if source.answered:
+            gone = (f" and is gone from {source.host} (checked)" if source.copy is None else
+                    f"; {source.host} still has a {source.state} copy (checked)")
+        return Verdict("moved", target.host, hosts,
+                       f"{vm} moved: it runs on {target.host} (checked){gone}{extra}",
+                       step, leftover or not source.answered)
+    resumed_after_switchover = (source.copy is not None and source.copy.state_reason == "migration canceled")
+    if source.running and not libvirt_ok and (target.answered or not resumed_after_switchover):
+        leftover = target.answered and target.copy is not None
+        extra = ""
+        step = ""
+        if not target.answered:
+            extra = (f"; {target.host} could not be asked ({target.problem})"
+                     + (": an unfinished incoming copy may be left there (paused; it cannot run by "
+                        "itself, libvirt removes it when its daemon is back)" if copy_started else ""))
+            step = f"when {target.host} answers again, check it: {reconcile_hint}"
+        elif leftover:
+            step = f"{target.host} still has a {target.state} copy: {reconcile_hint}"
+        there = ""
+        if target.answered:
+            there = (f", not on {target.host} (checked)" if target.copy is None else
+                     f"; {target.host} still has a {target.state} copy (checked)")
+        return Verdict("stayed", source.host, hosts,
+                       f"{vm} stayed: it is still running on {source.host} (checked){there}{extra}",
+                       step, leftover or not target.answered)
+    # unknown: say exactly what was and was not seen, and which host to check
+    silent = [h for h in hosts if not h.answered]
+    seen = "; ".join(h.describe() for h in hosts)
+    if silent:
+        names = " and ".join(h.host for h in silent)
+        step = f"check {names} (could not be asked, see above); when it answers again, {reconcile_hint}"
+        return Verdict("unknown", "", hosts,
+                       f"{vm}: where it runs is UNKNOWN — {seen}", step, True)
+    return Verdict("unknown", "", hosts,
+                   f"{vm} runs on neither host — {seen}",
+                   "`escort reconcile` (or the Migrations tab, key s) says how to bring it back", True)
+
+
 @dataclass
 class Outcome:
-    """How a migration ended, as the audit log and the console report it."""
+    """How a migration ended, as the audit log and the console report it.
 
-    result: Literal["success", "failed", "aborted", "refused"]
+    ``result`` is what happened to the attempt ("success" only when the VM was
+    verified on the target); ``vm_state`` is where the VM is as far as it was
+    verified — "moved", "stayed" or "unknown" — and ``hosts`` what each host
+    answered (or why it could not be asked). ``next_step`` says what to do when
+    anything is left to check.
+    """
+
+    result: Literal["success", "failed", "aborted", "refused", "unknown"]
     vm_on: str  # the host the VM was verified running on ("" when it could not be verified)
     message: str = ""
     reasons: list[Reason] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     downtime_ms: int | None = None
+    vm_state: str = ""  # "moved" | "stayed" | "unknown" ("" when nothing was attempted)
+    hosts: list[HostSeen] = field(default_factory=list)
+    next_step: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {"result": self.result, "vm_on": self.vm_on, "message": self.message,
                 "reasons": [r.as_json() for r in self.reasons],
                 "timings": {k: round(v, 3) for k, v in self.timings.items()},
-                "downtime_ms": self.downtime_ms}
+                "downtime_ms": self.downtime_ms, "vm_state": self.vm_state,
+                "hosts": [h.as_json() for h in self.hosts], "next_step": self.next_step}
 
 
 __all__ = [
@@ -657,6 +822,7 @@ __all__ = [
     "MIGRATION_FLAGS",
     "CheckItem",
     "Copy",
+    "HostSeen",
     "MigrationPlan",
     "Outcome",
     "Preflight",
@@ -664,6 +830,7 @@ __all__ = [
     "ProgressTracker",
     "ReconcileCase",
     "StallWatchdog",
+    "Verdict",
     "assemble",
     "check_capacity",
     "check_certificate",
@@ -673,6 +840,7 @@ __all__ = [
     "find_reconcile_cases",
     "fingerprint",
     "item_from_reasons",
+    "judge",
     "migration_uri",
     "split_decision_reasons",
     "tls_name_for",

@@ -603,6 +603,29 @@ class Lab:
             token = sign_grant(payload, signer.key, [signer.cert])
             _write(out / f"{owner}-{label}.jws", (token + "\n").encode())
 
+    def grant_vm(self, owner: str, vm_uuid: str, vm_name: str) -> Path:
+        """``owner`` grants lab-admin one VM (by UUID) for GRANT_DAYS; returns the file.
+
+        Used by ``escort lab guest add``; the file sits with the lab's other grants
+        (the fleet file's ``grants`` directory).
+        """
+        import tomllib
+
+        from console.core.grants import AdminRef, build_grant_payload, sign_grant
+
+        if self.pki is None:
+            self.pki = certs.load(self.pki_dir)
+        doc = tomllib.loads(self.fleet_file.read_text(encoding="utf-8"))
+        fp = next(str(a["ssh_key_fingerprint"]) for a in doc["admins"] if a["id"] == LAB_ADMIN)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        signer = self.pki.owners[owner]
+        payload = build_grant_payload(owner=owner, admin=AdminRef(LAB_ADMIN, ssh_key=fp), vms=[vm_uuid],
+                                      not_before=now - dt.timedelta(minutes=5),
+                                      not_after=now + dt.timedelta(days=GRANT_DAYS))
+        path = self.dir / "grants" / f"{owner}-vm-{vm_name}.jws"
+        _write(path, (sign_grant(payload, signer.key, [signer.cert]) + "\n").encode())
+        return path
+
     def _fleet_toml(self, hosts: list[LabHost], console_pub: bytes) -> str:
         """The fleet file (field names of core/inventory.py FleetSpec/HostSpec).
 

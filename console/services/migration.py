@@ -34,9 +34,9 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import libvirt
 import platformdirs
@@ -44,7 +44,15 @@ from cryptography import x509
 
 from console.adapters.audit import AuditLog, read_entries
 from console.adapters.files import read_limited
-from console.adapters.libvirt import LibvirtHost, libvirt_message
+from console.adapters.libvirt import libvirt_message
+from console.adapters.ssh import (
+    AUTH_FAILED,
+    JUMP_FAILED,
+    KEY_CHANGED,
+    KEY_UNKNOWN,
+    LIBVIRT_DOWN,
+    UNREACHABLE,
+)
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
 from console.core.guard import guard_refusal
@@ -60,8 +68,20 @@ POLL_INTERVAL_S = 0.5
 FINISH_GRACE_S = 10.0
 #: How long an abortJob call may take before we stop waiting for its answer.
 ABORT_CALL_S = 5.0
-#: How long the VM gets to settle on one host after a migration ends.
+#: The deadline for verifying where the VM is after a migration ended. Verification
+#: returns as soon as both hosts answered (or one is known to be gone); this is only
+#: how long a host that does not answer at all is waited for.
 SETTLE_S = 20.0
+#: The reason libvirt gives a source it resumed after a failed switch-over (Confirm "cancelled").
+CANCELLED_REASON = "migration canceled"
+#: How often a host that has not given a final answer is asked again.
+VERIFY_POLL_S = 0.5
+#: One "where is the VM" call may take this long before it counts as no answer (yet).
+VERIFY_CALL_S = 10.0
+#: How often the target's libvirt is checked during the copy (a dead one ends it early).
+TARGET_PROBE_S = 1.0
+#: Problem codes that mean "the host answered no" (daemon down, refused): final, not waited for.
+_GONE_CODES = frozenset({UNREACHABLE, LIBVIRT_DOWN, JUMP_FAILED, AUTH_FAILED, KEY_UNKNOWN, KEY_CHANGED})
 #: A pre-flight older than this must be run again before it authorises anything.
 PREFLIGHT_MAX_AGE_S = 300.0
 DEMO_EXPLANATION = ("live migration needs real hosts: the demo runs on libvirt's test driver, which "
@@ -119,6 +139,9 @@ class MigrationRun:
         self._callbacks: list[ProgressCallback] = []
         self._abort_hook: Callable[[str], Any] | None = None
         self.task: asyncio.Task[MigrationResult] | None = None
+        self.stopped_waiting = ""  # who stopped the verification's wait ("" = nobody)
+        self.fenced = ""  # the host where escort paused the VM so it cannot run twice ("" = none)
+        self._stop_wait = asyncio.Event()
 
     # -- publishing -----------------------------------------------------------------
     def subscribe(self, callback: ProgressCallback) -> None:
@@ -157,8 +180,25 @@ class MigrationRun:
         return self._finished
 
     # -- control --------------------------------------------------------------------
+    def stop_waiting(self, who: str = "admin") -> None:
+        """End the verification's wait now: report what is known, the rest as unknown."""
+        if not self._finished and not self.stopped_waiting:
+            self.stopped_waiting = who
+            self._stop_wait.set()
+
+    @property
+    def verifying(self) -> bool:
+        return self.progress.phase == "verifying" and not self._finished
+
     async def abort(self, who: str = "admin") -> None:
-        """Ask libvirt to cancel (``abortJob``); the VM stays on the source."""
+        """Ask libvirt to cancel (``abortJob``); the VM stays on the source.
+
+        Once libvirt has returned and escort is verifying where the VM is, there is
+        nothing left to cancel: the same key stops waiting for hosts that do not answer.
+        """
+        if self.verifying:
+            self.stop_waiting(who)
+            return
         if self._finished or self.abort_requested:
             return
         self.abort_requested = who
@@ -169,27 +209,6 @@ class MigrationRun:
         if self.task is None:
             raise EscortError("migration not started")
         return await asyncio.shield(self.task)
-
-
-@dataclass
-class _Located:
-    """Where the VM is after a migration ended: host -> (state, reason), or a problem."""
-
-    copies: dict[str, DomainFacts] = field(default_factory=dict)
-    unreachable: dict[str, str] = field(default_factory=dict)
-
-    def running_on(self) -> list[str]:
-        return [h for h, d in self.copies.items() if d.state == "running"]
-
-    def settled(self) -> bool:
-        return (not self.unreachable and len(self.running_on()) == 1
-                and all(d.state == "running" or d.state == "shut off" for d in self.copies.values()))
-
-    def describe(self) -> str:
-        parts = [f"{d.state}{f' ({d.state_reason})' if d.state_reason else ''} on {h}"
-                 for h, d in self.copies.items()]
-        parts += [f"{h} unreachable ({why})" for h, why in self.unreachable.items()]
-        return "; ".join(parts) or "not found on either host"
 
 
 class MigrationService:
@@ -451,10 +470,26 @@ class MigrationService:
             copied = False  # the memory copy is over (switch-over, Finish, Confirm follow)
             pending: asyncio.Future[Any] | None = None
             next_poll = self.clock()
+            probe: asyncio.Future[Any] | None = None  # is the target's libvirt still there?
+            next_probe = self.clock() + TARGET_PROBE_S
+            target_lost = ""  # why escort cancelled the copy itself (the target's libvirt died)
             while not fut.done():
                 if pending is None and self.clock() >= next_poll:
                     pending = loop.run_in_executor(self._poll_threads, _sample, dom)
                     next_poll = self.clock() + self.poll_interval_s
+                if probe is None and self.clock() >= next_probe and not copied:
+                    probe = loop.run_in_executor(self._poll_threads, _probe, dst.conn)
+                    next_probe = self.clock() + TARGET_PROBE_S
+                if probe is not None and probe.done():
+                    lost, probe = probe.result(), None
+                    if lost and not copied and not target_lost and not run.abort_requested:
+                        # Finish needs the target's libvirtd: without it the copy can only
+                        # fail at its end. Cancel it now instead of streaming on for nothing.
+                        target_lost = f"{plan.target}'s libvirt stopped answering mid-way ({lost})"
+                        run._publish(run.tracker.set_phase(
+                            run.progress.phase, f"{target_lost}: cancelling the copy"))
+                        job = loop.run_in_executor(self._poll_threads, _abort_job, dom)
+                        await asyncio.wait({job}, timeout=ABORT_CALL_S)
                 waiters: set[asyncio.Future[Any]] = {fut} if pending is None else {fut, pending}
                 await asyncio.wait(waiters, timeout=max(0.01, next_poll - self.clock()),
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -484,24 +519,51 @@ class MigrationService:
                     await self._unstick(run, fut)
             new_dom, error = await fut
             timings["migrate"] = self.clock() - t_mig
+            if target_lost and new_dom is None:
+                error = f"{target_lost}; escort cancelled the copy ({error})"
             run._publish(run.tracker.set_phase("verifying", "checking where the VM runs"))
             t_ver = self.clock()
             if new_dom is not None:
-                outcome = await self._verify_success(run, dst, new_dom)
-            else:
-                outcome = await self._verify_failure(run, error, watchdog_fired)
+                with contextlib.suppress(EscortError):
+                    completed = await dst.call(new_dom.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED,
+                                               timeout=3.0)
+                    run._publish(run.tracker.complete(completed))
+                    run._publish(run.tracker.set_phase("verifying", "checking where the VM runs"))
+            fenced = ""
+            if new_dom is None and not copied:
+                # libvirt resumes a source it had paused for switch-over with the reason
+                # "migration canceled": the copy was over although the poller missed it
+                with contextlib.suppress(EscortError):
+                    state = await src.call(_state_of, src.conn, plan.vm_uuid, timeout=5.0)
+                    copied = state == ("running", CANCELLED_REASON)
+            if new_dom is None and copied:
+                # The copy was over when libvirt failed: the target may have resumed the VM
+                # while its answer (Finish) was lost, and libvirt's client then resumes the
+                # source too (Confirm "cancelled"). Measured in the lab (link cut just after
+                # the target ran the VM): both copies ran. Pause the source first; resume it
+                # only once the target has answered that it does not run the VM.
+                fenced = await self._fence(run, src)
+            seen = await self._observe(run)
+            if fenced and seen[1].answered and not seen[1].running:
+                await self._unfence(run, src)
+                fenced = ""
+                seen = await self._observe(run)
+            run.fenced = fenced
+            outcome = self._conclude(run, seen, libvirt_ok=new_dom is not None, error=error,
+                                     watchdog=watchdog_fired)
             timings["verify"] = self.clock() - t_ver
         except EscortError as exc:  # could not even start (host gone between pre-flight and now)
-            located = await self._locate(plan)
-            outcome = mig.Outcome("failed", _only_running(located), str(exc),
-                                  [Reason("migration.not_started", str(exc))])
+            seen = await self._observe(run)
+            outcome = self._conclude(run, seen, libvirt_ok=False, error=str(exc), watchdog=False,
+                                     code="migration.not_started")
         except Exception as exc:  # a bug must still leave an outcome, an audit entry, a finished run
             text = f"internal error: {type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):
-                located = await self._locate(plan)
-                text += f"; {plan.vm_name}: {located.describe()}"
             outcome = mig.Outcome("failed", "", text, [Reason("migration.internal", text,
-                                                              "run reconcile, and report this")])
+                                                              "run reconcile, and report this")],
+                                  vm_state="unknown", next_step="run `escort reconcile`, and report this")
+            with contextlib.suppress(Exception):
+                outcome = self._conclude(run, await self._observe(run), libvirt_ok=False, error=text,
+                                         watchdog=False, code="migration.internal")
         timings["total"] = self.clock() - t_start + run.preflight.elapsed_s
         outcome.timings = timings
         if outcome.result == "success":
@@ -516,6 +578,7 @@ class MigrationService:
             "target_cert_sha256": plan.cert_fingerprint, "policy_hash": plan.policy_hash,
             "grant_id": plan.grant_id, "tls_name": plan.tls_name, "watchdog": watchdog_fired,
             "aborted_by": run.abort_requested, "data_processed": run.progress.data_processed,
+            "stopped_waiting": run.stopped_waiting, "fenced": run.fenced,
         }
         try:
             written.append(await self._record(entry))
@@ -546,76 +609,176 @@ class MigrationService:
                 return
         await asyncio.wait({fut}, timeout=30.0)
 
-    async def _verify_success(self, run: MigrationRun, dst: LibvirtHost, new_dom: Any) -> mig.Outcome:
-        plan = run.plan
-        completed: dict[str, Any] = {}
+    async def _fence(self, run: MigrationRun, src: Any) -> str:
+        """Pause the source's copy if it runs; returns the host name when it did."""
+        run._publish(run.tracker.set_phase("verifying", f"the copy was over when libvirt failed: pausing "
+                                           f"{run.plan.vm_name} on {run.plan.source} until "
+                                           f"{run.plan.target} says it does not run it"))
+        try:
+            paused = await src.call(_suspend_if_running, src.conn, run.plan.vm_uuid, timeout=5.0)
+        except EscortError:
+            return ""  # the source cannot be asked either: its libvirtd keeps it paused itself
+        if paused:
+            with contextlib.suppress(Exception):
+                await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+                                    "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "pause",
+                                    "why": "the copy was over when libvirt failed; the target may run it"})
+        return run.plan.source if paused else ""
+
+    async def _unfence(self, run: MigrationRun, src: Any) -> None:
         with contextlib.suppress(EscortError):
-            completed = await dst.call(new_dom.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        run._publish(run.tracker.complete(completed))
-        located = await self._locate(plan, settle=True)
-        on_target = located.copies.get(plan.target)
-        reasons: list[Reason] = []
-        if on_target is None or on_target.state != "running":
-            reasons.append(Reason("migration.target_not_running",
-                                  f"libvirt reported success but {plan.vm_name} is not running on "
-                                  f"{plan.target}: {located.describe()}", "run reconcile"))
-        if plan.source in located.copies:
-            reasons.append(Reason("migration.source_not_gone",
-                                  f"{plan.vm_name} is still defined on {plan.source}: {located.describe()}",
-                                  "run reconcile to undefine the stale copy"))
-        downtime = run.progress.downtime_ms
-        if reasons:
-            return mig.Outcome("failed", _only_running(located), reasons[0].message, reasons,
-                               downtime_ms=downtime)
-        return mig.Outcome("success", plan.target,
-                           f"{plan.vm_name} runs on {plan.target} and is gone from {plan.source}",
-                           downtime_ms=downtime)
+            await src.call(_resume_if_paused, src.conn, run.plan.vm_uuid, timeout=5.0)
+            await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+                                "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "resume",
+                                "why": f"{run.plan.target} answered: it does not run the VM"})
 
-    async def _verify_failure(self, run: MigrationRun, error: str, watchdog: bool) -> mig.Outcome:
+    async def _ask(self, name: str, role: mig.Role, uuid: str) -> mig.HostSeen:
+        """One host's answer: the VM's state there, or why the host could not be asked."""
+        try:
+            host = await self.inventory.libvirt(name)
+            facts = await host.call(_domain_facts, host.conn, uuid, timeout=VERIFY_CALL_S)
+        except EscortError as exc:
+            code = getattr(exc, "code", "")
+            return mig.HostSeen(name, role, False, problem=str(exc).removeprefix(f"{name}: "),
+                                gone=code in _GONE_CODES)
+        return mig.HostSeen(name, role, True, facts)
+
+    async def _observe(self, run: MigrationRun) -> tuple[mig.HostSeen, mig.HostSeen]:
+        """Ask both hosts where the VM is, concurrently, until each gave a final answer.
+
+        A final answer: the host answered (and holds no unfinished incoming copy that
+        libvirt is still removing), or it is known to be gone (daemon down, refused).
+        Returns as soon as both are final; otherwise at the deadline (``settle_s``) or
+        when the operator stops waiting, with the silent host(s) marked unknown. The
+        progress message says whom we wait for, with a countdown.
+        """
         plan = run.plan
-        located = await self._locate(plan, settle=True)
-        where = _only_running(located)
-        result: Literal["failed", "aborted"]
-        if watchdog:
-            reason = Reason("migration.stalled",
-                            f"no progress for {self.stall_timeout_s:g} s (link down?); aborted: {error}",
-                            "check the migration network between the hosts")
-            result = "failed"
-        elif run.abort_requested:
-            reason = Reason("migration.aborted", f"aborted by {run.abort_requested}: {error}")
-            result = "aborted"
-        else:
-            reason = guard_refusal(error, plan.target) or Reason("migration.failed", error, _fix_for(error))
-            result = "failed"
-        reasons = [reason]
-        state = located.describe()
-        if where == plan.source:
-            message = f"{reason.message}. {plan.vm_name} is still running on {plan.source}"
-        else:
-            cases = mig.find_reconcile_cases({h: [d] for h, d in located.copies.items()})
-            hint = f" ({cases[0].advice})" if cases else ""
-            message = f"{reason.message}. {plan.vm_name}: {state}; run reconcile{hint}"
-            reasons.append(Reason("migration.needs_reconcile", f"{plan.vm_name}: {state}",
-                                  "run `escort` and use reconcile"))
-        return mig.Outcome(result, where, message, reasons)
+        roles: dict[str, mig.Role] = {plan.source: "source", plan.target: "target"}
+        start = self.clock()
+        deadline = start + self.settle_s
+        latest: dict[str, mig.HostSeen] = {}
+        tasks: dict[str, asyncio.Task[mig.HostSeen]] = {}
+        next_ask = dict.fromkeys(roles, start)
 
-    async def _locate(self, plan: mig.MigrationPlan, *, settle: bool = False) -> _Located:
-        """Ask both hosts (reconnecting if needed) where the VM is; wait until it settles."""
-        deadline = self.clock() + (self.settle_s if settle else 0.0)
-        while True:
-            located = _Located()
-            for name in (plan.source, plan.target):
+        def final(seen: mig.HostSeen | None) -> bool:
+            if seen is None:
+                return False
+            if not seen.answered:
+                return seen.gone
+            unfinished = (seen.role == "target" and seen.copy is not None and not seen.running
+                          and not seen.copy.persistent)
+            return not unfinished
+
+        try:
+            while True:
+                now = self.clock()
+                for name, role in roles.items():
+                    if name not in tasks and not final(latest.get(name)) and now >= next_ask[name]:
+                        tasks[name] = asyncio.create_task(self._ask(name, role, plan.vm_uuid))
+                if all(final(latest.get(n)) for n in roles) or now >= deadline or run._stop_wait.is_set():
+                    break
+                waiting = [n for n in roles if not final(latest.get(n))]
+                left = max(0.0, deadline - now)
+                why = "; ".join(f"{n}: {latest[n].problem or latest[n].state}" if n in latest else
+                                f"{n}: no answer yet" for n in waiting)
+                run._publish(run.tracker.set_phase(
+                    "verifying", f"waiting for {' and '.join(waiting)} ({why}) — {left:.0f} s left; "
+                    "stop waiting: a (console) / Ctrl-C (CLI)"))
+                stop = asyncio.ensure_future(run._stop_wait.wait())
                 try:
-                    host = await self.inventory.libvirt(name)
-                    facts = await host.call(_domain_facts, host.conn, plan.vm_uuid)
-                except EscortError as exc:
-                    located.unreachable[name] = str(exc)
-                    continue
-                if facts is not None:
-                    located.copies[name] = facts
-            if located.settled() or self.clock() >= deadline:
-                return located
-            await asyncio.sleep(0.5)
+                    await asyncio.wait({*tasks.values(), stop}, timeout=min(VERIFY_POLL_S, left),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                for name, task in list(tasks.items()):
+                    if task.done():
+                        latest[name] = task.result()
+                        del tasks[name]
+                        next_ask[name] = self.clock() + VERIFY_POLL_S
+        finally:
+            for task in tasks.values():
+                task.cancel()
+        waited = self.clock() - start
+        for name, role in roles.items():
+            seen = latest.get(name)
+            if seen is not None and (seen.answered or seen.gone):
+                continue
+            last = f" (last: {seen.problem})" if seen is not None and seen.problem else ""
+            what = (f"{run.stopped_waiting} stopped waiting after {waited:.0f} s" if run.stopped_waiting
+                    else f"no answer within {waited:.0f} s")
+            latest[name] = mig.HostSeen(name, role, False, problem=what + last)
+        return latest[plan.source], latest[plan.target]
+
+    def _conclude(self, run: MigrationRun, seen: tuple[mig.HostSeen, mig.HostSeen], *, libvirt_ok: bool,
+                  error: str, watchdog: bool, code: str = "") -> mig.Outcome:
+        """The outcome: what libvirt said, and where the VM is as far as it was verified."""
+        plan = run.plan
+        source, target = seen
+        verdict = mig.judge(plan.vm_name, source, target, libvirt_ok=libvirt_ok,
+                            copy_started=bool(run.progress.data_total or run.progress.data_processed))
+        reasons: list[Reason] = []
+        if libvirt_ok:
+            cause = "libvirt reported the migration complete"
+        elif code:
+            reasons.append(Reason(code, error, "check the hosts, then run `escort reconcile`"))
+            cause = error
+        elif watchdog:
+            reasons.append(Reason("migration.stalled", f"no progress for {self.stall_timeout_s:g} s "
+                                  f"(link down?); aborted: {error}",
+                                  "check the migration network between the hosts"))
+            cause = reasons[0].message
+        elif run.abort_requested:
+            reasons.append(Reason("migration.aborted", f"aborted by {run.abort_requested}: {error}"))
+            cause = reasons[0].message
+        else:
+            reasons.append(guard_refusal(error, plan.target)
+                           or Reason("migration.failed", error, _fix_for(error)))
+            cause = reasons[0].message
+        paused = self._paused_warning(plan, source)
+        if run.fenced:
+            reasons.append(Reason(
+                "migration.fenced", f"escort paused {plan.vm_name} on {plan.source}: the copy was over when "
+                f"libvirt failed, so {plan.target} may be running it (its answer was lost)",
+                f"when {plan.target} answers: if it runs the VM, `escort reconcile` removes the paused "
+                f"copy on {plan.source}; if not, it resumes it there"))
+        elif paused:
+            reasons.append(paused)
+        for h in seen:
+            if not h.answered:
+                reasons.append(Reason("migration.host_unverified",
+                                      f"{h.host} could not be asked: {h.problem}",
+                                      f"check {h.host} (SSH, libvirtd), then run `escort reconcile`"))
+        if verdict.needs_reconcile:
+            reasons.append(Reason("migration.needs_reconcile", verdict.summary,
+                                  verdict.next_step or "run `escort reconcile`"))
+        result: Any
+        if verdict.vm_state == "moved":
+            result = "success"
+            message = verdict.summary if libvirt_ok else (
+                f"{verdict.summary}; libvirt reported an error after the switch-over: {error}")
+            if run.abort_requested and not libvirt_ok:
+                message += f" (the abort by {run.abort_requested} came too late)"
+        elif verdict.vm_state == "stayed":
+            result = "aborted" if run.abort_requested and not watchdog else "failed"
+            message = f"{cause}. {verdict.summary}"
+        else:
+            result = "unknown"
+            message = f"{cause}. {verdict.summary}"
+        if run.fenced:
+            message += "".join(f". {r.message}" for r in reasons if r.code == "migration.fenced")
+        if verdict.next_step:
+            message += f". Next: {verdict.next_step}"
+        return mig.Outcome(result, verdict.vm_on, message, reasons, downtime_ms=run.progress.downtime_ms,
+                           vm_state=verdict.vm_state, hosts=list(seen), next_step=verdict.next_step)
+
+    def _paused_warning(self, plan: mig.MigrationPlan, source: mig.HostSeen) -> Reason | None:
+        """libvirt's "probably left in 'paused' state on source", checked against the real state."""
+        if source.answered and source.copy is not None and source.copy.state == "paused":
+            why = f" ({source.copy.state_reason})" if source.copy.state_reason else ""
+            return Reason("migration.source_paused",
+                          f"{plan.vm_name} is paused{why} on {plan.source} (checked)",
+                          "run `escort reconcile`: it resumes the right copy, never both")
+        return None
 
     # -- reconcile ------------------------------------------------------------------
     async def reconcile_scan(self, hosts: list[str] | None = None) -> list[mig.ReconcileCase]:
@@ -624,8 +787,38 @@ class MigrationService:
         refreshed = await self.inventory.refresh(hosts)
         for name, r in refreshed.items():
             self.fleet.apply_facts(name, r.facts, r.problem)
-        domains = {n: list(r.facts.domains) for n, r in refreshed.items() if r.facts is not None}
+        fenced = self._fenced()
+        domains = {n: [replace(d, state_reason="migration") if (d.uuid, n) in fenced and d.state == "paused"
+                       else d for d in r.facts.domains]
+                   for n, r in refreshed.items() if r.facts is not None}
         return mig.find_reconcile_cases(domains, self._last_targets())
+
+    def _fenced(self) -> set[tuple[str, str]]:
+        """(uuid, host) pairs escort paused after a lost Finish and nobody reconciled since:
+        reconcile treats them as paused for the migration (resume, or remove if the other runs)."""
+        out: set[tuple[str, str]] = set()
+        try:
+            for e in read_entries(self.audit.path):
+                key = (str(e.get("uuid")), str(e.get("host")))
+                if e.get("kind") == "fence":
+                    (out.add if e.get("action") == "pause" else out.discard)(key)
+                elif e.get("kind") == "reconcile":
+                    out = {k for k in out if k[0] != str(e.get("uuid"))}
+        except EscortError:
+            return set()
+        return out
+
+    def unverified(self) -> list[dict[str, Any]]:
+        """Migrations whose latest outcome in the audit log is "unknown" (a host could not
+        be asked): each is offered again until a reconcile scan sees both hosts."""
+        latest: dict[str, dict[str, Any]] = {}
+        try:
+            for e in read_entries(self.audit.path):
+                if e.get("kind") == "outcome":
+                    latest[str(e.get("uuid"))] = e
+        except EscortError:
+            return []
+        return [e for e in latest.values() if e.get("vm_state") == "unknown"]
 
     def _last_targets(self) -> dict[str, str]:
         path = self.audit.path
@@ -695,6 +888,36 @@ def _sample(dom: Any) -> tuple[dict[str, Any], bool] | None:
     return stats, False
 
 
+def _state_of(conn: Any, uuid: str) -> tuple[str, str]:
+    from console.adapters.libvirt import state_name
+
+    state, reason = conn.lookupByUUIDString(uuid).state()
+    return state_name(state, reason)
+
+
+def _suspend_if_running(conn: Any, uuid: str) -> bool:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+        dom.suspend()
+        return True
+    return False
+
+
+def _resume_if_paused(conn: Any, uuid: str) -> None:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
+
+
+def _probe(conn: Any) -> str:
+    """"" while the connection's daemon answers, else libvirt's message (one cheap RPC)."""
+    try:
+        conn.getLibVersion()
+    except libvirt.libvirtError as exc:
+        return libvirt_message(exc)
+    return ""
+
+
 def _copy_finished(stats: dict[str, Any]) -> bool:
     """The source's job says the memory copy is over (completed, or nothing left to send)."""
     kind = stats.get("type")
@@ -741,11 +964,6 @@ def _free_memory(facts: HostFacts) -> int:
         return facts.free_memory_mib
     used = sum(d.memory_mib for d in facts.domains if d.state in ("running", "paused", "blocked"))
     return max(0, facts.memory_mib - used)
-
-
-def _only_running(located: _Located) -> str:
-    running = located.running_on()
-    return running[0] if len(running) == 1 else ""
 
 
 def _fix_for(error: str) -> str:

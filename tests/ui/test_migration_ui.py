@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from textual.app import App, ComposeResult
 from textual.pilot import Pilot
-from textual.widgets import Button, DataTable, Input, OptionList, ProgressBar, Static
+from textual.widgets import Button, DataTable, Input, Label, OptionList, ProgressBar, Static
 
 from console.core.migration import Outcome, Progress
 from console.ui.app import EscortApp
@@ -283,9 +283,14 @@ class FakeRun:
         self.result: object = None
         self.done = False
         self.aborted_by = ""
+        self.verifying = False
+        self.stopped_waiting = ""
 
     async def abort(self, who: str = "admin") -> None:
         self.aborted_by = who
+
+    def stop_waiting(self, who: str = "admin") -> None:
+        self.stopped_waiting = who
 
 
 async def test_migrations_tab_panels_per_run_latest_state_abort_and_reconcile_first(
@@ -359,3 +364,32 @@ def test_board_cells_say_phase_in_words_and_where_the_vm_is() -> None:
     assert phase_cell(failed) == "✗ failed" and note_cell(failed) == "still on ber-01: TLS refused"
     lost = VMUpdate("u", "web-01", "ber-01", "par-01", "alice", "aborted", message="cut")
     assert "NOT verified" in note_cell(lost)
+
+
+async def test_a_while_verifying_stops_waiting_without_an_abort_dialog(make_app: MakeApp) -> None:
+    """Once libvirt has returned there is nothing to cancel: `a` ends the wait for a
+    silent host at once, and the panel shows whom it waited for with a countdown."""
+    from console.ui.screens.migrations import hub_for
+
+    app = make_app(start_mode="migrations")
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        screen = app.screen
+        hub = hub_for(app)
+        run = FakeRun("r9", "app-1", "fra-1", "par-1")
+        run.verifying = True
+        run.progress = Progress("verifying", message="waiting for par-1 (par-1: no answer yet) — 14 s left; "
+                                "stop waiting: a (console) / Ctrl-C (CLI)")
+        hub.runs.append(run)  # type: ignore[arg-type]
+        hub.versions[run.id] = 0
+        def phase_text() -> str:
+            panels = [p for p in screen.query(MigrationPanel) if p.run_id == "r9"]
+            return str(panels[0].query_one(".mp-phase", Label).render()) if panels else ""
+
+        await wait_for(pilot, lambda: "waiting for par-1" in phase_text(), "the countdown in the panel")
+        assert "14 s left" in phase_text()
+        panel = next(p for p in screen.query(MigrationPanel) if p.run_id == "r9")
+        panel.focus()
+        await pilot.press("a")
+        await wait_for(pilot, lambda: run.stopped_waiting == "admin", "stop waiting")
+        assert not isinstance(app.screen, ConfirmDialog) and run.aborted_by == ""

@@ -371,3 +371,72 @@ def test_progress_line_for_a_terminal() -> None:
                                     iteration=1, eta_s=3.75))
     assert "40%" in line and "40.0 MiB sent" in line and "16.0 MiB/s" in line and "01:05" in line
     assert "ETA 00:03" in line
+
+
+# -- after a migration: three-valued, never "not running" for "could not ask" ---------------
+def _seen(host: str, role: str, state: str | None, *, persistent: bool = True, reason: str = "",
+          problem: str = "") -> m.HostSeen:
+    if problem:
+        return m.HostSeen(host, role, False, problem=problem, gone=True)  # type: ignore[arg-type]
+    copy = None if state is None else DomainFacts("u", "vm", state, reason, persistent=persistent)
+    return m.HostSeen(host, role, True, copy)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("src", "dst", "ok", "state", "on", "reconcile"), [
+    (("running", True, ""), (None, True, ""), False, "stayed", "S", False),
+    ((None, True, ""), ("running", True, ""), True, "moved", "T", False),
+    (("paused", True, "migration"), ("running", True, ""), True, "moved", "T", True),
+    (("running", True, ""), ("paused", False, "incoming migration"), False, "stayed", "S", True),
+    (("running", True, ""), ("down", False, ""), False, "stayed", "S", True),
+    (("down", False, ""), ("running", True, ""), False, "moved", "T", True),
+    ((None, True, ""), ("down", False, ""), True, "unknown", "", True),
+    ((None, True, ""), ("down", False, ""), False, "unknown", "", True),
+    (("down", False, ""), ("down", False, ""), False, "unknown", "", True),
+    (("running", True, ""), ("running", True, ""), False, "unknown", "", True),
+    (("paused", True, "migration"), (None, True, ""), False, "unknown", "", True),
+    (("running", True, ""), (None, True, ""), True, "unknown", "", True),  # libvirt said yes: odd
+    # resumed by libvirt after a switch-over, target silent: the target may run it too
+    (("running", True, "migration canceled"), ("down", False, ""), False, "unknown", "", True),
+    (("running", True, "migration canceled"), (None, True, ""), False, "stayed", "S", False),
+])
+def test_judge_three_values(src: tuple[str | None, bool, str], dst: tuple[str | None, bool, str], ok: bool,
+                            state: str, on: str, reconcile: bool) -> None:
+    def seen(host: str, role: str, spec: tuple[str | None, bool, str]) -> m.HostSeen:
+        what, persistent, reason = spec
+        if what == "down":
+            return _seen(host, role, None, problem="libvirt down: no daemon")
+        return _seen(host, role, what, persistent=persistent, reason=reason)
+
+    v = m.judge("vm", seen("S", "source", src), seen("T", "target", dst), libvirt_ok=ok)
+    assert (v.vm_state, v.vm_on, v.needs_reconcile) == (state, on, reconcile), v.summary
+    assert "not running" not in v.summary
+    for h in v.hosts:
+        if not h.answered:  # a silent host is named, with why, and never described as empty
+            assert f"{h.host} ({h.role}) could not be asked" in " ".join(v.host_lines())
+            assert "could not be asked" in v.summary and h.host in v.summary
+            assert h.host in v.next_step
+            assert h.as_json()["state"] == "unknown" and h.as_json()["checked"] is False
+    if state == "unknown":
+        assert v.next_step
+
+
+def test_leftover_incoming_copy_is_a_reconcile_item() -> None:
+    hosts = {"fra-1": [DomainFacts("u1", "app-1", "running", "", persistent=True)],
+             "par-1": [DomainFacts("u1", "app-1", "paused", "incoming migration", persistent=False)]}
+    (case,) = m.find_reconcile_cases(hosts)
+    assert case.code == "reconcile.leftover_incoming"
+    assert case.steps == (("destroy", "par-1"),)
+    assert "fra-1" in case.advice
+
+
+def test_escort_reconcile_on_the_demo_fleet(demo_fleet: Path) -> None:
+    """`escort reconcile`: every host asked (libvirt's test driver), JSON shape, exit codes."""
+    res = CliRunner().invoke(main, ["reconcile", "--fleet", str(demo_fleet), "--json"])
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert set(data) == {"cases", "unverified", "unreachable", "fixed"}
+    assert res.exit_code == (0 if not data["cases"] and not data["unreachable"] else 1)
+    assert data["fixed"] == []
+    res = CliRunner().invoke(main, ["--readonly", "reconcile", "--fleet", str(demo_fleet), "--fix"])
+    assert res.exit_code == 3, res.output
+    res = CliRunner().invoke(main, ["reconcile"])
+    assert res.exit_code == 2 and "--fleet" in res.output

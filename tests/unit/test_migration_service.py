@@ -21,6 +21,7 @@ import libvirt
 import pytest
 
 from console.adapters.audit import AuditLog, read_entries, verify_file
+from console.adapters.ssh import LIBVIRT_DOWN, HostProblem
 from console.core import migration as mig
 from console.core.errors import EscortError, ReadOnlyError
 from console.core.inventory import HostSpec, VMView
@@ -52,6 +53,11 @@ class World:
         self.finish_s = 0.0  # Finish/Confirm after the copy: the source job is gone meanwhile
         self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
         self.stats_free = threading.Event()  # ... until this is set
+        self.down: dict[str, HostProblem] = {}  # host -> why it cannot be asked (verification)
+        self.silent: set[str] = set()  # hosts that never answer (a cut link)
+        self.target_daemon_dead = threading.Event()  # the target's libvirtd died mid-way
+        self.asks: list[str] = []  # hosts asked where the VM is
+        self.lost_finish = False  # the target ran the VM but its answer never came back
 
 
 class FakeDom:
@@ -65,9 +71,18 @@ class FakeDom:
         while True:
             if w.dropped.is_set():
                 raise _err("End of file while reading data: Input/output error")
+            if w.target_daemon_dead.is_set() and w.aborts:
+                raise _err("operation aborted: job 'migration out' canceled by client",
+                           libvirt.VIR_ERR_OPERATION_ABORTED)
             if w.aborts and not w.ignore_abort:
                 raise _err("operation aborted: job 'migration out' canceled by client",
                            libvirt.VIR_ERR_OPERATION_ABORTED)
+            if w.release.is_set() and w.lost_finish:
+                time.sleep(w.finish_s)
+                w.where[dconn.host] = "running"  # Finish resumed it, but its answer was lost ...
+                w.silent.add(dconn.host)
+                raise _err("End of file while reading data: Input/output error",
+                           libvirt.VIR_ERR_SYSTEM_ERROR)  # ... and Confirm resumed the source
             if w.release.is_set():
                 time.sleep(w.finish_s)
                 del w.where["src"]
@@ -94,7 +109,17 @@ class FakeDom:
         return 0
 
     def state(self) -> list[int]:
+        if self.world.where.get(self.host) == "paused":
+            return [libvirt.VIR_DOMAIN_PAUSED, 1]
         return [libvirt.VIR_DOMAIN_RUNNING, 1]
+
+    def suspend(self) -> int:
+        self.world.where[self.host] = "paused"
+        return 0
+
+    def resume(self) -> int:
+        self.world.where[self.host] = "running"
+        return 0
 
     def isPersistent(self) -> int:
         return 1
@@ -106,6 +131,11 @@ class FakeDom:
 class FakeConn:
     def __init__(self, world: World, host: str) -> None:
         self.world, self.host = world, host
+
+    def getLibVersion(self) -> int:
+        if self.host == "dst" and self.world.target_daemon_dead.is_set():
+            raise _err("Cannot recv data: End of file", libvirt.VIR_ERR_SYSTEM_ERROR)
+        return 9000000
 
     def lookupByUUIDString(self, uuid: str) -> FakeDom:
         if uuid != UUID or self.host not in self.world.where:
@@ -143,6 +173,11 @@ class FakeInventory:
         return HostSpec(name, ssh=f"root@{name}", migration_address="10.0.0.2")
 
     async def libvirt(self, name: str) -> FakeHost:
+        self.world.asks.append(name)
+        if name in self.world.down:
+            raise self.world.down[name]
+        if name in self.world.silent:
+            await asyncio.Event().wait()  # never answers (cancelled at the deadline)
         return FakeHost(self.world, name)
 
 
@@ -177,7 +212,7 @@ def _preflight(ok: bool = True) -> mig.Preflight:
 def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
              **kw: Any) -> MigrationService:
     opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
-                            "settle_s": 0.3, **kw}
+                            "settle_s": 30.0, **kw}  # a deadline only: both answer at once
     return MigrationService(fleet or FakeFleet(), FakeInventory(world),  # type: ignore[arg-type]
                             audit=AuditLog(tmp_path / "audit.log"), **opts)
 
@@ -347,3 +382,147 @@ async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> Non
     assert run.abort_requested == "" and world.aborts == 0
     assert svc.inventory.pool.dropped == []  # type: ignore[attr-defined]
     assert result.outcome.result == "success" and result.outcome.vm_on == "dst"
+
+
+# -- after a failure: what is known, said as such (issue 14) ---------------------------------
+async def test_target_gone_after_completion_is_unknown_not_not_running(tmp_path: Path) -> None:
+    """libvirt said success, then the target's libvirtd died: the VM is gone from the
+    source (checked), the target could not be asked — unknown, never "not running".
+    A huge deadline proves verification returned as soon as the target was known gone."""
+    world = World()
+    svc = _service(tmp_path, world, settle_s=3600)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.down["dst"] = HostProblem(LIBVIRT_DOWN, "dst: libvirt down: no libvirt daemon answered")
+    world.release.set()
+    result = await asyncio.wait_for(run.wait(), 30)
+    await svc.close()
+    out = result.outcome
+    assert (out.result, out.vm_state, out.vm_on) == ("unknown", "unknown", "")
+    assert "not running" not in out.message and "UNKNOWN" in out.message
+    assert "check dst" in out.next_step and "escort reconcile" in out.next_step
+    src, dst = out.hosts
+    assert (src.host, src.answered, src.copy) == ("src", True, None)
+    assert (dst.host, dst.answered, dst.gone) == ("dst", False, True) and "libvirt down" in dst.problem
+    entry = read_entries(tmp_path / "audit.log")[-1]
+    assert entry["vm_state"] == "unknown" and entry["next_step"] == out.next_step
+    assert entry["hosts"] == [{"host": "src", "role": "source", "checked": True, "state": "absent"},
+                              {"host": "dst", "role": "target", "checked": False, "state": "unknown",
+                               "problem": dst.problem}]
+    assert "host.libvirt_down" not in [r["code"] for r in entry["reasons"]]
+    assert "migration.host_unverified" in [r["code"] for r in entry["reasons"]]
+    assert verify_file(tmp_path / "audit.log").ok
+
+
+async def test_target_daemon_dies_mid_copy_escort_cancels_and_reports_stayed(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world, settle_s=3600)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.target_daemon_dead.set()
+    world.down["dst"] = HostProblem(LIBVIRT_DOWN, "dst: libvirt down: no libvirt daemon answered")
+    result = await asyncio.wait_for(run.wait(), 30)
+    await svc.close()
+    out = result.outcome
+    assert world.aborts == 1 and run.abort_requested == ""  # escort cancelled, nobody aborted
+    assert (out.result, out.vm_state, out.vm_on) == ("failed", "stayed", "src")
+    assert "stopped answering" in out.message and "still running on src (checked)" in out.message
+    assert "dst could not be asked" in out.message and "incoming copy" in out.message
+    assert "check it" in out.next_step
+
+
+async def test_silent_host_countdown_and_stop_waiting(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world, settle_s=3600)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.silent.add("dst")
+    world.release.set()
+    messages: list[str] = []
+    run.subscribe(lambda _r, p: messages.append(p.message))
+    await _when(lambda: any("waiting for dst" in m for m in messages), timeout=10)
+    waiting = next(m for m in messages if "waiting for dst" in m)
+    assert "s left" in waiting and "stop waiting" in waiting
+    await run.abort("admin")  # during verification: stops waiting, cancels nothing
+    result = await asyncio.wait_for(run.wait(), 10)
+    await svc.close()
+    out = result.outcome
+    assert world.aborts == 0 and run.stopped_waiting == "admin"
+    assert (out.result, out.vm_state) == ("unknown", "unknown")
+    assert "admin stopped waiting" in out.hosts[1].problem
+    assert read_entries(tmp_path / "audit.log")[-1]["stopped_waiting"] == "admin"
+
+
+async def test_libvirt_error_after_switchover_but_vm_moved_is_success(tmp_path: Path) -> None:
+    """Confirm failed after the target resumed the VM: libvirt raised, the VM moved."""
+    world = World()
+    svc = _service(tmp_path, world, settle_s=3600)
+    real = FakeDom.migrate3
+
+    def moved_then_error(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
+        real(self, dconn, params, flags)
+        raise _err("Cannot recv data: End of file", libvirt.VIR_ERR_SYSTEM_ERROR)
+
+    FakeDom.migrate3 = moved_then_error  # type: ignore[method-assign]
+    try:
+        world.release.set()
+        run = await svc.start(_preflight())
+        result = await asyncio.wait_for(run.wait(), 30)
+    finally:
+        FakeDom.migrate3 = real  # type: ignore[method-assign]
+        await svc.close()
+    out = result.outcome
+    assert (out.result, out.vm_state, out.vm_on) == ("success", "moved", "dst")
+    assert "libvirt reported an error after the switch-over" in out.message
+
+
+async def test_lost_finish_answer_fences_the_source(tmp_path: Path) -> None:
+    """The target resumed the VM, its answer was lost, libvirt's client resumed the source
+    (Confirm "cancelled"): escort pauses the source so the VM never runs twice, reports
+    unknown, and reconcile later removes the paused copy once the target shows it runs."""
+    world = World()
+    world.finish_s = 0.5
+    world.lost_finish = True
+    svc = _service(tmp_path, world, settle_s=0.5)
+    run = await svc.start(_preflight())
+    await _when(lambda: world.processed >= 3 * MIB)
+    world.release.set()
+    result = await asyncio.wait_for(run.wait(), 30)
+    out = result.outcome
+    assert world.where == {"src": "paused", "dst": "running"}  # never both running after escort
+    assert (out.result, out.vm_state, run.fenced) == ("unknown", "unknown", "src")
+    assert "escort paused web on src" in out.message and "migration.fenced" in [r.code for r in out.reasons]
+    entries = read_entries(tmp_path / "audit.log")
+    assert [e["kind"] for e in entries] == ["decision", "fence", "outcome"]
+    assert entries[-1]["fenced"] == "src"
+    assert svc._fenced() == {(UUID, "src")}
+    await svc.close()
+    assert verify_file(tmp_path / "audit.log").ok
+
+
+async def test_lost_finish_but_target_answers_without_the_vm_resumes_the_source(tmp_path: Path) -> None:
+    world = World()
+    world.finish_s = 0.5
+    svc = _service(tmp_path, world)
+    real = FakeDom.migrate3
+
+    def finish_failed(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
+        while not world.release.is_set():
+            time.sleep(0.01)
+        time.sleep(world.finish_s)
+        raise _err("End of file while reading data: Input/output error", libvirt.VIR_ERR_SYSTEM_ERROR)
+
+    FakeDom.migrate3 = finish_failed  # type: ignore[method-assign]
+    try:
+        run = await svc.start(_preflight())
+        await _when(lambda: world.processed >= 3 * MIB)
+        world.release.set()
+        result = await asyncio.wait_for(run.wait(), 30)
+    finally:
+        FakeDom.migrate3 = real  # type: ignore[method-assign]
+        await svc.close()
+    out = result.outcome
+    assert world.where == {"src": "running"} and run.fenced == ""
+    assert (out.result, out.vm_state, out.vm_on) == ("failed", "stayed", "src")
+    kinds = [(e["kind"], e.get("action")) for e in read_entries(tmp_path / "audit.log")]
+    assert kinds == [("decision", None), ("fence", "pause"), ("fence", "resume"), ("outcome", None)]

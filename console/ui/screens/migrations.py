@@ -417,6 +417,10 @@ class MigrationsScreen(FleetScreen):
         if run is None or run.done:
             self.notify(f"{panel.vm}: this migration has already ended.", timeout=4)
             return
+        if run.verifying:  # libvirt has returned: nothing to cancel, only a wait to end
+            run.stop_waiting("admin")
+            self.notify(f"{panel.vm}: stopped waiting; the panel says what is known now.", timeout=5)
+            return
 
         def answered(ok: bool | None) -> None:
             if ok:

@@ -77,7 +77,10 @@ def outcome_line(outcome: Outcome, source: str, target: str) -> tuple[str, bool]
         return text, True
     where = (f"still running on {outcome.vm_on} (checked)" if outcome.vm_on
              else "NOT verified on any host — press s to scan for half-done migrations")
-    return f"{BAD} {outcome.result.upper()}: {outcome.message or outcome.result}; {where}", False
+    text = f"{BAD} {outcome.result.upper()}: {outcome.message or outcome.result}; {where}"
+    if outcome.hosts:  # what each host answered, or why it could not be asked
+        text += "".join(f"\n  {h.describe()}" for h in outcome.hosts)
+    return text, False
 
 
 class MigrationPanel(Vertical, can_focus=True):
