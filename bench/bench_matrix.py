@@ -86,7 +86,8 @@ def build(n_hosts: int, n_vms: int, n_owners: int, n_shapes: int, owner_keys: st
     inters: list[tuple[iss.Issuer, list[str], list[str]]] = []
     for name, countries, sites in REGIONS:
         k = iss.make_key("ec")
-        cert = iss.issue_ca(iss.CASpec(iss.Subject(f"Region {name}", organization="Bench"), path_len=0),
+        cert = iss.issue_ca(iss.CASpec(iss.Subject(f"Region {name}", organization="Bench"), path_len=0,
+                                       policies=POLICIES),
                             k, iss.Validity.days(1825, start=start), issuer=root)
         inters.append((iss.Issuer(cert, k), countries, sites))
     rogue_key = iss.make_key("ec")
@@ -153,8 +154,10 @@ FastResult = tuple[dict[str, float], dict[str, tuple[str, ...]], int, list[HostC
 def fast_path(f: Fleet, workers: int) -> FastResult:
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    (store, _), phases["trust stores"] = timed(lambda: pki.TrustStore.build(f.ca_pems, at=AT))
-    (owners, _), dt_owners = timed(lambda: pki.TrustStore.build(f.owner_ca_pems, at=AT))
+    # the bench CAs publish no CRL: "warn" keeps the verdicts what they measure (docs/PKI.md)
+    (store, _), phases["trust stores"] = timed(
+        lambda: pki.TrustStore.build(f.ca_pems, at=AT, missing_crl="warn"))
+    (owners, _), dt_owners = timed(lambda: pki.TrustStore.build(f.owner_ca_pems, at=AT, missing_crl="warn"))
     phases["trust stores"] += dt_owners
 
     def hosts() -> list[HostCheck]:

@@ -2,7 +2,17 @@
 
 Run:  python bench/bench_ui.py [--vms 10000] [--hosts 1000] [--runs 3] [--record]
 
-What is measured (``App.run_test``, headless, 120x40 terminal):
+**End to end (what users see; the figure goals are judged on):** a fresh Python
+process per run, started by this script, that does what ``escort --offline --fleet F``
+does — import escort and Textual, load the real fleet written by
+``escort demo --vms N --hosts M`` (10,000 policy files, 1,000 certificates, CRLs) the
+way the console does (lazily, then checked in steps), build the rows and run the app
+headless (``App.run_test``) — timed from just before the process is spawned until the
+VM table paints its first data row, and until every row has its verdict (empty cache
+of opened policies first, then warm). bench/bench_scale.py measures the same in a real
+terminal (tmux) with a 100-VM baseline.
+
+**Breakdown, the UI alone (in-memory fake fleet; not what users see):**
 
 * **first paint**: from constructing ``EscortApp`` (which reads every host and VM
   view and precomputes every table row and its lowercase filter string) until the
@@ -188,6 +198,63 @@ async def datatable_first_paint(rows: list[tuple[str, ...]]) -> float:
         DataTable.render_line = original  # type: ignore[method-assign]
 
 
+CHILD = r"""
+import sys, time, asyncio
+fleet, cols, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from console.services.fleet import FleetService
+from console.ui.app import EscortApp
+from console.ui.config import load_config
+from console.ui.widgets.vtable import VirtualTable
+
+painted = []
+original = VirtualTable.render_line
+def spy(self, y):
+    if not painted and self.id == "vms-table" and self.row_count and y >= 1:
+        painted.append(time.time())
+    return original(self, y)
+VirtualTable.render_line = spy
+
+async def main():
+    config, _ = load_config()
+    service = FleetService.load(fleet, readonly=config.readonly, eager=False)  # as open_console
+    service.use_cache = True
+    app = EscortApp(service, config=config, live=False)
+    async with app.run_test(size=(cols, rows)) as pilot:
+        while not painted:
+            await pilot.pause(0.005)
+        while app.checking:
+            await pilot.pause(0.005)
+        print(painted[0], time.time(), flush=True)
+asyncio.run(main())
+"""
+
+
+def end_to_end(fleet: Path, cache: Path, *, cold: bool) -> tuple[float, float]:
+    """(first data row painted, every verdict shown), seconds from spawning the process."""
+    import os
+    import shutil
+    import subprocess
+
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "ESCORT_CACHE_DIR": str(cache)}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", CHILD, str(fleet), str(SIZE[0]), str(SIZE[1])], env=env,
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    paint, done = (float(x) for x in out.stdout.split()[-2:])
+    return paint - t0, done - t0
+
+
+def real_fleet(vms: int, hosts: int) -> Path:
+    import subprocess
+
+    escort = Path(sys.executable).with_name("escort")
+    where = Path("/tmp/escort-bench-scale") / f"scale-{vms}x{hosts}"
+    out = subprocess.run([str(escort), "demo", "--vms", str(vms), "--hosts", str(hosts), "--dir", str(where),
+                          "--print-path"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vms", type=int, default=10_000)
@@ -196,6 +263,17 @@ async def main() -> None:
     ap.add_argument("--datatable", action="store_true", help="also time Textual's DataTable")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     args = ap.parse_args()
+
+    real = real_fleet(args.vms, args.hosts)
+    cache = Path("/tmp/escort-bench-ui-cache")
+    end_to_end(real, cache, cold=True)  # page cache warm-up, not counted
+    cold_paint, cold_done = end_to_end(real, cache, cold=True)
+    warm = [end_to_end(real, cache, cold=False) for _ in range(args.runs)]
+    e2e_paint = statistics.median(w[0] for w in warm)
+    e2e_done = statistics.median(w[1] for w in warm)
+    print(f"END TO END (process start, real fleet {real}): first rows {cold_paint * 1000:.0f} ms cold / "
+          f"{e2e_paint * 1000:.0f} ms warm cache; every verdict {cold_done * 1000:.0f} ms cold / "
+          f"{e2e_done * 1000:.0f} ms warm")
 
     t = time.perf_counter()
     fleet = make_fleet(args.hosts, args.vms)
@@ -226,13 +304,28 @@ async def main() -> None:
             f"## Console: VM screen with {args.vms:,} VMs x {args.hosts:,} hosts ({when})",
             "",
             f"Machine: {describe(f'textual {textual_version}')}.",
-            "Headless `App.run_test` at 120x40; fleet views built in memory (tests/ui/fakes.py,"
-            f" {build:.1f} s, not timed); see bench/bench_ui.py for exactly what is measured.",
+            "End to end: a new process per run, the real fleet from `escort demo --vms N --hosts M`,"
+            " loaded as `escort --offline` does, headless at 120x40, timed from spawning the process.",
             "",
-            "| measurement | result | goal |",
+            "| end to end, from process start | result | goal | met? |",
+            "|---|---:|---:|---|",
+            f"| first VM rows painted, empty cache | {cold_paint * 1000:.0f} ms | ≤ 1500 ms | "
+            f"{'yes' if cold_paint <= 1.5 else '**no**'} |",
+            f"| first VM rows painted, warm cache (median of {len(warm)}) | {e2e_paint * 1000:.0f} ms | "
+            f"≤ 1500 ms | {'yes' if e2e_paint <= 1.5 else '**no**'} |",
+            f"| every row's verdict shown, empty cache | {cold_done * 1000:.0f} ms | "
+            "≤ 2000 ms (matrix cold) | "
+            f"{'yes' if cold_done <= 2.0 else '**no**'} |",
+            f"| every row's verdict shown, warm cache | {e2e_done * 1000:.0f} ms | ≤ 500 ms (matrix warm) | "
+            f"{'yes' if e2e_done <= 0.5 else '**no**'} |",
+            "",
+            "Breakdown, the UI alone: fleet views built in memory (tests/ui/fakes.py,"
+            f" {build:.1f} s, not timed). NOT what users see; no goal is judged on these rows.",
+            "",
+            "| UI only (in-memory fake fleet) | result | goal |",
             "|---|---:|---:|",
             f"| first paint of the VM screen (median of {len(paints)}) | "
-            f"{statistics.median(paints) * 1000:.0f} ms | < 1500 ms |",
+            f"{statistics.median(paints) * 1000:.0f} ms | (part of the above) |",
             f"| filter keystroke to repaint (median of {len(keys)}) | "
             f"{statistics.median(keys) * 1000:.1f} ms | < 100 ms |",
             f"| filter keystroke to repaint (worst) | {max(keys) * 1000:.1f} ms | < 100 ms |",

@@ -262,7 +262,10 @@ def _write_fleet(work: Path, final: Path, now: dt.datetime, keys: _Keys) -> None
         key = keys.key(plan.key, plan.key_type)
         cert = iss.issue_ca(
             iss.CASpec(iss.Subject(plan.name, organization="Escort Demo", org_unit=plan.region),
-                       path_len=0),
+                       path_len=0,
+                       # a CA asserts the certificate policies of the hosts it issues: a
+                       # host's placement OID counts only if every CA on its path does
+                       policies=sorted({f"assurance:{h.assurance}" for h in HOSTS if h.ca == plan.key})),
             key, iss.Validity(now - dt.timedelta(days=300),
                               now + dt.timedelta(days=plan.days_left, hours=12)),
             issuer=root, serial=keys.serial())
@@ -298,6 +301,7 @@ def _write_fleet(work: Path, final: Path, now: dt.datetime, keys: _Keys) -> None
                                serial=keys.serial())
     owners_ca = iss.Issuer(owners_cert, owners_key)
     files["owners-trust/owners-ca.pem"] = iss.cert_pem(owners_cert)
+    files["owners-trust/owners-ca.crl.pem"] = iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now)))
     owners: dict[str, iss.Issuer] = {}
     for owner, team in OWNERS.items():
         key = keys.key("owner/" + owner)

@@ -117,8 +117,10 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
     regions: list[tuple[iss.Issuer, tuple[str, ...], tuple[str, ...], str]] = []
     for name, countries, sites in REGIONS:
         key = iss.make_key("ec")
+        # the regional CAs assert every assurance level they issue (a host's placement
+        # OID counts only if every CA on its path asserts it; docs/PKI.md)
         cert = iss.issue_ca(iss.CASpec(iss.Subject(f"Scale {name} CA", organization="Scale Demo",
-                                                   org_unit=name), path_len=0),
+                                                   org_unit=name), path_len=0, policies=ASSURANCE),
                             key, iss.Validity(start, now + dt.timedelta(days=1825)), issuer=root)
         regions.append((iss.Issuer(cert, key), countries, sites, name))
         put(f"trust/{name}-ca.pem", iss.cert_pem(cert))
@@ -161,6 +163,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
                                         owners_key, iss.Validity(start, now + dt.timedelta(days=3650))),
                            owners_key)
     put("owners-trust/owners-ca.pem", iss.cert_pem(owners_ca.cert))
+    put("owners-trust/owners-ca.crl.pem", iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now))))
     owner_list: list[tuple[str, iss.Issuer]] = []
     for i in range(n_owners):
         key = iss.make_key("ec")

@@ -139,12 +139,12 @@ def _classify(
 
 
 def load_trust_store(
-    path: str | os.PathLike[str], at: dt.datetime, *, cross_check: bool = False,
+    path: str | os.PathLike[str], at: dt.datetime, *, missing_crl: pki.MissingCRL = "refuse",
 ) -> tuple[pki.TrustStore, list[Problem]]:
     """``load_trust_dir`` + ``TrustStore.build``: the CA tree of a directory and every problem."""
     certs, crls, problems = load_trust_dir(path)
     try:
-        store, more = pki.TrustStore.build(certs, crls, at=at, cross_check=cross_check)
+        store, more = pki.TrustStore.build(certs, crls, at=at, missing_crl=missing_crl)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc
     return store, problems + more

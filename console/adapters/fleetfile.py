@@ -56,6 +56,12 @@ def _name(value: str) -> str:
     return value
 
 
+def _missing_crl(value: str) -> str:
+    if value not in ("refuse", "warn"):
+        raise InputError(f"{value!r} is not one of refuse, warn")
+    return value
+
+
 def _guard_mode(value: str) -> str:
     if value not in ("admit", "refuse"):
         raise InputError(f"must be \"admit\" or \"refuse\", not {value!r}")
@@ -77,6 +83,7 @@ TOP: dict[str, _Key] = {
     "audit_log": _Key(str, path=True),
     "readonly": _Key(bool),
     "stall_timeout_s": _Key((int, float)),
+    "missing_crl": _Key(str, check=_missing_crl),
     "grants": _Key(list, path=True),
     "policy_names": _Key(dict),
     "hosts": _Key(list),
@@ -266,6 +273,7 @@ def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
         vms=tuple(vms),
         readonly=top.get("readonly", False),
         stall_timeout_s=float(top.get("stall_timeout_s", 30.0)),
+        missing_crl=top.get("missing_crl", "refuse"),
     )
 
 

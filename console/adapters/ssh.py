@@ -208,6 +208,12 @@ class Hop:
     host: str
     port: int
     user: str
+    key_alias: str = ""  # ssh_config HostKeyAlias: the name known_hosts is searched for
+
+    @property
+    def key_host(self) -> str:
+        """The name host keys and certificate principals are checked against."""
+        return self.key_alias or self.host
 
     def __str__(self) -> str:
         return self.spec
@@ -322,8 +328,10 @@ class SshPool:
         return host, port, user
 
     def _hop(self, spec: str) -> Hop:
-        host, port, user = self.resolve(parse_target(spec))
-        return Hop(spec, host, port, user)
+        target = parse_target(spec)
+        host, port, user = self.resolve(target)
+        alias = self._load_config(target).get("HostKeyAlias")
+        return Hop(spec, host, port, user, str(alias) if alias else "")
 
     def _load_config(self, target: Target) -> SSHClientConfig:
         """The ssh_config as it applies to ``target``; reused while the file is unchanged.
@@ -487,7 +495,7 @@ class SshPool:
         ``@cert-authority`` line covers the host; with nothing known, the plain key, so the
         refusal and ``hosts trust`` show the fingerprint an admin can check on the host.
         """
-        keys, cas = self._known(hop.host, hop.port)
+        keys, cas = self._known(hop.key_host, hop.port)
         plain_default = list(get_default_public_key_algs())
         algs: list[bytes] = []
         for key in keys:
@@ -612,9 +620,10 @@ class SshPool:
         cas: list[asyncssh.SSHKey],
         exc: BaseException,
     ) -> HostKeyProblem:
-        host, port = hop.host, hop.port
+        host, port = hop.key_host, hop.port
         key = seen[-1] if seen else None
-        name = known_hosts_name(host, port)
+        # OpenSSH looks a HostKeyAlias up without a port; asyncssh also finds it that way
+        name = hop.key_alias or known_hosts_name(host, port)
         kh = self.known_hosts_path
         text = str(exc).lower()
         trust = f"escort hosts trust {hop.spec} SHA256:<the host's plain key>"
@@ -658,7 +667,7 @@ class SshPool:
             else "a key of a type known_hosts has no entry for"
         )
         check = f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub"
-        if self._known_exact(host, port):
+        if self._known_exact(host, DEFAULT_PORT if hop.key_alias else port):
             return HostKeyProblem(
                 KEY_CHANGED,
                 f"{where}host key CHANGED for {name}: it presented {presented}, which differs "

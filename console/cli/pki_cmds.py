@@ -40,6 +40,12 @@ from console.core.errors import InputError
 # --------------------------------------------------------------------------- demo tree (pure)
 
 #: region name -> (country, locality, state) of the demo intermediates.
+#: The certificate policies every demo regional CA asserts (and so may issue): a host's
+#: placement OID counts only if every CA on its path asserts it (docs/PKI.md).
+DEMO_CA_POLICIES = ("assurance:low", "assurance:medium", "assurance:high")
+#: nextUpdate of the CRLs `escort pki init` writes (renew with `escort pki crl`).
+INIT_CRL_DAYS = 30
+
 DEMO_REGIONS: dict[str, tuple[str, str, str]] = {
     "eu-central": ("DE", "Frankfurt", "Hessen"),
     "eu-west": ("FR", "Paris", "Ile-de-France"),
@@ -86,7 +92,8 @@ def build_demo_tree(*, key_type: str = "ec", start: dt.datetime | None = None, d
     for region, (country, _locality, state) in (regions or DEMO_REGIONS).items():
         key = iss.make_key(key_type)
         spec = iss.CASpec(iss.Subject(f"Escort {region} CA", country=country, state=state,
-                                      organization=DEMO_ORG, org_unit=region), path_len=0)
+                                      organization=DEMO_ORG, org_unit=region), path_len=0,
+                          policies=DEMO_CA_POLICIES)
         out[region] = DemoCA(f"{region}-ca", iss.issue_ca(spec, key, validity, issuer=root.issuer), key)
     owners_key = iss.make_key(key_type)
     # pathLen 1: an organisation may put team CAs under it (owners send them in x5c).
@@ -94,6 +101,8 @@ def build_demo_tree(*, key_type: str = "ec", start: dt.datetime | None = None, d
                                           path_len=1), owners_key, validity)
     return DemoTree(root, out, DemoCA("owners-ca", owners_cert, owners_key))
 
+
+ANY_POLICY = "2.5.29.32.0"
 
 # --------------------------------------------------------------------------- helpers
 
@@ -167,18 +176,28 @@ def cert_group() -> None:
               help="Trust directory: CA certificates and CRLs (PEM or DER).")
 @click.option("--at", "at_text", default=None, metavar="RFC3339-TIME",
               help="Check as of this time instead of now.")
+@click.option("--owner", "as_owner", is_flag=True,
+              help="Check an owner's signing certificate instead of a host certificate.")
+@click.option("--missing-crl", type=click.Choice(["refuse", "warn"]), default="refuse", show_default=True,
+              help="A CA that publishes no CRL at all: refuse (revocation unknown) or only warn.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.argument("cert_file", metavar="CERT", type=click.Path(dir_okay=False))
-def verify_cmd(trust_dir: str, at_text: str | None, as_json: bool, cert_file: str) -> None:
-    """Check a host certificate; exit 0 valid, 1 invalid, 2 unusable input.
+def verify_cmd(trust_dir: str, at_text: str | None, as_owner: bool, missing_crl: str, as_json: bool,
+               cert_file: str) -> None:
+    """Check a host (or, with --owner, an owner) certificate; exit 0 valid, 1 invalid, 2 unusable input.
 
     Extra certificates after the first one in CERT (a full-chain file) may fill
-    gaps between it and the trust directory.
+    gaps between it and the trust directory. The verdict is the one every other
+    command and the console use (TrustStore.verify_host / verify_owner).
     """
     at = parse_time(at_text)
     certs = pki.load_certificates(files.read_limited(cert_file, what="certificate"), cert_file)
-    store, problems = files.load_trust_store(trust_dir, at, cross_check=True)
-    result = store.verify_host(certs[0], at, intermediates=certs[1:])
+    store, problems = files.load_trust_store(trust_dir, at,
+                                             missing_crl="warn" if missing_crl == "warn" else "refuse")
+    if as_owner:
+        result = store.verify_owner(certs[0], certs[1:], at)
+    else:
+        result = store.verify_host(certs[0], at, intermediates=certs[1:])
     if as_json:
         out = result.as_json()
         out["problems"] = [{"source": p.source, **p.reason.as_json()} for p in problems]
@@ -190,6 +209,12 @@ def verify_cmd(trust_dir: str, at_text: str | None, as_json: bool, cert_file: st
         click.echo(f"{'valid' if result.valid else 'INVALID'}: {leaf}")
         if result.chain:
             click.echo("  chain: " + " <- ".join(c.name for c in result.chain))
+        if result.policies:
+            click.echo("  policies (asserted by every CA on the path): " + ", ".join(sorted(result.policies)))
+        owner = result.owner_identity
+        if owner is not None:
+            click.echo(f"  owner: {owner.email or owner.subject}, issued by {owner.ca_name} "
+                       f"(CA key SHA-256 {owner.ca_key})")
         for r in result.reasons:
             click.echo(_reason_line(r))
         for r in result.warnings:
@@ -216,6 +241,13 @@ def init_cmd(ca_dir: str, force: bool, key_type: str, days: int) -> None:
     for ca in [tree.root, *tree.regions.values()]:
         plan.append((base / "trust" / f"{ca.stem}.pem", iss.cert_pem(ca.cert), 0o644))
     plan.append((base / "owners" / f"{tree.owners.stem}.pem", iss.cert_pem(tree.owners.cert), 0o644))
+    # Every CA publishes a (so far empty) CRL: revocation fails closed without one.
+    crl_validity = iss.Validity.days(INIT_CRL_DAYS)
+    for ca in [tree.root, *tree.regions.values()]:
+        crl = iss.crl_pem(iss.issue_crl(ca.issuer, [], crl_validity))
+        plan.append((base / "trust" / f"{ca.stem}.crl", crl, 0o644))
+    plan.append((base / "owners" / f"{tree.owners.stem}.crl",
+                 iss.crl_pem(iss.issue_crl(tree.owners.issuer, [], crl_validity)), 0o644))
     for ca in tree.all():
         plan.append((base / "private" / f"{ca.stem}.key", iss.key_pem(ca.key), 0o600))
     _refuse_existing([p for p, _, _ in plan], force)
@@ -227,6 +259,8 @@ def init_cmd(ca_dir: str, force: bool, key_type: str, days: int) -> None:
     click.echo(f"  trust dir (hosts):  {base / 'trust'}  root + {', '.join(tree.regions)}")
     click.echo(f"  owners' trust dir:  {base / 'owners'}")
     click.echo(f"  private keys:       {base / 'private'} (0600)")
+    click.echo(f"  CRLs (empty) next to each CA certificate, due for renewal in {INIT_CRL_DAYS} days "
+               "(`escort pki crl`)")
 
 
 @pki_group.command("issue-host")
@@ -261,8 +295,12 @@ def issue_host_cmd(ca_dir: str, ca_name: str, hostname: str, country: str | None
     if country is not None and not re.fullmatch(r"[A-Z]{2}", country):
         raise InputError(f"--country {country!r}: use a two-letter ISO 3166 code such as DE")
     wanted = [*([f"assurance:{assurance}"] if assurance else []), *policies]
+    asserted = set(pki.cert_info(issuer.cert).policies)
     for name in wanted:
-        iss.resolve_policy_oid(name)  # InputError for unknown names before anything is written
+        oid = iss.resolve_policy_oid(name)  # InputError for unknown names before anything is written
+        if oid.dotted_string not in asserted and ANY_POLICY not in asserted:
+            raise InputError(f"--assurance/--policy {name}: CA {ca_name} does not assert this certificate "
+                             "policy, so it would not count on the host; issue from a CA that asserts it")
     spec = iss.HostSpec(
         hostname=hostname, country=country,
         state=state or _subject_attr(issuer.cert, NameOID.STATE_OR_PROVINCE_NAME), locality=site,
@@ -315,7 +353,7 @@ def issue_owner_cmd(ca_dir: str, name: str, email: str | None, org: str | None, 
 @click.option("--revoke", "revoke", multiple=True, type=click.Path(dir_okay=False),
               help="Certificate file to add to the CRL (repeatable).")
 @click.option("--days", type=click.IntRange(1, 365), default=7, show_default=True,
-              help="Until nextUpdate; after that the CRL is stale (a warning).")
+              help="Until nextUpdate; after that the CRL is stale and certificates it covers are refused.")
 def crl_cmd(ca_dir: str, ca_name: str, revoke: tuple[str, ...], days: int) -> None:
     """Issue (or renew) a CA's CRL next to its certificate, keeping earlier revocations."""
     owners = ca_name in ("owners", "owners-ca")

@@ -102,6 +102,10 @@ class HostCheck:
         policy_names: Mapping[str, str] | None = None,
     ) -> HostCheck:
         oids = resolve_policy_names(attributes.policies, policy_names) if attributes else frozenset()
+        if chain is not None and chain.policies is not None:
+            # RFC 5280 policy processing: a placement OID counts only when every CA on
+            # the host's path asserts it (or anyPolicy); see ChainResult.policies.
+            oids = oids & chain.policies
         return cls(name, chain, attributes, reachability, problem, oids)
 
     @property
@@ -176,7 +180,16 @@ def _attribute_reasons(vm: VMCheck, host: HostCheck, req: Requirements, owner: s
         missing = sorted(p for p in req.policies
                          if resolve_policy_names([p], policy_names) - host.policy_oids)
         if missing:
+            claimed = resolve_policy_names(attrs.policies, policy_names)
             for p in missing:
+                if not resolve_policy_names([p], policy_names) - claimed:
+                    reasons.append(reason(
+                        "attr.policy",
+                        f"host {host.name}'s certificate claims policy {p}, but not every CA on its "
+                        f"path asserts it, so it does not count ({vm.label}'s policy requires it)",
+                        f"have the CAs above {host.name} assert {p} (or anyPolicy) in their "
+                        "certificatePolicies, or choose another host"))
+                    continue
                 reasons.append(reason(
                     "attr.policy",
                     f"host {host.name}'s certificate lacks policy {p}, which {vm.label}'s policy requires",

@@ -72,6 +72,9 @@ class FleetSpec:
     vms: tuple[VMSpec, ...] = ()
     readonly: bool = False
     stall_timeout_s: float = 30.0
+    #: A CA on a path that publishes no CRL at all: "refuse" (revocation unknown) or
+    #: "warn". Stale, forged or unusable CRLs refuse either way (docs/PKI.md).
+    missing_crl: Literal["refuse", "warn"] = "refuse"
 
 
 @dataclass(frozen=True)

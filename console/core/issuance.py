@@ -225,7 +225,11 @@ def issue_host(spec: HostSpec, key: PrivateKey, issuer: Issuer, validity: Validi
 
 def issue_owner(subject: Subject, key: PrivateKey, issuer: Issuer, validity: Validity, *,
                 email: str | None = None, serial: int | None = None) -> x509.Certificate:
-    """A VM owner's signing certificate (signs placement policies and grants)."""
+    """A VM owner's signing certificate (signs placement policies and grants).
+
+    End-entity, keyUsage digitalSignature (+ nonRepudiation), extendedKeyUsage
+    emailProtection: the purpose escort requires of owner certificates (docs/PKI.md).
+    """
     builder = (
         _base(subject.to_name(), key, issuer.cert.subject, validity, serial)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -235,6 +239,7 @@ def issue_owner(subject: Subject, key: PrivateKey, issuer: Issuer, validity: Val
                           crl_sign=False, encipher_only=False, decipher_only=False),
             critical=True,
         )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
                        critical=False)
     )

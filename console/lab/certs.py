@@ -57,9 +57,10 @@ class LabPKI:
 
 
 def _ca(cn: str, *, issuer: iss.Issuer | None, path_len: int | None, validity: iss.Validity,
-        country: str | None = None) -> iss.Issuer:
+        country: str | None = None, policies: tuple[str, ...] = ()) -> iss.Issuer:
     key = iss.make_key("ec")
-    spec = iss.CASpec(iss.Subject(cn, country=country, organization="escort lab"), path_len=path_len)
+    spec = iss.CASpec(iss.Subject(cn, country=country, organization="escort lab"), path_len=path_len,
+                      policies=policies)
     return iss.Issuer(iss.issue_ca(spec, key, validity, issuer=issuer), key)
 
 
@@ -68,9 +69,17 @@ def build(lab: str, plans: tuple[HostPlan, ...], back_ips: dict[str, str]) -> La
     ca_validity = iss.Validity.days(CA_DAYS)
     leaf_validity = iss.Validity.days(LEAF_DAYS)
     root = _ca(f"Lab Root CA ({lab})", issuer=None, path_len=1, validity=ca_validity)
+
+    def asserted(region: str) -> tuple[str, ...]:
+        # A CA asserts exactly the certificate policies of the hosts it issues: a
+        # host's placement OID counts only if every CA on its path asserts it.
+        return tuple(sorted({p for plan in plans if plan.issuer == region for p in plan.policies}))
+
     intermediates = {
-        "eu-central": _ca("eu-central CA", issuer=root, path_len=0, validity=ca_validity, country="DE"),
-        "eu-west": _ca("eu-west CA", issuer=root, path_len=0, validity=ca_validity, country="FR"),
+        "eu-central": _ca("eu-central CA", issuer=root, path_len=0, validity=ca_validity, country="DE",
+                          policies=asserted("eu-central")),
+        "eu-west": _ca("eu-west CA", issuer=root, path_len=0, validity=ca_validity, country="FR",
+                       policies=asserted("eu-west")),
     }
     owners_ca = _ca(f"Lab Owners CA ({lab})", issuer=None, path_len=0, validity=ca_validity)
     owners: dict[str, iss.Issuer] = {}
@@ -108,6 +117,12 @@ def write_lab_files(pki: LabPKI, pki_dir: Path) -> None:
     for owner, signer in pki.owners.items():
         _write(pki_dir / "owners" / f"{owner}.pem", iss.cert_pem(signer.cert))
         _write(pki_dir / "owners" / f"{owner}.key", iss.key_pem(signer.key), 0o600)
+    # Every trusted CA publishes a (so far empty) CRL: revocation fails closed without one.
+    crl_validity = iss.Validity.days(LEAF_DAYS)
+    for name, ca in [("root-ca", pki.root), *((f"{r}-ca", c) for r, c in pki.intermediates.items())]:
+        _write(pki_dir / "trust" / f"{name}.crl", iss.crl_pem(iss.issue_crl(ca, [], crl_validity)))
+    _write(pki_dir / "owners-trust" / "owners-ca.crl",
+           iss.crl_pem(iss.issue_crl(pki.owners_ca, [], crl_validity)))
     _write(pki_dir / "rogue" / "rogue-root-ca.pem", iss.cert_pem(pki.rogue_root.cert))
     _write(pki_dir / "private" / "rogue-root-ca.key", iss.key_pem(pki.rogue_root.key), 0o600)
     for host, (cert, _key) in pki.hosts.items():

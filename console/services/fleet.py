@@ -301,7 +301,8 @@ class FleetService:
 
     def _store(self, directory: str, what: str, at: dt.datetime) -> TrustStore | None:
         try:
-            store, problems = load_trust_store(directory, at)
+            store, problems = load_trust_store(
+                directory, at, missing_crl=self.spec.missing_crl if self.spec else "refuse")
         except InputError as exc:
             self._problem(directory, "trust.unusable", f"{what} trust directory: {exc}",
                           f"point the fleet file at a directory with the {what} certificate(s)", fatal=True)

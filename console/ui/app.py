@@ -175,7 +175,7 @@ class EscortApp(App[None]):
                     self._vm_index[view.uuid] = view
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
-                if arrived and time.perf_counter() - last > 0.1:
+                if arrived and time.perf_counter() - last > 0.25:
                     self.verdicts_arrived.publish(frozenset(arrived))
                     arrived = set()
                     last = time.perf_counter()

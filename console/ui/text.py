@@ -51,6 +51,28 @@ def ca_status(node: CANode, at: dt.datetime) -> tuple[str, str, str]:
     return OK, "valid", "ok"
 
 
+def crl_words(node: CANode, at: dt.datetime) -> tuple[str, str, str]:
+    """(short label, one sentence, tone) for a CA's own CRL at ``at``.
+
+    Fresh until …, stale, missing or unusable; stale and unusable mean the revocation
+    status of everything it issued is unknown, which refuses (docs/PKI.md).
+    """
+    state, detail = node.crl_state(at)
+    crl = node.crl
+    if state == "fresh":
+        until = f" until {crl.next_update:%Y-%m-%d}" if crl is not None and crl.next_update else ""
+        delta = " + delta" if node.delta is not None else ""
+        return f"CRL fresh{until}{delta}", f"CRL {detail}.", "dim"
+    if state == "stale":
+        return ("CRL stale", f"CRL {detail}: the revocation status of what this CA issued is unknown, "
+                "so it is refused. Fetch a current CRL.", "bad")
+    if state == "unusable":
+        return ("CRL unusable", f"CRL unusable: {detail} The revocation status of what this CA issued "
+                "is unknown, so it is refused.", "bad")
+    return ("CRL missing", "No CRL in the trust directory: the revocation status of what this CA issued "
+            "is unknown (refused unless the fleet sets missing_crl = \"warn\").", "warn")
+
+
 def expiry_words(not_after: dt.datetime, at: dt.datetime) -> tuple[str, str]:
     """'2026-12-01 (5 d)' style text and a tone for a certificate's end date."""
     days = (not_after - at).days

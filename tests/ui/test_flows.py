@@ -246,11 +246,12 @@ async def test_trust_tree_shows_glyph_and_word(make_app: MakeApp) -> None:
             node = stack.pop()
             labels.append(str(node.label))
             stack.extend(node.children)
-        assert "✓ Escort Demo Root CA  valid" in labels
-        assert "⚠ Americas CA  expiring in 9 days" in labels
-        assert "⊘ Asia-Pacific CA  revoked" in labels
+        assert "✓ Escort Demo Root CA  valid  CRL fresh until 2026-12-26" in labels
+        assert "⚠ Americas CA  expiring in 9 days  CRL fresh until 2026-12-26" in labels
+        assert "⊘ Asia-Pacific CA  revoked  CRL fresh until 2026-12-26" in labels
         assert "host ams-02  ⊘ revoked" in labels
         detail = app.screen.query_one(DetailPane).plain
+        assert "CRL fresh until 2026-12-26 12:00 UTC." in detail
         for word in ("Subject", "Issuer", "Serial", "days left", "Key", "Constraints",
                      "Policies", "SHA-256"):
             assert word in detail, word

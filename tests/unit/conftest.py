@@ -19,7 +19,7 @@ from cryptography import x509
 
 from console.cli.pki_cmds import DemoCA, DemoTree, build_demo_tree
 from console.core import issuance as iss
-from console.core.pki import TrustStore
+from console.core.pki import MissingCRL, Problem, TrustStore
 
 DEMO_START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 #: The time tests check at: well inside every demo certificate's validity.
@@ -32,6 +32,7 @@ class DemoPKI:
     key_type: str = "ec"
     at: dt.datetime = DEMO_AT
     _serial: int = field(default=1000)
+    _default_crls: dict[x509.Name, tuple[str, bytes]] | None = None
 
     @property
     def root(self) -> DemoCA:
@@ -81,6 +82,41 @@ class DemoPKI:
         return iss.crl_pem(iss.issue_crl(ca.issuer, [(s, begin) for s in revoked],
                                          iss.Validity.days(days, start=begin), number=number))
 
+    def default_crls(self) -> dict[x509.Name, tuple[str, bytes]]:
+        """An empty, long-lived CRL for every demo CA (revocation fails closed without one)."""
+        if self._default_crls is None:
+            self._default_crls = {
+                ca.cert.subject: (f"{ca.stem}.crl.pem",
+                                  self.crl(ca, start=DEMO_START - dt.timedelta(days=30), days=3 * 3650))
+                for ca in self.tree.all()}
+        return self._default_crls
+
+    def with_crls(self, certs: Iterable[tuple[str, bytes]], crls: Iterable[tuple[str, bytes]] = ()
+                  ) -> list[tuple[str, bytes]]:
+        """``crls`` plus the default CRL of every demo CA in ``certs`` that ``crls`` does not cover."""
+        crls = list(crls)
+        covered = {x509.load_pem_x509_crl(d).issuer for _, d in crls if d.startswith(b"-----BEGIN X509 CRL")}
+        present: set[x509.Name] = set()
+        for _, data in certs:
+            try:
+                present.update(c.subject for c in x509.load_pem_x509_certificates(data))
+            except ValueError:  # junk on purpose: the store reports it
+                continue
+        extra = [crl for subject, crl in self.default_crls().items()
+                 if subject in present and subject not in covered]
+        return [*crls, *extra]
+
+    def build(self, certs: Iterable[tuple[str, bytes]], crls: Iterable[tuple[str, bytes]] = (), *,
+              at: dt.datetime | None = None, missing_crl: MissingCRL = "refuse"
+              ) -> tuple[TrustStore, list[Problem]]:
+        """``TrustStore.build`` with the demo CAs' default CRLs added (see ``with_crls``).
+
+        ``missing_crl="warn"`` is for tests about other checks that add CAs of their own
+        without a CRL (revocation itself is tested with the default, "refuse").
+        """
+        certs = list(certs)
+        return TrustStore.build(certs, self.with_crls(certs, crls), at=at or self.at, missing_crl=missing_crl)
+
     def trust_files(self) -> list[tuple[str, bytes]]:
         """Root + regional CAs as (source, PEM) pairs: the hosts' trust directory."""
         return [(f"{ca.stem}.pem", iss.cert_pem(ca.cert)) for ca in [self.root, *self.regions.values()]]
@@ -89,13 +125,13 @@ class DemoPKI:
         return [(f"{self.owners.stem}.pem", iss.cert_pem(self.owners.cert))]
 
     def store(self, crls: Iterable[tuple[str, bytes]] = (), *, extra: Iterable[tuple[str, bytes]] = (),
-              at: dt.datetime | None = None) -> TrustStore:
-        store, _problems = TrustStore.build([*self.trust_files(), *extra], crls, at=at or self.at)
+              at: dt.datetime | None = None, missing_crl: MissingCRL = "refuse") -> TrustStore:
+        store, _problems = self.build([*self.trust_files(), *extra], crls, at=at, missing_crl=missing_crl)
         return store
 
     def write_trust_dir(self, path: Path, crls: Iterable[tuple[str, bytes]] = ()) -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        for name, data in [*self.trust_files(), *crls]:
+        for name, data in [*self.trust_files(), *self.with_crls(self.trust_files(), crls)]:
             (path / name).write_bytes(data)
         return path
 

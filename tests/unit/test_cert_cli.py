@@ -74,18 +74,19 @@ class TestCertVerify:
                    ).exit_code == 0
         assert run("cert", "verify", "--trust", str(trust), "--at", "2026-02-01", cert).exit_code == 1
 
-    def test_stale_crl_warning_and_trust_problems_are_shown(self, tmp_path: Path, trust: Path,
+    def test_stale_crl_refuses_and_trust_problems_are_shown(self, tmp_path: Path, trust: Path,
                                                             demo_pki: DemoPKI) -> None:
+        for old in trust.glob("*eu-central*.crl.pem"):
+            old.unlink()
         (trust / "eu.crl").write_bytes(demo_pki.crl(demo_pki.regions["eu-central"], days=7))
         (trust / "stray.key").write_bytes(iss.key_pem(demo_pki.root.key))
         cert = write(tmp_path / "h.pem", iss.cert_pem(demo_pki.host()[0]))
         r = run("cert", "verify", "--trust", str(trust), "--at", AT, cert)
-        assert r.exit_code == 0
-        assert "warning crl.stale:" in r.stdout
+        assert r.exit_code == 1  # revocation status unknown: refused (fail closed)
+        assert "revocation.stale:" in r.stdout and "Fix: Fetch a current CRL" in r.stdout
         assert "contains a private key" in r.stderr
         data = json.loads(run("cert", "verify", "--trust", str(trust), "--at", AT, "--json", cert).stdout)
-        assert [w["code"] for w in data["warnings"]] == ["crl.stale"]
-        assert data["warnings"][0]["severity"] == "warning"
+        assert [x["code"] for x in data["reasons"]] == ["revocation.stale"]
         assert {p["code"] for p in data["problems"]} == {"crl.stale", "file.private_key"}
 
     def test_full_chain_file(self, tmp_path: Path, demo_pki: DemoPKI) -> None:
@@ -93,8 +94,20 @@ class TestCertVerify:
         trust = tmp_path / "roots"
         trust.mkdir()
         (trust / "root.pem").write_bytes(iss.cert_pem(demo_pki.root.cert))
+        crls = demo_pki.default_crls()
+        (trust / "root.crl").write_bytes(crls[demo_pki.root.cert.subject][1])
         chain = iss.cert_pem(demo_pki.host()[0]) + iss.cert_pem(demo_pki.regions["eu-central"].cert)
         cert = write(tmp_path / "full.pem", chain)
+        # The intermediate from the chain file publishes no CRL here: its hosts' revocation
+        # status is unknown (refused), unless --missing-crl warn.
+        r = run("cert", "verify", "--trust", str(trust), "--at", AT, "--json", cert)
+        assert r.exit_code == 1
+        assert [x["code"] for x in json.loads(r.stdout)["reasons"]] == ["revocation.missing"]
+        r = run("cert", "verify", "--trust", str(trust), "--at", AT, "--missing-crl", "warn", "--json", cert)
+        assert r.exit_code == 0 and [w["code"] for w in json.loads(r.stdout)["warnings"]] == [
+            "revocation.missing"]
+        # Its CRL, put in the trust directory, is used for the chain file's CA too.
+        (trust / "eu.crl").write_bytes(crls[demo_pki.regions["eu-central"].cert.subject][1])
         r = run("cert", "verify", "--trust", str(trust), "--at", AT, "--json", cert)
         assert r.exit_code == 0, r.output
         assert len(json.loads(r.stdout)["chain"]) == 3
@@ -135,8 +148,9 @@ class TestPkiCommands:
         r = run("pki", "init", str(d))
         assert r.exit_code == 0, r.output
         assert sorted(p.name for p in (d / "trust").iterdir()) == [
-            "eu-central-ca.pem", "eu-west-ca.pem", "root-ca.pem", "us-east-ca.pem"]
-        assert [p.name for p in (d / "owners").iterdir()] == ["owners-ca.pem"]
+            "eu-central-ca.crl", "eu-central-ca.pem", "eu-west-ca.crl", "eu-west-ca.pem",
+            "root-ca.crl", "root-ca.pem", "us-east-ca.crl", "us-east-ca.pem"]
+        assert sorted(p.name for p in (d / "owners").iterdir()) == ["owners-ca.crl", "owners-ca.pem"]
         keys = sorted((d / "private").iterdir())
         assert len(keys) == 5 and all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
         assert stat.S_IMODE((d / "private").stat().st_mode) == 0o700
@@ -226,14 +240,15 @@ def test_pki_crl_revokes_and_renews(tmp_path: Path) -> None:
     assert run("cert", "verify", "--trust", str(d / "trust"), cert).exit_code == 0
     r = run("pki", "crl", "--ca-dir", str(d), "--ca", "eu-central", "--revoke", cert)
     assert r.exit_code == 0, r.output
-    assert "CRL #1" in r.stdout and "1 revoked" in r.stdout
+    assert "CRL #2" in r.stdout and "1 revoked" in r.stdout  # `pki init` wrote #1 (empty)
     v = run("cert", "verify", "--trust", str(d / "trust"), "--json", cert)
     assert v.exit_code == 1 and [x["code"] for x in json.loads(v.stdout)["reasons"]] == ["cert.revoked"]
     r = run("pki", "crl", "--ca-dir", str(d), "--ca", "eu-central")  # renew: keeps the entry
-    assert r.exit_code == 0 and "CRL #2" in r.stdout and "1 revoked" in r.stdout
+    assert r.exit_code == 0 and "CRL #3" in r.stdout and "1 revoked" in r.stdout
     assert run("cert", "verify", "--trust", str(d / "trust"), cert).exit_code == 1
+    us_crl = (d / "trust" / "us-east-ca.crl").read_bytes()
     r = run("pki", "crl", "--ca-dir", str(d), "--ca", "us-east", "--revoke", cert)
     assert r.exit_code == 2 and "not issued by Escort us-east CA" in r.stderr
-    assert not (d / "trust" / "us-east-ca.crl").exists()
+    assert (d / "trust" / "us-east-ca.crl").read_bytes() == us_crl
     assert run("pki", "crl", "--ca-dir", str(d), "--ca", "owners").exit_code == 0
     assert (d / "owners" / "owners-ca.crl").exists()

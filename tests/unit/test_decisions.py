@@ -20,7 +20,7 @@ from console.core.decisions import (
 )
 from console.core.issuance import cert_pem
 from console.core.pki import TrustStore, host_attributes
-from tests.unit.trustkit import T0, Kit, fp, host_cert, make_kit
+from tests.unit.trustkit import T0, Kit, crl_files, fp, host_cert, make_kit
 
 KEY = "SHA256:" + "A" * 43
 ANNE = gr.AdminRef("anne", KEY)
@@ -34,7 +34,7 @@ def kit() -> Kit:
 @pytest.fixture(scope="module")
 def store(kit: Kit) -> TrustStore:
     certs = [(n, cert_pem(c.cert)) for n, c in (("root", kit.root), ("eu", kit.eu), ("us", kit.us))]
-    s, problems = TrustStore.build(certs, at=T0)
+    s, problems = TrustStore.build(certs, crl_files(kit), at=T0)
     assert not [p for p in problems if p.reason.severity == "error"]
     return s
 

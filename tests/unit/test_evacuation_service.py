@@ -31,7 +31,7 @@ from console.services.evacuation import (
     VMUpdate,
 )
 from console.services.fleet import FleetService
-from tests.unit.trustkit import ANNE_KEY, T0, Kit, fp, host_cert, make_kit
+from tests.unit.trustkit import ANNE_KEY, T0, Kit, empty_crl, fp, host_cert, make_kit
 
 GiB = 1024
 
@@ -107,7 +107,9 @@ def generate(root: Path, hosts: Sequence[GenHost], vms: Sequence[GenVM], *, kit:
 
     for name, ca in (("root", kit.root), ("eu", kit.eu), ("us", kit.us)):
         write(f"trust/hosts/{name}.pem", iss.cert_pem(ca.cert))
+        write(f"trust/hosts/{name}.crl", empty_crl(ca))
     write("trust/owners/owners-ca.pem", iss.cert_pem(kit.owners_ca.cert))
+    write("trust/owners/owners-ca.crl", empty_crl(kit.owners_ca))
     toml = ['name = "generated"', 'kind = "lab"', 'trust_dir = "trust/hosts"',
             'owners_trust_dir = "trust/owners"', 'grants = ["grants"]']
     if audit:

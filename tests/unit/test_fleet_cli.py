@@ -198,6 +198,7 @@ def test_owner_certificate_made_with_openssl(fleet: FleetFiles, tmp_path: Path) 
 
     (tmp_path / "owner.ext").write_text("basicConstraints=critical,CA:FALSE\n"
                                         "keyUsage=critical,digitalSignature\n"
+                                        "extendedKeyUsage=emailProtection\n"
                                         "subjectAltName=email:olga@corp.example\n"
                                         "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
     ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
@@ -207,9 +208,17 @@ def test_owner_certificate_made_with_openssl(fleet: FleetFiles, tmp_path: Path) 
          "-subj", "/O=Corp/CN=Olga")
     ossl("x509", "-req", "-in", "olga.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
          "-out", "olga.pem", "-days", "700", "-extfile", "owner.ext")
+    # ... and its CRL (revocation fails closed without one), from `openssl ca -gencrl`.
+    (tmp_path / "index.txt").write_text("")
+    (tmp_path / "crlnumber").write_text("01\n")
+    (tmp_path / "ca.cnf").write_text("[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\ncertificate=ca.pem\n"
+                                     "private_key=ca.key\ncrlnumber=crlnumber\ndefault_md=sha256\n"
+                                     "default_crl_days=30\n")
+    ossl("ca", "-config", "ca.cnf", "-gencrl", "-out", "ca.crl")
     owners = tmp_path / "owners"
     owners.mkdir()
     shutil.copy(tmp_path / "ca.pem", owners / "ca.pem")
+    shutil.copy(tmp_path / "ca.crl", owners / "ca.crl")
     out = tmp_path / "p.jws"
     r = run("policy", "sign", "--key", str(tmp_path / "olga.key"), "--cert", str(tmp_path / "olga.pem"),
             "--vm-uuid", WEB_UUID, "--trust-ca", f"EU={fp(fleet.kit.eu.cert)}", "--out", str(out))
@@ -242,6 +251,10 @@ def test_policy_sign_with_intermediate_in_x5c(fleet: FleetFiles, tmp_path: Path)
                            email="dora@example.org")
     (tmp_path / "owners").mkdir()
     (tmp_path / "owners" / "root.pem").write_bytes(iss.cert_pem(root.cert))
+    # Both CAs publish CRLs into the owners' trust dir (the x5c intermediate's too).
+    for name, ca in (("root", root), ("mid", mid)):
+        (tmp_path / "owners" / f"{name}.crl").write_bytes(iss.crl_pem(iss.issue_crl(
+            ca, [], iss.Validity.days(3650, start=start))))
     (tmp_path / "mid.pem").write_bytes(iss.cert_pem(mid.cert))
     (tmp_path / "dora.pem").write_bytes(iss.cert_pem(cert))
     (tmp_path / "dora.key").write_bytes(iss.key_pem(key))

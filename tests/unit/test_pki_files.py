@@ -31,7 +31,11 @@ def test_classifies_by_content_not_name(tmp_path: Path, demo_pki: DemoPKI) -> No
     assert problems == []
     store, more = files.load_trust_store(d, demo_pki.at)
     assert more == [] and len(store.nodes()) == 4 and len(store.crls) == 2
-    assert store.verify_host(demo_pki.host(region="us-east")[0], demo_pki.at).valid
+    # eu-west and the root publish CRLs here (as DER and under a .pem name): valid.
+    assert store.verify_host(demo_pki.host(region="eu-west")[0], demo_pki.at).valid
+    # us-east publishes none: its hosts' revocation status is unknown (fail closed).
+    us = store.verify_host(demo_pki.host(region="us-east")[0], demo_pki.at)
+    assert [r.code for r in us.reasons] == ["revocation.missing"]
 
 
 def test_bad_files_become_problems(tmp_path: Path, demo_pki: DemoPKI) -> None:

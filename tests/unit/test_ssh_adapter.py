@@ -531,3 +531,22 @@ def test_route_refuses_loops(tmp_path, client_key):
             pool.route(dest)
         assert err.value.code == "host.jump_loop" and "jumphost loop via" in str(err.value)
     assert pool.cached("a") is None  # never raises
+
+
+async def test_host_key_alias_names_the_known_hosts_line(tmp_path, client_key, make_host):
+    """HostKeyAlias: known_hosts is searched under the alias (OpenSSH: without a port)."""
+    a = await make_host()
+    cfg = tmp_path / "alias_config"
+    cfg.write_text(f"Host hv\n  HostName 127.0.0.1\n  Port {a.port}\n  HostKeyAlias hv-key\n"
+                   f"  IdentityFile {client_key}\n")
+    kh = _known_hosts(tmp_path)
+    pool = SshPool(known_hosts=str(kh), config=str(cfg))
+    try:
+        with pytest.raises(HostKeyProblem) as err:
+            await pool.connect("hv")
+        assert err.value.code == KEY_UNKNOWN and "for hv-key:" in str(err.value)
+        line = await pool.accept_host_key("hv", err.value.fingerprint)
+        assert line.startswith("hv-key ssh-ed25519 ")  # as OpenSSH looks an alias up: no port
+        assert await pool.run("hv", "echo ok") == b"ok\n"
+    finally:
+        await pool.close()

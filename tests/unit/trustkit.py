@@ -72,11 +72,27 @@ class Kit:
     mallory: Owner  # owner certificate from a CA the console does not trust
 
 
+#: What the kit's intermediates assert: a host's placement OID counts only if every CA
+#: on its path asserts it (docs/PKI.md).
+CA_POLICIES = ("assurance:low", "assurance:medium", "assurance:high")
+
+
 def _ca(cn: str, kind: str = "ec", issuer: iss.Issuer | None = None) -> iss.Issuer:
     key = iss.make_key(kind)
-    cert = iss.issue_ca(iss.CASpec(iss.Subject(cn, organization="Escort Test")), key,
-                        iss.Validity.days(3650, start=T0 - dt.timedelta(days=365)), issuer=issuer)
+    spec = iss.CASpec(iss.Subject(cn, organization="Escort Test"),
+                      policies=CA_POLICIES if issuer is not None else ())
+    cert = iss.issue_ca(spec, key, iss.Validity.days(3650, start=T0 - dt.timedelta(days=365)), issuer=issuer)
     return iss.Issuer(cert, key)
+
+
+def empty_crl(ca: iss.Issuer) -> bytes:
+    """A current, empty CRL of ``ca`` (revocation fails closed without one)."""
+    return iss.crl_pem(iss.issue_crl(ca, [], iss.Validity.days(3650, start=T0 - dt.timedelta(days=365))))
+
+
+def crl_files(kit: Kit) -> list[tuple[str, bytes]]:
+    """Empty CRLs of the kit's host CAs (root, EU, US) as (source, PEM) pairs."""
+    return [(f"{n}.crl", empty_crl(c)) for n, c in (("root", kit.root), ("eu", kit.eu), ("us", kit.us))]
 
 
 def _owner(name: str, email: str, kind: str, ca: iss.Issuer) -> Owner:
@@ -148,7 +164,9 @@ def build_fleet(root: Path, kit: Kit | None = None) -> FleetFiles:
     kit = kit or make_kit()
     for name, ca in (("root", kit.root), ("eu", kit.eu), ("us", kit.us)):
         _write(root / "trust" / "hosts" / f"{name}.pem", iss.cert_pem(ca.cert))
+        _write(root / "trust" / "hosts" / f"{name}.crl", empty_crl(ca))
     _write(root / "trust" / "owners" / "owners-ca.pem", iss.cert_pem(kit.owners_ca.cert))
+    _write(root / "trust" / "owners" / "owners-ca.crl", empty_crl(kit.owners_ca))
     hosts = {
         "hv-de-1": host_cert(kit.eu, "hv-de-1", country="DE", locality="Berlin"),
         "hv-fr-1": host_cert(kit.eu, "hv-fr-1", country="FR", locality="Paris"),

@@ -11,28 +11,32 @@ CONTRACT (other modules rely on these names; extend, don't rename):
   ``InputError`` when there is no usable CA at all.
 * ``TrustStore.verify_host(cert, at)`` -> ``ChainResult`` listing *every* failure.
 * ``TrustStore.verify_owner(cert, intermediates, at)`` -> ``ChainResult`` for owner
-  signing certificates (policies and grants).
+  signing certificates (policies and grants); ``ChainResult.owner_identity`` is the
+  owner (issuing CA key + subject + e-mail) grants and policies bind to.
+  These two are THE certificate verdict (``paths.PathBuilder._verify``): every command
+  and screen uses them.
 * ``host_attributes(cert, policy_names)`` -> ``HostAttributes``.
 
 Added (also stable): ``load_certificates`` (every certificate in a PEM bundle),
 ``classify_pem``/``pem_blocks`` (what kind of PEM block a file holds), ``CRLInfo``,
-``TrustStore.check_ca`` (the path checks of one CA), ``TrustStore.issuer_of`` and
-``ChainResult.as_json``.
+``TrustStore.check_ca`` (the path checks of one CA), ``TrustStore.issuer_of``,
+``ChainResult.as_json``, ``ChainResult.policies``, ``OwnerIdentity``, ``MissingCRL``
+and ``CANode.crl_state``.
 
-How the checks are done, and why not only with ``x509.verification``
-----------------------------------------------------------------------
+How the checks are done, and why not with ``x509.verification``
+---------------------------------------------------------------
 cryptography's ``PolicyBuilder`` verifier is a Web-PKI verifier: it stops at the first
 error (we must report *every* failure), rejects Ed25519 CA keys (which a private PKI
-may well use), takes no CRLs and knows nothing about subject attributes or policy OIDs.
-So the path is walked here with cryptography's primitives
-(``Certificate.verify_directly_issued_by``, ``CertificateRevocationList.is_signature_valid``)
-and one small function per check. Where the verifier *does* apply (a path that passed
-every one of our checks and has no Ed25519 key in it), it is run as a cross-check:
-anything it still rejects (a name-constraint form we do not evaluate, a weak signature
-algorithm) becomes a ``chain.verifier`` reason rather than being silently accepted.
+may well use), takes no CRLs, knows nothing about subject attributes or policy OIDs and
+calls OpenSSL's leading-dot DNS name constraint malformed. So the path is walked here
+with cryptography's primitives (``Certificate.verify_directly_issued_by``,
+``CertificateRevocationList.is_signature_valid``) and one small function per check.
+The verifier is NOT part of the verdict (it made ``cert verify`` and the fleet disagree);
+the tests cross-check it over generated chains wherever it can judge.
 
 Everything that depends only on the CA (its path to a root, its validity, path length,
-keyCertSign, revocation by its parent's CRL, stale CRLs) is computed once per CA per
+keyCertSign, name constraints between CAs, revocation by its parent's CRL, policies)
+is computed once per CA per
 ``at`` and cached, so checking a host costs one signature check plus dictionary lookups.
 
 Layout of the package (each file says what it does):
@@ -42,7 +46,8 @@ Layout of the package (each file says what it does):
 * ``attributes``: extension accessors, ``cert_info``, ``host_attributes``, ``key_type``.
 * ``checks``: checks of one certificate (signature by an issuer, key, dates, usage).
 * ``names``: RFC 5280 name constraints.
-* ``revocation``: CRLs (issuer, signature, dates, revoked serials).
+* ``revocation``: CRLs (issuer, signature, dates, scope, base/delta, revoked serials);
+  revocation fails closed.
 * ``paths``: path building from a certificate to an anchor, with per-CA caches.
 * ``store``: ``TrustStore`` (build, the one subject index, queries).
 """
@@ -62,7 +67,10 @@ from .model import (
     CertKind,
     ChainResult,
     CRLInfo,
+    CRLStateWord,
     HostAttributes,
+    MissingCRL,
+    OwnerIdentity,
     Problem,
     utc,
 )
@@ -76,11 +84,14 @@ __all__ = [
     "CANode",
     "CAStatusWord",
     "CRLInfo",
+    "CRLStateWord",
     "CertInfo",
     "CertKind",
     "ChainResult",
     "HostAttributes",
     "InputError",
+    "MissingCRL",
+    "OwnerIdentity",
     "PemKind",
     "Problem",
     "Reason",

@@ -118,6 +118,16 @@ def nc_summary(nc: x509.NameConstraints | None) -> str:
     return "; ".join(parts)
 
 
+def email_of(cert: x509.Certificate) -> str:
+    """The first rfc822Name SAN, else the subject's emailAddress, else ""."""
+    san = subject_alt_names(cert)
+    mails = san.get_values_for_type(x509.RFC822Name) if san else []
+    if mails:
+        return str(mails[0])
+    attrs = cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
+    return str(attrs[0].value) if attrs else ""
+
+
 def common_name(name: x509.Name) -> str | None:
     attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None
@@ -132,6 +142,7 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         nc = name_constraints_of(cert)
         pol = ext(cert, x509.CertificatePolicies)
         ski, aki = ski_of(cert), aki_of(cert)
+        email = email_of(cert)
     except ValueError as exc:
         raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
     subject = cert.subject.rfc4514_string()
@@ -162,6 +173,7 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         key_usage=ku_names,
         ext_key_usage=tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
         constraints=constraints,
+        email=email,
     )
 
 

@@ -6,11 +6,29 @@ import datetime as dt
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from ..reasons import Reason
 from .attributes import aki_of, ext_key_usage, key_type, key_usage
 from .model import MIN_RSA_BITS, CertInfo, CertKind
+
+#: Extensions escort processes, so they may be critical. Any other critical extension
+#: (RFC 5280 4.2: "MUST reject the certificate if it encounters a critical extension it
+#: does not recognize") refuses the certificate. policyConstraints is processed in the
+#: strictest way (explicit policy is always required, mappings are never applied);
+#: inhibitAnyPolicy stops anyPolicy from counting anywhere below the CA carrying it.
+HANDLED_EXTENSIONS = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.KEY_USAGE,
+    ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.NAME_CONSTRAINTS,
+    ExtensionOID.CERTIFICATE_POLICIES,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.POLICY_CONSTRAINTS,
+    ExtensionOID.INHIBIT_ANY_POLICY,
+})
 
 
 def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -100,3 +118,73 @@ def usage_reasons(cert: x509.Certificate, leaf: CertInfo, kind: CertKind) -> lis
     return out
 
 
+
+
+def critical_extension_reasons(cert: x509.Certificate, who: str, code: str) -> list[Reason]:
+    """Every critical extension escort does not process refuses the certificate."""
+    out: list[Reason] = []
+    for e in cert.extensions:
+        if e.critical and e.oid not in HANDLED_EXTENSIONS:
+            name = getattr(e.oid, "_name", "") or ""
+            label = (e.oid.dotted_string if not name or name == "Unknown OID"
+                     else f"{name} ({e.oid.dotted_string})")
+            out.append(Reason(
+                code, f"{who} has a critical extension escort does not process: {label}.",
+                "Reissue it without that extension, or with the extension marked non-critical."))
+    return out
+
+
+def end_entity_reasons(leaf: CertInfo, kind: CertKind) -> list[Reason]:
+    """Hosts and owners are end entities: a CA certificate is never either."""
+    if not leaf.is_ca:
+        return []
+    what = "host" if kind == "host" else "owner"
+    return [Reason(f"{what}.is_ca",
+                   f"{leaf.name} is a CA certificate (basicConstraints CA:TRUE), not a {what} certificate.",
+                   f"Issue the {what} an end-entity certificate (basicConstraints CA:FALSE).")]
+
+
+def owner_usage_reasons(cert: x509.Certificate, leaf: CertInfo) -> list[Reason]:
+    """Owner certificates sign documents: extendedKeyUsage must include emailProtection."""
+    eku = ext_key_usage(cert)
+    if eku is not None and ExtendedKeyUsageOID.EMAIL_PROTECTION in eku:
+        return []
+    return [Reason(
+        "owner.eku",
+        f"{leaf.name} " + ("has no extendedKeyUsage extension" if eku is None
+                           else "lacks extendedKeyUsage emailProtection")
+        + "; owner certificates must say they are for signing (emailProtection).",
+        "Reissue the owner certificate with extendedKeyUsage emailProtection.")]
+
+
+def ca_reasons(info: CertInfo, at: dt.datetime, below: int, *, anchor: bool) -> list[Reason]:
+    """The checks of one CA certificate on a path (the ONE CA check).
+
+    ``below`` is the number of non-self-issued intermediate CAs between the leaf and
+    this CA (for pathLen). The same function checks CAs from the trust directory and
+    CAs that arrive with the certificate (a chain file, a JWS x5c).
+    """
+    errors = validity_reasons(info, at, "ca", "CA")
+    if not info.is_ca:
+        errors.append(Reason("ca.not_ca", f"{info.name} issued a certificate but is not a CA "
+                             "(basicConstraints CA is not set).",
+                             f"Reissue {info.name} as a CA certificate."))
+    if info.path_len is not None and below > info.path_len:
+        errors.append(Reason("ca.path_len", f"{info.name} allows {info.path_len} intermediate "
+                             f"CA(s) below it (pathLen), this path has {below}.",
+                             f"Issue the certificate from a CA closer to {info.name}, or reissue "
+                             f"{info.name} with a larger pathLen."))
+    ku = key_usage(info.cert)
+    if ku is not None and not ku.key_cert_sign:
+        errors.append(Reason("ca.no_keycertsign", f"{info.name}'s keyUsage lacks keyCertSign, "
+                             "so it may not sign certificates.",
+                             f"Reissue {info.name} with keyUsage keyCertSign."))
+    kp = key_problem(info.cert, f"CA {info.name}")
+    if kp is not None:
+        errors.append(kp)
+    if not anchor:  # an anchor's self-signature carries no trust
+        weak = weak_signature(info.cert, f"CA {info.name}")
+        if weak is not None:
+            errors.append(weak)
+    errors += critical_extension_reasons(info.cert, f"CA {info.name}", "ca.critical_extension")
+    return errors

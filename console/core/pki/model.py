@@ -20,6 +20,11 @@ MAX_PATH_DEPTH = 8
 MIN_RSA_BITS = 2048
 
 CertKind = Literal["host", "owner"]
+#: What to do when a CA on a path publishes no CRL at all: refuse (revocation status
+#: unknown, the default) or only warn. Stale, forged or unusable CRLs always refuse.
+MissingCRL = Literal["refuse", "warn"]
+#: A CA's CRL state as the Trust screen shows it.
+CRLStateWord = Literal["fresh", "stale", "missing", "unusable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,7 @@ class CertInfo:
     key_usage: tuple[str, ...] = ()  # e.g. ("digitalSignature", "keyCertSign")
     ext_key_usage: tuple[str, ...] = ()  # e.g. ("serverAuth", "clientAuth")
     constraints: str = ""  # "CA, pathLen 0" / "CA" / "not a CA"
+    email: str = ""  # first rfc822Name SAN, else subject emailAddress ("" when none)
 
     def days_left(self, at: dt.datetime) -> int:
         return (self.not_after - at).days
@@ -83,6 +89,15 @@ class CRLInfo:
     next_update: dt.datetime | None
     number: int | None
     revoked: Mapping[int, dt.datetime]  # serial -> revocation date
+    #: Delta CRL: the base CRL number it applies to (deltaCRLIndicator), else None.
+    base_number: int | None = None
+    #: Serials a delta CRL takes off the base (reason removeFromCRL).
+    removed: frozenset[int] = frozenset()
+    signer: str = ""  # fingerprint of the CA certificate whose key signed it
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base_number is not None
 
     def is_stale(self, at: dt.datetime) -> bool:
         return self.next_update is not None and self.next_update < at
@@ -116,8 +131,31 @@ class CANode:
     crl_stale: bool = False  # this CA's own CRL is past nextUpdate
     anchor: bool = False  # self-signed CA: a trust anchor
     issuers: list[CANode] = field(default_factory=list)  # every node whose key signed this cert
-    crl: CRLInfo | None = None  # this CA's own (newest accepted) CRL
+    crl: CRLInfo | None = None  # this CA's own (newest usable) base CRL
+    delta: CRLInfo | None = None  # newest usable delta CRL for ``crl`` (applied on top of it)
+    #: CRLs naming this CA that cannot be used (forged, unknown critical extension,
+    #: unhandled scope, damaged entry...): with no usable CRL, revocation is unknown.
+    crl_unusable: list[Reason] = field(default_factory=list)
+    #: Base CRLs naming this CA signed by *another* CA certificate of the same name
+    #: (a re-keyed CA): used only while that signer's own certificate checks out.
+    crl_other: list[tuple[CRLInfo, CANode]] = field(default_factory=list)
     untrusted: Reason | None = None  # why no path to an anchor exists (loop, missing root)
+
+    def crl_state(self, at: dt.datetime) -> tuple[CRLStateWord, str]:
+        """The CA's CRL state for the Trust screen: (word, detail)."""
+        at = utc(at)
+        if self.crl is not None:
+            if self.crl.is_stale(at):
+                assert self.crl.next_update is not None
+                return "stale", f"stale since {self.crl.next_update:%Y-%m-%d %H:%M} UTC"
+            until = (f"fresh until {self.crl.next_update:%Y-%m-%d %H:%M} UTC"
+                     if self.crl.next_update else "fresh (no nextUpdate)")
+            return "fresh", until
+        if self.crl_other:
+            return "fresh", f"signed by another {self.info.name} certificate"
+        if self.crl_unusable:
+            return "unusable", self.crl_unusable[0].message
+        return "missing", "no CRL in the trust directory"
 
     def status(self, at: dt.datetime) -> CAStatusWord:
         """One word for the CA tree view; ``revoked`` reflects the build-time CRLs."""
@@ -146,24 +184,77 @@ class CANode:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class OwnerIdentity:
+    """Who an owner certificate says its holder is, as its issuing CA vouches for it.
+
+    Two owners are the same owner only when *all three* match: the key of the owners'
+    CA that issued the certificate (SHA-256 of its SubjectPublicKeyInfo, DER, lowercase
+    hex), the subject and the e-mail address. A second owners' CA minting the same
+    e-mail address yields a different identity.
+    """
+
+    ca_key: str  # SHA-256 of the issuing CA's SubjectPublicKeyInfo (DER), lowercase hex
+    subject: str  # RFC 4514 subject of the owner certificate
+    email: str  # first rfc822Name SAN, else the subject's emailAddress, else ""
+    ca_name: str = ""  # display name of the issuing CA (not part of the identity)
+
+    def key(self) -> tuple[str, str, str]:
+        """The comparable identity (CA key, subject, e-mail)."""
+        return (self.ca_key, self.subject, self.email.lower())
+
+    def label(self) -> str:
+        return f"{self.email or self.subject} (CA {self.ca_name or self.ca_key[:16]})"
+
+    def as_json(self) -> dict[str, str]:
+        return {"ca_key": self.ca_key, "subject": self.subject, "email": self.email,
+                "ca_name": self.ca_name}
+
+
 @dataclass(frozen=True)
 class ChainResult:
+    """The one certificate verdict (``TrustStore.verify_host``/``verify_owner``)."""
+
     valid: bool
     reasons: tuple[Reason, ...]  # every failing check (severity "error")
-    warnings: tuple[Reason, ...] = ()  # e.g. stale CRL
+    warnings: tuple[Reason, ...] = ()  # e.g. a CA without CRL when the fleet allows that
     chain: tuple[CertInfo, ...] = ()  # leaf first, anchor last (as far as it could be built)
     ca_fingerprints: frozenset[str] = frozenset()  # every CA in the path, for policy matching
     leaf: CertInfo | None = None
     ca_names: tuple[str, ...] = ()  # names of the CAs in the path, issuer first
+    #: The leaf's certificate policies (dotted OIDs) that *every* CA between it and the
+    #: trust anchor asserts (or covers with anyPolicy); None when not computed.
+    policies: frozenset[str] | None = None
+    #: SHA-256 of the direct issuer's SubjectPublicKeyInfo (DER), lowercase hex.
+    issuer_key: str = ""
+    kind: CertKind = "host"
+
+    @property
+    def owner_identity(self) -> OwnerIdentity | None:
+        """The owner identity of a valid owner certificate (None otherwise).
+
+        This is what grants and policies bind to: the issuing owners' CA key plus
+        the certificate's subject and e-mail address.
+        """
+        if not self.valid or self.kind != "owner" or self.leaf is None or not self.issuer_key:
+            return None
+        return OwnerIdentity(ca_key=self.issuer_key, subject=self.leaf.subject,
+                             email=self.leaf.email, ca_name=self.ca_names[0] if self.ca_names else "")
 
     def as_json(self) -> dict[str, object]:
-        """The ``escort cert verify --json`` shape (a stable contract)."""
-        return {
+        """The ``escort cert verify --json`` shape (a stable contract; extended only)."""
+        out: dict[str, object] = {
             "valid": self.valid,
             "reasons": [r.as_json() for r in self.reasons],
             "chain": [c.subject for c in self.chain],
             "warnings": [r.as_json() for r in self.warnings],
         }
+        if self.policies is not None:
+            out["policies"] = sorted(self.policies)
+        owner = self.owner_identity
+        if owner is not None:
+            out["owner"] = owner.as_json()
+        return out
 
 
 @dataclass(frozen=True)

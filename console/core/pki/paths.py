@@ -1,52 +1,136 @@
-"""Path building: from a certificate up through its issuers to a trust anchor, every check on the way."""
+"""Path building: from a certificate up through its issuers to a trust anchor, every check on the way.
+
+``PathBuilder._verify`` is THE certificate verdict: ``TrustStore.verify_host`` and
+``TrustStore.verify_owner`` call it, and every command and screen (``cert verify``,
+explain/targets, pre-flight, evacuation, drain, the console, policy and grant
+signers) goes through those two. On the way up it applies, to every certificate:
+
+* the leaf: dates, key, signature algorithm, keyUsage/EKU for its kind (host: TLS
+  server+client; owner: digitalSignature + emailProtection), end-entity only
+  (CA:FALSE), no critical extension escort does not process;
+* every CA (from the trust directory *and* from a chain file or x5c — the same
+  ``checks.ca_reasons``): dates, CA:TRUE, pathLen, keyCertSign, key, algorithm, no
+  unknown critical extension;
+* name constraints of every CA on the path, applied to every certificate below it
+  (``names``);
+* revocation of every certificate by its issuer's CRL, failing closed
+  (``revocation``);
+* certificate policies: a leaf policy OID counts only when every CA between the leaf
+  and the trust anchor asserts it or anyPolicy (``ChainResult.policies``).
+
+Everything that depends only on a stored CA is computed once per CA per ``at`` and
+cached.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509 import verification as xv
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import CertificatePoliciesOID
 
 from ..errors import InputError
 from ..reasons import Reason
-from .attributes import cert_info, key_usage, name_constraints_of
-from .checks import aki_matches, key_problem, signed_by, usage_reasons, validity_reasons, weak_signature
-from .model import MAX_PATH_DEPTH, CANode, CertInfo, CertKind, ChainResult
+from .attributes import cert_info, ext, name_constraints_of
+from .checks import (
+    aki_matches,
+    ca_reasons,
+    critical_extension_reasons,
+    end_entity_reasons,
+    key_problem,
+    owner_usage_reasons,
+    signed_by,
+    usage_reasons,
+    validity_reasons,
+    weak_signature,
+)
+from .model import MAX_PATH_DEPTH, CANode, CertInfo, CertKind, ChainResult, MissingCRL
 from .names import name_constraint_failures
-from .revocation import crl_stale_warning
+from .revocation import attach_crls, revocation_reasons
+
+ANY_POLICY = CertificatePoliciesOID.ANY_POLICY.dotted_string
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Certificate policies asserted by every CA so far (top down), RFC 5280 6.1 simplified.
+
+    ``oids is None`` means "anything" (no CA yet, or all asserted anyPolicy).
+    ``inhibited``: a CA above carried inhibitAnyPolicy, so anyPolicy below it counts for
+    nothing (stricter than RFC 5280's skipCerts, documented in docs/PKI.md).
+    """
+
+    oids: frozenset[str] | None = None
+    inhibited: bool = False
+
+    def through(self, info: CertInfo) -> PolicyState:
+        asserted = set(info.policies)
+        inhibited = self.inhibited
+        if ANY_POLICY in asserted and not inhibited:
+            own: frozenset[str] | None = None
+        else:
+            own = frozenset(asserted - {ANY_POLICY})
+        if own is None:
+            oids = self.oids
+        elif self.oids is None:
+            oids = own
+        else:
+            oids = self.oids & own
+        if ext(info.cert, x509.InhibitAnyPolicy) is not None:
+            inhibited = True
+        return PolicyState(oids, inhibited)
+
+    def effective(self, leaf: CertInfo) -> frozenset[str]:
+        mine = frozenset(leaf.policies) - {ANY_POLICY}
+        return mine if self.oids is None else mine & self.oids
 
 
 @dataclass(frozen=True)
 class PathResult:
-    """Cached checks of one CA's path up to its anchor, for one ``at`` and offset."""
+    """Cached checks of one stored CA's path up to its anchor, for one ``at`` and offset."""
 
     path: tuple[CANode, ...]  # the CA first, anchor last
     errors: tuple[Reason, ...]
     warnings: tuple[Reason, ...]
-    constraints: tuple[tuple[CertInfo, x509.NameConstraints], ...]
+    constraints: tuple[tuple[CertInfo, x509.NameConstraints], ...]  # of every CA on the path
     fingerprints: frozenset[str]
     names: tuple[str, ...]
-    cross_checkable: bool  # no Ed25519/Ed448 key on the path: the verifier applies
+    policies: PolicyState  # after the lowest CA of the path
+
+
+def _spki_sha256(cert: x509.Certificate) -> str:
+    try:
+        der = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # unsupported key: no identity (the key check refuses it anyway)
+        return ""
+    return hashlib.sha256(der).hexdigest()
 
 
 class PathBuilder:
-    """Path checks and their caches; ``TrustStore`` supplies the CA index."""
+    """Path checks and their caches; ``TrustStore`` supplies the CA index and CRLs."""
 
     _by_subject: dict[x509.Name, list[CANode]]
-    cross_check: bool
+    missing_crl: MissingCRL
+    at: dt.datetime
+    #: CRLs whose issuer is not a stored CA: kept for CAs that arrive in a chain file/x5c.
+    loose_crls: list[tuple[str, bytes]]
 
     def _init_caches(self) -> None:
         # Caches are filled from UI/service worker threads too: lookups are plain dict
         # reads, eviction happens under this lock (a duplicate computation is harmless).
         self._lock = threading.Lock()
         self._cache: dict[dt.datetime, dict[tuple[int, int], PathResult]] = {}
-        self._verifiers: dict[tuple[int, dt.datetime], xv.ClientVerifier] = {}
         #: (leaf fingerprint, issuer node id) -> signature verified. Signatures do not
         #: depend on time, so a console refreshing 1,000 hosts pays for them once.
         self._signatures: dict[tuple[str, int], bool] = {}
-
+        #: Extra (chain file / x5c) CAs as nodes with the CRLs that name them.
+        self._extra_nodes: dict[str, CANode] = {}
+        self._busy = threading.local()
 
     # ---------------------------------------------------------------- path cache
     def _path(self, node: CANode, at: dt.datetime, offset: int) -> PathResult:
@@ -62,39 +146,19 @@ class PathBuilder:
             hit = per_at[key] = self._compute_path(node, at, offset)
         return hit
 
+    def _signer_ok(self, at: dt.datetime) -> _SignerCheck:
+        return _SignerCheck(self, at)
+
     def _compute_path(self, node: CANode, at: dt.datetime, offset: int) -> PathResult:
         path = node.path_to_root()
         errors: list[Reason] = []
         warnings: list[Reason] = []
         constraints: list[tuple[CertInfo, x509.NameConstraints]] = []
         below = offset  # non-self-issued intermediates between the leaf and this CA
-        cross_checkable = True
+        signer_ok = self._signer_ok(at)
         for i, n in enumerate(path):
             info = n.info
-            errors += validity_reasons(info, at, "ca", "CA")
-            if not info.is_ca:
-                errors.append(Reason("ca.not_ca", f"{info.name} issued a certificate but is not a CA "
-                                     "(basicConstraints CA is not set).",
-                                     f"Reissue {info.name} as a CA certificate."))
-            if info.path_len is not None and below > info.path_len:
-                errors.append(Reason("ca.path_len", f"{info.name} allows {info.path_len} intermediate "
-                                     f"CA(s) below it (pathLen), this path has {below}.",
-                                     f"Issue the certificate from a CA closer to {info.name}, or reissue "
-                                     f"{info.name} with a larger pathLen."))
-            ku = key_usage(info.cert)
-            if ku is not None and not ku.key_cert_sign:
-                errors.append(Reason("ca.no_keycertsign", f"{info.name}'s keyUsage lacks keyCertSign, "
-                                     "so it may not sign certificates.",
-                                     f"Reissue {info.name} with keyUsage keyCertSign."))
-            kp = key_problem(info.cert, f"CA {info.name}")
-            if kp is not None:
-                errors.append(kp)
-            if not n.anchor:  # an anchor's self-signature carries no trust
-                weak = weak_signature(info.cert, f"CA {info.name}")
-                if weak is not None:
-                    errors.append(weak)
-            if info.key_type in ("Ed25519", "Ed448"):
-                cross_checkable = False
+            errors += ca_reasons(info, at, below, anchor=n.anchor)
             nc = name_constraints_of(info.cert)
             if nc is not None:
                 constraints.append((info, nc))
@@ -104,16 +168,8 @@ class PathBuilder:
                     if not lower.info.self_issued:
                         errors += name_constraint_failures(lower.info.cert, info, nc, lower.info.name)
             if i + 1 < len(path):
-                parent = path[i + 1]
-                when = parent.crl.revoked_at(info.serial, at) if parent.crl else None
-                if when is not None:
-                    errors.append(Reason("ca.revoked", f"CA {info.name} was revoked by {parent.info.name} "
-                                         f"on {when:%Y-%m-%d}.",
-                                         "Use a CA that is not revoked, or reissue it from "
-                                         f"{parent.info.name}."))
-            stale = crl_stale_warning(n, at)
-            if stale is not None:
-                warnings.append(stale)
+                for r in revocation_reasons(info, path[i + 1], at, self.missing_crl, signer_ok, leaf=False):
+                    (warnings if r.severity == "warning" else errors).append(r)
             if not info.self_issued:
                 below += 1
         top = path[-1]
@@ -124,17 +180,37 @@ class PathBuilder:
                 why.message if why else f"{top.info.name} does not lead to a self-signed root "
                                         "in the trust directory.",
                 why.fix if why else "Add the root CA certificate to the trust directory."))
-        return PathResult(path=tuple(path), errors=tuple(errors), warnings=tuple(warnings),
-                           constraints=tuple(constraints),
-                           fingerprints=frozenset(n.info.fingerprint for n in path),
-                           names=tuple(n.info.name for n in path), cross_checkable=cross_checkable)
+        policies = PolicyState()
+        for n in reversed(path):
+            if not n.anchor:  # RFC 5280: the trust anchor's own policies do not constrain
+                policies = policies.through(n.info)
+        return PathResult(path=tuple(path), errors=tuple(dict.fromkeys(errors)),
+                          warnings=tuple(dict.fromkeys(warnings)), constraints=tuple(constraints),
+                          fingerprints=frozenset(n.info.fingerprint for n in path),
+                          names=tuple(n.info.name for n in path), policies=policies)
 
+    def _extra_node(self, info: CertInfo) -> CANode:
+        """A CA from a chain file / x5c as a node, with the trust directory's CRLs for it."""
+        hit = self._extra_nodes.get(info.fingerprint)
+        if hit is None:
+            hit = CANode(info)
+            if self.loose_crls:
+                attach_crls({info.cert.subject: [hit]}, self.loose_crls, self.at, [])
+            with self._lock:
+                if len(self._extra_nodes) > 4096:
+                    self._extra_nodes.clear()
+                self._extra_nodes[info.fingerprint] = hit
+        return hit
+
+    # ---------------------------------------------------------------- the verdict
     def _verify(self, cert: x509.Certificate, extras: list[x509.Certificate], at: dt.datetime,
                 kind: CertKind) -> ChainResult:
+        """THE certificate verdict (see the module docstring): every failing check."""
         try:
             leaf = cert_info(cert)
         except InputError as exc:
-            return ChainResult(False, (Reason("cert.malformed", str(exc), "Reissue the certificate."),))
+            return ChainResult(False, (Reason("cert.malformed", str(exc), "Reissue the certificate."),),
+                               kind=kind)
         who = "Host certificate" if kind == "host" else "Owner certificate"
         errors: list[Reason] = []
         warnings: list[Reason] = []
@@ -143,7 +219,11 @@ class PathBuilder:
                         weak_signature(cert, f"{who} {leaf.name}")):
             if problem is not None:
                 errors.append(problem)
+        errors += end_entity_reasons(leaf, kind)
         errors += usage_reasons(cert, leaf, kind)
+        if kind == "owner":
+            errors += owner_usage_reasons(cert, leaf)
+        errors += critical_extension_reasons(cert, f"{who} {leaf.name}", "cert.critical_extension")
 
         # Walk up: extra intermediates only where the store has no signer.
         extra_infos: list[CertInfo] = []
@@ -151,7 +231,8 @@ class PathBuilder:
         issuer_node: CANode | None = None
         unused = list(extras)
         for _ in range(MAX_PATH_DEPTH):
-            found = self._best_issuer(current, current_info, at, len(extra_infos))
+            below_extras = sum(1 for i in extra_infos if not i.self_issued)
+            found = self._best_issuer(current, current_info, at, below_extras)
             if isinstance(found, CANode):
                 issuer_node = found
                 break
@@ -171,62 +252,61 @@ class PathBuilder:
             errors.append(Reason("chain.too_long", f"the path from {leaf.name} is longer than "
                                  f"{MAX_PATH_DEPTH} certificates.", "Use a shorter CA hierarchy."))
 
-        # Checks of the extra intermediates (not cached: they are not in the store).
-        for j, info in enumerate(extra_infos):
-            errors += validity_reasons(info, at, "ca", "CA")
-            if not info.is_ca:
-                errors.append(Reason("ca.not_ca", f"{info.name} issued a certificate but is not a CA.",
-                                     f"Reissue {info.name} as a CA certificate."))
-            if info.path_len is not None and j > info.path_len:
-                errors.append(Reason("ca.path_len", f"{info.name} allows {info.path_len} intermediate "
-                                     f"CA(s) below it (pathLen), this path has {j}.",
-                                     "Shorten the path or reissue with a larger pathLen."))
-            ku = key_usage(info.cert)
-            if ku is not None and not ku.key_cert_sign:
-                errors.append(Reason("ca.no_keycertsign", f"{info.name}'s keyUsage lacks keyCertSign.",
-                                     f"Reissue {info.name} with keyUsage keyCertSign."))
-            for problem in (key_problem(info.cert, f"CA {info.name}"),
-                            weak_signature(info.cert, f"CA {info.name}")):
-                if problem is not None:
-                    errors.append(problem)
+        # The extra intermediates get the same CA check as the stored ones.
+        below = 0
+        for info in extra_infos:
+            errors += ca_reasons(info, at, below, anchor=False)
+            if not info.self_issued:
+                below += 1
 
         chain: list[CertInfo] = [leaf, *extra_infos]
         fingerprints: frozenset[str] = frozenset(i.fingerprint for i in extra_infos)
         names: tuple[str, ...] = tuple(i.name for i in extra_infos)
+        # Name constraints of every CA on the whole path, lowest first.
         constraints: list[tuple[CertInfo, x509.NameConstraints]] = [
             (i, nc) for i in extra_infos if (nc := name_constraints_of(i.cert)) is not None]
-        cross_checkable = leaf.key_type not in ("Ed25519", "Ed448")
-        path: tuple[CANode, ...] = ()
+        policies = PolicyState()
+        signer_ok = self._signer_ok(at)
         if issuer_node is not None:
-            res = self._path(issuer_node, at, len(extra_infos))
-            path = res.path
+            res = self._path(issuer_node, at, below)
             errors += res.errors
             warnings += res.warnings
             chain += [n.info for n in res.path]
             fingerprints |= res.fingerprints
             names += res.names
             constraints += res.constraints
-            cross_checkable = cross_checkable and res.cross_checkable
-            # Revocation: the leaf (or the lowest extra intermediate) by the issuer's CRL.
-            below = extra_infos[-1] if extra_infos else leaf
-            when = issuer_node.crl.revoked_at(below.serial, at) if issuer_node.crl else None
-            if when is not None:
-                code = "cert.revoked" if below is leaf else "ca.revoked"
-                errors.append(Reason(code, f"{below.name} was revoked by {issuer_node.info.name} on "
-                                     f"{when:%Y-%m-%d}.",
-                                     "Issue a new certificate; a revoked one cannot be reinstated."))
+            policies = res.policies
+        for info in reversed(extra_infos):
+            policies = policies.through(info)
+
+        # Name constraints: each extra CA against every CA above it, the leaf against all.
+        for j, info in enumerate(extra_infos):
+            if info.self_issued:
+                continue
+            above = [(ca, nc) for ca, nc in constraints if ca is not info
+                     and (ca not in extra_infos or extra_infos.index(ca) > j)]
+            for ca, nc in above:
+                errors += name_constraint_failures(info.cert, ca, nc, info.name)
         for ca, nc in constraints:
             errors += name_constraint_failures(cert, ca, nc, leaf.name)
 
+        # Revocation of the leaf and of every extra CA by its issuer.
+        issuers: list[CANode | None] = [*(self._extra_node(i) for i in extra_infos), issuer_node]
+        for info, issuer, is_leaf in zip([leaf, *extra_infos], issuers, [True] + [False] * len(extra_infos),
+                                         strict=True):
+            if issuer is None:
+                break
+            for r in revocation_reasons(info, issuer, at, self.missing_crl, signer_ok, leaf=is_leaf):
+                (warnings if r.severity == "warning" else errors).append(r)
+
+        issuer_cert = (extra_infos[0].cert if extra_infos
+                       else issuer_node.info.cert if issuer_node is not None else None)
         errors = list(dict.fromkeys(errors))
-        if (not errors and self.cross_check and cross_checkable and path and path[-1].anchor
-                and not any(i.key_type in ("Ed25519", "Ed448") for i in extra_infos)):
-            problem = self._cross_check(cert, [i.cert for i in extra_infos] + [n.info.cert for n in path],
-                                        at)
-            if problem is not None:
-                errors.append(problem)
-        return ChainResult(valid=not errors, reasons=tuple(errors), warnings=tuple(warnings),
-                           chain=tuple(chain), ca_fingerprints=fingerprints, leaf=leaf, ca_names=names)
+        return ChainResult(valid=not errors, reasons=tuple(errors), warnings=tuple(dict.fromkeys(warnings)),
+                           chain=tuple(chain), ca_fingerprints=fingerprints, leaf=leaf, ca_names=names,
+                           policies=policies.effective(leaf),
+                           issuer_key=_spki_sha256(issuer_cert) if issuer_cert is not None else "",
+                           kind=kind)
 
     def _signed_by_node(self, cert: x509.Certificate, info: CertInfo, node: CANode) -> bool:
         key = (info.fingerprint, id(node))
@@ -263,38 +343,21 @@ class PathBuilder:
             return signers[0]
         return min(signers, key=lambda n: len(self._path(n, at, offset).errors))
 
-    def _cross_check(self, cert: x509.Certificate, path: list[x509.Certificate],
-                     at: dt.datetime) -> Reason | None:
-        """Run cryptography's verifier over a path that passed our own checks.
 
-        Extension policies are relaxed to ``permit_all`` because EKU/keyUsage/policies are
-        checked above with escort's own (non-Web-PKI) rules; what remains is the
-        verifier's path validation: signatures, validity, basicConstraints, pathLen,
-        name constraints and its algorithm allow-list.
-        """
-        anchor = path[-1]
-        key = (id(anchor), at)
-        verifier = self._verifiers.get(key)
-        if verifier is None:
-            if len(self._verifiers) >= 64:
-                with self._lock:
-                    self._verifiers.pop(next(iter(self._verifiers)), None)
-            # The verifier insists that a CA policy requires basicConstraints; it is
-            # the one extension we leave to it (our own check runs first anyway).
-            ca_policy = xv.ExtensionPolicy.permit_all().require_present(
-                x509.BasicConstraints, xv.Criticality.AGNOSTIC, None)
-            verifier = self._verifiers[key] = (
-                xv.PolicyBuilder().store(xv.Store([anchor])).time(at).max_chain_depth(MAX_PATH_DEPTH)
-                .extension_policies(ca_policy=ca_policy, ee_policy=xv.ExtensionPolicy.permit_all())
-                .build_client_verifier()
-            )
+class _SignerCheck:
+    """Is the certificate of a CRL signer (another certificate of the same CA) valid at ``at``?"""
+
+    def __init__(self, builder: PathBuilder, at: dt.datetime) -> None:
+        self.builder = builder
+        self.at = at
+
+    def __call__(self, signer: CANode) -> bool:
+        busy: set[int] = getattr(self.builder._busy, "ids", None) or set()
+        if id(signer) in busy:  # a CRL signer whose own check needs this check: not usable
+            return False
+        busy.add(id(signer))
+        self.builder._busy.ids = busy
         try:
-            verifier.verify(cert, path[:-1])
-        except (xv.VerificationError, ValueError) as exc:
-            return Reason("chain.verifier",
-                          f"cryptography's path validation rejects the chain: {exc}.",
-                          "Reissue the certificate or CA with standard algorithms and extensions.")
-        return None
-
-
-
+            return not self.builder._path(signer, self.at, 0).errors
+        finally:
+            busy.discard(id(signer))

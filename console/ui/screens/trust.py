@@ -11,7 +11,7 @@ from textual.widgets import Tree
 
 from console.core.pki import CANode
 from console.ui.screens.base import FleetScreen
-from console.ui.text import ca_status, cert_lines, plural
+from console.ui.text import ca_status, cert_lines, crl_words, plural
 from console.ui.widgets.detail import DetailPane
 
 
@@ -71,14 +71,17 @@ class TrustScreen(FleetScreen):
                 return Text.assemble(("host ", "dim"), name)
             code = chain.reasons[0].code if chain.reasons else "invalid"
             word = {"cert.revoked": "revoked", "cert.expired": "expired",
-                    "ca.revoked": "CA revoked"}.get(code, code)
+                    "ca.revoked": "CA revoked", "revocation.stale": "revocation unknown",
+                    "revocation.missing": "revocation unknown",
+                    "revocation.unusable": "revocation unknown"}.get(code, code)
             glyph = "⊘" if "revoked" in word else "✗"
             return Text.assemble(("host ", "dim"), name, "  ", (f"{glyph} {word}", tones["bad"]))
 
         def add(parent: object, node: CANode) -> None:
             glyph, word, tone = ca_status(node, at)
+            crl_label, _, crl_tone = crl_words(node, at)
             label = Text.assemble((f"{glyph} ", tones[tone]), node.info.name, "  ",
-                                  (word, tones[tone]))
+                                  (word, tones[tone]), "  ", (crl_label, tones[crl_tone]))
             branch = parent.add(label, node, expand=True)  # type: ignore[attr-defined]
             for child in sorted(node.children, key=lambda c: c.info.name):
                 add(branch, child)
@@ -108,8 +111,7 @@ class TrustScreen(FleetScreen):
         if data.revoked:
             why = f" ({data.revocation_reason})" if data.revocation_reason else ""
             lines.append(f"Revoked by its issuer's CRL{why}: nothing under it is trusted.")
-        if data.crl_stale:
-            lines.append("⚠ This CA's own CRL is past its next-update date (revocations may be missing).")
+        lines.append(crl_words(data, at)[1])
         lines.append("")
         lines += cert_lines(data.info, at, self.escort.policy_names())
         n_hosts, n_vms = self.escort.service.dependants(data.info.fingerprint)

@@ -75,7 +75,7 @@ class VMsScreen(FleetScreen):
 
     def _verdicts_arrived(self, keys: frozenset[str]) -> None:
         """The start-up check decided more VMs: their rows now show verdicts."""
-        self.main_table().set_rows(self.escort.vm_rows())
+        self.main_table().update_rows(self.escort.vm_rows(), keys)
         if self._shown_vm in keys and self.escort.admin is None:
             self._shown_vm = None  # the pane may have used the "checking" state: list again
             self._show_targets(self.main_table().cursor_key)
@@ -98,7 +98,7 @@ class VMsScreen(FleetScreen):
         # holding an arrow key should not compute targets for every VM passed over, and
         # while the operator types a filter the targets wait until typing pauses
         box = self.filter_input()
-        delay = 0.3 if box is not None and box.has_focus else 0.08
+        delay = 0.3 if box is not None and box.has_focus else 0.03
         self._pending = self.set_timer(delay, lambda: self._show_targets(key))
 
     def _show_targets(self, vm_key: str | None) -> None:
@@ -112,13 +112,13 @@ class VMsScreen(FleetScreen):
         same_vm = vm_key == self._shown_vm
         self._shown_vm = vm_key
         if vm_key is None:
-            title.update("Targets")
+            title.update("Targets", layout=False)  # height 1, width 1fr: no relayout
             targets.set_rows([], keep_key=False)
             return
         vm = self.escort.vm_by_key(vm_key)
         name = vm.name if vm is not None else vm_key
         if not same_vm:
-            title.update(f"Targets for {name}: checking every host…")
+            title.update(f"Targets for {name}: checking every host…", layout=False)
             targets.set_rows([], keep_key=False)
         width = max(targets.size.width - self.TARGET_COLUMNS[0].width - 2, 30)
         self._compute_targets(vm_key, name, width, same_vm)
@@ -186,7 +186,7 @@ class VMsScreen(FleetScreen):
                        counts: tuple[int, int] | None = None) -> None:
         if vm_key != self._shown_vm:
             return  # the operator has moved on
-        self.query_one("#targets-title", Label).update(title)
+        self.query_one("#targets-title", Label).update(title, layout=False)
         self.query_one("#targets", VirtualTable).set_rows(rows, keep_key=keep)
         if counts is not None:  # the VM's row says what the pane says, always
             row = self.escort.agree_vm_targets(vm_key, *counts)
@@ -195,7 +195,7 @@ class VMsScreen(FleetScreen):
 
     def _targets_failed(self, vm_key: str, message: str) -> None:
         if vm_key == self._shown_vm:
-            self.query_one("#targets-title", Label).update(f"{BAD} {message}")
+            self.query_one("#targets-title", Label).update(f"{BAD} {message}", layout=False)
             self.escort.notify(message, severity="error", markup=False)
 
     def on_resize(self) -> None:

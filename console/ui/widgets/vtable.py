@@ -179,6 +179,18 @@ class VirtualTable(ScrollView, can_focus=True):
         self._rows = list(rows)
         self._apply_filter(key)
 
+    def update_rows(self, rows: Sequence[Row], changed: set[str] | frozenset[str]) -> None:
+        """Same keys in the same order, new content for ``changed`` keys: repaint only when
+        one of them is on screen (a fleet's verdicts streaming in cost no repaints offscreen)."""
+        if len(rows) != len(self._rows) or self._filter:
+            self.set_rows(rows)
+            return
+        self._rows = list(rows)
+        top = self.scroll_offset.y
+        on_screen = self._view[top:top + max(self.size.height, 1)]
+        if any(self._rows[i].key in changed for i in on_screen):
+            self.refresh()
+
     def replace_row(self, row: Row) -> None:
         """Replace the row with ``row.key`` in place (filter and cursor unchanged)."""
         for i, old in enumerate(self._rows):
