@@ -434,6 +434,7 @@ class FleetService:
         index = HostIndex.build(hosts)
         groups: Groups = {}
         targets: dict[str, tuple[str, ...]] = {}
+        home: set[str] = set()
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
@@ -450,6 +451,7 @@ class FleetService:
             pr = self._policy(rec, at)
             part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
             targets.update(part.targets)
+            home |= part.at_home
             done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
             if clock() - start > budget_s:
                 yield done
@@ -465,7 +467,7 @@ class FleetService:
             self.cache_notice = cache.notice
         if (self._fixed_at is None and at != self.at) or generation != self._generation:
             return  # the clock moved on or a refresh changed facts: vms() recomputes
-        self._matrix = Matrix(targets, len(groups), len(index.names))
+        self._matrix = Matrix(targets, len(groups), len(index.names), home)
         self._matrix_at = at
         self._views_at = at
 

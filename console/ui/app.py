@@ -247,7 +247,10 @@ class EscortApp(App[None]):
             self.notify(f"Guard status could not be read: {exc}", severity="warning", markup=False)
             return
         self.guard_states = {st.host: st for st in states}
-        self.load_views()
+        if self.progressive:  # only the hosts' guard column changed; verdicts are being checked
+            self._host_rows = [self._host_row(h) for h in self._hosts]
+        else:
+            self.load_views()
         self.fleet_changed.publish(None)
         missing = sorted(st.host for st in states if st.state in ("missing", "broken"))
         if missing:
@@ -330,7 +333,8 @@ class EscortApp(App[None]):
         for vm in self._vms:
             counts[vm.host] = counts.get(vm.host, 0) + 1
         self._vms_on_host = counts
-        self.misplaced = self._find_misplaced()
+        # the placement check needs every verdict: after the start-up check, not before
+        self.misplaced = {} if self.checking else self._find_misplaced()
         self._host_rows = [self._host_row(h) for h in self._hosts]
         n_hosts = len(self._hosts)
         self._vm_rows = [self._vm_row(v, n_hosts) for v in self._vms]

@@ -24,8 +24,10 @@ async def test_rows_first_then_every_verdict_streamed_in(scale_fleet: Path) -> N
     lazy = FleetService.load(scale_fleet, eager=False)
     app = EscortApp(lazy, config=UIConfig(), live=False)
     assert app.progressive and app.checking
-    # before the check: every row is "checking…", never a count
+    # before the check: every row is "checking…", never a count, and nothing was decided yet
+    # (a whole-fleet check before the first paint is what made start-up grow with the fleet)
     assert {row.cells[4] for row in app.vm_rows()} == {"checking…"}
+    assert lazy._matrix is None and not lazy._chains
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app)
         await pilot.pause()
