@@ -60,6 +60,8 @@ ASSURANCE = ("assurance:low", "assurance:medium", "assurance:high")
 MAX_VMS = 100_000
 MAX_HOSTS = 10_000
 STAMP = "scale.json"
+#: bumped when escort's rules need the generated files to change (an older fleet is remade)
+VERSION = 2
 
 Progress = Callable[[str], None]
 
@@ -164,6 +166,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
                            owners_key)
     put("owners-trust/owners-ca.pem", iss.cert_pem(owners_ca.cert))
     put("owners-trust/owners-ca.crl.pem", iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now))))
+    put("owners-trust/owners-ca.crl.pem", iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now))))
     owner_list: list[tuple[str, iss.Issuer]] = []
     for i in range(n_owners):
         key = iss.make_key("ec")
@@ -237,7 +240,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
               f"`escort demo --vms {n_vms} --hosts {n_hosts}`.\n"
               "# Offline: hosts have no SSH address or libvirt URI; nothing is contacted.\n")
     put("fleet.toml", (header + tomli_w.dumps(doc)).encode())
-    put(STAMP, json.dumps({"vms": n_vms, "hosts": n_hosts, "generated": now.isoformat(),
+    put(STAMP, json.dumps({"version": VERSION, "vms": n_vms, "hosts": n_hosts, "generated": now.isoformat(),
                            "seed": seed}).encode())
     say(f"writing {len(files):,} files")
     made: set[Path] = set()
@@ -274,7 +277,7 @@ def ensure_scale(dest: Path, *, vms: int, hosts: int, regenerate: bool = False,
     try:
         stamp = json.loads((dest / STAMP).read_text())
         made = dt.datetime.fromisoformat(stamp["generated"])
-        fresh = (stamp.get("vms") == vms and stamp.get("hosts") == hosts
+        fresh = (stamp.get("version") == VERSION and stamp.get("vms") == vms and stamp.get("hosts") == hosts
                  and (dest / "fleet.toml").is_file()
                  and dt.datetime.now(dt.UTC) - made < dt.timedelta(days=5))
     except (OSError, ValueError, KeyError, TypeError):
