@@ -15,20 +15,41 @@ Why each step:
 * A log whose last line is incomplete (a crash mid-write, or a hand edit) is not
   appended to: linking a new entry to an unknown head would bless the damage.
   ``escort audit verify`` says what is wrong; the operator decides.
+* After the fsync, the same line goes to the local syslog (``/dev/log``, or the socket
+  in ``ESCORT_SYSLOG_SOCKET``; ``off`` disables it) with the tag ``escort``, facility
+  authpriv: a site's existing log shipping then keeps a copy off the machine, and
+  ``escort audit verify LOG --copy COPY`` compares the log with it. When there is no
+  syslog socket, no copy is made (nothing fails, and nothing can tell).
+
+What verification detects, and what it cannot, is in console/core/audit.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
+import logging
+import logging.handlers
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from console.core.audit import GENESIS, ChainReport, line_hash, make_entry, parse_line, verify_chain
+from console.core.audit import (
+    GENESIS,
+    SIG_NAMESPACE,
+    ChainProblem,
+    ChainReport,
+    line_hash,
+    make_entry,
+    parse_line,
+    verify_chain,
+    verify_signatures,
+)
 from console.core.errors import EscortError, InputError
 
 _TAIL_CHUNK = 8192
@@ -37,6 +58,38 @@ _MAX_LINE = 1024 * 1024  # an audit entry is a few hundred bytes; 1 MiB means "n
 
 class AuditError(EscortError):
     """The audit log cannot be written: no action may proceed without its record."""
+
+
+_SYSLOG: dict[str, logging.Logger | None] = {}
+
+
+def _syslog_logger() -> logging.Logger | None:
+    """A logger whose one handler sends to the local syslog socket with tag ``escort``."""
+    path = os.environ.get("ESCORT_SYSLOG_SOCKET", "/dev/log")
+    if path in _SYSLOG:
+        return _SYSLOG[path]
+    logger: logging.Logger | None = None
+    if path != "off" and os.path.exists(path):
+        try:
+            handler = logging.handlers.SysLogHandler(address=path, socktype=socket.SOCK_DGRAM,
+                                                     facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV)
+            handler.ident = "escort: "
+            logger = logging.getLogger(f"escort.audit.syslog.{len(_SYSLOG)}")
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
+        except OSError:
+            logger = None
+    _SYSLOG[path] = logger
+    return logger
+
+
+def to_syslog(line: str) -> None:
+    """Send one audit line to the local syslog (never raises: the log on disk is the record)."""
+    logger = _syslog_logger()
+    if logger is not None:
+        with contextlib.suppress(Exception):
+            logger.info(line)
 
 
 def utc_timestamp(now: dt.datetime | None = None) -> str:
@@ -96,6 +149,7 @@ class AuditLog:
         last = _read_last_line(self._rfd, size)
         if not last:
             self._head, self._seq = GENESIS, 0
+            self.last_ts = ""
         else:
             if not last.endswith(b"\n"):
                 raise AuditError(f"{self.path}: last line is incomplete (a write was cut short); "
@@ -107,6 +161,7 @@ class AuditLog:
                 raise AuditError(f"{self.path}: last line is not an escort audit entry; "
                                  f"run `escort audit verify {self.path}`")
             self._head, self._seq = line_hash(text), seq
+            self.last_ts = str(entry.get("ts", "")) if entry else ""
         self._end = size
 
     @property
@@ -156,7 +211,9 @@ class AuditLog:
                     raise AuditError(f"{self.path}: disk full, audit entry not written") from exc
                 raise AuditError(f"{self.path}: audit entry not written ({exc.strerror or exc})") from exc
             self._head, self._seq, self._end = line_hash(line), entry["seq"], size + len(data)
-            return entry
+            self.last_ts = str(entry["ts"])
+        to_syslog(line)
+        return entry
 
     def _fsync_dir(self) -> None:
         try:
@@ -203,12 +260,71 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[bytes]:
             yield line
 
 
-def verify_file(path: str | os.PathLike[str], *, expect_head: str | None = None) -> ChainReport:
-    """Verify a log file. ``InputError`` (exit 2) when it is not a log at all."""
+def verify_file(path: str | os.PathLike[str], *, expect_head: str | None = None,
+                admins: dict[str, str] | None = None, signatures: bool = True,
+                copy: str | os.PathLike[str] | None = None) -> ChainReport:
+    """Verify a log file: the chain, the admins' signatures, and optionally a copy.
+
+    ``admins`` (id -> key fingerprint, from the fleet file) binds signatures to admins;
+    ``copy`` is the syslog copy (one entry per line, e.g. ``journalctl -t escort -o cat``):
+    every entry in it must be in the log, identical, and the log must not end before it.
+    ``InputError`` (exit 2) when it is not a log at all.
+    """
+    from console.adapters.adminkey import AdminKeyProblem, sshsig_verify
+
     report = verify_chain(iter_lines(path), expect_head=expect_head)
     if report.entries == 0 and report.problems:
         raise InputError(f"{path}: not an escort audit log (no readable entry)")
-    return report
+    if not signatures and copy is None:
+        return report
+    texts = [raw.decode("utf-8", errors="replace").rstrip("\n") for raw in iter_lines(path)]
+    problems = list(report.problems)
+    warnings: list[ChainProblem] = []
+    extra: dict[str, object] = {}
+    if signatures:
+        def verify(armored: str, message: bytes) -> str:
+            try:
+                return sshsig_verify(armored, message, SIG_NAMESPACE)
+            except AdminKeyProblem as exc:
+                raise ValueError(str(exc)) from exc
+
+        sig = verify_signatures(texts, verify=verify, admins=admins)
+        problems += sig.problems
+        warnings += sig.warnings
+        extra = {"signed_through": sig.covered_seq, "signers": sig.signers, "actions": sig.actions}
+    if copy is not None:
+        problems += _compare_copy(texts, copy)
+    return ChainReport(report.entries, report.head, report.last_seq, tuple(problems), report.kinds,
+                       warnings=tuple(warnings), extra=extra)
+
+
+def _compare_copy(texts: list[str], copy: str | os.PathLike[str]) -> list[ChainProblem]:
+    """Every entry of the outside copy must be in the log, byte for byte, at its seq."""
+    by_seq: dict[int, tuple[int, str]] = {}
+    for i, text in enumerate(texts):
+        entry = parse_line(text)
+        seq = entry.get("seq") if entry else None
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            by_seq.setdefault(seq, (i + 1, text))
+    out: list[ChainProblem] = []
+    last = max(by_seq) if by_seq else 0
+    for raw in iter_lines(copy):
+        text = raw.decode("utf-8", errors="replace").rstrip("\n")
+        start = text.find("{")  # tolerate a syslog prefix ("escort: ", timestamps)
+        entry = parse_line(text[start:]) if start >= 0 else None
+        seq = entry.get("seq") if entry else None
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            continue
+        if seq > last:
+            out.append(ChainProblem(len(texts), "audit.copy_missing",
+                                    f"the copy has entry seq {seq}, the log ends at {last}: "
+                                    "entries were cut off the end"))
+            break
+        line_no, mine = by_seq.get(seq, (0, ""))
+        if mine != text[start:]:
+            out.append(ChainProblem(line_no, "audit.copy_mismatch",
+                                    f"entry seq {seq} differs from the outside copy: it was rewritten"))
+    return out
 
 
 def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

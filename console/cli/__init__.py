@@ -27,6 +27,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "migrate_cmds": ("audit", "migrate"),
     "ui_cmds": ("demo",),
     "evacuate_cmds": ("evacuate", "drain"),
+    "emergency_cmds": ("emergency",),
     "check_cmds": ("check",),
 }
 _loaded: set[str] = set()

@@ -37,6 +37,7 @@ from console.services.evacuation import (
     VMUpdate,
 )
 from console.services.fleet import FleetService
+from console.services.identity import AdminIdentity, terminal_prompt
 from console.services.inventory import InventoryService
 
 DEMO_NOTE = ("this is the demo fleet (libvirt's test driver): the plan above is real, but moving VMs "
@@ -74,7 +75,7 @@ def _board_line(u: VMUpdate) -> str:
 
 async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[EvacuationService],
                     PlannedEvacuation], *, admin: str | None, dry_run: bool, as_json: bool,
-                    parallel: int | None, yes: bool, cpu_ratio: float) -> int:
+                    parallel: int | None, yes: bool, cpu_ratio: float, admin_key: str | None = None) -> int:
     from console.services.migration import MigrationService
 
     readonly = bool(ctx.find_root().params.get("readonly"))
@@ -82,11 +83,23 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
     limits = Limits.for_parallel(parallel)
     demo = fleet.kind == "demo"
     run_it = not dry_run and not demo
-    if run_it:
-        fleet.require_writable("evacuation")
-    who = _admin(fleet, admin, required=run_it)
     inventory = InventoryService.for_fleet(fleet)
     migrations: MigrationService | None = None
+    proof = None
+    if run_it:
+        fleet.require_writable("evacuation")
+        # first: prove the acting admin's key (refused here, nothing has been asked of any host)
+        migrations = MigrationService(fleet, inventory, identity=AdminIdentity(
+            fleet, admin_key=admin_key, passphrase=terminal_prompt()))
+        try:
+            proof = await migrations.prove(admin, "evacuate" if ctx.info_name == "evacuate" else "drain")
+        except BaseException:
+            await migrations.close()
+            await inventory.close()
+            raise
+        who: str | None = proof.admin
+    else:
+        who = _admin(fleet, admin, required=False)
     try:
         await inventory.refresh()
         down = [h for h in fleet.hosts() if h.reachability != "up"]
@@ -94,7 +107,10 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
             for h in down:
                 click.echo(f"! {h.name} did not answer: "
                            f"{h.problem.message if h.problem else 'no answer'}", err=True)
-        ev = EvacuationService(fleet, admin=who, vcpu_ratio=cpu_ratio)
+        from console.services.emergency import audit_path, declared
+
+        ev = EvacuationService(fleet, admin=who, vcpu_ratio=cpu_ratio,
+                               emergencies=declared(fleet, audit_path(fleet)))
         planned = plan_fn(ev)
         complete = not (planned.stuck or planned.held)
         if as_json:
@@ -122,8 +138,8 @@ async def _evacuate(ctx: click.Context, fleet_path: str, plan_fn: Callable[[Evac
                 else:
                     click.echo("Not confirmed; nothing changed.")
                 return 1
-        migrations = MigrationService(fleet, inventory)
-        ev.mover = MigrationMover(migrations)
+        assert migrations is not None
+        ev.mover = MigrationMover(migrations, proof)
         ev.locator = InventoryLocator(inventory, fleet)
         ev.audit = migrations.audit  # one AuditLog instance: both services append to the same chain
         last_shown: dict[str, tuple[str, int]] = {}
@@ -173,6 +189,8 @@ _common = [
                  help="Fleet file (TOML)."),
     click.option("--admin", default=None, help="Admin whose grants authorise the moves "
                  "(default: the fleet's only admin)."),
+    click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None,
+                 help="The admin's private SSH key file (besides the SSH agent and identity_files)."),
     click.option("--dry-run", is_flag=True, help="Plan only; change nothing."),
     click.option("--json", "as_json", is_flag=True, help="JSON lines instead of text."),
     click.option("--parallel", type=int, default=None,
@@ -195,10 +213,12 @@ def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_with_common
 @click.pass_context
 def evacuate(ctx: click.Context, hosts: tuple[str, ...], fleet: str | None, admin: str | None,
-             dry_run: bool, as_json: bool, parallel: int | None, yes: bool, cpu_ratio: float) -> None:
+             admin_key: str | None, dry_run: bool, as_json: bool, parallel: int | None, yes: bool,
+             cpu_ratio: float) -> None:
     """Move every running VM off HOST(s) to hosts their owners allow, with room, in parallel."""
     code = _run(_evacuate(ctx, _fleet_path(ctx, fleet), lambda ev: ev.plan(hosts), admin=admin,
-                          dry_run=dry_run, as_json=as_json, parallel=parallel, yes=yes, cpu_ratio=cpu_ratio))
+                          dry_run=dry_run, as_json=as_json, parallel=parallel, yes=yes, cpu_ratio=cpu_ratio,
+                          admin_key=admin_key))
     ctx.exit(code)
 
 
@@ -206,11 +226,12 @@ def evacuate(ctx: click.Context, hosts: tuple[str, ...], fleet: str | None, admi
 @click.option("--ca", "ca", required=True, help="The CA's name or SHA-256 fingerprint.")
 @_with_common
 @click.pass_context
-def drain(ctx: click.Context, ca: str, fleet: str | None, admin: str | None, dry_run: bool,
-          as_json: bool, parallel: int | None, yes: bool, cpu_ratio: float) -> None:
+def drain(ctx: click.Context, ca: str, fleet: str | None, admin: str | None, admin_key: str | None,
+          dry_run: bool, as_json: bool, parallel: int | None, yes: bool, cpu_ratio: float) -> None:
     """Move every VM off the hosts certified under a revoked or expiring CA."""
     code = _run(_evacuate(ctx, _fleet_path(ctx, fleet), lambda ev: ev.plan_drain(ca), admin=admin,
-                          dry_run=dry_run, as_json=as_json, parallel=parallel, yes=yes, cpu_ratio=cpu_ratio))
+                          dry_run=dry_run, as_json=as_json, parallel=parallel, yes=yes, cpu_ratio=cpu_ratio,
+                          admin_key=admin_key))
     ctx.exit(code)
 
 

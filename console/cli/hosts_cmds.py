@@ -81,10 +81,15 @@ def refresh(ctx: click.Context, fleet: str | None, as_json: bool) -> None:
 
 @hosts.command("trust")
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
+@click.option("--admin", default=None, metavar="ID",
+              help="The admin acting (default: the one whose key is here).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (besides the SSH agent and the fleet's identity_files).")
 @click.argument("host")
 @click.argument("fingerprint")
 @click.pass_context
-def trust(ctx: click.Context, fleet: str | None, host: str, fingerprint: str) -> None:
+def trust(ctx: click.Context, fleet: str | None, admin: str | None, admin_key: str | None, host: str,
+          fingerprint: str) -> None:
     """Accept HOST's SSH key if (and only if) it has FINGERPRINT (SHA256:...).
 
     HOST is a fleet host or a jump host on the way to one (as the fleet or ssh_config
@@ -95,14 +100,18 @@ def trust(ctx: click.Context, fleet: str | None, host: str, fingerprint: str) ->
     """
     if not fingerprint.startswith("SHA256:"):
         raise InputError(f"{fingerprint!r} is not an SSH fingerprint (expected SHA256:...)")
-    service = FleetService.load_strict(_fleet_path(ctx, fleet))
-    service.require_writable("trust a host key")
+    from console.services.identity import AdminIdentity, terminal_prompt
+    from console.services.inventory import trust_host_key
+
+    readonly = bool(ctx.find_root().params.get("readonly"))
+    service = FleetService.load_strict(_fleet_path(ctx, fleet), readonly=readonly)
     inventory = InventoryService.for_fleet(service)
+    identity = AdminIdentity(service, admin_key=admin_key, passphrase=terminal_prompt())
     inventory.trust_target(host)  # an unknown name is unusable input (exit 2), before any connect
 
     async def go() -> str:
         try:
-            return await inventory.trust_host_key(host, fingerprint)
+            return await trust_host_key(service, inventory, host, fingerprint, admin=admin, identity=identity)
         finally:
             await inventory.close()
 

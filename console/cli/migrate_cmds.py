@@ -1,6 +1,8 @@
 """``escort migrate`` and ``escort audit verify``.
 
-``migrate`` exit codes: 0 migrated (and verified on the target), 1 refused or failed
+``migrate`` first proves that the operator holds the acting admin's SSH key
+(services/identity.py): refused otherwise (exit 1, nothing asked of any host).
+Exit codes: 0 migrated (and verified on the target), 1 refused or failed
 (the VM's state is said), 2 unusable input, 3 read-only mode. Output is a checklist
 and a progress line on a terminal, JSON lines otherwise (or with ``--json``): one
 ``{"event": "preflight"|"progress"|"outcome"|"refused"|"demo", ...}`` object per line.
@@ -30,23 +32,52 @@ def audit_group() -> None:
 @click.argument("log_file", type=click.Path(dir_okay=True))
 @click.option("--head", "expect_head", default=None,
               help="The head hash recorded earlier: also detects entries cut off the end.")
+@click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None,
+              help="Fleet file: each signature must be by the key its admin has there.")
+@click.option("--copy", "copy", type=click.Path(dir_okay=False), default=None,
+              help="An outside copy of the entries (journalctl -t escort -o cat): compared line by line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def audit_verify(log_file: str, expect_head: str | None, as_json: bool) -> None:
-    """Check every link of LOG_FILE. Exit 0 intact, 1 tampered (which line, what), 2 unusable."""
+@click.pass_context
+def audit_verify(ctx: click.Context, log_file: str, expect_head: str | None, fleet: str | None,
+                 copy: str | None, as_json: bool) -> None:
+    """Check every link and every admin signature of LOG_FILE, and say who did what.
+
+    Exit 0 intact, 1 tampered (which line, what), 2 unusable.
+    """
     from console.adapters.audit import verify_file
 
     if expect_head is not None and (len(expect_head) != 64 or
                                     any(c not in "0123456789abcdef" for c in expect_head)):
         raise InputError("--head must be a 64-character lowercase SHA-256 hex value")
-    report = verify_file(log_file, expect_head=expect_head)
+    admins: dict[str, str] | None = None
+    fleet_path = fleet or ctx.find_root().params.get("fleet_file")
+    if fleet_path:
+        from console.adapters.fleetfile import load_fleet
+
+        admins = {a.id: a.ssh_key_fingerprint for a in load_fleet(str(fleet_path)).admins}
+    report = verify_file(log_file, expect_head=expect_head, admins=admins, copy=copy)
     if as_json:
         click.echo(json.dumps(report.as_json(), sort_keys=True))
-    elif report.ok:
-        click.echo(f"ok: {report.entries} entries, chain intact, head {report.head}")
     else:
-        click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.entries} entries")
-        for problem in report.problems:
-            click.echo(f"  {problem}  [{problem.code}]")
+        if report.ok:
+            click.echo(f"ok: {report.entries} entries, chain intact, head {report.head}")
+        else:
+            click.echo(f"TAMPERED: {len(report.problems)} problem(s) in {report.entries} entries")
+            for problem in report.problems:
+                click.echo(f"  {problem}  [{problem.code}]")
+        extra = report.extra
+        if extra:
+            bound = "against the fleet file's admins" if admins is not None else \
+                "by the keys they name (pass --fleet to bind them to admins)"
+            click.echo(f"signatures: entries up to seq {extra.get('signed_through', 0)} signed, "
+                       f"checked {bound}")
+            for admin, kinds in sorted(dict(extra.get("actions", {})).items()):
+                click.echo(f"  {admin}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        for warning in report.warnings:
+            click.echo(f"  note: {warning}  [{warning.code}]")
+        if expect_head is None and copy is None:
+            click.echo("  (no outside anchor: entries cut off the end since the last signature cannot be "
+                       "seen; pass --head or --copy)")
     if not report.ok:
         raise click.exceptions.Exit(1)
 
@@ -105,8 +136,9 @@ def _emit(event: str, payload: dict[str, Any]) -> None:
 
 
 async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: bool, json_out: bool,
-                   readonly: bool, bandwidth: int, stall: float | None) -> int:
+                   readonly: bool, bandwidth: int, stall: float | None, admin_key: str | None = None) -> int:
     from console.services.fleet import FleetService
+    from console.services.identity import AdminIdentity, terminal_prompt
     from console.services.inventory import InventoryService
     from console.services.migration import DEMO_EXPLANATION, MigrationRefused, MigrationService
 
@@ -114,9 +146,15 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
     fleet.require_writable("migration")
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
-    service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall)
+    identity = AdminIdentity(fleet, admin_key=admin_key, passphrase=terminal_prompt())
+    service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall,
+                               identity=identity)
     tty = sys.stdout.isatty() and not json_out
     try:
+        proof = None
+        if fleet.kind != "demo":  # first of all: the operator proves they hold the admin's key
+            proof = await service.prove(admin, f"migrate {vm} to {host}")
+            admin = proof.admin
         pf = await service.preflight(vm, host, admin)
         if tty:
             _print_preflight(pf)
@@ -138,7 +176,7 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
                 click.echo(f"Not confirmed; nothing changed. {pf.vm} stays on {pf.source}.")
                 return 1
         try:
-            run = await service.start(pf)
+            run = await service.start(pf, proof=proof)
         except MigrationRefused as exc:
             if tty:
                 click.echo(f"REFUSED: {exc}. Nothing was changed; {pf.vm} stays on {pf.source or '?'}.")
@@ -192,7 +230,10 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
 @click.argument("vm")
 @click.argument("host")
-@click.option("--admin", default=None, metavar="ID", help="The admin acting (must hold a grant).")
+@click.option("--admin", default=None, metavar="ID",
+              help="The admin acting (must hold a grant; default: the one admin whose key is present).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (besides the SSH agent and the fleet's identity_files).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "json_out", is_flag=True, help="JSON lines (the default when not on a terminal).")
 @click.option("--bandwidth", type=click.IntRange(0, 100_000), default=0, metavar="MIB/S",
@@ -200,8 +241,9 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
 @click.option("--stall-timeout", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
               help="Abort when no progress for this long (default: the fleet file's stall_timeout_s).")
 @click.pass_context
-def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None, yes: bool,
-            json_out: bool, bandwidth: int, stall_timeout: float | None) -> None:
+def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None,
+            admin_key: str | None, yes: bool, json_out: bool, bandwidth: int,
+            stall_timeout: float | None) -> None:
     """Live-migrate VM to HOST over TLS, after the same pre-flight the console shows.
 
     Exit 0 migrated and verified on HOST; 1 refused or failed (the VM's state is
@@ -212,13 +254,13 @@ def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: st
         raise InputError("no fleet file: pass --fleet FILE")
     readonly = bool(ctx.find_root().params.get("readonly"))
     code = asyncio.run(_migrate(str(fleet_path), vm, host, admin, yes, json_out, readonly, bandwidth,
-                                stall_timeout))
+                                stall_timeout, admin_key))
     raise click.exceptions.Exit(code)
 
 
 # -- reconcile ------------------------------------------------------------------------------
 async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, json_out: bool,
-                     readonly: bool) -> int:
+                     readonly: bool, admin_key: str | None = None) -> int:
     from console.core.errors import EscortError
     from console.services.fleet import FleetService
     from console.services.inventory import InventoryService, is_live
@@ -229,7 +271,10 @@ async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, j
         fleet.require_writable("reconcile")
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
-    service = MigrationService(fleet, inventory)
+    from console.services.identity import AdminIdentity, terminal_prompt
+
+    service = MigrationService(fleet, inventory, identity=AdminIdentity(
+        fleet, admin_key=admin_key, passphrase=terminal_prompt()))
     try:
         names = [h.name for h in fleet.spec.hosts if is_live(h)]
         cases = await service.reconcile_scan(names)
@@ -293,11 +338,13 @@ async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, j
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
 @click.option("--fix", is_flag=True, help="Carry out each case's safe steps (audited first).")
 @click.option("--admin", default=None, metavar="ID", help="The admin acting (with --fix).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (with --fix; besides the agent and identity_files).")
 @click.option("--yes", is_flag=True, help="Do not ask before --fix acts.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def reconcile(ctx: click.Context, fleet: str | None, fix: bool, admin: str | None, yes: bool,
-              json_out: bool) -> None:
+def reconcile(ctx: click.Context, fleet: str | None, fix: bool, admin: str | None, admin_key: str | None,
+              yes: bool, json_out: bool) -> None:
     """Find VMs a migration left half-done (on two hosts, paused, a leftover incoming
     copy) and migrations whose outcome was unknown; --fix carries out the safe steps.
 
@@ -308,7 +355,7 @@ def reconcile(ctx: click.Context, fleet: str | None, fix: bool, admin: str | Non
     if not fleet_path:
         raise InputError("no fleet file: pass --fleet FILE")
     readonly = bool(ctx.find_root().params.get("readonly"))
-    code = asyncio.run(_reconcile(str(fleet_path), admin, fix, yes, json_out, readonly))
+    code = asyncio.run(_reconcile(str(fleet_path), admin, fix, yes, json_out, readonly, admin_key))
     raise click.exceptions.Exit(code)
 
 

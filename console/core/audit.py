@@ -10,21 +10,35 @@ Every line is the *canonical* JSON of its entry (keys sorted, no spaces, no ASCI
 escaping), so a line can be re-derived from its parsed value and any re-formatting
 is visible. ``prev`` links each entry to the exact bytes of the line before it (the
 first entry links to ``GENESIS``), so removing, reordering or editing an entry breaks
-the link at the next line. ``hash`` covers the entry itself so that an edit of the
-*last* line — which has no successor to break — is caught too.
+the link at the next line. ``hash`` covers the entry itself.
 
-What a hash chain cannot do on its own: notice that the newest entries were cut off
-the end, or that someone rewrote the whole file with fresh hashes. Recording the head
-(``ChainReport.head``, printed by ``escort audit verify``) elsewhere and passing it back
-as ``expect_head`` closes the first gap; shipping lines to another machine closes the
-second. We say so instead of pretending.
+What hashes alone detect: a careless edit (an entry changed without recomputing its
+``hash``, or a line removed, inserted or reordered without re-linking). What they do
+NOT detect on their own: anybody who edits an entry and then recomputes ``hash`` and
+every later ``prev`` (a few lines of Python) — the result is a perfectly valid chain.
+
+Signatures close that gap for everything they cover. After each entry written on an
+admin's behalf, a ``signature`` entry carries an SSHSIG (PROTOCOL.sshsig, namespace
+``escort-audit@escort``) by the acting admin's SSH key over the exact text of that
+line; because every line's ``prev`` is the hash of the line before, a valid signature
+over line N vouches for lines 1..N. A rewrite of any covered entry breaks the
+signature unless the rewriter holds an admin's private key. ``verify_signatures``
+checks each signature (with an injected SSHSIG verifier) and that the signing key is
+the fleet file's key for the admin named; entries after the last valid signature are
+reported as unsigned (refusals excepted — they authorise nothing and are often written
+because no key could be proven; they are listed as warnings).
+
+What remains undetectable without an outside anchor: cutting entries off the end back
+to an earlier signature, or replacing the whole file by an older copy. The head hash
+(``ChainReport.head``; ``expect_head``) recorded elsewhere, or the syslog copy of every
+line (adapters/audit.py), closes that: ``escort audit verify LOG --copy COPY``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +49,12 @@ GENESIS = hashlib.sha256(b"escort audit log v1").hexdigest()
 #: Fields the chain owns; an entry's own payload may not use them.
 RESERVED = frozenset({"seq", "ts", "prev", "hash"})
 #: Entry kinds escort writes. Unknown kinds still verify (the chain does not care).
-KINDS = ("decision", "outcome", "reconcile", "evacuation", "note")
+KINDS = ("decision", "outcome", "reconcile", "evacuation", "note", "refusal", "signature", "emergency",
+         "host_key")
+#: Kinds that may stand unsigned: written when nobody's key was proven (that is the point).
+UNSIGNED_OK = frozenset({"refusal", "signature"})
+#: SSHSIG namespace of audit signatures (``ssh-keygen -Y verify -n escort-audit@escort``).
+SIG_NAMESPACE = "escort-audit@escort"
 
 
 def canonical_line(entry: Mapping[str, Any]) -> str:
@@ -95,6 +114,9 @@ class ChainReport:
     last_seq: int
     problems: tuple[ChainProblem, ...] = ()
     kinds: dict[str, int] = field(default_factory=dict)
+    warnings: tuple[ChainProblem, ...] = ()
+    #: signature results: "signed_through" (seq), "signers" (key -> admin), "actions" (admin -> kind -> n)
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -102,7 +124,8 @@ class ChainReport:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "head": self.head, "last_seq": self.last_seq,
-                "kinds": dict(self.kinds), "problems": [p.as_json() for p in self.problems]}
+                "kinds": dict(self.kinds), "problems": [p.as_json() for p in self.problems],
+                "warnings": [p.as_json() for p in self.warnings], **self.extra}
 
 
 def parse_line(text: str) -> dict[str, Any] | None:
@@ -213,15 +236,118 @@ def verify_chain(lines: Iterable[str | bytes], *, expect_head: str | None = None
     return ChainReport(entries=count, head=head, last_seq=prev_seq, problems=tuple(problems), kinds=kinds)
 
 
+def signature_fields(line: str, entry: Mapping[str, Any], *, admin: str, key: str,
+                     sshsig: str) -> dict[str, Any]:
+    """The payload of a ``signature`` entry over ``line`` (the signed entry's exact text)."""
+    return {"kind": "signature", "signs_seq": entry["seq"], "signs": line_hash(line), "admin": admin,
+            "key": key, "sshsig": sshsig}
+
+
+@dataclass(frozen=True)
+class SignatureReport:
+    problems: tuple[ChainProblem, ...]
+    warnings: tuple[ChainProblem, ...]
+    covered_seq: int  # every entry up to this seq is covered by a valid signature
+    signers: dict[str, str]  # key fingerprint -> admin, for keys whose signatures verified
+    actions: dict[str, dict[str, int]]  # admin -> kind -> entries signed on their behalf
+
+
+def verify_signatures(lines: Iterable[str], *, verify: Callable[[str, bytes], str],
+                      admins: Mapping[str, str] | None = None) -> SignatureReport:
+    """Check every ``signature`` entry of a log (its lines, newlines stripped).
+
+    ``verify(armored, message)`` returns the signer's SHA256 fingerprint or raises
+    ``ValueError``; ``admins`` (admin id -> key fingerprint, from the fleet file) binds
+    each signature to the admin it names — without it, signatures are only checked to
+    be valid over their line, by the key they name.
+    """
+    texts: list[str] = []
+    entries: list[dict[str, Any] | None] = []
+    by_seq: dict[int, int] = {}
+    for text in lines:
+        entry = parse_line(text)
+        entries.append(entry)
+        texts.append(text)
+        seq = entry.get("seq") if entry else None
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            by_seq.setdefault(seq, len(texts) - 1)
+    problems: list[ChainProblem] = []
+    warnings: list[ChainProblem] = []
+    signers: dict[str, str] = {}
+    covered = 0
+    covered_index = -1
+    for i, entry in enumerate(entries):
+        if not entry or entry.get("kind") != "signature":
+            continue
+        line_no = i + 1
+        target = by_seq.get(entry.get("signs_seq"))  # type: ignore[arg-type]
+        admin, key = str(entry.get("admin", "")), str(entry.get("key", ""))
+        if target is None or target >= i:
+            problems.append(ChainProblem(line_no, "audit.signature", "signature names an entry that is not "
+                                         "before it in the log"))
+            continue
+        text = texts[target]
+        if line_hash(text) != entry.get("signs"):
+            problems.append(ChainProblem(line_no, "audit.signature", f"signed entry seq "
+                                         f"{entry.get('signs_seq')} was changed after it was signed"))
+            continue
+        try:
+            signer = verify(str(entry.get("sshsig", "")), text.encode("utf-8"))
+        except ValueError as exc:
+            problems.append(ChainProblem(line_no, "audit.signature", f"signature over entry seq "
+                                         f"{entry.get('signs_seq')} does not verify ({exc})"))
+            continue
+        if signer != key:
+            problems.append(ChainProblem(line_no, "audit.signature",
+                                         f"signature made by {signer}, but the entry says {key}"))
+            continue
+        if admins is not None and admins.get(admin) != signer:
+            problems.append(ChainProblem(line_no, "audit.signer_unknown",
+                                         f"signed by {signer}, which is not the fleet file's key for "
+                                         f"admin {admin!r}"))
+            continue
+        signers[signer] = admin
+        if target > covered_index:
+            covered_index = target
+            seq = (entries[target] or {}).get("seq")
+            covered = seq if isinstance(seq, int) else covered
+    actions: dict[str, dict[str, int]] = {}
+    for i, entry in enumerate(entries):
+        if not entry:
+            continue
+        kind = str(entry.get("kind", ""))
+        if i <= covered_index:
+            if kind != "signature":
+                who = str(entry.get("admin") or "-")
+                actions.setdefault(who, {})
+                actions[who][kind] = actions[who].get(kind, 0) + 1
+            continue
+        if kind in UNSIGNED_OK or (kind == "decision" and entry.get("allowed") is False):
+            if kind != "signature":
+                warnings.append(ChainProblem(i + 1, "audit.unsigned_refusal",
+                                             f"refusal seq {entry.get('seq')} is not covered by a signature "
+                                             "(it authorised nothing; no admin key had been proven)"))
+            continue
+        problems.append(ChainProblem(i + 1, "audit.unsigned",
+                                     f"entry seq {entry.get('seq')} ({kind}) is not covered by any valid "
+                                     "admin signature: it may have been rewritten"))
+    return SignatureReport(tuple(problems), tuple(warnings), covered, signers, actions)
+
+
 __all__ = [
     "GENESIS",
     "KINDS",
+    "SIG_NAMESPACE",
+    "UNSIGNED_OK",
     "ChainProblem",
     "ChainReport",
+    "SignatureReport",
     "canonical_line",
     "entry_hash",
     "line_hash",
     "make_entry",
     "parse_line",
+    "signature_fields",
     "verify_chain",
+    "verify_signatures",
 ]

@@ -53,6 +53,9 @@ TYP_GRANT = "escort-grant+jwt"
 PREFIX = {TYP_POLICY: "policy", TYP_GRANT: "grant"}
 VERSION = 1
 #: Claims every document carries; ``iat`` is optional.
+#: Clock-skew allowance for ``nbf``: a document signed on a machine whose clock runs up
+#: to this much ahead still counts at once (docs/MIGRATION.md "Time"). ``exp`` gets none.
+NBF_SKEW = dt.timedelta(seconds=60)
 COMMON_CLAIMS = frozenset({"ver", "iss", "jti", "nbf", "exp", "iat"})
 REQUIRED_CLAIMS = ("ver", "iss", "jti", "nbf", "exp")
 ALLOWED_HEADER = frozenset({"alg", "typ", "x5c", "kid"})
@@ -622,9 +625,9 @@ class EnvelopeVerifier:
         payload = opened.payload
         if payload is not None:
             nbf, exp = _ts(payload, "nbf"), _ts(payload, "exp")
-            if nbf is not None and at < nbf:
+            if nbf is not None and at + NBF_SKEW < nbf:
                 reasons.append(_r(prefix, "not_yet_valid",
-                                  f"the {prefix} is valid only from {nbf:%Y-%m-%d %H:%M} UTC",
+                                  f"the {prefix} is valid only from {nbf:%Y-%m-%d %H:%M:%S} UTC",
                                   f"wait until then, or ask the owner for a {prefix} valid now"))
             if exp is not None and at >= exp:
                 reasons.append(_r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
@@ -649,6 +652,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 __all__ = [
+    "NBF_SKEW",
     "TYP_GRANT",
     "TYP_POLICY",
     "VERSION",

@@ -44,7 +44,7 @@ CHECKED_OPS = {("migrate", "begin"): "incoming migration", ("prepare", "begin"):
                ("restore", "begin"): "restore"}
 MAX_XML_BYTES = 4 * 1024 * 1024
 _CONFIG_KEYS = {"version", "host", "no_policy", "policy_uuids", "policy_names", "host_cert",
-                "trust_digest", "fleet"}
+                "trust_digest", "fleet", "missing_crl"}
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,18 @@ class GuardConfig:
     host_cert: str = "/etc/pki/qemu/server-cert.pem"
     version: str = GUARD_VERSION
     fleet: str = ""
+    #: the fleet's ``missing_crl`` (docs/PKI.md), so the guard's verdict is escort's
+    missing_crl: pki.MissingCRL = "refuse"
 
     def as_json(self, trust_digest: str = "") -> dict[str, Any]:
-        return {"version": self.version, "host": self.host, "fleet": self.fleet,
-                "no_policy": self.no_policy, "policy_uuids": sorted(self.policy_uuids),
-                "policy_names": dict(sorted(self.policy_names.items())), "host_cert": self.host_cert,
-                "trust_digest": trust_digest}
+        out: dict[str, Any] = {
+            "version": self.version, "host": self.host, "fleet": self.fleet,
+            "no_policy": self.no_policy, "policy_uuids": sorted(self.policy_uuids),
+            "policy_names": dict(sorted(self.policy_names.items())), "host_cert": self.host_cert,
+            "trust_digest": trust_digest}
+        if self.missing_crl != "refuse":  # only when set: guard.json (and digests) stay as they were
+            out["missing_crl"] = self.missing_crl
+        return out
 
     @classmethod
     def parse(cls, data: bytes) -> tuple[GuardConfig, str]:
@@ -92,9 +98,13 @@ class GuardConfig:
             raise InputError("guard.json: policy_names is not a table of strings")
         if not isinstance(cert, str) or not cert.startswith("/"):
             raise InputError("guard.json: host_cert is not an absolute path")
+        missing = raw.get("missing_crl", "refuse")
+        if missing not in ("refuse", "warn"):
+            raise InputError(f"guard.json: missing_crl must be refuse or warn, not {missing!r}")
         digest = raw.get("trust_digest", "")
         return cls(host, mode, frozenset(normalize_uuid(u) for u in uuids), dict(names), cert,
-                   str(raw.get("version", "")), str(raw.get("fleet", ""))), str(digest)
+                   str(raw.get("version", "")), str(raw.get("fleet", "")),
+                   "warn" if missing == "warn" else "refuse"), str(digest)
 
 
 @dataclass(frozen=True)
@@ -188,11 +198,11 @@ def domain_identity(xml: str) -> tuple[str, str, str]:
 
 
 def _store(certs: Sequence[tuple[str, bytes]], crls: Sequence[tuple[str, bytes]], at: dt.datetime,
-           what: str) -> pki.TrustStore:
+           what: str, missing_crl: pki.MissingCRL = "refuse") -> pki.TrustStore:
     """The same TrustStore escort builds from a trust directory (adapters/files.load_trust_store)."""
     if not certs:
         raise InputError(f"no {what} certificates in the guard's trust material")
-    store, _problems = pki.TrustStore.build(certs, crls, at=at)
+    store, _problems = pki.TrustStore.build(certs, crls, at=at, missing_crl=missing_crl)
     return store
 
 
@@ -206,8 +216,8 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
     ids: dict[str, Any] = {"vm_uuid": uuid, "vm_name": name}
     # fail closed: without usable trust material nothing is admitted, policy or not
     try:
-        trust = _store(material.host_certs, material.host_crls, at, "host CA")
-        owners = _store(material.owner_certs, material.owner_crls, at, "owners' CA")
+        trust = _store(material.host_certs, material.host_crls, at, "host CA", config.missing_crl)
+        owners = _store(material.owner_certs, material.owner_crls, at, "owners' CA", config.missing_crl)
     except InputError as exc:
         return _refuse("guard.trust_unusable", f"the guard's trust material is unusable: {exc}",
                        "run `escort hosts guard install` for this host", **ids)

@@ -329,7 +329,10 @@ class Preflight:
 
     @property
     def ok(self) -> bool:
-        return all(i.ok for i in self.items) and self.plan is not None
+        """Every check ran and passed (zero checks never pass) and there is a plan."""
+        ran = {i.key for i in self.items}
+        return (ran == {k for k, _ in CHECKS} and all(i.ok for i in self.items)
+                and self.plan is not None)
 
     @property
     def reasons(self) -> list[Reason]:

@@ -354,7 +354,7 @@ class EvacuationService:
 
     def __init__(self, fleet: FleetService, *, admin: str | None = None, vcpu_ratio: float = 1.0,
                  mover: Mover | None = None, locator: Locator | None = None,
-                 audit: AuditSink | None = None) -> None:
+                 audit: AuditSink | None = None, emergencies: Iterable[str] = ()) -> None:
         if vcpu_ratio <= 0:
             raise InputError("the vCPU ratio must be positive")
         self.fleet = fleet
@@ -363,9 +363,12 @@ class EvacuationService:
         self.mover = mover
         self.locator = locator
         self.audit = audit  # where the plan and the summary are recorded (None: nowhere)
+        #: source hosts under a declared emergency (services/emergency.py): only there do
+        #: emergency-only grants count; a healthy host is evacuated with ordinary grants
+        self.emergencies = set(emergencies)
         # decisions within one time are stable: keyed by (VM, [host,] time)
         self._why_cache: dict[tuple[str, str, dt.datetime], tuple[Reason, ...]] = {}
-        self._grant_cache: dict[tuple[str, dt.datetime], tuple[Reason, ...]] = {}
+        self._grant_cache: dict[tuple[str, dt.datetime, bool], tuple[Reason, ...]] = {}
         self._grant_index: _GrantIndex | None = None
 
     # -- planning -----------------------------------------------------------------------
@@ -448,9 +451,10 @@ class EvacuationService:
                     cert_short[(vm.uuid, t)] = need_until
                     continue
                 allowed.add(t)
-            if allowed and self.admin is not None and self._grant_reasons(vm.uuid, when):
+            urgent = vm.host in self.emergencies
+            if allowed and self.admin is not None and self._grant_reasons(vm.uuid, when, urgent):
                 # the grant is the only thing between the VM and these hosts
-                self._why_cache.update({(vm.uuid, h, when): self._grant_reasons(vm.uuid, when)
+                self._why_cache.update({(vm.uuid, h, when): self._grant_reasons(vm.uuid, when, urgent)
                                         for h in allowed})
                 allowed = set()
             evacuees.append(replace(base, allowed=frozenset(allowed)))
@@ -519,9 +523,10 @@ class EvacuationService:
                 by_label.setdefault(r.grant.label, []).append(r)
         return ref, results, by_uuid, by_label
 
-    def _grant_reasons(self, vm_uuid: str, at: dt.datetime) -> tuple[Reason, ...]:
-        """Why the admin's grants do not cover this VM in an emergency (empty: they do)."""
-        hit = self._grant_cache.get((vm_uuid, at))
+    def _grant_reasons(self, vm_uuid: str, at: dt.datetime, emergency: bool = False) -> tuple[Reason, ...]:
+        """Why the admin's grants do not cover this VM (empty: they do); emergency-only
+        grants count only with ``emergency`` (its source is under a declared emergency)."""
+        hit = self._grant_cache.get((vm_uuid, at, emergency))
         if hit is not None:
             return hit
         assert self._grant_index is not None and self.admin is not None
@@ -538,12 +543,12 @@ class EvacuationService:
             for label in labels:
                 named += [r for r in by_label.get(label, []) if r not in named]
             used, _ = authorise(named, admin=ref, vm_uuid=vm_uuid, vm_labels=labels, policy_owner=owner,
-                                emergency=True) if named else (None, [])
+                                emergency=emergency) if named else (None, [])
             if used is not None:
                 out = ()
             else:
                 _, why = authorise(results, admin=ref, vm_uuid=vm_uuid, vm_labels=labels,
-                                   policy_owner=owner, emergency=True)
+                                   policy_owner=owner, emergency=emergency)
                 # one reason per code: with one grant per owner, "the grant covers other VMs"
                 # fifty times over tells the admin nothing the first one does not
                 firsts = {r.code: r for r in reversed(why)}
@@ -551,7 +556,7 @@ class EvacuationService:
                 if not out:
                     out = (Reason("grant.missing", f"No grant covers admin {self.admin!r} for this VM.",
                                   "ask the VM's owner for a grant"),)
-        self._grant_cache[(vm_uuid, at)] = out
+        self._grant_cache[(vm_uuid, at, emergency)] = out
         return out
 
     def _why_not(self, vm: Evacuee, host: str, at: dt.datetime, live: set[str],
@@ -566,7 +571,8 @@ class EvacuationService:
         d = self.fleet.explain(vm.uuid, host, None, at, emergency=True)
         errors = [r for r in d.reasons if r.severity == "error"]
         if self.admin is not None:
-            errors += [r for r in self._grant_reasons(vm.uuid, at) if r not in errors]
+            errors += [r for r in self._grant_reasons(vm.uuid, at, vm.source in self.emergencies)
+                       if r not in errors]
         if not errors:
             if host not in live:
                 view = next(h for h in self.fleet.hosts() if h.name == host)
@@ -636,6 +642,14 @@ class EvacuationService:
     def record(self, fields: dict[str, Any]) -> None:
         if self.audit is not None:
             self.audit.append({"kind": "evacuation", **fields})
+
+    async def record_signed(self, fields: dict[str, Any]) -> None:
+        """Like ``record``, signed by the acting admin when the mover can (MigrationMover)."""
+        signed = getattr(self.mover, "record", None)
+        if signed is not None and self.audit is not None:
+            await signed({"kind": "evacuation", **fields})
+        else:
+            self.record(fields)
 
 
 class EvacuationRun:
@@ -714,7 +728,10 @@ class EvacuationRun:
         """Run every move within the bounds; returns (and emits) the summary."""
         svc = self.service
         started = dt.datetime.now(dt.UTC)
-        svc.record({"event": "start", "title": self.planned.title, "admin": self.planned.admin,
+        prove = getattr(svc.mover, "prove", None)
+        if prove is not None:  # the operator proves the admin's key before anything moves
+            await prove(self.planned.admin, f"{self.planned.title or 'evacuation'}")
+        await svc.record_signed({"event": "start", "title": self.planned.title, "admin": self.planned.admin,
                     "sources": list(self.planned.sources), "plan": self.planned.as_json(),
                     "limits": {"parallel": self.limits.parallel, "per_source": self.limits.per_source,
                                "per_target": self.limits.per_target}})
@@ -779,7 +796,7 @@ class EvacuationRun:
             stuck=list(self.planned.stuck), held=list(self.planned.held),
             dropped=list(self.planned.plan.dropped))
         self.summary = summary
-        svc.record({"event": "summary", **summary.as_json()})
+        await svc.record_signed({"event": "summary", "admin": self.planned.admin, **summary.as_json()})
         await self._emit(RunFinished(summary))
         return summary
 
@@ -881,16 +898,31 @@ class MigrationMover:
     pre-flight's reasons, and nothing was asked of libvirt.
     """
 
-    def __init__(self, migrations: Any) -> None:
+    def __init__(self, migrations: Any, proof: Any = None) -> None:
         self.migrations = migrations  # services.migration.MigrationService
+        self.proof = proof  # services.identity.AdminProof: one proof for every move of a run
+
+    async def prove(self, admin: str | None, action: str) -> Any:
+        """Prove the admin's key once for the run (refused: nothing moves, the refusal is audited)."""
+        from console.services.identity import is_proof
+
+        if not is_proof(self.proof, admin):
+            self.proof = await self.migrations.prove(admin, action)
+        return self.proof
+
+    async def record(self, fields: dict[str, Any]) -> None:
+        """An evacuation entry in the migrations' audit log, signed with this run's proof."""
+        await self.migrations._record(fields)
 
     async def move(self, move: Move, *, admin: str | None, on_progress: ProgressFn,
                    abort: asyncio.Event) -> Outcome:
+        from console.services.identity import AdminNotProven
         from console.services.migration import MigrationRefused
 
         source = move.vm.source
         on_progress(Progress("preflight", message="pre-flight"))
-        # emergency: grants marked emergency-only count, as they did in the plan
+        # emergency-only grants count only if the migration service finds an emergency for
+        # the source (declared, or the host down) at this moment
         pf = await self.migrations.preflight(move.vm.uuid, move.target, admin, emergency=True)
         if abort.is_set():
             return Outcome("aborted", source, "aborted before the migration started")
@@ -899,7 +931,9 @@ class MigrationMover:
             first = reasons[0].message if reasons else "pre-flight did not pass"
             return Outcome("refused", source, f"pre-flight refused: {first}", reasons)
         try:
-            run = await self.migrations.start(pf)
+            run = await self.migrations.start(pf, proof=self.proof)
+        except AdminNotProven as exc:
+            return Outcome("refused", source, str(exc), [exc.reason()])
         except MigrationRefused as exc:
             return Outcome("refused", source, str(exc), list(pf.reasons))
         run.subscribe(lambda _run, p: on_progress(p))

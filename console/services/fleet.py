@@ -14,6 +14,7 @@ reused until ``apply_facts`` changes something. Read-only mode is enforced here
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import multiprocessing
@@ -41,9 +42,17 @@ from console.core.decisions import (
     allowed_matrix,
     decide,
 )
-from console.core.envelope import TYP_POLICY, EnvelopeVerifier, Portable, open_portable, reason
+from console.core.envelope import (
+    NBF_SKEW,
+    TYP_GRANT,
+    TYP_POLICY,
+    EnvelopeVerifier,
+    Portable,
+    open_portable,
+    reason,
+)
 from console.core.errors import ConnectionProblem, EscortError, InputError, ReadOnlyError
-from console.core.grants import AdminRef, GrantBook, GrantResult, authorise
+from console.core.grants import GRANT_FIELDS, AdminRef, GrantBook, GrantResult, authorise
 from console.core.inventory import (
     AdminSpec,
     FleetKind,
@@ -54,8 +63,10 @@ from console.core.inventory import (
     VMView,
 )
 from console.core.pki import Problem, TrustStore
+from console.core.pki.model import EXPIRING_DAYS
 from console.core.policy import POLICY_FIELDS, PolicyBook, PolicyResult, token_from_metadata_xml
 from console.core.reasons import Reason
+from console.core.timekey import boundaries, time_key
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
@@ -113,8 +124,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
 
 
 def _now() -> dt.datetime:
-    """Now, to the minute: decisions within one minute share every cache."""
-    return dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    """Now, the real time: decisions are never made at a truncated clock (see core/timekey.py
+    for how caches stay shared between the instants that matter)."""
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -155,13 +167,20 @@ class FleetService:
         self._views_at: dt.datetime | None = None
         self._vms: dict[str, _VMRecord] = {}
         self._grant_tokens: list[tuple[str, str]] = []
-        self._checks: dict[tuple[str, dt.datetime], HostCheck] = {}
+        self._checks: dict[tuple[str], tuple[dt.datetime, HostCheck]] = {}
         #: host name -> (at, chain): the views, the matrix and explain share one check
         self._chains: dict[str, tuple[dt.datetime, pki.ChainResult | None]] = {}
         self._matrix: Matrix | None = None
         self._matrix_at: dt.datetime | None = None
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
+        #: every instant at which a time-dependent answer may change, of every certificate,
+        #: CRL and token a cached answer was computed from (core/timekey.py)
+        self._instant_set: set[dt.datetime] = set()
+        self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
+        self._noted: set[str] = set()  # token digests / chain keys already noted
+        self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
+        self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
         #: lazy services read host certificates, policy files and grants on first use;
         #: a file that cannot be read then is an InputError (the CLI's exit 2)
         self._cert_pending: set[str] = set()
@@ -171,7 +190,7 @@ class FleetService:
         self.use_cache = False
         self._cache: OpenedCache | None = None
         self.cache_notice = ""  # load_strict: a file read lazily and unreadable is an InputError
-        self._vm_checks: dict[tuple[object, ...], VMCheck] = {}
+        self._vm_checks: dict[tuple[object, ...], tuple[dt.datetime, VMCheck]] = {}
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
         self._grants_pending: tuple[str, ...] | None = None
@@ -221,6 +240,8 @@ class FleetService:
         at = self.at
         self.trust = self._store(spec.trust_dir, "host CA", at)
         self.owners = self._store(spec.owners_trust_dir, "owners' CA", at)
+        self._note_store(self.trust)
+        self._note_store(self.owners)
         self._policies = PolicyBook(self.owners)
         self._grants = GrantBook(self.owners)
         for h in spec.hosts:
@@ -330,6 +351,8 @@ class FleetService:
         view = self._hosts[name]
         self._cert_pending.discard(name)  # what a refresh read replaces the local copy
         self._host_certs[name] = (leaf, rest)
+        for c in (leaf, *rest):
+            self._note_cert(c)
         self._chains.pop(name, None)
         view.cert_problem = None
         try:
@@ -345,7 +368,7 @@ class FleetService:
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
         self._ensure_cert(name)
         cached = self._chains.get(name)
-        if cached is not None and cached[0] == at:
+        if cached is not None and self._fresh(cached[0], at):
             return cached[1]
         got = self._host_certs.get(name)
         if got is None or self.trust is None:
@@ -364,6 +387,59 @@ class FleetService:
     def at(self) -> dt.datetime:
         """The time decisions are made for (fixed by ``--at``, else now)."""
         return self._fixed_at or _now()
+
+    # ------------------------------------------------------------------ time
+    def _note(self, instants: Iterable[dt.datetime | None]) -> None:
+        before = len(self._instant_set)
+        self._instant_set.update(boundaries(instants))
+        if len(self._instant_set) != before:
+            self._instants = None
+
+    def _note_cert(self, cert: x509.Certificate) -> None:
+        after = cert.not_valid_after_utc
+        self._note((cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS)))
+
+    def _note_store(self, store: TrustStore | None) -> None:
+        if store is None:
+            return
+        soon = dt.timedelta(days=EXPIRING_DAYS)
+        for n in store.nodes():
+            self._note((n.info.not_before, n.info.not_after, n.info.not_after - soon))
+        for crl in getattr(store, "crls", ()):
+            self._note((crl.last_update, crl.next_update, *crl.revoked.values()))
+
+    def _note_token(self, token: str, typ: str, fields: frozenset[str], verifier: EnvelopeVerifier) -> None:
+        """A token's nbf (and nbf minus the skew allowance), exp and its signers' certificates."""
+        opened = verifier.open(token, typ, fields)
+        if opened.digest in self._noted:
+            return
+        self._noted.add(opened.digest)
+        payload = opened.payload or {}
+        for claim in ("nbf", "exp"):
+            value = payload.get(claim)
+            if isinstance(value, int) and not isinstance(value, bool):
+                with contextlib.suppress(OverflowError, OSError, ValueError):
+                    when = dt.datetime.fromtimestamp(value, dt.UTC)
+                    self._note((when, when - NBF_SKEW) if claim == "nbf" else (when,))
+        chain = "chain:" + ",".join(opened.chain_key)
+        if chain not in self._noted:
+            self._noted.add(chain)
+            for c in opened.certs:
+                self._note_cert(c)
+
+    def _fresh(self, stored: dt.datetime | None, at: dt.datetime) -> bool:
+        """A result computed at ``stored`` is the result at ``at``: no instant that any
+        cached answer depends on lies between them (core/timekey.py). Every answer is
+        computed at the exact time it is asked for; only reuse goes by interval."""
+        if stored is None:
+            return False
+        if stored == at:
+            return True
+        if self._fixed_at is not None:
+            return False
+        if self._instants is None:
+            self._instants = tuple(sorted(self._instant_set))
+        return time_key(self._instants, stored) == time_key(self._instants, at)
 
     @property
     def kind(self) -> FleetKind:
@@ -385,7 +461,7 @@ class FleetService:
     # ------------------------------------------------------------------ views
     def hosts(self) -> list[HostView]:
         at = self.at
-        if self._views_at != at:
+        if not self._fresh(self._views_at, at):
             # certificates expire while the console stays open: re-check at the new minute
             for name in list(self._cert_pending):
                 self._ensure_cert(name)
@@ -465,7 +541,7 @@ class FleetService:
             cache.save()
         if cache is not None and cache.notice:
             self.cache_notice = cache.notice
-        if (self._fixed_at is None and at != self.at) or generation != self._generation:
+        if not self._fresh(at, self.at) or generation != self._generation:
             return  # the clock moved on or a refresh changed facts: vms() recomputes
         self._matrix = Matrix(targets, len(groups), len(index.names), home)
         self._matrix_at = at
@@ -501,23 +577,32 @@ class FleetService:
             self._read_token(rec)
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
-        return self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        hit = self._policy_cache.get(rec.uuid)
+        if hit is not None and hit[1] == rec.token and self._fresh(hit[0], at):
+            return hit[2]
+        if rec.token:
+            self._note_token(rec.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes)
+        result = self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+        self._policy_cache[rec.uuid] = (at, rec.token, result)
+        return result
 
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
         # one VM against 1,000 hosts prepares its check once, not per host; the key holds
         # everything the check is made of (a refresh replaces token, host or problem)
-        key = (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file, at)
-        hit = self._vm_checks.get(key)
-        if hit is None:
-            hit = VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
-            if len(self._vm_checks) > 2 * max(1, len(self._vms)):
-                self._vm_checks.clear()
-            self._vm_checks[key] = hit
+        key = (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file)
+        cached = self._vm_checks.get(key)
+        if cached is not None and self._fresh(cached[0], at):
+            return cached[1]
+        hit = VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+        if len(self._vm_checks) > 2 * max(1, len(self._vms)):
+            self._vm_checks.clear()
+        self._vm_checks[key] = (at, hit)
         return hit
 
     def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
-        key = (name, at)
-        hit = self._checks.get(key)
+        key = (name,)
+        cached = self._checks.get(key)
+        hit = cached[1] if cached is not None and self._fresh(cached[0], at) else None
         if hit is None:
             self._ensure_cert(name)
             view = self._hosts[name]
@@ -527,14 +612,12 @@ class FleetService:
                 problem = view.cert_problem
             hit = HostCheck.prepare(name, chain, view.attributes, reachability=view.reachability,
                                     problem=problem, policy_names=self.policy_names)
-            if len(self._checks) > 10 * max(1, len(self._hosts)):
-                self._checks.clear()
-            self._checks[key] = hit
+            self._checks[key] = (at, hit)
         return hit
 
     def _current_matrix(self, at: dt.datetime | None = None) -> Matrix:
         at = at or self.at
-        if self._matrix is None or self._matrix_at != at:
+        if self._matrix is None or not self._fresh(self._matrix_at, at):
             vms = [self._vm_check(r, at) for r in self._vms.values()]
             hosts = [self._host_check(n, at) for n in self._hosts]
             self._matrix = allowed_matrix(vms, hosts)
@@ -573,9 +656,16 @@ class FleetService:
 
     def grant_results(self, at: dt.datetime | None = None) -> list[GrantResult]:
         """Every grant of the fleet verified as of ``at`` (cached per token and time)."""
-        when = at or self.at
         self._ensure_grants()
-        return [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
+        when = at or self.at
+        cached = self._grant_cache
+        if cached is not None and cached[1] == len(self._grant_tokens) and self._fresh(cached[0], when):
+            return list(cached[2])
+        for _, token in self._grant_tokens:
+            self._note_token(token, TYP_GRANT, GRANT_FIELDS, self._grants.envelopes)
+        results = [self._grants.verify(t, when, s) for s, t in self._grant_tokens]
+        self._grant_cache = (when, len(self._grant_tokens), results)
+        return list(results)
 
 
     def audit_ids(self, vm: str, admin: str, at: dt.datetime | None = None, *,

@@ -190,7 +190,7 @@ def plan_for(service: FleetService, host: HostSpec, *, uuids: frozenset[str] | N
     config = GuardConfig(host=host.name, no_policy=mode,  # type: ignore[arg-type]
                          policy_uuids=uuids if uuids is not None else policy_uuids(service),
                          policy_names=dict(spec.policy_names), host_cert=host.remote_cert,
-                         fleet=spec.name)
+                         fleet=spec.name, missing_crl=spec.missing_crl)
     material = material or _material(service)
     return GuardPlan(host, config, material, material_digest(material, config))
 

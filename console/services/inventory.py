@@ -320,3 +320,29 @@ async def refresh_fleet(service: FactsSink, **kwargs: Any) -> dict[str, HostRefr
         return await inventory.refresh(names)
     finally:
         await inventory.close()
+
+
+async def trust_host_key(fleet: Any, inventory: InventoryService, host: str, fingerprint: str, *,
+                         admin: str | None = None, identity: Any = None) -> str:
+    """Accept ``host``'s unknown SSH key iff it has ``fingerprint`` (``escort hosts trust``).
+
+    A changing action like any other: read-only mode refuses it, the operator first
+    proves they hold the acting admin's key, and the acceptance (or the refusal) is
+    written to the audit log. Returns the known_hosts line added ("" if already trusted).
+    """
+    from console.adapters.audit import AuditLog
+    from console.services.identity import append_signed, require_admin
+    from console.services.migration import default_audit_path
+
+    fleet.require_writable("trust a host key")
+    configured = fleet.spec.audit_log if fleet.spec else ""
+    audit = await asyncio.to_thread(AuditLog, configured or default_audit_path())
+    try:
+        proof = await require_admin(fleet, "trust a host key", admin=admin, identity=identity,
+                                    audit=lambda e: asyncio.to_thread(audit.append, e))
+        line = await inventory.trust_host_key(host, fingerprint)
+        await append_signed(audit, {"kind": "host_key", "admin": proof.admin, "proof": proof.as_json(),
+                                    "host": host, "fingerprint": fingerprint, "added": bool(line)}, proof)
+        return line
+    finally:
+        audit.close()

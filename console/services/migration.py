@@ -35,16 +35,15 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import libvirt
-import platformdirs
 from cryptography import x509
 
 from console.adapters.audit import AuditLog, read_entries
 from console.adapters.files import read_limited
-from console.adapters.libvirt import libvirt_message
+from console.adapters.libvirt import LibvirtHost, libvirt_message
+from console.adapters.reservations import Reservations
 from console.adapters.ssh import (
     AUTH_FAILED,
     JUMP_FAILED,
@@ -59,7 +58,17 @@ from console.core.guard import guard_refusal
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
+from console.services.emergency import declared, default_audit_path
 from console.services.fleet import FleetService
+from console.services.identity import (
+    AdminIdentity,
+    AdminNotProven,
+    AdminProof,
+    clock_check_against,
+    is_proof,
+    require_admin,
+    sign_entry,
+)
 from console.services.inventory import InventoryService
 
 #: Minimum time between two progress publications (the UI must not be flooded).
@@ -82,8 +91,11 @@ VERIFY_CALL_S = 10.0
 TARGET_PROBE_S = 1.0
 #: Problem codes that mean "the host answered no" (daemon down, refused): final, not waited for.
 _GONE_CODES = frozenset({UNREACHABLE, LIBVIRT_DOWN, JUMP_FAILED, AUTH_FAILED, KEY_UNKNOWN, KEY_CHANGED})
-#: A pre-flight older than this must be run again before it authorises anything.
-PREFLIGHT_MAX_AGE_S = 300.0
+#: A pre-flight older than this must be run again before it authorises anything (the
+#: just-in-time checks before migrate3 re-check certificate, grant, policy and room anyway).
+PREFLIGHT_MAX_AGE_S = 60.0
+#: Pre-flights this service produced and that were not used yet (oldest forgotten first).
+MAX_ISSUED = 256
 DEMO_EXPLANATION = ("live migration needs real hosts: the demo runs on libvirt's test driver, which "
                     "cannot migrate. Start real hosts with `escort lab up` and use the lab's fleet file")
 
@@ -92,12 +104,14 @@ class MigrationRefused(EscortError):
     """The pre-flight refused: nothing was asked of any host."""
 
 
+class ReconcileRefused(EscortError):
+    """The reconcile fix was refused (no grant, or the VM changed since the scan): nothing done."""
+
+
 class MigrationFailed(EscortError):
     """libvirt was asked and the migration did not complete (the VM's state is in the message)."""
 
 
-def default_audit_path() -> Path:
-    return Path(platformdirs.user_state_dir("escort")) / "audit.log"
 
 
 @dataclass
@@ -132,6 +146,8 @@ class MigrationRun:
         self.progress = self.tracker.current
         self.abort_requested: str = ""  # "" or who asked ("admin", "watchdog")
         self.memory_mib = 0  # what the target must hold (counted against its room meanwhile)
+        self.emergency = False  # emergency-only grants counted (re-checked just in time the same way)
+        self.reserved = False  # memory reserved on the target (just before migrate3, until the end)
         self.result: MigrationResult | None = None
         self._version = 0
         self._event = asyncio.Event()
@@ -218,8 +234,11 @@ class MigrationService:
                  audit: AuditLog | None = None, stall_timeout_s: float | None = None,
                  poll_interval_s: float = POLL_INTERVAL_S, bandwidth_mib_s: int = 0,
                  cert_margin_s: float = 600.0, finish_grace_s: float = FINISH_GRACE_S,
-                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic,
+                 identity: AdminIdentity | None = None) -> None:
         self.fleet = fleet
+        #: where the acting admin's key is found (agent, --admin-key, identity files)
+        self.identity = identity or AdminIdentity(fleet)
         self.inventory = inventory
         self._audit = audit
         self._owns_audit = audit is None  # close only a log this service opened
@@ -232,6 +251,13 @@ class MigrationService:
         self.settle_s = settle_s
         self.clock = clock
         self.runs: dict[str, MigrationRun] = {}
+        #: id(pre-flight) -> (the pre-flight, emergency): only these authorise start()
+        self._issued: dict[int, tuple[mig.Preflight, bool]] = {}
+        #: one just-in-time capacity check at a time per target (check + reserve is atomic)
+        self._target_locks: dict[str, asyncio.Lock] = {}
+        self._reservations: Reservations | None = None
+        #: admin -> their proof of possession in this service (signs their audit entries)
+        self._proofs: dict[str, AdminProof] = {}
         # migrate3 blocks for a whole migration: its own threads, never the hosts' workers
         self._migrate_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="escort-migrate")
         self._poll_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="escort-jobstats")
@@ -246,9 +272,44 @@ class MigrationService:
             self._audit = AuditLog(configured or default_audit_path())
         return self._audit
 
-    async def _record(self, entry: Mapping[str, Any]) -> dict[str, Any]:
-        """Append + fsync in a thread; returns only when the entry is on disk."""
-        return await asyncio.to_thread(self.audit.append, entry)
+    async def _record(self, entry: Mapping[str, Any], *, must_sign: bool = False) -> dict[str, Any]:
+        """Append + fsync in a thread; returns only when the entry is on disk.
+
+        When the entry's admin has proven their key in this service, a ``signature``
+        entry (their SSHSIG over this line) follows. ``must_sign``: a signature that
+        cannot be made is an error (a decision is signed before anything acts on it);
+        otherwise the entry stays unsigned and ``escort audit verify`` says so.
+        """
+        written: dict[str, Any] = await asyncio.to_thread(self.audit.append, entry)
+        proof = self._proofs.get(str(entry.get("admin", "")))
+        if proof is not None:
+            try:
+                await sign_entry(self.audit, written, proof)
+            except EscortError:
+                if must_sign:
+                    raise
+        return written
+
+    # -- who acts -------------------------------------------------------------------
+    async def prove(self, admin: str | None, action: str) -> AdminProof:
+        """Read-only check, then proof that the operator holds ``admin``'s key (refusals audited)."""
+        proof = await require_admin(self.fleet, action, admin=admin, identity=self.identity,
+                                    audit=self._record,
+                                    clock_check=lambda: clock_check_against(self.audit.last_ts))
+        self._proofs[proof.admin] = proof
+        return proof
+
+    def emergency_basis(self, source: str) -> str:
+        """Why emergency-only grants may count for a move off ``source`` now ("" = they may not):
+        an emergency declared for it (signed, in the audit log) or the host is down."""
+        em = declared(self.fleet, self.audit.path).get(source)
+        if em is not None:
+            return f"emergency declared for {source} by {em.admin} until {em.end:%Y-%m-%d %H:%M} UTC"
+        with contextlib.suppress(InputError):
+            view = self._host(source)
+            if view.reachability == "down":
+                return f"{source} is down ({view.problem.message if view.problem else 'no answer'})"
+        return ""
 
     # -- lookups --------------------------------------------------------------------
     def _vm(self, key: str) -> VMView:
@@ -284,9 +345,20 @@ class MigrationService:
         except EscortError:
             return "", ""
 
-    async def _presented_cert(self, spec: HostSpec, view: HostView) -> tuple[x509.Certificate | None,
-                                                                              Reason | None]:
-        """The certificate QEMU on the target will present, read *now*."""
+    async def _presented_cert(self, spec: HostSpec, view: HostView, *,
+                              live: bool = False) -> tuple[x509.Certificate | None, Reason | None]:
+        """The certificate QEMU on the target will present, read *now*.
+
+        ``live``: only the file QEMU uses, read over SSH (``remote_cert``) counts — a
+        local ``cert_file`` compared with itself would pin nothing. Every non-demo
+        pre-flight and every just-in-time check reads live.
+        """
+        if live and not (spec.ssh and spec.remote_cert):
+            return None, Reason("migration.no_remote_cert",
+                                f"{spec.name} has no ssh + remote_cert in the fleet file: escort cannot "
+                                "read the certificate QEMU there presents, so nothing would pin it",
+                                "set remote_cert to the certificate file QEMU uses "
+                                "(e.g. /etc/pki/qemu/server-cert.pem)")
         try:
             if spec.ssh and spec.remote_cert:
                 data = await self.inventory.pool.read_file(spec.ssh, spec.remote_cert, jump=spec.jump,
@@ -335,6 +407,8 @@ class MigrationService:
         view = self._vm(view.uuid)  # the refresh may have moved it
         source = view.host
         at = self.fleet.at
+        # emergency-only grants count only in a declared emergency or with the source down
+        emergency = emergency and bool(source) and bool(self.emergency_basis(source))
         sview, tview = self._host(source) if source else None, self._host(target)
         decision = self.fleet.explain(view.uuid, target, admin_id, at, emergency=emergency)
         split = mig.split_decision_reasons(r for r in decision.reasons)
@@ -345,7 +419,7 @@ class MigrationService:
         items["allowed"] = mig.item_from_reasons("allowed", split["allowed"])
         items["grant"] = mig.item_from_reasons("grant", split["grant"])
         checked = tview.chain.leaf.cert if tview.chain and tview.chain.leaf else None
-        presented, why = await self._presented_cert(tview.spec, tview)
+        presented, why = await self._presented_cert(tview.spec, tview, live=self.fleet.kind != "demo")
         duration = mig.expected_duration_s(view.memory_mib, self.bandwidth_mib_s)
         cert_item = mig.check_certificate(checked, presented, at=dt.datetime.now(dt.UTC),
                                           duration_s=duration, margin_s=self.cert_margin_s,
@@ -386,9 +460,17 @@ class MigrationService:
                 migration_uri=mig.migration_uri(address), cert_fingerprint=mig.fingerprint(presented),
                 admin=admin_id, policy_hash=policy_hash, grant_id=grant_id,
                 bandwidth_mib_s=self.bandwidth_mib_s)
-        return mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
-                            time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
-                            cert_fingerprint=mig.fingerprint(presented) if presented else "")
+        return self._issue(mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
+                                        time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
+                                        cert_fingerprint=mig.fingerprint(presented) if presented else ""),
+                           emergency)
+
+    def _issue(self, pf: mig.Preflight, emergency: bool = False) -> mig.Preflight:
+        """Remember ``pf`` as produced here: start() accepts nothing else."""
+        while len(self._issued) >= MAX_ISSUED:
+            self._issued.pop(next(iter(self._issued)))
+        self._issued[id(pf)] = (pf, emergency)
+        return pf
 
     # -- run ------------------------------------------------------------------------
     def _decision_entry(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan | None,
@@ -405,11 +487,30 @@ class MigrationService:
             "flags": plan.flag_names() if plan else [], "preflight_s": round(pf.elapsed_s, 4), **extra,
         }
 
-    async def start(self, pf: mig.Preflight) -> MigrationRun:
-        """Authorise with a fresh, passing pre-flight; audit (fsynced); start; return at once."""
+    async def start(self, pf: mig.Preflight, *, proof: AdminProof | None = None) -> MigrationRun:
+        """Authorise with a fresh, passing pre-flight; audit (fsynced); start; return at once.
+
+        ``proof``: the acting admin's proof of possession (an evacuation proves once for
+        all its moves); without one the admin proves it here, before anything changes.
+        """
         self.fleet.require_writable("migration")
         run_id = uuidlib.uuid4().hex[:12]
-        if not pf.ok or pf.plan is None:
+        issued = self._issued.pop(id(pf), None)
+        if issued is None or issued[0] is not pf:
+            raise MigrationRefused(f"{pf.vm} -> {pf.target} refused: this pre-flight was not produced by "
+                                   "this migration service (or was used already); run the pre-flight again")
+        emergency = issued[1]
+        if self.fleet.kind != "demo":
+            if proof is None:
+                proof = await self.prove(pf.admin, f"migrate {pf.vm} to {pf.target}")
+            if not is_proof(proof, pf.admin):
+                why = AdminNotProven("admin.not_proven", f"no proof that the operator holds admin "
+                                     f"{pf.admin}'s key", "prove the admin's key first", pf.admin)
+                await self._record({"kind": "refusal", "action": f"migrate {pf.vm} to {pf.target}",
+                                    "admin": pf.admin, "code": why.code, "message": why.message})
+                raise why
+        complete = {i.key for i in pf.items} == {k for k, _ in mig.CHECKS}
+        if not pf.ok or pf.plan is None or not complete:  # zero (or some) checks never pass
             await self._record(self._decision_entry(run_id, pf, None))
             raise MigrationRefused(f"{pf.vm} -> {pf.target} refused: "
                                    + "; ".join(r.message for r in pf.reasons[:3])
@@ -417,15 +518,23 @@ class MigrationService:
         if self.fleet.kind == "demo":
             raise MigrationRefused(DEMO_EXPLANATION)
         age = (dt.datetime.now(dt.UTC) - pf.at).total_seconds()
-        if age > PREFLIGHT_MAX_AGE_S:
-            raise MigrationRefused(f"the pre-flight is {int(age)} s old; run it again")
+        if age > PREFLIGHT_MAX_AGE_S or age < -5:
+            raise MigrationRefused(f"the pre-flight is {int(age)} s old (at most {PREFLIGHT_MAX_AGE_S:g} s); "
+                                   "run it again")
         if any(r.plan.vm_uuid == pf.vm_uuid and not r.done for r in self.runs.values()):
             raise MigrationRefused(f"{pf.vm} is already being migrated")
-        return await self._launch(run_id, pf, pf.plan, self._decision_entry(run_id, pf, pf.plan))
+        assert proof is not None
+        self._proofs[proof.admin] = proof
+        run = await self._launch(run_id, pf, pf.plan,
+                                 self._decision_entry(run_id, pf, pf.plan, proof=proof.as_json(),
+                                                      emergency=emergency))
+        run.emergency = emergency
+        return run
 
     async def _launch(self, run_id: str, pf: mig.Preflight, plan: mig.MigrationPlan,
                       decision: dict[str, Any]) -> MigrationRun:
-        written = [await self._record(decision)]  # on disk before anything changes
+        self.fleet.require_writable("migration")  # every path that changes something, not only start()
+        written = [await self._record(decision, must_sign=True)]  # on disk, signed, before anything changes
         run = MigrationRun(run_id, pf, plan)
         with contextlib.suppress(EscortError):
             run.memory_mib = self._vm(plan.vm_uuid).memory_mib
@@ -435,9 +544,10 @@ class MigrationService:
 
     async def migrate(self, vm: str, target: str, admin: str | None = None, *,
                       on_progress: ProgressCallback | None = None) -> MigrationResult:
-        """Pre-flight, then run to the end (the CLI's path; the UI uses start())."""
-        pf = await self.preflight(vm, target, admin)
-        run = await self.start(pf)
+        """Prove the admin's key, pre-flight, then run to the end (the UI uses start())."""
+        proof = await self.prove(admin, f"migrate {vm} to {target}")
+        pf = await self.preflight(vm, target, proof.admin)
+        run = await self.start(pf, proof=proof)
         if on_progress is not None:
             run.subscribe(on_progress)
         return await run.wait()
@@ -453,6 +563,11 @@ class MigrationService:
             src = await self.inventory.libvirt(plan.source)
             dst = await self.inventory.libvirt(plan.target)
             dom = await src.call(src.conn.lookupByUUIDString, plan.vm_uuid)
+            if run.emergency and not self.emergency_basis(plan.source):
+                run.emergency = False  # the emergency ended: ordinary grants only
+            not_now = await self._just_in_time(run, dst)
+            if not_now:
+                raise _NotNow(not_now)
             run._publish(run.tracker.start(self.clock()))
             self.libvirt_migrate_calls += 1
             t_mig = self.clock()
@@ -552,6 +667,13 @@ class MigrationService:
             outcome = self._conclude(run, seen, libvirt_ok=new_dom is not None, error=error,
                                      watchdog=watchdog_fired)
             timings["verify"] = self.clock() - t_ver
+        except _NotNow as exc:  # the just-in-time checks refused: libvirt was not asked
+            reasons = exc.reasons
+            outcome = mig.Outcome("refused", plan.source,
+                                  f"refused just before the migration: {reasons[0].message}"
+                                  + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else "")
+                                  + f"; {plan.vm_name} stays on {plan.source}", reasons,
+                                  vm_state="stayed", next_step="run the pre-flight again")
         except EscortError as exc:  # could not even start (host gone between pre-flight and now)
             seen = await self._observe(run)
             outcome = self._conclude(run, seen, libvirt_ok=False, error=str(exc), watchdog=False,
@@ -564,6 +686,7 @@ class MigrationService:
             with contextlib.suppress(Exception):
                 outcome = self._conclude(run, await self._observe(run), libvirt_ok=False, error=text,
                                          watchdog=False, code="migration.internal")
+        await self._release(run)
         timings["total"] = self.clock() - t_start + run.preflight.elapsed_s
         outcome.timings = timings
         if outcome.result == "success":
@@ -587,6 +710,114 @@ class MigrationService:
             run.result = result
             run._finish()
         return result
+
+    # -- just in time ---------------------------------------------------------------
+    async def _just_in_time(self, run: MigrationRun, dst: LibvirtHost) -> list[Reason]:
+        """Immediately before migrate3: every reason not to go now ([] = go).
+
+        The certificate the destination presents *now* (read over SSH) has the planned
+        fingerprint and is valid long enough; the grant and the policy still allow the
+        move *now* (same policy as pre-flight); the target's free memory *now*, minus
+        what migrations already heading there reserved (this process and others),
+        holds the VM — and then this migration reserves its memory there.
+        """
+        reasons = await self._jit_certificate(run)
+        reasons += self._jit_decision(run)
+        if not reasons:
+            reasons += await self._jit_capacity(run, dst)
+        return reasons
+
+    async def _jit_certificate(self, run: MigrationRun) -> list[Reason]:
+        plan = run.plan
+        spec = self.inventory.spec(plan.target)
+        presented, why = await self._presented_cert(spec, self._host(plan.target), live=True)
+        if presented is None:
+            return [why] if why is not None else []
+        fp = mig.fingerprint(presented)
+        if fp != plan.cert_fingerprint:
+            return [Reason("migration.cert_changed",
+                           f"{plan.target} now presents another certificate (SHA-256 {fp[:16]}…) than the "
+                           f"one checked at pre-flight ({plan.cert_fingerprint[:16]}…)",
+                           "find out why the certificate changed, then run the pre-flight again")]
+        duration = mig.expected_duration_s(run.memory_mib, self.bandwidth_mib_s)
+        item = mig.check_certificate(presented, presented, at=dt.datetime.now(dt.UTC), duration_s=duration,
+                                     margin_s=self.cert_margin_s)
+        return [r for r in item.reasons if r.severity == "error"]
+
+    def _jit_decision(self, run: MigrationRun) -> list[Reason]:
+        plan = run.plan
+        now = dt.datetime.now(dt.UTC)
+        try:
+            decision = self.fleet.explain(plan.vm_uuid, plan.target, plan.admin, now, emergency=run.emergency)
+        except EscortError as exc:
+            return [Reason("migration.recheck_failed", f"the decision could not be re-checked: {exc}",
+                           "run the pre-flight again")]
+        reasons = [r for r in decision.reasons if r.severity == "error"] if not decision.allowed else []
+        if not decision.allowed and not reasons:
+            reasons = [Reason("migration.not_allowed_now",
+                              f"{plan.vm_name} may no longer move to {plan.target}")]
+        policy_hash, _ = self._policy_and_grant(self._vm(plan.vm_uuid), plan.admin, now, run.emergency)
+        if plan.policy_hash and policy_hash != plan.policy_hash:
+            reasons.append(Reason("migration.policy_changed",
+                                  f"{plan.vm_name}'s policy changed since the pre-flight",
+                                  "run the pre-flight again (the owner's new policy decides)"))
+        return reasons
+
+    def _reservations_file(self) -> Reservations | None:
+        if self._reservations is None:
+            with contextlib.suppress(Exception):
+                path = self.audit.path
+                self._reservations = Reservations(path.with_name(path.name + ".reservations"))
+        return self._reservations
+
+    async def _jit_capacity(self, run: MigrationRun, dst: LibvirtHost) -> list[Reason]:
+        plan = run.plan
+        need = run.memory_mib
+        if need <= 0:
+            return []  # unknown size: the pre-flight's capacity check is all there is
+        lock = self._target_locks.setdefault(plan.target, asyncio.Lock())
+        async with lock:
+            try:
+                free = await dst.call(_free_mib, dst.conn)
+            except EscortError as exc:
+                return [Reason("migration.capacity_unknown", f"{plan.target}: free memory unreadable ({exc})",
+                               "check the target host")]
+            # the reservations file counts every migration heading there (this service, other
+            # services in this process, other processes); without it, this service's own runs
+            here = sum(r.memory_mib for r in self.runs.values()
+                       if r.plan.target == plan.target and r.reserved and not r.done and r is not run)
+            seen: list[int] = []
+
+            def fits(promised: int) -> bool:
+                seen.append(promised)
+                return free - promised >= need
+
+            shared = self._reservations_file()
+            ok = False
+            if shared is not None:
+                try:
+                    ok = await asyncio.to_thread(shared.reserve, run.id, plan.target, need, fits)
+                except OSError:
+                    shared = None
+            if shared is None:
+                ok = fits(here)
+            if not ok:
+                promised = seen[-1] if seen else here
+                return [Reason("migration.no_memory",
+                               f"{plan.target} has {free} MiB free, {promised} MiB of it promised to "
+                               f"migrations already heading there; {plan.vm_name} needs {need} MiB",
+                               "wait for those migrations, or choose another target")]
+            run.reserved = True
+        return []
+
+    async def _release(self, run: MigrationRun) -> None:
+        if not run.reserved:
+            return
+        run.reserved = False
+        shared = self._reservations_file()
+        if shared is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(shared.release, run.id)
 
     async def _unstick(self, run: MigrationRun, fut: asyncio.Future[Any]) -> None:
         """After an abort libvirt still calls Finish on the target; over a dead link that
@@ -831,21 +1062,60 @@ class MigrationService:
             pass
         return out
 
-    async def resolve(self, case: mig.ReconcileCase, admin: str | None = None) -> list[str]:
+    async def resolve(self, case: mig.ReconcileCase, admin: str | None = None, *,
+                      proof: AdminProof | None = None) -> list[str]:
         """Carry out a case's safe steps (audited first); returns what was done."""
         self.fleet.require_writable("reconcile")
         if not case.steps:
             raise EscortError(f"{case.name}: no automatic resolution ({case.advice})")
-        await self._record({"kind": "reconcile", "admin": self._admin(admin), "vm": case.name,
-                            "uuid": case.uuid, "code": case.code,
+        if proof is None or not is_proof(proof, admin):
+            proof = await self.prove(admin, f"reconcile {case.name}")
+        admin = proof.admin
+        self._proofs[admin] = proof
+        action = f"reconcile {case.name}"
+        # the fix destroys, undefines or resumes the owner's VM: it needs their grant, like a move
+        try:
+            _, grant_id = self.fleet.audit_ids(case.uuid, admin, dt.datetime.now(dt.UTC))
+        except EscortError:
+            grant_id = ""
+        if not grant_id:
+            await self._refuse(action, admin, Reason(
+                "reconcile.no_grant", f"admin {admin} holds no grant covering {case.name}",
+                "ask the VM's owner for a grant: the fix changes their VM"))
+        # right before acting: the VM's state on every host involved, read again now
+        now = await self._reread(case)
+        changed = _changed_since_scan(case, now)
+        if changed:
+            await self._refuse(action, admin, Reason(
+                "reconcile.state_changed", f"{case.name} changed since the scan ({changed})",
+                "scan again (the console does after every refresh) and decide on what is there now"))
+        await self._record({"kind": "reconcile", "admin": admin, "proof": proof.as_json(), "vm": case.name,
+                            "uuid": case.uuid, "code": case.code, "grant_id": grant_id,
                             "copies": [c.describe() for c in case.copies],
-                            "steps": [list(s) for s in case.steps]})
+                            "steps": [list(s) for s in case.steps]}, must_sign=True)
         done: list[str] = []
         for action, host_name in case.steps:
             host = await self.inventory.libvirt(host_name)
             await host.call(_apply_step, host.conn, case.uuid, action)
             done.append(f"{action} on {host_name}")
         return done
+
+    async def _refuse(self, action: str, admin: str, why: Reason) -> None:
+        await self._record({"kind": "refusal", "action": action, "admin": admin, "code": why.code,
+                            "message": why.message})
+        raise ReconcileRefused(f"refused ({why.code}): {why.message}; fix: {why.fix}; nothing was changed")
+
+    async def _reread(self, case: mig.ReconcileCase) -> dict[str, DomainFacts | str | None]:
+        """host -> the VM's facts there now (None: not defined; str: could not ask)."""
+        hosts = sorted({c.host for c in case.copies} | {h for _, h in case.steps})
+        out: dict[str, DomainFacts | str | None] = {}
+        for name in hosts:
+            try:
+                host = await self.inventory.libvirt(name)
+                out[name] = await host.call(_domain_facts, host.conn, case.uuid)
+            except EscortError as exc:
+                out[name] = str(exc)
+        return out
 
     async def close(self) -> None:
         for run in list(self.runs.values()):
@@ -859,7 +1129,35 @@ class MigrationService:
             self._audit.close()
 
 
+def _changed_since_scan(case: mig.ReconcileCase, now: Mapping[str, DomainFacts | str | None]) -> str:
+    """"" when every host still shows what the scan saw (state and persistence), else what changed."""
+    diffs: list[str] = []
+    seen = {c.host: c for c in case.copies}
+    for host, facts in now.items():
+        before = seen.get(host)
+        if isinstance(facts, str):
+            diffs.append(f"{host} could not be asked: {facts}")
+        elif facts is None:
+            if before is not None:
+                diffs.append(f"gone from {host}")
+        elif before is None:
+            diffs.append(f"now {facts.state} on {host}")
+        elif facts.state != before.state or facts.persistent != before.persistent:
+            diffs.append(f"{before.state} -> {facts.state} on {host}")
+    return "; ".join(diffs)
+
+
+class _NotNow(Exception):
+    def __init__(self, reasons: list[Reason]) -> None:
+        super().__init__(reasons[0].message if reasons else "refused")
+        self.reasons = reasons
+
+
 # -- blocking helpers (run in threads) -------------------------------------------------
+def _free_mib(conn: Any) -> int:
+    return int(conn.getFreeMemory()) // (1024 * 1024)
+
+
 def _migrate3(dom: Any, dconn: Any, params: dict[str, Any], flags: int) -> tuple[Any, str]:
     """(new domain, "") or (None, libvirt's message): never raises."""
     try:
@@ -975,24 +1273,13 @@ def _fix_for(error: str) -> str:
     return ""
 
 
-# -- test-only ---------------------------------------------------------------------------
-async def _force_unchecked_migration(service: MigrationService, vm_uuid: str, vm_name: str, source: str,
-                                     target: str, tls_name: str, *, admin: str) -> MigrationResult:
-    """TESTS ONLY: skip the local pre-flight to prove QEMU's own TLS pin refuses.
-
-    Not reachable from the CLI or the UI. The audit log records that the local check
-    was bypassed.
-    """
-    spec = service.inventory.spec(target)
-    plan = mig.MigrationPlan(vm_uuid=vm_uuid, vm_name=vm_name, source=source, target=target,
-                             tls_name=tls_name, migration_uri=mig.migration_uri(spec.migration_address),
-                             cert_fingerprint="", admin=admin, bandwidth_mib_s=service.bandwidth_mib_s)
-    pf = mig.Preflight(vm_name, vm_uuid, source, target, admin, dt.datetime.now(dt.UTC), (), plan)
-    run_id = uuidlib.uuid4().hex[:12]
-    entry = service._decision_entry(run_id, pf, plan, allowed=False, bypassed="local pre-flight (test only)")
-    run = await service._launch(run_id, pf, plan, entry)
-    return await run.wait()
-
-
-__all__ = ["DEMO_EXPLANATION", "MigrationFailed", "MigrationRefused", "MigrationResult", "MigrationRun",
-           "MigrationService", "default_audit_path"]
+__all__ = [
+    "DEMO_EXPLANATION",
+    "MigrationFailed",
+    "MigrationRefused",
+    "MigrationResult",
+    "MigrationRun",
+    "MigrationService",
+    "ReconcileRefused",
+    "default_audit_path",
+]

@@ -99,6 +99,10 @@ class EscortApp(App[None]):
         #: host name -> services.guard.GuardState, after the first live refresh
         self.guard_states: dict[str, Any] = {}
         self.live = live
+        #: admin id -> why their key is missing ("" = present); None until the keys were looked at
+        self.admin_keys: dict[str, str] | None = None
+        #: emergencies declared for hosts (services/emergency.py), shown in the title until they end
+        self.emergencies: dict[str, Any] = {}
         self._inventory: Any = None
         self.refreshing = False
         #: published after a refresh changed the views; screens re-read their rows
@@ -139,6 +143,46 @@ class EscortApp(App[None]):
             self.call_after_refresh(self.start_checking)  # after the first paint
         if self.live:
             self.action_refresh()
+            self.run_worker(self._survey_admin_keys(), group="admin-keys", exit_on_error=False)
+
+    async def _survey_admin_keys(self) -> None:
+        """Which admins' keys the operator holds (agent, identity files): "Act as" offers only those."""
+        if getattr(self.service, "spec", None) is None:
+            return
+        from console.services.identity import AdminIdentity, default_identity
+
+        try:
+            ident: AdminIdentity = default_identity(self.service)  # type: ignore[arg-type]
+            ident.passphrase = None  # never prompt under the console
+            avail = await ident.available()
+        except Exception as exc:  # a broken agent must not take the console down
+            self.admin_keys = {a: f"keys could not be checked ({exc})" for a in self.admin_ids()}
+            return
+        self.admin_keys = {**{a: "" for a in avail.present},
+                           **{a: r.message for a, r in avail.missing.items()}}
+        self._read_emergencies()
+
+    def _read_emergencies(self) -> None:
+        """Declared emergencies in force (signed, from the audit log); retitle when they change."""
+        if getattr(self.service, "spec", None) is None:
+            return
+        from console.services.emergency import audit_path, declared
+
+        try:
+            found = declared(self.service, audit_path(self.service))  # type: ignore[arg-type]
+        except Exception:  # an unreadable log must not take the console down
+            return
+        if set(found) != set(self.emergencies):
+            self.emergencies = found
+            # retitle only: rows and focus stay as they are (a dialog may be open)
+            from textual.widgets import Static
+
+            for screen in self.screen_stack:
+                label = getattr(screen, "screen_label", None)
+                if label is None:
+                    continue
+                for bar in screen.query(".title-bar").results(Static):
+                    bar.update(self.title_line(label))
 
     # ---------------------------------------------------------- start-up check
     def _load_stub_views(self) -> None:
@@ -220,6 +264,7 @@ class EscortApp(App[None]):
         finally:
             self.refreshing = False
         down = [name for name, r in results.items() if r.facts is None]
+        self._read_emergencies()
         if self.progressive:
             self._load_stub_views()  # facts changed: every verdict is re-decided, none kept stale
             self.fleet_changed.publish(None)
@@ -278,6 +323,10 @@ class EscortApp(App[None]):
         parts = ["escort"] + (["READ-ONLY"] if self.readonly else []) + ([screen] if screen else [])
         if self.admin:
             parts.append(f"as {self.admin}")
+        now = dt.datetime.now(dt.UTC)
+        for em in self.emergencies.values():
+            if em.active(now):
+                parts.append(f"EMERGENCY {em.host} until {em.end:%H:%M} UTC")
         name = self.service.name
         if name:
             label = kind_label(self.service.kind)
@@ -600,7 +649,11 @@ class EscortApp(App[None]):
 
     def act_as(self, admin: str | None) -> None:
         """Judge targets and walkthroughs for ``admin`` (their grants count) or, with
-        None, on the owners' policies alone."""
+        None, on the owners' policies alone. Only an admin whose key the operator holds."""
+        why = (self.admin_keys or {}).get(admin or "", "")
+        if admin and why:
+            self.notify(f"Cannot act as {admin}: {why}", severity="warning", timeout=8, markup=False)
+            return
         self.admin = admin
         self.fleet_changed.publish(None)  # screens re-read rows and retitle themselves
         who = f"admin {admin}: their grants now count" if admin else "no admin: owners' policies only"

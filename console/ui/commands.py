@@ -37,9 +37,15 @@ class EscortCommands(Provider):
             ("Walkthrough of the selected VM and target", "step-by-step decision",
              partial(app.run_action, "screen.walkthrough")),
         ]
+        keys = app.admin_keys
         for admin in app.admin_ids():
-            items.append((f"Act as admin {admin}", "targets and walkthroughs count their grants",
-                          partial(app.act_as, admin)))
+            why = (keys or {}).get(admin, "")
+            if why:  # offered only with the admin's key present; the entry says why not
+                items.append((f"Act as admin {admin}: key not present", why, partial(app.act_as, admin)))
+            else:
+                items.append((f"Act as admin {admin}", "targets and walkthroughs count their grants"
+                              + ("" if keys is not None else " (keys still being checked)"),
+                              partial(app.act_as, admin)))
         if app.admin:
             items.append(("Act as no admin", "owners' policies only", partial(app.act_as, None)))
         if not app.readonly:

@@ -32,6 +32,7 @@ import tomli_w
 
 from console.adapters.audit import read_entries, verify_file
 from console.core.grants import AdminRef, build_grant_payload, sign_grant
+from console.services.emergency import declared
 from console.services.evacuation import (
     EvacuationService,
     InventoryLocator,
@@ -71,7 +72,17 @@ def evac_fleet(lab: Lab) -> Path:
     doc["grants"] = [*doc.get("grants", []), "evac-grants"]
     path = lab.dir / "fleet-evacuation.toml"
     path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    # these tests' grants are emergency-only: they count only for hosts under a declared emergency
+    for host in (SOURCE, "rogue-1"):
+        _declare(path, host)
     return path
+
+
+def _declare(fleet: Path, host: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "console", "emergency", "declare", host, "--fleet",
+                          str(fleet), "--reason", "lab evacuation tests", "--hours", "2"],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
 
 
 def _pki(lab: Lab) -> Any:
@@ -179,7 +190,8 @@ async def _evacuate(fleet_path: Path, sources: list[str], *, drop: list[str], li
     try:
         await inventory.refresh()
         ev = EvacuationService(fleet, admin=ADMIN, vcpu_ratio=8.0, mover=MigrationMover(migrations),
-                               locator=InventoryLocator(inventory, fleet), audit=migrations.audit)
+                               locator=InventoryLocator(inventory, fleet), audit=migrations.audit,
+                               emergencies=declared(fleet, migrations.audit.path))
         planned = ev.plan(sources)
         for name in drop:
             if any(m.vm.name == name for m in planned.moves):
@@ -299,6 +311,7 @@ def cli_fleet(lab: Lab) -> Path:
     doc["grants"] = [*doc.get("grants", []), "evac-cli-grants"]
     path = lab.dir / "fleet-evacuation-cli.toml"
     path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    _declare(path, SOURCE)
     return path
 
 
@@ -357,3 +370,47 @@ def test_a_failed_move_is_reported_still_running_on_its_source_and_the_others_go
     assert _where(lab, bad) == {"rogue-1": "running"}
     assert list(_where(lab, good).values()) == ["running"] and SOURCE not in _where(lab, good)
     assert verify_file(audit_path).ok
+
+
+def test_an_emergency_only_grant_counts_only_after_a_declaration(lab: Lab, tmp_path: Path,
+                                                                 created: list[str]) -> None:
+    """A healthy host evacuated without a declaration uses ordinary grants only; after
+    `escort emergency declare` (signed with the admin's key, audited) the same grant counts."""
+    doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
+    grants = tmp_path / "grants"
+    grants.mkdir()
+    doc["grants"] = [str(grants)]  # only this test's emergency-only grant
+    doc["audit_log"] = str(tmp_path / "audit.log")  # no declaration from other tests
+    fleet = lab.dir / f"fleet-emergency-{uuidlib.uuid4().hex[:6]}.toml"
+    fleet.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    uuid = lab.define_guest(OTHER, "ev-emerg", owner="alice")
+    created.append(uuid)
+    fp = next(a["ssh_key_fingerprint"] for a in doc["admins"] if a["id"] == ADMIN)
+    signer = _pki(lab).owners["alice"]
+    now = dt.datetime.now(dt.UTC)
+    payload = build_grant_payload(owner="alice", admin=AdminRef(ADMIN, ssh_key=fp), vms=[uuid],
+                                  not_before=now, not_after=now + dt.timedelta(hours=1), emergency_only=True)
+    (grants / "emergency.jws").write_text(sign_grant(payload, signer.key, [signer.cert]))
+
+    def plan() -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "console", "evacuate", "--fleet", str(fleet), OTHER,
+                              "--admin", ADMIN, "--dry-run", "--json"], capture_output=True, text=True,
+                             timeout=120)
+        doc = json.loads(out.stdout.splitlines()[0])
+        assert doc["event"] == "plan", out.stderr
+        return doc
+
+    before = plan()
+    assert "ev-emerg" not in [m["vm"] for m in before["moves"]]
+    (stuck,) = [s for s in before["stuck"] if s["vm"] == "ev-emerg"]
+    assert "grant.emergency_only" in json.dumps(stuck)
+    _declare(fleet, OTHER)
+    listed = subprocess.run([sys.executable, "-m", "console", "emergency", "list", "--fleet", str(fleet),
+                             "--json"], capture_output=True, text=True, timeout=60)
+    assert [e["host"] for e in json.loads(listed.stdout)] == [OTHER]
+    after = plan()
+    assert "ev-emerg" in [m["vm"] for m in after["moves"]]
+    entries = read_entries(tmp_path / "audit.log")
+    (decl,) = [e for e in entries if e["kind"] == "emergency"]
+    assert decl["host"] == OTHER and decl["admin"] == ADMIN and decl["declaration_sig"]
+    assert verify_file(tmp_path / "audit.log").ok

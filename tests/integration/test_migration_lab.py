@@ -30,8 +30,8 @@ from console.services.migration import (
     MigrationRefused,
     MigrationRun,
     MigrationService,
-    _force_unchecked_migration,
 )
+from tests.integration.forced import UncheckedMigrationService, force_unchecked_migration
 
 if TYPE_CHECKING:
     from console.lab import Lab
@@ -126,12 +126,13 @@ def _remove(lab: Lab, uuid: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _service(fleet_path: Path, tmp_path: Path, **kw: Any) -> AsyncIterator[MigrationService]:
+async def _service(fleet_path: Path, tmp_path: Path, *, cls: type[MigrationService] = MigrationService,
+                   **kw: Any) -> AsyncIterator[MigrationService]:
     fleet = FleetService.load_strict(fleet_path)
     assert fleet.spec is not None
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
     audit = AuditLog(tmp_path / "audit.log")
-    service = MigrationService(fleet, inventory, audit=audit, **kw)
+    service = cls(fleet, inventory, audit=audit, **kw)
     try:
         yield service
     finally:
@@ -156,9 +157,10 @@ def _copying(p: mig.Progress) -> bool:
 
 
 def _audit(tmp_path: Path) -> list[dict[str, Any]]:
+    """The log's entries (signatures checked by verify_file, then left out of the list)."""
     report = verify_file(tmp_path / "audit.log")
     assert report.ok, report.problems
-    return read_entries(tmp_path / "audit.log")
+    return [e for e in read_entries(tmp_path / "audit.log") if e["kind"] != "signature"]
 
 
 def _only_on(lab: Lab, uuid: str, host: str) -> None:
@@ -202,6 +204,33 @@ async def test_tls_migration_between_regions_verified_and_audited(lab: Lab, mig_
 
 
 # -- refused locally ---------------------------------------------------------------------------
+async def test_certificate_swapped_after_preflight_is_refused_at_start(lab: Lab, mig_fleet: Path,
+                                                                       tmp_path: Path) -> None:
+    """Just in time: the certificate QEMU on the target presents is re-read right before
+    migrate3; swapped since the pre-flight (here: another host's certificate put in its
+    place), the move is refused and libvirt is never asked."""
+    uuid = _guest(lab, mig_fleet, "mig-swap")
+    served = lab.host(TARGET).root / "etc" / "pki" / "qemu" / "server-cert.pem"
+    original = served.read_bytes()
+    try:
+        async with _service(mig_fleet, tmp_path) as svc:
+            pf = await svc.preflight("mig-swap", TARGET, ADMIN)
+            assert pf.ok, pf.reasons
+            served.write_bytes((lab.pki_dir / "hosts" / f"{SOURCE}.pem").read_bytes())
+            run = await svc.start(pf)
+            result = await run.wait()
+            assert svc.libvirt_migrate_calls == 0
+        assert result.outcome.result == "refused", result.outcome.message
+        assert [r.code for r in result.outcome.reasons] == ["migration.cert_changed"]
+        _only_on(lab, uuid, SOURCE)
+        entries = _audit(tmp_path)
+        assert [(e["kind"], e.get("allowed"), e.get("result")) for e in entries] == [
+            ("decision", True, None), ("outcome", None, "refused")]
+    finally:
+        served.write_bytes(original)
+        _remove(lab, uuid)
+
+
 async def test_target_under_untrusted_ca_is_refused_before_libvirt(lab: Lab, mig_fleet: Path,
                                                                     tmp_path: Path) -> None:
     uuid = _guest(lab, mig_fleet, "mig-rogue")
@@ -227,8 +256,8 @@ async def test_forced_past_the_local_check_qemu_tls_refuses(lab: Lab, mig_fleet:
     """The pin holds even without escort's own check: QEMU refuses the rogue certificate."""
     uuid = _guest(lab, mig_fleet, "mig-force")
     try:
-        async with _service(mig_fleet, tmp_path) as svc:
-            result = await _force_unchecked_migration(svc, uuid, "mig-force", SOURCE, ROGUE, ROGUE,
+        async with _service(mig_fleet, tmp_path, cls=UncheckedMigrationService) as svc:
+            result = await force_unchecked_migration(svc, uuid, "mig-force", SOURCE, ROGUE, ROGUE,
                                                       admin=ADMIN)
         assert result.outcome.result == "failed"
         assert "certificate" in result.outcome.message.lower(), result.outcome.message

@@ -144,7 +144,7 @@ def test_append_chains_across_reopen(tmp_path: Path) -> None:
         assert log.seq == 2 and log.head == head
         third = log.append({"kind": "note"})
     assert third["seq"] == 3 and third["prev"] == head
-    report = verify_file(path)
+    report = verify_file(path, signatures=False)  # the chain alone (signatures: test_audit_signatures.py)
     assert report.ok and report.entries == 3
     assert [e["kind"] for e in read_entries(path)] == ["decision", "outcome", "note"]
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -160,7 +160,7 @@ def test_two_logs_on_one_file_do_not_break_the_chain(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
-    report = verify_file(path)
+    report = verify_file(path, signatures=False)  # the chain alone (signatures: test_audit_signatures.py)
     assert report.ok, report.problems
     assert report.entries == 10
 
@@ -180,7 +180,7 @@ def test_concurrent_processes_never_interleave(tmp_path: Path) -> None:
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs)
-    report = verify_file(path)
+    report = verify_file(path, signatures=False)  # the chain alone (signatures: test_audit_signatures.py)
     assert report.ok, report.problems[:3]
     assert report.entries == 120
 
@@ -207,14 +207,13 @@ def test_torn_log_is_not_appended_to(tmp_path: Path) -> None:
 
 
 def test_audit_verify_cli_exit_codes(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    with AuditLog(path) as log:
-        for i in range(4):
-            log.append({"kind": "note", "i": i})
+    from tests.unit.test_audit_signatures import signed_log
+
+    path, _fp = signed_log(tmp_path, 4)
     runner = CliRunner()
     ok = runner.invoke(main, ["audit", "verify", str(path)])
     assert ok.exit_code == 0, ok.output
-    assert "4 entries" in ok.output
+    assert "8 entries" in ok.output  # 4 entries, each followed by its signature
     js = runner.invoke(main, ["audit", "verify", "--json", str(path)])
     assert js.exit_code == 0 and json.loads(js.output)["ok"] is True
 
@@ -226,7 +225,7 @@ def test_audit_verify_cli_exit_codes(tmp_path: Path) -> None:
     assert "line 2" in bad.output
     bad_js = runner.invoke(main, ["audit", "verify", "--json", str(path)])
     assert bad_js.exit_code == 1
-    assert {p["line"] for p in json.loads(bad_js.output)["problems"]} == {2}
+    assert {p["line"] for p in json.loads(bad_js.output)["problems"] if p["code"] == "audit.link"} == {2}
 
     missing = runner.invoke(main, ["audit", "verify", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "no such audit log" in missing.output
@@ -252,5 +251,5 @@ def test_threads_sharing_one_log(tmp_path: Path) -> None:
         for t in threads:
             t.join()
         assert log.seq == 200
-    report = verify_file(path)
+    report = verify_file(path, signatures=False)  # the chain alone (signatures: test_audit_signatures.py)
     assert report.ok and report.entries == 200 and report.last_seq == 200

@@ -204,8 +204,13 @@ def test_a_target_too_small_is_skipped_and_room_is_consumed(tmp_path: Path, kit:
 
 def test_grant_checked_for_the_admin_in_an_emergency(tmp_path: Path, kit: Kit) -> None:
     g = small(tmp_path, kit)
-    planned = EvacuationService(g.service(), admin="anne").plan(["src"])
-    # anne's emergency-only grant covers alice's VMs labelled web; bob's VM has no grant
+    # no emergency declared for src: anne's emergency-only grant does not count
+    healthy = EvacuationService(g.service(), admin="anne").plan(["src"])
+    assert healthy.moves == []
+    assert all("grant.emergency_only" in {r.code for _, rs in s.why_not for r in rs}
+               for s in healthy.stuck if s.vm.name.startswith("web"))
+    planned = EvacuationService(g.service(), admin="anne", emergencies={"src"}).plan(["src"])
+    # declared: anne's emergency-only grant covers alice's VMs labelled web; bob's VM has no grant
     assert {m.vm.name for m in planned.moves} == {"web-1", "web-2"}
     (stuck,) = planned.stuck
     codes = {r.code for _, rs in stuck.why_not for r in rs}
@@ -220,7 +225,7 @@ def test_grant_for_another_label_leaves_the_vm_stuck_with_the_grant_reason(tmp_p
     hosts = [GenHost("src", "eu"), GenHost("eu-a", "eu")]
     vms = [GenVM("db", "src", "alice", ("eu",), labels=("db",))]
     g = generate(tmp_path, hosts, vms, kit=kit)
-    planned = EvacuationService(g.service(), admin="anne").plan(["src"])
+    planned = EvacuationService(g.service(), admin="anne", emergencies={"src"}).plan(["src"])
     (stuck,) = planned.stuck
     assert [r.code for r in dict(stuck.why_not)["eu-a"]] == ["grant.wrong_vm"]
 
@@ -328,7 +333,7 @@ def test_run_respects_bounds_reports_failures_and_writes_the_audit_log(tmp_path:
     assert {"queued", "preflight", "copying", "verifying", "moved", "failed"} <= phases
     assert isinstance(events[-1], RunFinished)
     audit.close()
-    assert verify_file(tmp_path / "audit.log").ok
+    assert verify_file(tmp_path / "audit.log", signatures=False).ok  # fake mover: nobody signs
     entries = read_entries(tmp_path / "audit.log")
     assert [e["event"] for e in entries] == ["start", "summary"]
     assert entries[1]["failed"][0]["vm"] == "vm04" and len(entries[1]["moved"]) == 11
@@ -431,14 +436,16 @@ def test_indexed_grant_check_agrees_with_the_full_decision(tmp_path: Path, kit: 
     g = generate(tmp_path, hosts, vms, kit=kit)
     svc = g.service()
     for admin in ("anne", "nobody"):
-        ev = EvacuationService(svc, admin=admin)
-        planned = ev.plan(["src"])
-        for v in g.vms.values():
-            full = svc.explain(v.uuid, "eu-a", admin, emergency=True)
-            grant_ok = not any(r.code.startswith("grant.") for r in full.reasons if r.severity == "error")
-            assert (v.name in {m.vm.name for m in planned.moves}) == grant_ok, (admin, v.name)
+        for declared in (True, False):
+            ev = EvacuationService(svc, admin=admin, emergencies={"src"} if declared else ())
+            planned = ev.plan(["src"])
+            for v in g.vms.values():
+                full = svc.explain(v.uuid, "eu-a", admin, emergency=declared)
+                grant_ok = not any(r.code.startswith("grant.") for r in full.reasons if r.severity == "error")
+                assert (v.name in {m.vm.name for m in planned.moves}) == grant_ok, (admin, v.name)
     # anne's emergency-only grant from alice covers label web: w1 only (w2 is bob's)
-    assert {m.vm.name for m in EvacuationService(svc, admin="anne").plan(["src"]).moves} == {"w1"}
+    declared = EvacuationService(svc, admin="anne", emergencies={"src"}).plan(["src"])
+    assert {m.vm.name for m in declared.moves} == {"w1"}
 
 
 class LyingMover(FakeMover):

@@ -192,3 +192,26 @@ def test_bundle_runs_on_the_system_python_alone(fleet: FleetFiles, tmp_path: Pat
     assert len(gone.stderr.strip().splitlines()) == 1
     st = json.loads(hook("--status").stdout)
     assert not st["ok"]
+
+
+def test_guard_honours_the_fleets_missing_crl_setting(fleet: FleetFiles) -> None:
+    """Revocation fails closed on the host too, and missing_crl = "warn" reaches the guard."""
+    for crl in (fleet.root / "trust" / "hosts").glob("*.crl"):
+        crl.unlink()  # the host CAs publish no CRL at all
+    s = FleetService.load(fleet.fleet, at=T0)
+    config, material = _plan(s, "hv-fr-1")
+    cert = (fleet.root / "certs" / "hv-fr-1.pem").read_bytes()
+    web = domain_xml("web-1", WEB_UUID, s.policy_token(WEB_UUID))
+    v = guard_decide(web, cert, material, config, T0)
+    assert not v.allowed and "revocation.missing" in v.codes
+    assert not s.explain(WEB_UUID, "hv-fr-1").allowed  # the same verdict as escort's
+    toml = fleet.fleet.read_text()
+    fleet.fleet.write_text(toml.replace('grants = ["grants"]', 'grants = ["grants"]\nmissing_crl = "warn"',
+                                        1))
+    s = FleetService.load(fleet.fleet, at=T0)
+    config, material = _plan(s, "hv-fr-1")
+    assert config.missing_crl == "warn"
+    parsed, _ = GuardConfig.parse(json.dumps(config.as_json()).encode())
+    assert parsed.missing_crl == "warn"
+    assert guard_decide(web, cert, material, parsed, T0).allowed
+    assert s.explain(WEB_UUID, "hv-fr-1").allowed

@@ -24,9 +24,11 @@ from console.adapters.audit import AuditLog, read_entries, verify_file
 from console.adapters.ssh import LIBVIRT_DOWN, HostProblem
 from console.core import migration as mig
 from console.core.errors import EscortError, ReadOnlyError
-from console.core.inventory import HostSpec, VMView
+from console.core.inventory import AdminSpec, HostSpec, VMView
 from console.core.reasons import Reason
-from console.services.migration import MigrationRefused, MigrationService
+from console.services.identity import AdminIdentity
+from console.services.migration import MigrationRefused, MigrationRun, MigrationService
+from tests.unit.adminkeys import make_key
 
 UUID = "6b1a2c3d-0000-4000-8000-000000000001"
 MIB = 1024 * 1024
@@ -53,6 +55,7 @@ class World:
         self.finish_s = 0.0  # Finish/Confirm after the copy: the source job is gone meanwhile
         self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
         self.stats_free = threading.Event()  # ... until this is set
+        self.free_mib = 4096  # what the target's libvirt reports free
         self.down: dict[str, HostProblem] = {}  # host -> why it cannot be asked (verification)
         self.silent: set[str] = set()  # hosts that never answer (a cut link)
         self.target_daemon_dead = threading.Event()  # the target's libvirtd died mid-way
@@ -132,6 +135,9 @@ class FakeConn:
     def __init__(self, world: World, host: str) -> None:
         self.world, self.host = world, host
 
+    def getFreeMemory(self) -> int:
+        return self.world.free_mib * MIB
+
     def getLibVersion(self) -> int:
         if self.host == "dst" and self.world.target_daemon_dead.is_set():
             raise _err("Cannot recv data: End of file", libvirt.VIR_ERR_SYSTEM_ERROR)
@@ -186,7 +192,7 @@ class FakeFleet:
     kind = "lab"
     name = "fake"
     path = ""
-    admins = ()
+    admins: tuple[AdminSpec, ...] = ()
 
     def __init__(self, readonly: bool = False) -> None:
         self.readonly = readonly
@@ -199,6 +205,11 @@ class FakeFleet:
         return [VMView(UUID, "web", "src", "running", memory_mib=64, vcpus=1)]
 
 
+def _entries(path: Path) -> list[dict[str, Any]]:
+    """The log's entries without the admin's signature entries (test_audit_signatures.py)."""
+    return [e for e in read_entries(path) if e["kind"] != "signature"]
+
+
 def _preflight(ok: bool = True) -> mig.Preflight:
     items = {k: mig.passed(k) for k, _ in mig.CHECKS}
     if not ok:
@@ -209,12 +220,30 @@ def _preflight(ok: bool = True) -> mig.Preflight:
                         policy_hash="p" * 64, grant_id="g-1", cert_fingerprint="ab" * 32)
 
 
+class Service(MigrationService):
+    """The real service; only the just-in-time certificate and decision re-checks are
+    left out, because these fakes have no certificates, policies or grants (the lab
+    tests run them for real: test_certificate_swapped_after_preflight_is_refused_at_start).
+    The just-in-time capacity check runs as is."""
+
+    async def _jit_certificate(self, run: Any) -> list[Reason]:
+        return []
+
+    def _jit_decision(self, run: Any) -> list[Reason]:
+        return []
+
+
 def _service(tmp_path: Path, world: World, *, fleet: FakeFleet | None = None,
              **kw: Any) -> MigrationService:
     opts: dict[str, Any] = {"poll_interval_s": 0.02, "stall_timeout_s": 5.0, "finish_grace_s": 5.0,
                             "settle_s": 30.0, **kw}  # a deadline only: both answer at once
-    return MigrationService(fleet or FakeFleet(), FakeInventory(world),  # type: ignore[arg-type]
-                            audit=AuditLog(tmp_path / "audit.log"), **opts)
+    fleet = fleet or FakeFleet()
+    # the acting admin "ops" and a real key of theirs (the proof of possession really runs)
+    key, fp = make_key(tmp_path, "ops")
+    fleet.admins = (AdminSpec("ops", fp),)
+    identity = AdminIdentity(fleet, admin_key=str(key), agent_path="")  # type: ignore[arg-type]
+    return Service(fleet, FakeInventory(world),  # type: ignore[arg-type]
+                   audit=AuditLog(tmp_path / "audit.log"), identity=identity, **opts)
 
 
 async def _when(predicate: Any, timeout: float = 5.0) -> None:
@@ -227,7 +256,7 @@ async def _when(predicate: Any, timeout: float = 5.0) -> None:
 async def test_success_publishes_progress_verifies_and_audits(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     seen: list[mig.Progress] = []
     run.subscribe(lambda _r, p: seen.append(p))
     await _when(lambda: world.processed >= 5 * MIB)
@@ -239,7 +268,7 @@ async def test_success_publishes_progress_verifies_and_audits(tmp_path: Path) ->
     assert seen[-1].phase == "completed" and any(p.phase == "copying" for p in seen)
     assert [p.phase for p in [x async for x in run.updates()]] == ["completed"]  # ended: latest only
     assert verify_file(tmp_path / "audit.log").ok
-    decision, outcome = read_entries(tmp_path / "audit.log")
+    decision, outcome = _entries(tmp_path / "audit.log")
     assert (decision["kind"], decision["allowed"], decision["grant_id"]) == ("decision", True, "g-1")
     assert (outcome["result"], outcome["vm_on"], outcome["downtime_ms"]) == ("success", "dst", 42)
 
@@ -252,13 +281,13 @@ async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> No
     real = FakeDom.migrate3
 
     def spy(self: FakeDom, dconn: FakeConn, params: dict[str, Any], flags: int) -> FakeDom:
-        seen_at_call.append([e["kind"] for e in read_entries(log)])
+        seen_at_call.append([e["kind"] for e in _entries(log)])
         return real(self, dconn, params, flags)
 
     FakeDom.migrate3 = spy  # type: ignore[method-assign]
     try:
         world.release.set()
-        run = await svc.start(_preflight())
+        run = await svc.start(svc._issue(_preflight()))
         await run.wait()
     finally:
         FakeDom.migrate3 = real  # type: ignore[method-assign]
@@ -269,7 +298,7 @@ async def test_decision_is_on_disk_before_libvirt_is_asked(tmp_path: Path) -> No
 async def test_admin_abort(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     await run.abort("admin")
     result = await run.wait()
@@ -277,13 +306,13 @@ async def test_admin_abort(tmp_path: Path) -> None:
     assert world.aborts == 1
     assert (result.outcome.result, result.outcome.vm_on) == ("aborted", "src")
     assert result.progress.phase == "aborted" and "still running on src" in result.outcome.message
-    assert read_entries(tmp_path / "audit.log")[-1]["aborted_by"] == "admin"
+    assert _entries(tmp_path / "audit.log")[-1]["aborted_by"] == "admin"
 
 
 async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, stall_timeout_s=0.3)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.frozen = True
     t0 = time.monotonic()
@@ -293,7 +322,7 @@ async def test_watchdog_aborts_a_frozen_migration(tmp_path: Path) -> None:
     assert run.abort_requested == "watchdog" and world.aborts == 1
     assert result.outcome.result == "failed" and result.outcome.reasons[0].code == "migration.stalled"
     assert result.outcome.vm_on == "src"
-    last = read_entries(tmp_path / "audit.log")[-1]
+    last = _entries(tmp_path / "audit.log")[-1]
     assert last["watchdog"] is True and last["reasons"][0]["code"] == "migration.stalled"
 
 
@@ -301,7 +330,7 @@ async def test_dead_link_after_abort_is_unstuck_by_closing_the_target_connection
     world = World()
     world.ignore_abort = True  # libvirt's Finish on the target would wait for TCP
     svc = _service(tmp_path, world, stall_timeout_s=0.2, finish_grace_s=0.2)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 2 * MIB)
     world.frozen = True
     result = await asyncio.wait_for(run.wait(), 10)
@@ -314,10 +343,10 @@ async def test_refused_preflight_never_reaches_libvirt_and_is_audited(tmp_path: 
     world = World()
     svc = _service(tmp_path, world)
     with pytest.raises(MigrationRefused, match="no grant"):
-        await svc.start(_preflight(ok=False))
+        await svc.start(svc._issue(_preflight(ok=False)))
     await svc.close()
     assert world.migrate_calls == 0 and svc.runs == {}
-    (entry,) = read_entries(tmp_path / "audit.log")
+    (entry,) = _entries(tmp_path / "audit.log")
     assert entry["allowed"] is False and entry["reasons"][0]["code"] == "grant.missing"
     assert entry["grant_id"] == "g-1" and entry["target_cert_sha256"] == "ab" * 32
 
@@ -326,16 +355,16 @@ async def test_readonly_refuses_before_anything(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, fleet=FakeFleet(readonly=True))
     with pytest.raises(ReadOnlyError):
-        await svc.start(_preflight())
+        await svc.start(svc._issue(_preflight()))
     await svc.close()
     assert world.migrate_calls == 0
-    assert not (tmp_path / "audit.log").exists() or read_entries(tmp_path / "audit.log") == []
+    assert not (tmp_path / "audit.log").exists() or _entries(tmp_path / "audit.log") == []
 
 
 async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     got: list[mig.Progress] = []
 
     async def slow_reader() -> None:
@@ -356,7 +385,7 @@ async def test_slow_subscriber_gets_the_latest_state_not_a_backlog(tmp_path: Pat
 async def test_watchdog_fires_even_while_jobstats_hangs(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, stall_timeout_s=0.3)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.stats_hang.set()
     try:
@@ -374,7 +403,7 @@ async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> Non
     world = World()
     world.finish_s = 1.0
     svc = _service(tmp_path, world, stall_timeout_s=0.3, finish_grace_s=0.2)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.release.set()
     result = await asyncio.wait_for(run.wait(), 10)
@@ -384,6 +413,98 @@ async def test_watchdog_stands_down_once_the_copy_is_over(tmp_path: Path) -> Non
     assert result.outcome.result == "success" and result.outcome.vm_on == "dst"
 
 
+# -- start() accepts only its own, complete, fresh pre-flight ------------------------------------
+async def test_start_refuses_a_preflight_it_did_not_produce(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    pf = _preflight()
+    with pytest.raises(MigrationRefused, match="not produced"):
+        await svc.start(pf)  # hand-made: never issued by svc.preflight
+    svc._issue(pf)
+    world.release.set()
+    run = await svc.start(pf)
+    await run.wait()
+    with pytest.raises(MigrationRefused, match="not produced"):
+        await svc.start(pf)  # used once: not again
+    await svc.close()
+    assert world.migrate_calls == 1
+
+
+async def test_zero_checks_never_pass(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    full = _preflight()
+    empty = mig.Preflight("web", UUID, "src", "dst", "ops", dt.datetime.now(dt.UTC), (), full.plan)
+    assert not empty.ok
+    with pytest.raises(MigrationRefused):
+        await svc.start(svc._issue(empty))
+    await svc.close()
+    assert world.migrate_calls == 0
+    assert [e["allowed"] for e in _entries(tmp_path / "audit.log")] == [False]
+
+
+async def test_an_old_preflight_is_refused(tmp_path: Path) -> None:
+    world = World()
+    svc = _service(tmp_path, world)
+    old = _preflight()
+    old = mig.assemble("web", UUID, "src", "dst", "ops", dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120),
+                       {i.key: i for i in old.items}, old.plan, policy_hash="p" * 64, grant_id="g-1",
+                       cert_fingerprint="ab" * 32)
+    with pytest.raises(MigrationRefused, match="old"):
+        await svc.start(svc._issue(old))
+    await svc.close()
+    assert world.migrate_calls == 0
+
+
+# -- just in time: the target's room, counting migrations already heading there ----------------
+async def test_room_promised_to_a_migration_in_this_process_is_not_given_twice(tmp_path: Path) -> None:
+    world = World()
+    world.free_mib = 100  # room for one 64 MiB VM, not two
+    svc = _service(tmp_path, world)
+    other = mig.MigrationPlan("00000000-0000-4000-8000-00000000000f", "big", "src2", "dst", "dst.example",
+                              "tcp://10.0.0.2", "ab" * 32, admin="ops")
+    heading = MigrationRun("other", _preflight(), other)
+    heading.memory_mib, heading.reserved = 64, True
+    svc.runs["other"] = heading
+    assert svc._reservations_file() is not None
+    svc._reservations_file().reserve("other", "dst", 64, lambda _p: True)  # as its start did
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "refused" and world.migrate_calls == 0
+    assert [r.code for r in result.outcome.reasons] == ["migration.no_memory"]
+    assert world.where == {"src": "running"}
+
+
+async def test_room_promised_by_another_process_is_not_given_twice(tmp_path: Path) -> None:
+    """Two consoles on one fleet (or two services in one) share the reservations next to the
+    audit log."""
+    import os
+
+    from console.adapters.reservations import Reservations
+
+    world = World()
+    world.free_mib = 100
+    shared = Reservations(tmp_path / "audit.log.reservations")
+    # a live process other than this one (our parent) holds 64 MiB on dst
+    assert shared.reserve("elsewhere", "dst", 64, lambda _o: True) is True
+    rows = __import__("json").loads(shared.path.read_text())
+    rows[0]["pid"] = os.getppid()
+    shared.path.write_text(__import__("json").dumps(rows))
+    svc = _service(tmp_path, world)
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    assert result.outcome.result == "refused" and world.migrate_calls == 0
+    assert "promised" in result.outcome.reasons[0].message
+    shared.release("elsewhere")
+    world.release.set()
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "success" and world.migrate_calls == 1
+    assert shared.others("dst") == 0  # released at the end
+
+
 # -- after a failure: what is known, said as such (issue 14) ---------------------------------
 async def test_target_gone_after_completion_is_unknown_not_not_running(tmp_path: Path) -> None:
     """libvirt said success, then the target's libvirtd died: the VM is gone from the
@@ -391,7 +512,7 @@ async def test_target_gone_after_completion_is_unknown_not_not_running(tmp_path:
     A huge deadline proves verification returned as soon as the target was known gone."""
     world = World()
     svc = _service(tmp_path, world, settle_s=3600)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.down["dst"] = HostProblem(LIBVIRT_DOWN, "dst: libvirt down: no libvirt daemon answered")
     world.release.set()
@@ -404,7 +525,7 @@ async def test_target_gone_after_completion_is_unknown_not_not_running(tmp_path:
     src, dst = out.hosts
     assert (src.host, src.answered, src.copy) == ("src", True, None)
     assert (dst.host, dst.answered, dst.gone) == ("dst", False, True) and "libvirt down" in dst.problem
-    entry = read_entries(tmp_path / "audit.log")[-1]
+    entry = _entries(tmp_path / "audit.log")[-1]
     assert entry["vm_state"] == "unknown" and entry["next_step"] == out.next_step
     assert entry["hosts"] == [{"host": "src", "role": "source", "checked": True, "state": "absent"},
                               {"host": "dst", "role": "target", "checked": False, "state": "unknown",
@@ -417,7 +538,7 @@ async def test_target_gone_after_completion_is_unknown_not_not_running(tmp_path:
 async def test_target_daemon_dies_mid_copy_escort_cancels_and_reports_stayed(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, settle_s=3600)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.target_daemon_dead.set()
     world.down["dst"] = HostProblem(LIBVIRT_DOWN, "dst: libvirt down: no libvirt daemon answered")
@@ -434,7 +555,7 @@ async def test_target_daemon_dies_mid_copy_escort_cancels_and_reports_stayed(tmp
 async def test_silent_host_countdown_and_stop_waiting(tmp_path: Path) -> None:
     world = World()
     svc = _service(tmp_path, world, settle_s=3600)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.silent.add("dst")
     world.release.set()
@@ -450,7 +571,7 @@ async def test_silent_host_countdown_and_stop_waiting(tmp_path: Path) -> None:
     assert world.aborts == 0 and run.stopped_waiting == "admin"
     assert (out.result, out.vm_state) == ("unknown", "unknown")
     assert "admin stopped waiting" in out.hosts[1].problem
-    assert read_entries(tmp_path / "audit.log")[-1]["stopped_waiting"] == "admin"
+    assert _entries(tmp_path / "audit.log")[-1]["stopped_waiting"] == "admin"
 
 
 async def test_libvirt_error_after_switchover_but_vm_moved_is_success(tmp_path: Path) -> None:
@@ -466,7 +587,7 @@ async def test_libvirt_error_after_switchover_but_vm_moved_is_success(tmp_path: 
     FakeDom.migrate3 = moved_then_error  # type: ignore[method-assign]
     try:
         world.release.set()
-        run = await svc.start(_preflight())
+        run = await svc.start(svc._issue(_preflight()))
         result = await asyncio.wait_for(run.wait(), 30)
     finally:
         FakeDom.migrate3 = real  # type: ignore[method-assign]
@@ -484,7 +605,7 @@ async def test_lost_finish_answer_fences_the_source(tmp_path: Path) -> None:
     world.finish_s = 0.5
     world.lost_finish = True
     svc = _service(tmp_path, world, settle_s=0.5)
-    run = await svc.start(_preflight())
+    run = await svc.start(svc._issue(_preflight()))
     await _when(lambda: world.processed >= 3 * MIB)
     world.release.set()
     result = await asyncio.wait_for(run.wait(), 30)
@@ -492,7 +613,7 @@ async def test_lost_finish_answer_fences_the_source(tmp_path: Path) -> None:
     assert world.where == {"src": "paused", "dst": "running"}  # never both running after escort
     assert (out.result, out.vm_state, run.fenced) == ("unknown", "unknown", "src")
     assert "escort paused web on src" in out.message and "migration.fenced" in [r.code for r in out.reasons]
-    entries = read_entries(tmp_path / "audit.log")
+    entries = _entries(tmp_path / "audit.log")
     assert [e["kind"] for e in entries] == ["decision", "fence", "outcome"]
     assert entries[-1]["fenced"] == "src"
     assert svc._fenced() == {(UUID, "src")}
@@ -514,7 +635,7 @@ async def test_lost_finish_but_target_answers_without_the_vm_resumes_the_source(
 
     FakeDom.migrate3 = finish_failed  # type: ignore[method-assign]
     try:
-        run = await svc.start(_preflight())
+        run = await svc.start(svc._issue(_preflight()))
         await _when(lambda: world.processed >= 3 * MIB)
         world.release.set()
         result = await asyncio.wait_for(run.wait(), 30)
@@ -524,5 +645,5 @@ async def test_lost_finish_but_target_answers_without_the_vm_resumes_the_source(
     out = result.outcome
     assert world.where == {"src": "running"} and run.fenced == ""
     assert (out.result, out.vm_state, out.vm_on) == ("failed", "stayed", "src")
-    kinds = [(e["kind"], e.get("action")) for e in read_entries(tmp_path / "audit.log")]
+    kinds = [(e["kind"], e.get("action")) for e in _entries(tmp_path / "audit.log")]
     assert kinds == [("decision", None), ("fence", "pause"), ("fence", "resume"), ("outcome", None)]

@@ -659,3 +659,77 @@ class TestOwner:
         cert = custom_cert("NoSig", iss.make_key(), demo_pki.owners.issuer, ca=False, ku=False,
                            eku=[ExtendedKeyUsageOID.EMAIL_PROTECTION])
         assert codes(owners.verify_owner(cert, [], demo_pki.at)) == {"owner.keyusage"}
+
+
+def test_crl_state_for_the_trust_screen(demo_pki: DemoPKI) -> None:
+    """fresh until …, stale, missing and unusable, as CANode.crl_state and the Trust screen say it."""
+    from console.ui.text import crl_words
+
+    eu, west, us = (demo_pki.regions[r] for r in ("eu-central", "eu-west", "us-east"))
+    forged = iss.crl_pem(iss.issue_crl(iss.Issuer(us.cert, west.key), [],
+                                       iss.Validity.days(9, start=DEMO_START)))
+    store, _ = TrustStore.build(
+        demo_pki.trust_files(),
+        [("eu.crl", demo_pki.crl(eu, days=60)), ("west.crl", demo_pki.crl(west, days=7)), ("us.crl", forged)],
+        at=demo_pki.at)
+    by_name = {n.info.name: n for n in store.nodes()}
+    states = {name: n.crl_state(demo_pki.at)[0] for name, n in by_name.items()}
+    assert states == {"Escort Demo Root CA": "missing", "Escort eu-central CA": "fresh",
+                      "Escort eu-west CA": "stale", "Escort us-east CA": "unusable"}
+    label, sentence, tone = crl_words(by_name["Escort eu-central CA"], demo_pki.at)
+    assert label == f"CRL fresh until {(DEMO_START + dt.timedelta(days=60)):%Y-%m-%d}" and tone == "dim"
+    assert crl_words(by_name["Escort eu-west CA"], demo_pki.at)[0] == "CRL stale"
+    label, sentence, tone = crl_words(by_name["Escort us-east CA"], demo_pki.at)
+    assert label == "CRL unusable" and "forged" in sentence and tone == "bad"
+    assert crl_words(by_name["Escort Demo Root CA"], demo_pki.at)[0] == "CRL missing"
+
+
+def _delta_crl(ca: iss.Issuer, *, base: int, number: int, revoked: list[int], removed: list[int],
+               start: dt.datetime, days: float) -> bytes:
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject).last_update(start)
+         .next_update(start + dt.timedelta(days=days))
+         .add_extension(x509.CRLNumber(number), critical=False)
+         .add_extension(x509.DeltaCRLIndicator(base), critical=True))
+    entries = [*((s, None) for s in revoked), *((s, x509.ReasonFlags.remove_from_crl) for s in removed)]
+    for serial, reason in entries:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(start)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        b = b.add_revoked_certificate(entry.build())
+    return iss.crl_pem(b.sign(ca.key, hashes.SHA256()))
+
+
+def test_delta_crls_are_applied_on_their_base_never_instead_of_it(demo_pki: DemoPKI) -> None:
+    eu = demo_pki.regions["eu-central"]
+    a, _ = demo_pki.host("a.example")
+    b, _ = demo_pki.host("b.example")
+    c, _ = demo_pki.host("c.example")
+    base = demo_pki.crl(eu, [a.serial_number, c.serial_number], number=5)
+    # number 6 on base 5: revokes b, takes c off (removeFromCRL); a stays revoked.
+    delta = _delta_crl(eu.issuer, base=5, number=6, revoked=[b.serial_number], removed=[c.serial_number],
+                       start=DEMO_START, days=40)
+    store, problems = demo_pki.build(demo_pki.trust_files(), [("base.crl", base), ("delta.crl", delta)])
+    assert problems == []
+    node = next(n for n in store.nodes() if n.info.name == "Escort eu-central CA")
+    assert node.crl is not None and node.crl.number == 5 and node.delta is not None
+    assert codes(store.verify_host(a, demo_pki.at)) == {"cert.revoked"}
+    assert codes(store.verify_host(b, demo_pki.at)) == {"cert.revoked"}
+    assert store.verify_host(c, demo_pki.at).valid
+    # Once the delta is past its nextUpdate (the base is still current): what it
+    # revoked stays revoked, what it took off is revoked again.
+    later = DEMO_START + dt.timedelta(days=45)
+    assert codes(store.verify_host(b, later)) == {"cert.revoked"}
+    assert codes(store.verify_host(c, later)) == {"cert.revoked"}
+    # An empty delta with a higher number never replaces the base (the hole in issue 9).
+    empty = _delta_crl(eu.issuer, base=5, number=9, revoked=[], removed=[], start=DEMO_START, days=40)
+    store, _ = demo_pki.build(demo_pki.trust_files(), [("base.crl", base), ("delta.crl", empty)])
+    assert codes(store.verify_host(a, demo_pki.at)) == {"cert.revoked"}
+    # A delta for another base, or without any base, is ignored with a warning.
+    other = _delta_crl(eu.issuer, base=7, number=8, revoked=[], removed=[a.serial_number],
+                       start=DEMO_START, days=40)
+    store, problems = demo_pki.build(demo_pki.trust_files(), [("base.crl", base), ("delta.crl", other)])
+    assert [(p.reason.code, p.reason.severity) for p in problems] == [("crl.delta_ignored", "warning")]
+    assert codes(store.verify_host(a, demo_pki.at)) == {"cert.revoked"}
+    store, problems = TrustStore.build(demo_pki.trust_files(), [("delta.crl", other)], at=demo_pki.at)
+    assert "crl.delta_ignored" in {p.reason.code for p in problems}
+    assert "revocation.missing" in codes(store.verify_host(a, demo_pki.at))

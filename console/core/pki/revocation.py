@@ -10,7 +10,8 @@ have a usable, current base CRL in the trust directory:
   damaged entry;
 * a *delta* CRL (critical deltaCRLIndicator) never replaces a base CRL: it is applied
   on top of the newest base CRL it belongs to (base number >= its BaseCRLNumber, own
-  number higher) while it is current, and otherwise ignored with a warning;
+  number higher; its removeFromCRL entries only while it is current), and otherwise
+  ignored with a warning;
 * no usable CRL, or a stale one (nextUpdate passed), means the revocation status is
   unknown: ``revocation.unusable`` / ``revocation.stale`` / ``revocation.missing``,
   which refuse. Only ``revocation.missing`` (a CA that publishes no CRL at all) may be
@@ -213,12 +214,14 @@ def revoked_by(node: CANode, serial: int, at: dt.datetime) -> dt.datetime | None
     if base is None:
         return None
     delta = node.delta
-    if delta is not None and not delta.is_stale(at):
-        if serial in delta.removed:
-            return None
+    if delta is not None:
+        # A delta's revocations always count (revoked stays revoked, even once the
+        # delta is past its nextUpdate); its removeFromCRL entries only while current.
         when = delta.revoked_at(serial, at)
         if when is not None:
             return when
+        if serial in delta.removed and not delta.is_stale(at):
+            return None
     return base.revoked_at(serial, at)
 
 

@@ -11,6 +11,7 @@ the end the summary replaces the stuck list and ``c`` copies it (OSC 52).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import work
@@ -188,7 +189,9 @@ class EvacuationScreen(FleetScreen):
             admins = app.admin_ids()
             # the fleet's only admin is the one acting (as the migration pre-flight assumes)
             admin = app.admin or (admins[0] if len(admins) == 1 else None)
-            service = EvacuationService(fleet, admin=admin)
+            from console.services.emergency import audit_path, declared
+
+            service = EvacuationService(fleet, admin=admin, emergencies=declared(fleet, audit_path(fleet)))
             planned = service.plan(self.hosts, explain=False)
             service.explain_stuck(planned)
         except EscortError as exc:
@@ -342,11 +345,21 @@ class EvacuationScreen(FleetScreen):
         self.run = run
         queue = run.queue()
         # the run belongs to the app: it goes on even if this board is closed
-        self.app.run_worker(run.run(), group="evacuation", exit_on_error=False)
+        self.app.run_worker(self._run(run), group="evacuation", exit_on_error=False)
         self._consume(queue)
         self.refresh_bindings()
         self.query_one("#ev-status", Static).update(
             f"Evacuating {', '.join(self.planned.sources)}: a aborts the selected VM, A aborts all.")
+
+    async def _run(self, run: Any) -> None:
+        """Run to the end; a refusal before the first move (e.g. the admin's key is not
+        present) is shown, nothing having moved."""
+        try:
+            await run.run()
+        except EscortError as exc:
+            self.escort.notify(f"Not started: {exc}", severity="error", markup=False)
+            with contextlib.suppress(Exception):
+                self.query_one("#ev-status", Static).update(f"{BAD} Not started: {exc}")
 
     @work(group="evac-events", exit_on_error=False)
     async def _consume(self, queue: Any) -> None:
