@@ -22,6 +22,9 @@ class ConfirmDialog(ModalScreen[bool]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="dialog.cancel"),
     ]
+    #: Textual focuses the first focusable widget (the name field) when a screen is
+    #: shown, which can land after on_mount; name Cancel so it is always Cancel.
+    AUTO_FOCUS = "#cancel"
 
     DEFAULT_CSS = """
     ConfirmDialog { align: center middle; }
