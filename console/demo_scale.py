@@ -17,7 +17,9 @@ What is in it, so the console has something to explain at every size:
 * ~2% expired host certificates; hosts spread over 24 countries and 40 sites with
   assurance low/medium/high;
 * 50 owners (ES256 keys) with 300 distinct placement rules; ~0.5% of the VMs have no
-  policy; one admin with a grant per owner.
+  policy; one admin with a grant per owner;
+* most VMs run on a host their policy admits (about 2% on one it refuses, so the
+  console's placement check has something to report).
 
 Generation time (setup only, not part of any measured figure): about 1 s per 1,000
 host certificates and 2-3 s per 10,000 policies on a 2-core machine. All hosts share
@@ -60,6 +62,8 @@ ASSURANCE = ("assurance:low", "assurance:medium", "assurance:high")
 MAX_VMS = 100_000
 MAX_HOSTS = 10_000
 STAMP = "scale.json"
+#: bumped when escort's rules need the generated files to change (an older fleet is remade)
+VERSION = 3
 
 Progress = Callable[[str], None]
 
@@ -132,6 +136,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
     host_key = iss.make_key("ec")
     width = _name_width(n_hosts)
     host_names: list[str] = []
+    host_facts: list[tuple[str, str, str, str, bool]] = []  # (region CA or "", country, site, assurance, ok)
     host_entries: list[dict[str, Any]] = []
     revoked: dict[str, list[tuple[int, dt.datetime]]] = {r[3]: [] for r in regions}
     for i in range(n_hosts):
@@ -142,12 +147,16 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
         expired = i % 53 == 52
         validity = (iss.Validity(now - dt.timedelta(days=400), now - dt.timedelta(days=2)) if expired
                     else iss.Validity(start, now + dt.timedelta(days=365)))
-        spec = iss.HostSpec(f"{name}.scale.example", country=rng.choice(countries),
-                            locality=rng.choice(sites), organization="Scale Demo", org_unit=region,
-                            dns_names=(name,), policies=(rng.choice(ASSURANCE),))
+        country, site, level = rng.choice(countries), rng.choice(sites), rng.choice(ASSURANCE)
+        spec = iss.HostSpec(f"{name}.scale.example", country=country,
+                            locality=site, organization="Scale Demo", org_unit=region,
+                            dns_names=(name,), policies=(level,))
         cert = iss.issue_host(spec, host_key, issuer, validity)
-        if i % 67 == 66 and issuer is not rogue:
+        revoke = i % 67 == 66 and issuer is not rogue
+        if revoke:
             revoked[region].append((cert.serial_number, now - dt.timedelta(days=1)))
+        host_facts.append(("" if issuer is rogue else region, country, site, level,
+                           not (expired or revoke or issuer is rogue)))
         put(f"hosts/{name}.pem", iss.cert_pem(cert))
         host_names.append(name)
         host_entries.append({"name": name, "region": region, "cert_file": f"hosts/{name}.pem",
@@ -164,6 +173,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
                            owners_key)
     put("owners-trust/owners-ca.pem", iss.cert_pem(owners_ca.cert))
     put("owners-trust/owners-ca.crl.pem", iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now))))
+    put("owners-trust/owners-ca.crl.pem", iss.crl_pem(iss.issue_crl(owners_ca, [], _crl_window(now))))
     owner_list: list[tuple[str, iss.Issuer]] = []
     for i in range(n_owners):
         key = iss.make_key("ec")
@@ -176,7 +186,9 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
     shapes: list[tuple[list[tuple[str, str]], dict[str, list[str]], str]] = []
     for _ in range(n_rules):
         r = rng.randrange(len(REGIONS))
-        trust = [root_fp] if rng.random() < 0.2 else rng.sample(region_fps, rng.randint(1, 3))
+        # the rule's own region's CA (its countries are there), sometimes others or the root
+        trust = [root_fp] if rng.random() < 0.2 else list(dict.fromkeys(
+            [region_fps[r], *rng.sample(region_fps, rng.randint(0, 2))]))
         require: dict[str, list[str]] = {}
         if rng.random() < 0.8:
             countries = REGIONS[r][1]
@@ -187,16 +199,33 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
             require["policies"] = [rng.choice(ASSURANCE[1:])]
         shapes.append((trust, require, REGIONS[r][0]))
 
+    region_of_fp = {fp: REGIONS[k][0] for k, (_cn_, fp) in enumerate(region_fps)}
+
+    def admits(shape: tuple[list[tuple[str, str]], dict[str, list[str]], str], h: int) -> bool:
+        trust, require, _region = shape
+        ca, country, site, level, ok = host_facts[h]
+        if not ok or not ca:
+            return False
+        if root_fp not in trust and ca not in {region_of_fp.get(fp) for _n, fp in trust}:
+            return False
+        return (country in require.get("country", [country]) and site in require.get("locality", [site])
+                and all(p == level for p in require.get("policies", [])))
+
+    admitted = [[h for h in range(n_hosts) if admits(shape, h)] for shape in shapes]
     say(f"{n_vms:,} VMs with owner-signed ES256 policies")
     vm_width = _name_width(n_vms)
     vm_entries: list[dict[str, Any]] = []
     nbf, exp = now - dt.timedelta(days=10), now + dt.timedelta(days=355)
     for i in range(n_vms):
         email, signer = owner_list[i % n_owners]
-        trust, require, region = shapes[rng.randrange(n_rules)]
+        shape = rng.randrange(n_rules)
+        trust, require, region = shapes[shape]
         name = f"vm-{i:0{vm_width}d}"
         vm_uuid = str(uuidlib.UUID(int=rng.getrandbits(128), version=4))
-        entry: dict[str, Any] = {"uuid": vm_uuid, "name": name, "host": host_names[rng.randrange(n_hosts)],
+        # most VMs run where their policy admits them (a few do not: something to explain)
+        homes = admitted[shape]
+        home = homes[rng.randrange(len(homes))] if homes and i % 50 != 7 else rng.randrange(n_hosts)
+        entry: dict[str, Any] = {"uuid": vm_uuid, "name": name, "host": host_names[home],
                                  "memory_mib": rng.choice((1024, 2048, 4096, 8192)),
                                  "vcpus": rng.choice((1, 2, 4))}
         if i % 211 != 210:  # a few VMs without any policy
@@ -237,7 +266,7 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
               f"`escort demo --vms {n_vms} --hosts {n_hosts}`.\n"
               "# Offline: hosts have no SSH address or libvirt URI; nothing is contacted.\n")
     put("fleet.toml", (header + tomli_w.dumps(doc)).encode())
-    put(STAMP, json.dumps({"vms": n_vms, "hosts": n_hosts, "generated": now.isoformat(),
+    put(STAMP, json.dumps({"version": VERSION, "vms": n_vms, "hosts": n_hosts, "generated": now.isoformat(),
                            "seed": seed}).encode())
     say(f"writing {len(files):,} files")
     made: set[Path] = set()
@@ -274,7 +303,7 @@ def ensure_scale(dest: Path, *, vms: int, hosts: int, regenerate: bool = False,
     try:
         stamp = json.loads((dest / STAMP).read_text())
         made = dt.datetime.fromisoformat(stamp["generated"])
-        fresh = (stamp.get("vms") == vms and stamp.get("hosts") == hosts
+        fresh = (stamp.get("version") == VERSION and stamp.get("vms") == vms and stamp.get("hosts") == hosts
                  and (dest / "fleet.toml").is_file()
                  and dt.datetime.now(dt.UTC) - made < dt.timedelta(days=5))
     except (OSError, ValueError, KeyError, TypeError):

@@ -185,6 +185,16 @@ def install(data: bytes, bundle: str, conf_id: str, force_restart: bool = False)
         os.chmod(tmp, 0o755)
         os.replace(tmp, HOOK)
         steps.append("hook")
+    # self-test: the hook must run on this host's python3 and read what was just pushed
+    check = subprocess.run([HOOK, "--status"], capture_output=True, timeout=120, check=False)
+    try:
+        status = json.loads(check.stdout.decode(errors="replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        status = {"ok": False, "problem": (check.stderr.decode(errors="replace").strip().splitlines()
+                                           or ["the hook did not answer --status"])[-1]}
+    if not status.get("ok"):
+        return {"ok": False, "steps": steps, "problem": f"installed, but the guard does not work here: "
+                f"{status.get('problem')} (it refuses every VM until fixed or removed)"}
     pid = _libvirtd_pid()
     restart = ""
     if force_restart or (pid is not None and _started_at(pid) <= os.stat(HOOK).st_mtime + 1):

@@ -398,6 +398,8 @@ class EscortApp(App[None]):
 
         if not hasattr(self.service, "matrix") or not hasattr(self.service, "policy_token"):
             return {}  # a test double without the full service
+        if self.checking:
+            return {}  # start-up rows ("checking…"): decided once the streamed check is done
         try:
             return {p.uuid: p for p in misplaced(self.service, vms=self._vms)}  # type: ignore[arg-type]
         except EscortError:

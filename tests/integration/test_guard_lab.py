@@ -185,3 +185,67 @@ def test_escort_migration_through_the_guard_and_a_guard_refusal(lab: Lab) -> Non
     again = _escort("migrate", "--fleet", fleet, "app-1", home, "--admin", "lab-admin", "--yes", "--json")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "app-1" in _running(lab, home)
+
+
+def _pki(lab: Lab) -> Any:
+    from console.lab import certs
+
+    return lab.pki or certs.load(lab.pki_dir)
+
+
+def test_start_and_restore_are_guarded_too(lab: Lab, wrapper: Path, tmp_path: Path) -> None:
+    """`virsh start` of a VM its policy refuses here, and `virsh restore` of a saved VM on a
+    host its policy refuses: both refused by the hook (prepare begin / restore begin)."""
+    import uuid as uuidlib
+
+    from console.lab import guests
+    from console.lab.hosts import GuestPlan, hypervisor
+
+    libvirt = _libvirt()
+    # a VM whose owner trusts only eu-central, defined (not started) on par-1 (eu-west)
+    vm_uuid = str(uuidlib.uuid4())
+    plan = GuestPlan("gd-start", "bob", trust=("eu-central",))
+    meta = guests.policy_metadata(_pki(lab), hypervisor("par-1"), plan, vm_uuid)
+    conn = lab.open_libvirt("par-1")
+    try:
+        guests.define_guest(conn, "gd-start", uuid=vm_uuid, metadata_xml=meta, start=False)
+    finally:
+        conn.close()
+    try:
+        start = _virsh(wrapper, "-c", "qemu+ssh://par-1/system", "start", "gd-start")
+        assert start.returncode != 0
+        assert "escort-guard refused gd-start: ca.not_trusted: " in start.stderr, start.stderr
+        assert "gd-start" not in _running(lab, "par-1")
+        entry = [e for e in _log(lab, "par-1") if e["vm"] == "gd-start"][-1]
+        assert entry["op"] == "prepare begin" and entry["verdict"] == "refused"
+    finally:
+        conn = lab.open_libvirt("par-1")
+        try:
+            conn.lookupByName("gd-start").undefine()
+        finally:
+            conn.close()
+    # save a guest on fra-1 (policy: the lab root) and restore it on rogue-1, then on fra-1
+    lab.define_guest("fra-1", "gd-save", owner="alice")
+    saved = tmp_path / "gd-save.img"
+    try:
+        save = _virsh(wrapper, "-c", "qemu+ssh://fra-1/system", "save", "gd-save", str(saved))
+        assert save.returncode == 0, save.stderr
+        on_rogue = _virsh(wrapper, "-c", "qemu+ssh://rogue-1/system", "restore", str(saved))
+        assert on_rogue.returncode != 0
+        assert "escort-guard refused gd-save: " in on_rogue.stderr, on_rogue.stderr
+        assert "gd-save" not in _running(lab, "rogue-1")
+        assert [e for e in _log(lab, "rogue-1") if e["vm"] == "gd-save"][-1]["op"] == "restore begin"
+        home = _virsh(wrapper, "-c", "qemu+ssh://fra-1/system", "restore", str(saved))
+        assert home.returncode == 0, home.stderr
+        assert "gd-save" in _running(lab, "fra-1")
+    finally:
+        conn = lab.open_libvirt("fra-1")
+        try:
+            dom = conn.lookupByName("gd-save")
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()

@@ -72,3 +72,18 @@ def test_impact_sentence_and_signer() -> None:
     assert impact_sentence(when, 37, 0, 0) == "after 2026-12-06, 37 VMs lose all allowed targets"
     assert impact_sentence(when, 0, 0, 0) == "after 2026-12-06, no VM loses an allowed target"
     assert signer_of("garbage") is None and signer_of("") is None
+
+
+async def test_half_done_migration_is_a_finding(fleet_path: Path) -> None:
+    from console.core.inventory import DomainFacts, HostFacts
+    from tests.unit.trustkit import WEB_UUID
+
+    s = FleetService.load(fleet_path, at=T0)
+    running = DomainFacts(WEB_UUID, "web-1", "running")
+    paused = DomainFacts(WEB_UUID, "web-1", "paused", state_reason="migration")
+    s.apply_facts("hv-fr-1", HostFacts("hv-fr-1", 4096, 2, 2048, (running,)), None)
+    s.apply_facts("hv-de-1", HostFacts("hv-de-1", 4096, 2, 2048, (paused,)), None)
+    report = await CheckService(s, days=0, offline=True).run()
+    half = [f for f in report.findings if f.code == "migration.half_done"]
+    assert len(half) == 1 and half[0].vm == "web-1" and half[0].severity == "error"
+    assert half[0].extra["copies"] and half[0].fix
