@@ -137,23 +137,30 @@ def _short(digest: str) -> str:
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
 @click.option("--restart", is_flag=True, help="Restart libvirtd even when it already knows the hook.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.option("--admin", default=None, metavar="ID",
+              help="The admin acting (default: the one whose key is here).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (besides the SSH agent and the fleet's identity_files).")
 @click.argument("names", nargs=-1)
 @click.pass_context
-def guard_install(ctx: click.Context, fleet: str | None, restart: bool, as_json: bool,
-                  names: tuple[str, ...]) -> None:
+def guard_install(ctx: click.Context, fleet: str | None, restart: bool, as_json: bool, admin: str | None,
+                  admin_key: str | None, names: tuple[str, ...]) -> None:
     """Push the guard (code bundle + trust material) to HOSTs (default: all); idempotent.
 
     Hosts are refreshed first, so the guard learns every VM that carries a policy (a
     VM arriving without it is then refused as stripped). libvirtd is restarted only
     when it started before the hook existed; running guests are not affected.
     """
+    from console.services.identity import AdminIdentity, terminal_prompt
+
     service, guards = _guard_service(ctx, fleet)
     service.require_writable("install the host guard")
+    identity = AdminIdentity(service, admin_key=admin_key, passphrase=terminal_prompt())
 
     async def go() -> list[dict[str, object]]:
         try:
             await guards.inventory.refresh()
-            return await guards.install(names, restart=restart)
+            return await guards.install(names, restart=restart, admin=admin, identity=identity)
         finally:
             await guards.inventory.close()
 
@@ -213,15 +220,24 @@ def guard_status(ctx: click.Context, fleet: str | None, offline: bool, as_json: 
 @guard.command("remove")
 @click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None, help="Fleet file (TOML).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document with every host.")
+@click.option("--admin", default=None, metavar="ID",
+              help="The admin acting (default: the one whose key is here).")
+@click.option("--admin-key", "admin_key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The admin's private SSH key (besides the SSH agent and the fleet's identity_files).")
 @click.argument("names", nargs=-1)
 @click.pass_context
-def guard_remove(ctx: click.Context, fleet: str | None, as_json: bool, names: tuple[str, ...]) -> None:
+def guard_remove(ctx: click.Context, fleet: str | None, as_json: bool, admin: str | None,
+                 admin_key: str | None, names: tuple[str, ...]) -> None:
     """Remove the guard (hook, trust material, code) from HOSTs (default: all)."""
+    from console.services.identity import AdminIdentity, terminal_prompt
+
     service, guards = _guard_service(ctx, fleet)
+    service.require_writable("remove the host guard")
+    identity = AdminIdentity(service, admin_key=admin_key, passphrase=terminal_prompt())
 
     async def go() -> list[dict[str, object]]:
         try:
-            return await guards.remove(names)
+            return await guards.remove(names, admin=admin, identity=identity)
         finally:
             await guards.inventory.close()
 

@@ -21,7 +21,7 @@ import shlex
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from console.core.errors import EscortError, InputError
 from console.core.guard import GUARD_VERSION, GuardConfig, GuardMaterial, material_digest
 from console.core.inventory import HostSpec
 from console.services.fleet import FleetService
+from console.services.identity import AdminIdentity, append_signed, require_admin
 from console.services.inventory import InventoryService, is_live
 
 HOOK_PATH = "/etc/libvirt/hooks/qemu.d/escort-guard"
@@ -353,22 +354,56 @@ class GuardService:
         result["trust_digest"] = plan.digest
         return result
 
-    async def install(self, names: Iterable[str] = (), *, restart: bool = False) -> list[dict[str, Any]]:
-        self.service.require_writable("install the host guard")
-        hosts = self.hosts(names)
-        return list(await asyncio.gather(*(self.install_one(h, restart=restart) for h in hosts)))
+    async def _gated(self, action: str, kind: str, hosts: list[HostSpec], admin: str | None,
+                     identity: AdminIdentity | None,
+                     body: Callable[[], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+        """A changing action on hosts' guards: read-only check, proof of the acting admin's
+        key (refusals audited), the action, then one signed audit entry with every result."""
+        from console.adapters.audit import AuditLog
+        from console.services.emergency import audit_path
 
-    async def remove(self, names: Iterable[str] = ()) -> list[dict[str, Any]]:
-        self.service.require_writable("remove the host guard")
-        out = []
-        for h in self.hosts(names):
-            try:
-                r = await self._run(h, remote_command("remove"))
-            except EscortError as exc:
-                r = {"ok": False, "problem": str(exc)}
-            r["host"] = h.name
-            out.append(r)
-        return out
+        self.service.require_writable(action)
+        audit = await asyncio.to_thread(AuditLog, audit_path(self.service))
+        try:
+            proof = await require_admin(self.service, action, admin=admin, identity=identity,
+                                        audit=lambda e: asyncio.to_thread(audit.append, e))
+            rows = await body()
+            await append_signed(audit, {
+                "kind": kind, "admin": proof.admin, "proof": proof.as_json(),
+                "hosts": [{"host": r.get("host"), "ok": bool(r.get("ok")),
+                           **({"problem": str(r["problem"])} if r.get("problem") else {})} for r in rows],
+            }, proof)
+            return rows
+        finally:
+            audit.close()
+
+    async def install(self, names: Iterable[str] = (), *, restart: bool = False, admin: str | None = None,
+                      identity: AdminIdentity | None = None) -> list[dict[str, Any]]:
+        """Push the guard to hosts; first proves the operator holds the acting admin's key."""
+        hosts = self.hosts(names)
+
+        async def body() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(self.install_one(h, restart=restart) for h in hosts)))
+
+        return await self._gated("install the host guard", "guard_install", hosts, admin, identity, body)
+
+    async def remove(self, names: Iterable[str] = (), *, admin: str | None = None,
+                     identity: AdminIdentity | None = None) -> list[dict[str, Any]]:
+        """Remove the guard from hosts (weakens enforcement): proof of the admin's key first."""
+        hosts = self.hosts(names)
+
+        async def body() -> list[dict[str, Any]]:
+            out = []
+            for h in hosts:
+                try:
+                    r = await self._run(h, remote_command("remove"))
+                except EscortError as exc:
+                    r = {"ok": False, "problem": str(exc)}
+                r["host"] = h.name
+                out.append(r)
+            return out
+
+        return await self._gated("remove the host guard", "guard_remove", hosts, admin, identity, body)
 
 
 __all__ = ["Bundle", "GuardPlan", "GuardService", "GuardState", "bundle", "launcher", "payload",

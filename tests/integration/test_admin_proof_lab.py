@@ -134,3 +134,30 @@ def test_mallory_without_the_key_is_refused_and_with_it_moves(lab: Lab, tmp_path
                            "--yes", "--json")
             assert back.returncode == 0, (back.stdout, back.stderr)
         (grants / "mallory-app.jws").unlink(missing_ok=True)
+
+
+def test_guard_remove_needs_the_admins_key(lab: Lab, tmp_path: Path, agent: str) -> None:
+    """Removing a host's guard weakens enforcement: without the acting admin's key it is
+    refused before anything changes on the host, and the refusal is audited."""
+    key = tmp_path / "mallory"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mallory", "-f", str(key)],
+                   check=True)
+    fp = subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True,
+                        check=True).stdout.split()[1]
+    doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
+    doc["admins"] = [*doc["admins"], {"id": "mallory", "ssh_key_fingerprint": fp}]
+    audit = tmp_path / "audit.log"
+    doc["audit_log"] = str(audit)
+    fleet = lab.dir / "fleet-mallory-guard.toml"
+    fleet.write_text(tomli_w.dumps(doc), encoding="utf-8")
+
+    out = _escort(agent, "hosts", "guard", "remove", "--fleet", str(fleet), "fra-2", "--admin", "mallory")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    line = out.stderr.strip()
+    assert "\n" not in line and "admin.key_missing" in line, line
+    st = _escort(agent, "hosts", "guard", "status", "--fleet", str(fleet), "--offline", "--json", "fra-2")
+    (row,) = json.loads(st.stdout)["hosts"]
+    assert row["state"] != "missing", row  # the guard is still on fra-2
+    (entry,) = read_entries(audit)
+    assert (entry["kind"], entry["admin"], entry["code"]) == ("refusal", "mallory", "admin.key_missing")
+    assert verify_file(audit).ok
