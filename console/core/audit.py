@@ -52,7 +52,9 @@ RESERVED = frozenset({"seq", "ts", "prev", "hash"})
 KINDS = ("decision", "outcome", "reconcile", "evacuation", "note", "refusal", "signature", "emergency",
          "host_key")
 #: Kinds that may stand unsigned: written when nobody's key was proven (that is the point).
-UNSIGNED_OK = frozenset({"refusal", "signature"})
+#: ``drill``: a lab outage drill recorded by ``escort lab fault`` (root on the lab machine,
+#: no admin acting); it changes no real host and authorises nothing.
+UNSIGNED_OK = frozenset({"refusal", "signature", "drill"})
 #: SSHSIG namespace of audit signatures (``ssh-keygen -Y verify -n escort-audit@escort``).
 SIG_NAMESPACE = "escort-audit@escort"
 
@@ -323,7 +325,11 @@ def verify_signatures(lines: Iterable[str], *, verify: Callable[[str, bytes], st
                 actions[who][kind] = actions[who].get(kind, 0) + 1
             continue
         if kind in UNSIGNED_OK or (kind == "decision" and entry.get("allowed") is False):
-            if kind != "signature":
+            if kind == "drill":
+                warnings.append(ChainProblem(i + 1, "audit.unsigned_drill",
+                                             f"lab drill seq {entry.get('seq')} is not covered by a "
+                                             "signature (`escort lab fault` acts without an admin's key)"))
+            elif kind != "signature":
                 warnings.append(ChainProblem(i + 1, "audit.unsigned_refusal",
                                              f"refusal seq {entry.get('seq')} is not covered by a signature "
                                              "(it authorised nothing; no admin key had been proven)"))

@@ -851,7 +851,8 @@ class MigrationService:
             return ""  # the source cannot be asked either: its libvirtd keeps it paused itself
         if paused:
             with contextlib.suppress(Exception):
-                await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+                await self._record({"kind": "fence", "run": run.id, "admin": run.plan.admin,
+                                    "vm": run.plan.vm_name,
                                     "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "pause",
                                     "why": "the copy was over when libvirt failed; the target may run it"})
         return run.plan.source if paused else ""
@@ -859,7 +860,8 @@ class MigrationService:
     async def _unfence(self, run: MigrationRun, src: Any) -> None:
         with contextlib.suppress(EscortError):
             await src.call(_resume_if_paused, src.conn, run.plan.vm_uuid, timeout=5.0)
-            await self._record({"kind": "fence", "run": run.id, "vm": run.plan.vm_name,
+            await self._record({"kind": "fence", "run": run.id, "admin": run.plan.admin,
+                                    "vm": run.plan.vm_name,
                                 "uuid": run.plan.vm_uuid, "host": run.plan.source, "action": "resume",
                                 "why": f"{run.plan.target} answered: it does not run the VM"})
 

@@ -165,3 +165,18 @@ def test_no_syslog_socket_is_not_an_error(tmp_path: Path, monkeypatch: pytest.Mo
     assert os.path.exists(tmp_path / "a.log")
 
 
+
+
+def test_trailing_lab_drill_is_a_warning_but_an_unsigned_action_is_not(tmp_path: Path) -> None:
+    """`escort lab fault` records drills without an admin's key: a trailing one is a warning
+    (audit.unsigned_drill); any other unsigned trailing entry still fails verify."""
+    path, fp = signed_log(tmp_path, 1)
+    with AuditLog(path) as log:
+        log.append({"kind": "drill", "lab": "t1", "fault": "kill-libvirtd", "host": "par-1"})
+    report = verify_file(path, admins={"alice": fp})
+    assert report.ok, report.problems
+    assert [w.code for w in report.warnings] == ["audit.unsigned_drill"]
+    with AuditLog(path) as log:
+        log.append({"kind": "fence", "admin": "alice", "vm": "web", "action": "pause"})
+    report = verify_file(path, admins={"alice": fp})
+    assert not report.ok and {p.code for p in report.problems} == {"audit.unsigned"}
