@@ -28,8 +28,6 @@ import base64
 import datetime as dt
 import hashlib
 import json
-import shutil
-import tempfile
 import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from console.adapters.files import atomic_write
+from console.adapters.files import atomic_write, replace_dir
 from console.core import grants as grants_mod
 from console.core import issuance as iss
 from console.core import policy as policy_mod
@@ -226,23 +224,9 @@ def generate(dest: Path, *, at: dt.datetime | None = None, seed: str | None = No
     """
     now = at or dt.datetime.now(dt.UTC)
     keys = _Keys(seed)
-    dest = dest.resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".demo-", dir=dest.parent))
-    try:
-        _write_fleet(work, dest, now, keys)
-        if dest.exists():
-            old = dest.with_name(dest.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            work.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return dest / "fleet.toml"
+    final = dest.resolve()
+    return replace_dir(final, lambda work: _write_fleet(work, final, now, keys),
+                       prefix=".demo-") / "fleet.toml"
 
 
 def _write_fleet(work: Path, final: Path, now: dt.datetime, keys: _Keys) -> None:

@@ -31,8 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import shutil
-import tempfile
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any
 
 import tomli_w
 
+from console.adapters.files import replace_dir
 from console.core import grants as grants_mod
 from console.core import issuance as iss
 from console.core import policy as policy_mod
@@ -83,23 +82,10 @@ def generate_scale(dest: Path, *, vms: int, hosts: int, at: dt.datetime | None =
         raise InputError(f"--vms must be 0..{MAX_VMS:,}, not {vms}")
     say = progress or (lambda _text: None)
     now = (at or dt.datetime.now(dt.UTC)).replace(microsecond=0)
-    dest = dest.resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".scale-", dir=dest.parent))
-    try:
+    def fill(work: Path) -> None:
         _write(work, now, vms, hosts, seed, max(1, owners), max(1, rules), say)
-        if dest.exists():
-            old = dest.with_name(dest.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            work.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return dest / "fleet.toml"
+
+    return replace_dir(dest, fill, prefix=".scale-") / "fleet.toml"
 
 
 def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_owners: int,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from console.core import pki
@@ -56,6 +58,29 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
 
 
 # --------------------------------------------------------------------------- trust directories
+
+def replace_dir(dest: str | os.PathLike[str], fill: Callable[[Path], None], *, prefix: str = ".new-") -> Path:
+    """Build a directory with ``fill(work)`` beside ``dest``, then swap it in: readers see
+    the old directory or the new one, never a half-written one; a failure leaves ``dest``
+    as it was. Returns ``dest`` (resolved)."""
+    final = Path(dest).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        fill(work)
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            work.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
 
 def load_trust_dir(
     path: str | os.PathLike[str],
