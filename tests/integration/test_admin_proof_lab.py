@@ -18,7 +18,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import tomli_w
@@ -81,8 +81,9 @@ def _escort(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=240, env=env, stdin=subprocess.DEVNULL)
 
 
-def test_mallory_without_the_key_is_refused_and_with_it_moves(lab: Lab, tmp_path: Path,
-                                                              agent: str) -> None:
+def _with_mallory(lab: Lab, tmp_path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """A fresh key for "mallory" (made by ssh-keygen, held by nobody yet) and the lab's
+    fleet document with mallory added as an admin: (key file, fingerprint, fleet doc)."""
     key = tmp_path / "mallory"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mallory", "-f", str(key)],
                    check=True)
@@ -90,6 +91,12 @@ def test_mallory_without_the_key_is_refused_and_with_it_moves(lab: Lab, tmp_path
                         check=True).stdout.split()[1]
     doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
     doc["admins"] = [*doc["admins"], {"id": "mallory", "ssh_key_fingerprint": fp}]
+    return key, fp, doc
+
+
+def test_mallory_without_the_key_is_refused_and_with_it_moves(lab: Lab, tmp_path: Path,
+                                                              agent: str) -> None:
+    key, fp, doc = _with_mallory(lab, tmp_path)
     grants = lab.dir / "mallory-grants"
     grants.mkdir(exist_ok=True)
     doc["grants"] = [*doc.get("grants", []), "mallory-grants"]
@@ -139,13 +146,7 @@ def test_mallory_without_the_key_is_refused_and_with_it_moves(lab: Lab, tmp_path
 def test_guard_remove_needs_the_admins_key(lab: Lab, tmp_path: Path, agent: str) -> None:
     """Removing a host's guard weakens enforcement: without the acting admin's key it is
     refused before anything changes on the host, and the refusal is audited."""
-    key = tmp_path / "mallory"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mallory", "-f", str(key)],
-                   check=True)
-    fp = subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True,
-                        check=True).stdout.split()[1]
-    doc = tomllib.loads(lab.fleet_file.read_text(encoding="utf-8"))
-    doc["admins"] = [*doc["admins"], {"id": "mallory", "ssh_key_fingerprint": fp}]
+    _key, _fp, doc = _with_mallory(lab, tmp_path)
     audit = tmp_path / "audit.log"
     doc["audit_log"] = str(audit)
     fleet = lab.dir / "fleet-mallory-guard.toml"
