@@ -94,6 +94,9 @@ async def migrate_from_console(pilot: Pilot[None], app: EscortApp, vm_uuid: str,
     go.press()
     await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
     dialog = app.screen
+    # the dialog takes focus right after it is pushed: wait for that (under load it is not
+    # instant), then check it is on Cancel
+    await wait_for(pilot, lambda: app.focused is not None, "the dialog's focus", seconds=10)
     focused = app.focused
     assert isinstance(focused, Button) and focused.id == "cancel"
     dialog.query_one("#dialog-typed", Input).value = VM
