@@ -17,18 +17,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
-import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from console.adapters.cache import OpenedCache
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.adapters.state import PolicyMemory, state_path
@@ -76,6 +74,9 @@ from console.core.policy import (
 from console.core.reasons import Reason
 from console.core.timekey import boundaries, time_key
 
+if TYPE_CHECKING:  # imported when used: a one-pair answer needs neither (~50 ms of imports)
+    from console.adapters.cache import OpenedCache
+
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
 #: A host certificate check (chain + attributes) costs about this many token checks.
@@ -103,6 +104,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
     tokens opened here.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     todo = list(dict.fromkeys(t.strip() for t in tokens if t and not verifier.is_open(t, typ)))
     n = workers if workers is not None else (os.cpu_count() or 1)
     if (n <= 1 or len(todo) < PARALLEL_MIN_TOKENS or threading.active_count() > 1
@@ -159,8 +163,14 @@ class FleetService:
     """A loaded fleet: hosts, VMs, trust stores, and decisions about them."""
 
     def __init__(self, spec: FleetSpec | None, *, path: str = "", readonly: bool = False,
-                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True) -> None:
+                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True,
+                 only_vm: str | None = None) -> None:
         self.spec = spec
+        #: a one-pair answer offline (``escort explain/targets --offline``): keep only the
+        #: VMs that ``only_vm`` (a UUID or name) can find -- exactly those ``_find_vm``
+        #: would look at, so it finds the same VM or raises the same error. Never with a
+        #: refresh (a host may report a VM under another name).
+        self._only_vm = only_vm
         #: eager: check every host chain and open every policy on load (the console shows
         #: them all); lazy: only what a question needs (``escort explain`` on a big fleet)
         self.eager = eager
@@ -224,13 +234,16 @@ class FleetService:
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
-                    at: dt.datetime | None = None, eager: bool = False) -> FleetService:
+                    at: dt.datetime | None = None, eager: bool = False,
+                    only_vm: str | None = None) -> FleetService:
         """Load for the CLI: the first unusable input is an InputError (exit 2).
 
         Lazy by default: ``escort explain`` checks one host chain and one policy, not
-        the whole fleet's.
+        the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
+        whole fleet file is still read and checked).
         """
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
+        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager,
+                      only_vm=only_vm)
         service._strict = True
         if service._fatal:
             first = service._fatal[0]
@@ -259,7 +272,11 @@ class FleetService:
         self._open_memory()
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
+        only = self._only_vm
+        keys = {only, only.lower()} if only is not None else set()
         for v in spec.vms:
+            if only is not None and v.uuid not in keys and v.name != only:
+                continue
             rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus,
                             policy_file=v.policy_file)
             if self.eager:
@@ -567,6 +584,8 @@ class FleetService:
         if not self.use_cache or os.environ.get("ESCORT_NO_CACHE"):
             return None
         if self._cache is None:
+            from console.adapters.cache import OpenedCache
+
             self._cache = OpenedCache()
         return self._cache
 
@@ -795,6 +814,8 @@ class FleetService:
         Domains reported by the host replace what the fleet file said about those VMs;
         VMs previously learned from this host and no longer on it are dropped.
         """
+        if self._only_vm is not None:
+            raise EscortError("a service loaded for one VM (only_vm) cannot take a refresh")
         view = self._hosts.get(host_name)
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
