@@ -21,20 +21,19 @@ MAX_INPUT_BYTES = 1024 * 1024  # certificates, CRLs, policies, grants, fleet fil
 
 def read_limited(path: str | os.PathLike[str], *, limit: int = MAX_INPUT_BYTES, what: str = "file") -> bytes:
     """Read a whole small file, or raise a one-line InputError."""
-    p = Path(path)
     try:
-        with open(path, "rb") as fh:  # no stat first: 10,000 policy files are read at start-up
+        with open(path, "rb") as fh:  # no stat (and no Path()) first: 10,000 policy files at start-up
             data = fh.read(limit + 1)
     except IsADirectoryError as exc:
-        raise InputError(f"{p}: is a directory, expected a {what}") from exc
+        raise InputError(f"{Path(path)}: is a directory, expected a {what}") from exc
     except FileNotFoundError as exc:
-        raise InputError(f"{p}: no such {what}") from exc
+        raise InputError(f"{Path(path)}: no such {what}") from exc
     except PermissionError as exc:
-        raise InputError(f"{p}: permission denied") from exc
+        raise InputError(f"{Path(path)}: permission denied") from exc
     except OSError as exc:
-        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+        raise InputError(f"{Path(path)}: cannot read ({exc.strerror or exc})") from exc
     if len(data) > limit:
-        raise InputError(f"{p}: larger than {limit // 1024} KiB, not a {what}")
+        raise InputError(f"{Path(path)}: larger than {limit // 1024} KiB, not a {what}")
     return data
 
 
