@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from console.core.errors import EscortError, InputError
+from console.core.errors import EscortError
 
 from . import certs, configs, guests, netns
 from .hosts import (
@@ -420,7 +420,8 @@ class Lab:
 
     def _policy_tokens(self) -> dict[str, str]:
         """UUID -> policy token of the lab's domains that carry an escort policy (from libvirt)."""
-        from console.core.policy import POLICY_NS, token_from_metadata_xml
+        from console.adapters.libvirt import _decode_policy  # what a refresh reads, exactly
+        from console.core.policy import POLICY_NS
 
         libvirt = _quiet_libvirt()
         out: dict[str, str] = {}
@@ -432,10 +433,7 @@ class Lab:
                         meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, POLICY_NS)
                     except libvirt.libvirtError:
                         continue
-                    try:
-                        out[dom.UUIDString()] = token_from_metadata_xml(meta)
-                    except InputError:
-                        out[dom.UUIDString()] = ""
+                    out[dom.UUIDString()] = _decode_policy(meta)
             finally:
                 conn.close()
         return out
