@@ -1,12 +1,13 @@
-"""Live migration in the lab: TLS vs plaintext in the same run, and the pre-flight's cost.
+"""Live migration in the lab: plaintext, TLS on one stream and TLS multifd in one run,
+the pre-flight's cost, and where the wall time of ``migrate3`` goes.
 
     sudo .venv/bin/python bench/bench_migration.py [--guest random|linux] [--rounds 3]
-                                                   [--memory 256] [--record]
+                                                   [--memory 256] [--channels 2,4]
+                                                   [--name bench] [--record]
 
-Starts its own lab (``bench``, in a temporary directory; torn down at the end),
-defines one guest and moves it
-back and forth between two hosts of different regions (through the jump host, as the
-console does). The guest is either
+Starts its own lab (``--name``, default ``bench``, in a temporary directory; torn down at
+the end), defines one guest and moves it back and forth between two hosts of different
+regions (through the jump host, as the console does). The guest is either
 
 * ``random`` (default): a BIOS-only guest whose RAM holds a blob of random
   (incompressible) bytes — nothing changes while it migrates; or
@@ -17,17 +18,23 @@ console does). The guest is either
   (Debian packages linux-image-cloud-amd64's kernel and busybox-static; nothing is
   installed) into /var/cache/escort-bench.
 
-Each round: each round one migration with QEMU native TLS through escort's
-MigrationService (pre-flight, audit, verify — the real path) and one *without* TLS
-issued directly with libvirt on the same connections.
+Each round, in an order that rotates from round to round (so a load change on the
+shared machine does not always hit the same mode):
 
-The plaintext migration exists here only, to measure what TLS costs; escort never
-offers it (``MigrationPlan`` cannot be built without TLS).
+* one move through escort's MigrationService — pre-flight, just-in-time checks, signed
+  audit entry, ``migrate3`` with escort's default channel count, verification: the
+  real path;
+* the same move issued directly with libvirt on the same (SSH-forwarded) connections,
+  once per mode: plaintext (benchmark only: escort never offers it), TLS on one stream,
+  and TLS multifd (``VIR_MIGRATE_PARALLEL``) with each ``--channels`` count.
 
-Reported per migration: libvirt's own elapsed time and downtime
-(``jobStats(COMPLETED)`` on the destination), the wall time of ``migrate3``, and for
-the TLS path the pre-flight time (what the console adds before anything starts).
-``--record`` appends the result to bench/RESULTS.md with the machine.
+Reported per mode: the wall time of ``migrate3``, libvirt's own elapsed time and
+downtime (``jobStats(COMPLETED)`` on the destination: from Begin, so it includes
+starting the destination QEMU), and libvirt's phases read from its client debug log
+(this process only): Begin, Prepare (the destination starts its QEMU), Perform (the
+memory copy), Finish (the destination resumes the VM), Confirm (the source stops its
+QEMU). Ratios are to plaintext in the same run. ``--record`` appends the result to
+bench/RESULTS.md with the machine.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import argparse
 import asyncio
 import datetime as dt
 import gzip
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,8 +61,14 @@ import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# libvirt's client library logs each migration phase (Begin3, Prepare3, ...) at debug level
+# from libvirt-domain.c: this process only, before libvirt is loaded.
+CLIENT_LOG = Path(tempfile.gettempdir()) / f"escort-bench-libvirt-{os.getpid()}.log"
+os.environ["LIBVIRT_LOG_OUTPUTS"] = f"1:file:{CLIENT_LOG}"
+os.environ["LIBVIRT_LOG_FILTERS"] = "1:libvirt.domain 4:*"
 from bench.machine import describe, record  # noqa: E402
 from console.adapters.audit import AuditLog  # noqa: E402
+from console.core import migration as mig  # noqa: E402
 from console.core.grants import AdminRef, build_grant_payload, sign_grant  # noqa: E402
 from console.lab import Lab  # noqa: E402
 from console.services.fleet import FleetService  # noqa: E402
@@ -159,8 +174,44 @@ def _fleet_with_grant(lab: Lab, vm_uuid: str) -> Path:
     return path
 
 
-async def _plain(svc: MigrationService, uuid: str, source: str, target: str) -> dict[str, float]:
-    """The same migration without TLS (benchmark only), on the service's connections."""
+_PHASE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\+0000: \d+: debug : "
+                    r"virDomainMigrateVersion3Full:\d+ : (Begin3|Prepare3|Perform3|Finish3|Confirm3) ")
+
+
+def _phases(offset: int, wall: float) -> dict[str, float]:
+    """libvirt's phases of the one migrate3 logged after ``offset`` (seconds each); the
+    last (Confirm) ends where migrate3 returned: Begin3 is logged as the call starts."""
+    try:
+        with CLIENT_LOG.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return {}
+    seen: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _PHASE.match(line)
+        if m:
+            when = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.UTC)
+            seen.setdefault(m.group(2), when.timestamp())
+    order = ["Begin3", "Prepare3", "Perform3", "Finish3", "Confirm3"]
+    if any(k not in seen for k in order):
+        return {}
+    marks = [seen[k] for k in order] + [seen["Begin3"] + wall]
+    return {name: max(0.0, marks[i + 1] - marks[i]) for i, name in
+            enumerate(("begin", "prepare", "perform", "finish", "confirm"))}
+
+
+def _log_offset() -> int:
+    try:
+        return CLIENT_LOG.stat().st_size
+    except OSError:
+        return 0
+
+
+async def _direct(svc: MigrationService, uuid: str, source: str, target: str, *, tls: bool,
+                  channels: int) -> dict[str, float]:
+    """One migration issued directly with libvirt on the service's connections (no escort
+    checks, no polling): plaintext (benchmark only), or TLS with 1..n channels."""
     import libvirt
 
     src = await svc.inventory.libvirt(source)
@@ -169,19 +220,55 @@ async def _plain(svc: MigrationService, uuid: str, source: str, target: str) -> 
     spec = svc.inventory.spec(target)
     flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
              | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
-    params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{spec.migration_address}"}
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{spec.migration_address}"}
+    if tls:
+        flags |= libvirt.VIR_MIGRATE_TLS
+        params[libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION] = target
+    if channels > 1:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = channels
+    offset = _log_offset()
     t0 = time.perf_counter()
     new_dom, err = await asyncio.get_running_loop().run_in_executor(None, _migrate3, dom, dst.conn,
                                                                     params, flags)
     wall = time.perf_counter() - t0
     if new_dom is None:
-        raise SystemExit(f"plaintext migration failed: {err}")
+        raise SystemExit(f"{'TLS' if tls else 'plaintext'} migration ({channels} channel(s)) failed: {err}")
     done = await dst.call(new_dom.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     return {"wall": wall, "libvirt": done.get("time_elapsed", 0) / 1000.0,
-            "downtime_ms": float(done.get("downtime", 0)), "passes": float(done.get("memory_iteration", 0))}
+            "downtime_ms": float(done.get("downtime", 0)), "passes": float(done.get("memory_iteration", 0)),
+            **_phases(offset, wall)}
 
 
-async def _run(lab: Lab, memory: int, rounds: int, guest: str) -> dict[str, Any]:
+def _modes(channels: list[int]) -> list[tuple[str, bool, int]]:
+    return [("plaintext", False, 1), ("TLS, one stream", True, 1),
+            *((f"TLS multifd, {n} channels", True, n) for n in channels)]
+
+
+async def _escort_move(svc: MigrationService, lab: Lab, here: str, there: str) -> dict[str, float]:
+    pf = await svc.preflight("bench-vm", there, ADMIN)
+    if not pf.ok:
+        raise SystemExit(f"pre-flight refused: {[r.message for r in pf.reasons]}")
+    offset = _log_offset()
+    t0 = time.perf_counter()
+    run = await svc.start(pf)
+    result = await run.wait()
+    t_end = time.perf_counter()
+    if result.outcome.result != "success":
+        log = lab.dir / "bench-vm-serial.log"
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        raise SystemExit(f"TLS migration failed: {result.outcome.message}\n{tail}")
+    timings = result.outcome.timings
+    phases = _phases(offset, timings["migrate"])
+    row = {"wall": timings["migrate"], "libvirt": result.progress.elapsed_s,
+           "downtime_ms": float(result.outcome.downtime_ms or 0), "passes": float(result.progress.iteration),
+           "preflight": pf.elapsed_s, "end_to_end": t_end - t0 + pf.elapsed_s,
+           # escort's own time in the run: start() to the outcome, minus migrate3 itself
+           "own": (t_end - t0) - timings["migrate"], **phases}
+    return row
+
+
+async def _run(lab: Lab, memory: int, rounds: int, guest: str, channels: list[int]) -> dict[str, Any]:
     if guest == "linux":
         uuid = define_linux_guest(lab, A, "bench-vm", memory)
     else:
@@ -193,73 +280,78 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str) -> dict[str, Any]
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
     audit = AuditLog(lab.dir / "bench-audit.log")
     svc = MigrationService(fleet, inventory, audit=audit)
-    tls: list[dict[str, float]] = []
-    plain: list[dict[str, float]] = []
+    modes = _modes(channels)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in modes}
+    rows["escort"] = []
     preflights: list[float] = []
     here = A
     try:
+        # one warm-up pre-flight (cold SSH and libvirt connections): reported apart
+        cold = await svc.preflight("bench-vm", B, ADMIN)
         for i in range(rounds):
-            there = B if here == A else A
-            # TLS, through the real path (pre-flight, audit, migrate3, verify)
-            pf = await svc.preflight("bench-vm", there, ADMIN)
-            if not pf.ok:
-                raise SystemExit(f"pre-flight refused: {[r.message for r in pf.reasons]}")
-            preflights.append(pf.elapsed_s)
-            t0 = time.perf_counter()
-            run = await svc.start(pf)
-            result = await run.wait()
-            if result.outcome.result != "success":
-                log = lab.dir / "bench-vm-serial.log"
-                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-                raise SystemExit(f"TLS migration failed: {result.outcome.message}\n{tail}")
-            tls.append({"wall": result.outcome.timings["migrate"], "libvirt": result.progress.elapsed_s,
-                        "downtime_ms": float(result.outcome.downtime_ms or 0),
-                        "end_to_end": time.perf_counter() - t0 + pf.elapsed_s,
-                        "passes": float(result.progress.iteration)})
-            print(f"round {i + 1}: TLS   {here}->{there} {tls[-1]['libvirt']:.2f} s "
-                  f"(downtime {tls[-1]['downtime_ms']:.0f} ms, pre-flight {pf.elapsed_s * 1000:.0f} ms)",
-                  flush=True)
-            # the same move back, without TLS
-            p = await _plain(svc, uuid, there, here)
-            plain.append(p)
-            print(f"round {i + 1}: plain {there}->{here} {p['libvirt']:.2f} s "
-                  f"(downtime {p['downtime_ms']:.0f} ms)", flush=True)
-            for name, r in (await inventory.refresh([here, there])).items():
-                fleet.apply_facts(name, r.facts, r.problem)
+            steps: list[Any] = ["escort", *modes]
+            k = i % len(steps)
+            for step in steps[k:] + steps[:k]:
+                there = B if here == A else A
+                if step == "escort":
+                    row = await _escort_move(svc, lab, here, there)
+                    preflights.append(row["preflight"])
+                    rows["escort"].append(row)
+                    label = f"escort (TLS, {max(svc.channels, 1)} channel(s))"
+                else:
+                    label, tls, n = step
+                    row = await _direct(svc, uuid, here, there, tls=tls, channels=n)
+                    rows[label].append(row)
+                print(f"round {i + 1}: {label:32} {here}->{there} wall {row['wall']:.2f} s, "
+                      f"libvirt {row['libvirt']:.2f} s, copy {row.get('perform', 0):.2f} s, "
+                      f"downtime {row['downtime_ms']:.0f} ms", flush=True)
+                here = there
+                for name, r in (await inventory.refresh([A, B])).items():
+                    fleet.apply_facts(name, r.facts, r.problem)
     finally:
         await svc.close()
         await inventory.close()
         audit.close()
-    return {"tls": tls, "plain": plain, "preflight": preflights}
+    return {"rows": rows, "modes": [m[0] for m in modes], "preflight": preflights,
+            "preflight_cold": cold.elapsed_s, "escort_channels": max(svc.channels, 1)}
 
 
-def _summary(memory: int, rounds: int, res: dict[str, Any], guest: str) -> str:
+def _summary(memory: int, rounds: int, res: dict[str, Any], guest: str, load_before: str) -> str:
     def med(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
+        vals = [r[key] for r in rows if key in r]
+        return statistics.median(vals) if vals else float("nan")
 
-    tls_t, plain_t = med(res["tls"], "libvirt"), med(res["plain"], "libvirt")
+    rows = res["rows"]
+    plain = rows["plaintext"]
     what = (f"{memory} MiB Linux guest dirtying memory (64 MiB random + a 16 MiB hot set rewritten),"
             if guest == "linux" else f"{memory} MiB guest ({memory - 32} MiB random),")
-    pf = res["preflight"]
     lines = [
-        f"#### {what} {rounds} round(s), "
-        f"{A} <-> {B} ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)",
-        f"Machine: {describe()}",
+        f"#### {what} {rounds} round(s), {A} <-> {B} ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)",
+        f"Machine: {describe()}; load average at the start {load_before}",
         "",
-        "| | median migration (libvirt elapsed) | median wall of migrate3 | median downtime "
-        "| median passes |",
-        "|---|---|---|---|---|",
-        f"| TLS (escort) | {tls_t:.2f} s | {med(res['tls'], 'wall'):.2f} s | "
-        f"{med(res['tls'], 'downtime_ms'):.0f} ms | {med(res['tls'], 'passes'):.0f} |",
-        f"| plaintext (benchmark only) | {plain_t:.2f} s | {med(res['plain'], 'wall'):.2f} s | "
-        f"{med(res['plain'], 'downtime_ms'):.0f} ms | {med(res['plain'], 'passes'):.0f} |",
+        "| mode (medians) | wall of migrate3 | libvirt elapsed | Prepare (dest QEMU start) | Perform (copy) "
+        "| Confirm (source QEMU stop) | downtime | wall / plain | copy / plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in [*res["modes"], "escort"]:
+        r = rows[name]
+        label = (f"escort's path (TLS, {res['escort_channels']} channel(s); checks, audit, verify)"
+                 if name == "escort" else name)
+        lines.append(
+            f"| {label} | {med(r, 'wall'):.2f} s | {med(r, 'libvirt'):.2f} s | {med(r, 'prepare'):.2f} s | "
+            f"{med(r, 'perform'):.2f} s | {med(r, 'confirm'):.2f} s | {med(r, 'downtime_ms'):.0f} ms | "
+            f"{med(r, 'wall') / med(plain, 'wall'):.2f}x | "
+            f"{med(r, 'perform') / med(plain, 'perform'):.2f}x |")
+    pf = res["preflight"]
+    esc = rows["escort"]
+    lines += [
         "",
-        f"TLS / plaintext: **{tls_t / plain_t:.2f}x** "
-        f"({memory / tls_t:.0f} vs {memory / plain_t:.0f} MiB/s of guest RAM).",
-        f"Pre-flight (refresh both hosts over SSH, decision, read and pin the target certificate): "
-        f"first {pf[0] * 1000:.0f} ms, then median {statistics.median(pf[1:] or pf) * 1000:.0f} ms; "
-        f"end to end for a TLS move (pre-flight + audit + migrate + verify) median "
-        f"{med(res['tls'], 'end_to_end'):.2f} s.",
+        f"Pre-flight (refresh both hosts, decision, read the certificate the target presents): cold "
+        f"{res['preflight_cold'] * 1000:.0f} ms, then median {statistics.median(pf) * 1000:.0f} ms "
+        f"(all: {', '.join(f'{x * 1000:.0f}' for x in pf)} ms). escort's own time around migrate3 "
+        f"(start(): proof, just-in-time re-reads, signed audit entry; then verification and the "
+        f"outcome entry) median {med(esc, 'own') * 1000:.0f} ms; end to end (pre-flight + all that + "
+        f"migrate3) median {med(esc, 'end_to_end'):.2f} s.",
         "",
     ]
     return "\n".join(lines)
@@ -271,19 +363,26 @@ def main() -> None:
                     help="random: BIOS guest with random RAM; linux: a tiny Linux that dirties memory")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (>= 64)")
+    ap.add_argument("--channels", default="2,4", help="multifd channel counts to measure (comma-separated)")
+    ap.add_argument("--name", default="bench", help="lab name (distinct from other labs on the machine)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     args = ap.parse_args()
     if args.memory < 64:
         raise SystemExit("--memory must be at least 64")
     with tempfile.TemporaryDirectory(prefix="escort-bench-") as tmp:
-        lab = Lab(Path(tmp) / "lab", "bench")
+        load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        channels = [int(c) for c in args.channels.split(",") if c.strip()]
+        if any(c < 2 or c > mig.MAX_CHANNELS for c in channels):
+            raise SystemExit(f"--channels: each count must be 2..{mig.MAX_CHANNELS}")
+        lab = Lab(Path(tmp) / "lab", args.name)
         up = lab.up()
         print(f"lab up in {up.seconds:.1f} s", flush=True)
         try:
-            res = asyncio.run(_run(lab, args.memory, args.rounds, args.guest))
+            res = asyncio.run(_run(lab, args.memory, args.rounds, args.guest, channels))
         finally:
             lab.down()
-    text = _summary(args.memory, args.rounds, res, args.guest)
+            CLIENT_LOG.unlink(missing_ok=True)
+    text = _summary(args.memory, args.rounds, res, args.guest, load_before)
     print(text)
     if args.record:
         record(text)

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copyreg
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
+import pickle
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from console.core.envelope import Portable, token_digest
 from console.core.errors import InputError
@@ -187,4 +192,149 @@ class OpenedCache:
         self._new = 0
 
 
-__all__ = ["OpenedCache", "cache_dir", "code_digest"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole-fleet snapshot: every verified result of one start-up check, in one file per fleet.
+# ---------------------------------------------------------------------------------------------
+
+SNAPSHOT_FORMAT = 1
+_MAGIC = b"escort-snapshot"
+#: modules whose classes a snapshot may contain (escort's own pure core) and the few
+#: standard ones; anything else in a file means it is not ours: ignored, rebuilt
+_ALLOWED_PREFIXES = ("console.core.",)
+_ALLOWED = {("builtins", "frozenset"), ("builtins", "set"), ("datetime", "datetime"),
+            ("datetime", "timezone"), ("datetime", "timedelta"),
+            (__name__, "load_der_cert")}
+
+
+def load_der_cert(der: bytes) -> x509.Certificate:
+    """A certificate stored in a snapshot (as DER; cryptography objects do not pickle)."""
+    return x509.load_der_x509_certificate(der)
+
+
+def _cert_reduce(cert: x509.Certificate) -> tuple[object, tuple[bytes]]:
+    return load_der_cert, (cert.public_bytes(serialization.Encoding.DER),)
+
+
+_DISPATCH: dict[type, Any] = {**copyreg.dispatch_table, x509.Certificate: _cert_reduce}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds only escort's own core types (and the few listed): a snapshot can hold data,
+    never code — a class outside the list makes the file unusable (ignored)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (module.startswith(_ALLOWED_PREFIXES) and not name.startswith("_")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a snapshot")
+
+
+class FleetSnapshot:
+    """The verified results of one fleet's last full check, reused only for exactly the same inputs.
+
+    The caller (services/fleet.py) names the inputs: ``key`` is a SHA-256 over escort's
+    core code, every host's and VM's entry, every policy token, host certificate, trust
+    directory file (CA certificates and CRLs) and the policy memory, byte for byte. A
+    snapshot is used only under the same key, so any change to any of them means a full
+    check (which writes a new snapshot). Time is checked by the caller too: the snapshot
+    holds every instant its results depend on and is used only while no such instant
+    lies between the time it was computed for and now (core/timekey.py).
+
+    One file per fleet file (its name hashes the fleet file's absolute path): one read.
+    Its header carries the key and a SHA-256 of the body; a body that does not match is
+    corrupt and ignored; unpickling accepts escort's core classes only. Same ownership
+    rules, atomic writes and "no cache, one notice" as ``OpenedCache``.
+    """
+
+    def __init__(self, fleet_path: str | os.PathLike[str], directory: Path | None = None) -> None:
+        self.dir = directory or cache_dir()
+        scope = f"{Path(fleet_path).resolve()}\n{code_digest()}"
+        self.path = self.dir / f"fleet-{hashlib.sha256(scope.encode()).hexdigest()[:32]}.snapshot"
+        self.notice = ""
+        self.why_not = ""  # why the last load found nothing usable (for tests and the bench)
+
+    def load(self, key: str) -> Any | None:
+        """The snapshot stored under ``key``, or None (absent, other key, corrupt, foreign)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self.why_not = "absent"
+            return None
+        except OSError as exc:
+            self.why_not = f"unreadable ({exc.strerror or exc})"
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                    or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size > MAX_BYTES):
+                self.why_not = "foreign"
+                return None
+            data = fh.read(MAX_BYTES + 1)
+        head, sep, body = data.partition(b"\n")
+        fields = head.split(b" ")
+        if not sep or len(fields) != 4 or fields[0] != _MAGIC or fields[1] != str(SNAPSHOT_FORMAT).encode():
+            self.why_not = "not a snapshot"
+            return None
+        if fields[2] != key.encode():
+            self.why_not = "inputs changed"
+            return None
+        if fields[3] != hashlib.sha256(body).hexdigest().encode():
+            self.why_not = "corrupt"
+            return None
+        try:
+            return _Unpickler(io.BytesIO(body)).load()
+        except Exception:  # any failure to rebuild means: not usable, recompute
+            self.why_not = "corrupt"
+            return None
+
+    @staticmethod
+    def dumps(obj: object) -> bytes:
+        """``obj`` pickled as a snapshot stores it (certificates as DER)."""
+        buf = io.BytesIO()
+        pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = _DISPATCH
+        pickler.dump(obj)
+        return buf.getvalue()
+
+    @staticmethod
+    def loads(blob: bytes | memoryview) -> Any | None:
+        """A part of a snapshot stored with ``dumps``; None when it cannot be rebuilt."""
+        try:
+            return _Unpickler(io.BytesIO(blob)).load()
+        except Exception:  # not usable: the caller checks anew
+            return None
+
+    def save(self, key: str, state: object) -> None:
+        """Replace the snapshot (atomically); on failure, no cache (``notice``)."""
+        if self.notice:
+            return
+        try:
+            body = self.dumps(state)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            self.notice = f"no cache of verified results: cannot store them ({exc})"
+            return
+        head = b" ".join([_MAGIC, str(SNAPSHOT_FORMAT).encode(), key.encode(),
+                          hashlib.sha256(body).hexdigest().encode()])
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".fleet-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(head + b"\n" + body)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            self.notice = f"no cache of verified results: {self.dir}: {exc.strerror or exc}"
+
+
+def digest_parts(parts: Iterable[bytes | str]) -> str:
+    """SHA-256 over ``parts``, each length-prefixed (no two different lists hash alike)."""
+    data = [p.encode() if isinstance(p, str) else p for p in parts]
+    return hashlib.sha256(b"".join(b"%d:%s" % (len(b), b) for b in data)).hexdigest()
+
+
+__all__ = ["FleetSnapshot", "OpenedCache", "cache_dir", "code_digest", "digest_parts"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,25 +21,26 @@ MAX_INPUT_BYTES = 1024 * 1024  # certificates, CRLs, policies, grants, fleet fil
 
 def read_limited(path: str | os.PathLike[str], *, limit: int = MAX_INPUT_BYTES, what: str = "file") -> bytes:
     """Read a whole small file, or raise a one-line InputError."""
-    p = Path(path)
     try:
-        with open(path, "rb") as fh:  # no stat first: 10,000 policy files are read at start-up
+        with open(path, "rb") as fh:  # no stat (and no Path()) first: 10,000 policy files at start-up
             data = fh.read(limit + 1)
     except IsADirectoryError as exc:
-        raise InputError(f"{p}: is a directory, expected a {what}") from exc
+        raise InputError(f"{Path(path)}: is a directory, expected a {what}") from exc
     except FileNotFoundError as exc:
-        raise InputError(f"{p}: no such {what}") from exc
+        raise InputError(f"{Path(path)}: no such {what}") from exc
     except PermissionError as exc:
-        raise InputError(f"{p}: permission denied") from exc
+        raise InputError(f"{Path(path)}: permission denied") from exc
     except OSError as exc:
-        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+        raise InputError(f"{Path(path)}: cannot read ({exc.strerror or exc})") from exc
     if len(data) > limit:
-        raise InputError(f"{p}: larger than {limit // 1024} KiB, not a {what}")
+        raise InputError(f"{Path(path)}: larger than {limit // 1024} KiB, not a {what}")
     return data
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` so that readers see the old file or the new one, never half of it."""
+    import tempfile  # writers only: readers (escort explain) need not import it
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
@@ -63,6 +62,9 @@ def replace_dir(dest: str | os.PathLike[str], fill: Callable[[Path], None], *, p
     """Build a directory with ``fill(work)`` beside ``dest``, then swap it in: readers see
     the old directory or the new one, never a half-written one; a failure leaves ``dest``
     as it was. Returns ``dest`` (resolved)."""
+    import shutil
+    import tempfile
+
     final = Path(dest).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))

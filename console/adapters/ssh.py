@@ -34,6 +34,7 @@ import getpass
 import os
 import shlex
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,12 @@ class SshPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._local_user = getpass.getuser()
         self.connects = 0  # connections opened (tests and the benchmark read it)
+        #: per connection: its SFTP client (a task starting it), or None when the host has no
+        #: SFTP subsystem (then files are read with ``head -c`` over exec, as before)
+        self._sftp: weakref.WeakKeyDictionary[
+            asyncssh.SSHClientConnection, asyncio.Task[asyncssh.SFTPClient | None]
+        ] = weakref.WeakKeyDictionary()
+        self.sftp_reads = 0  # files read over SFTP (tests read it)
 
     # -- known_hosts ---------------------------------------------------------------
     def _read_known_hosts(self) -> asyncssh.SSHKnownHosts:
@@ -727,22 +734,62 @@ class SshPool:
     async def read_file(
         self, ssh: str, path: str, *, jump: str = "", name: str = "", limit: int = MAX_READ_BYTES
     ) -> bytes:
-        """Read a small remote file with ``head -c`` (works without an SFTP subsystem).
+        """Read a small remote file: over the connection's SFTP session when the host offers
+        one, else with ``head -c`` over exec (works without an SFTP subsystem).
 
-        Bounded: a device file or a huge file gives one clear line, not a memory spike.
+        SFTP first because an exec starts a session and a process on the host for every
+        read: measured in the lab, ~150-400 ms per read against a few ms for an SFTP read
+        on the session kept open with the pooled connection. Both ways are bounded: a
+        device file or a huge file gives one clear line, not a memory spike.
         """
         label = name or ssh
-        command = f"head -c {limit + 1} -- {shlex.quote(path)}"
-        try:
-            data = await self.run(ssh, command, jump=jump, name=label)
-        except HostProblem as exc:
-            if exc.code != READ_FAILED:
-                raise
-            msg = str(exc).split(" failed: ", 1)[-1]
-            raise HostProblem(READ_FAILED, f"{label}: cannot read {path}: {msg}") from exc
+        data = await self._read_sftp(ssh, path, jump=jump, label=label, limit=limit)
+        if data is None:
+            command = f"head -c {limit + 1} -- {shlex.quote(path)}"
+            try:
+                data = await self.run(ssh, command, jump=jump, name=label)
+            except HostProblem as exc:
+                if exc.code != READ_FAILED:
+                    raise
+                msg = str(exc).split(" failed: ", 1)[-1]
+                raise HostProblem(READ_FAILED, f"{label}: cannot read {path}: {msg}") from exc
         if len(data) > limit:
             raise HostProblem(READ_FAILED, f"{label}: {path} is larger than {limit // 1024} KiB")
         return data
+
+    async def _read_sftp(
+        self, ssh: str, path: str, *, jump: str, label: str, limit: int
+    ) -> bytes | None:
+        """The file's first ``limit + 1`` bytes over SFTP; None: use exec instead (no SFTP
+        subsystem, or the SFTP session broke — exec then reconnects like any command)."""
+        conn = await self.connect(ssh, jump, name=label)
+        task = self._sftp.get(conn)
+        if task is None:
+            task = asyncio.ensure_future(self._start_sftp(conn))
+            self._sftp[conn] = task
+        sftp = await asyncio.shield(task)
+        if sftp is None:
+            return None
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                async with sftp.open(path, "rb") as fh:
+                    data = await fh.read(limit + 1)
+        except asyncssh.SFTPError as exc:  # the host answered: no such file, permission...
+            raise HostProblem(READ_FAILED, f"{label}: cannot read {path}: {exc.reason}") from exc
+        except TimeoutError as exc:
+            raise HostProblem(TIMED_OUT, f"{label}: reading {path} timed out") from exc
+        except (asyncssh.Error, OSError):
+            self._sftp.pop(conn, None)  # a broken session: next time start a new one
+            return None
+        self.sftp_reads += 1
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    async def _start_sftp(self, conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient | None:
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                return await conn.start_sftp_client()
+        except (asyncssh.Error, OSError, TimeoutError):
+            return None
 
     # -- accepting a key deliberately -------------------------------------------------
     async def accept_host_key(

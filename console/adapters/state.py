@@ -55,8 +55,10 @@ class PolicyMemory:
         self.path = path
         self.problem = ""  # why the file could not be read ("" = fine); then nothing is written
         self.seen: dict[str, SeenPolicy] = {}
+        #: the file's bytes that ``seen`` was read from or last written as (b"" = no file)
+        self.raw = b""
         try:
-            self.seen = _read(path)
+            self.seen, self.raw = _read(path)
         except InputError as exc:
             self.problem = str(exc)
 
@@ -81,7 +83,7 @@ class PolicyMemory:
             return
         with self._locked():
             try:
-                merged = _read(self.path)
+                merged, self.raw = _read(self.path)
             except InputError as exc:
                 self.problem = str(exc)
                 return
@@ -93,8 +95,9 @@ class PolicyMemory:
                     changed = True
             if changed:
                 body = {"version": STATE_VERSION, "vms": {u: _entry(p) for u, p in sorted(merged.items())}}
-                atomic_write(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode(),
-                             mode=0o600)
+                raw = (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+                atomic_write(self.path, raw, mode=0o600)
+                self.raw = raw
             self.seen = merged
 
 
@@ -102,9 +105,20 @@ def _entry(p: SeenPolicy) -> dict[str, object]:
     return {"owner": p.owner, "owner_label": p.owner_label, "seq": p.seq, "digest": p.digest}
 
 
-def _read(path: Path) -> dict[str, SeenPolicy]:
+def read_raw(path: Path) -> bytes:
+    """The memory file's bytes as they are now (b"" when there is none), not parsed."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        return f"?unreadable {exc}".encode()  # never equal to a file's content that was parsed
+
+
+def _read(path: Path) -> tuple[dict[str, SeenPolicy], bytes]:
     if not path.exists():
-        return {}
+        return {}, b""
     data = read_limited(path, limit=MAX_STATE_BYTES, what="escort state file")
     try:
         body = strictjson.loads(data)
@@ -120,7 +134,7 @@ def _read(path: Path) -> dict[str, SeenPolicy]:
                 and isinstance(e.get("seq"), int) and not isinstance(e.get("seq"), bool)):
             raise InputError(f"{path}: damaged entry for VM {uuid}")
         out[uuid] = SeenPolicy(e["owner"], e["owner_label"], e["seq"], e["digest"])
-    return out
+    return out, data
 
 
-__all__ = ["PolicyMemory", "state_dir", "state_path"]
+__all__ = ["PolicyMemory", "read_raw", "state_dir", "state_path"]

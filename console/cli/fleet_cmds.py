@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from console.adapters import files
-from console.cli.pki_cmds import parse_time
+from console.cli.attime import parse_time
 from console.core import envelope as env
 from console.core import grants as gr
 from console.core import issuance as iss
@@ -73,14 +73,15 @@ def _live_opts(fn: Any) -> Any:
                         help="Do not reach the hosts: use only the fleet file and local certificates.")(fn)
 
 
-def _load_live(path: str, at: dt.datetime | None, offline: bool) -> FleetService:
+def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> FleetService:
     """The fleet, with every host's VMs and certificate read live unless ``offline``.
 
     VMs of lab and real fleets live in libvirt, not in the fleet file, so a question
     about them needs one refresh (concurrent, bounded; a host that cannot be reached
-    becomes a reason on that host, never an error).
+    becomes a reason on that host, never an error). Offline, only ``vm``'s records are
+    kept (the whole fleet file is still checked).
     """
-    service = FleetService.load_strict(path, at=at)
+    service = FleetService.load_strict(path, at=at, only_vm=vm if offline else None)
     if not offline and service.spec is not None and service.spec.hosts:
         import asyncio
 
@@ -114,7 +115,7 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     Exit 4 when the VM was not found and some hosts could not be reached (it may be on one).
     """
     at = parse_time(at_text)
-    service = _load_live(_fleet_path(ctx, fleet), at, offline)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     d = service.explain(vm, host, admin, at, emergency=emergency)
     if as_json:
         click.echo(json.dumps(d.as_json(), indent=2))
@@ -137,7 +138,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     VM was not found and some hosts could not be reached (it may be on one of them).
     """
     at = parse_time(at_text)
-    service = _load_live(_fleet_path(ctx, fleet), at, offline)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     decisions = service.targets(vm, admin, at)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]

@@ -31,9 +31,15 @@ MIGRATE_PEER2PEER = 2
 MIGRATE_PERSIST_DEST = 8
 MIGRATE_UNDEFINE_SOURCE = 16
 MIGRATE_TLS = 65536
+MIGRATE_PARALLEL = 131072  # multifd: the memory stream over several TLS connections
 PARAM_URI = "migrate_uri"
 PARAM_TLS_DESTINATION = "tls.destination"
 PARAM_BANDWIDTH = "bandwidth"  # MiB/s
+PARAM_PARALLEL_CONNECTIONS = "parallel.connections"
+#: multifd channels escort asks for by default (0 or 1 = one stream). See docs/MIGRATION.md
+#: "TLS: one stream or several" for the measurements and the GnuTLS re-keying report.
+DEFAULT_CHANNELS = 0
+MAX_CHANNELS = 255  # QEMU's multifd-channels is 1..255
 JOB_NONE, JOB_BOUNDED, JOB_UNBOUNDED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED = range(6)
 
 #: escort's one flag set: live, encrypted, persistent on the target, gone from the source.
@@ -271,10 +277,15 @@ class MigrationPlan:
     grant_id: str = ""
     bandwidth_mib_s: int = 0  # 0 = unlimited
     flags: int = MIGRATION_FLAGS
+    channels: int = 0  # multifd TLS connections (VIR_MIGRATE_PARALLEL); 0 or 1 = one stream
 
     def __post_init__(self) -> None:
         if not self.flags & MIGRATE_TLS:
             raise ValueError("escort never migrates without TLS")
+        if not 0 <= self.channels <= MAX_CHANNELS:
+            raise ValueError(f"channels must be 0..{MAX_CHANNELS}")
+        if self.channels > 1:
+            object.__setattr__(self, "flags", self.flags | MIGRATE_PARALLEL)
         if not self.tls_name:
             raise ValueError("a migration plan needs the TLS name from the checked certificate")
         if not self.migration_uri.startswith("tcp://"):
@@ -285,11 +296,14 @@ class MigrationPlan:
         out: dict[str, Any] = {PARAM_URI: self.migration_uri, PARAM_TLS_DESTINATION: self.tls_name}
         if self.bandwidth_mib_s:
             out[PARAM_BANDWIDTH] = int(self.bandwidth_mib_s)
+        if self.flags & MIGRATE_PARALLEL:
+            out[PARAM_PARALLEL_CONNECTIONS] = int(max(self.channels, 2))
         return out
 
     def flag_names(self) -> list[str]:
         names = {MIGRATE_LIVE: "LIVE", MIGRATE_PEER2PEER: "PEER2PEER", MIGRATE_TLS: "TLS",
-                 MIGRATE_PERSIST_DEST: "PERSIST_DEST", MIGRATE_UNDEFINE_SOURCE: "UNDEFINE_SOURCE"}
+                 MIGRATE_PERSIST_DEST: "PERSIST_DEST", MIGRATE_UNDEFINE_SOURCE: "UNDEFINE_SOURCE",
+                 MIGRATE_PARALLEL: "PARALLEL"}
         return [n for bit, n in sorted(names.items()) if self.flags & bit]
 
     def as_json(self) -> dict[str, Any]:
@@ -297,7 +311,7 @@ class MigrationPlan:
                 "tls_name": self.tls_name, "uri": self.migration_uri, "flags": self.flag_names(),
                 "target_cert_sha256": self.cert_fingerprint, "admin": self.admin,
                 "policy_hash": self.policy_hash, "grant_id": self.grant_id,
-                "bandwidth_mib_s": self.bandwidth_mib_s}
+                "bandwidth_mib_s": self.bandwidth_mib_s, "channels": max(self.channels, 1)}
 
 
 def migration_uri(address: str, port: int = 0) -> str:

@@ -17,21 +17,19 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
-import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from console.adapters.cache import OpenedCache
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
-from console.adapters.state import PolicyMemory, state_path
+from console.adapters.state import PolicyMemory, read_raw, state_path
 from console.core import pki
 from console.core.decisions import (
     Decision,
@@ -76,6 +74,9 @@ from console.core.policy import (
 from console.core.reasons import Reason
 from console.core.timekey import boundaries, time_key
 
+if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30-50 ms of imports)
+    from console.adapters.cache import FleetSnapshot, OpenedCache
+
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
 #: A host certificate check (chain + attributes) costs about this many token checks.
@@ -103,6 +104,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
     tokens opened here.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     todo = list(dict.fromkeys(t.strip() for t in tokens if t and not verifier.is_open(t, typ)))
     n = workers if workers is not None else (os.cpu_count() or 1)
     if (n <= 1 or len(todo) < PARALLEL_MIN_TOKENS or threading.active_count() > 1
@@ -129,6 +133,14 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
                 verifier.adopt(token, typ, portable)
     gc.unfreeze()
     return len(todo)
+
+
+def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
+    """What a VM's row shows of its policy: owner, summary, problems (one function, so a row
+    from a snapshot and a row checked now say the same)."""
+    pol = pr.policy
+    return (pr.owner.label() if pr.owner else (pol.owner if pol else ""),
+            pol.summary() if pol else "no valid policy", pr.reasons)
 
 
 def _now() -> dt.datetime:
@@ -159,8 +171,14 @@ class FleetService:
     """A loaded fleet: hosts, VMs, trust stores, and decisions about them."""
 
     def __init__(self, spec: FleetSpec | None, *, path: str = "", readonly: bool = False,
-                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True) -> None:
+                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True,
+                 only_vm: str | None = None) -> None:
         self.spec = spec
+        #: a one-pair answer offline (``escort explain/targets --offline``): keep only the
+        #: VMs that ``only_vm`` (a UUID or name) can find -- exactly those ``_find_vm``
+        #: would look at, so it finds the same VM or raises the same error. Never with a
+        #: refresh (a host may report a VM under another name).
+        self._only_vm = only_vm
         #: eager: check every host chain and open every policy on load (the console shows
         #: them all); lazy: only what a question needs (``escort explain`` on a big fleet)
         self.eager = eager
@@ -185,6 +203,15 @@ class FleetService:
         self._policies = PolicyBook(None)
         self._grants = GrantBook(None)
         self._memory: PolicyMemory | None = None
+        self._memory_path: Path | None = None  # read on first need (``_ensure_memory``)
+        self._snap: FleetSnapshot | None = None
+        #: from a reused snapshot: each VM's row fields, and its check still pickled
+        self._restored: dict[str, tuple[str, str, tuple[Reason, ...]]] = {}
+        self._lazy: dict[str, tuple[tuple[object, ...], int, int]] = {}
+        self._lazy_blob = memoryview(b"")
+        self._lazy_at: dt.datetime | None = None
+        #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
+        self.check_source = ""
         self._pending: dict[str, SeenPolicy] = {}
         #: every instant at which a time-dependent answer may change, of every certificate,
         #: CRL and token a cached answer was computed from (core/timekey.py)
@@ -224,13 +251,16 @@ class FleetService:
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
-                    at: dt.datetime | None = None, eager: bool = False) -> FleetService:
+                    at: dt.datetime | None = None, eager: bool = False,
+                    only_vm: str | None = None) -> FleetService:
         """Load for the CLI: the first unusable input is an InputError (exit 2).
 
         Lazy by default: ``escort explain`` checks one host chain and one policy, not
-        the whole fleet's.
+        the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
+        whole fleet file is still read and checked).
         """
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
+        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager,
+                      only_vm=only_vm)
         service._strict = True
         if service._fatal:
             first = service._fatal[0]
@@ -259,7 +289,11 @@ class FleetService:
         self._open_memory()
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
+        only = self._only_vm
+        keys = {only, only.lower()} if only is not None else set()
         for v in spec.vms:
+            if only is not None and v.uuid not in keys and v.name != only:
+                continue
             rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus,
                             policy_file=v.policy_file)
             if self.eager:
@@ -380,6 +414,9 @@ class FleetService:
             self._views_at = None  # hosts() fills the chains in when views are asked for
 
     def _verify_host(self, name: str, at: dt.datetime) -> pki.ChainResult | None:
+        cached = self._chains.get(name)
+        if cached is not None and self._fresh(cached[0], at):
+            return cached[1]  # (a snapshot's chain: the certificate is read only to check it anew)
         self._ensure_cert(name)
         cached = self._chains.get(name)
         if cached is not None and self._fresh(cached[0], at):
@@ -510,11 +547,43 @@ class FleetService:
         as they arrive. The views yielded are exactly what ``vms()`` returns (same policy
         results, same allowed-target matrix); afterwards ``vms()`` and ``matrix()`` answer
         from the cache. An empty list means "hosts still being checked".
+
+        With the cache on (``use_cache``), the last check's results are reused when every
+        input is byte for byte the same and no instant that matters has passed since
+        (``_restore``; adapters/cache.py ``FleetSnapshot``); otherwise everything is
+        checked and the snapshot rewritten.
         """
         at = self.at
         generation = self._generation
         clock = time.perf_counter
         start = clock()
+        snap = self._snapshot()
+        key = ""
+        problems_before = len(self.problems)
+        if snap is not None:
+            for i, rec in enumerate(list(self._vms.values())):
+                if rec.policy_file:
+                    self._read_token(rec)
+                if i % 256 == 0 and clock() - start > budget_s:
+                    yield []
+                    start = clock()
+            key = self._snapshot_key()
+            memory = read_raw(self._memory_path) if self._memory_path else b""
+            state = snap.load(self._with_memory(key, memory))
+            if state is not None and self._restore(state, at):
+                self.check_source = "snapshot"
+                matrix = self._current_matrix(at)
+                fields = self._restored
+                ready: list[VMView] = []
+                for rec in self._vms.values():
+                    ready.append(self._view_of(rec, fields[rec.uuid], matrix.targets.get(rec.uuid, ())))
+                    if len(ready) == 2000:
+                        yield ready
+                        ready = []
+                if ready:
+                    yield ready
+                return
+        self.check_source = "computed"
         for name in self._hosts:
             self._host_check(name, at)
             if clock() - start > budget_s:
@@ -549,6 +618,7 @@ class FleetService:
                 start = clock()
         if done:
             yield done
+        expected = self._memory_after(self._pending)
         self._remember()  # the policies accepted in this check (one write)
         if cache is not None and fresh:
             opened = [envelopes.open(t, TYP_POLICY, POLICY_FIELDS) for t in fresh]
@@ -561,23 +631,197 @@ class FleetService:
         self._matrix = Matrix(targets, len(groups), len(index.names), home)
         self._matrix_at = at
         self._views_at = at
+        if snap is not None and key and not self._pending and (
+                self._memory is None or (not self._memory.problem and self._memory.seen == expected)):
+            # the memory on disk is exactly the one these results were decided with, plus the
+            # policies they accepted (no other console's entries merged in meanwhile)
+            snap.save(self._with_memory(key, self._memory.raw if self._memory is not None
+                                        else (read_raw(self._memory_path) if self._memory_path else b"")),
+                      self._capture(at, problems_before))
+            if snap.notice and not self.cache_notice:
+                self.cache_notice = snap.notice
+
+    # ------------------------------------------------------------------ snapshot
+    def _snapshot(self) -> FleetSnapshot | None:
+        """The persistent snapshot of this fleet's verified results, when the cache is on.
+
+        Only for the first check of a fleet as its files describe it: once a refresh has
+        applied facts from the hosts (``_generation``), every check is made anew.
+        """
+        if (not self.use_cache or os.environ.get("ESCORT_NO_CACHE") or not self.path
+                or self.spec is None or self._generation):
+            return None
+        if self._snap is None:
+            from console.adapters.cache import FleetSnapshot
+
+            self._snap = FleetSnapshot(self.path)
+        return self._snap
+
+    def _snapshot_key(self) -> str:
+        """SHA-256 over every input a verdict of the start-up check depends on, byte for byte
+        (the policy memory is added by ``_with_memory``): escort's core code, the fleet's
+        CRL rule and policy names, every file of both trust directories (CA certificates,
+        CRLs), every host entry and its certificate file, every VM entry and its token."""
+        from console.adapters.cache import code_digest, digest_parts
+
+        spec = self.spec
+        assert spec is not None
+        parts: list[bytes | str] = [code_digest(),
+                                    repr((spec.missing_crl, sorted(spec.policy_names.items())))]
+        for directory in (spec.trust_dir, spec.owners_trust_dir):
+            parts.append(directory)
+            try:
+                entries = sorted(e for e in Path(directory).iterdir() if not e.name.startswith("."))
+            except OSError as exc:
+                parts.append(f"?{exc}")
+                continue
+            for e in entries:
+                parts.append(e.name)
+                try:
+                    parts.append(e.read_bytes() if e.is_file() else b"?not a file")
+                except OSError as exc:
+                    parts.append(f"?{exc}")
+        for h in spec.hosts:
+            parts.append(repr(h))
+            if h.cert_file:
+                try:
+                    parts.append(read_limited(h.cert_file, what="certificate"))
+                except InputError as exc:
+                    parts.append(f"?{exc}")
+        # one repr (C speed, unambiguous quoting) over every VM's entry and token
+        parts.append(repr([(r.uuid, r.name, r.host, r.token, r.token_problem) for r in self._vms.values()]))
+        return digest_parts(parts)
+
+    @staticmethod
+    def _with_memory(key: str, memory: bytes) -> str:
+        from console.adapters.cache import digest_parts
+
+        return digest_parts((key, memory))
+
+    def _memory_after(self, pending: dict[str, SeenPolicy]) -> dict[str, SeenPolicy] | None:
+        """The memory as ``_remember`` should leave it when no other console wrote meanwhile."""
+        if self._memory is None:
+            return None
+        out = dict(self._memory.seen)
+        for uuid, new in pending.items():
+            old = out.get(uuid)
+            if old is None or new.seq > old.seq:
+                out[uuid] = new
+        return out
+
+    def _capture(self, at: dt.datetime, problems_before: int) -> dict[str, object]:
+        """Everything the start-up check decided, for ``FleetSnapshot.save``.
+
+        Per VM: what its row shows, and its full check (``VMCheck``) pickled on its own, so
+        that a reuse unpickles only the checks it is asked about (``_adopt_lazy``)."""
+        from console.adapters.cache import FleetSnapshot
+
+        vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
+        blobs: list[bytes] = []
+        size = 0
+        for rec in self._vms.values():
+            hit = self._vm_checks.get(self._vm_key(rec))
+            if hit is not None:
+                blob = FleetSnapshot.dumps(hit[1])
+                blobs.append(blob)
+                vms[rec.uuid] = (*_row_fields(hit[1].policy), size, size + len(blob))
+                size += len(blob)
+        assert self._matrix is not None
+        shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # equal target lists stored once
+        targets = {u: shared.setdefault(t, t) for u, t in self._matrix.targets.items()}
+        return {
+            "at": at,
+            "instants": tuple(sorted(self._instant_set)),
+            "hosts": {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
+                      for n, v in self._hosts.items() if (n,) in self._checks},
+            "vms": vms,
+            "checks": b"".join(blobs),
+            "matrix": replace(self._matrix, targets=targets),
+            "problems": list(self.problems[problems_before:]),
+        }
+
+    def _restore(self, state: object, at: dt.datetime) -> bool:
+        """Adopt a snapshot's results if they are the results at ``at`` (else change nothing)."""
+        try:
+            if not isinstance(state, dict):
+                return False
+            when, instants, hosts, vms, matrix, problems, checks = (
+                state["at"], state["instants"], state["hosts"], state["vms"], state["matrix"],
+                state["problems"], state["checks"])
+            if not (isinstance(when, dt.datetime) and isinstance(instants, tuple)
+                    and all(isinstance(t, dt.datetime) for t in instants)
+                    and isinstance(hosts, dict) and isinstance(vms, dict) and isinstance(matrix, Matrix)
+                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
+                    and isinstance(checks, bytes)):
+                return False
+            if time_key(instants, when) != time_key(instants, at):
+                return False  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
+            if (set(hosts) != set(self._hosts) or set(vms) != set(self._vms)
+                    or not set(matrix.targets) <= set(vms)):
+                return False
+            for n, entry in hosts.items():
+                check, attributes, cert_problem = entry
+                if not isinstance(check, HostCheck) or check.name != n:
+                    return False
+            for entry in vms.values():
+                owner, summary, why, first, end = entry
+                if not (isinstance(owner, str) and isinstance(summary, str) and isinstance(why, tuple)
+                        and all(isinstance(r, Reason) for r in why) and type(first) is int
+                        and type(end) is int and 0 <= first < end <= len(checks)):
+                    return False
+        except (KeyError, TypeError, ValueError):
+            return False
+        for n, (check, attributes, cert_problem) in hosts.items():
+            view = self._hosts[n]
+            view.attributes, view.cert_problem, view.chain = attributes, cert_problem, check.chain
+            self._chains[n] = (at, check.chain)
+            self._checks[(n,)] = (at, check)
+        self._lazy_at = at
+        for rec in self._vms.values():
+            owner, summary, why, first, end = vms[rec.uuid]
+            self._restored[rec.uuid] = (owner, summary, why)
+            self._lazy[rec.uuid] = (self._vm_key(rec), first, end)
+        self._lazy_blob = memoryview(checks)
+        self._instant_set.update(instants)
+        self._instants = None
+        known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
+        self.problems.extend(p for p in problems if p not in known)
+        self._matrix, self._matrix_at, self._views_at = matrix, at, at
+        return True
 
     def _opened_cache(self) -> OpenedCache | None:
         """The persistent cache of opened policies (adapters/cache.py), when enabled."""
         if not self.use_cache or os.environ.get("ESCORT_NO_CACHE"):
             return None
         if self._cache is None:
+            from console.adapters.cache import OpenedCache
+
             self._cache = OpenedCache()
         return self._cache
 
     def _view(self, rec: _VMRecord, pr: PolicyResult, allowed: tuple[str, ...]) -> VMView:
-        pol = pr.policy
-        return VMView(
-            uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
-            vcpus=rec.vcpus, owner=pr.owner.label() if pr.owner else (pol.owner if pol else ""),
-            policy_summary=pol.summary() if pol else "no valid policy",
-            policy_problems=pr.reasons, allowed_targets=allowed,
-        )
+        return self._view_of(rec, _row_fields(pr), allowed)
+
+    @staticmethod
+    def _view_of(rec: _VMRecord, fields: tuple[str, str, tuple[Reason, ...]],
+                 allowed: tuple[str, ...]) -> VMView:
+        owner, summary, problems = fields
+        return VMView(uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
+                      vcpus=rec.vcpus, owner=owner, policy_summary=summary, policy_problems=problems,
+                      allowed_targets=allowed)
+
+    def _adopt_lazy(self, rec: _VMRecord) -> None:
+        """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
+        key, first, end = self._lazy.pop(rec.uuid)
+        if key != self._vm_key(rec) or self._lazy_at is None:
+            return  # the VM changed since (a refresh): checked anew
+        from console.adapters.cache import FleetSnapshot
+
+        check = FleetSnapshot.loads(self._lazy_blob[first:end])
+        if not isinstance(check, VMCheck) or check.uuid != rec.uuid:
+            return
+        self._policy_cache[rec.uuid] = (self._lazy_at, rec.token, check.policy)
+        self._vm_checks[key] = (self._lazy_at, check)
 
     def policy(self, vm: str, at: dt.datetime | None = None) -> PolicyResult:
         """The VM's verified policy (UUID or name), e.g. its digest for the audit log."""
@@ -589,21 +833,29 @@ class FleetService:
 
     def policies_seen(self) -> dict[str, SeenPolicy]:
         """escort's memory: the newest policy accepted per VM UUID (pushed to the host guard)."""
+        self._ensure_memory()
         return dict(self._policies.seen)
 
     def remember_policies(self, seen: Mapping[str, SeenPolicy]) -> None:
         """Record policies accepted on another path (what the host guard is given) in the memory."""
+        self._ensure_memory()
         if self._memory is None:
             return
         self._pending.update({u: p for u, p in seen.items() if self._policies.seen.get(u) != p})
         self._remember()
 
     def _open_memory(self) -> None:
-        """The remembered newest policy per VM (state adapter), handed to the PolicyBook."""
+        """Where the remembered newest policy per VM lives; read on first need."""
         if not self.path or self.owners is None:
             return
         anchors = [n.info.fingerprint for n in self.owners.nodes() if n.anchor]
-        memory = PolicyMemory(state_path(self.path, anchors))
+        self._memory_path = state_path(self.path, anchors)
+
+    def _ensure_memory(self) -> None:
+        """The remembered newest policy per VM (state adapter), handed to the PolicyBook."""
+        if self._memory is not None or self._memory_path is None:
+            return
+        memory = PolicyMemory(self._memory_path)
         if memory.problem:
             self._problem(str(memory.path), "state.unreadable",
                           f"escort's memory of policies seen cannot be read: {memory.problem}; "
@@ -617,10 +869,13 @@ class FleetService:
             self._read_token(rec)
         if rec.token_problem is not None:
             return PolicyResult("", None, None, (rec.token_problem,))
+        if rec.uuid in self._lazy:
+            self._adopt_lazy(rec)
         hit = self._policy_cache.get(rec.uuid)
         if hit is not None and hit[1] == rec.token and self._fresh(hit[0], at):
             result = hit[2]
         else:
+            self._ensure_memory()
             if rec.token:
                 self._note_token(rec.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes)
             result = self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
@@ -651,7 +906,9 @@ class FleetService:
     def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
         # one VM against 1,000 hosts prepares its check once, not per host; the key holds
         # everything the check is made of (a refresh replaces token, host or problem)
-        key = (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file, rec.conflict)
+        if rec.uuid in self._lazy:
+            self._adopt_lazy(rec)
+        key = self._vm_key(rec)
         cached = self._vm_checks.get(key)
         if cached is not None and self._fresh(cached[0], at):
             return cached[1]
@@ -661,6 +918,10 @@ class FleetService:
         self._vm_checks[key] = (at, hit)
         return hit
 
+    @staticmethod
+    def _vm_key(rec: _VMRecord) -> tuple[object, ...]:
+        return (rec.uuid, rec.name, rec.host, rec.token, rec.token_problem, rec.policy_file, rec.conflict)
+
     def _host_check(self, name: str, at: dt.datetime) -> HostCheck:
         key = (name,)
         cached = self._checks.get(key)
@@ -668,7 +929,7 @@ class FleetService:
         if hit is None:
             self._ensure_cert(name)
             view = self._hosts[name]
-            chain = self._verify_host(name, at)
+            chain = view.chain = self._verify_host(name, at)  # the host's row shows this check
             problem = view.problem
             if view.cert_problem is not None and chain is None:
                 problem = view.cert_problem
@@ -806,6 +1067,8 @@ class FleetService:
         Domains reported by the host replace what the fleet file said about those VMs;
         VMs previously learned from this host and no longer on it are dropped.
         """
+        if self._only_vm is not None:
+            raise EscortError("a service loaded for one VM (only_vm) cannot take a refresh")
         view = self._hosts.get(host_name)
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")

@@ -236,7 +236,7 @@ class MigrationService:
                  poll_interval_s: float = POLL_INTERVAL_S, bandwidth_mib_s: int = 0,
                  cert_margin_s: float = 600.0, finish_grace_s: float = FINISH_GRACE_S,
                  settle_s: float = SETTLE_S, clock: Callable[[], float] = time.monotonic,
-                 identity: AdminIdentity | None = None) -> None:
+                 identity: AdminIdentity | None = None, channels: int | None = None) -> None:
         self.fleet = fleet
         #: where the acting admin's key is found (agent, --admin-key, identity files)
         self.identity = identity or AdminIdentity(fleet)
@@ -247,6 +247,8 @@ class MigrationService:
         self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else spec_timeout
         self.poll_interval_s = poll_interval_s
         self.bandwidth_mib_s = bandwidth_mib_s
+        #: multifd TLS connections per migration (0/1: one stream); docs/MIGRATION.md says why
+        self.channels = mig.DEFAULT_CHANNELS if channels is None else channels
         self.cert_margin_s = cert_margin_s
         self.finish_grace_s = finish_grace_s
         self.settle_s = settle_s
@@ -399,14 +401,28 @@ class MigrationService:
         admin_id = self._admin(admin)
         tview = self._host(target)
         source = view.host
-        if source == target:
-            raise InputError(f"{view.name} already runs on {target}")
-        if refresh:
-            names = [n for n in (source, target) if n]
-            for name, r in (await self.inventory.refresh(names)).items():
-                self.fleet.apply_facts(name, r.facts, r.problem)
-        view = self._vm(view.uuid)  # the refresh may have moved it
+        live = self.fleet.kind != "demo"
+        # The refresh of both hosts and the live read of the certificate the target
+        # presents are independent reads: run them at the same time (each host's SSH and
+        # libvirt connections are reused from the pool).
+        presented_read: asyncio.Task[tuple[x509.Certificate | None, Reason | None]] | None = None
+        if live and source != target:
+            presented_read = asyncio.ensure_future(self._presented_cert(tview.spec, tview, live=True))
+        try:
+            if refresh:
+                names = list(dict.fromkeys(n for n in (source, target) if n))
+                for name, r in (await self.inventory.refresh(names)).items():
+                    self.fleet.apply_facts(name, r.facts, r.problem)
+            view = self._vm(view.uuid)  # the refresh may have moved it
+        except BaseException:
+            if presented_read is not None:
+                presented_read.cancel()
+            raise
         source = view.host
+        if source == target:  # judged on the refreshed state, not on what was seen before
+            if presented_read is not None:
+                presented_read.cancel()
+            raise InputError(f"{view.name} already runs on {target}")
         at = self.fleet.at
         # emergency-only grants count only in a declared emergency or with the source down
         emergency = emergency and bool(source) and bool(self.emergency_basis(source))
@@ -420,7 +436,9 @@ class MigrationService:
         items["allowed"] = mig.item_from_reasons("allowed", split["allowed"])
         items["grant"] = mig.item_from_reasons("grant", split["grant"])
         checked = tview.chain.leaf.cert if tview.chain and tview.chain.leaf else None
-        presented, why = await self._presented_cert(tview.spec, tview, live=self.fleet.kind != "demo")
+        if presented_read is None:
+            presented_read = asyncio.ensure_future(self._presented_cert(tview.spec, tview, live=live))
+        presented, why = await presented_read
         duration = mig.expected_duration_s(view.memory_mib, self.bandwidth_mib_s)
         cert_item = mig.check_certificate(checked, presented, at=dt.datetime.now(dt.UTC),
                                           duration_s=duration, margin_s=self.cert_margin_s,
@@ -460,7 +478,7 @@ class MigrationService:
                 vm_uuid=view.uuid, vm_name=view.name, source=source, target=target, tls_name=tls_name,
                 migration_uri=mig.migration_uri(address), cert_fingerprint=mig.fingerprint(presented),
                 admin=admin_id, policy_hash=policy_hash, grant_id=grant_id,
-                bandwidth_mib_s=self.bandwidth_mib_s)
+                bandwidth_mib_s=self.bandwidth_mib_s, channels=self.channels)
         return self._issue(mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
                                         time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
                                         cert_fingerprint=mig.fingerprint(presented) if presented else ""),
@@ -722,10 +740,23 @@ class MigrationService:
         what migrations already heading there reserved (this process and others),
         holds the VM — and then this migration reserves its memory there.
         """
-        reasons = await self._jit_certificate(run)
-        reasons += self._jit_decision(run)
-        if not reasons:
-            reasons += await self._jit_capacity(run, dst)
+        # the re-reads (certificate over SSH, free memory over libvirt) run at the same time;
+        # the decision is local. A reservation made while another check failed is released.
+        cert_task = asyncio.ensure_future(self._jit_certificate(run))
+        room_task = asyncio.ensure_future(self._jit_capacity(run, dst))
+        try:
+            reasons = self._jit_decision(run)
+            got = await asyncio.gather(cert_task, room_task)
+        except BaseException:
+            for task in (cert_task, room_task):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(cert_task, room_task, return_exceptions=True)
+            await self._release(run)
+            raise
+        reasons = got[0] + reasons + got[1]
+        if reasons and run.reserved:
+            await self._release(run)
         return reasons
 
     async def _jit_certificate(self, run: MigrationRun) -> list[Reason]:

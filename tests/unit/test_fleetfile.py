@@ -6,6 +6,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from console.adapters.fleetfile import FLEET_MAX_BYTES, load_fleet, parse_fleet
 from console.core.errors import InputError
@@ -160,3 +162,53 @@ def test_vm_files_duplicates_and_unknown_hosts_across_files(tmp_path: Path) -> N
         load_fleet(tmp_path / "fleet.toml")
     with pytest.raises(InputError, match="vm_files"):
         parse(MIN + 'vm_files = ["x.toml"]\n')
+
+
+# --------------------------------------------------------------------------- the fast [[vms]] path
+
+_row_values = st.one_of(
+    st.sampled_from(["", " ", "vm-1", "h1", "policies/p.jws", "../p.jws", "./p.jws", "~/p.jws", "/abs/p.jws",
+                     "a\0b", "6F1C1E1A-8D7B-4C36-9D61-2A3F6A0B9E11", "6f1c1e1a-8d7b-4c36-9d61-2a3f6a0b9e11",
+                     "{6f1c1e1a-8d7b-4c36-9d61-2a3f6a0b9e11}", "6f1c1e1a-8d7b-4c36-9d61-2a3f6a0b9e11\n"]),
+    st.integers(min_value=-2, max_value=2**41), st.booleans(), st.floats(allow_nan=False),
+    st.lists(st.just("x"), max_size=1), st.text(max_size=8))
+_VALID_ROW = {"uuid": UUID, "name": "vm-1", "host": "h1", "policy_file": "p/v.jws", "memory_mib": 4096,
+              "vcpus": 2}
+
+
+def _mutated(changes: list[tuple[str, object]], drop: list[str]) -> dict[str, object]:
+    row = dict(_VALID_ROW)
+    for key, value in changes:
+        row[key] = value
+    for key in drop:
+        row.pop(key, None)
+    return row
+
+
+_keys = st.sampled_from([*_VALID_ROW, "colour"])
+_rows = st.one_of(
+    # a well-formed row with a few values replaced and keys dropped (most examples)
+    st.builds(_mutated, st.lists(st.tuples(_keys, _row_values), max_size=2), st.lists(_keys, max_size=2)),
+    st.dictionaries(_keys, _row_values, max_size=7),
+)
+
+
+@settings(max_examples=3000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_rows, st.lists(st.integers(), max_size=1), st.text(max_size=3)))
+def test_fast_vm_rows_read_exactly_what_the_table_check_reads(row: object) -> None:
+    """``_Reader.vms`` (the fast path for big fleets) accepts, normalises and refuses every
+    row exactly as the general ``table(row, VM)`` check does, with the same message."""
+    from console.adapters.fleetfile import VM, _Reader
+    from console.core.inventory import VMSpec
+
+    reader = _Reader("f.toml", Path("/base"))
+
+    def outcome(fn: object) -> object:
+        try:
+            return fn()  # type: ignore[operator]
+        except InputError as exc:
+            return str(exc)
+
+    fast = outcome(lambda: reader.vms([row]))
+    slow = outcome(lambda: [VMSpec(**reader.table(row, VM, "vms[0]"))])
+    assert fast == slow

@@ -51,6 +51,8 @@ def test_constants_match_libvirt() -> None:
     assert m.PARAM_URI == libvirt.VIR_MIGRATE_PARAM_URI
     assert m.PARAM_TLS_DESTINATION == libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION
     assert m.PARAM_BANDWIDTH == libvirt.VIR_MIGRATE_PARAM_BANDWIDTH
+    assert m.MIGRATE_PARALLEL == libvirt.VIR_MIGRATE_PARALLEL
+    assert m.PARAM_PARALLEL_CONNECTIONS == libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS
     assert (m.JOB_NONE, m.JOB_COMPLETED, m.JOB_CANCELLED) == (
         libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED, libvirt.VIR_DOMAIN_JOB_CANCELLED)
 
@@ -76,6 +78,24 @@ def test_plan_always_has_tls_and_explicit_uri() -> None:
     with pytest.raises(ValueError, match="explicit"):
         _plan(migration_uri="")
     assert "bandwidth" not in _plan().params()
+
+
+def test_plan_with_multifd_channels_keeps_tls_and_the_pinned_name() -> None:
+    plan = _plan(channels=4)
+    assert plan.flags & libvirt.VIR_MIGRATE_TLS and plan.flags & libvirt.VIR_MIGRATE_PARALLEL
+    assert plan.params() == {"migrate_uri": "tcp://10.0.1.2", "tls.destination": "hostb",
+                             "parallel.connections": 4}
+    assert plan.flag_names() == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS", "PARALLEL"]
+    assert plan.as_json()["channels"] == 4
+    for one in (0, 1):  # one stream: no PARALLEL flag, no parameter
+        single = _plan(channels=one)
+        assert not single.flags & libvirt.VIR_MIGRATE_PARALLEL
+        assert "parallel.connections" not in single.params()
+        assert single.as_json()["channels"] == 1
+    with pytest.raises(ValueError, match="channels"):
+        _plan(channels=256)
+    with pytest.raises(ValueError, match="TLS"):  # multifd never stands in for TLS
+        _plan(channels=2, flags=m.MIGRATE_LIVE | m.MIGRATE_PERSIST_DEST)
 
 
 def test_migration_uri_brackets_ipv6() -> None:

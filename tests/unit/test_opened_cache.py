@@ -20,6 +20,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def check(fleet: Path) -> tuple[dict[str, object], FleetService]:
+    # the whole-fleet snapshot would answer a second check before this cache is asked
+    # (tests/unit/test_fleet_snapshot.py): these tests are about the per-token cache
+    for snap in Path(os.environ.get("ESCORT_CACHE_DIR", "/nonexistent")).glob("fleet-*.snapshot"):
+        snap.unlink()
     service = FleetService.load(fleet, eager=False)
     service.use_cache = True
     views = [v for step in service.check_in_steps() for v in step]
@@ -33,7 +37,7 @@ def test_warm_equals_cold_and_uses_the_cache(fleet: Path, tmp_path: Path,
     monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
     cold, s1 = check(fleet)
     assert s1._cache is not None and s1._cache.hits == 0
-    files = list((tmp_path / "c").iterdir())
+    files = list((tmp_path / "c").glob("opened-*"))
     assert len(files) == 1 and oct(files[0].stat().st_mode & 0o777) == "0o600"
     warm, s2 = check(fleet)
     assert s2._cache is not None and s2._cache.hits == sum(1 for _ in (fleet.parent / "policies").iterdir())
@@ -49,7 +53,7 @@ def test_a_tampered_entry_cannot_change_a_verdict_it_does_not_key(fleet: Path, t
     so an old entry is never used for it; trust and dates are never cached."""
     monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "c"))
     cold, _ = check(fleet)
-    path = next((tmp_path / "c").iterdir())
+    path = next((tmp_path / "c").glob("opened-*"))
     data = json.loads(path.read_text())
     assert all(key.split(":", 1)[1] for key in data["entries"])
     # an entry for some other token (another digest) changes nothing for this fleet
@@ -64,7 +68,7 @@ def test_corrupt_or_foreign_files_are_ignored_and_rebuilt(fleet: Path, tmp_path:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "c"))
     cold, _ = check(fleet)
-    path = next((tmp_path / "c").iterdir())
+    path = next((tmp_path / "c").glob("opened-*"))
     if damage == "garbage":
         path.write_bytes(b"\x00{not json")
     elif damage == "wrong-shape":
@@ -105,7 +109,7 @@ def test_an_entry_whose_payload_differs_from_its_token_is_not_used(fleet: Path, 
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "c"))
     cold, _ = check(fleet)
-    path = next((tmp_path / "c").iterdir())
+    path = next((tmp_path / "c").glob("opened-*"))
     data = json.loads(path.read_text())
     for entry in data["entries"].values():
         if entry[0] is not None:

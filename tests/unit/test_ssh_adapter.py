@@ -113,7 +113,8 @@ async def make_host(client_key: Path) -> AsyncIterator[Callable[..., Awaitable[F
     servers: list[FakeHost] = []
 
     async def _make(
-        authorized: Path | None = None, *, port: int = 0, host_key: asyncssh.SSHKey | None = None
+        authorized: Path | None = None, *, port: int = 0, host_key: asyncssh.SSHKey | None = None,
+        sftp: bool = False,
     ) -> FakeHost:
         host_key = host_key or asyncssh.generate_private_key("ssh-ed25519")
         pub = (authorized or client_key.with_suffix(".pub")).read_text()
@@ -126,6 +127,7 @@ async def make_host(client_key: Path) -> AsyncIterator[Callable[..., Awaitable[F
             authorized_client_keys=asyncssh.import_authorized_keys(pub),
             process_factory=_run_shell,
             encoding=None,
+            sftp_factory=sftp,  # True: asyncssh's SFTP server on this machine's files
         )
         port = server.sockets[0].getsockname()[1]
         fake = FakeHost(server, port, host_key)
@@ -414,6 +416,31 @@ async def test_read_file_and_its_failures(tmp_path, client_key, make_host):
         weird.write_bytes(b"quoted")
         assert await pool.read_file(host.addr, str(weird)) == b"quoted"
         assert pool.connects == 1
+        assert pool.sftp_reads == 0  # this host has no SFTP subsystem: every read used exec
+    finally:
+        await pool.close()
+
+
+async def test_read_file_over_sftp_when_the_host_offers_it(tmp_path, client_key, make_host):
+    host = await make_host(sftp=True)
+    cert = tmp_path / "server-cert.pem"
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n")
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 5000)
+    pool = _pool(tmp_path, client_key, host)
+    try:
+        assert await pool.read_file(host.addr, str(cert)) == cert.read_bytes()
+        assert await pool.read_file(host.addr, str(cert)) == cert.read_bytes()
+        assert pool.sftp_reads == 2 and pool.connects == 1
+        with pytest.raises(HostProblem) as err:
+            await pool.read_file(host.addr, str(tmp_path / "missing.pem"), name="hosta")
+        assert err.value.code == READ_FAILED and "cannot read" in str(err.value)
+        with pytest.raises(HostProblem) as err:
+            await pool.read_file(host.addr, str(big), limit=1024)
+        assert "larger than 1 KiB" in str(err.value)
+        with pytest.raises(HostProblem) as err:  # bounded also for an endless file
+            await pool.read_file(host.addr, "/dev/zero", limit=1024)
+        assert "larger than 1 KiB" in str(err.value)
     finally:
         await pool.close()
 

@@ -1,0 +1,225 @@
+"""The whole-fleet snapshot (adapters/cache.py ``FleetSnapshot``): a start-up check is reused
+only for byte-for-byte the same inputs and only until the next instant that matters;
+any change means everything is checked anew, and the verdicts are always those of a
+check made without any cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from console.adapters.cache import FleetSnapshot
+from console.core.timekey import next_boundary
+from console.demo_scale import generate_scale
+from console.services.fleet import FleetService
+
+Verdicts = dict[str, object]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_scale(tmp_path_factory.mktemp("f") / "f", vms=40, hosts=12, owners=3, rules=6)
+
+
+@pytest.fixture
+def fleet(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the fleet (tests change its files), a private cache and memory."""
+    dest = tmp_path / "fleet"
+    shutil.copytree(source.parent, dest)
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    return dest / source.name
+
+
+def check(fleet: Path, at: dt.datetime | None = None, *, cache: bool = True) -> tuple[Verdicts, FleetService]:
+    service = FleetService.load(fleet, eager=False, at=at)
+    service.use_cache = cache
+    views = [v for step in service.check_in_steps() for v in step]
+    return {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views}, service
+
+
+def uncached(fleet: Path, at: dt.datetime | None = None) -> Verdicts:
+    return check(fleet, at, cache=False)[0]
+
+
+def explained(service: FleetService) -> list[tuple[str, str, bool, list[str]]]:
+    vm = next(iter(service._vms.values())).name
+    return [(d.vm, d.host, d.allowed, [r.code for r in d.reasons]) for d in service.targets(vm)]
+
+
+def snapshot_file(fleet: Path) -> Path:
+    return FleetSnapshot(fleet).path
+
+
+def test_second_check_reuses_the_snapshot_and_decides_the_same(fleet: Path) -> None:
+    cold, s1 = check(fleet)
+    assert s1.check_source == "computed"
+    path = snapshot_file(fleet)
+    assert path.is_file() and oct(path.stat().st_mode & 0o777) == "0o600"
+    warm, s2 = check(fleet)
+    assert s2.check_source == "snapshot"
+    assert warm == cold == uncached(fleet)
+    # the full decisions (every host's reasons) and the host chains agree too
+    assert explained(s2) == explained(s1)
+    assert [(h.spec.name, h.chain.valid if h.chain else None) for h in s2.hosts()] == \
+           [(h.spec.name, h.chain.valid if h.chain else None) for h in s1.hosts()]
+    assert s2.matrix().targets == s1.matrix().targets
+
+
+def _resign_other_policy(fleet: Path) -> None:
+    """Give the first VM the second VM's (validly signed) policy: a changed token."""
+    files = sorted((fleet.parent / "policies").iterdir())
+    files[0].write_bytes(files[1].read_bytes())
+
+
+def _swap_host_cert(fleet: Path) -> None:
+    certs = sorted((fleet.parent / "hosts").iterdir())
+    certs[0].write_bytes(certs[1].read_bytes())
+
+
+def _change_crl(fleet: Path) -> None:
+    crl = sorted((fleet.parent / "trust").glob("*.crl.pem"))[0]
+    crl.write_bytes(crl.read_bytes() + b"\n")  # same CRL, other bytes: still a different input
+
+
+def _remove_crl(fleet: Path) -> None:
+    sorted((fleet.parent / "trust").glob("*.crl.pem"))[0].unlink()
+
+
+def _owner_ca(fleet: Path) -> None:
+    (fleet.parent / "owners-trust" / "owners-ca.crl.pem").unlink()
+
+
+def _fleet_entry(fleet: Path) -> None:
+    fleet.write_text(fleet.read_text().replace('name = "vm-0000"', 'name = "vm-renamed"', 1))
+
+
+def _memory(fleet: Path) -> None:
+    from console.adapters.state import state_dir
+
+    for f in state_dir().glob("*.json"):  # another console saw a newer policy of the first VM
+        text = f.read_text().replace('"digest": "', '"digest": "0', 1)
+        f.write_text(text.replace('"seq": ', '"seq": 9', 1))
+
+
+@pytest.mark.parametrize("change", [_resign_other_policy, _swap_host_cert, _change_crl,
+                                    _remove_crl, _owner_ca, _fleet_entry, _memory])
+def test_any_changed_input_means_a_new_check(fleet: Path, change: object) -> None:
+    check(fleet)
+    assert check(fleet)[1].check_source == "snapshot"
+    change(fleet)  # type: ignore[operator]
+    after, service = check(fleet)
+    assert service.check_source == "computed"
+    assert after == uncached(fleet)
+    assert check(fleet)[1].check_source == "snapshot"  # rewritten for the new inputs
+
+
+def test_the_memory_change_is_a_rollback_refusal_not_a_stale_verdict(fleet: Path) -> None:
+    cold, _ = check(fleet)
+    _memory(fleet)
+    after, _ = check(fleet)
+    assert after != cold
+    assert sum("policy.rollback" in codes for _, _, _, codes in after.values()) == 1  # type: ignore[misc,operator]
+
+
+def test_time_passing_an_instant_that_matters_means_a_new_check(fleet: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    cold, s1 = check(fleet, now)
+    instants = sorted(s1._instant_set)
+    nxt = next_boundary(instants, now)
+    assert nxt is not None
+    within = now + (nxt - now) / 2
+    same, s2 = check(fleet, within)
+    assert s2.check_source == "snapshot" and same == cold
+    past = nxt + dt.timedelta(seconds=1)
+    later, s3 = check(fleet, past)
+    assert s3.check_source == "computed" and later == uncached(fleet, past)
+
+
+def test_after_every_policy_expired_the_verdicts_say_so(fleet: Path) -> None:
+    check(fleet)
+    assert check(fleet)[1].check_source == "snapshot"
+    much_later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3 * 365)
+    later, service = check(fleet, much_later)
+    assert service.check_source == "computed"
+    assert all(not targets for _, targets, _, _ in later.values())  # type: ignore[misc]
+    assert later == uncached(fleet, much_later)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00 not a snapshot")
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flipped(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _group_writable(path: Path) -> None:
+    os.chmod(path, 0o664)
+
+
+def _foreign_code(path: Path) -> None:
+    """A well-formed file (right header, matching digest) whose body would run code."""
+    head = path.read_bytes().partition(b"\n")[0].split(b" ")
+    body = pickle.dumps(Boom())
+    import hashlib
+
+    head[3] = hashlib.sha256(body).hexdigest().encode()
+    path.write_bytes(b" ".join(head) + b"\n" + body)
+
+
+class Boom:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch /tmp/escort-snapshot-ran-code",))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _flipped, _group_writable, _foreign_code])
+def test_a_corrupt_or_foreign_snapshot_is_ignored_and_rebuilt(fleet: Path, damage: object) -> None:
+    cold, _ = check(fleet)
+    damage(snapshot_file(fleet))  # type: ignore[operator]
+    again, service = check(fleet)
+    assert service.check_source == "computed" and again == cold
+    assert not Path("/tmp/escort-snapshot-ran-code").exists()
+    rebuilt, s3 = check(fleet)
+    assert s3.check_source == "snapshot" and rebuilt == cold
+
+
+def test_an_unwritable_cache_dir_means_no_cache_and_one_notice(fleet: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(blocker / "c"))
+    result, service = check(fleet)
+    assert service.cache_notice.startswith("no cache of verified results:")
+    assert "\n" not in service.cache_notice
+    assert result == uncached(fleet)
+    assert check(fleet)[1].check_source == "computed"
+
+
+def test_no_cache_env_turns_the_snapshot_off(fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check(fleet)
+    monkeypatch.setenv("ESCORT_NO_CACHE", "1")
+    assert check(fleet)[1].check_source == "computed"
+
+
+def test_a_refresh_is_never_answered_from_the_snapshot(fleet: Path) -> None:
+    check(fleet)
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    host = next(iter(service._hosts))
+    service.apply_facts(host, None, None)  # the host did not answer
+    list(service.check_in_steps())
+    assert service.check_source == "computed"
