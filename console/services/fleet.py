@@ -259,7 +259,14 @@ class FleetService:
         the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
         whole fleet file is still read and checked).
         """
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager,
+        keep = None
+        if only_vm is not None:
+            keys = {only_vm, only_vm.lower()}
+
+            def keep(uuid: str, name: str) -> bool:
+                return uuid in keys or name == only_vm
+
+        service = cls(load_fleet(path, keep_vm=keep), path=str(path), readonly=readonly, at=at, eager=eager,
                       only_vm=only_vm)
         service._strict = True
         if service._fatal:
