@@ -197,7 +197,7 @@ class FleetService:
         self._snap: FleetSnapshot | None = None
         #: from a reused snapshot: each VM's row fields, and its check still pickled
         self._restored: dict[str, tuple[str, str, tuple[Reason, ...]]] = {}
-        self._lazy: dict[str, tuple[tuple[object, ...], int, int]] = {}
+        self._lazy: dict[str, tuple[int, int]] = {}
         self._lazy_blob = memoryview(b"")
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
@@ -508,8 +508,15 @@ class FleetService:
     def vms(self) -> list[VMView]:
         at = self.at
         matrix = self._current_matrix(at)
-        return [self._view(rec, self._policy(rec, at), matrix.targets.get(rec.uuid, ()))
+        return [self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ()))
                 for rec in self._vms.values()]
+
+    def _row(self, rec: _VMRecord, at: dt.datetime) -> tuple[str, str, tuple[Reason, ...]]:
+        """The VM's row fields: from a reused snapshot while it holds for the VM, else checked."""
+        fields = self._restored.get(rec.uuid)
+        if fields is not None and self._fresh(self._lazy_at, at):
+            return fields
+        return _row_fields(self._policy(rec, at))
 
     def host_stubs(self) -> list[HostView]:
         """The hosts' views as they are, without checking a certificate (console rows first)."""
@@ -556,10 +563,9 @@ class FleetService:
             if state is not None and self._restore(state, at):
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
-                fields = self._restored
                 ready: list[VMView] = []
                 for rec in self._vms.values():
-                    ready.append(self._view_of(rec, fields[rec.uuid], matrix.targets.get(rec.uuid, ())))
+                    ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
                     if len(ready) == 2000:
                         yield ready
                         ready = []
@@ -752,10 +758,8 @@ class FleetService:
             self._chains[n] = (at, check.chain)
             self._checks[(n,)] = (at, check)
         self._lazy_at = at
-        for rec in self._vms.values():
-            owner, summary, why, first, end = vms[rec.uuid]
-            self._restored[rec.uuid] = (owner, summary, why)
-            self._lazy[rec.uuid] = (self._vm_key(rec), first, end)
+        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
+        self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
         self._lazy_blob = memoryview(checks)
         self._instant_set.update(instants)
         self._instants = None
@@ -785,12 +789,13 @@ class FleetService:
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
-        key, first, end = self._lazy.pop(rec.uuid)
-        if key != self._vm_key(rec) or self._lazy_at is None:
-            return  # the VM changed since (a refresh): checked anew
+        first, end = self._lazy.pop(rec.uuid)
+        if self._lazy_at is None:
+            return
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
         if not isinstance(check, VMCheck) or check.uuid != rec.uuid:
             return
+        key = self._vm_key(rec)  # as restored: a refresh (apply_facts) drops what is left
         self._policy_cache[rec.uuid] = (self._lazy_at, rec.token, check.policy)
         self._vm_checks[key] = (self._lazy_at, check)
 
@@ -1029,6 +1034,7 @@ class FleetService:
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
+        self._restored, self._lazy = {}, {}  # a snapshot describes the fleet files, not these facts
         self._matrix = None
         self._names = None
         self._generation += 1
