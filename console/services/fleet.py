@@ -21,10 +21,12 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -131,6 +133,50 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
+def _prefetch_main(service: FleetService, conn: Connection) -> None:
+    """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
+
+    Reads every policy file and the snapshot key and sends them (``tokens``); when the
+    snapshot will not answer, opens every token (signature and schema, or the opened
+    cache) and sends those too (``opened``). Everything else — and every verdict — is
+    decided in the console's process from these, exactly as without this process.
+    """
+    try:
+        tokens: list[str | None] = []
+        for rec in service._vms.values():
+            if rec.policy_file:
+                with contextlib.suppress(InputError):
+                    service._read_token(rec)
+            tokens.append(None if rec.token_problem is not None else rec.token)
+        snap = service._snapshot()
+        key = service._snapshot_key() if snap is not None else ""
+        memory = read_raw(service._memory_path) if service._memory_path else b""
+        hit = snap is not None and snap.matches(service._with_memory(key, memory))
+        conn.send(("tokens", key, hit, tokens))
+        if hit:
+            return
+        cache = service._opened_cache()
+        opened: dict[str, Portable] = {}
+        todo: list[str] = []
+        for token in dict.fromkeys(t for t in tokens if t):
+            got = cache.get(TYP_POLICY, token) if cache is not None else None
+            if got is None:
+                todo.append(token)
+            else:
+                opened[token] = got
+        fresh = open_portable(todo, TYP_POLICY, POLICY_FIELDS)
+        opened.update(zip(todo, fresh, strict=True))
+        conn.send(("opened", opened))
+        if cache is not None and fresh:
+            cache.put(TYP_POLICY, fresh)
+            cache.save()
+    except Exception:  # the console's process does the work itself then
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("failed",))
+    finally:
+        conn.close()
+
+
 def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
     """What a VM's row shows of its policy: owner, summary, problems (one function, so a row
     from a snapshot and a row checked now say the same)."""
@@ -198,6 +244,8 @@ class FleetService:
         #: from a reused snapshot: each VM's row fields, and its check still pickled
         self._restored: dict[str, tuple[str, str, tuple[Reason, ...]]] = {}
         self._lazy: dict[str, tuple[int, int]] = {}
+        #: the start-up check's helper process and the read end of its pipe (``start_prefetch``)
+        self._prefetch: tuple[multiprocessing.process.BaseProcess, Connection] | None = None
         self._lazy_blob = memoryview(b"")
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
@@ -550,6 +598,20 @@ class FleetService:
         snap = self._snapshot()
         key = ""
         problems_before = len(self.problems)
+        helper, self._prefetch = self._prefetch, None
+        conn: Connection | None = None
+        reusable = True
+        if helper is not None:
+            conn = helper[1]
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "tokens" and len(message[3]) == len(self._vms):
+                _, key, reusable, tokens = message
+                for rec, token in zip(list(self._vms.values()), tokens, strict=True):
+                    if rec.policy_file and token is not None:
+                        rec.token = rec.file_token = token
+                        rec.policy_file = ""
+            else:
+                conn = None
         if snap is not None:
             for i, rec in enumerate(list(self._vms.values())):
                 if rec.policy_file:
@@ -557,10 +619,12 @@ class FleetService:
                 if i % 256 == 0 and clock() - start > budget_s:
                     yield []
                     start = clock()
-            key = self._snapshot_key()
+            key = key or self._snapshot_key()
             memory = read_raw(self._memory_path) if self._memory_path else b""
-            state = snap.load(self._with_memory(key, memory))
+            state = snap.load(self._with_memory(key, memory)) if reusable else None
             if state is not None and self._restore(state, at):
+                if conn is not None:
+                    conn.close()
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
                 ready: list[VMView] = []
@@ -586,6 +650,13 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
+        if conn is not None:  # the helper opened the tokens meanwhile (signatures, on the other core)
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "opened" and isinstance(message[1], dict):
+                for token, portable in message[1].items():
+                    if not envelopes.is_open(token, TYP_POLICY):
+                        envelopes.adopt(token, TYP_POLICY, portable)
+                cache = None  # the helper kept the opened cache up to date
         fresh: list[str] = []
         for rec in list(self._vms.values()):
             if rec.policy_file:
@@ -629,6 +700,42 @@ class FleetService:
                       self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
+
+    def start_prefetch(self) -> bool:
+        """Start the start-up check's helper process (``_prefetch_main``) on the other core.
+
+        Only before the console starts any thread (a fork then is safe) and only for a
+        lazy service that has not checked anything yet; ``check_in_steps`` uses what it
+        sends and does everything itself if it sends nothing usable. True if started.
+        """
+        if (self._prefetch is not None or self.eager or self.spec is None or self._generation
+                or threading.active_count() > 1 or (os.cpu_count() or 1) < 2
+                or "fork" not in multiprocessing.get_all_start_methods()):
+            return False
+        ctx = multiprocessing.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc.start()
+        send.close()
+        self._prefetch = (proc, receive)
+        return True
+
+    @staticmethod
+    def _receive(conn: Connection) -> Generator[list[VMView], None, tuple[Any, ...] | None]:
+        """The helper's next message, waiting in steps (``[]``: nothing decided yet); None when
+        it has nothing (failed, exited)."""
+        while True:
+            try:
+                if conn.poll(0.005):
+                    message = conn.recv()
+                    if isinstance(message, tuple) and message and message[0] != "failed":
+                        return message
+                    break
+            except (EOFError, OSError):
+                break
+            yield []
+        conn.close()
+        return None
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> FleetSnapshot | None:
