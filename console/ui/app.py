@@ -228,6 +228,8 @@ class EscortApp(App[None]):
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
         self.checking = False
+        if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
+            self.verdicts_arrived.publish(frozenset(arrived))
         # the streamed views are final; hosts now carry their checked chains (cached)
         self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows)
         self.fleet_changed.publish(None)
