@@ -20,7 +20,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,7 +259,14 @@ class FleetService:
         the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
         whole fleet file is still read and checked).
         """
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager,
+        keep = None
+        if only_vm is not None:
+            keys = {only_vm, only_vm.lower()}
+
+            def keep(uuid: str, name: str) -> bool:
+                return uuid in keys or name == only_vm
+
+        service = cls(load_fleet(path, keep_vm=keep), path=str(path), readonly=readonly, at=at, eager=eager,
                       only_vm=only_vm)
         service._strict = True
         if service._fatal:
@@ -830,6 +837,19 @@ class FleetService:
     def policy_token(self, vm: str) -> str:
         """The VM's policy token as known (fleet file or domain metadata), "" when none."""
         return self._find_vm(vm).token
+
+    def policies_seen(self) -> dict[str, SeenPolicy]:
+        """escort's memory: the newest policy accepted per VM UUID (pushed to the host guard)."""
+        self._ensure_memory()
+        return dict(self._policies.seen)
+
+    def remember_policies(self, seen: Mapping[str, SeenPolicy]) -> None:
+        """Record policies accepted on another path (what the host guard is given) in the memory."""
+        self._ensure_memory()
+        if self._memory is None:
+            return
+        self._pending.update({u: p for u, p in seen.items() if self._policies.seen.get(u) != p})
+        self._remember()
 
     def _open_memory(self) -> None:
         """Where the remembered newest policy per VM lives; read on first need."""
