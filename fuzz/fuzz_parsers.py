@@ -333,7 +333,21 @@ def targets(s: dict[str, object]) -> dict[str, tuple[list[bytes], str, Target]]:
 
 def worst_cases() -> list[tuple[str, Callable[[], object]]]:
     big = fleetfile.FLEET_MAX_BYTES - 1024
+    mib = f"{fleetfile.FLEET_MAX_BYTES / (1024 * 1024):g} MiB"
     head = 'name = "f"\nkind = "lab"\ntrust_dir = "t"\nowners_trust_dir = "o"\n'
+
+    def fill(unit: str, before: str = "", after: str = "") -> str:
+        """``before`` + as many ``unit`` as fit in the bound + ``after``: well-formed to the
+        end where the unit is, so the parser reads all of it."""
+        return head + before + unit * ((big - len(before) - len(after)) // len(unit)) + after
+
+    def numbered(line: str) -> str:
+        rows, i, size = [], 0, 0
+        while size < big:
+            rows.append(line.format(i=i))
+            size += len(rows[-1])
+            i += 1
+        return head + "".join(rows[:-1])
 
     def fleet(text: str) -> Callable[[], object]:
         def go() -> object:
@@ -356,15 +370,26 @@ def worst_cases() -> list[tuple[str, Callable[[], object]]]:
     limit = envelope.MAX_TOKEN_BYTES
     nested_header = base64.urlsafe_b64encode(b'{"alg":' + b"[" * (limit // 3) + b"]" * (limit // 3) + b"}")
     return [
-        ("fleet 16 MiB: one dotted key of 8 M parts", fleet(head + "a" + ".a" * (big // 2 - 40) + " = 1\n")),
-        (
-            "fleet 16 MiB: 16-part dotted keys, one per line",
-            fleet(head + ("a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p = 1\n" * (big // 36))),
-        ),
-        ("fleet 16 MiB: nested arrays", fleet(head + "x = " + "[" * (big // 2 - 40) + "]" * (big // 2 - 40))),
-        ("fleet 16 MiB: one long string", fleet(head + 'x = "' + "a" * (big - 100) + '"\n')),
-        ("fleet 16 MiB: unterminated strings", fleet(head + '"\n' * (big // 2 - 40))),
-        ("fleet 16 MiB: digits", fleet(head + "x = " + "1" * (big - 100))),
+        (f"fleet {mib}: one dotted key of 1 M parts", fleet(head + "a" + ".a" * (big // 2 - 40) + " = 1\n")),
+        (f"fleet {mib}: 16-part dotted keys, one per line",
+         fleet(fill("a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p = 1\n"))),
+        (f"fleet {mib}: nested arrays", fleet(head + "x = " + "[" * (big // 2 - 40) + "]" * (big // 2 - 40))),
+        (f"fleet {mib}: one long string", fleet(head + 'x = "' + "a" * (big - 100) + '"\n')),
+        (f"fleet {mib}: unterminated strings", fleet(fill('"\n'))),
+        (f"fleet {mib}: digits", fleet(head + "x = " + "1" * (big - 100))),
+        (f"fleet {mib}: a table header on every line", fleet(numbered("[t{i}]\n"))),
+        (f"fleet {mib}: [[vms]] headers only", fleet(fill("[[vms]]\n"))),
+        (f"fleet {mib}: inline tables", fleet(fill("{a=1},", "x = [", "]\n"))),
+        (f"fleet {mib}: one key per line", fleet(numbered("k{i}=1\n"))),
+        (f"fleet {mib}: dotted keys making tables", fleet(numbered("a{i}.b.c = 1\n"))),
+        (f"fleet {mib}: small integers", fleet(fill("1,", "x = [", "1]\n"))),
+        (f"fleet {mib}: empty strings", fleet(fill('"",', "x = [", '""]\n'))),
+        (f"fleet {mib}: empty arrays", fleet(fill("[],", "x = [", "[]]\n"))),
+        (f"fleet {mib}: comments", fleet(fill("#\n"))),
+        (f"fleet {mib}: valid [[vms]] rows (all checked)", fleet(
+            head.replace('kind = "lab"', 'kind = "demo"') + '[[hosts]]\nname = "h"\n' + numbered(
+                '[[vms]]\nuuid = "00000000-0000-4000-8000-{i:012d}"\nname = "vm-{i}"\nhost = "h"\n'
+                'policy_file = "policies/vm-{i}.jws"\nmemory_mib = 4096\nvcpus = 4\n\n')[len(head):])),
         ("strict JSON 64 KiB: nesting", sj(b"[" * limit)),
         (
             "strict JSON 64 KiB: many keys",
@@ -399,13 +424,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=120_000, help="total inputs over all parsers")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--record", action="store_true", help="append the report to fuzz/RESULTS.md")
+    ap.add_argument("--worst-only", action="store_true", help="only the worst cases at the size limits")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     seeds = _seeds()
     tgts = targets(seeds)
     per = max(1, args.runs // len(tgts))
+    if args.worst_only:
+        tgts = {}
+    title = "worst cases only" if args.worst_only else f"{per * len(tgts):,} inputs, seed {args.seed}"
     lines = [
-        f"## {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC — {per * len(tgts):,} inputs, seed {args.seed}",
+        f"## {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC — {title}",
         "",
         f"Machine: {describe()}",
         "",
@@ -447,20 +476,26 @@ def main() -> int:
         print(lines[-1], flush=True)
     lines += [
         "",
-        "Worst cases at the size limits (each must be refused or parsed within 1 s):",
+        "Worst cases at the size limits (each must be refused or parsed within 1 s; wall time of",
+        "the first call, then the best of three and its CPU time, which a loaded machine inflates less):",
         "",
-        "| input | seconds | outcome |",
-        "|---|---|---|",
+        "| input | seconds (first) | best of 3 | CPU of the best | outcome |",
+        "|---|---|---|---|---|",
     ]
     for name, fn in worst_cases():
-        s = time.perf_counter()
-        try:
-            out = fn()
-            outcome = (str(out)[:70] if isinstance(out, str) else type(out).__name__).replace("|", "/")
-        except Exception as exc:
-            crashes += 1
-            outcome = f"CRASH {type(exc).__name__}"
-        lines.append(f"| {name} | {time.perf_counter() - s:.3f} | {outcome} |")
+        timings = []
+        outcome = ""
+        for _ in range(3):
+            s, c = time.perf_counter(), time.process_time()
+            try:
+                out = fn()
+                outcome = (str(out)[:70] if isinstance(out, str) else type(out).__name__).replace("|", "/")
+            except Exception as exc:
+                crashes += 1
+                outcome = f"CRASH {type(exc).__name__}"
+            timings.append((time.perf_counter() - s, time.process_time() - c))
+        best = min(timings)
+        lines.append(f"| {name} | {timings[0][0]:.3f} | {best[0]:.3f} | {best[1]:.3f} | {outcome} |")
         print(lines[-1], flush=True)
     lines += ["", f"Total {time.perf_counter() - started:.0f} s, {crashes} crash(es)."]
     report = "\n".join(lines) + "\n"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +39,8 @@ def read_limited(path: str | os.PathLike[str], *, limit: int = MAX_INPUT_BYTES, 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` so that readers see the old file or the new one, never half of it."""
+    import tempfile  # writers only: readers (escort explain) need not import it
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
@@ -62,6 +62,9 @@ def replace_dir(dest: str | os.PathLike[str], fill: Callable[[Path], None], *, p
     """Build a directory with ``fill(work)`` beside ``dest``, then swap it in: readers see
     the old directory or the new one, never a half-written one; a failure leaves ``dest``
     as it was. Returns ``dest`` (resolved)."""
+    import shutil
+    import tempfile
+
     final = Path(dest).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))

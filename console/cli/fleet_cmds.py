@@ -11,17 +11,16 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from console.adapters import files
-from console.cli.pki_cmds import parse_time
+from console.cli.attime import parse_time
 from console.core import envelope as env
 from console.core import grants as gr
-from console.core import issuance as iss
 from console.core import pki
 from console.core import policy as pol
 from console.core.decisions import Decision
@@ -29,6 +28,9 @@ from console.core.errors import InputError
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
+
+if TYPE_CHECKING:
+    from console.core import issuance as iss
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -73,14 +75,15 @@ def _live_opts(fn: Any) -> Any:
                         help="Do not reach the hosts: use only the fleet file and local certificates.")(fn)
 
 
-def _load_live(path: str, at: dt.datetime | None, offline: bool) -> FleetService:
+def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> FleetService:
     """The fleet, with every host's VMs and certificate read live unless ``offline``.
 
     VMs of lab and real fleets live in libvirt, not in the fleet file, so a question
     about them needs one refresh (concurrent, bounded; a host that cannot be reached
-    becomes a reason on that host, never an error).
+    becomes a reason on that host, never an error). Offline, only ``vm``'s records are
+    kept (the whole fleet file is still checked).
     """
-    service = FleetService.load_strict(path, at=at)
+    service = FleetService.load_strict(path, at=at, only_vm=vm if offline else None)
     if not offline and service.spec is not None and service.spec.hosts:
         import asyncio
 
@@ -114,7 +117,7 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     Exit 4 when the VM was not found and some hosts could not be reached (it may be on one).
     """
     at = parse_time(at_text)
-    service = _load_live(_fleet_path(ctx, fleet), at, offline)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     d = service.explain(vm, host, admin, at, emergency=emergency)
     if as_json:
         click.echo(json.dumps(d.as_json(), indent=2))
@@ -137,7 +140,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     VM was not found and some hosts could not be reached (it may be on one of them).
     """
     at = parse_time(at_text)
-    service = _load_live(_fleet_path(ctx, fleet), at, offline)
+    service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     decisions = service.targets(vm, admin, at)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
@@ -164,6 +167,8 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
 
 def _load_signer(key_path: str, cert_path: str, chain_paths: tuple[str, ...]) -> tuple[
         iss.PrivateKey, list[x509.Certificate], env.OwnerIdentity]:
+    from console.core import issuance as iss  # signing only: explain/targets need not import it
+
     key = iss.load_private_key(files.read_limited(key_path, what="private key"), key_path)
     certs = load_certificates(files.read_limited(cert_path, what="certificate"), cert_path)
     for extra in chain_paths:

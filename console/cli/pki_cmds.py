@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from console.adapters import files
+from console.cli.attime import parse_time
 from console.core import issuance as iss
 from console.core import pki
 from console.core.errors import InputError
@@ -105,26 +106,6 @@ def build_demo_tree(*, key_type: str = "ec", start: dt.datetime | None = None, d
 ANY_POLICY = "2.5.29.32.0"
 
 # --------------------------------------------------------------------------- helpers
-
-AT_EARLIEST = dt.datetime(1950, 1, 1, tzinfo=dt.UTC)  # X.509 UTCTime starts here
-AT_LATEST = dt.datetime(9998, 1, 1, tzinfo=dt.UTC)
-
-
-def parse_time(text: str | None) -> dt.datetime:
-    """RFC 3339 (``2026-11-26T12:00:00Z``; a bare date means midnight UTC) -> aware UTC."""
-    if text is None:
-        return dt.datetime.now(dt.UTC)
-    try:
-        value = pki.utc(dt.datetime.fromisoformat(text.strip()))
-    except (ValueError, OverflowError) as exc:
-        raise InputError(f"--at {text!r}: not an RFC 3339 time (e.g. 2026-11-26T12:00:00Z)") from exc
-    # the ends of datetime's range overflow in date arithmetic (validity windows, CRL
-    # ages); certificates and tokens cannot name times outside these years anyway
-    if not AT_EARLIEST <= value <= AT_LATEST:
-        raise InputError(f"--at {text!r}: outside the supported range "
-                         f"{AT_EARLIEST:%Y-%m-%d} to {AT_LATEST:%Y-%m-%d}")
-    return value
-
 
 def _reason_line(r: pki.Reason) -> str:
     fix = f" Fix: {r.fix}" if r.fix else ""

@@ -14,7 +14,7 @@ from console.core.errors import InputError
 def _parse_at(text: str | None) -> dt.datetime | None:
     if not text:
         return None
-    from console.cli.pki_cmds import parse_time  # one --at parser (range-checked) for every command
+    from console.cli.attime import parse_time  # one --at parser (range-checked) for every command
 
     return parse_time(text)
 

@@ -19,18 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import InputError
+from .pki.model import DEFAULT_POLICY_NAMES as DEFAULT_POLICY_NAMES
+from .pki.model import ESCORT_ARC as ESCORT_ARC
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
-#: escort's private OID arc (ITU-T X.667 UUID arc, so no registration is needed).
-ESCORT_ARC = "2.25.311878239837216513262473432547838426281"
-#: Default friendly names for certificatePolicies OIDs; a fleet file may add more.
-DEFAULT_POLICY_NAMES: dict[str, str] = {
-    "assurance:low": f"{ESCORT_ARC}.1.1",
-    "assurance:medium": f"{ESCORT_ARC}.1.2",
-    "assurance:high": f"{ESCORT_ARC}.1.3",
-    "fips": f"{ESCORT_ARC}.2.1",
-}
 
 KEY_TYPES = ("ec", "rsa", "ed25519")
 

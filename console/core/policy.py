@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid as uuidlib
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,7 +32,7 @@ from .envelope import (
 )
 from .envelope import sign as sign_envelope
 from .errors import InputError
-from .issuance import DEFAULT_POLICY_NAMES
+from .pki.model import DEFAULT_POLICY_NAMES
 from .reasons import Reason
 
 POLICY_NS = "https://escort.dev/xmlns/policy/1"
@@ -592,6 +591,8 @@ def policy_metadata_xml(token: str) -> str:
     token = token.strip()
     if not token or not re.fullmatch(r"[A-Za-z0-9_\-.]+", token):
         raise InputError("a policy token is base64url text separated by dots")
+    import xml.etree.ElementTree as ET  # only here: a decision never needs XML
+
     ET.register_namespace(POLICY_PREFIX, POLICY_NS)
     elem = ET.Element(f"{{{POLICY_NS}}}policy", {"ver": str(VERSION)})
     elem.text = token
@@ -613,6 +614,8 @@ def token_from_metadata_xml(xml: str) -> str:
         raise InputError("metadata XML with a DTD or entities is refused")
     if len(xml) > MAX_METADATA_CHARS:
         raise InputError(f"metadata XML is larger than {MAX_METADATA_CHARS // 1024} KiB")
+    import xml.etree.ElementTree as ET  # only here: a decision never needs XML
+
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:

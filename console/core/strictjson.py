@@ -29,8 +29,18 @@ MAX_DEPTH = 32
 #: 2**63 has 19 digits; timestamps and sequence numbers need far fewer than 40.
 MAX_INT_DIGITS = 40
 
-#: A whole JSON string (skipped: brackets inside strings do not nest) or one bracket.
-_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
+#: A whole JSON string (skipped: brackets inside strings do not nest), an unterminated
+#: one running to the end of the text.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
+#: ``bytes.translate`` deletes everything but brackets.
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+#: ``bytes.translate``: ASCII digits become "1", every other byte "0" (then a long run of
+#: "1" is a long run of digits).
+_DIGITS_TO_1 = bytes(0x31 if 0x30 <= c <= 0x39 else 0x30 for c in range(256))
+_LONG_DIGITS = b"1" * (MAX_INT_DIGITS + 1)
+_NOT_QUOTES_OR_BRACKETS = bytes(c for c in range(256) if c not in b'"[]{}')
+#: Where a lone surrogate could come from in text decoded from UTF-8: a \uD800-\uDFFF escape.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class StrictJSONError(ValueError):
@@ -42,27 +52,38 @@ def nesting_depth(data: bytes | str, limit: int = MAX_DEPTH) -> int:
 
     Linear in the input and independent of the parser, so it can run before it.
     """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    # Only brackets outside strings count. Fast path, at C speed: without a backslash
+    # quotes alternate open/close, so keeping only quotes and brackets and dropping
+    # every adjacent "" leaves no quote at all exactly when no string holds a bracket
+    # (each drop then paired a string's own quotes) -- what is left is the answer's
+    # input. Anything else takes the regex over strings (~25 MB/s).
+    brackets = raw.translate(None, _NOT_QUOTES_OR_BRACKETS).replace(b'""', b"")
+    if b"\\" in raw or b'"' in brackets:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        outside = _STRING.sub("", text)
+        brackets = outside.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
     depth = deepest = 0
-    for m in _TOKENS.finditer(text):
-        ch = m.group()
-        if ch in "[{":
+    for ch in brackets:
+        if ch in b"[{":
             depth += 1
             if depth > deepest:
                 deepest = depth
                 if deepest > limit:
                     break
-        elif ch in "]}":
+        else:
             depth -= 1
     return deepest
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise StrictJSONError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # only then look for the first repeated key (C speed otherwise)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StrictJSONError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -111,14 +132,20 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         text = data
     if nesting_depth(text, max_depth) > max_depth:
         raise StrictJSONError(f"nested deeper than {max_depth} levels")
+    # Without a run of more than MAX_INT_DIGITS digits anywhere (strings included), no
+    # integer can be too long: json's own int() then spares a Python call per number.
+    digits = text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_1)
+    parse_int = _int if _LONG_DIGITS in digits else None
     try:
         value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant,
-                           parse_int=_int, parse_float=_float)
+                           parse_int=parse_int, parse_float=_float)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError, TypeError) as exc:
         raise StrictJSONError(f"not JSON ({exc})") from exc
-    _check_text(value)
+    # text decoded from UTF-8 holds no surrogate but what an escape makes
+    if not isinstance(data, bytes) or _SURROGATE_ESCAPE.search(text):
+        _check_text(value)
     return value
 
 

@@ -17,20 +17,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
-import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from console.adapters.cache import FleetSnapshot, OpenedCache, code_digest, digest_parts
 from console.adapters.files import load_trust_store, read_limited
 from console.adapters.fleetfile import load_fleet
 from console.adapters.state import PolicyMemory, read_raw, state_path
@@ -78,6 +74,12 @@ from console.core.policy import (
 from console.core.reasons import Reason
 from console.core.timekey import boundaries, time_key
 
+if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30-50 ms of imports)
+    import multiprocessing.process
+    from multiprocessing.connection import Connection
+
+    from console.adapters.cache import FleetSnapshot, OpenedCache
+
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
 #: A host certificate check (chain + attributes) costs about this many token checks.
@@ -105,6 +107,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
     tokens opened here.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     todo = list(dict.fromkeys(t.strip() for t in tokens if t and not verifier.is_open(t, typ)))
     n = workers if workers is not None else (os.cpu_count() or 1)
     if (n <= 1 or len(todo) < PARALLEL_MIN_TOKENS or threading.active_count() > 1
@@ -213,8 +218,14 @@ class FleetService:
     """A loaded fleet: hosts, VMs, trust stores, and decisions about them."""
 
     def __init__(self, spec: FleetSpec | None, *, path: str = "", readonly: bool = False,
-                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True) -> None:
+                 at: dt.datetime | None = None, problems: Iterable[Problem] = (), eager: bool = True,
+                 only_vm: str | None = None) -> None:
         self.spec = spec
+        #: a one-pair answer offline (``escort explain/targets --offline``): keep only the
+        #: VMs that ``only_vm`` (a UUID or name) can find -- exactly those ``_find_vm``
+        #: would look at, so it finds the same VM or raises the same error. Never with a
+        #: refresh (a host may report a VM under another name).
+        self._only_vm = only_vm
         #: eager: check every host chain and open every policy on load (the console shows
         #: them all); lazy: only what a question needs (``escort explain`` on a big fleet)
         self.eager = eager
@@ -289,13 +300,23 @@ class FleetService:
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
-                    at: dt.datetime | None = None, eager: bool = False) -> FleetService:
+                    at: dt.datetime | None = None, eager: bool = False,
+                    only_vm: str | None = None) -> FleetService:
         """Load for the CLI: the first unusable input is an InputError (exit 2).
 
         Lazy by default: ``escort explain`` checks one host chain and one policy, not
-        the whole fleet's.
+        the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
+        whole fleet file is still read and checked).
         """
-        service = cls(load_fleet(path), path=str(path), readonly=readonly, at=at, eager=eager)
+        keep = None
+        if only_vm is not None:
+            keys = {only_vm, only_vm.lower()}
+
+            def keep(uuid: str, name: str) -> bool:
+                return uuid in keys or name == only_vm
+
+        service = cls(load_fleet(path, keep_vm=keep), path=str(path), readonly=readonly, at=at, eager=eager,
+                      only_vm=only_vm)
         service._strict = True
         if service._fatal:
             first = service._fatal[0]
@@ -324,7 +345,11 @@ class FleetService:
         self._open_memory()
         for h in spec.hosts:
             self._hosts[h.name] = HostView(spec=h)
+        only = self._only_vm
+        keys = {only, only.lower()} if only is not None else set()
         for v in spec.vms:
+            if only is not None and v.uuid not in keys and v.name != only:
+                continue
             rec = _VMRecord(v.uuid, v.name, v.host, memory_mib=v.memory_mib, vcpus=v.vcpus,
                             policy_file=v.policy_file)
             if self.eager:
@@ -708,6 +733,8 @@ class FleetService:
         lazy service that has not checked anything yet; ``check_in_steps`` uses what it
         sends and does everything itself if it sends nothing usable. True if started.
         """
+        import multiprocessing
+
         if (self._prefetch is not None or self.eager or self.spec is None or self._generation
                 or threading.active_count() > 1 or (os.cpu_count() or 1) < 2
                 or "fork" not in multiprocessing.get_all_start_methods()):
@@ -748,6 +775,8 @@ class FleetService:
                 or self.spec is None or self._generation):
             return None
         if self._snap is None:
+            from console.adapters.cache import FleetSnapshot
+
             self._snap = FleetSnapshot(self.path)
         return self._snap
 
@@ -756,6 +785,8 @@ class FleetService:
         (the policy memory is added by ``_with_memory``): escort's core code, the fleet's
         CRL rule and policy names, every file of both trust directories (CA certificates,
         CRLs), every host entry and its certificate file, every VM entry and its token."""
+        from console.adapters.cache import code_digest, digest_parts
+
         spec = self.spec
         assert spec is not None
         parts: list[bytes | str] = [code_digest(),
@@ -786,6 +817,8 @@ class FleetService:
 
     @staticmethod
     def _with_memory(key: str, memory: bytes) -> str:
+        from console.adapters.cache import digest_parts
+
         return digest_parts((key, memory))
 
     def _memory_after(self, pending: dict[str, SeenPolicy]) -> dict[str, SeenPolicy] | None:
@@ -804,6 +837,8 @@ class FleetService:
 
         Per VM: what its row shows, and its full check (``VMCheck``) pickled on its own, so
         that a reuse unpickles only the checks it is asked about (``_adopt_lazy``)."""
+        from console.adapters.cache import FleetSnapshot
+
         vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
         blobs: list[bytes] = []
         size = 0
@@ -880,6 +915,8 @@ class FleetService:
         if not self.use_cache or os.environ.get("ESCORT_NO_CACHE"):
             return None
         if self._cache is None:
+            from console.adapters.cache import OpenedCache
+
             self._cache = OpenedCache()
         return self._cache
 
@@ -899,6 +936,8 @@ class FleetService:
         first, end = self._lazy.pop(rec.uuid)
         if self._lazy_at is None:
             return
+        from console.adapters.cache import FleetSnapshot
+
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
         if not isinstance(check, VMCheck) or check.uuid != rec.uuid:
             return
@@ -913,6 +952,19 @@ class FleetService:
     def policy_token(self, vm: str) -> str:
         """The VM's policy token as known (fleet file or domain metadata), "" when none."""
         return self._find_vm(vm).token
+
+    def policies_seen(self) -> dict[str, SeenPolicy]:
+        """escort's memory: the newest policy accepted per VM UUID (pushed to the host guard)."""
+        self._ensure_memory()
+        return dict(self._policies.seen)
+
+    def remember_policies(self, seen: Mapping[str, SeenPolicy]) -> None:
+        """Record policies accepted on another path (what the host guard is given) in the memory."""
+        self._ensure_memory()
+        if self._memory is None:
+            return
+        self._pending.update({u: p for u, p in seen.items() if self._policies.seen.get(u) != p})
+        self._remember()
 
     def _open_memory(self) -> None:
         """Where the remembered newest policy per VM lives; read on first need."""
@@ -1137,6 +1189,8 @@ class FleetService:
         Domains reported by the host replace what the fleet file said about those VMs;
         VMs previously learned from this host and no longer on it are dropped.
         """
+        if self._only_vm is not None:
+            raise EscortError("a service loaded for one VM (only_vm) cannot take a refresh")
         view = self._hosts.get(host_name)
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")

@@ -12,8 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import InputError
-from ..issuance import DEFAULT_POLICY_NAMES
-from .model import CertInfo, HostAttributes
+from .model import DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 

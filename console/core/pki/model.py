@@ -12,6 +12,18 @@ from cryptography.hazmat.primitives import hashes
 
 from ..reasons import Reason
 
+#: escort's private OID arc (ITU-T X.667 UUID arc, so no registration is needed).
+ESCORT_ARC = "2.25.311878239837216513262473432547838426281"
+#: Default friendly names for certificatePolicies OIDs; a fleet file may add more.
+#: (Here rather than in issuance.py, which re-exports them: checking a certificate
+#: need not import what issues one.)
+DEFAULT_POLICY_NAMES: dict[str, str] = {
+    "assurance:low": f"{ESCORT_ARC}.1.1",
+    "assurance:medium": f"{ESCORT_ARC}.1.2",
+    "assurance:high": f"{ESCORT_ARC}.1.3",
+    "fips": f"{ESCORT_ARC}.2.1",
+}
+
 CAStatusWord = Literal["valid", "expiring", "expired", "revoked", "not yet valid", "untrusted"]
 EXPIRING_DAYS = 14
 #: Longest CA path we follow (leaf excluded); deeper means something is wrong.
