@@ -20,10 +20,10 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -75,6 +75,9 @@ from console.core.reasons import Reason
 from console.core.timekey import boundaries, time_key
 
 if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30-50 ms of imports)
+    import multiprocessing.process
+    from multiprocessing.connection import Connection
+
     from console.adapters.cache import FleetSnapshot, OpenedCache
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
@@ -135,6 +138,50 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
                 verifier.adopt(token, typ, portable)
     gc.unfreeze()
     return len(todo)
+
+
+def _prefetch_main(service: FleetService, conn: Connection) -> None:
+    """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
+
+    Reads every policy file and the snapshot key and sends them (``tokens``); when the
+    snapshot will not answer, opens every token (signature and schema, or the opened
+    cache) and sends those too (``opened``). Everything else — and every verdict — is
+    decided in the console's process from these, exactly as without this process.
+    """
+    try:
+        tokens: list[str | None] = []
+        for rec in service._vms.values():
+            if rec.policy_file:
+                with contextlib.suppress(InputError):
+                    service._read_token(rec)
+            tokens.append(None if rec.token_problem is not None else rec.token)
+        snap = service._snapshot()
+        key = service._snapshot_key() if snap is not None else ""
+        memory = read_raw(service._memory_path) if service._memory_path else b""
+        hit = snap is not None and snap.matches(service._with_memory(key, memory))
+        conn.send(("tokens", key, hit, tokens))
+        if hit:
+            return
+        cache = service._opened_cache()
+        opened: dict[str, Portable] = {}
+        todo: list[str] = []
+        for token in dict.fromkeys(t for t in tokens if t):
+            got = cache.get(TYP_POLICY, token) if cache is not None else None
+            if got is None:
+                todo.append(token)
+            else:
+                opened[token] = got
+        fresh = open_portable(todo, TYP_POLICY, POLICY_FIELDS)
+        opened.update(zip(todo, fresh, strict=True))
+        conn.send(("opened", opened))
+        if cache is not None and fresh:
+            cache.put(TYP_POLICY, fresh)
+            cache.save()
+    except Exception:  # the console's process does the work itself then
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("failed",))
+    finally:
+        conn.close()
 
 
 def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
@@ -209,7 +256,9 @@ class FleetService:
         self._snap: FleetSnapshot | None = None
         #: from a reused snapshot: each VM's row fields, and its check still pickled
         self._restored: dict[str, tuple[str, str, tuple[Reason, ...]]] = {}
-        self._lazy: dict[str, tuple[tuple[object, ...], int, int]] = {}
+        self._lazy: dict[str, tuple[int, int]] = {}
+        #: the start-up check's helper process and the read end of its pipe (``start_prefetch``)
+        self._prefetch: tuple[multiprocessing.process.BaseProcess, Connection] | None = None
         self._lazy_blob = memoryview(b"")
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
@@ -534,8 +583,15 @@ class FleetService:
     def vms(self) -> list[VMView]:
         at = self.at
         matrix = self._current_matrix(at)
-        return [self._view(rec, self._policy(rec, at), matrix.targets.get(rec.uuid, ()))
+        return [self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ()))
                 for rec in self._vms.values()]
+
+    def _row(self, rec: _VMRecord, at: dt.datetime) -> tuple[str, str, tuple[Reason, ...]]:
+        """The VM's row fields: from a reused snapshot while it holds for the VM, else checked."""
+        fields = self._restored.get(rec.uuid)
+        if fields is not None and self._fresh(self._lazy_at, at):
+            return fields
+        return _row_fields(self._policy(rec, at))
 
     def host_stubs(self) -> list[HostView]:
         """The hosts' views as they are, without checking a certificate (console rows first)."""
@@ -569,6 +625,20 @@ class FleetService:
         snap = self._snapshot()
         key = ""
         problems_before = len(self.problems)
+        helper, self._prefetch = self._prefetch, None
+        conn: Connection | None = None
+        reusable = True
+        if helper is not None:
+            conn = helper[1]
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "tokens" and len(message[3]) == len(self._vms):
+                _, key, reusable, tokens = message
+                for rec, token in zip(list(self._vms.values()), tokens, strict=True):
+                    if rec.policy_file and token is not None:
+                        rec.token = rec.file_token = token
+                        rec.policy_file = ""
+            else:
+                conn = None
         if snap is not None:
             for i, rec in enumerate(list(self._vms.values())):
                 if rec.policy_file:
@@ -576,16 +646,17 @@ class FleetService:
                 if i % 256 == 0 and clock() - start > budget_s:
                     yield []
                     start = clock()
-            key = self._snapshot_key()
+            key = key or self._snapshot_key()
             memory = read_raw(self._memory_path) if self._memory_path else b""
-            state = snap.load(self._with_memory(key, memory))
+            state = snap.load(self._with_memory(key, memory)) if reusable else None
             if state is not None and self._restore(state, at):
+                if conn is not None:
+                    conn.close()
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
-                fields = self._restored
                 ready: list[VMView] = []
                 for rec in self._vms.values():
-                    ready.append(self._view_of(rec, fields[rec.uuid], matrix.targets.get(rec.uuid, ())))
+                    ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
                     if len(ready) == 2000:
                         yield ready
                         ready = []
@@ -606,6 +677,13 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
+        if conn is not None:  # the helper opened the tokens meanwhile (signatures, on the other core)
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "opened" and isinstance(message[1], dict):
+                for token, portable in message[1].items():
+                    if not envelopes.is_open(token, TYP_POLICY):
+                        envelopes.adopt(token, TYP_POLICY, portable)
+                cache = None  # the helper kept the opened cache up to date
         fresh: list[str] = []
         for rec in list(self._vms.values()):
             if rec.policy_file:
@@ -649,6 +727,44 @@ class FleetService:
                       self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
+
+    def start_prefetch(self) -> bool:
+        """Start the start-up check's helper process (``_prefetch_main``) on the other core.
+
+        Only before the console starts any thread (a fork then is safe) and only for a
+        lazy service that has not checked anything yet; ``check_in_steps`` uses what it
+        sends and does everything itself if it sends nothing usable. True if started.
+        """
+        import multiprocessing
+
+        if (self._prefetch is not None or self.eager or self.spec is None or self._generation
+                or threading.active_count() > 1 or (os.cpu_count() or 1) < 2
+                or "fork" not in multiprocessing.get_all_start_methods()):
+            return False
+        ctx = multiprocessing.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc.start()
+        send.close()
+        self._prefetch = (proc, receive)
+        return True
+
+    @staticmethod
+    def _receive(conn: Connection) -> Generator[list[VMView], None, tuple[Any, ...] | None]:
+        """The helper's next message, waiting in steps (``[]``: nothing decided yet); None when
+        it has nothing (failed, exited)."""
+        while True:
+            try:
+                if conn.poll(0.005):
+                    message = conn.recv()
+                    if isinstance(message, tuple) and message and message[0] != "failed":
+                        return message
+                    break
+            except (EOFError, OSError):
+                break
+            yield []
+        conn.close()
+        return None
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> FleetSnapshot | None:
@@ -786,10 +902,8 @@ class FleetService:
             self._chains[n] = (at, check.chain)
             self._checks[(n,)] = (at, check)
         self._lazy_at = at
-        for rec in self._vms.values():
-            owner, summary, why, first, end = vms[rec.uuid]
-            self._restored[rec.uuid] = (owner, summary, why)
-            self._lazy[rec.uuid] = (self._vm_key(rec), first, end)
+        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
+        self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
         self._lazy_blob = memoryview(checks)
         self._instant_set.update(instants)
         self._instants = None
@@ -821,14 +935,15 @@ class FleetService:
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
-        key, first, end = self._lazy.pop(rec.uuid)
-        if key != self._vm_key(rec) or self._lazy_at is None:
-            return  # the VM changed since (a refresh): checked anew
+        first, end = self._lazy.pop(rec.uuid)
+        if self._lazy_at is None:
+            return
         from console.adapters.cache import FleetSnapshot
 
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
         if not isinstance(check, VMCheck) or check.uuid != rec.uuid:
             return
+        key = self._vm_key(rec)  # as restored: a refresh (apply_facts) drops what is left
         self._policy_cache[rec.uuid] = (self._lazy_at, rec.token, check.policy)
         self._vm_checks[key] = (self._lazy_at, check)
 
@@ -1165,6 +1280,7 @@ class FleetService:
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
+        self._restored, self._lazy = {}, {}  # a snapshot describes the fleet files, not these facts
         self._matrix = None
         self._names = None
         self._generation += 1
