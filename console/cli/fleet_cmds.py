@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
@@ -21,7 +22,6 @@ from console.adapters import files
 from console.cli.attime import parse_time
 from console.core import envelope as env
 from console.core import grants as gr
-from console.core import issuance as iss
 from console.core import pki
 from console.core import policy as pol
 from console.core.decisions import Decision
@@ -29,6 +29,9 @@ from console.core.errors import InputError
 from console.core.pki import load_certificates
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
+
+if TYPE_CHECKING:
+    from console.core import issuance as iss
 
 
 def _fleet_path(ctx: click.Context, fleet: str | None) -> str:
@@ -139,7 +142,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
-    decisions = service.targets(vm, admin, at)
+    decisions = service.targets(vm, admin, at, workers=os.cpu_count() or 1)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:
@@ -165,6 +168,8 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
 
 def _load_signer(key_path: str, cert_path: str, chain_paths: tuple[str, ...]) -> tuple[
         iss.PrivateKey, list[x509.Certificate], env.OwnerIdentity]:
+    from console.core import issuance as iss  # signing only: explain/targets need not import it
+
     key = iss.load_private_key(files.read_limited(key_path, what="private key"), key_path)
     certs = load_certificates(files.read_limited(cert_path, what="certificate"), cert_path)
     for extra in chain_paths:

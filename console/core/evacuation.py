@@ -94,12 +94,23 @@ def capacity_from_facts(name: str, region: str, facts: HostFacts, *, vcpu_ratio:
     the demo, cannot report it and says 0).
     """
     active = [d for d in facts.domains if d.state not in _INACTIVE_STATES]
-    promised = sum(d.memory_mib for d in active)
-    free_mem = facts.memory_mib - promised
-    if kernel_free:
-        free_mem = min(facts.free_memory_mib, free_mem)
     free_cpu = int(facts.cpus * vcpu_ratio) - sum(d.vcpus for d in active)
-    return Capacity(name, region, max(0, free_mem), max(0, free_cpu))
+    return Capacity(name, region, memory_room(facts, kernel_free=kernel_free), max(0, free_cpu))
+
+
+def memory_room(facts: HostFacts, *, kernel_free: bool = True) -> int:
+    """MiB of memory a host can still take: the smaller of the kernel's free memory and the
+    host's memory minus what its active domains were given (see ``capacity_from_facts``).
+
+    The one rule for the planner, the pre-flight and the just-in-time check right before
+    ``migrate3`` (services/migration.py), so a target's memory promised to guests that have
+    not touched it yet is never handed out twice by a later check.
+    """
+    promised = sum(d.memory_mib for d in facts.domains if d.state not in _INACTIVE_STATES)
+    room = facts.memory_mib - promised
+    if kernel_free:
+        room = min(facts.free_memory_mib, room)
+    return max(0, room)
 
 
 def group_reasons(why_not: Iterable[tuple[str, tuple[Reason, ...]]]) -> list[tuple[Reason, list[str]]]:

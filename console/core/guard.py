@@ -12,6 +12,10 @@ hook adds around it:
   stripped: refused (``guard.policy_stripped``);
 * a domain without any policy: the host's setting (``no_policy``: "admit", logged,
   or "refuse");
+* no rollback, no owner swap: ``PolicyBook.continuity`` — the very check the console
+  runs — against the newest policy known per VM, which is what escort remembered
+  (pushed in ``guard.json`` as ``seen``) merged with what this guard admitted itself
+  (the hook keeps that memory on the host; it is an input here);
 * anything the guard cannot read or parse: refused (fail closed), one line.
 
 Bytes in, a ``GuardVerdict`` out; no clock, no files.
@@ -24,19 +28,19 @@ import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import pki
+from . import pki, strictjson
 from .decisions import Decision, HostCheck, VMCheck, decide
 from .envelope import reason
 from .errors import InputError
-from .policy import PolicyBook, normalize_uuid, token_from_metadata_xml
+from .policy import PolicyBook, SeenPolicy, normalize_uuid, token_from_metadata_xml
 from .reasons import Reason
 
 #: Bumped whenever the hook's behaviour or its files change; `guard status` shows it.
-GUARD_VERSION = "1"
+GUARD_VERSION = "2"
 NoPolicy = Literal["admit", "refuse"]
 NO_POLICY_MODES: tuple[str, ...] = ("admit", "refuse")
 #: Hook operations the guard checks; every other one is admitted without a look.
@@ -44,7 +48,7 @@ CHECKED_OPS = {("migrate", "begin"): "incoming migration", ("prepare", "begin"):
                ("restore", "begin"): "restore"}
 MAX_XML_BYTES = 4 * 1024 * 1024
 _CONFIG_KEYS = {"version", "host", "no_policy", "policy_uuids", "policy_names", "host_cert",
-                "trust_digest", "fleet", "missing_crl"}
+                "trust_digest", "fleet", "missing_crl", "seen"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class GuardConfig:
     fleet: str = ""
     #: the fleet's ``missing_crl`` (docs/PKI.md), so the guard's verdict is escort's
     missing_crl: pki.MissingCRL = "refuse"
+    #: the newest policy escort has seen per VM UUID (owner, seq): rollbacks and owner
+    #: swaps are refused against it (and against what the guard admitted itself)
+    seen: Mapping[str, SeenPolicy] = field(default_factory=dict)
 
     def as_json(self, trust_digest: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -69,6 +76,8 @@ class GuardConfig:
             "trust_digest": trust_digest}
         if self.missing_crl != "refuse":  # only when set: guard.json (and digests) stay as they were
             out["missing_crl"] = self.missing_crl
+        if self.seen:  # likewise only when there is something to remember
+            out["seen"] = seen_as_json(self.seen)
         return out
 
     @classmethod
@@ -102,9 +111,10 @@ class GuardConfig:
         if missing not in ("refuse", "warn"):
             raise InputError(f"guard.json: missing_crl must be refuse or warn, not {missing!r}")
         digest = raw.get("trust_digest", "")
+        seen = seen_from_json(raw.get("seen", {}), "guard.json: seen")
         return cls(host, mode, frozenset(normalize_uuid(u) for u in uuids), dict(names), cert,
                    str(raw.get("version", "")), str(raw.get("fleet", "")),
-                   "warn" if missing == "warn" else "refuse"), str(digest)
+                   "warn" if missing == "warn" else "refuse", seen), str(digest)
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,8 @@ def material_digest(material: GuardMaterial, config: GuardConfig) -> str:
             h.update(f"{role}\0{name}\0{len(data)}\0".encode())
             h.update(data)
     cfg = config.as_json()
-    for key in ("trust_digest", "version", "policy_uuids"):  # the VM list has its own digest
-        cfg.pop(key)
+    for key in ("trust_digest", "version", "policy_uuids", "seen"):  # these have their own digests
+        cfg.pop(key, None)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -139,6 +149,76 @@ def material_digest(material: GuardMaterial, config: GuardConfig) -> str:
 def vms_digest(uuids: frozenset[str]) -> str:
     """SHA-256 of the list of VMs known to carry a policy (what stripped-policy checks use)."""
     return hashlib.sha256("\n".join(sorted(uuids)).encode()).hexdigest()
+
+
+def seen_as_json(seen: Mapping[str, SeenPolicy]) -> dict[str, dict[str, Any]]:
+    """``seen`` as stored in guard.json and in the guard's own memory file (sorted)."""
+    return {u: {"owner": p.owner, "owner_label": p.owner_label, "seq": p.seq, "digest": p.digest}
+            for u, p in sorted(seen.items())}
+
+
+def seen_from_json(raw: Any, what: str) -> dict[str, SeenPolicy]:
+    """The inverse of ``seen_as_json``; InputError naming ``what`` when anything is off."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{what} is not a table of VMs")
+    out: dict[str, SeenPolicy] = {}
+    for uuid, e in raw.items():
+        if not (isinstance(e, dict) and set(e) == {"owner", "owner_label", "seq", "digest"}
+                and isinstance(e["owner"], str) and e["owner"] and isinstance(e["owner_label"], str)
+                and isinstance(e["digest"], str) and isinstance(e["seq"], int)
+                and not isinstance(e["seq"], bool) and e["seq"] >= 0):
+            raise InputError(f"{what}: damaged entry for VM {str(uuid)[:40]!r}")
+        out[normalize_uuid(uuid)] = SeenPolicy(e["owner"], e["owner_label"], e["seq"], e["digest"])
+    return out
+
+
+def seen_digest(seen: Mapping[str, SeenPolicy]) -> str:
+    """SHA-256 of the remembered policies (what `hosts guard status` compares)."""
+    return hashlib.sha256(json.dumps(seen_as_json(seen), sort_keys=True).encode()).hexdigest()
+
+
+def merge_seen(*layers: Mapping[str, SeenPolicy]) -> dict[str, SeenPolicy]:
+    """The newest entry per VM over several memories: a higher ``seq`` wins, on a tie the
+    earlier layer stays (the same rule as escort's own memory, adapters/state.py)."""
+    out: dict[str, SeenPolicy] = {}
+    for layer in layers:
+        for uuid, new in layer.items():
+            old = out.get(uuid)
+            if old is None or new.seq > old.seq:
+                out[uuid] = new
+    return out
+
+
+def parse_memory(data: bytes, what: str) -> dict[str, SeenPolicy]:
+    """The guard's own memory file on the host (``{"version": 1, "vms": {...}}``)."""
+    try:
+        raw = strictjson.loads(data)
+    except strictjson.StrictJSONError as exc:
+        raise InputError(f"{what} is damaged ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("version") != 1 or set(raw) != {"version", "vms"}:
+        raise InputError(f"{what} is not the guard's memory (version 1)")
+    return seen_from_json(raw["vms"], what)
+
+
+def memory_bytes(seen: Mapping[str, SeenPolicy]) -> bytes:
+    return (json.dumps({"version": 1, "vms": seen_as_json(seen)}, indent=1, sort_keys=True) + "\n").encode()
+
+
+def seen_for_guard(book: PolicyBook, tokens: Iterable[tuple[str, str]],
+                   at: dt.datetime) -> dict[str, SeenPolicy]:
+    """What escort pushes as ``seen``: its memory (``book.seen``) merged with every policy
+    it would accept now (``(vm_uuid, token)`` pairs; rolled-back or swapped ones are not
+    accepted, so they never raise the bar)."""
+    now: dict[str, SeenPolicy] = {}
+    for uuid, token in tokens:
+        if not token:
+            continue
+        result = book.verify(token, at, vm_uuid=uuid)
+        if result.valid and result.owner is not None and result.policy is not None:
+            now[normalize_uuid(uuid)] = SeenPolicy(result.owner.key, result.owner.full_label(),
+                                                   result.policy.seq, result.digest)
+    base = {normalize_uuid(u): p for u, p in book.seen.items()}
+    return merge_seen(base, now)
 
 
 @dataclass(frozen=True)
@@ -151,6 +231,8 @@ class GuardVerdict:
     policy_digest: str = ""
     reasons: tuple[Reason, ...] = ()  # every failing check (errors only)
     decision: Decision | None = None  # the shared decision, when one was made
+    #: on admission with a valid policy: what the guard remembers about it on this host
+    seen: SeenPolicy | None = None
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -207,8 +289,14 @@ def _store(certs: Sequence[tuple[str, bytes]], crls: Sequence[tuple[str, bytes]]
 
 
 def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, config: GuardConfig,
-                 at: dt.datetime) -> GuardVerdict:
-    """The guard's verdict for a domain arriving on (or starting on) ``config.host``."""
+                 at: dt.datetime, remembered: Mapping[str, SeenPolicy] | None = None) -> GuardVerdict:
+    """The guard's verdict for a domain arriving on (or starting on) ``config.host``.
+
+    ``remembered`` is what this guard admitted before on this host (its memory file);
+    together with ``config.seen`` it is the ``seen`` of the ``PolicyBook``, so an older
+    policy or another owner's without a hand-over is refused with escort's own codes
+    (``policy.rollback``, ``policy.owner_changed``, ``policy.handover_invalid``).
+    """
     try:
         uuid, name, token = domain_identity(domain_xml)
     except InputError as exc:
@@ -250,16 +338,19 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
                        "reissue the host certificate", **ids)
     host = HostCheck.prepare(config.host, chain, attributes, reachability="up",
                              policy_names=config.policy_names)
-    policy = PolicyBook(owners).verify(token, at, vm_uuid=uuid)
+    book = PolicyBook(owners, seen=merge_seen(config.seen, remembered or {}))
+    policy = book.verify(token, at, vm_uuid=uuid)
     vm = VMCheck.prepare(uuid, name, "", policy, config.policy_names)
     known = {n.info.fingerprint: n.info.name for n in trust.nodes()}
     d = decide(vm, host, at=at, policy_names=config.policy_names, known_cas=known)
     errors = tuple(r for r in d.reasons if r.severity == "error")
     ids["policy_digest"] = policy.digest
     if d.allowed:
+        seen = (SeenPolicy(policy.owner.key, policy.owner.full_label(), policy.policy.seq, policy.digest)
+                if policy.valid and policy.owner is not None and policy.policy is not None else None)
         return GuardVerdict(True, "guard.admitted",
                             f"VM {name or uuid} may run on {config.host} (owner's policy admits it)",
-                            decision=d, **ids)
+                            decision=d, seen=seen, **ids)
     first = errors[0] if errors else reason("guard.refused", "refused", "")
     return GuardVerdict(False, first.code, first.message, reasons=errors, decision=d, **ids)
 
@@ -295,5 +386,12 @@ __all__ = [
     "guard_decide",
     "guard_refusal",
     "material_digest",
+    "memory_bytes",
+    "merge_seen",
+    "parse_memory",
+    "seen_as_json",
+    "seen_digest",
+    "seen_for_guard",
+    "seen_from_json",
     "vms_digest",
 ]

@@ -34,6 +34,10 @@ MAX_INT_DIGITS = 40
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
 #: ``bytes.translate`` deletes everything but brackets.
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+#: ``bytes.translate``: ASCII digits become "1", every other byte "0" (then a long run of
+#: "1" is a long run of digits).
+_DIGITS_TO_1 = bytes(0x31 if 0x30 <= c <= 0x39 else 0x30 for c in range(256))
+_LONG_DIGITS = b"1" * (MAX_INT_DIGITS + 1)
 _NOT_QUOTES_OR_BRACKETS = bytes(c for c in range(256) if c not in b'"[]{}')
 #: Where a lone surrogate could come from in text decoded from UTF-8: a \uD800-\uDFFF escape.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -73,11 +77,13 @@ def nesting_depth(data: bytes | str, limit: int = MAX_DEPTH) -> int:
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise StrictJSONError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # only then look for the first repeated key (C speed otherwise)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StrictJSONError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -126,9 +132,13 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         text = data
     if nesting_depth(text, max_depth) > max_depth:
         raise StrictJSONError(f"nested deeper than {max_depth} levels")
+    # Without a run of more than MAX_INT_DIGITS digits anywhere (strings included), no
+    # integer can be too long: json's own int() then spares a Python call per number.
+    digits = text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_1)
+    parse_int = _int if _LONG_DIGITS in digits else None
     try:
         value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant,
-                           parse_int=_int, parse_float=_float)
+                           parse_int=parse_int, parse_float=_float)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError, TypeError) as exc:

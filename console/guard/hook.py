@@ -12,6 +12,10 @@ Files on the host (see docs/GUARD.md):
   host-crls,owner-certs,owner-crls}/`` — the pushed configuration and trust material;
 * ``/var/log/libvirt/escort-guard.log`` — one JSON line per verdict (also sent to
   syslog with the tag ``escort-guard`` when a syslog socket exists);
+* ``/var/lib/libvirt/escort-guard-state/seen.json`` — the guard's own memory: per VM
+  the owner and highest policy ``seq`` it admitted on this host (written atomically
+  under ``flock``; kept by `escort hosts guard remove`), so a policy rolled back after
+  it was admitted here is refused even if escort never saw the newer one;
 * stdout stays empty: for ``migrate``/``restore`` libvirt would take anything printed
   there as a replacement domain XML.
 
@@ -30,6 +34,8 @@ from typing import Any
 
 CONF_DIR = Path(os.environ.get("ESCORT_GUARD_CONF", "/etc/libvirt/escort-guard/current"))
 LOG_FILE = Path(os.environ.get("ESCORT_GUARD_LOG", "/var/log/libvirt/escort-guard.log"))
+MEMORY_FILE = Path(os.environ.get("ESCORT_GUARD_SEEN", "/var/lib/libvirt/escort-guard-state/seen.json"))
+MAX_MEMORY = 64 * 1024 * 1024
 ROLES = ("host-certs", "host-crls", "owner-certs", "owner-crls")
 MAX_FILE = 1024 * 1024
 
@@ -60,6 +66,56 @@ def load(conf_dir: Path = CONF_DIR) -> tuple[Any, Any, str]:
         raise OSError(f"{trust}: no such directory")
     parts = [_read_dir(trust / role) for role in ROLES]
     return config, GuardMaterial(*parts), recorded
+
+
+def read_memory(path: Path | None = None) -> dict[str, Any]:
+    """What this guard admitted before ({uuid: SeenPolicy}); {} when there is no file yet.
+
+    A file that cannot be read or parsed raises (the caller refuses: fail closed).
+    """
+    from console.core.guard import parse_memory
+
+    path = path or MEMORY_FILE
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_MEMORY + 1)
+    except FileNotFoundError:
+        return {}
+    if len(data) > MAX_MEMORY:
+        raise OSError(f"{path}: larger than 64 MiB")
+    return parse_memory(data, str(path))
+
+
+def remember(uuid: str, entry: Any, path: Path | None = None) -> bool:
+    """Record one admitted policy (SeenPolicy) for its VM when it is newer than what the
+    file holds: re-read under an exclusive lock, merge, write a temporary file, fsync,
+    rename. Returns whether the file changed."""
+    import fcntl
+
+    from console.core.guard import memory_bytes, merge_seen
+
+    path = path or MEMORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        current = read_memory(path)
+        merged = merge_seen(current, {uuid: entry})
+        if merged.get(uuid) == current.get(uuid):
+            return False
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, memory_bytes(merged))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return True
 
 
 def _log(entry: dict[str, Any]) -> None:
@@ -111,11 +167,25 @@ def decide_stdin(name: str, op: str, sub: str, source: str, xml: str) -> tuple[i
             entry.update(verdict="refused", reason="guard.trust_unusable", message=str(exc))
             return 1, line, entry
         try:
+            remembered = read_memory()
+        except (OSError, InputError) as exc:
+            line = (f"escort-guard refused {name}: guard.memory_unusable: the guard's memory of the "
+                    f"policies it admitted cannot be read ({exc}); move {MEMORY_FILE} aside (the guard "
+                    "then relies on what escort pushed)")
+            entry.update(verdict="refused", reason="guard.memory_unusable", message=str(exc))
+            return 1, " ".join(line.split()), entry
+        try:
             host_cert = Path(config.host_cert).read_bytes()[: MAX_FILE + 1]
         except OSError as exc:
             host_cert = b""
             entry["host_cert_error"] = str(exc)
-        verdict = guard_decide(xml, host_cert, material, config, _now())
+        verdict = guard_decide(xml, host_cert, material, config, _now(), remembered)
+        if verdict.allowed and verdict.seen is not None:
+            try:
+                if remember(verdict.vm_uuid, verdict.seen):
+                    entry["remembered_seq"] = verdict.seen.seq
+            except (OSError, InputError) as exc:  # admitted rightly; only the memory is behind
+                entry["memory_error"] = str(exc)
     except Exception as exc:  # fail closed, one line, never a traceback at libvirt
         line = f"escort-guard refused {name}: guard.internal: the guard failed ({type(exc).__name__}: {exc})"
         entry.update(verdict="refused", reason="guard.internal", message=str(exc))
@@ -135,7 +205,7 @@ def status() -> dict[str, Any]:
     try:
         import cryptography
 
-        from console.core.guard import GUARD_VERSION, material_digest, vms_digest
+        from console.core.guard import GUARD_VERSION, material_digest, seen_digest, vms_digest
 
         out["version"] = GUARD_VERSION
         out["cryptography"] = cryptography.__version__
@@ -147,6 +217,15 @@ def status() -> dict[str, Any]:
         out["no_policy"] = config.no_policy
         out["vms_digest"] = vms_digest(config.policy_uuids)
         out["policy_uuids"] = sorted(config.policy_uuids)
+        out["seen_digest"] = seen_digest(config.seen)
+        out["seen_vms"] = len(config.seen)
+        out["memory"] = str(MEMORY_FILE)
+        try:
+            out["remembered_vms"] = len(read_memory())
+        except Exception as exc:
+            out["ok"] = False
+            out["problem"] = f"the guard's memory {MEMORY_FILE} is unusable: {exc}"
+            return out
         out["ok"] = out["trust_digest"] == recorded
         if not out["ok"]:
             out["problem"] = "the trust material on disk differs from what escort pushed"

@@ -377,11 +377,18 @@ class Lab:
         service = FleetService.load(self.fleet_file)
         if service.spec is None:
             raise LabError(f"{self.fleet_file}: the lab's fleet file is unusable")
-        uuids = frozenset(self._policy_uuids())
+        from console.core.guard import seen_for_guard
+        from console.core.policy import PolicyBook
+
+        tokens = self._policy_tokens()
+        uuids = frozenset(tokens)
+        # what a refreshed escort pushes: its memory + every live policy it would accept now
+        seen = seen_for_guard(PolicyBook(service.owners, seen=service.policies_seen()),
+                              sorted(tokens.items()), service.at)
         b = bundle()
 
         def one(spec: Any) -> dict[str, Any]:
-            plan = plan_for(service, spec, uuids=uuids)
+            plan = plan_for(service, spec, uuids=uuids, seen=seen)
             cmd = remote_command("install", b.digest[:16], plan.digest[:16])
             out = self._nsenter_input(self.host(spec.name), payload(plan, with_code=True), "sh", "-c", cmd)
             data = json.loads(out.strip().splitlines()[-1])
@@ -411,21 +418,22 @@ class Lab:
         finally:
             self.install_guard(names)
 
-    def _policy_uuids(self) -> list[str]:
-        """UUIDs of the lab's domains that carry an escort policy (read from libvirt)."""
+    def _policy_tokens(self) -> dict[str, str]:
+        """UUID -> policy token of the lab's domains that carry an escort policy (from libvirt)."""
+        from console.adapters.libvirt import _decode_policy  # what a refresh reads, exactly
         from console.core.policy import POLICY_NS
 
         libvirt = _quiet_libvirt()
-        out: list[str] = []
+        out: dict[str, str] = {}
         for name in self.hypervisors:
             conn = self._open(self.host(name))
             try:
                 for dom in conn.listAllDomains():
                     try:
-                        dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, POLICY_NS)
+                        meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, POLICY_NS)
                     except libvirt.libvirtError:
                         continue
-                    out.append(dom.UUIDString())
+                    out[dom.UUIDString()] = _decode_policy(meta)
             finally:
                 conn.close()
         return out

@@ -5,7 +5,9 @@ decision code itself), ``console/guard`` (the hook runner), joserfc and the file
 the cryptography wheel this escort runs with (plus cffi's ``_cffi_backend``) — run by
 the host's own ``/usr/bin/python3 -I -S``; the fleet's trust material (host CA tree
 + CRLs, owners' CAs + CRLs) and ``guard.json`` (host name, no-policy setting, the
-UUIDs of VMs the fleet knows to carry a policy). Nothing is downloaded on the host.
+UUIDs of VMs the fleet knows to carry a policy, and per VM the owner and highest
+policy ``seq`` escort has seen, so the guard refuses rollbacks and owner swaps).
+Nothing is downloaded on the host.
 The installer (console/guard/remote.py, standard library only) runs over the
 existing SSH connection with the tar.gz on stdin.
 """
@@ -30,8 +32,16 @@ import asyncssh
 
 from console.adapters.files import load_trust_dir
 from console.core.errors import EscortError, InputError
-from console.core.guard import GUARD_VERSION, GuardConfig, GuardMaterial, material_digest
+from console.core.guard import (
+    GUARD_VERSION,
+    GuardConfig,
+    GuardMaterial,
+    material_digest,
+    seen_digest,
+    seen_for_guard,
+)
 from console.core.inventory import HostSpec
+from console.core.policy import PolicyBook, SeenPolicy
 from console.services.fleet import FleetService
 from console.services.identity import AdminIdentity, append_signed, require_admin
 from console.services.inventory import InventoryService, is_live
@@ -169,6 +179,14 @@ def policy_uuids(service: FleetService) -> frozenset[str]:
     return frozenset(v.uuid for v in service.vms() if service.policy_token(v.uuid))
 
 
+def policies_seen(service: FleetService) -> dict[str, SeenPolicy]:
+    """Per VM the newest policy escort knows: its memory merged with every policy it would
+    accept now (fleet file or live metadata) — ``core.guard.seen_for_guard``."""
+    book = PolicyBook(service.owners, seen=service.policies_seen())
+    tokens = [(v.uuid, service.policy_token(v.uuid)) for v in service.vms()]
+    return seen_for_guard(book, tokens, service.at)
+
+
 @dataclass
 class GuardPlan:
     """What `install` would push to one host, and its digest (also what `status` compares).
@@ -184,14 +202,15 @@ class GuardPlan:
 
 
 def plan_for(service: FleetService, host: HostSpec, *, uuids: frozenset[str] | None = None,
-             material: GuardMaterial | None = None) -> GuardPlan:
+             material: GuardMaterial | None = None, seen: dict[str, SeenPolicy] | None = None) -> GuardPlan:
     spec = service.spec
     assert spec is not None
     mode = host.guard_no_policy if host.guard_no_policy in ("admit", "refuse") else "admit"
     config = GuardConfig(host=host.name, no_policy=mode,  # type: ignore[arg-type]
                          policy_uuids=uuids if uuids is not None else policy_uuids(service),
                          policy_names=dict(spec.policy_names), host_cert=host.remote_cert,
-                         fleet=spec.name, missing_crl=spec.missing_crl)
+                         fleet=spec.name, missing_crl=spec.missing_crl,
+                         seen=seen if seen is not None else policies_seen(service))
     material = material or _material(service)
     return GuardPlan(host, config, material, material_digest(material, config))
 
@@ -257,6 +276,7 @@ class GuardService:
         self.inventory = inventory or InventoryService.for_fleet(service)
         self._uuids: frozenset[str] | None = None
         self._material: GuardMaterial | None = None
+        self._seen: dict[str, SeenPolicy] | None = None
 
     def hosts(self, names: Iterable[str] = ()) -> list[HostSpec]:
         spec = self.service.spec
@@ -274,7 +294,9 @@ class GuardService:
             self._material = _material(self.service)
         if self._uuids is None:
             self._uuids = policy_uuids(self.service)
-        return plan_for(self.service, host, uuids=self._uuids, material=self._material)
+        if self._seen is None:
+            self._seen = policies_seen(self.service)
+        return plan_for(self.service, host, uuids=self._uuids, material=self._material, seen=self._seen)
 
     async def _run(self, host: HostSpec, command: str, stdin: bytes | None = None,
                    timeout: float = 60.0) -> dict[str, Any]:
@@ -330,6 +352,10 @@ class GuardService:
                 st.state = "stale"
                 st.problem = (f"{len(missing)} VM(s) that carry a policy are not on its list (a copy "
                               "stripped of its policy would be admitted)")
+            elif str(data.get("seen_digest", "")) != seen_digest(self.plan(host).config.seen):
+                st.state = "stale"
+                st.problem = ("its list of the newest policy per VM differs from escort's (an older "
+                              "policy, or another owner's, could be admitted)")
         return st
 
     async def status(self, names: Iterable[str] = ()) -> list[GuardState]:
@@ -383,6 +409,10 @@ class GuardService:
         hosts = self.hosts(names)
 
         async def body() -> list[dict[str, Any]]:
+            if self._seen is None:
+                self._seen = policies_seen(self.service)
+            # what the guards are told escort has seen, escort remembers too (status compares)
+            self.service.remember_policies(self._seen)
             return list(await asyncio.gather(*(self.install_one(h, restart=restart) for h in hosts)))
 
         return await self._gated("install the host guard", "guard_install", hosts, admin, identity, body)
@@ -407,4 +437,4 @@ class GuardService:
 
 
 __all__ = ["Bundle", "GuardPlan", "GuardService", "GuardState", "bundle", "launcher", "payload",
-           "plan_for", "policy_uuids", "remote_command"]
+           "plan_for", "policies_seen", "policy_uuids", "remote_command"]

@@ -42,7 +42,7 @@ from cryptography import x509
 
 from console.adapters.audit import AuditLog, read_entries
 from console.adapters.files import read_limited
-from console.adapters.libvirt import LibvirtHost, libvirt_message
+from console.adapters.libvirt import LibvirtHost, libvirt_message, read_host_facts
 from console.adapters.reservations import Reservations
 from console.adapters.ssh import (
     AUTH_FAILED,
@@ -54,6 +54,7 @@ from console.adapters.ssh import (
 )
 from console.core import migration as mig
 from console.core.errors import EscortError, InputError
+from console.core.evacuation import memory_room
 from console.core.guard import guard_refusal
 from console.core.inventory import DomainFacts, HostFacts, HostSpec, HostView, VMView
 from console.core.pki import load_certificates
@@ -809,7 +810,9 @@ class MigrationService:
         lock = self._target_locks.setdefault(plan.target, asyncio.Lock())
         async with lock:
             try:
-                free = await dst.call(_free_mib, dst.conn)
+                # the same bound as the planner and the pre-flight: memory the target's active
+                # domains were given counts as taken even while the kernel still sees it free
+                free = _free_memory(await dst.call(read_host_facts, dst.conn))
             except EscortError as exc:
                 return [Reason("migration.capacity_unknown", f"{plan.target}: free memory unreadable ({exc})",
                                "check the target host")]
@@ -1187,10 +1190,6 @@ class _NotNow(Exception):
 
 
 # -- blocking helpers (run in threads) -------------------------------------------------
-def _free_mib(conn: Any) -> int:
-    return int(conn.getFreeMemory()) // (1024 * 1024)
-
-
 def _migrate3(dom: Any, dconn: Any, params: dict[str, Any], flags: int) -> tuple[Any, str]:
     """(new domain, "") or (None, libvirt's message): never raises."""
     try:
@@ -1289,12 +1288,11 @@ def _apply_step(conn: Any, uuid: str, action: str) -> None:
 
 
 def _free_memory(facts: HostFacts) -> int:
-    """Free memory as libvirt reports it; when it cannot (the test driver says 0), the
-    host's memory minus what its running domains take — an estimate, never more."""
-    if facts.free_memory_mib > 0:
-        return facts.free_memory_mib
-    used = sum(d.memory_mib for d in facts.domains if d.state in ("running", "paused", "blocked"))
-    return max(0, facts.memory_mib - used)
+    """Room on the host as the evacuation planner counts it (``core.evacuation.memory_room``):
+    the smaller of the kernel's free memory and the host's memory minus what its active
+    domains were given; when libvirt cannot report free memory (the test driver says 0),
+    the second bound alone."""
+    return memory_room(facts, kernel_free=facts.free_memory_mib > 0)
 
 
 def _fix_for(error: str) -> str:

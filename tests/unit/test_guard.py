@@ -159,7 +159,8 @@ def test_bundle_runs_on_the_system_python_alone(fleet: FleetFiles, tmp_path: Pat
     assert "cryptography/__init__.py" in bundle().files
     log = root / "guard.log"
     env = {"ESCORT_GUARD_CONF": str(root / "conf"), "ESCORT_GUARD_LOG": str(log),
-           "ESCORT_GUARD_AT": T0.isoformat(), "PATH": "/usr/bin:/bin"}
+           "ESCORT_GUARD_SEEN": str(root / "state" / "seen.json"), "ESCORT_GUARD_AT": T0.isoformat(),
+           "PATH": "/usr/bin:/bin"}
     runner = (f"import sys; sys.path.insert(0, {str(root / 'lib')!r}); "
               "from console.guard.hook import main; sys.exit(main(sys.argv))")
 

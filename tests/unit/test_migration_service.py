@@ -56,6 +56,8 @@ class World:
         self.stats_hang = threading.Event()  # jobStats blocks (the source's link is dead) ...
         self.stats_free = threading.Event()  # ... until this is set
         self.free_mib = 4096  # what the target's libvirt reports free
+        self.total_mib = 64 * 1024  # the target's memory (getInfo)
+        self.promised_mib = 0  # memory given to an active domain already on the target
         self.down: dict[str, HostProblem] = {}  # host -> why it cannot be asked (verification)
         self.silent: set[str] = set()  # hosts that never answer (a cut link)
         self.target_daemon_dead = threading.Event()  # the target's libvirtd died mid-way
@@ -138,6 +140,16 @@ class FakeConn:
     def getFreeMemory(self) -> int:
         return self.world.free_mib * MIB
 
+    def getInfo(self) -> list[Any]:  # [model, memory MiB, cpus, ...]
+        return ["x86_64", self.world.total_mib, 8, 0, 1, 1, 8, 1]
+
+    def getHostname(self) -> str:
+        return self.host
+
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
+        # the VM heading here is not on the target yet; a guest given promised_mib is
+        return [PromisedDom(self.world.promised_mib)] if self.world.promised_mib else []
+
     def getLibVersion(self) -> int:
         if self.host == "dst" and self.world.target_daemon_dead.is_set():
             raise _err("Cannot recv data: End of file", libvirt.VIR_ERR_SYSTEM_ERROR)
@@ -147,6 +159,31 @@ class FakeConn:
         if uuid != UUID or self.host not in self.world.where:
             raise _err("Domain not found", libvirt.VIR_ERR_NO_DOMAIN)
         return FakeDom(self.world, self.host)
+
+
+class PromisedDom:
+    """An idle guest on the target: its memory is given to it, not yet touched."""
+
+    def __init__(self, mib: int) -> None:
+        self.mib = mib
+
+    def state(self, flags: int = 0) -> list[int]:
+        return [libvirt.VIR_DOMAIN_RUNNING, 1]
+
+    def info(self) -> list[int]:
+        return [libvirt.VIR_DOMAIN_RUNNING, self.mib * 1024, self.mib * 1024, 1, 0]
+
+    def metadata(self, *args: Any) -> str:
+        raise _err("no metadata", libvirt.VIR_ERR_NO_DOMAIN_METADATA)
+
+    def UUIDString(self) -> str:
+        return "00000000-0000-4000-8000-0000000000aa"
+
+    def name(self) -> str:
+        return "ballast"
+
+    def isPersistent(self) -> int:
+        return 1
 
 
 class FakeHost:
@@ -474,6 +511,25 @@ async def test_room_promised_to_a_migration_in_this_process_is_not_given_twice(t
     assert result.outcome.result == "refused" and world.migrate_calls == 0
     assert [r.code for r in result.outcome.reasons] == ["migration.no_memory"]
     assert world.where == {"src": "running"}
+
+
+async def test_memory_given_to_idle_guests_counts_as_taken_just_in_time(tmp_path: Path) -> None:
+    """The kernel still sees a lazily-touched guest's memory as free; the check right before
+    migrate3 counts it as taken, as the evacuation planner does (core.evacuation.memory_room)."""
+    world = World()
+    world.free_mib, world.total_mib, world.promised_mib = 4096, 1024, 1000  # 24 MiB of real room
+    svc = _service(tmp_path, world)
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    assert result.outcome.result == "refused" and world.migrate_calls == 0
+    assert [r.code for r in result.outcome.reasons] == ["migration.no_memory"]
+    assert "24 MiB free" in result.outcome.reasons[0].message
+    world.promised_mib = 512  # now it fits
+    world.release.set()
+    run = await svc.start(svc._issue(_preflight()))
+    result = await run.wait()
+    await svc.close()
+    assert result.outcome.result == "success" and world.migrate_calls == 1
 
 
 async def test_room_promised_by_another_process_is_not_given_twice(tmp_path: Path) -> None:
