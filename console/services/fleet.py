@@ -82,6 +82,8 @@ if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
+#: Below this many hosts, a forked helper for ``targets`` costs more than it saves.
+PARALLEL_MIN_HOSTS = 200
 #: A host certificate check (chain + attributes) costs about this many token checks.
 HOST_CHECK_WEIGHT = 3.0
 
@@ -1155,12 +1157,95 @@ class FleetService:
             self._known = (self.trust, {n.info.fingerprint: n.info.name for n in self.trust.nodes()})
         return self._known[1]
 
-    def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None) -> list[Decision]:
-        """A decision for every host of the fleet (allowed ones first, then by name)."""
+    def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None, *,
+                workers: int = 1) -> list[Decision]:
+        """A decision for every host of the fleet (allowed ones first, then by name).
+
+        ``workers`` > 1 (the CLI): the hosts are split over forked helper processes, each
+        deciding its share with this same service (``_decide_forked``).
+        """
         when = at or self.at
         rec = self._find_vm(vm)
-        decisions = [self._decide(rec, h, admin, when, False) for h in self._hosts]
+        hosts = list(self._hosts)
+        if workers > 1 and len(hosts) >= PARALLEL_MIN_HOSTS:
+            decisions = self._decide_forked(rec, hosts, admin, when, workers)
+        else:
+            decisions = [self._decide(rec, h, admin, when, False) for h in hosts]
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
+
+    def _decide_forked(self, rec: _VMRecord, hosts: list[str], admin: str | None, at: dt.datetime,
+                       workers: int) -> list[Decision]:
+        """``[self._decide(rec, h, ...) for h in hosts]``, with the host chain checks (most of
+        the time: 1,000 hosts ~1-2 s) shared with forked copies of this process.
+
+        The first decision is made here before forking, so the VM's policy, the grants
+        and the policy memory are read, checked and recorded once, by this process; a
+        helper only decides, never writes. A helper that fails in any way (an unreadable
+        certificate, a result that cannot be sent back) is not trusted: its share is
+        decided again here, which raises the same error the plain loop would. Without
+        ``os.fork`` or with other threads running (forking them is unsafe), the plain loop.
+        """
+        import pickle
+
+        first = self._decide(rec, hosts[0], admin, at, False)
+        rest = hosts[1:]
+        n = min(workers, os.cpu_count() or 1)
+        if n <= 1 or not hasattr(os, "fork") or threading.active_count() > 1:
+            return [first, *(self._decide(rec, h, admin, at, False) for h in rest)]
+        shares = [rest[i::n] for i in range(n)]
+        own, theirs = shares[0], shares[1:]
+        children: list[tuple[int, int, list[str]]] = []
+        gc.freeze()  # the helpers' collector leaves the inherited heap alone (no copy-on-write storm)
+        try:
+            for share in theirs:
+                read_end, write_end = os.pipe()
+                try:
+                    pid = os.fork()
+                except OSError:  # no helper (process limits): this process decides the share
+                    os.close(read_end)
+                    os.close(write_end)
+                    own = own + share
+                    continue
+                if pid == 0:  # pragma: no cover - the helper (its results are checked in the parent)
+                    try:  # whatever happens, the helper ends here and never runs the caller's code
+                        os.close(read_end)
+                        try:
+                            self._memory, self._pending = None, {}
+                            part = [self._decide(rec, h, admin, at, False) for h in share]
+                            data = pickle.dumps(("ok", part), pickle.HIGHEST_PROTOCOL)
+                        except BaseException:
+                            data = pickle.dumps(("failed", None))
+                        with os.fdopen(write_end, "wb") as out:
+                            out.write(data)
+                    finally:
+                        os._exit(0)
+                os.close(write_end)
+                children.append((pid, read_end, share))
+            decisions = [first, *(self._decide(rec, h, admin, at, False) for h in own)]
+            for pid, read_end, share in children:
+                with os.fdopen(read_end, "rb") as got:
+                    data = got.read()
+                os.waitpid(pid, 0)
+                children = [c for c in children if c[0] != pid]
+                try:
+                    sent: object = pickle.loads(data)
+                except Exception:
+                    sent = None
+                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 2 and sent[0] == "ok" else None
+                if (isinstance(returned, list) and len(returned) == len(share)
+                        and all(isinstance(d, Decision) and d.host == h
+                                for d, h in zip(returned, share, strict=True))):
+                    decisions += returned
+                else:
+                    decisions += [self._decide(rec, h, admin, at, False) for h in share]
+        finally:
+            gc.unfreeze()
+            for pid, read_end, _ in children:  # only after an error here: reap the helpers
+                with contextlib.suppress(OSError):
+                    os.close(read_end)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        return decisions
 
     def matrix(self, at: dt.datetime | None = None) -> Matrix:
         """Allowed targets for every VM (the fast path), cached until facts change.
