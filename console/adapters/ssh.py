@@ -72,6 +72,19 @@ KEY_REVOKED = "host.key_revoked"
 TRUSTABLE = frozenset({KEY_UNKNOWN, HOST_CERT_CA_UNKNOWN, HOST_CERT_PRINCIPAL, HOST_CERT_EXPIRED,
                        HOST_CERT_NOT_YET_VALID})
 CONFIG_CACHE_S = 5.0
+#: Ciphers offered first unless ssh_config names ``Ciphers`` for the host: AES-GCM runs in
+#: OpenSSL in one call per packet, asyncssh's chacha20-poly1305 in four. Every libvirt RPC
+#: rides on these connections (twice encrypted through a jump host): measured in the lab,
+#: a refresh of two hosts took 27-35 ms of CPU with AES-GCM against 47-56 ms with chacha20
+#: (110-141 ms vs 186-228 ms wall on the loaded machine). Both are OpenSSH defaults.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
 MAX_HOPS = 16  # longer ProxyJump chains are refused as loops (OpenSSH has no limit at all)
 
 
@@ -526,6 +539,9 @@ class SshPool:
         cas: list[asyncssh.SSHKey] = []
         keyset = await self.keys_for(hop)
         algs = list(get_default_public_key_algs()) if plain_only else self._host_key_algs(hop)
+        ciphers: Sequence[str] | tuple[()] = (
+            () if self._load_config(target).get("Ciphers") else PREFERRED_CIPHERS
+        )
         try:
             conn = await asyncssh.connect(
                 target.host,
@@ -539,6 +555,7 @@ class SshPool:
                 agent_path=None,  # the agent's keys are already in client_keys
                 ignore_encrypted=True,
                 server_host_key_algs=[a.decode("ascii") for a in algs],
+                encryption_algs=ciphers,  # () = what ssh_config / asyncssh choose
                 connect_timeout=self.connect_timeout,
                 login_timeout=self.login_timeout,
                 keepalive_interval=self.keepalive_interval,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
-    decisions = service.targets(vm, admin, at)
+    decisions = service.targets(vm, admin, at, workers=os.cpu_count() or 1)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:

@@ -136,7 +136,8 @@ def _emit(event: str, payload: dict[str, Any]) -> None:
 
 
 async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: bool, json_out: bool,
-                   readonly: bool, bandwidth: int, stall: float | None, admin_key: str | None = None) -> int:
+                   readonly: bool, bandwidth: int, stall: float | None, admin_key: str | None = None,
+                   channels: int | None = None) -> int:
     from console.services.fleet import FleetService
     from console.services.identity import AdminIdentity, terminal_prompt
     from console.services.inventory import InventoryService
@@ -148,7 +149,7 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
     identity = AdminIdentity(fleet, admin_key=admin_key, passphrase=terminal_prompt())
     service = MigrationService(fleet, inventory, bandwidth_mib_s=bandwidth, stall_timeout_s=stall,
-                               identity=identity)
+                               identity=identity, channels=channels)
     tty = sys.stdout.isatty() and not json_out
     try:
         proof = None
@@ -240,10 +241,13 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
               help="Cap the migration's bandwidth (0 = unlimited).")
 @click.option("--stall-timeout", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
               help="Abort when no progress for this long (default: the fleet file's stall_timeout_s).")
+@click.option("--channels", type=click.IntRange(1, 255), default=None, metavar="N",
+              help="TLS connections for the memory stream: 1 = one stream, 2+ = multifd "
+                   "(default: see docs/MIGRATION.md, 'TLS: one stream or several').")
 @click.pass_context
 def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None,
             admin_key: str | None, yes: bool, json_out: bool, bandwidth: int,
-            stall_timeout: float | None) -> None:
+            stall_timeout: float | None, channels: int | None) -> None:
     """Live-migrate VM to HOST over TLS, after the same pre-flight the console shows.
 
     Exit 0 migrated and verified on HOST; 1 refused or failed (the VM's state is
@@ -254,7 +258,7 @@ def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: st
         raise InputError("no fleet file: pass --fleet FILE")
     readonly = bool(ctx.find_root().params.get("readonly"))
     code = asyncio.run(_migrate(str(fleet_path), vm, host, admin, yes, json_out, readonly, bandwidth,
-                                stall_timeout, admin_key))
+                                stall_timeout, admin_key, channels))
     raise click.exceptions.Exit(code)
 
 

@@ -38,7 +38,7 @@ PARAM_BANDWIDTH = "bandwidth"  # MiB/s
 PARAM_PARALLEL_CONNECTIONS = "parallel.connections"
 #: multifd channels escort asks for by default (0 or 1 = one stream). See docs/MIGRATION.md
 #: "TLS: one stream or several" for the measurements and the GnuTLS re-keying report.
-DEFAULT_CHANNELS = 0
+DEFAULT_CHANNELS = 2
 MAX_CHANNELS = 255  # QEMU's multifd-channels is 1..255
 JOB_NONE, JOB_BOUNDED, JOB_UNBOUNDED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED = range(6)
 

@@ -347,7 +347,8 @@ def test_demo_runs_the_full_preflight_then_explains(demo_fleet: Path) -> None:
     assert [e["event"] for e in events] == ["preflight", "demo"]
     pre = events[0]
     assert pre["ok"] is True and [c["check"] for c in pre["checks"]] == [k for k, _ in m.CHECKS]
-    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS"]
+    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS", "PARALLEL"]
+    assert pre["plan"]["channels"] == m.DEFAULT_CHANNELS == 2
     assert events[1]["migrated"] is False and "escort lab" in events[1]["message"]
     assert events[1]["vm_on"] == "fra-01"
 

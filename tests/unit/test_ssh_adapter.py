@@ -577,3 +577,27 @@ async def test_host_key_alias_names_the_known_hosts_line(tmp_path, client_key, m
         assert await pool.run("hv", "echo ok") == b"ok\n"
     finally:
         await pool.close()
+
+
+async def test_aes_gcm_first_unless_ssh_config_names_ciphers(tmp_path, client_key, make_host):
+    """AES-GCM is offered first (cheaper per packet than asyncssh's chacha20); a host whose
+    ssh_config block names Ciphers gets exactly what the config says."""
+    host = await make_host()
+    pool = _pool(tmp_path, client_key, host)
+    try:
+        await pool.run(host.addr, "true")
+        conn = pool.cached(host.addr)
+        assert conn is not None and conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+    finally:
+        await pool.close()
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host hosta\n  HostName 127.0.0.1\n  Port {host.port}\n  IdentityFile {client_key}\n"
+                      "  Ciphers aes256-ctr\n")
+    kh = _known_hosts(tmp_path, host.known_hosts_line())
+    pool = SshPool(known_hosts=str(kh), config=str(config))
+    try:
+        await pool.run("hosta", "true")
+        conn = pool.cached("hosta")
+        assert conn is not None and conn.get_extra_info("send_cipher") == "aes256-ctr"
+    finally:
+        await pool.close()

@@ -136,6 +136,11 @@ class VMsScreen(FleetScreen):
         admin = self.escort.admin
         hosts = [h.name for h in self.escort.all_hosts()]
         vm = self.escort.vm_by_key(vm_key)
+        if vm is not None and vm.checking:
+            # the start-up check decides this VM soon (its verdict re-lists this pane);
+            # deciding it here too would redo, ahead of the check, what the check reuses
+            self._targets_ready(vm_key, f"Targets for {name}: checking…", [], keep)
+            return
         if vm is not None and not vm.checking and not keep and admin is None:
             # Every host's verdict at once, from the same allowed-target matrix as the VM's
             # row (so row and pane agree); the reasons for each refusal follow below.
