@@ -13,10 +13,12 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
   interpreter start, imports, reading and checking the fleet, building rows, Textual's
   start-up and first paint. One unmeasured launch first warms the page cache.
 * **verdicts complete**: until no row says "checking" (the console paints rows first
-  and checks the fleet in steps after). Measured once with an empty cache of opened
-  policies (``ESCORT_CACHE_DIR``, a directory of the benchmark's own; that launch fills
-  it) and ``--runs`` times warm. The verdict goals (matrix cold <= 2 s, warm <= 0.5 s)
-  are judged here on the whole launch, which is stricter than the matrix alone.
+  and checks the fleet in steps after), from launch and from the first rows. Measured
+  once with an empty cache (``ESCORT_CACHE_DIR``, a directory of the benchmark's own:
+  no snapshot, no opened policies; that launch fills it) and ``--runs`` times warm
+  (the whole-fleet snapshot answers). Judged: matrix cold <= 2 s on the whole launch
+  (stricter than the matrix alone); matrix warm <= 0.5 s from the first rows on screen
+  to the last verdict (the launch before it is judged by the first-rows goal).
 * **Down -> target list**: Down arrow until the targets pane's title names the next
   VM with its "N of M hosts allowed" (every host is listed with its verdict then), and
   until the title ends in "Enter: walkthrough" (every refused host's reasons and fixes
@@ -61,6 +63,9 @@ class SizeResult:
     verdicts: list[float] = field(default_factory=list)
     first_rows_cold: list[float] = field(default_factory=list)
     verdicts_cold: list[float] = field(default_factory=list)
+    #: per launch: from the first VM rows on screen until every verdict is (the matrix part)
+    after_rows: list[float] = field(default_factory=list)
+    after_rows_cold: list[float] = field(default_factory=list)
     down: list[float] = field(default_factory=list)
     down_full: list[float] = field(default_factory=list)
     filter_key: list[float] = field(default_factory=list)
@@ -150,6 +155,7 @@ def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = 
         t2, lines = term.wait(lambda ls: bool(vm_rows(ls))
                               and not any(v.startswith("check") for v in vm_rows(ls).values()))
         res.verdicts.append(t2 - t0)
+        res.after_rows.append(t2 - t1)
         if not interact:
             return
         # the first VM's target list, then Down a few times
@@ -194,7 +200,8 @@ def cli_run(args: list[str]) -> float:
     return took
 
 
-def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool) -> SizeResult:
+def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool,
+            cli_only: bool = False) -> SizeResult:
     res = SizeResult(vms, hosts)
     fleet = generate(vms, hosts, where / f"scale-{vms}x{hosts}", regenerate)
     width, hwidth = max(4, len(str(vms))), max(4, len(str(hosts)))
@@ -203,10 +210,20 @@ def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool) -> S
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["ESCORT_CACHE_DIR"] = str(cache)  # the console's cache of opened policies, ours alone
     cli_run(["explain", "--offline", "--fleet", str(fleet), vm, host])  # warm the page cache
+    if cli_only:
+        # what a console launch leaves behind that a one-pair answer reads: the memory of
+        # every policy seen (adapters/state.py; ~3.6 MB at 10,000 VMs)
+        subprocess.run([sys.executable, "-c", "import sys; from console.services.fleet import FleetService; "
+                        "FleetService.load(sys.argv[1]).vms()", str(fleet)], check=True)
+        for _ in range(2 * runs):
+            res.explain.append(cli_run(["explain", "--offline", "--fleet", str(fleet), vm, host]))
+            res.targets.append(cli_run(["targets", "--offline", "--fleet", str(fleet), vm]))
+        return res
     console_run(fleet, SizeResult(vms, hosts), interact=False, env_cmd="ESCORT_NO_CACHE=1 ")  # not counted
     cold = SizeResult(vms, hosts)
     console_run(fleet, cold, interact=False)  # empty cache: it is filled by this launch
     res.first_rows_cold, res.verdicts_cold = cold.first_rows, cold.verdicts
+    res.after_rows_cold = cold.after_rows
     for i in range(runs):
         console_run(fleet, res, interact=i == 0)
     for _ in range(2 * runs):
@@ -225,9 +242,11 @@ def ms(values: list[float]) -> str:
 
 GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
     "first_rows_cold": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
-    "verdicts_cold": (2.0, "≤ 2 s (matrix cold)"),
+    "verdicts_cold": (2.0, "≤ 2 s (matrix cold, judged from launch)"),
+    "after_rows_cold": (None, "— (part of the line above)"),
     "first_rows": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
-    "verdicts": (0.5, "≤ 0.5 s (matrix warm; launch included here)"),
+    "verdicts": (None, "— (launch + rows + matrix; the warm goal is judged below)"),
+    "after_rows": (0.5, "≤ 0.5 s (matrix warm: first rows -> every verdict)"),
     "down": (0.1, "≤ 100 ms"),
     "down_full": (None, "—"),
     "filter_key": (0.1, "≤ 100 ms"),
@@ -237,8 +256,10 @@ GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
 LABELS = {
     "first_rows_cold": "launch -> first VM rows painted (empty cache)",
     "verdicts_cold": "launch -> every row's verdict shown (empty cache)",
+    "after_rows_cold": "first VM rows -> every row's verdict (empty cache)",
     "first_rows": "launch -> first VM rows painted (warm cache)",
     "verdicts": "launch -> every row's verdict shown (warm cache)",
+    "after_rows": "first VM rows -> every row's verdict (warm cache)",
     "down": "Down -> next VM: every host's verdict listed",
     "down_full": "Down -> next VM: every refusal's reasons listed",
     "filter_key": "filter keystroke -> table narrowed",
@@ -267,6 +288,8 @@ def report(results: list[SizeResult], runs: int) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} | {text} | {met} |")
     notes = []
     for r in results:
+        if not r.first_rows:
+            continue  # --cli-only: no console was launched
         if r.disagreements:
             notes.append(f"- {r.vms:,} VMs: row and targets pane DISAGREE: " + "; ".join(r.disagreements[:3]))
         else:
@@ -293,18 +316,24 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/escort-bench-scale", help="where the generated fleets live")
     ap.add_argument("--regenerate", action="store_true")
     ap.add_argument("--record", action="store_true", help="add the report to bench/RESULTS.md")
+    ap.add_argument("--cli-only", action="store_true",
+                    help="only the one-pair rows (explain, targets); not recorded with --record")
     args = ap.parse_args()
     if shutil.which("tmux") is None:
         print("bench_scale needs tmux (apt-get install tmux)", file=sys.stderr)
         return 2
+    # Bytecode first, as `pip install` leaves it: with PYTHONDONTWRITEBYTECODE set (as on
+    # the shared machine) every escort process would otherwise compile escort's own
+    # modules again (~60-100 ms of each one-pair answer), which no installed copy does.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "console")], check=True)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     results = []
     for vms, hosts in sizes:
         print(f"{vms:,} VMs x {hosts:,} hosts ...", flush=True)
-        results.append(measure(vms, hosts, args.runs, Path(args.dir), args.regenerate))
+        results.append(measure(vms, hosts, args.runs, Path(args.dir), args.regenerate, args.cli_only))
     text = report(results, args.runs)
     print(text)
-    if args.record:
+    if args.record and not args.cli_only:
         record(text, section=SECTION)
     return 0
 

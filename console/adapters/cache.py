@@ -270,15 +270,16 @@ class FleetSnapshot:
                     or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size > MAX_BYTES):
                 self.why_not = "foreign"
                 return None
-            data = fh.read(MAX_BYTES + 1)
-        head, sep, body = data.partition(b"\n")
-        fields = head.split(b" ")
-        if not sep or len(fields) != 4 or fields[0] != _MAGIC or fields[1] != str(SNAPSHOT_FORMAT).encode():
-            self.why_not = "not a snapshot"
-            return None
-        if fields[2] != key.encode():
-            self.why_not = "inputs changed"
-            return None
+            head = fh.readline(512)
+            fields = head.rstrip(b"\n").split(b" ")
+            if (not head.endswith(b"\n") or len(fields) != 4 or fields[0] != _MAGIC
+                    or fields[1] != str(SNAPSHOT_FORMAT).encode()):
+                self.why_not = "not a snapshot"
+                return None
+            if fields[2] != key.encode():
+                self.why_not = "inputs changed"
+                return None
+            body = fh.read(MAX_BYTES + 1)
         if fields[3] != hashlib.sha256(body).hexdigest().encode():
             self.why_not = "corrupt"
             return None
@@ -287,6 +288,15 @@ class FleetSnapshot:
         except Exception:  # any failure to rebuild means: not usable, recompute
             self.why_not = "corrupt"
             return None
+
+    def matches(self, key: str) -> bool:
+        """Whether the snapshot on disk claims ``key`` (its header only; ``load`` checks the rest)."""
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.readline(512)
+        except OSError:
+            return False
+        return head.rstrip(b"\n").split(b" ")[:3] == [_MAGIC, str(SNAPSHOT_FORMAT).encode(), key.encode()]
 
     @staticmethod
     def dumps(obj: object) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,9 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> Fle
     service = FleetService.load_strict(path, at=at, only_vm=vm if offline else None)
     if not offline and service.spec is not None and service.spec.hosts:
         import asyncio
+        import gc
+
+        gc.enable()  # a refresh runs for a while (see console/cli/__init__.py NO_GC)
 
         from console.services.inventory import refresh_fleet  # asyncssh/libvirt: only when needed
 
@@ -141,7 +145,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
-    decisions = service.targets(vm, admin, at)
+    decisions = service.targets(vm, admin, at, workers=os.cpu_count() or 1)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:

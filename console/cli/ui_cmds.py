@@ -39,7 +39,8 @@ def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | No
     config, config_problems = load_config()
     # lazy: the console paints rows first and checks the fleet in steps after (ui/app.py)
     service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at, eager=False)
-    service.use_cache = True  # opened policies persist in the XDG cache dir (adapters/cache.py)
+    service.use_cache = True  # verified results persist in the XDG cache dir (adapters/cache.py)
+    service.start_prefetch()  # reading and signature checks on the other core, from now on
     app = EscortApp(service, config=config, at=at, admin=admin,
                     problems=[*config_problems, *(problems or [])], live=not offline)
     app.run()

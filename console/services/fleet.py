@@ -20,10 +20,10 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -75,10 +75,15 @@ from console.core.reasons import Reason
 from console.core.timekey import boundaries, time_key
 
 if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30-50 ms of imports)
+    import multiprocessing.process
+    from multiprocessing.connection import Connection
+
     from console.adapters.cache import FleetSnapshot, OpenedCache
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
+#: Below this many hosts, a forked helper for ``targets`` costs more than it saves.
+PARALLEL_MIN_HOSTS = 200
 #: A host certificate check (chain + attributes) costs about this many token checks.
 HOST_CHECK_WEIGHT = 3.0
 
@@ -133,6 +138,50 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
                 verifier.adopt(token, typ, portable)
     gc.unfreeze()
     return len(todo)
+
+
+def _prefetch_main(service: FleetService, conn: Connection) -> None:
+    """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
+
+    Reads every policy file and the snapshot key and sends them (``tokens``); when the
+    snapshot will not answer, opens every token (signature and schema, or the opened
+    cache) and sends those too (``opened``). Everything else — and every verdict — is
+    decided in the console's process from these, exactly as without this process.
+    """
+    try:
+        tokens: list[str | None] = []
+        for rec in service._vms.values():
+            if rec.policy_file:
+                with contextlib.suppress(InputError):
+                    service._read_token(rec)
+            tokens.append(None if rec.token_problem is not None else rec.token)
+        snap = service._snapshot()
+        key = service._snapshot_key() if snap is not None else ""
+        memory = read_raw(service._memory_path) if service._memory_path else b""
+        hit = snap is not None and snap.matches(service._with_memory(key, memory))
+        conn.send(("tokens", key, hit, tokens))
+        if hit:
+            return
+        cache = service._opened_cache()
+        opened: dict[str, Portable] = {}
+        todo: list[str] = []
+        for token in dict.fromkeys(t for t in tokens if t):
+            got = cache.get(TYP_POLICY, token) if cache is not None else None
+            if got is None:
+                todo.append(token)
+            else:
+                opened[token] = got
+        fresh = open_portable(todo, TYP_POLICY, POLICY_FIELDS)
+        opened.update(zip(todo, fresh, strict=True))
+        conn.send(("opened", opened))
+        if cache is not None and fresh:
+            cache.put(TYP_POLICY, fresh)
+            cache.save()
+    except Exception:  # the console's process does the work itself then
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("failed",))
+    finally:
+        conn.close()
 
 
 def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
@@ -207,7 +256,9 @@ class FleetService:
         self._snap: FleetSnapshot | None = None
         #: from a reused snapshot: each VM's row fields, and its check still pickled
         self._restored: dict[str, tuple[str, str, tuple[Reason, ...]]] = {}
-        self._lazy: dict[str, tuple[tuple[object, ...], int, int]] = {}
+        self._lazy: dict[str, tuple[int, int]] = {}
+        #: the start-up check's helper process and the read end of its pipe (``start_prefetch``)
+        self._prefetch: tuple[multiprocessing.process.BaseProcess, Connection] | None = None
         self._lazy_blob = memoryview(b"")
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
@@ -532,8 +583,15 @@ class FleetService:
     def vms(self) -> list[VMView]:
         at = self.at
         matrix = self._current_matrix(at)
-        return [self._view(rec, self._policy(rec, at), matrix.targets.get(rec.uuid, ()))
+        return [self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ()))
                 for rec in self._vms.values()]
+
+    def _row(self, rec: _VMRecord, at: dt.datetime) -> tuple[str, str, tuple[Reason, ...]]:
+        """The VM's row fields: from a reused snapshot while it holds for the VM, else checked."""
+        fields = self._restored.get(rec.uuid)
+        if fields is not None and self._fresh(self._lazy_at, at):
+            return fields
+        return _row_fields(self._policy(rec, at))
 
     def host_stubs(self) -> list[HostView]:
         """The hosts' views as they are, without checking a certificate (console rows first)."""
@@ -567,6 +625,20 @@ class FleetService:
         snap = self._snapshot()
         key = ""
         problems_before = len(self.problems)
+        helper, self._prefetch = self._prefetch, None
+        conn: Connection | None = None
+        reusable = True
+        if helper is not None:
+            conn = helper[1]
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "tokens" and len(message[3]) == len(self._vms):
+                _, key, reusable, tokens = message
+                for rec, token in zip(list(self._vms.values()), tokens, strict=True):
+                    if rec.policy_file and token is not None:
+                        rec.token = rec.file_token = token
+                        rec.policy_file = ""
+            else:
+                conn = None
         if snap is not None:
             for i, rec in enumerate(list(self._vms.values())):
                 if rec.policy_file:
@@ -574,16 +646,17 @@ class FleetService:
                 if i % 256 == 0 and clock() - start > budget_s:
                     yield []
                     start = clock()
-            key = self._snapshot_key()
+            key = key or self._snapshot_key()
             memory = read_raw(self._memory_path) if self._memory_path else b""
-            state = snap.load(self._with_memory(key, memory))
+            state = snap.load(self._with_memory(key, memory)) if reusable else None
             if state is not None and self._restore(state, at):
+                if conn is not None:
+                    conn.close()
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
-                fields = self._restored
                 ready: list[VMView] = []
                 for rec in self._vms.values():
-                    ready.append(self._view_of(rec, fields[rec.uuid], matrix.targets.get(rec.uuid, ())))
+                    ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
                     if len(ready) == 2000:
                         yield ready
                         ready = []
@@ -604,6 +677,13 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
+        if conn is not None:  # the helper opened the tokens meanwhile (signatures, on the other core)
+            message = yield from self._receive(conn)
+            if message is not None and message[0] == "opened" and isinstance(message[1], dict):
+                for token, portable in message[1].items():
+                    if not envelopes.is_open(token, TYP_POLICY):
+                        envelopes.adopt(token, TYP_POLICY, portable)
+                cache = None  # the helper kept the opened cache up to date
         fresh: list[str] = []
         for rec in list(self._vms.values()):
             if rec.policy_file:
@@ -647,6 +727,44 @@ class FleetService:
                       self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
+
+    def start_prefetch(self) -> bool:
+        """Start the start-up check's helper process (``_prefetch_main``) on the other core.
+
+        Only before the console starts any thread (a fork then is safe) and only for a
+        lazy service that has not checked anything yet; ``check_in_steps`` uses what it
+        sends and does everything itself if it sends nothing usable. True if started.
+        """
+        import multiprocessing
+
+        if (self._prefetch is not None or self.eager or self.spec is None or self._generation
+                or threading.active_count() > 1 or (os.cpu_count() or 1) < 2
+                or "fork" not in multiprocessing.get_all_start_methods()):
+            return False
+        ctx = multiprocessing.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc.start()
+        send.close()
+        self._prefetch = (proc, receive)
+        return True
+
+    @staticmethod
+    def _receive(conn: Connection) -> Generator[list[VMView], None, tuple[Any, ...] | None]:
+        """The helper's next message, waiting in steps (``[]``: nothing decided yet); None when
+        it has nothing (failed, exited)."""
+        while True:
+            try:
+                if conn.poll(0.005):
+                    message = conn.recv()
+                    if isinstance(message, tuple) and message and message[0] != "failed":
+                        return message
+                    break
+            except (EOFError, OSError):
+                break
+            yield []
+        conn.close()
+        return None
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> FleetSnapshot | None:
@@ -784,10 +902,8 @@ class FleetService:
             self._chains[n] = (at, check.chain)
             self._checks[(n,)] = (at, check)
         self._lazy_at = at
-        for rec in self._vms.values():
-            owner, summary, why, first, end = vms[rec.uuid]
-            self._restored[rec.uuid] = (owner, summary, why)
-            self._lazy[rec.uuid] = (self._vm_key(rec), first, end)
+        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
+        self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
         self._lazy_blob = memoryview(checks)
         self._instant_set.update(instants)
         self._instants = None
@@ -819,14 +935,15 @@ class FleetService:
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
-        key, first, end = self._lazy.pop(rec.uuid)
-        if key != self._vm_key(rec) or self._lazy_at is None:
-            return  # the VM changed since (a refresh): checked anew
+        first, end = self._lazy.pop(rec.uuid)
+        if self._lazy_at is None:
+            return
         from console.adapters.cache import FleetSnapshot
 
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
         if not isinstance(check, VMCheck) or check.uuid != rec.uuid:
             return
+        key = self._vm_key(rec)  # as restored: a refresh (apply_facts) drops what is left
         self._policy_cache[rec.uuid] = (self._lazy_at, rec.token, check.policy)
         self._vm_checks[key] = (self._lazy_at, check)
 
@@ -1040,12 +1157,95 @@ class FleetService:
             self._known = (self.trust, {n.info.fingerprint: n.info.name for n in self.trust.nodes()})
         return self._known[1]
 
-    def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None) -> list[Decision]:
-        """A decision for every host of the fleet (allowed ones first, then by name)."""
+    def targets(self, vm: str, admin: str | None = None, at: dt.datetime | None = None, *,
+                workers: int = 1) -> list[Decision]:
+        """A decision for every host of the fleet (allowed ones first, then by name).
+
+        ``workers`` > 1 (the CLI): the hosts are split over forked helper processes, each
+        deciding its share with this same service (``_decide_forked``).
+        """
         when = at or self.at
         rec = self._find_vm(vm)
-        decisions = [self._decide(rec, h, admin, when, False) for h in self._hosts]
+        hosts = list(self._hosts)
+        if workers > 1 and len(hosts) >= PARALLEL_MIN_HOSTS:
+            decisions = self._decide_forked(rec, hosts, admin, when, workers)
+        else:
+            decisions = [self._decide(rec, h, admin, when, False) for h in hosts]
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
+
+    def _decide_forked(self, rec: _VMRecord, hosts: list[str], admin: str | None, at: dt.datetime,
+                       workers: int) -> list[Decision]:
+        """``[self._decide(rec, h, ...) for h in hosts]``, with the host chain checks (most of
+        the time: 1,000 hosts ~1-2 s) shared with forked copies of this process.
+
+        The first decision is made here before forking, so the VM's policy, the grants
+        and the policy memory are read, checked and recorded once, by this process; a
+        helper only decides, never writes. A helper that fails in any way (an unreadable
+        certificate, a result that cannot be sent back) is not trusted: its share is
+        decided again here, which raises the same error the plain loop would. Without
+        ``os.fork`` or with other threads running (forking them is unsafe), the plain loop.
+        """
+        import pickle
+
+        first = self._decide(rec, hosts[0], admin, at, False)
+        rest = hosts[1:]
+        n = min(workers, os.cpu_count() or 1)
+        if n <= 1 or not hasattr(os, "fork") or threading.active_count() > 1:
+            return [first, *(self._decide(rec, h, admin, at, False) for h in rest)]
+        shares = [rest[i::n] for i in range(n)]
+        own, theirs = shares[0], shares[1:]
+        children: list[tuple[int, int, list[str]]] = []
+        gc.freeze()  # the helpers' collector leaves the inherited heap alone (no copy-on-write storm)
+        try:
+            for share in theirs:
+                read_end, write_end = os.pipe()
+                try:
+                    pid = os.fork()
+                except OSError:  # no helper (process limits): this process decides the share
+                    os.close(read_end)
+                    os.close(write_end)
+                    own = own + share
+                    continue
+                if pid == 0:  # pragma: no cover - the helper (its results are checked in the parent)
+                    try:  # whatever happens, the helper ends here and never runs the caller's code
+                        os.close(read_end)
+                        try:
+                            self._memory, self._pending = None, {}
+                            part = [self._decide(rec, h, admin, at, False) for h in share]
+                            data = pickle.dumps(("ok", part), pickle.HIGHEST_PROTOCOL)
+                        except BaseException:
+                            data = pickle.dumps(("failed", None))
+                        with os.fdopen(write_end, "wb") as out:
+                            out.write(data)
+                    finally:
+                        os._exit(0)
+                os.close(write_end)
+                children.append((pid, read_end, share))
+            decisions = [first, *(self._decide(rec, h, admin, at, False) for h in own)]
+            for pid, read_end, share in children:
+                with os.fdopen(read_end, "rb") as got:
+                    data = got.read()
+                os.waitpid(pid, 0)
+                children = [c for c in children if c[0] != pid]
+                try:
+                    sent: object = pickle.loads(data)
+                except Exception:
+                    sent = None
+                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 2 and sent[0] == "ok" else None
+                if (isinstance(returned, list) and len(returned) == len(share)
+                        and all(isinstance(d, Decision) and d.host == h
+                                for d, h in zip(returned, share, strict=True))):
+                    decisions += returned
+                else:
+                    decisions += [self._decide(rec, h, admin, at, False) for h in share]
+        finally:
+            gc.unfreeze()
+            for pid, read_end, _ in children:  # only after an error here: reap the helpers
+                with contextlib.suppress(OSError):
+                    os.close(read_end)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        return decisions
 
     def matrix(self, at: dt.datetime | None = None) -> Matrix:
         """Allowed targets for every VM (the fast path), cached until facts change.
@@ -1080,6 +1280,7 @@ class FleetService:
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
+        self._restored, self._lazy = {}, {}  # a snapshot describes the fleet files, not these facts
         self._matrix = None
         self._names = None
         self._generation += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual.pilot import Pilot
 
 from console.demo_scale import generate_scale
 from console.services.fleet import FleetService
@@ -20,6 +21,20 @@ def scale_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_scale(tmp_path_factory.mktemp("scale") / "f", vms=120, hosts=30, owners=4, rules=12)
 
 
+async def checked(app: EscortApp, pilot: Pilot[None]) -> None:
+    """Until the start-up check is done and its last rows reached the table (it starts after
+    the first paint and signals the screen after its worker ends: on a loaded machine one
+    ``settle`` can come too early). Bounded; the assertions after it decide."""
+    for _ in range(500):
+        await settle(app)
+        await pilot.pause(0.02)
+        if app.checking:
+            continue
+        table = app.screen.query_one("#vms-table", VirtualTable)
+        if not any(row.cells[4] == "checking…" for row in table.rows_in_view()):
+            return
+
+
 async def test_rows_first_then_every_verdict_streamed_in(scale_fleet: Path) -> None:
     lazy = FleetService.load(scale_fleet, eager=False)
     app = EscortApp(lazy, config=UIConfig(), live=False)
@@ -29,8 +44,7 @@ async def test_rows_first_then_every_verdict_streamed_in(scale_fleet: Path) -> N
     assert {row.cells[4] for row in app.vm_rows()} == {"checking…"}
     assert lazy._matrix is None and not lazy._chains
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(app)
-        await pilot.pause()
+        await checked(app, pilot)
         assert not app.checking
         table = app.screen.query_one("#vms-table", VirtualTable)
         shown = {row.key: row.cells[4] for row in table.rows_in_view()}
@@ -54,8 +68,7 @@ async def test_an_unreadable_policy_file_is_a_problem_not_a_crash(scale_fleet: P
     victim.unlink()
     app = EscortApp(FleetService.load(copy / "fleet.toml", eager=False), config=UIConfig(), live=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await settle(app)
-        await pilot.pause()
+        await checked(app, pilot)
         assert not app.checking
         assert any(victim.name in p for p in app.all_problems())
         row = next(r for r in app.vm_rows() if r.cells[0] == victim.stem)

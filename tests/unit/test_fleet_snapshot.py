@@ -223,3 +223,31 @@ def test_a_refresh_is_never_answered_from_the_snapshot(fleet: Path) -> None:
     service.apply_facts(host, None, None)  # the host did not answer
     list(service.check_in_steps())
     assert service.check_source == "computed"
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_helper_process_changes_no_verdict(fleet: Path, warm: bool) -> None:
+    """``start_prefetch`` (the console's second core): same verdicts, cold and warm."""
+    if warm:
+        check(fleet)
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    started = service.start_prefetch()
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    if (os.cpu_count() or 1) > 1:
+        assert started
+    assert service.check_source == ("snapshot" if warm else "computed")
+    assert views == uncached(fleet)
+    assert explained(service) == explained(check(fleet, cache=False)[1])
+
+
+def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -> None:
+    first = sorted((fleet.parent / "policies").iterdir())[0]
+    first.write_bytes(b"\xff\xfe not a token")
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    service.start_prefetch()
+    views = {v.uuid: [r.code for r in v.policy_problems] for step in service.check_in_steps() for v in step}
+    assert sum(codes == ["policy.unreadable"] for codes in views.values()) == 1
+    assert any(p.reason.code == "policy.unreadable" for p in service.problems)

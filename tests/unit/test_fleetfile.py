@@ -130,6 +130,9 @@ def test_vm_files_split_a_fleet_over_files_and_directories(tmp_path: Path) -> No
     assert [v.name for v in spec.vms] == [f"vm-{i:05d}" for i in (6, 0, 1, 2, 3, 4, 5)]
     # a VM list file's relative paths are relative to that file
     assert spec.vms[1].policy_file == str((tmp_path / "vms" / "policies/vm-00000.jws").resolve())
+    # a one-pair answer keeps only its VM, from whichever file it comes, path resolved the same
+    one = load_fleet(tmp_path / "fleet.toml", keep_vm=lambda u, n: n == "vm-00004")
+    assert one.vms == (spec.vms[5],) and one.vms[0].policy_file.startswith(str((tmp_path / "vms").resolve()))
 
 
 @pytest.mark.parametrize(("content", "expect"), [
@@ -274,3 +277,34 @@ def test_column_checks_on_uuids_only_the_row_check_accepts(value: str, others: i
         assert str(err.value) == str(exc)
         return
     assert reader.vm_rows(rows, None) == ([v.uuid for v in specs], [v.host for v in specs], specs)
+
+
+def test_all_files_of_a_fleet_together_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file under its own bound, all of them together over the fleet's: one line naming
+    the limit (the bound is lowered here so that the test writes little)."""
+    from console.adapters import fleetfile
+
+    (tmp_path / "vms").mkdir()
+    for part in range(3):
+        (tmp_path / "vms" / f"{part}.toml").write_text(_vm_tables(100, start=100 * part))
+    (tmp_path / "fleet.toml").write_text(MIN + 'vm_files = ["vms"]\n[[hosts]]\nname = "h1"\n')
+    assert len(load_fleet(tmp_path / "fleet.toml").vms) == 300
+    size = sum(f.stat().st_size for f in (*(tmp_path / "vms").iterdir(), tmp_path / "fleet.toml"))
+    monkeypatch.setattr(fleetfile, "FLEET_MAX_TOTAL_BYTES", size - 1)
+    with pytest.raises(InputError) as err:
+        load_fleet(tmp_path / "fleet.toml")
+    msg = str(err.value)
+    assert "\n" not in msg and "2.toml" in msg and "together are larger than" in msg
+
+
+def test_the_per_file_bound_keeps_the_costliest_toml_small() -> None:
+    """The structural side of "no input of allowed size takes more than a second": the
+    bound is 2 MiB per file, which fits 10,000 VMs in the documented layout (the test
+    above) with room to spare; the time of the costliest inputs at this bound is
+    measured by fuzz/fuzz_parsers.py --worst-only and recorded in fuzz/RESULTS.md."""
+    from console.adapters import fleetfile
+
+    assert FLEET_MAX_BYTES == 2 * 1024 * 1024
+    ten_thousand = len((MIN + "[[hosts]]\nname = 'h1'\n\n" + _vm_tables(10_000)).encode())
+    assert ten_thousand < 0.85 * FLEET_MAX_BYTES
+    assert fleetfile.FLEET_MAX_TOTAL_BYTES >= 32 * FLEET_MAX_BYTES

@@ -136,3 +136,52 @@ def test_a_one_vm_service_keeps_only_what_the_key_finds_and_takes_no_refresh(fle
     assert FleetService.load_strict(fleet.fleet, at=T0, only_vm=DB_UUID.upper())._vms.keys() == {DB_UUID}
     with pytest.raises(EscortError, match="cannot take a refresh"):
         lean.apply_facts("hv-fr-1", None, None)
+
+
+def test_targets_shared_with_forked_helpers_are_the_plain_answer(fleet: FleetFiles,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "PARALLEL_MIN_HOSTS", 1)
+    monkeypatch.setattr(svc.os, "cpu_count", lambda: 3)
+    plain = FleetService.load_strict(fleet.fleet, at=T0).targets("web-1", "anne")
+    forked = FleetService.load_strict(fleet.fleet, at=T0, only_vm="web-1").targets("web-1", "anne", workers=3)
+    assert [d.as_json() for d in forked] == [d.as_json() for d in plain]
+    assert {d.host for d in forked} == {"hv-de-1", "hv-fr-1", "hv-us-1", "hv-de-old"}
+    # the CLI takes this path too, and still says what the console's full load says
+    r = run("targets", "--offline", "--fleet", str(fleet.fleet), "--at", AT, "--json", "web-1")
+    assert json.loads(r.stdout)["allowed"] == [d.host for d in plain if d.allowed] == ["hv-fr-1"]
+
+
+def test_a_helper_that_fails_is_not_trusted(fleet: FleetFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper whose work fails sends nothing usable: its share is decided again by the
+    calling process (which then raises what the plain loop raises, or answers)."""
+    import os
+
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "PARALLEL_MIN_HOSTS", 1)
+    monkeypatch.setattr(svc.os, "cpu_count", lambda: 2)
+    parent = os.getpid()
+    real = FleetService._decide
+
+    def decide_or_fail_in_helper(self: FleetService, *args: object, **kwargs: object) -> object:
+        if os.getpid() != parent:
+            raise RuntimeError("helper broke")
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FleetService, "_decide", decide_or_fail_in_helper)
+    plain = [d.as_json() for d in FleetService.load_strict(fleet.fleet, at=T0).targets("db-1")]
+    forked = FleetService.load_strict(fleet.fleet, at=T0, only_vm="db-1").targets("db-1", workers=2)
+    assert [d.as_json() for d in forked] == plain
+
+
+def test_the_collector_is_back_after_a_one_pair_answer(fleet: FleetFiles) -> None:
+    """explain/targets run without cyclic GC (console/cli NO_GC); an in-process caller gets
+    it back whatever the exit (allowed, refused, bad input)."""
+    import gc
+
+    for args in (["explain", "web-1", "hv-fr-1"], ["explain", "web-1", "hv-us-1"], ["targets", "web-1"],
+                 ["explain", "nosuchvm", "hv-fr-1"]):
+        run(args[0], "--offline", "--fleet", str(fleet.fleet), "--at", AT, *args[1:])
+        assert gc.isenabled()

@@ -136,6 +136,11 @@ class VMsScreen(FleetScreen):
         admin = self.escort.admin
         hosts = [h.name for h in self.escort.all_hosts()]
         vm = self.escort.vm_by_key(vm_key)
+        if vm is not None and vm.checking:
+            # the start-up check decides this VM soon (its verdict re-lists this pane);
+            # deciding it here too would redo, ahead of the check, what the check reuses
+            self._targets_ready(vm_key, f"Targets for {name}: checking…", [], keep)
+            return
         if vm is not None and not vm.checking and not keep and admin is None:
             # Every host's verdict at once, from the same allowed-target matrix as the VM's
             # row (so row and pane agree); the reasons for each refusal follow below.
@@ -148,6 +153,10 @@ class VMsScreen(FleetScreen):
                  else make_row(h, [f"{BAD} refused", h], ["bad", "strong"]) for h in quick], False)
             keep = True
             await asyncio.sleep(0)
+            if self.escort.checking:
+                # the reasons (a full decision per host) follow when the start-up check is
+                # done (its end re-lists this pane): computed now they would slow the check
+                return
         decisions = []
         at = getattr(service, "at", None)  # one time for the whole list (and its caches)
         try:
