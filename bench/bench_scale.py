@@ -13,10 +13,12 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
   interpreter start, imports, reading and checking the fleet, building rows, Textual's
   start-up and first paint. One unmeasured launch first warms the page cache.
 * **verdicts complete**: until no row says "checking" (the console paints rows first
-  and checks the fleet in steps after). Measured once with an empty cache of opened
-  policies (``ESCORT_CACHE_DIR``, a directory of the benchmark's own; that launch fills
-  it) and ``--runs`` times warm. The verdict goals (matrix cold <= 2 s, warm <= 0.5 s)
-  are judged here on the whole launch, which is stricter than the matrix alone.
+  and checks the fleet in steps after), from launch and from the first rows. Measured
+  once with an empty cache (``ESCORT_CACHE_DIR``, a directory of the benchmark's own:
+  no snapshot, no opened policies; that launch fills it) and ``--runs`` times warm
+  (the whole-fleet snapshot answers). Judged: matrix cold <= 2 s on the whole launch
+  (stricter than the matrix alone); matrix warm <= 0.5 s from the first rows on screen
+  to the last verdict (the launch before it is judged by the first-rows goal).
 * **Down -> target list**: Down arrow until the targets pane's title names the next
   VM with its "N of M hosts allowed" (every host is listed with its verdict then), and
   until the title ends in "Enter: walkthrough" (every refused host's reasons and fixes
@@ -61,6 +63,9 @@ class SizeResult:
     verdicts: list[float] = field(default_factory=list)
     first_rows_cold: list[float] = field(default_factory=list)
     verdicts_cold: list[float] = field(default_factory=list)
+    #: per launch: from the first VM rows on screen until every verdict is (the matrix part)
+    after_rows: list[float] = field(default_factory=list)
+    after_rows_cold: list[float] = field(default_factory=list)
     down: list[float] = field(default_factory=list)
     down_full: list[float] = field(default_factory=list)
     filter_key: list[float] = field(default_factory=list)
@@ -150,6 +155,7 @@ def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = 
         t2, lines = term.wait(lambda ls: bool(vm_rows(ls))
                               and not any(v.startswith("check") for v in vm_rows(ls).values()))
         res.verdicts.append(t2 - t0)
+        res.after_rows.append(t2 - t1)
         if not interact:
             return
         # the first VM's target list, then Down a few times
@@ -217,6 +223,7 @@ def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool,
     cold = SizeResult(vms, hosts)
     console_run(fleet, cold, interact=False)  # empty cache: it is filled by this launch
     res.first_rows_cold, res.verdicts_cold = cold.first_rows, cold.verdicts
+    res.after_rows_cold = cold.after_rows
     for i in range(runs):
         console_run(fleet, res, interact=i == 0)
     for _ in range(2 * runs):
@@ -235,9 +242,11 @@ def ms(values: list[float]) -> str:
 
 GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
     "first_rows_cold": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
-    "verdicts_cold": (2.0, "≤ 2 s (matrix cold)"),
+    "verdicts_cold": (2.0, "≤ 2 s (matrix cold, judged from launch)"),
+    "after_rows_cold": (None, "— (part of the line above)"),
     "first_rows": (1.5, "≤ 1.5 s and ≤ 1.5x the smallest size"),
-    "verdicts": (0.5, "≤ 0.5 s (matrix warm; launch included here)"),
+    "verdicts": (None, "— (launch + rows + matrix; the warm goal is judged below)"),
+    "after_rows": (0.5, "≤ 0.5 s (matrix warm: first rows -> every verdict)"),
     "down": (0.1, "≤ 100 ms"),
     "down_full": (None, "—"),
     "filter_key": (0.1, "≤ 100 ms"),
@@ -247,8 +256,10 @@ GOALS = {  # measurement -> (goal in seconds for the biggest size, text)
 LABELS = {
     "first_rows_cold": "launch -> first VM rows painted (empty cache)",
     "verdicts_cold": "launch -> every row's verdict shown (empty cache)",
+    "after_rows_cold": "first VM rows -> every row's verdict (empty cache)",
     "first_rows": "launch -> first VM rows painted (warm cache)",
     "verdicts": "launch -> every row's verdict shown (warm cache)",
+    "after_rows": "first VM rows -> every row's verdict (warm cache)",
     "down": "Down -> next VM: every host's verdict listed",
     "down_full": "Down -> next VM: every refusal's reasons listed",
     "filter_key": "filter keystroke -> table narrowed",

@@ -87,6 +87,9 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> Fle
     service = FleetService.load_strict(path, at=at, only_vm=vm if offline else None)
     if not offline and service.spec is not None and service.spec.hosts:
         import asyncio
+        import gc
+
+        gc.enable()  # a refresh runs for a while (see console/cli/__init__.py NO_GC)
 
         from console.services.inventory import refresh_fleet  # asyncssh/libvirt: only when needed
 

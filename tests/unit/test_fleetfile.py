@@ -130,6 +130,9 @@ def test_vm_files_split_a_fleet_over_files_and_directories(tmp_path: Path) -> No
     assert [v.name for v in spec.vms] == [f"vm-{i:05d}" for i in (6, 0, 1, 2, 3, 4, 5)]
     # a VM list file's relative paths are relative to that file
     assert spec.vms[1].policy_file == str((tmp_path / "vms" / "policies/vm-00000.jws").resolve())
+    # a one-pair answer keeps only its VM, from whichever file it comes, path resolved the same
+    one = load_fleet(tmp_path / "fleet.toml", keep_vm=lambda u, n: n == "vm-00004")
+    assert one.vms == (spec.vms[5],) and one.vms[0].policy_file.startswith(str((tmp_path / "vms").resolve()))
 
 
 @pytest.mark.parametrize(("content", "expect"), [

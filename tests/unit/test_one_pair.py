@@ -174,3 +174,14 @@ def test_a_helper_that_fails_is_not_trusted(fleet: FleetFiles, monkeypatch: pyte
     plain = [d.as_json() for d in FleetService.load_strict(fleet.fleet, at=T0).targets("db-1")]
     forked = FleetService.load_strict(fleet.fleet, at=T0, only_vm="db-1").targets("db-1", workers=2)
     assert [d.as_json() for d in forked] == plain
+
+
+def test_the_collector_is_back_after_a_one_pair_answer(fleet: FleetFiles) -> None:
+    """explain/targets run without cyclic GC (console/cli NO_GC); an in-process caller gets
+    it back whatever the exit (allowed, refused, bad input)."""
+    import gc
+
+    for args in (["explain", "web-1", "hv-fr-1"], ["explain", "web-1", "hv-us-1"], ["targets", "web-1"],
+                 ["explain", "nosuchvm", "hv-fr-1"]):
+        run(args[0], "--offline", "--fleet", str(fleet.fleet), "--at", AT, *args[1:])
+        assert gc.isenabled()

@@ -153,6 +153,10 @@ class VMsScreen(FleetScreen):
                  else make_row(h, [f"{BAD} refused", h], ["bad", "strong"]) for h in quick], False)
             keep = True
             await asyncio.sleep(0)
+            if self.escort.checking:
+                # the reasons (a full decision per host) follow when the start-up check is
+                # done (its end re-lists this pane): computed now they would slow the check
+                return
         decisions = []
         at = getattr(service, "at", None)  # one time for the whole list (and its caches)
         try:
