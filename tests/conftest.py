@@ -3,6 +3,14 @@
 With ESCORT_REQUIRE_LAB=1 (set by ``./dev test`` as root, hence in CI) a lab test
 that is skipped or not collected fails the run: lab tests never count as passing
 without running.
+
+``./dev test`` runs the suite on two pytest-xdist workers with ``--dist loadgroup``:
+every lab test is put in one group (``xdist_group("lab")``), so all of them run in
+order on ONE worker against ONE lab (the session fixture), while the other worker runs
+the unit and UI tests meanwhile — the lab tests mostly wait (bandwidth caps, daemons,
+timeouts), so the two overlap. The skipped-lab-test rule is checked on the controller
+from the reports the workers send (``pytest_runtest_logreport``), so it holds with or
+without xdist.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import os
 import pytest
 
 REQUIRE_LAB = os.environ.get("ESCORT_REQUIRE_LAB") == "1"
+LAB_GROUP = "lab"
+_LAB_PROPERTY = "escort_lab_test"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +30,16 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="escort-test-state-")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """All lab tests share one lab: with xdist they must all run on the same worker."""
+    for item in items:
+        if item.get_closest_marker("lab") is not None:
+            item.add_marker(pytest.mark.xdist_group(LAB_GROUP))
+
+
 _lab_skipped: list[str] = []
 
 
@@ -27,8 +47,14 @@ _lab_skipped: list[str] = []
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("lab") is not None:
-        _lab_skipped.append(item.nodeid)
+    if item.get_closest_marker("lab") is not None:
+        # travels with the report from an xdist worker to the controller
+        report.user_properties.append((_LAB_PROPERTY, True))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and any(name == _LAB_PROPERTY for name, _ in report.user_properties):
+        _lab_skipped.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -72,7 +72,8 @@ async def migrate_from_console(pilot: Pilot[None], app: EscortApp, vm_uuid: str,
     await wait_for(pilot, lambda: not app.refreshing, "the refresh")
     screen = app.screen
     assert isinstance(screen, VMsScreen)
-    assert screen.focus_vm(vm_uuid)
+    # the table fills in after the refresh (rows first, progressively): wait for the VM's row
+    await wait_for(pilot, lambda: screen.focus_vm(vm_uuid), "the VM's row", seconds=30)
     targets = screen.query_one("#targets", VirtualTable)
     title = screen.query_one("#targets-title", Label)
     # the targets follow the selection after a short debounce; wait for this VM's
@@ -94,6 +95,9 @@ async def migrate_from_console(pilot: Pilot[None], app: EscortApp, vm_uuid: str,
     go.press()
     await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
     dialog = app.screen
+    # the dialog takes focus right after it is pushed: wait for that (under load it is not
+    # instant), then check it is on Cancel
+    await wait_for(pilot, lambda: app.focused is not None, "the dialog's focus", seconds=10)
     focused = app.focused
     assert isinstance(focused, Button) and focused.id == "cancel"
     dialog.query_one("#dialog-typed", Input).value = VM
@@ -217,7 +221,9 @@ async def test_console_abort_key_stops_a_migration_and_shows_the_vm_on_its_sourc
             await app.switch_mode("vms")
             await wait_for(pilot, lambda: isinstance(app.screen, VMsScreen), "the VMs tab")
             screen = app.screen
-            assert isinstance(screen, VMsScreen) and screen.focus_vm(uuid)
+            assert isinstance(screen, VMsScreen)
+            # the table fills in after the refresh: wait for the guest's row
+            await wait_for(pilot, lambda: screen.focus_vm(uuid), "the guest's row", seconds=30)
             title = screen.query_one("#targets-title", Label)
             await wait_for(pilot, lambda: f"Targets for {name}:" in str(title.render())
                            and " allowed" in str(title.render()), "the VM's targets")

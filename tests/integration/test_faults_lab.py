@@ -51,7 +51,8 @@ def _audit_verify(path: Path) -> None:
 async def test_fault_at_moment(lab: Lab, tmp_path: Path, fault: str, moment: str) -> None:
     name = f"d-{fault.split('-')[-1]}-{moment.split('-')[0]}"
     audit = tmp_path / "audit.log"
-    r = await drills.run_drill(lab, fault, moment, fleet_file=lab.fleet_file, audit_path=audit, name=name)
+    r = await drills.run_drill(lab, fault, moment, fleet_file=lab.fleet_file, audit_path=audit, name=name,
+                               log=print)
     detail = json.dumps(r.as_json(), indent=1)
     assert r.fired, f"the moment was not reached: {r.fired_note}\n{detail}"
     assert not r.problems, detail
