@@ -171,9 +171,17 @@ def _prefetch_main(service: FleetService, conn: Connection) -> None:
                 todo.append(token)
             else:
                 opened[token] = got
-        fresh = open_portable(todo, TYP_POLICY, POLICY_FIELDS)
-        opened.update(zip(todo, fresh, strict=True))
-        conn.send(("opened", opened))
+        conn.send(("opened", opened))  # from the cache first, then in chunks as they are opened
+        fresh: list[Portable] = []
+        try:
+            for i in range(0, len(todo), 250):
+                chunk = todo[i:i + 250]
+                done = open_portable(chunk, TYP_POLICY, POLICY_FIELDS)
+                fresh.extend(done)
+                conn.send(("opened", dict(zip(chunk, done, strict=True))))
+            conn.send(("done",))
+        except OSError:
+            pass  # the console opened the rest itself (from the other end) and stopped listening
         if cache is not None and fresh:
             cache.put(TYP_POLICY, fresh)
             cache.save()
@@ -677,13 +685,39 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
-        if conn is not None:  # the helper opened the tokens meanwhile (signatures, on the other core)
-            message = yield from self._receive(conn)
-            if message is not None and message[0] == "opened" and isinstance(message[1], dict):
-                for token, portable in message[1].items():
+        if conn is not None:
+            # the helper opens tokens from the first on (signatures, on the other core) and
+            # sends them in chunks; this process opens from the last on meanwhile, until
+            # they meet. Whatever neither did is opened below, as without the helper.
+            todo = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
+                    if not envelopes.is_open(t, TYP_POLICY)]
+            helper_ok = True
+            while todo and helper_ok:
+                try:
+                    while conn.poll(0):
+                        message = conn.recv()
+                        if message[0] == "opened" and isinstance(message[1], dict):
+                            for token, portable in message[1].items():
+                                if not envelopes.is_open(token, TYP_POLICY):
+                                    envelopes.adopt(token, TYP_POLICY, portable)
+                        else:
+                            helper_ok = False  # done or failed: the rest is opened here
+                            break
+                except (EOFError, OSError):
+                    helper_ok = False
+                while todo and envelopes.is_open(todo[-1], TYP_POLICY):
+                    todo.pop()
+                for _ in range(8):  # from the last token back (pop)
+                    if not todo:
+                        break
+                    token = todo.pop()
                     if not envelopes.is_open(token, TYP_POLICY):
-                        envelopes.adopt(token, TYP_POLICY, portable)
-                cache = None  # the helper kept the opened cache up to date
+                        envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
+                if clock() - start > budget_s:
+                    yield []
+                    start = clock()
+            conn.close()
+            cache = None  # the helper keeps the opened cache up to date
         fresh: list[str] = []
         for rec in list(self._vms.values()):
             if rec.policy_file:
