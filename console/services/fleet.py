@@ -639,7 +639,10 @@ class FleetService:
         if helper is not None:
             conn = helper[1]
             message = yield from self._receive(conn)
-            if message is not None and message[0] == "tokens" and len(message[3]) == len(self._vms):
+            # the helper read the files of the VMs as the fleet file lists them: only while no
+            # refresh has changed the VMs since (a token goes to the VM at the same place)
+            if (message is not None and message[0] == "tokens" and self._generation == 0
+                    and len(message[3]) == len(self._vms)):
                 _, key, reusable, tokens = message
                 for rec, token in zip(list(self._vms.values()), tokens, strict=True):
                     if rec.policy_file and token is not None:
