@@ -1226,8 +1226,11 @@ class FleetService:
         n = min(workers, os.cpu_count() or 1)
         if n <= 1 or not hasattr(os, "fork") or threading.active_count() > 1:
             return [first, *(self._decide(rec, h, admin, at, False) for h in rest)]
-        shares = [rest[i::n] for i in range(n)]
-        own, theirs = shares[0], shares[1:]
+        # contiguous shares, this process's first: a share redone here raises the error
+        # the plain loop would have raised first (host order)
+        size = -(-len(rest) // n)
+        shares = [rest[i * size:(i + 1) * size] for i in range(n)]
+        own, theirs = shares[0], [share for share in shares[1:] if share]
         children: list[tuple[int, int, list[str]]] = []
         gc.freeze()  # the helpers' collector leaves the inherited heap alone (no copy-on-write storm)
         try:
@@ -1238,7 +1241,7 @@ class FleetService:
                 except OSError:  # no helper (process limits): this process decides the share
                     os.close(read_end)
                     os.close(write_end)
-                    own = own + share
+                    children.append((-1, -1, share))
                     continue
                 if pid == 0:  # pragma: no cover - the helper (its results are checked in the parent)
                     try:  # whatever happens, the helper ends here and never runs the caller's code
@@ -1256,11 +1259,14 @@ class FleetService:
                 os.close(write_end)
                 children.append((pid, read_end, share))
             decisions = [first, *(self._decide(rec, h, admin, at, False) for h in own)]
-            for pid, read_end, share in children:
+            for pid, read_end, share in list(children):
+                children.remove((pid, read_end, share))
+                if pid < 0:
+                    decisions += [self._decide(rec, h, admin, at, False) for h in share]
+                    continue
                 with os.fdopen(read_end, "rb") as got:
                     data = got.read()
                 os.waitpid(pid, 0)
-                children = [c for c in children if c[0] != pid]
                 try:
                     sent: object = pickle.loads(data)
                 except Exception:
@@ -1275,6 +1281,8 @@ class FleetService:
         finally:
             gc.unfreeze()
             for pid, read_end, _ in children:  # only after an error here: reap the helpers
+                if pid < 0:
+                    continue
                 with contextlib.suppress(OSError):
                     os.close(read_end)
                 with contextlib.suppress(ChildProcessError):
