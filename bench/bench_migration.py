@@ -64,8 +64,9 @@ sys.path.insert(0, str(ROOT))
 # libvirt's client library logs each migration phase (Begin3, Prepare3, ...) at debug level
 # from libvirt-domain.c: this process only, before libvirt is loaded.
 CLIENT_LOG = Path(tempfile.gettempdir()) / f"escort-bench-libvirt-{os.getpid()}.log"
-os.environ["LIBVIRT_LOG_OUTPUTS"] = f"1:file:{CLIENT_LOG}"
-os.environ["LIBVIRT_LOG_FILTERS"] = "1:libvirt.domain 4:*"
+if __name__ == "__main__":  # run as the benchmark, not when imported for its helpers
+    os.environ["LIBVIRT_LOG_OUTPUTS"] = f"1:file:{CLIENT_LOG}"
+    os.environ["LIBVIRT_LOG_FILTERS"] = "1:libvirt.domain 4:*"
 from bench.machine import describe, record  # noqa: E402
 from console.adapters.audit import AuditLog  # noqa: E402
 from console.core import migration as mig  # noqa: E402

@@ -218,6 +218,7 @@ async def main():
     config, _ = load_config()
     service = FleetService.load(fleet, readonly=config.readonly, eager=False)  # as open_console
     service.use_cache = True
+    service.start_prefetch()  # as open_console: the helper process on the other core
     app = EscortApp(service, config=config, live=False)
     async with app.run_test(size=(cols, rows)) as pilot:
         while not painted:

@@ -59,6 +59,8 @@ REGIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 ASSURANCE = ("assurance:low", "assurance:medium", "assurance:high")
 MAX_VMS = 100_000
+#: VMs the fleet file itself lists; more go into vms/*.toml files (vm_files) of this many.
+VMS_PER_FILE = 10_000
 MAX_HOSTS = 10_000
 STAMP = "scale.json"
 #: bumped when escort's rules need the generated files to change (an older fleet is remade)
@@ -251,6 +253,15 @@ def _write(work: Path, now: dt.datetime, n_vms: int, n_hosts: int, seed: int, n_
     header = (f"# escort scale demo: {n_vms:,} VMs on {n_hosts:,} hosts, written by "
               f"`escort demo --vms {n_vms} --hosts {n_hosts}`.\n"
               "# Offline: hosts have no SSH address or libvirt URI; nothing is contacted.\n")
+    if len(vm_entries) > VMS_PER_FILE:
+        # a fleet file may be at most 2 MiB (adapters/fleetfile.py): bigger demos put their
+        # VMs into vms/NNN.toml files, named by vm_files (paths there are relative to them)
+        del doc["vms"]
+        doc["vm_files"] = ["vms"]
+        for k in range(0, len(vm_entries), VMS_PER_FILE):
+            part = [{**e, "policy_file": f"../{e['policy_file']}"} if "policy_file" in e else e
+                    for e in vm_entries[k:k + VMS_PER_FILE]]
+            put(f"vms/{k // VMS_PER_FILE:03d}.toml", tomli_w.dumps({"vms": part}).encode())
     put("fleet.toml", (header + tomli_w.dumps(doc)).encode())
     put(STAMP, json.dumps({"version": VERSION, "vms": n_vms, "hosts": n_hosts, "generated": now.isoformat(),
                            "seed": seed}).encode())

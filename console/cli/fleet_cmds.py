@@ -145,7 +145,8 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     """
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
-    decisions = service.targets(vm, admin, at, workers=os.cpu_count() or 1)
+    # offline only: after a refresh, connection libraries may have threads of their own
+    decisions = service.targets(vm, admin, at, workers=(os.cpu_count() or 1) if offline else 1)
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:

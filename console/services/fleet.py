@@ -171,9 +171,17 @@ def _prefetch_main(service: FleetService, conn: Connection) -> None:
                 todo.append(token)
             else:
                 opened[token] = got
-        fresh = open_portable(todo, TYP_POLICY, POLICY_FIELDS)
-        opened.update(zip(todo, fresh, strict=True))
-        conn.send(("opened", opened))
+        conn.send(("opened", opened))  # from the cache first, then in chunks as they are opened
+        fresh: list[Portable] = []
+        try:
+            for i in range(0, len(todo), 250):
+                chunk = todo[i:i + 250]
+                done = open_portable(chunk, TYP_POLICY, POLICY_FIELDS)
+                fresh.extend(done)
+                conn.send(("opened", dict(zip(chunk, done, strict=True))))
+            conn.send(("done",))
+        except OSError:
+            pass  # the console opened the rest itself (from the other end) and stopped listening
         if cache is not None and fresh:
             cache.put(TYP_POLICY, fresh)
             cache.save()
@@ -631,7 +639,10 @@ class FleetService:
         if helper is not None:
             conn = helper[1]
             message = yield from self._receive(conn)
-            if message is not None and message[0] == "tokens" and len(message[3]) == len(self._vms):
+            # the helper read the files of the VMs as the fleet file lists them: only while no
+            # refresh has changed the VMs since (a token goes to the VM at the same place)
+            if (message is not None and message[0] == "tokens" and self._generation == 0
+                    and len(message[3]) == len(self._vms)):
                 _, key, reusable, tokens = message
                 for rec, token in zip(list(self._vms.values()), tokens, strict=True):
                     if rec.policy_file and token is not None:
@@ -677,13 +688,39 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
-        if conn is not None:  # the helper opened the tokens meanwhile (signatures, on the other core)
-            message = yield from self._receive(conn)
-            if message is not None and message[0] == "opened" and isinstance(message[1], dict):
-                for token, portable in message[1].items():
+        if conn is not None:
+            # the helper opens tokens from the first on (signatures, on the other core) and
+            # sends them in chunks; this process opens from the last on meanwhile, until
+            # they meet. Whatever neither did is opened below, as without the helper.
+            todo = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
+                    if not envelopes.is_open(t, TYP_POLICY)]
+            helper_ok = True
+            while todo and helper_ok:
+                try:
+                    while conn.poll(0):
+                        message = conn.recv()
+                        if message[0] == "opened" and isinstance(message[1], dict):
+                            for token, portable in message[1].items():
+                                if not envelopes.is_open(token, TYP_POLICY):
+                                    envelopes.adopt(token, TYP_POLICY, portable)
+                        else:
+                            helper_ok = False  # done or failed: the rest is opened here
+                            break
+                except (EOFError, OSError):
+                    helper_ok = False
+                while todo and envelopes.is_open(todo[-1], TYP_POLICY):
+                    todo.pop()
+                for _ in range(8):  # from the last token back (pop)
+                    if not todo:
+                        break
+                    token = todo.pop()
                     if not envelopes.is_open(token, TYP_POLICY):
-                        envelopes.adopt(token, TYP_POLICY, portable)
-                cache = None  # the helper kept the opened cache up to date
+                        envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
+                if clock() - start > budget_s:
+                    yield []
+                    start = clock()
+            conn.close()
+            cache = None  # the helper keeps the opened cache up to date
         fresh: list[str] = []
         for rec in list(self._vms.values()):
             if rec.policy_file:
@@ -1192,8 +1229,11 @@ class FleetService:
         n = min(workers, os.cpu_count() or 1)
         if n <= 1 or not hasattr(os, "fork") or threading.active_count() > 1:
             return [first, *(self._decide(rec, h, admin, at, False) for h in rest)]
-        shares = [rest[i::n] for i in range(n)]
-        own, theirs = shares[0], shares[1:]
+        # contiguous shares, this process's first: a share redone here raises the error
+        # the plain loop would have raised first (host order)
+        size = -(-len(rest) // n)
+        shares = [rest[i * size:(i + 1) * size] for i in range(n)]
+        own, theirs = shares[0], [share for share in shares[1:] if share]
         children: list[tuple[int, int, list[str]]] = []
         gc.freeze()  # the helpers' collector leaves the inherited heap alone (no copy-on-write storm)
         try:
@@ -1204,7 +1244,7 @@ class FleetService:
                 except OSError:  # no helper (process limits): this process decides the share
                     os.close(read_end)
                     os.close(write_end)
-                    own = own + share
+                    children.append((-1, -1, share))
                     continue
                 if pid == 0:  # pragma: no cover - the helper (its results are checked in the parent)
                     try:  # whatever happens, the helper ends here and never runs the caller's code
@@ -1222,11 +1262,14 @@ class FleetService:
                 os.close(write_end)
                 children.append((pid, read_end, share))
             decisions = [first, *(self._decide(rec, h, admin, at, False) for h in own)]
-            for pid, read_end, share in children:
+            for pid, read_end, share in list(children):
+                children.remove((pid, read_end, share))
+                if pid < 0:
+                    decisions += [self._decide(rec, h, admin, at, False) for h in share]
+                    continue
                 with os.fdopen(read_end, "rb") as got:
                     data = got.read()
                 os.waitpid(pid, 0)
-                children = [c for c in children if c[0] != pid]
                 try:
                     sent: object = pickle.loads(data)
                 except Exception:
@@ -1241,6 +1284,8 @@ class FleetService:
         finally:
             gc.unfreeze()
             for pid, read_end, _ in children:  # only after an error here: reap the helpers
+                if pid < 0:
+                    continue
                 with contextlib.suppress(OSError):
                     os.close(read_end)
                 with contextlib.suppress(ChildProcessError):

@@ -37,11 +37,11 @@ from console.core.guard import (
     GuardConfig,
     GuardMaterial,
     material_digest,
+    merge_seen,
     seen_digest,
-    seen_for_guard,
 )
 from console.core.inventory import HostSpec
-from console.core.policy import PolicyBook, SeenPolicy
+from console.core.policy import SeenPolicy
 from console.services.fleet import FleetService
 from console.services.identity import AdminIdentity, append_signed, require_admin
 from console.services.inventory import InventoryService, is_live
@@ -180,11 +180,18 @@ def policy_uuids(service: FleetService) -> frozenset[str]:
 
 
 def policies_seen(service: FleetService) -> dict[str, SeenPolicy]:
-    """Per VM the newest policy escort knows: its memory merged with every policy it would
-    accept now (fleet file or live metadata) — ``core.guard.seen_for_guard``."""
-    book = PolicyBook(service.owners, seen=service.policies_seen())
-    tokens = [(v.uuid, service.policy_token(v.uuid)) for v in service.vms()]
-    return seen_for_guard(book, tokens, service.at)
+    """Per VM the newest policy escort knows: its memory merged with every policy it
+    accepts now (fleet file or live metadata; the service's own verdicts, so nothing is
+    verified twice). The lab, which reads tokens from libvirt itself, gets the same from
+    ``core.guard.seen_for_guard``."""
+    now: dict[str, SeenPolicy] = {}
+    for v in service.vms():
+        if not service.policy_token(v.uuid):
+            continue
+        r = service.policy(v.uuid)
+        if r.valid and r.owner is not None and r.policy is not None:
+            now[v.uuid] = SeenPolicy(r.owner.key, r.owner.full_label(), r.policy.seq, r.digest)
+    return merge_seen(service.policies_seen(), now)
 
 
 @dataclass

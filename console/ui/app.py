@@ -208,6 +208,7 @@ class EscortApp(App[None]):
         position = {v.uuid: i for i, v in enumerate(self._vms)}
         n_hosts = len(self._hosts)
         arrived: set[str] = set()
+        decided = 0
         last = time.perf_counter()
         try:
             for views in service.check_in_steps():
@@ -219,10 +220,15 @@ class EscortApp(App[None]):
                     self._vm_index[view.uuid] = view
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
-                if arrived and time.perf_counter() - last > 0.25:
+                decided += len(views)
+                if arrived and (time.perf_counter() - last > 0.25 or decided >= len(position)):
                     self.verdicts_arrived.publish(frozenset(arrived))
                     arrived = set()
                     last = time.perf_counter()
+                    if decided >= len(position):
+                        # every row has its verdict: let the screen show them before the check's
+                        # bookkeeping (policy memory, cache files) runs on this loop
+                        await asyncio.sleep(0.05)
                 await asyncio.sleep(0)
         except EscortError as exc:
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)

@@ -104,7 +104,7 @@ def test_virsh_rollback_and_owner_swap_refused_by_the_guard(lab: Lab, path_dir: 
     bobs = _sign(lab, "bob", guest, base + 2000)  # another trusted owner, no hand-over
     _attach(path_dir, "par-1", new)
     # escort sees the newest policy (refresh) and pushes what it has seen to every guard
-    inst = _escort("hosts", "guard", "install", "--fleet", str(lab.fleet_file), "--json")
+    inst = _escort("hosts", "guard", "install", "--fleet", str(lab.fleet_file), "--json", "par-1", "fra-1")
     assert inst.returncode == 0, inst.stdout + inst.stderr
     conf_dir = lab.host("fra-1").root / "etc/libvirt/escort-guard"
     current = Path(os.readlink(conf_dir / "current")).name  # an absolute link inside the host's mounts

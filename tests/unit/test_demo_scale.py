@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from console.adapters.fleetfile import load_fleet
@@ -53,3 +54,17 @@ def test_demo_cli_print_path_generates_once(tmp_path: Path) -> None:
 def test_demo_cli_refuses_sizes_out_of_range(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["demo", "--vms", "10", "--hosts", "0", "--dir", str(tmp_path)])
     assert out.exit_code == 2
+
+
+def test_a_big_demo_splits_its_vms_over_vm_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past VMS_PER_FILE VMs (10,000; lowered here) the generated fleet keeps each file
+    under the fleet-file bound: VMs go to vms/*.toml, named by vm_files."""
+    from console import demo_scale
+
+    monkeypatch.setattr(demo_scale, "VMS_PER_FILE", 15)
+    fleet = generate_scale(tmp_path / "scale", vms=40, hosts=6, owners=2, rules=3)
+    assert sorted(p.name for p in (fleet.parent / "vms").iterdir()) == ["000.toml", "001.toml", "002.toml"]
+    spec = load_fleet(fleet)
+    assert len(spec.vms) == 40
+    assert all(Path(v.policy_file).is_file() for v in spec.vms if v.policy_file)
+    assert sum(1 for v in spec.vms if v.policy_file) >= 39

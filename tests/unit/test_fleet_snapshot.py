@@ -251,3 +251,16 @@ def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -
     views = {v.uuid: [r.code for r in v.policy_problems] for step in service.check_in_steps() for v in step}
     assert sum(codes == ["policy.unreadable"] for codes in views.values()) == 1
     assert any(p.reason.code == "policy.unreadable" for p in service.problems)
+
+
+def test_a_refresh_before_the_helper_answers_keeps_the_verdicts_right(fleet: Path) -> None:
+    def refreshed(prefetch: bool) -> Verdicts:
+        service = FleetService.load(fleet, eager=False)
+        service.use_cache = prefetch
+        if prefetch:
+            service.start_prefetch()
+        service.apply_facts(next(iter(service._hosts)), None, None)  # a host did not answer
+        return {v.uuid: (v.allowed_targets, [r.code for r in v.policy_problems])
+                for step in service.check_in_steps() for v in step}
+
+    assert refreshed(True) == refreshed(False)

@@ -703,3 +703,37 @@ async def test_lost_finish_but_target_answers_without_the_vm_resumes_the_source(
     assert (out.result, out.vm_state, out.vm_on) == ("failed", "stayed", "src")
     kinds = [(e["kind"], e.get("action")) for e in _entries(tmp_path / "audit.log")]
     assert kinds == [("decision", None), ("fence", "pause"), ("fence", "resume"), ("outcome", None)]
+
+
+async def test_concurrent_just_in_time_checks_release_the_room_when_the_certificate_refuses(
+        tmp_path: Path) -> None:
+    """The certificate re-read and the room check run at the same time; when the certificate
+    refuses, the room the capacity check reserved meanwhile is given back at once (not only
+    when the run ends), and libvirt is never asked."""
+    world = World()
+    world.free_mib = 100  # room for one 64 MiB VM
+    svc = _service(tmp_path, world)
+    changed = Reason("migration.cert_changed", "dst now presents another certificate")
+    reserved_meanwhile: list[bool] = []
+    pf = svc._issue(_preflight())
+    assert pf.plan is not None
+    run = MigrationRun("r1", pf, pf.plan)
+    run.memory_mib = 64
+
+    async def refusing_cert(_run: Any) -> list[Reason]:
+        await asyncio.sleep(0.05)  # the room check runs (and reserves) meanwhile
+        reserved_meanwhile.append(run.reserved)
+        return [changed]
+
+    svc._jit_certificate = refusing_cert  # type: ignore[method-assign]
+    dst = await svc.inventory.libvirt("dst")
+    reasons = await svc._just_in_time(run, dst)
+    assert [r.code for r in reasons] == ["migration.cert_changed"]
+    assert reserved_meanwhile == [True]  # both ran at the same time
+    assert not run.reserved  # ... and the room was given back before returning
+    shared = svc._reservations_file()
+    assert shared is not None
+    assert shared.reserve("probe", "dst", 64, lambda promised: promised == 0)  # nothing promised
+    shared.release("probe")
+    await svc.close()
+    assert world.migrate_calls == 0

@@ -185,3 +185,22 @@ def test_the_collector_is_back_after_a_one_pair_answer(fleet: FleetFiles) -> Non
                  ["explain", "nosuchvm", "hv-fr-1"]):
         run(args[0], "--offline", "--fleet", str(fleet.fleet), "--at", AT, *args[1:])
         assert gc.isenabled()
+
+
+@pytest.mark.parametrize("gone", [("hv-us-1", "hv-de-old"), ("hv-de-old",), ("hv-fr-1", "hv-de-old")])
+def test_forked_targets_name_the_same_unreadable_certificate(fleet: FleetFiles, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             gone: tuple[str, ...]) -> None:
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "PARALLEL_MIN_HOSTS", 1)
+    monkeypatch.setattr(svc.os, "cpu_count", lambda: 2)
+    path = _copy(fleet, tmp_path)
+    for host in gone:
+        (path.parent / "certs" / f"{host}.pem").unlink()
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(InputError) as err:
+            FleetService.load_strict(path, at=T0, only_vm="web-1").targets("web-1", workers=workers)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and f"{gone[0]}.pem" in errors[0]
