@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import platformdirs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from console.adapters.files import atomic_write
 from console.core.envelope import Portable, token_digest
 from console.core.errors import InputError
 from console.core.reasons import Reason
@@ -177,15 +177,7 @@ class OpenedCache:
                            "entries": self._entries}, separators=(",", ":")).encode()
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".opened-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, data, mode=0o600, fsync=False)
         except OSError as exc:
             self.notice = f"no cache of verified results: {self.dir}: {exc.strerror or exc}"
             return
@@ -328,15 +320,7 @@ class FleetSnapshot:
                           hashlib.sha256(body).hexdigest().encode()])
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".fleet-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(head + b"\n" + body)
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, head + b"\n" + body, mode=0o600, fsync=False)
         except OSError as exc:
             self.notice = f"no cache of verified results: {self.dir}: {exc.strerror or exc}"
 

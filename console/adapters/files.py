@@ -37,8 +37,9 @@ def read_limited(path: str | os.PathLike[str], *, limit: int = MAX_INPUT_BYTES, 
     return data
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` so that readers see the old file or the new one, never half of it."""
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, fsync: bool = True) -> None:
+    """Write ``data`` so that readers see the old file or the new one, never half of it.
+    ``fsync=False`` for files that may be lost in a crash (caches: rebuilt when absent)."""
     import tempfile  # writers only: readers (escort explain) need not import it
 
     p = Path(path)
@@ -47,8 +48,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
