@@ -384,7 +384,9 @@ async def test_a_while_verifying_stops_waiting_without_an_abort_dialog(make_app:
         hub.versions[run.id] = 0
         def phase_text() -> str:
             panels = [p for p in screen.query(MigrationPanel) if p.run_id == "r9"]
-            return str(panels[0].query_one(".mp-phase", Label).render()) if panels else ""
+            # a panel is listed before its children are composed: no label yet means no text yet
+            labels = list(panels[0].query(".mp-phase").results(Label)) if panels else []
+            return str(labels[0].render()) if labels else ""
 
         await wait_for(pilot, lambda: "waiting for par-1" in phase_text(), "the countdown in the panel")
         assert "14 s left" in phase_text()
