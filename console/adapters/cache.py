@@ -275,11 +275,10 @@ class FleetSnapshot:
         if fields[3] != hashlib.sha256(body).hexdigest().encode():
             self.why_not = "corrupt"
             return None
-        try:
-            return _Unpickler(io.BytesIO(body)).load()
-        except Exception:  # any failure to rebuild means: not usable, recompute
+        state = self.loads(body)
+        if state is None:  # any failure to rebuild means: not usable, recompute
             self.why_not = "corrupt"
-            return None
+        return state
 
     def matches(self, key: str) -> bool:
         """Whether the snapshot on disk claims ``key`` (its header only; ``load`` checks the rest)."""

@@ -36,7 +36,7 @@ from . import pki, strictjson
 from .decisions import Decision, HostCheck, VMCheck, decide
 from .envelope import reason
 from .errors import InputError
-from .policy import PolicyBook, SeenPolicy, normalize_uuid, token_from_metadata_xml
+from .policy import PolicyBook, SeenPolicy, merge_seen, normalize_uuid, token_from_metadata_xml
 from .reasons import Reason
 
 #: Bumped whenever the hook's behaviour or its files change; `guard status` shows it.
@@ -177,18 +177,6 @@ def seen_digest(seen: Mapping[str, SeenPolicy]) -> str:
     return hashlib.sha256(json.dumps(seen_as_json(seen), sort_keys=True).encode()).hexdigest()
 
 
-def merge_seen(*layers: Mapping[str, SeenPolicy]) -> dict[str, SeenPolicy]:
-    """The newest entry per VM over several memories: a higher ``seq`` wins, on a tie the
-    earlier layer stays (the same rule as escort's own memory, adapters/state.py)."""
-    out: dict[str, SeenPolicy] = {}
-    for layer in layers:
-        for uuid, new in layer.items():
-            old = out.get(uuid)
-            if old is None or new.seq > old.seq:
-                out[uuid] = new
-    return out
-
-
 def parse_memory(data: bytes, what: str) -> dict[str, SeenPolicy]:
     """The guard's own memory file on the host (``{"version": 1, "vms": {...}}``)."""
     try:
@@ -213,10 +201,9 @@ def seen_for_guard(book: PolicyBook, tokens: Iterable[tuple[str, str]],
     for uuid, token in tokens:
         if not token:
             continue
-        result = book.verify(token, at, vm_uuid=uuid)
-        if result.valid and result.owner is not None and result.policy is not None:
-            now[normalize_uuid(uuid)] = SeenPolicy(result.owner.key, result.owner.full_label(),
-                                                   result.policy.seq, result.digest)
+        entry = book.verify(token, at, vm_uuid=uuid).seen_entry()
+        if entry is not None:
+            now[normalize_uuid(uuid)] = entry
     base = {normalize_uuid(u): p for u, p in book.seen.items()}
     return merge_seen(base, now)
 
@@ -346,11 +333,9 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
     errors = tuple(r for r in d.reasons if r.severity == "error")
     ids["policy_digest"] = policy.digest
     if d.allowed:
-        seen = (SeenPolicy(policy.owner.key, policy.owner.full_label(), policy.policy.seq, policy.digest)
-                if policy.valid and policy.owner is not None and policy.policy is not None else None)
         return GuardVerdict(True, "guard.admitted",
                             f"VM {name or uuid} may run on {config.host} (owner's policy admits it)",
-                            decision=d, seen=seen, **ids)
+                            decision=d, seen=policy.seen_entry(), **ids)
     first = errors[0] if errors else reason("guard.refused", "refused", "")
     return GuardVerdict(False, first.code, first.message, reasons=errors, decision=d, **ids)
 

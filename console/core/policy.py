@@ -167,6 +167,18 @@ class SeenPolicy:
     digest: str
 
 
+def merge_seen(*layers: Mapping[str, SeenPolicy]) -> dict[str, SeenPolicy]:
+    """The newest entry per VM over several memories: a higher ``seq`` wins, on a tie the
+    earlier layer stays (the same rule as escort's own memory, adapters/state.py)."""
+    out: dict[str, SeenPolicy] = {}
+    for layer in layers:
+        for uuid, new in layer.items():
+            old = out.get(uuid)
+            if old is None or new.seq > old.seq:
+                out[uuid] = new
+    return out
+
+
 @dataclass(frozen=True)
 class PolicyResult:
     """A policy after verification for one VM at one time."""
@@ -180,6 +192,12 @@ class PolicyResult:
     @property
     def valid(self) -> bool:
         return self.policy is not None and not self.reasons
+
+    def seen_entry(self) -> SeenPolicy | None:
+        """What is remembered of this policy once accepted; None when it is not valid."""
+        if not self.valid or self.owner is None or self.policy is None:
+            return None
+        return SeenPolicy(self.owner.key, self.owner.full_label(), self.policy.seq, self.digest)
 
 
 #: (trusted_cas, require) as canonical JSON -> parsed result. Many VMs share a policy's

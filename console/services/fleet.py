@@ -69,6 +69,7 @@ from console.core.policy import (
     PolicyBook,
     PolicyResult,
     SeenPolicy,
+    merge_seen,
     token_from_metadata_xml,
 )
 from console.core.reasons import Reason
@@ -157,7 +158,7 @@ def _prefetch_main(service: FleetService, conn: Connection) -> None:
             tokens.append(None if rec.token_problem is not None else rec.token)
         snap = service._snapshot()
         key = service._snapshot_key() if snap is not None else ""
-        memory = read_raw(service._memory_path) if service._memory_path else b""
+        memory = service._memory_bytes()
         hit = snap is not None and snap.matches(service._with_memory(key, memory))
         conn.send(("tokens", key, hit, tokens))
         if hit:
@@ -658,7 +659,7 @@ class FleetService:
                     yield []
                     start = clock()
             key = key or self._snapshot_key()
-            memory = read_raw(self._memory_path) if self._memory_path else b""
+            memory = self._memory_bytes()
             state = snap.load(self._with_memory(key, memory)) if reusable else None
             if state is not None and self._restore(state, at):
                 if conn is not None:
@@ -760,7 +761,7 @@ class FleetService:
             # the memory on disk is exactly the one these results were decided with, plus the
             # policies they accepted (no other console's entries merged in meanwhile)
             snap.save(self._with_memory(key, self._memory.raw if self._memory is not None
-                                        else (read_raw(self._memory_path) if self._memory_path else b"")),
+                                        else self._memory_bytes()),
                       self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
@@ -862,14 +863,7 @@ class FleetService:
 
     def _memory_after(self, pending: dict[str, SeenPolicy]) -> dict[str, SeenPolicy] | None:
         """The memory as ``_remember`` should leave it when no other console wrote meanwhile."""
-        if self._memory is None:
-            return None
-        out = dict(self._memory.seen)
-        for uuid, new in pending.items():
-            old = out.get(uuid)
-            if old is None or new.seq > old.seq:
-                out[uuid] = new
-        return out
+        return None if self._memory is None else merge_seen(self._memory.seen, pending)
 
     def _capture(self, at: dt.datetime, problems_before: int) -> dict[str, object]:
         """Everything the start-up check decided, for ``FleetSnapshot.save``.
@@ -1005,6 +999,10 @@ class FleetService:
         self._pending.update({u: p for u, p in seen.items() if self._policies.seen.get(u) != p})
         self._remember()
 
+    def _memory_bytes(self) -> bytes:
+        """The policy memory file's bytes as they are on disk now (b"" without one)."""
+        return read_raw(self._memory_path) if self._memory_path else b""
+
     def _open_memory(self) -> None:
         """Where the remembered newest policy per VM lives; read on first need."""
         if not self.path or self.owners is None:
@@ -1043,11 +1041,11 @@ class FleetService:
             self._policy_cache[rec.uuid] = (at, rec.token, result)
         if rec.conflict is not None:
             return replace(result, reasons=(rec.conflict, *result.reasons))
-        if self._memory is not None and result.valid and result.owner is not None and result.policy:
+        entry = result.seen_entry() if self._memory is not None else None
+        if entry is not None:
             seen = self._policies.seen.get(rec.uuid)
             if seen is None or seen.digest != result.digest:
-                self._pending[rec.uuid] = SeenPolicy(result.owner.key, result.owner.full_label(),
-                                                     result.policy.seq, result.digest)
+                self._pending[rec.uuid] = entry
         return result
 
     def _remember(self) -> None:

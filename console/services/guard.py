@@ -188,9 +188,9 @@ def policies_seen(service: FleetService) -> dict[str, SeenPolicy]:
     for v in service.vms():
         if not service.policy_token(v.uuid):
             continue
-        r = service.policy(v.uuid)
-        if r.valid and r.owner is not None and r.policy is not None:
-            now[v.uuid] = SeenPolicy(r.owner.key, r.owner.full_label(), r.policy.seq, r.digest)
+        entry = service.policy(v.uuid).seen_entry()
+        if entry is not None:
+            now[v.uuid] = entry
     return merge_seen(service.policies_seen(), now)
 
 
