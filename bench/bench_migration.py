@@ -514,6 +514,10 @@ def _summary(memory: int, rounds: int, res: dict[str, Any], guest: str, load_bef
     def ratio(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> str:
         return f"{med(a, key) / med(b, key):.2f}x"
 
+    def per_round(a: list[dict[str, float]], b: list[dict[str, float]]) -> str:
+        """Each round's own ratio (the two moves of one round ran within a minute)."""
+        return ", ".join(f"{x['wall'] / y['wall']:.2f}" for x, y in zip(a, b, strict=False))
+
     pf = res["preflight"]
     esc = rows["escort"]
     lines += [
@@ -522,7 +526,8 @@ def _summary(memory: int, rounds: int, res: dict[str, Any], guest: str, load_bef
         f"({_tls_name(default)}) vs plaintext one stream: wall {ratio(tls_default, plain, 'wall')}, copy "
         f"{ratio(tls_default, plain, 'perform')}; vs plaintext with the same channels: wall "
         f"{ratio(tls_default, same, 'wall')}, copy {ratio(tls_default, same, 'perform')}; escort's whole "
-        f"path vs plaintext one stream: wall {ratio(esc, plain, 'wall')}. CPU of both QEMUs, TLS default "
+        f"path vs plaintext one stream: wall {ratio(esc, plain, 'wall')}. Per round (wall, TLS default / "
+        f"plaintext one stream): {per_round(tls_default, plain)}. CPU of both QEMUs, TLS default "
         f"vs plaintext one stream: {med(tls_default, 'cpu_src') + med(tls_default, 'cpu_dst'):.2f} s vs "
         f"{med(plain, 'cpu_src') + med(plain, 'cpu_dst'):.2f} s.",
         "",
