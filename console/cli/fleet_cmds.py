@@ -97,6 +97,15 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> Fle
     return service
 
 
+def _cache_notices() -> None:
+    """Say once, on stderr, that a cache could not be written (the answer is the same)."""
+    from console.adapters import parsecache
+
+    for notice in parsecache.notices:
+        click.echo(f"escort: {notice}", err=True)
+    parsecache.notices.clear()
+
+
 def _fleet_opts(fn: Any) -> Any:
     fn = click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None,
                       help="Fleet file (TOML), see docs/FLEET.md.")(fn)
@@ -123,6 +132,7 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     d = service.explain(vm, host, admin, at, emergency=emergency)
+    _cache_notices()
     if as_json:
         click.echo(json.dumps(d.as_json(), indent=2))
     else:
@@ -147,6 +157,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     # offline only: after a refresh, connection libraries may have threads of their own
     decisions = service.targets(vm, admin, at, workers=(os.cpu_count() or 1) if offline else 1)
+    _cache_notices()
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:
