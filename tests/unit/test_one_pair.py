@@ -214,7 +214,7 @@ def _reference(path: Path, vm: str, host: str, admin: str | None,
                monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     with monkeypatch.context() as m:
         m.setenv("ESCORT_NO_CACHE", "1")
-        return json.loads(json.dumps(full(path).explain(vm, host, admin).as_json()))  # type: ignore[no-any-return]
+        return json.loads(json.dumps(full(path).explain(vm, host, admin).as_json()))
 
 
 def _lean(path: Path, vm: str, host: str, admin: str | None = None) -> tuple[int, dict[str, object]]:
