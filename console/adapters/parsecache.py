@@ -70,9 +70,12 @@ class ParsedCache(FleetSnapshot):
     """
 
     def __init__(self, what: str, source: str | os.PathLike[str], directory: Path | None = None) -> None:
-        super().__init__(source, directory)
+        # not FleetSnapshot.__init__: its name needs code_digest() (importlib.metadata, ~35 ms)
+        self.dir = directory or cache_dir()
         scope = f"{what}\n{Path(source).resolve()}\n{parser_digest()}"
         self.path = self.dir / f"parsed-{what}-{hashlib.sha256(scope.encode()).hexdigest()[:32]}.cache"
+        self.notice = ""
+        self.why_not = ""
 
     @staticmethod
     def key(*parts: bytes | str) -> str:
