@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from console.adapters import files
+from console.cli import finish
 from console.cli.attime import parse_time
 from console.core import envelope as env
 from console.core import grants as gr
@@ -137,7 +138,7 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
         click.echo(json.dumps(d.as_json(), indent=2))
     else:
         _print_decision(d)
-    sys.exit(0 if d.allowed else 1)
+    finish(0 if d.allowed else 1)
 
 
 @click.command("targets")
@@ -176,7 +177,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
             click.echo(f"  refused  {d.host}")
             for line in _reason_lines(d.reasons, "    "):
                 click.echo(line)
-    sys.exit(0 if allowed else 1)
+    finish(0 if allowed else 1)
 
 
 # --------------------------------------------------------------------------- signing helpers

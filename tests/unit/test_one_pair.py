@@ -308,3 +308,26 @@ def test_an_unwritable_cache_is_one_notice_and_the_same_answer(fleet: FleetFiles
     r = run("explain", "--offline", "--fleet", str(path), "--at", AT, "--json", "web-1", "hv-fr-1")
     assert json.loads(r.stdout) == _reference(path, "web-1", "hv-fr-1", None, monkeypatch)
     assert r.stderr.startswith("escort: no cache of verified results:") and r.stderr.count("\n") == 1
+
+
+def test_the_escort_process_leaves_at_once_with_its_whole_answer(fleet: FleetFiles, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real process (``python -m console.cli``, as the ``escort`` script) skips the
+    interpreter's teardown (console.cli.finish): its output, piped, is whole and its exit
+    code is the verdict's, for an allowed and a refused pair and for targets."""
+    import subprocess
+    import sys
+
+    for vm, host, admin in PAIRS[:3]:
+        extra = ["--admin", admin] if admin else []
+        done = subprocess.run([sys.executable, "-m", "console.cli", "explain", "--offline", "--fleet",
+                               str(fleet.fleet), "--at", AT, "--json", *extra, vm, host],
+                              capture_output=True, text=True, check=False)
+        want = _reference(fleet.fleet, vm, host, admin, monkeypatch)
+        assert json.loads(done.stdout) == want, done.stderr
+        assert done.returncode == (0 if want["allowed"] else 1) and done.stderr == ""
+    done = subprocess.run([sys.executable, "-m", "console.cli", "targets", "--offline", "--fleet",
+                           str(fleet.fleet), "--at", AT, "web-1"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("web-1: 1 of 4 host(s) allowed")
+    assert done.stdout.endswith("\n") and done.stdout.count("refused") == 3
