@@ -292,3 +292,14 @@ def test_recording_merges_with_a_cached_memory(cache: Path, tmp_path: Path) -> N
     memory.record({"00000000-0000-4000-8000-000000000999": new})
     fresh = state.PolicyMemory(path).seen
     assert fresh["00000000-0000-4000-8000-000000000999"] == new and len(fresh) == len(SEQS) + 1
+
+
+def test_a_parsed_cache_has_every_attribute_a_snapshot_has(tmp_path: Path) -> None:
+    """ParsedCache sets up FleetSnapshot's attributes itself (FleetSnapshot's own name needs the
+    slower code digest): whatever FleetSnapshot's methods use must be there."""
+    from console.adapters.cache import FleetSnapshot
+
+    snap = FleetSnapshot(tmp_path / "f.toml", tmp_path)
+    parsed = parsecache.ParsedCache("fleet", tmp_path / "f.toml", tmp_path)
+    assert set(vars(snap)) <= set(vars(parsed))
+    assert parsed.path.parent == tmp_path and parsed.path.name.startswith("parsed-fleet-")
