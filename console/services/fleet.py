@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 
 from console.adapters.files import load_trust_store, read_limited
-from console.adapters.fleetfile import load_fleet
+from console.adapters.fleetfile import Only, load_fleet
 from console.adapters.state import PolicyMemory, read_raw, state_path
 from console.core import pki
 from console.core.decisions import (
@@ -313,7 +313,11 @@ class FleetService:
             return cls(None, path=str(path), readonly=readonly, at=at,
                        problems=[Problem(str(path), reason("fleet.unusable", str(exc),
                                                           "fix the fleet file (see docs/FLEET.md)"))])
-        return cls(spec, path=str(path), readonly=readonly, at=at, eager=eager)
+        service = cls(spec, path=str(path), readonly=readonly, at=at, eager=eager)
+        from console.adapters import parsecache
+
+        service.cache_notice = next(iter(parsecache.notices), "")  # the console says it once
+        return service
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
@@ -325,13 +329,7 @@ class FleetService:
         the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
         whole fleet file is still read and checked).
         """
-        keep = None
-        if only_vm is not None:
-            keys = {only_vm, only_vm.lower()}
-
-            def keep(uuid: str, name: str) -> bool:
-                return uuid in keys or name == only_vm
-
+        keep = None if only_vm is None else Only(frozenset({only_vm, only_vm.lower()}), only_vm)
         service = cls(load_fleet(path, keep_vm=keep), path=str(path), readonly=readonly, at=at, eager=eager,
                       only_vm=only_vm)
         service._strict = True
