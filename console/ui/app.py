@@ -232,8 +232,11 @@ class EscortApp(App[None]):
                     last = time.perf_counter()
                     if published == 1 or decided >= len(position):
                         # let the screen show them before more work (the rest of the rows, the
-                        # check's bookkeeping: policy memory, cache files) runs on this loop
-                        await asyncio.sleep(0.02 if published == 1 else 0.05)
+                        # check's bookkeeping: policy memory, cache files) runs on this loop:
+                        # sleep(0) alone is not enough when the screen awaits something of its
+                        # own (e.g. the footer recomposing after the first focus: its widgets
+                        # mount over many loop turns, each taking a step of this check too)
+                        await self._screen_refreshed()
                 await asyncio.sleep(0)
         except EscortError as exc:
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
@@ -251,6 +254,15 @@ class EscortApp(App[None]):
         if len(problems) > problems_before:
             self.notify(f"{plural(len(problems), 'problem')} loading this fleet: {problems[0]} — press p",
                         severity="warning", markup=False, timeout=8)
+
+    async def _screen_refreshed(self, timeout: float = 0.5) -> None:
+        """Until the current screen has processed what it has queued (at most ``timeout``: a
+        screen that is closing or busy must not stall the check)."""
+        import asyncio
+        import contextlib
+
+        with contextlib.suppress(TimeoutError, AssertionError):
+            await asyncio.wait_for(self.screen.wait_for_refresh(), timeout)
 
     # ---------------------------------------------------------- refresh
     def action_refresh(self) -> None:
