@@ -9,8 +9,13 @@ does — import escort and Textual, load the real fleet written by
 way the console does (lazily, then checked in steps), build the rows and run the app
 headless (``App.run_test``) — timed from just before the process is spawned until the
 VM table paints its first data row, and until every row has its verdict (empty cache
-of opened policies first, then warm). bench/bench_scale.py measures the same in a real
-terminal (tmux) with a 100-VM baseline.
+of opened policies first, then warm). "Every verdict" here is when the console's
+start-up check has ended (``app.checking`` is false): every row, not only the visible
+ones, and the check's bookkeeping after the last verdict (policy memory, cache files)
+included, so it is later than bench_scale's "no visible row says checking". Judged as
+bench_scale judges: first rows <= 1.5 s, every verdict cold <= 2 s from process start,
+warm <= 0.5 s from the first rows. bench/bench_scale.py measures the same in a real
+terminal (tmux) with a 100-VM baseline; its figures are the ones the summary quotes.
 
 **Breakdown, the UI alone (in-memory fake fleet; not what users see):**
 
@@ -272,9 +277,10 @@ async def main() -> None:
     warm = [end_to_end(real, cache, cold=False) for _ in range(args.runs)]
     e2e_paint = statistics.median(w[0] for w in warm)
     e2e_done = statistics.median(w[1] for w in warm)
+    e2e_after = statistics.median(w[1] - w[0] for w in warm)  # first rows -> every verdict
     print(f"END TO END (process start, real fleet {real}): first rows {cold_paint * 1000:.0f} ms cold / "
           f"{e2e_paint * 1000:.0f} ms warm cache; every verdict {cold_done * 1000:.0f} ms cold / "
-          f"{e2e_done * 1000:.0f} ms warm")
+          f"{e2e_done * 1000:.0f} ms warm ({e2e_after * 1000:.0f} ms after the first rows)")
 
     t = time.perf_counter()
     fleet = make_fleet(args.hosts, args.vms)
@@ -315,10 +321,13 @@ async def main() -> None:
             f"| first VM rows painted, warm cache (median of {len(warm)}) | {e2e_paint * 1000:.0f} ms | "
             f"≤ 1500 ms | {'yes' if e2e_paint <= 1.5 else '**no**'} |",
             f"| every row's verdict shown, empty cache | {cold_done * 1000:.0f} ms | "
-            "≤ 2000 ms (matrix cold) | "
+            "≤ 2000 ms (matrix cold, judged from process start) | "
             f"{'yes' if cold_done <= 2.0 else '**no**'} |",
-            f"| every row's verdict shown, warm cache | {e2e_done * 1000:.0f} ms | ≤ 500 ms (matrix warm) | "
-            f"{'yes' if e2e_done <= 0.5 else '**no**'} |",
+            f"| every row's verdict shown, warm cache (median) | {e2e_done * 1000:.0f} ms | — "
+            "(launch + rows + matrix) | — |",
+            f"| first rows -> every verdict, warm cache (median) | {e2e_after * 1000:.0f} ms | "
+            "≤ 500 ms (matrix warm; as bench_scale.py) | "
+            f"{'yes' if e2e_after <= 0.5 else '**no**'} |",
             "",
             "Breakdown, the UI alone: fleet views built in memory (tests/ui/fakes.py,"
             f" {build:.1f} s, not timed). NOT what users see; no goal is judged on these rows.",

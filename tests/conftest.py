@@ -25,11 +25,13 @@ _LAB_PROPERTY = "escort_lab_test"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Tests never read or write the user's own escort state (the policies-seen memory):
-    each run gets a fresh XDG state directory, inherited by every process it starts."""
+    """Tests never read or write the user's own escort state (the policies-seen memory) or
+    cache: each run gets a fresh XDG state directory and cache directory, inherited by
+    every process it starts (a test may set its own)."""
     import tempfile
 
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="escort-test-state-")
+    os.environ.setdefault("ESCORT_CACHE_DIR", tempfile.mkdtemp(prefix="escort-test-cache-"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group marks

@@ -25,7 +25,6 @@ import binascii
 import copyreg
 import functools
 import hashlib
-import importlib.metadata
 import io
 import json
 import os
@@ -58,6 +57,8 @@ def cache_dir() -> Path:
 @functools.cache
 def code_digest() -> str:
     """SHA-256 over escort's core source (every rule a verdict comes from)."""
+    import importlib.metadata  # here, not at import: ~50 ms a one-pair answer need not pay
+
     core = Path(__file__).resolve().parent.parent / "core"
     h = hashlib.sha256(f"format {FORMAT}".encode())
     for lib in ("cryptography", "joserfc"):  # signature checks are theirs

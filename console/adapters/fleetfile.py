@@ -15,11 +15,11 @@ import gc
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from operator import itemgetter, methodcaller
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
 import rtoml
 
@@ -184,6 +184,7 @@ class _Reader:
         self.source = source
         self.base = base
         self._base = str(base)
+        self.realpath = False  # a path was resolved through the file system (``..``)
 
     def fail(self, where: str, message: str) -> InputError:
         return InputError(f"{self.source}: {_printable(where)}: {message}")
@@ -197,6 +198,7 @@ class _Reader:
             return value
         parts = value.split("/")
         if ".." in parts:
+            self.realpath = True  # depends on symbolic links as they are now: never cached
             return str((self.base / value).resolve())
         # The base is resolved already; joining spares 10,000 VMs' policy paths a
         # realpath() each (~0.2 ms apiece, once the larger part of parsing a big fleet).
@@ -266,25 +268,25 @@ class _Reader:
             out.append(VMSpec(**self.table(item, VM, f"{key}[{i}]")))
         return out
 
-    def vm_rows(self, items: list[Any], keep: Callable[[str, str], bool] | None,
-                key: str = "vms") -> tuple[list[str], list[str], list[VMSpec]]:
-        """Every row checked as ``vms`` checks it; returns (uuids, hosts) of all rows and the
-        VMSpecs of the rows ``keep(uuid, name)`` admits (all rows without ``keep``).
+    def vm_rows(self, items: list[Any], key: str = "vms") -> _Columns:
+        """Every row checked as ``vms`` checks it; returns the columns of all rows (uuids,
+        names, hosts, resolved policy files, memory, vcpus).
 
         Rows that all pass the fast checks are checked a column at a time at C speed
-        (``_vm_columns``) and only the kept ones become VMSpecs (a one-pair answer keeps
-        one of 10,000); otherwise the row-by-row path says exactly what is wrong."""
+        (``_vm_columns``); otherwise the row-by-row path says exactly what is wrong."""
         cols = _vm_columns(items)
         if cols is None:
             specs = self.vms(items, key)
-            kept = specs if keep is None else [v for v in specs if keep(v.uuid, v.name)]
-            return [v.uuid for v in specs], [v.host for v in specs], kept
+            return ([v.uuid for v in specs], [v.name for v in specs], [v.host for v in specs],
+                    [v.policy_file for v in specs], [v.memory_mib for v in specs], [v.vcpus for v in specs])
         uuids, names, hosts, files, mems, cpus = cols
-        resolve = self.resolve
-        rows = range(len(uuids)) if keep is None else [
-            i for i, (u, n) in enumerate(zip(uuids, names, strict=True)) if keep(u, n)]
-        return uuids, hosts, [VMSpec(uuids[i], names[i], hosts[i], resolve(files[i]), mems[i], cpus[i])
-                              for i in rows]
+        return uuids, names, hosts, list(map(self.resolve, files)), mems, cpus
+
+
+#: (uuids, names, hosts, policy files, memory, vcpus): one list per column, a row per VM
+_Columns = tuple[list[str], list[str], list[str], list[str], list[int], list[int]]
+#: a parsed fleet: the spec without VMs, and the VMs' columns
+_Parsed = tuple[FleetSpec, _Columns]
 
 
 _UUID_DASHES = (8, 13, 18, 23)
@@ -427,7 +429,7 @@ def _toml(text: str, source: str) -> dict[str, Any]:
 
 def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
                 read_vm_files: Callable[[str], list[tuple[str, str]]] | None = None, *,
-                keep_vm: Callable[[str, str], bool] | None = None) -> FleetSpec:
+                keep_vm: Callable[[str, str], bool] | Only | None = None) -> FleetSpec:
     """Parse fleet TOML text; ``base_dir`` anchors relative paths.
 
     ``read_vm_files(entry) -> [(text, source)]`` reads one ``vm_files`` entry (a file,
@@ -435,20 +437,62 @@ def parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
     name)``: only the VMs it admits are in the spec (a one-pair answer); every row is
     checked all the same, so a file is accepted or refused exactly as without it.
     """
+    return _select(_parse_full(text, source, base_dir, read_vm_files)[0], keep_vm)
+
+
+def _parse_full(text: str, source: str, base_dir: str | os.PathLike[str],
+                read_vm_files: Callable[[str], list[tuple[str, str]]] | None) -> tuple[_Parsed, bool]:
+    """The whole fleet checked, and whether the result depends on nothing but the bytes
+    read, the directories and the home directory (no path resolved through ``..``)."""
     # A big fleet file is ~100,000 new objects that all stay alive: the cyclic garbage
     # collector's passes over them find nothing and were a quarter of the parse time.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _parse_fleet(text, source, base_dir, read_vm_files, keep_vm)
+        return _parse_fleet(text, source, base_dir, read_vm_files)
     finally:
         if enabled:
             gc.enable()
 
 
+class Only(NamedTuple):
+    """A ``keep_vm`` for one-pair answers: the rows whose UUID is one of ``uuids`` or whose
+    name is ``name`` (found with C-speed list searches, not a call per row)."""
+
+    uuids: frozenset[str]
+    name: str
+
+    def __call__(self, uuid: str, name: str) -> bool:
+        return uuid in self.uuids or name == self.name
+
+
+def _indices(column: list[str], value: str) -> Iterator[int]:
+    i = -1
+    while True:
+        try:
+            i = column.index(value, i + 1)
+        except ValueError:
+            return
+        yield i
+
+
+def _select(parsed: _Parsed, keep_vm: Callable[[str, str], bool] | Only | None) -> FleetSpec:
+    """The spec with the VMs ``keep_vm(uuid, name)`` admits (all without it)."""
+    spec, (uuids, names, hosts, files, mems, cpus) = parsed
+    rows: Iterable[int]
+    if keep_vm is None:
+        rows = range(len(uuids))
+    elif isinstance(keep_vm, Only):
+        by_uuid = (i for u in keep_vm.uuids for i in _indices(uuids, u))
+        rows = sorted({*by_uuid, *_indices(names, keep_vm.name)})
+    else:
+        rows = [i for i, (u, n) in enumerate(zip(uuids, names, strict=True)) if keep_vm(u, n)]
+    return replace(spec, vms=tuple(VMSpec(uuids[i], names[i], hosts[i], files[i], mems[i], cpus[i])
+                                   for i in rows))
+
+
 def _parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
-                 read_vm_files: Callable[[str], list[tuple[str, str]]] | None,
-                 keep_vm: Callable[[str, str], bool] | None) -> FleetSpec:
+                 read_vm_files: Callable[[str], list[tuple[str, str]]] | None) -> tuple[_Parsed, bool]:
     reader = _Reader(source, Path(base_dir).resolve())
     raw = _toml(text, source)
     top = reader.table(raw, TOP, "")
@@ -462,10 +506,12 @@ def _parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
                               "e.g. 1.3.6.1.4.1.55555.1.1)")
     hosts = [HostSpec(**row) for row in reader.rows(raw, "hosts", HOST)]
     admins = [AdminSpec(**row) for row in reader.rows(raw, "admins", ADMIN)]
-    uuids, vm_hosts, vms = reader.vm_rows(raw.get("vms", []), keep_vm)
+    cols = reader.vm_rows(raw.get("vms", []))
+    uuids = cols[0]
     if len(uuids) > FLEET_MAX_VMS:
         raise reader.fail("vms", f"more than {FLEET_MAX_VMS:,} VMs (the limit); "
                           "split the fleet into several fleet files")
+    cacheable = True
     for entry in top.get("vm_files", ()):
         if read_vm_files is None:
             raise reader.fail("vm_files", "only a fleet file on disk can name vm_files")
@@ -473,13 +519,14 @@ def _parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
             extra = _toml(vm_text, vm_source)
             vm_reader = _Reader(vm_source, Path(vm_source).parent.resolve())
             vm_reader.table(extra, {"vms": _Key(list, True)}, "")
-            more_uuids, more_hosts, more = vm_reader.vm_rows(extra["vms"], keep_vm)
-            uuids += more_uuids
-            vm_hosts += more_hosts
-            vms += more
+            more = vm_reader.vm_rows(extra["vms"])
+            for col, add in zip(cols, more, strict=True):
+                col += add  # type: ignore[operator]
+            cacheable = cacheable and not vm_reader.realpath
             if len(uuids) > FLEET_MAX_VMS:
                 raise InputError(f"{vm_source}: more than {FLEET_MAX_VMS:,} VMs in the fleet "
                                  "(the limit); split the fleet into several fleet files")
+    vm_hosts = cols[2]
     _unique(reader, "hosts", [h.name for h in hosts], "name")
     _unique(reader, "admins", [a.id for a in admins], "id")
     _unique(reader, "vms", uuids, "uuid")
@@ -488,7 +535,7 @@ def _parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
         for i, host in enumerate(vm_hosts):
             if host and host not in host_names:
                 raise reader.fail(f"vms[{i}].host", f"{host!r} is not one of the [[hosts]]")
-    return FleetSpec(
+    spec = FleetSpec(
         name=top["name"],
         kind=top["kind"],
         base_dir=str(reader.base),
@@ -502,11 +549,12 @@ def _parse_fleet(text: str, source: str, base_dir: str | os.PathLike[str],
         hosts=tuple(hosts),
         admins=tuple(admins),
         grant_files=top.get("grants", ()),
-        vms=tuple(vms),
+        vms=(),
         readonly=top.get("readonly", False),
         stall_timeout_s=float(top.get("stall_timeout_s", 30.0)),
         missing_crl=top.get("missing_crl", "refuse"),
     )
+    return (spec, cols), cacheable and not reader.realpath
 
 
 def _unique(reader: _Reader, table: str, values: list[str], key: str) -> None:
@@ -562,13 +610,83 @@ def _read_vm_files(entry: str, total: _Total | None = None) -> list[tuple[str, s
 
 
 def load_fleet(path: str | os.PathLike[str], *,
-               keep_vm: Callable[[str, str], bool] | None = None) -> FleetSpec:
+               keep_vm: Callable[[str, str], bool] | Only | None = None) -> FleetSpec:
     """Read and parse a fleet file and its ``vm_files`` (bounded reads, each file and all
-    together; one-line InputError on any problem). ``keep_vm``: see ``parse_fleet``."""
+    together; one-line InputError on any problem). ``keep_vm``: see ``parse_fleet``.
+
+    The parse result is kept in escort's cache (adapters/parsecache.py) under the files'
+    bytes, their directories and escort's code: the next load of the same bytes reads
+    every file again (and each bound again) but not the TOML."""
     p = Path(path)
     total = _Total()
-    return parse_fleet(_read_text(p, "fleet file", total), str(p), p.parent,
-                       lambda entry: _read_vm_files(entry, total), keep_vm=keep_vm)
+    text = _read_text(p, "fleet file", total)
+    return _select(_load_parsed(p, text, total), keep_vm)
 
 
-__all__ = ["FLEET_MAX_BYTES", "FLEET_MAX_TOTAL_BYTES", "FLEET_MAX_VMS", "load_fleet", "parse_fleet"]
+#: one ``vm_files`` entry as read: each file's (SHA-256 of its text, source, resolved directory)
+_Read = tuple[str, tuple[tuple[str, str, str], ...]]
+
+
+def _load_parsed(p: Path, text: str, total: _Total) -> _Parsed:
+    from console.adapters import parsecache
+
+    store = parsecache.open_cache("fleet", p)
+    if store is None:
+        return _parse_full(text, str(p), p.parent, lambda entry: _read_vm_files(entry, total))[0]
+    key = store.key(str(p), str(p.parent.resolve()), os.path.expanduser("~"), parsecache.file_digest(text))
+    used = total.used
+    hit = _usable(store.load(key))
+    if hit is not None:
+        parsed, reads = hit
+        try:
+            if all(_digests(_read_vm_files(entry, total)) == read for entry, read in reads):
+                return parsed
+        except InputError:
+            pass  # parsed again below: the parser says what is wrong, in its order
+        store.why_not = "vm_files changed"
+        total.used = used
+    seen: list[_Read] = []
+
+    def read(entry: str) -> list[tuple[str, str]]:
+        got = _read_vm_files(entry, total)
+        seen.append((entry, _digests(got)))
+        return got
+
+    parsed, cacheable = _parse_full(text, str(p), p.parent, read)
+    if cacheable:
+        store.store(key, (parsed, tuple(seen)))
+    return parsed
+
+
+def _digests(got: list[tuple[str, str]]) -> tuple[tuple[str, str, str], ...]:
+    from console.adapters.parsecache import file_digest
+
+    return tuple((file_digest(t), s, str(Path(s).parent.resolve())) for t, s in got)
+
+
+def _usable(state: object) -> tuple[_Parsed, tuple[_Read, ...]] | None:
+    """A stored parse result of the right shape (else None: parsed anew). The store is
+    checked (owner, digest, classes) before; this checks the shape, at C speed."""
+    spec: Any
+    cols: Any
+    reads: Any
+    try:
+        (spec, cols), reads = state  # type: ignore[misc]
+        if type(spec) is not FleetSpec or spec.vms or type(cols) is not tuple or len(cols) != 6 \
+                or any(type(c) is not list for c in cols) or len(set(map(len, cols))) != 1:
+            return None
+        texts, counts = cols[0] + cols[1] + cols[2] + cols[3], cols[4] + cols[5]
+        if (texts and set(map(type, texts)) != {str}) or (counts and set(map(type, counts)) != {int}):
+            return None
+        if not all(type(h) is HostSpec for h in spec.hosts) \
+                or not all(type(a) is AdminSpec for a in spec.admins):
+            return None
+        if type(reads) is not tuple or not all(type(r) is tuple and len(r) == 2 and type(r[0]) is str
+                                               and type(r[1]) is tuple for r in reads):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return (spec, cols), reads
+
+
+__all__ = ["FLEET_MAX_BYTES", "FLEET_MAX_TOTAL_BYTES", "FLEET_MAX_VMS", "Only", "load_fleet", "parse_fleet"]

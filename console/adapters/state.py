@@ -54,7 +54,7 @@ class PolicyMemory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.problem = ""  # why the file could not be read ("" = fine); then nothing is written
-        self.seen: dict[str, SeenPolicy] = {}
+        self.seen: Mapping[str, SeenPolicy] = {}
         #: the file's bytes that ``seen`` was read from or last written as (b"" = no file)
         self.raw = b""
         try:
@@ -83,10 +83,11 @@ class PolicyMemory:
             return
         with self._locked():
             try:
-                merged, self.raw = _read(self.path)
+                on_disk, self.raw = _read(self.path)
             except InputError as exc:
                 self.problem = str(exc)
                 return
+            merged = dict(on_disk)
             changed = False
             for uuid, new in updates.items():
                 old = merged.get(uuid)
@@ -116,10 +117,81 @@ def read_raw(path: Path) -> bytes:
         return f"?unreadable {exc}".encode()  # never equal to a file's content that was parsed
 
 
-def _read(path: Path) -> tuple[dict[str, SeenPolicy], bytes]:
+def _read(path: Path) -> tuple[Mapping[str, SeenPolicy], bytes]:
+    """The memory in ``path`` and its bytes. The entries of bytes read before come from
+    escort's cache of parse results (adapters/parsecache.py: same bytes, same code, same
+    entries); other bytes are parsed and checked here, and the result stored there."""
     if not path.exists():
         return {}, b""
     data = read_limited(path, limit=MAX_STATE_BYTES, what="escort state file")
+    from console.adapters import parsecache
+
+    store = parsecache.open_cache("memory", path)
+    key = store.key(parsecache.file_digest(data)) if store is not None else ""
+    cols = _usable(store.load(key)) if store is not None else None
+    if cols is not None:
+        return SeenMemory(dict(zip(cols[0], zip(*cols[1:], strict=True), strict=True))), data
+    seen = _parse(path, data)
+    if store is not None:
+        store.store(key, _columns(seen))
+    return seen, data
+
+
+class SeenMemory(Mapping[str, SeenPolicy]):
+    """The remembered entries, each made a ``SeenPolicy`` when first looked at (a one-pair
+    answer looks at one of 10,000; making all of them was ~30 ms)."""
+
+    __slots__ = ("_made", "_rows")
+
+    def __init__(self, rows: dict[str, tuple[str, str, int, str]]) -> None:
+        self._rows = rows
+        self._made: dict[str, SeenPolicy] = {}
+
+    def __getitem__(self, uuid: str) -> SeenPolicy:
+        got = self._made.get(uuid)
+        if got is None:
+            got = self._made[uuid] = SeenPolicy(*self._rows[uuid])
+        return got
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __contains__(self, uuid: object) -> bool:
+        return uuid in self._rows
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SeenMemory):
+            return self._rows == other._rows
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # a mapping, compared by content
+
+
+def _columns(seen: Mapping[str, SeenPolicy]) -> tuple[list[str], list[str], list[str], list[int], list[str]]:
+    """(uuids, owners, owner labels, seqs, digests); each owner string stored once."""
+    one: dict[str, str] = {}
+    return (list(seen), [one.setdefault(p.owner, p.owner) for p in seen.values()],
+            [one.setdefault(p.owner_label, p.owner_label) for p in seen.values()],
+            [p.seq for p in seen.values()], [p.digest for p in seen.values()])
+
+
+def _usable(state: object) -> tuple[list[str], list[str], list[str], list[int], list[str]] | None:
+    """Stored columns of the right shape (checked at C speed), else None (parsed anew)."""
+    if type(state) is not tuple or len(state) != 5 or any(type(c) is not list for c in state) \
+            or len(set(map(len, state))) != 1:
+        return None
+    uuids, owners, labels, seqs, digests = state
+    texts = uuids + owners + labels + digests
+    if (texts and set(map(type, texts)) != {str}) or (seqs and set(map(type, seqs)) != {int}) \
+            or len(set(uuids)) != len(uuids):
+        return None
+    return uuids, owners, labels, seqs, digests
+
+
+def _parse(path: Path, data: bytes) -> dict[str, SeenPolicy]:
     try:
         body = strictjson.loads(data)
     except strictjson.StrictJSONError as exc:
@@ -134,7 +206,7 @@ def _read(path: Path) -> tuple[dict[str, SeenPolicy], bytes]:
                 and isinstance(e.get("seq"), int) and not isinstance(e.get("seq"), bool)):
             raise InputError(f"{path}: damaged entry for VM {uuid}")
         out[uuid] = SeenPolicy(e["owner"], e["owner_label"], e["seq"], e["digest"])
-    return out, data
+    return out
 
 
 __all__ = ["PolicyMemory", "read_raw", "state_dir", "state_path"]

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from console.adapters import files
+from console.cli import finish
 from console.cli.attime import parse_time
 from console.core import envelope as env
 from console.core import grants as gr
@@ -97,6 +98,15 @@ def _load_live(path: str, at: dt.datetime | None, offline: bool, vm: str) -> Fle
     return service
 
 
+def _cache_notices() -> None:
+    """Say once, on stderr, that a cache could not be written (the answer is the same)."""
+    from console.adapters import parsecache
+
+    for notice in parsecache.notices:
+        click.echo(f"escort: {notice}", err=True)
+    parsecache.notices.clear()
+
+
 def _fleet_opts(fn: Any) -> Any:
     fn = click.option("--fleet", "fleet", type=click.Path(dir_okay=False), default=None,
                       help="Fleet file (TOML), see docs/FLEET.md.")(fn)
@@ -123,11 +133,12 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     at = parse_time(at_text)
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     d = service.explain(vm, host, admin, at, emergency=emergency)
+    _cache_notices()
     if as_json:
         click.echo(json.dumps(d.as_json(), indent=2))
     else:
         _print_decision(d)
-    sys.exit(0 if d.allowed else 1)
+    finish(0 if d.allowed else 1)
 
 
 @click.command("targets")
@@ -147,6 +158,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
     service = _load_live(_fleet_path(ctx, fleet), at, offline, vm)
     # offline only: after a refresh, connection libraries may have threads of their own
     decisions = service.targets(vm, admin, at, workers=(os.cpu_count() or 1) if offline else 1)
+    _cache_notices()
     allowed = [d.host for d in decisions if d.allowed]
     refused = [d for d in decisions if not d.allowed]
     if as_json:
@@ -165,7 +177,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
             click.echo(f"  refused  {d.host}")
             for line in _reason_lines(d.reasons, "    "):
                 click.echo(line)
-    sys.exit(0 if allowed else 1)
+    finish(0 if allowed else 1)
 
 
 # --------------------------------------------------------------------------- signing helpers

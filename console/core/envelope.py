@@ -41,7 +41,7 @@ from cryptography.x509.oid import NameOID
 from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
-from joserfc.jws import JWSRegistry
+from joserfc.jws import JWSAlgModel, JWSRegistry
 
 from . import strictjson
 from .errors import InputError
@@ -484,6 +484,60 @@ def _signer(x5c: tuple[str, ...]) -> _Signer | str:
     return result
 
 
+#: header segment -> joserfc's algorithm and the signer's key, both checked (None: refused)
+_SIG_CHECKS: dict[str, tuple[JWSAlgModel, JoseKey] | None] = {}
+
+
+def _sig_check(segment: str, header: Mapping[str, Any], alg: str, signer: _Signer
+               ) -> tuple[JWSAlgModel, JoseKey] | None:
+    """joserfc's header check (``crit``, registered fields) and key check (type, curve,
+    use) for one JWS header segment, computed once per segment.
+
+    They depend on the header and the x5c leaf's key only, and the header segment fixes
+    both (x5c is inside it): an owner's tokens share one segment, so 10,000 policies
+    from 50 owners run these checks 50 times instead of 10,000 (``jws.validate_compact``
+    runs them for every token). The signature itself is checked per token
+    (``_signature_ok``).
+    """
+    if segment in _SIG_CHECKS:
+        return _SIG_CHECKS[segment]
+    checked: tuple[JWSAlgModel, JoseKey] | None
+    registry = _registry(alg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SecurityWarning)  # EdDSA: joserfc's deprecation notice
+            registry.check_header(dict(header))
+            model = registry.get_alg(alg)
+            if signer.jose is None:
+                raise JoseError("no usable key")
+            model.check_key(signer.jose)
+        checked = (model, signer.jose)
+    except JoseError:
+        checked = None
+    if len(_SIG_CHECKS) >= _MAX_SIGNERS:
+        _SIG_CHECKS.clear()
+    _SIG_CHECKS[segment] = checked
+    return checked
+
+
+def _signature_ok(segment: str, header: Mapping[str, Any], alg: str, signer: _Signer,
+                  signing_input: bytes, signature: bytes) -> bool:
+    """The JWS signature over ``signing_input`` (RFC 7515 §5.2), with joserfc's algorithm:
+    what ``jws.validate_compact`` does, without repeating the per-header checks."""
+    checked = _sig_check(segment, header, alg, signer)
+    if checked is None:
+        return False
+    model, key = checked
+    try:
+        if alg == "EdDSA":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SecurityWarning)
+                return bool(model.verify(signing_input, signature, key))
+        return bool(model.verify(signing_input, signature, key))
+    except JoseError:
+        return False
+
+
 def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -> Opened:
     """Parse ``token``, check its header, signature and claim schema (no time, no trust).
 
@@ -547,25 +601,12 @@ def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -
                           f"re-sign the {prefix} with the owner's own key"),), signer.key)
     try:
         raw_payload = _b64url(parts[1])
-        _b64url(parts[2])
+        raw_signature = _b64url(parts[2])
     except (ValueError, binascii.Error):
         return bad("malformed", f"the {prefix}'s payload or signature is not base64url",
                    f"attach the {prefix} exactly as it was signed", header)
-    # The header segment was parsed once (and cached: an owner's tokens share it), so
-    # the JWS object is assembled from the parts instead of letting joserfc parse the
-    # ~1 KiB x5c header again; joserfc still checks the header and the signature.
-    obj = jws.CompactSignature(dict(header), raw_payload)
-    obj.segments.update({"header": parts[0].encode(), "payload": parts[1].encode(),
-                         "signature": parts[2].encode()})
-    try:
-        if alg == "EdDSA":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SecurityWarning)
-                good = jws.validate_compact(obj, signer.jose, registry=_registry(alg))
-        else:
-            good = jws.validate_compact(obj, signer.jose, registry=_registry(alg))
-    except JoseError:
-        good = False
+    good = _signature_ok(parts[0], header, alg, signer, (parts[0] + "." + parts[1]).encode("ascii"),
+                         raw_signature)
     if not good:
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "signature",

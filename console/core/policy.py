@@ -338,7 +338,7 @@ class PolicyBook:
     owners: OwnerVerifier | None
     #: VM UUID -> the newest policy escort has accepted for it before (from the state
     #: adapter; empty = nothing remembered). The core never reads or writes state itself.
-    seen: dict[str, SeenPolicy] = field(default_factory=dict)
+    seen: Mapping[str, SeenPolicy] = field(default_factory=dict)
     envelopes: EnvelopeVerifier = field(init=False)
     _bodies: dict[str, tuple[PlacementPolicy | None, tuple[Reason, ...]]] = field(default_factory=dict)
     #: (token digest, VM UUID) -> the last result and the time it was computed for

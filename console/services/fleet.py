@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 
 from console.adapters.files import load_trust_store, read_limited
-from console.adapters.fleetfile import load_fleet
+from console.adapters.fleetfile import Only, load_fleet
 from console.adapters.state import PolicyMemory, read_raw, state_path
 from console.core import pki
 from console.core.decisions import (
@@ -310,7 +310,11 @@ class FleetService:
             return cls(None, path=str(path), readonly=readonly, at=at,
                        problems=[Problem(str(path), reason("fleet.unusable", str(exc),
                                                           "fix the fleet file (see docs/FLEET.md)"))])
-        return cls(spec, path=str(path), readonly=readonly, at=at, eager=eager)
+        service = cls(spec, path=str(path), readonly=readonly, at=at, eager=eager)
+        from console.adapters import parsecache
+
+        service.cache_notice = next(iter(parsecache.notices), "")  # the console says it once
+        return service
 
     @classmethod
     def load_strict(cls, path: str | os.PathLike[str], *, readonly: bool = False,
@@ -322,13 +326,7 @@ class FleetService:
         the whole fleet's. ``only_vm``: the one VM an offline answer is about (the
         whole fleet file is still read and checked).
         """
-        keep = None
-        if only_vm is not None:
-            keys = {only_vm, only_vm.lower()}
-
-            def keep(uuid: str, name: str) -> bool:
-                return uuid in keys or name == only_vm
-
+        keep = None if only_vm is None else Only(frozenset({only_vm, only_vm.lower()}), only_vm)
         service = cls(load_fleet(path, keep_vm=keep), path=str(path), readonly=readonly, at=at, eager=eager,
                       only_vm=only_vm)
         service._strict = True
@@ -703,58 +701,79 @@ class FleetService:
         done: list[VMView] = []
         cache = self._opened_cache()
         envelopes = self._policies.envelopes
-        if conn is not None:
-            # the helper opens tokens from the first on (signatures, on the other core) and
-            # sends them in chunks; this process opens from the last on meanwhile, until
-            # they meet. Whatever neither did is opened below, as without the helper.
-            todo = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
-                    if not envelopes.is_open(t, TYP_POLICY)]
-            helper_ok = True
-            while todo and helper_ok:
-                try:
-                    while conn.poll(0):
-                        message = conn.recv()
-                        if message[0] == "opened" and isinstance(message[1], dict):
-                            for token, portable in message[1].items():
-                                if not envelopes.is_open(token, TYP_POLICY):
-                                    envelopes.adopt(token, TYP_POLICY, portable)
-                        else:
-                            helper_ok = False  # done or failed: the rest is opened here
-                            break
-                except (EOFError, OSError):
-                    helper_ok = False
-                while todo and envelopes.is_open(todo[-1], TYP_POLICY):
-                    todo.pop()
-                for _ in range(8):  # from the last token back (pop)
-                    if not todo:
-                        break
-                    token = todo.pop()
-                    if not envelopes.is_open(token, TYP_POLICY):
-                        envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
-                if clock() - start > budget_s:
-                    yield []
-                    start = clock()
-            conn.close()
-            cache = None  # the helper keeps the opened cache up to date
         fresh: list[str] = []
-        for rec in list(self._vms.values()):
-            if rec.policy_file:
-                self._read_token(rec)
-            if cache is not None and rec.token and not envelopes.is_open(rec.token, TYP_POLICY):
-                hit = cache.get(TYP_POLICY, rec.token)
-                if hit is not None:
-                    envelopes.adopt(rec.token, TYP_POLICY, hit)
-                else:
-                    fresh.append(rec.token)
+
+        def decide(rec: _VMRecord) -> None:
             pr = self._policy(rec, at)
             part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
             targets.update(part.targets)
-            home |= part.at_home
+            home.update(part.at_home)
             done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
-            if clock() - start > budget_s:
-                yield done
-                done = []
-                start = clock()
+
+        records = list(self._vms.values())
+        if conn is not None:
+            # the helper opens tokens from the first on (signatures, on the other core) and
+            # sends them in chunks; this process decides the VMs in the console's order as
+            # soon as their tokens are open (the first rows on screen get their verdicts
+            # first) and, when the next one is not open yet, opens from the last one back
+            # until they meet. Whatever neither did is opened here, as without the helper.
+            cache = None  # the helper keeps the opened cache up to date
+            todo = [t for t in dict.fromkeys(r.token for r in records if r.token)
+                    if not envelopes.is_open(t, TYP_POLICY)]
+            helper_ok = True
+            i = 0
+            while i < len(records):
+                if helper_ok:
+                    try:
+                        while conn.poll(0):
+                            message = conn.recv()
+                            if message[0] == "opened" and isinstance(message[1], dict):
+                                for token, portable in message[1].items():
+                                    if not envelopes.is_open(token, TYP_POLICY):
+                                        envelopes.adopt(token, TYP_POLICY, portable)
+                            else:
+                                helper_ok = False  # done or failed: the rest is opened here
+                                break
+                    except (EOFError, OSError):
+                        helper_ok = False
+                while i < len(records) and clock() - start <= budget_s:
+                    rec = records[i]
+                    if (helper_ok and rec.token and not rec.policy_file
+                            and not envelopes.is_open(rec.token, TYP_POLICY)):
+                        break  # not open yet: the helper is on it
+                    decide(rec)
+                    i += 1
+                if helper_ok and i < len(records) and clock() - start <= budget_s:
+                    while todo and envelopes.is_open(todo[-1], TYP_POLICY):
+                        todo.pop()
+                    for _ in range(8):  # from the last token back (pop)
+                        if not todo:
+                            break
+                        token = todo.pop()
+                        if not envelopes.is_open(token, TYP_POLICY):
+                            envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
+                    if not todo:
+                        helper_ok = False  # everything is open (or being decided) here
+                if clock() - start > budget_s:
+                    yield done
+                    done = []
+                    start = clock()
+            conn.close()
+        else:
+            for rec in records:
+                if rec.policy_file:
+                    self._read_token(rec)
+                if cache is not None and rec.token and not envelopes.is_open(rec.token, TYP_POLICY):
+                    hit = cache.get(TYP_POLICY, rec.token)
+                    if hit is not None:
+                        envelopes.adopt(rec.token, TYP_POLICY, hit)
+                    else:
+                        fresh.append(rec.token)
+                decide(rec)
+                if clock() - start > budget_s:
+                    yield done
+                    done = []
+                    start = clock()
         if done:
             yield done
         expected = self._memory_after(self._pending)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import warnings
 
 import pytest
 
@@ -204,3 +205,58 @@ def test_absurd_dates_are_reasons(kit: Kit, claim: str) -> None:
     v = verify(kit, token)
     assert "policy.malformed" in codes(v) and not v.valid
     assert v.not_before is None or v.not_after is None or claim == "iat"
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "carol"])
+def test_header_checks_shared_signatures_checked_per_token(kit: Kit, who: str) -> None:
+    # an owner's tokens share one header segment, so joserfc's header and key checks run
+    # once per segment (envelope._sig_check); the signature must still be checked for
+    # every token: a good token first (the segment's checks cached), then forgeries
+    # under the same header segment
+    owner = getattr(kit, who)
+    first = env.sign_raw(payload(owner.email, jti="a"), env.TYP_POLICY, owner.key, owner.chain)
+    second = env.sign_raw(payload(owner.email, jti="b"), env.TYP_POLICY, owner.key, owner.chain)
+    h1, p1, s1 = first.split(".")
+    h2, p2, s2 = second.split(".")
+    assert h1 == h2
+    assert verify(kit, first).valid
+    assert verify(kit, second).valid
+    assert env._SIG_CHECKS.get(h1) is not None  # the shared checks are cached for the segment
+    raw = env._b64url(s1)
+
+    def enc(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+    flipped = raw[:-1] + bytes([raw[-1] ^ 1])
+    for forged in (f"{h1}.{p2}.{s1}", f"{h1}.{p1}.{s2}", f"{h1}.{p1}.{enc(raw[:-1])}",
+                   f"{h1}.{p1}.{enc(flipped)}", f"{h1}.{p1}.{enc(bytes(len(raw)))}"):
+        assert codes(verify(kit, forged)) == {"policy.signature"}, forged
+
+
+def test_signature_verdict_is_joserfcs(kit: Kit) -> None:
+    # the per-token check (envelope._signature_ok) agrees with joserfc's own
+    # jws.validate_compact on good and forged tokens of every key type
+    from joserfc import jws
+
+    tokens = []
+    for who in ("alice", "bob", "carol", "mallory"):
+        owner = getattr(kit, who)
+        tokens.append(env.sign_raw(payload(owner.email), env.TYP_POLICY, owner.key, owner.chain))
+    forged = [f"{a.split('.')[0]}.{b.split('.')[1]}.{b.split('.')[2]}" for a in tokens for b in tokens]
+    seen = set()
+    for token in tokens + forged:
+        opened = env.open_token(token, env.TYP_POLICY, FIELDS)
+        header, _ = env.decode_unverified(token)
+        signer = env._signer(tuple(header["x5c"]))
+        assert isinstance(signer, env._Signer)
+        if signer.alg != header["alg"]:
+            continue  # refused before any signature check
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry = env._registry(header["alg"])
+            theirs = jws.validate_compact(jws.extract_compact(token.encode(), registry=registry),
+                                          signer.jose, registry=registry)
+        ours = "policy.signature" not in {r.code for r in opened.reasons}
+        assert ours == theirs, token
+        seen.add(theirs)
+    assert seen == {True, False}

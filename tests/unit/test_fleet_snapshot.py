@@ -242,6 +242,17 @@ def test_the_helper_process_changes_no_verdict(fleet: Path, warm: bool) -> None:
     assert explained(service) == explained(check(fleet, cache=False)[1])
 
 
+def test_with_the_helper_verdicts_arrive_in_the_consoles_order(fleet: Path) -> None:
+    """Cold, with the helper: VMs are decided in the order the console lists them (the rows
+    on screen first), each once, while the tokens are still being opened."""
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    service.start_prefetch()
+    order = [v.uuid for step in service.check_in_steps() for v in step]
+    assert service.check_source == "computed"
+    assert order == [v.uuid for v in service.vm_stubs()]
+
+
 def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -> None:
     first = sorted((fleet.parent / "policies").iterdir())[0]
     first.write_bytes(b"\xff\xfe not a token")

@@ -204,3 +204,130 @@ def test_forked_targets_name_the_same_unreadable_certificate(fleet: FleetFiles, 
             FleetService.load_strict(path, at=T0, only_vm="web-1").targets("web-1", workers=workers)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and f"{gone[0]}.pem" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The cached paths: the fleet file and the policy memory parsed once and reused by the next run
+# (adapters/parsecache.py). The reference is always the console's full load with no cache at all.
+
+def _reference(path: Path, vm: str, host: str, admin: str | None,
+               monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    with monkeypatch.context() as m:
+        m.setenv("ESCORT_NO_CACHE", "1")
+        return json.loads(json.dumps(full(path).explain(vm, host, admin).as_json()))
+
+
+def _lean(path: Path, vm: str, host: str, admin: str | None = None) -> tuple[int, dict[str, object]]:
+    extra = ["--admin", admin] if admin else []
+    r = run("explain", "--offline", "--fleet", str(path), "--at", AT, "--json", *extra, vm, host)
+    assert r.exit_code in (0, 1), r.output
+    return r.exit_code, json.loads(r.stdout)
+
+
+def _spoil(cache: Path, how: str) -> None:
+    import os
+
+    entries = sorted(cache.glob("parsed-*.cache"))
+    assert {e.name.split("-")[1] for e in entries} == {"fleet", "memory"}
+    for entry in entries:
+        if how == "corrupt":
+            data = bytearray(entry.read_bytes())
+            data[-3] ^= 0xFF
+            entry.write_bytes(bytes(data))
+        elif how == "foreign" and os.getuid() == 0:
+            os.chown(entry, 12345, 12345)
+        elif how == "foreign":
+            entry.chmod(0o666)  # (not root: a file others may write is not trusted either)
+        elif how == "truncated":
+            entry.write_bytes(entry.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("spoil", ["kept", "corrupt", "foreign", "truncated"])
+def test_cached_one_pair_answers_are_the_full_loads_decision(
+        fleet: FleetFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spoil: str) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(cache))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    path = _copy(fleet, tmp_path)
+    full(path).vms()  # a console's check: the policy memory is written
+    want = {(vm, host, admin): _reference(path, vm, host, admin, monkeypatch) for vm, host, admin in PAIRS}
+    for _round in range(3):  # builds the cache, uses it, uses it after it was spoilt
+        for (vm, host, admin), reference in want.items():
+            code, lean = _lean(path, vm, host, admin)
+            assert lean == reference
+            assert code == (0 if reference["allowed"] else 1)
+        if _round == 1:
+            _spoil(cache, spoil)
+    # targets too
+    r = run("targets", "--offline", "--fleet", str(path), "--at", AT, "--json", "web-1")
+    with monkeypatch.context() as m:
+        m.setenv("ESCORT_NO_CACHE", "1")
+        decisions = full(path).targets("web-1")
+    assert json.loads(r.stdout)["allowed"] == [d.host for d in decisions if d.allowed]
+
+
+def test_a_change_between_cached_runs_changes_the_answer(fleet: FleetFiles, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    path = _copy(fleet, tmp_path)
+    service = full(path)
+    service.vms()
+    for _ in range(2):  # the second run answers from the cache
+        code, lean = _lean(path, "web-1", "hv-fr-1")
+        assert code == 0 and lean == _reference(path, "web-1", "hv-fr-1", None, monkeypatch)
+    # the memory now says escort has seen a newer policy of web-1: this one is a rollback
+    assert service._memory_path is not None
+    memory = service._memory_path
+    data = json.loads(memory.read_text())
+    data["vms"][WEB_UUID].update(seq=data["vms"][WEB_UUID]["seq"] + 1, digest="0" * 64)
+    memory.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    code, lean = _lean(path, "web-1", "hv-fr-1")
+    assert code == 1 and "policy.rollback" in {r["code"] for r in lean["reasons"]}  # type: ignore[attr-defined]
+    assert lean == _reference(path, "web-1", "hv-fr-1", None, monkeypatch)
+    # the fleet file now gives hv-fr-1 the US host's certificate: refused for the country
+    path.write_text(path.read_text().replace('cert_file = "certs/hv-fr-1.pem"',
+                                             'cert_file = "certs/hv-us-1.pem"'))
+    code, lean = _lean(path, "db-1", "hv-fr-1")
+    assert lean == _reference(path, "db-1", "hv-fr-1", None, monkeypatch)
+    _, before = _lean(path, "web-1", "hv-de-1")
+    path.write_text(path.read_text().replace('name = "web-1"', 'name = "web-one"'))
+    r = run("explain", "--offline", "--fleet", str(path), "--at", AT, "web-1", "hv-de-1")
+    assert r.exit_code == 2 and "no VM 'web-1'" in r.stderr
+    assert _lean(path, "web-one", "hv-de-1")[1]["vm"] == "web-one" != before["vm"]
+
+
+def test_an_unwritable_cache_is_one_notice_and_the_same_answer(fleet: FleetFiles, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    path = _copy(fleet, tmp_path)
+    full(path).vms()
+    r = run("explain", "--offline", "--fleet", str(path), "--at", AT, "--json", "web-1", "hv-fr-1")
+    assert json.loads(r.stdout) == _reference(path, "web-1", "hv-fr-1", None, monkeypatch)
+    assert r.stderr.startswith("escort: no cache of verified results:") and r.stderr.count("\n") == 1
+
+
+def test_the_escort_process_leaves_at_once_with_its_whole_answer(fleet: FleetFiles, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real process (``python -m console.cli``, as the ``escort`` script) skips the
+    interpreter's teardown (console.cli.finish): its output, piped, is whole and its exit
+    code is the verdict's, for an allowed and a refused pair and for targets."""
+    import subprocess
+    import sys
+
+    for vm, host, admin in PAIRS[:3]:
+        extra = ["--admin", admin] if admin else []
+        done = subprocess.run([sys.executable, "-m", "console.cli", "explain", "--offline", "--fleet",
+                               str(fleet.fleet), "--at", AT, "--json", *extra, vm, host],
+                              capture_output=True, text=True, check=False)
+        want = _reference(fleet.fleet, vm, host, admin, monkeypatch)
+        assert json.loads(done.stdout) == want, done.stderr
+        assert done.returncode == (0 if want["allowed"] else 1) and done.stderr == ""
+    done = subprocess.run([sys.executable, "-m", "console.cli", "targets", "--offline", "--fleet",
+                           str(fleet.fleet), "--at", AT, "web-1"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("web-1: 1 of 4 host(s) allowed")
+    assert done.stdout.endswith("\n") and done.stdout.count("refused") == 3
