@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30
     from multiprocessing.connection import Connection
 
     from console.adapters.cache import FleetSnapshot, OpenedCache
+    from console.adapters.parsecache import ParsedCache
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
@@ -201,6 +202,29 @@ def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
             pol.summary() if pol else "no valid policy", pr.reasons)
 
 
+def _cert_instants(cert: x509.Certificate) -> tuple[dt.datetime, ...]:
+    """When a check of ``cert`` may change: notBefore, notAfter, and when it becomes "expiring"."""
+    after = cert.not_valid_after_utc
+    return (cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS))
+
+
+#: a host chain result as cached: (computed for, instants it depends on, attributes, result)
+_ChainEntry = tuple[dt.datetime, tuple[dt.datetime, ...], pki.HostAttributes | None, pki.ChainResult]
+
+
+def _usable_chain(entry: object) -> _ChainEntry | None:
+    """A cached chain entry of the right shape, else None (then the chain is checked)."""
+    if type(entry) is not tuple or len(entry) != 4:
+        return None
+    computed, instants, attributes, chain = entry
+    if (type(computed) is not dt.datetime or computed.tzinfo is None or type(instants) is not tuple
+            or not all(type(i) is dt.datetime and i.tzinfo is not None for i in instants)
+            or type(chain) is not pki.ChainResult
+            or not (attributes is None or type(attributes) is pki.HostAttributes)):
+        return None
+    return computed, instants, attributes, chain
+
+
 def _now() -> dt.datetime:
     """Now, the real time: decisions are never made at a truncated clock (see core/timekey.py
     for how caches stay shared between the instants that matter)."""
@@ -293,6 +317,10 @@ class FleetService:
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
         self._grants_pending: tuple[str, ...] | None = None
+        #: ``targets`` of a one-VM service: host chain results from escort's cache
+        #: (``_adopt_chains``): hosts adopted, and each host's certificate file as read
+        self._chain_hits: set[str] = set()
+        self._cert_bytes: dict[str, tuple[str, bytes]] = {}
         if spec is not None:
             self._load(spec)
 
@@ -452,8 +480,10 @@ class FleetService:
         view = self._hosts[h.name]
         if not h.cert_file:
             return
+        stashed = self._cert_bytes.get(h.name)
         try:
-            certs = pki.load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
+            data = stashed[1] if stashed is not None else read_limited(h.cert_file, what="certificate")
+            certs = pki.load_certificates(data, h.cert_file)
         except InputError as exc:
             view.cert_problem = self._problem(h.cert_file, "cert.unreadable", str(exc),
                                               f"fix cert_file for host {h.name}", fatal=True)
@@ -487,6 +517,10 @@ class FleetService:
         if cached is not None and self._fresh(cached[0], at):
             return cached[1]
         got = self._host_certs.get(name)
+        if got is None and name in self._chain_hits:  # adopted, but not fresh for ``at``: read it
+            self._chain_hits.discard(name)
+            self._load_host_cert(self._hosts[name].spec)
+            got = self._host_certs.get(name)
         if got is None or self.trust is None:
             return None
         try:
@@ -512,8 +546,7 @@ class FleetService:
             self._instants = None
 
     def _note_cert(self, cert: x509.Certificate) -> None:
-        after = cert.not_valid_after_utc
-        self._note((cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS)))
+        self._note(_cert_instants(cert))
 
     def _note_store(self, store: TrustStore | None) -> None:
         if store is None:
@@ -1221,14 +1254,114 @@ class FleetService:
         when = at or self.at
         rec = self._find_vm(vm)
         hosts = list(self._hosts)
-        if workers > 1 and len(hosts) >= PARALLEL_MIN_HOSTS:
-            decisions = self._decide_forked(rec, hosts, admin, when, workers)
+        cached = self._adopt_chains(hosts, when)
+        learnt: dict[str, _ChainEntry] = {}
+        if workers > 1 and len(hosts) - len(self._chain_hits) >= PARALLEL_MIN_HOSTS:
+            decisions = self._decide_forked(rec, hosts, admin, when, workers, learnt)
         else:
             decisions = [self._decide(rec, h, admin, when, False) for h in hosts]
+        if cached is not None:
+            self._save_chains(*cached, learnt)
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
 
+    # ---------------------------------------------------------- host chains kept between runs
+    # ``escort targets --offline`` checks every host's chain (~1 ms each). A one-VM service
+    # keeps each host's result in escort's cache (adapters/parsecache.py) under a SHA-256 of
+    # the host's name, certificate file path and bytes, in a file whose key is a SHA-256 of
+    # every file of the hosts' trust directory (CA certificates, CRLs), the CRL rule, the
+    # policy names, escort's code and the crypto library's version. A result is adopted only
+    # while no instant it depends on (its certificates' dates, the trust directory's
+    # certificates and CRLs: ``_fresh``) lies between the time it was computed for and now.
+
+    def _chain_store(self) -> tuple[ParsedCache, str] | None:
+        if self._only_vm is None or self.eager or not self.path or self.spec is None or self.trust is None:
+            return None
+        import cryptography
+
+        from console.adapters import parsecache
+
+        store = parsecache.open_cache("chains", self.path)
+        trust = parsecache.tree_parts(self.spec.trust_dir)
+        if store is None or trust is None:
+            return None
+        return store, store.key("host chains", cryptography.__version__, self.spec.missing_crl,
+                                repr(sorted(self.policy_names.items())), *trust)
+
+    def _adopt_chains(self, hosts: list[str], at: dt.datetime
+                      ) -> tuple[ParsedCache, str, dict[str, _ChainEntry]] | None:
+        """Adopt the cached chain result of each host whose certificate file is byte for byte
+        the one it was computed from and that is fresh at ``at``; the rest is read from the
+        same bytes (a file changed meanwhile cannot be stored under the old digest)."""
+        from console.adapters.cache import digest_parts
+
+        got = self._chain_store()
+        if got is None:
+            return None
+        store, key = got
+        stored = store.load(key)
+        entries = stored if type(stored) is dict else {}
+        for name in hosts:
+            spec = self._hosts[name].spec
+            if name not in self._cert_pending:
+                continue
+            try:
+                data = read_limited(spec.cert_file, what="certificate")
+            except InputError:
+                continue  # read again where the plain path reads it, and refused there
+            digest = digest_parts((name, spec.cert_file, data))
+            self._cert_bytes[name] = (digest, data)
+            entry = _usable_chain(entries.get(digest))
+            if entry is None:
+                continue
+            computed, instants, attributes, chain = entry
+            self._note(instants)
+            if self._instants is None:
+                self._instants = tuple(sorted(self._instant_set))
+            if time_key(self._instants, computed) != time_key(self._instants, at):
+                continue  # an instant that matters lies between: checked anew
+            # the result at ``computed`` is the result at ``at`` (no instant between them)
+            self._cert_pending.discard(name)
+            view = self._hosts[name]
+            view.attributes, view.cert_problem = attributes, None
+            self._chains[name] = (at, chain)
+            self._chain_hits.add(name)
+        return store, key, entries
+
+    def _chain_entry(self, name: str) -> _ChainEntry | None:
+        """What the cache keeps of a host chain checked in this process (None: nothing)."""
+        certs, chain, view = self._host_certs.get(name), self._chains.get(name), self._hosts[name]
+        if certs is None or chain is None or chain[1] is None or view.cert_problem is not None:
+            return None
+        instants = tuple(i for c in (certs[0], *certs[1]) for i in _cert_instants(c))
+        return chain[0], instants, view.attributes, chain[1]
+
+    def _chain_entries(self, names: Iterable[str]) -> dict[str, _ChainEntry]:
+        out: dict[str, _ChainEntry] = {}
+        for name in names:
+            read = self._cert_bytes.get(name)
+            entry = self._chain_entry(name) if read is not None and name not in self._chain_hits else None
+            if read is not None and entry is not None:
+                out[read[0]] = entry
+        return out
+
+    def _save_chains(self, store: ParsedCache, key: str, entries: dict[str, _ChainEntry],
+                     learnt: dict[str, _ChainEntry]) -> None:
+        """Store the results of this fleet's hosts: adopted ones as they were, new ones
+        (this process's and its helpers') -- when anything is new."""
+        new = {**learnt, **self._chain_entries(self._hosts)}
+        out: dict[str, _ChainEntry] = {}
+        for name in self._hosts:
+            read = self._cert_bytes.get(name)
+            if read is None:
+                continue
+            entry = entries.get(read[0]) if name in self._chain_hits else new.get(read[0])
+            if entry is not None:
+                out[read[0]] = entry
+        if any(k not in entries for k in out):
+            store.store(key, out)
+
     def _decide_forked(self, rec: _VMRecord, hosts: list[str], admin: str | None, at: dt.datetime,
-                       workers: int) -> list[Decision]:
+                       workers: int, learnt: dict[str, _ChainEntry] | None = None) -> list[Decision]:
         """``[self._decide(rec, h, ...) for h in hosts]``, with the host chain checks (most of
         the time: 1,000 hosts ~1-2 s) shared with forked copies of this process.
 
@@ -1238,6 +1371,7 @@ class FleetService:
         certificate, a result that cannot be sent back) is not trusted: its share is
         decided again here, which raises the same error the plain loop would. Without
         ``os.fork`` or with other threads running (forking them is unsafe), the plain loop.
+        ``learnt``: filled with the host chain results the helpers computed (for the cache).
         """
         import pickle
 
@@ -1269,7 +1403,8 @@ class FleetService:
                         try:
                             self._memory, self._pending = None, {}
                             part = [self._decide(rec, h, admin, at, False) for h in share]
-                            data = pickle.dumps(("ok", part), pickle.HIGHEST_PROTOCOL)
+                            data = pickle.dumps(("ok", part, self._chain_entries(share)),
+                                                pickle.HIGHEST_PROTOCOL)
                         except BaseException:
                             data = pickle.dumps(("failed", None))
                         with os.fdopen(write_end, "wb") as out:
@@ -1291,11 +1426,14 @@ class FleetService:
                     sent: object = pickle.loads(data)
                 except Exception:
                     sent = None
-                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 2 and sent[0] == "ok" else None
+                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 3 and sent[0] == "ok" else None
                 if (isinstance(returned, list) and len(returned) == len(share)
                         and all(isinstance(d, Decision) and d.host == h
                                 for d, h in zip(returned, share, strict=True))):
                     decisions += returned
+                    if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is dict:
+                        learnt.update((k, e) for k, e in sent[2].items()
+                                      if type(k) is str and _usable_chain(e) is not None)
                 else:
                     decisions += [self._decide(rec, h, admin, at, False) for h in share]
         finally:
