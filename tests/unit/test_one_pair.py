@@ -409,9 +409,20 @@ def test_chains_checked_by_forked_helpers_are_kept_too(chain_fleet: Path,
 
     monkeypatch.setattr(svc, "PARALLEL_MIN_HOSTS", 1)
     monkeypatch.setattr(svc.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(svc.threading, "active_count", lambda: 1)  # (the test runner's own threads)
+    forks: list[int] = []
+    real_fork = svc.os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(svc.os, "fork", fork)
     want = _targets_reference(chain_fleet, "web-1", T0, monkeypatch)
     first, service = _targets(chain_fleet, "web-1", workers=2)
-    assert first == want and not service._chain_hits
+    assert first == want and not service._chain_hits and len(forks) == 1
+    assert "hv-de-old" not in service._host_certs  # (the last host: checked by the helper only)
     again, service = _targets(chain_fleet, "web-1", workers=2)
     assert again == want and service._chain_hits == HOSTS
 
