@@ -1403,8 +1403,12 @@ class FleetService:
                         try:
                             self._memory, self._pending = None, {}
                             part = [self._decide(rec, h, admin, at, False) for h in share]
-                            data = pickle.dumps(("ok", part, self._chain_entries(share)),
-                                                pickle.HIGHEST_PROTOCOL)
+                            chains = b""
+                            if learnt is not None:  # certificates do not pickle: the cache's form
+                                from console.adapters.cache import FleetSnapshot
+
+                                chains = FleetSnapshot.dumps(self._chain_entries(share))
+                            data = pickle.dumps(("ok", part, chains), pickle.HIGHEST_PROTOCOL)
                         except BaseException:
                             data = pickle.dumps(("failed", None))
                         with os.fdopen(write_end, "wb") as out:
@@ -1431,9 +1435,13 @@ class FleetService:
                         and all(isinstance(d, Decision) and d.host == h
                                 for d, h in zip(returned, share, strict=True))):
                     decisions += returned
-                    if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is dict:
-                        learnt.update((k, e) for k, e in sent[2].items()
-                                      if type(k) is str and _usable_chain(e) is not None)
+                    if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is bytes:
+                        from console.adapters.cache import FleetSnapshot
+
+                        chains = FleetSnapshot.loads(sent[2])
+                        if type(chains) is dict:
+                            learnt.update((k, e) for k, e in chains.items()
+                                          if type(k) is str and _usable_chain(e) is not None)
                 else:
                     decisions += [self._decide(rec, h, admin, at, False) for h in share]
         finally:
