@@ -1438,9 +1438,9 @@ class FleetService:
                     if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is bytes:
                         from console.adapters.cache import FleetSnapshot
 
-                        chains = FleetSnapshot.loads(sent[2])
-                        if type(chains) is dict:
-                            learnt.update((k, e) for k, e in chains.items()
+                        kept = FleetSnapshot.loads(sent[2])
+                        if type(kept) is dict:
+                            learnt.update((k, e) for k, e in kept.items()
                                           if type(k) is str and _usable_chain(e) is not None)
                 else:
                     decisions += [self._decide(rec, h, admin, at, False) for h in share]
