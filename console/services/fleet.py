@@ -142,32 +142,40 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
-def _prefetch_main(service: FleetService, conn: Connection) -> None:
+def _prefetch_main(service: FleetService, conn: Connection, other: Connection | None = None) -> None:
     """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
 
-    Reads every policy file and the snapshot key and sends them (``tokens``); when the
-    snapshot will not answer, opens every token (signature and schema, or the opened
-    cache) and sends those too (``opened``). Everything else — and every verdict — is
-    decided in the console's process from these, exactly as without this process.
+    Reads every policy file and computes the snapshot key. When the snapshot on disk was
+    stored under that key it holds exactly these tokens (the key covers them), so the
+    answer is only the key (``tokens`` with None: a few bytes, not the ~15 MB of 10,000
+    tokens); otherwise every token (or why its file could not be read) is sent, and then
+    every token is opened (signature and schema, or the opened cache) and sent too
+    (``opened``). Everything else — and every verdict — is decided in the console's
+    process from these, exactly as without this process.
+    ``other`` is the console's end of the pipe, inherited by the fork: closed at once, so
+    that a send after the console has stopped listening fails instead of blocking forever.
     """
+    if other is not None:
+        other.close()
+    gc.freeze()  # what this process inherited: never walked by its collector (nor copied)
     try:
-        tokens: list[str | None] = []
+        tokens: list[str | Reason] = []
         for rec in service._vms.values():
             if rec.policy_file:
                 with contextlib.suppress(InputError):
                     service._read_token(rec)
-            tokens.append(None if rec.token_problem is not None else rec.token)
+            tokens.append(rec.token if rec.token_problem is None else rec.token_problem)
         snap = service._snapshot()
         key = service._snapshot_key() if snap is not None else ""
         memory = service._memory_bytes()
         hit = snap is not None and snap.matches(service._with_memory(key, memory))
-        conn.send(("tokens", key, hit, tokens))
+        conn.send(("tokens", key, hit, None if hit else tokens))
         if hit:
             return
         cache = service._opened_cache()
         opened: dict[str, Portable] = {}
         todo: list[str] = []
-        for token in dict.fromkeys(t for t in tokens if t):
+        for token in dict.fromkeys(t for t in tokens if t and isinstance(t, str)):
             got = cache.get(TYP_POLICY, token) if cache is not None else None
             if got is None:
                 todo.append(token)
@@ -302,6 +310,7 @@ class FleetService:
         self._instant_set: set[dt.datetime] = set()
         self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
         self._noted: set[str] = set()  # token digests / chain keys already noted
+        self._noted_chains: set[tuple[str, ...]] = set()  # x5c chains whose certificates are noted
         self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
         self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
         #: lazy services read host certificates, policy files and grants on first use;
@@ -564,15 +573,20 @@ class FleetService:
             return
         self._noted.add(opened.digest)
         payload = opened.payload or {}
+        before = len(self._instant_set)
         for claim in ("nbf", "exp"):
             value = payload.get(claim)
             if isinstance(value, int) and not isinstance(value, bool):
-                with contextlib.suppress(OverflowError, OSError, ValueError):
+                try:
                     when = dt.datetime.fromtimestamp(value, dt.UTC)
-                    self._note((when, when - NBF_SKEW) if claim == "nbf" else (when,))
-        chain = "chain:" + ",".join(opened.chain_key)
-        if chain not in self._noted:
-            self._noted.add(chain)
+                    # aware UTC instants already: what ``boundaries`` would make of them
+                    self._instant_set.update((when, when - NBF_SKEW) if claim == "nbf" else (when,))
+                except (OverflowError, OSError, ValueError):
+                    pass
+        if len(self._instant_set) != before:
+            self._instants = None
+        if opened.chain_key not in self._noted_chains:
+            self._noted_chains.add(opened.chain_key)
             for c in opened.certs:
                 self._note_cert(c)
 
@@ -645,6 +659,17 @@ class FleetService:
                 for r in self._vms.values()]
 
     def check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
+        """``_check_in_steps`` with the objects that exist when it starts (the loaded fleet, the
+        UI) kept out of the garbage collector's full passes meanwhile: each of those walks the
+        whole heap, ~0.2 s of CPU over a cold 10,000-VM check. Reference counting still frees
+        everything as usual; the heap is handed back to the collector when the check ends."""
+        gc.freeze()
+        try:
+            yield from self._check_in_steps(budget_s=budget_s)
+        finally:
+            gc.unfreeze()
+
+    def _check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
         """Check the whole fleet in small steps, yielding the VMs whose verdicts are done.
 
         Host certificates and chains first, then the VMs' policies, a few at a time: each
@@ -668,44 +693,55 @@ class FleetService:
         helper, self._prefetch = self._prefetch, None
         conn: Connection | None = None
         reusable = True
+        from_snapshot = False  # the helper found the snapshot's key: the tokens are the snapshot's
         if helper is not None:
             conn = helper[1]
             message = yield from self._receive(conn)
             # the helper read the files of the VMs as the fleet file lists them: only while no
             # refresh has changed the VMs since (a token goes to the VM at the same place)
             if (message is not None and message[0] == "tokens" and self._generation == 0
-                    and len(message[3]) == len(self._vms)):
+                    and (message[3] is None or len(message[3]) == len(self._vms))):
                 _, key, reusable, tokens = message
-                for rec, token in zip(list(self._vms.values()), tokens, strict=True):
-                    if rec.policy_file and token is not None:
-                        rec.token = rec.file_token = token
-                        rec.policy_file = ""
+                if tokens is None:
+                    from_snapshot = reusable and snap is not None
+                else:
+                    for rec, token in zip(list(self._vms.values()), tokens, strict=True):
+                        self._adopt_token(rec, token)
             else:
                 conn = None
         if snap is not None:
-            for i, rec in enumerate(list(self._vms.values())):
-                if rec.policy_file:
-                    self._read_token(rec)
-                if i % 256 == 0 and clock() - start > budget_s:
-                    yield []
-                    start = clock()
-            key = key or self._snapshot_key()
+            if not from_snapshot:
+                yield from self._read_tokens(start, budget_s)
+                start = clock()
+                key = key or self._snapshot_key()
             memory = self._memory_bytes()
-            state = snap.load(self._with_memory(key, memory)) if reusable else None
-            if state is not None and self._restore(state, at):
+            state = None
+            if reusable:
+                state = yield from self._load_snapshot(snap, self._with_memory(key, memory))
+            hosts_blob = self._restore(state, at) if state is not None else None
+            if hosts_blob is not None:
                 if conn is not None:
                     conn.close()
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
                 ready: list[VMView] = []
+                size = 256  # the first rows on screen get their verdicts first, then in steps
                 for rec in self._vms.values():
                     ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
-                    if len(ready) == 2000:
+                    if len(ready) == size:
                         yield ready
-                        ready = []
+                        ready, size = [], 1000
                 if ready:
                     yield ready
+                if generation == self._generation:  # (a refresh meanwhile: hosts are checked anew)
+                    self._restore_hosts(hosts_blob, at)
                 return
+            if from_snapshot:
+                # the snapshot named these files' tokens but cannot answer (an instant passed, or
+                # it changed since the helper looked): read them here and key them anew
+                yield from self._read_tokens(start, budget_s)
+                start = clock()
+                key = self._snapshot_key()
         self.check_source = "computed"
         for name in self._hosts:
             self._host_check(name, at)
@@ -833,7 +869,8 @@ class FleetService:
             return False
         ctx = multiprocessing.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc = ctx.Process(target=_prefetch_main, args=(self, send, receive), daemon=True,
+                           name="escort-check")
         proc.start()
         send.close()
         self._prefetch = (proc, receive)
@@ -855,6 +892,55 @@ class FleetService:
             yield []
         conn.close()
         return None
+
+    @staticmethod
+    def _load_snapshot(snap: FleetSnapshot, key: str) -> Generator[list[VMView], None, Any]:
+        """``snap.load(key)`` on a thread of its own, yielding ``[]`` while it runs.
+
+        Reading, hashing and unpickling a 10,000-VM snapshot is ~0.1-0.2 s in one call; on
+        the console's event loop that would hold up everything the screen still has to do
+        (first paint, the footer's start-up recomposes) until it is done. The load touches
+        nothing of this service (a file in, objects out), so it runs beside the loop."""
+        box: list[Any] = []
+
+        def load() -> None:
+            try:
+                box.append(snap.load(key))
+            except Exception:  # any failure: no snapshot, the fleet is checked anew
+                box.append(None)
+
+        worker = threading.Thread(target=load, name="escort-snapshot", daemon=True)
+        worker.start()
+        while True:
+            worker.join(0.005)  # (waiting releases the GIL: the load gets the core meanwhile)
+            if not worker.is_alive():
+                return box[0] if box else None
+            yield []
+
+    def _read_tokens(self, start: float, budget_s: float) -> Generator[list[VMView], None, None]:
+        """Read every policy file not read yet, yielding ``[]`` about every ``budget_s``."""
+        clock = time.perf_counter
+        for i, rec in enumerate(list(self._vms.values())):
+            if rec.policy_file:
+                self._read_token(rec)
+            if i % 256 == 0 and clock() - start > budget_s:
+                yield []
+                start = clock()
+
+    def _adopt_token(self, rec: _VMRecord, token: object) -> None:
+        """What the helper read from the VM's policy file: the token, or why it could not be
+        read (recorded as ``_read_token`` records it, so it is what the key was made of)."""
+        if not rec.policy_file:
+            return
+        if isinstance(token, str):
+            rec.token = rec.file_token = token
+            rec.policy_file = ""
+        elif isinstance(token, Reason):
+            path, rec.policy_file = rec.policy_file, ""
+            rec.token_problem = token
+            problem = Problem(path, token)
+            self.problems.append(problem)
+            self._fatal.append(problem)
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> FleetSnapshot | None:
@@ -903,9 +989,18 @@ class FleetService:
                     parts.append(read_limited(h.cert_file, what="certificate"))
                 except InputError as exc:
                     parts.append(f"?{exc}")
-        # one repr (C speed, unambiguous quoting) over every VM's entry and token
-        parts.append(repr([(r.uuid, r.name, r.host, r.token, r.token_problem) for r in self._vms.values()]))
+        # every VM's entry: one repr (C speed, unambiguous quoting) over the small fields, then
+        # each token as a part of its own (a repr of 10,000 tokens, or one string of them all,
+        # would copy 15 MB into fresh memory two or three times: ~0.1 s)
+        inputs = self._vm_inputs()
+        parts.append(repr([(u, n, h, p) for u, n, h, _, p in inputs]))
+        parts.extend(t for _, _, _, t, _ in inputs)
         return digest_parts(parts)
+
+    def _vm_inputs(self) -> list[tuple[str, str, str, str, Reason | None]]:
+        """Every VM's entry and policy as the snapshot key covers them (and a snapshot stores
+        them: a snapshot found under a key holds exactly the tokens the key was made of)."""
+        return [(r.uuid, r.name, r.host, r.token, r.token_problem) for r in self._vms.values()]
 
     @staticmethod
     def _with_memory(key: str, memory: bytes) -> str:
@@ -920,8 +1015,11 @@ class FleetService:
     def _capture(self, at: dt.datetime, problems_before: int) -> dict[str, object]:
         """Everything the start-up check decided, for ``FleetSnapshot.save``.
 
-        Per VM: what its row shows, and its full check (``VMCheck``) pickled on its own, so
-        that a reuse unpickles only the checks it is asked about (``_adopt_lazy``)."""
+        Per VM: its entry and token exactly as the key covers them (``_vm_inputs``: a reuse
+        takes the tokens from here instead of reading every policy file again), what its row
+        shows, and its full check (``VMCheck``) pickled on its own, so that a reuse unpickles
+        only the checks it is asked about (``_adopt_lazy``). The host checks are pickled on
+        their own too (``_restore_hosts``)."""
         from console.adapters.cache import FleetSnapshot
 
         vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
@@ -937,53 +1035,67 @@ class FleetService:
         assert self._matrix is not None
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # equal target lists stored once
         targets = {u: shared.setdefault(t, t) for u, t in self._matrix.targets.items()}
+        hosts = {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
+                 for n, v in self._hosts.items() if (n,) in self._checks}
         return {
             "at": at,
             "instants": tuple(sorted(self._instant_set)),
-            "hosts": {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
-                      for n, v in self._hosts.items() if (n,) in self._checks},
+            # pickled on their own: a reuse shows the VMs' verdicts before it rebuilds these
+            "hosts": FleetSnapshot.dumps(hosts),
+            "inputs": self._vm_inputs(),
             "vms": vms,
             "checks": b"".join(blobs),
             "matrix": replace(self._matrix, targets=targets),
             "problems": list(self.problems[problems_before:]),
         }
 
-    def _restore(self, state: object, at: dt.datetime) -> bool:
-        """Adopt a snapshot's results if they are the results at ``at`` (else change nothing)."""
+    def _restore(self, state: object, at: dt.datetime) -> bytes | None:
+        """Adopt a snapshot's results if they are the results at ``at`` (else change nothing).
+
+        Returns the host checks, still pickled, for ``_restore_hosts`` (None: not adopted).
+        Every policy file not read yet gets the snapshot's token (or the reason it could not be
+        read): the snapshot was found under a key made of these files' contents, and it
+        stores exactly what that key covered (``_vm_inputs``). A file already read must hold
+        the snapshot's token, or nothing is adopted."""
         try:
             if not isinstance(state, dict):
-                return False
-            when, instants, hosts, vms, matrix, problems, checks = (
-                state["at"], state["instants"], state["hosts"], state["vms"], state["matrix"],
-                state["problems"], state["checks"])
+                return None
+            when, instants, hosts, inputs, vms, matrix, problems, checks = (
+                state["at"], state["instants"], state["hosts"], state["inputs"], state["vms"],
+                state["matrix"], state["problems"], state["checks"])
             if not (isinstance(when, dt.datetime) and isinstance(instants, tuple)
                     and all(isinstance(t, dt.datetime) for t in instants)
-                    and isinstance(hosts, dict) and isinstance(vms, dict) and isinstance(matrix, Matrix)
+                    and isinstance(hosts, bytes) and isinstance(inputs, list)
+                    and isinstance(vms, dict) and isinstance(matrix, Matrix)
                     and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
                     and isinstance(checks, bytes)):
-                return False
+                return None
             if time_key(instants, when) != time_key(instants, at):
-                return False  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
-            if (set(hosts) != set(self._hosts) or set(vms) != set(self._vms)
-                    or not set(matrix.targets) <= set(vms)):
-                return False
-            for n, entry in hosts.items():
-                check, attributes, cert_problem = entry
-                if not isinstance(check, HostCheck) or check.name != n:
-                    return False
+                return None  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
+            if (set(vms) != set(self._vms) or not set(matrix.targets) <= set(vms)
+                    or len(inputs) != len(self._vms)):
+                return None
+            for rec, entry in zip(self._vms.values(), inputs, strict=True):
+                uuid, name, host, token, problem = entry
+                if (uuid, name, host) != (rec.uuid, rec.name, rec.host) or not isinstance(token, str):
+                    return None
+                if problem is not None and not isinstance(problem, Reason):
+                    return None
+                if not rec.policy_file and (token, problem) != (rec.token, rec.token_problem):
+                    return None  # read here, and not what the snapshot was made of
             for entry in vms.values():
                 owner, summary, why, first, end = entry
                 if not (isinstance(owner, str) and isinstance(summary, str) and isinstance(why, tuple)
                         and all(isinstance(r, Reason) for r in why) and type(first) is int
                         and type(end) is int and 0 <= first < end <= len(checks)):
-                    return False
+                    return None
         except (KeyError, TypeError, ValueError):
-            return False
-        for n, (check, attributes, cert_problem) in hosts.items():
-            view = self._hosts[n]
-            view.attributes, view.cert_problem, view.chain = attributes, cert_problem, check.chain
-            self._chains[n] = (at, check.chain)
-            self._checks[(n,)] = (at, check)
+            return None
+        for rec, (_, _, _, token, problem) in zip(self._vms.values(), inputs, strict=True):
+            if rec.policy_file:
+                rec.policy_file = ""
+                rec.token = rec.file_token = token
+                rec.token_problem = problem  # (its problem, if any, is among the snapshot's problems)
         self._lazy_at = at
         self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
         self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
@@ -991,9 +1103,35 @@ class FleetService:
         self._instant_set.update(instants)
         self._instants = None
         known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
-        self.problems.extend(p for p in problems if p not in known)
-        self._matrix, self._matrix_at, self._views_at = matrix, at, at
-        return True
+        for p in problems:
+            if p not in known:
+                self.problems.append(p)
+                if p.reason.code == "policy.unreadable":
+                    self._fatal.append(p)
+        self._matrix, self._matrix_at = matrix, at
+        return hosts
+
+    def _restore_hosts(self, blob: bytes, at: dt.datetime) -> None:
+        """The snapshot's host checks (after the VMs' verdicts are out). If they cannot be
+        rebuilt, nothing is adopted: each host is then checked when it is asked about."""
+        from console.adapters.cache import FleetSnapshot
+
+        hosts = FleetSnapshot.loads(blob)
+        if not isinstance(hosts, dict) or set(hosts) != set(self._hosts):
+            return
+        try:
+            for n, entry in hosts.items():
+                check, _attributes, _cert_problem = entry
+                if not isinstance(check, HostCheck) or check.name != n:
+                    return
+        except (TypeError, ValueError):
+            return
+        for n, (check, attributes, cert_problem) in hosts.items():
+            view = self._hosts[n]
+            view.attributes, view.cert_problem, view.chain = attributes, cert_problem, check.chain
+            self._chains[n] = (at, check.chain)
+            self._checks[(n,)] = (at, check)
+        self._views_at = at
 
     def _opened_cache(self) -> OpenedCache | None:
         """The persistent cache of opened policies (adapters/cache.py), when enabled."""
