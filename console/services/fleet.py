@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30
     from multiprocessing.connection import Connection
 
     from console.adapters.cache import FleetSnapshot, OpenedCache
+    from console.adapters.parsecache import ParsedCache
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
@@ -141,7 +142,7 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
-def _prefetch_main(service: FleetService, conn: Connection) -> None:
+def _prefetch_main(service: FleetService, conn: Connection, other: Connection | None = None) -> None:
     """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
 
     Reads every policy file and computes the snapshot key. When the snapshot on disk was
@@ -151,7 +152,12 @@ def _prefetch_main(service: FleetService, conn: Connection) -> None:
     every token is opened (signature and schema, or the opened cache) and sent too
     (``opened``). Everything else — and every verdict — is decided in the console's
     process from these, exactly as without this process.
+    ``other`` is the console's end of the pipe, inherited by the fork: closed at once, so
+    that a send after the console has stopped listening fails instead of blocking forever.
     """
+    if other is not None:
+        other.close()
+    gc.freeze()  # what this process inherited: never walked by its collector (nor copied)
     try:
         tokens: list[str | Reason] = []
         for rec in service._vms.values():
@@ -202,6 +208,29 @@ def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
     pol = pr.policy
     return (pr.owner.label() if pr.owner else (pol.owner if pol else ""),
             pol.summary() if pol else "no valid policy", pr.reasons)
+
+
+def _cert_instants(cert: x509.Certificate) -> tuple[dt.datetime, ...]:
+    """When a check of ``cert`` may change: notBefore, notAfter, and when it becomes "expiring"."""
+    after = cert.not_valid_after_utc
+    return (cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS))
+
+
+#: a host chain result as cached: (computed for, instants it depends on, attributes, result)
+_ChainEntry = tuple[dt.datetime, tuple[dt.datetime, ...], pki.HostAttributes | None, pki.ChainResult]
+
+
+def _usable_chain(entry: object) -> _ChainEntry | None:
+    """A cached chain entry of the right shape, else None (then the chain is checked)."""
+    if type(entry) is not tuple or len(entry) != 4:
+        return None
+    computed, instants, attributes, chain = entry
+    if (type(computed) is not dt.datetime or computed.tzinfo is None or type(instants) is not tuple
+            or not all(type(i) is dt.datetime and i.tzinfo is not None for i in instants)
+            or type(chain) is not pki.ChainResult
+            or not (attributes is None or type(attributes) is pki.HostAttributes)):
+        return None
+    return computed, instants, attributes, chain
 
 
 def _now() -> dt.datetime:
@@ -286,6 +315,7 @@ class FleetService:
         self._instant_set: set[dt.datetime] = set()
         self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
         self._noted: set[str] = set()  # token digests / chain keys already noted
+        self._noted_chains: set[tuple[str, ...]] = set()  # x5c chains whose certificates are noted
         self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
         self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
         #: lazy services read host certificates, policy files and grants on first use;
@@ -301,6 +331,10 @@ class FleetService:
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
         self._grants_pending: tuple[str, ...] | None = None
+        #: ``targets`` of a one-VM service: host chain results from escort's cache
+        #: (``_adopt_chains``): hosts adopted, and each host's certificate file as read
+        self._chain_hits: set[str] = set()
+        self._cert_bytes: dict[str, tuple[str, bytes]] = {}
         if spec is not None:
             self._load(spec)
 
@@ -463,8 +497,10 @@ class FleetService:
         view = self._hosts[h.name]
         if not h.cert_file:
             return
+        stashed = self._cert_bytes.get(h.name)
         try:
-            certs = pki.load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
+            data = stashed[1] if stashed is not None else read_limited(h.cert_file, what="certificate")
+            certs = pki.load_certificates(data, h.cert_file)
         except InputError as exc:
             view.cert_problem = self._problem(h.cert_file, "cert.unreadable", str(exc),
                                               f"fix cert_file for host {h.name}", fatal=True)
@@ -498,6 +534,10 @@ class FleetService:
         if cached is not None and self._fresh(cached[0], at):
             return cached[1]
         got = self._host_certs.get(name)
+        if got is None and name in self._chain_hits:  # adopted, but not fresh for ``at``: read it
+            self._chain_hits.discard(name)
+            self._load_host_cert(self._hosts[name].spec)
+            got = self._host_certs.get(name)
         if got is None or self.trust is None:
             return None
         try:
@@ -523,8 +563,7 @@ class FleetService:
             self._instants = None
 
     def _note_cert(self, cert: x509.Certificate) -> None:
-        after = cert.not_valid_after_utc
-        self._note((cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS)))
+        self._note(_cert_instants(cert))
 
     def _note_store(self, store: TrustStore | None) -> None:
         if store is None:
@@ -542,15 +581,20 @@ class FleetService:
             return
         self._noted.add(opened.digest)
         payload = opened.payload or {}
+        before = len(self._instant_set)
         for claim in ("nbf", "exp"):
             value = payload.get(claim)
             if isinstance(value, int) and not isinstance(value, bool):
-                with contextlib.suppress(OverflowError, OSError, ValueError):
+                try:
                     when = dt.datetime.fromtimestamp(value, dt.UTC)
-                    self._note((when, when - NBF_SKEW) if claim == "nbf" else (when,))
-        chain = "chain:" + ",".join(opened.chain_key)
-        if chain not in self._noted:
-            self._noted.add(chain)
+                    # aware UTC instants already: what ``boundaries`` would make of them
+                    self._instant_set.update((when, when - NBF_SKEW) if claim == "nbf" else (when,))
+                except (OverflowError, OSError, ValueError):
+                    pass
+        if len(self._instant_set) != before:
+            self._instants = None
+        if opened.chain_key not in self._noted_chains:
+            self._noted_chains.add(opened.chain_key)
             for c in opened.certs:
                 self._note_cert(c)
 
@@ -623,6 +667,17 @@ class FleetService:
                 for r in self._vms.values()]
 
     def check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
+        """``_check_in_steps`` with the objects that exist when it starts (the loaded fleet, the
+        UI) kept out of the garbage collector's full passes meanwhile: each of those walks the
+        whole heap, ~0.2 s of CPU over a cold 10,000-VM check. Reference counting still frees
+        everything as usual; the heap is handed back to the collector when the check ends."""
+        gc.freeze()
+        try:
+            yield from self._check_in_steps(budget_s=budget_s)
+        finally:
+            gc.unfreeze()
+
+    def _check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
         """Check the whole fleet in small steps, yielding the VMs whose verdicts are done.
 
         Host certificates and chains first, then the VMs' policies, a few at a time: each
@@ -828,7 +883,8 @@ class FleetService:
             return False
         ctx = multiprocessing.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc = ctx.Process(target=_prefetch_main, args=(self, send, receive), daemon=True,
+                           name="escort-check")
         proc.start()
         send.close()
         self._prefetch = (proc, receive)
@@ -1400,14 +1456,114 @@ class FleetService:
         when = at or self.at
         rec = self._find_vm(vm)
         hosts = list(self._hosts)
-        if workers > 1 and len(hosts) >= PARALLEL_MIN_HOSTS:
-            decisions = self._decide_forked(rec, hosts, admin, when, workers)
+        cached = self._adopt_chains(hosts, when)
+        learnt: dict[str, _ChainEntry] = {}
+        if workers > 1 and len(hosts) - len(self._chain_hits) >= PARALLEL_MIN_HOSTS:
+            decisions = self._decide_forked(rec, hosts, admin, when, workers, learnt)
         else:
             decisions = [self._decide(rec, h, admin, when, False) for h in hosts]
+        if cached is not None:
+            self._save_chains(*cached, learnt)
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
 
+    # ---------------------------------------------------------- host chains kept between runs
+    # ``escort targets --offline`` checks every host's chain (~1 ms each). A one-VM service
+    # keeps each host's result in escort's cache (adapters/parsecache.py) under a SHA-256 of
+    # the host's name, certificate file path and bytes, in a file whose key is a SHA-256 of
+    # every file of the hosts' trust directory (CA certificates, CRLs), the CRL rule, the
+    # policy names, escort's code and the crypto library's version. A result is adopted only
+    # while no instant it depends on (its certificates' dates, the trust directory's
+    # certificates and CRLs: ``_fresh``) lies between the time it was computed for and now.
+
+    def _chain_store(self) -> tuple[ParsedCache, str] | None:
+        if self._only_vm is None or self.eager or not self.path or self.spec is None or self.trust is None:
+            return None
+        import cryptography
+
+        from console.adapters import parsecache
+
+        store = parsecache.open_cache("chains", self.path)
+        trust = parsecache.tree_parts(self.spec.trust_dir)
+        if store is None or trust is None:
+            return None
+        return store, store.key("host chains", cryptography.__version__, self.spec.missing_crl,
+                                repr(sorted(self.policy_names.items())), *trust)
+
+    def _adopt_chains(self, hosts: list[str], at: dt.datetime
+                      ) -> tuple[ParsedCache, str, dict[str, _ChainEntry]] | None:
+        """Adopt the cached chain result of each host whose certificate file is byte for byte
+        the one it was computed from and that is fresh at ``at``; the rest is read from the
+        same bytes (a file changed meanwhile cannot be stored under the old digest)."""
+        from console.adapters.cache import digest_parts
+
+        got = self._chain_store()
+        if got is None:
+            return None
+        store, key = got
+        stored = store.load(key)
+        entries = stored if type(stored) is dict else {}
+        for name in hosts:
+            spec = self._hosts[name].spec
+            if name not in self._cert_pending:
+                continue
+            try:
+                data = read_limited(spec.cert_file, what="certificate")
+            except InputError:
+                continue  # read again where the plain path reads it, and refused there
+            digest = digest_parts((name, spec.cert_file, data))
+            self._cert_bytes[name] = (digest, data)
+            entry = _usable_chain(entries.get(digest))
+            if entry is None:
+                continue
+            computed, instants, attributes, chain = entry
+            self._note(instants)
+            if self._instants is None:
+                self._instants = tuple(sorted(self._instant_set))
+            if time_key(self._instants, computed) != time_key(self._instants, at):
+                continue  # an instant that matters lies between: checked anew
+            # the result at ``computed`` is the result at ``at`` (no instant between them)
+            self._cert_pending.discard(name)
+            view = self._hosts[name]
+            view.attributes, view.cert_problem = attributes, None
+            self._chains[name] = (at, chain)
+            self._chain_hits.add(name)
+        return store, key, entries
+
+    def _chain_entry(self, name: str) -> _ChainEntry | None:
+        """What the cache keeps of a host chain checked in this process (None: nothing)."""
+        certs, chain, view = self._host_certs.get(name), self._chains.get(name), self._hosts[name]
+        if certs is None or chain is None or chain[1] is None or view.cert_problem is not None:
+            return None
+        instants = tuple(i for c in (certs[0], *certs[1]) for i in _cert_instants(c))
+        return chain[0], instants, view.attributes, chain[1]
+
+    def _chain_entries(self, names: Iterable[str]) -> dict[str, _ChainEntry]:
+        out: dict[str, _ChainEntry] = {}
+        for name in names:
+            read = self._cert_bytes.get(name)
+            entry = self._chain_entry(name) if read is not None and name not in self._chain_hits else None
+            if read is not None and entry is not None:
+                out[read[0]] = entry
+        return out
+
+    def _save_chains(self, store: ParsedCache, key: str, entries: dict[str, _ChainEntry],
+                     learnt: dict[str, _ChainEntry]) -> None:
+        """Store the results of this fleet's hosts: adopted ones as they were, new ones
+        (this process's and its helpers') -- when anything is new."""
+        new = {**learnt, **self._chain_entries(self._hosts)}
+        out: dict[str, _ChainEntry] = {}
+        for name in self._hosts:
+            read = self._cert_bytes.get(name)
+            if read is None:
+                continue
+            entry = entries.get(read[0]) if name in self._chain_hits else new.get(read[0])
+            if entry is not None:
+                out[read[0]] = entry
+        if any(k not in entries for k in out):
+            store.store(key, out)
+
     def _decide_forked(self, rec: _VMRecord, hosts: list[str], admin: str | None, at: dt.datetime,
-                       workers: int) -> list[Decision]:
+                       workers: int, learnt: dict[str, _ChainEntry] | None = None) -> list[Decision]:
         """``[self._decide(rec, h, ...) for h in hosts]``, with the host chain checks (most of
         the time: 1,000 hosts ~1-2 s) shared with forked copies of this process.
 
@@ -1417,6 +1573,7 @@ class FleetService:
         certificate, a result that cannot be sent back) is not trusted: its share is
         decided again here, which raises the same error the plain loop would. Without
         ``os.fork`` or with other threads running (forking them is unsafe), the plain loop.
+        ``learnt``: filled with the host chain results the helpers computed (for the cache).
         """
         import pickle
 
@@ -1448,7 +1605,12 @@ class FleetService:
                         try:
                             self._memory, self._pending = None, {}
                             part = [self._decide(rec, h, admin, at, False) for h in share]
-                            data = pickle.dumps(("ok", part), pickle.HIGHEST_PROTOCOL)
+                            chains = b""
+                            if learnt is not None:  # certificates do not pickle: the cache's form
+                                from console.adapters.cache import FleetSnapshot
+
+                                chains = FleetSnapshot.dumps(self._chain_entries(share))
+                            data = pickle.dumps(("ok", part, chains), pickle.HIGHEST_PROTOCOL)
                         except BaseException:
                             data = pickle.dumps(("failed", None))
                         with os.fdopen(write_end, "wb") as out:
@@ -1470,11 +1632,18 @@ class FleetService:
                     sent: object = pickle.loads(data)
                 except Exception:
                     sent = None
-                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 2 and sent[0] == "ok" else None
+                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 3 and sent[0] == "ok" else None
                 if (isinstance(returned, list) and len(returned) == len(share)
                         and all(isinstance(d, Decision) and d.host == h
                                 for d, h in zip(returned, share, strict=True))):
                     decisions += returned
+                    if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is bytes:
+                        from console.adapters.cache import FleetSnapshot
+
+                        kept = FleetSnapshot.loads(sent[2])
+                        if type(kept) is dict:
+                            learnt.update((k, e) for k, e in kept.items()
+                                          if type(k) is str and _usable_chain(e) is not None)
                 else:
                     decisions += [self._decide(rec, h, admin, at, False) for h in share]
         finally:

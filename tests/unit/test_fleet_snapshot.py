@@ -253,6 +253,24 @@ def test_with_the_helper_verdicts_arrive_in_the_consoles_order(fleet: Path) -> N
     assert order == [v.uuid for v in service.vm_stubs()]
 
 
+def test_the_helper_ends_when_the_console_stops_listening(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper's sends fail (and it ends) once the console has closed its end of the pipe,
+    instead of blocking on a full pipe forever: the fork's copy of the console's end is closed."""
+    fleet = generate_scale(tmp_path / "big", vms=200, hosts=4, owners=2, rules=2)  # > one pipe buffer
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    if not service.start_prefetch():
+        pytest.skip("the helper needs fork and two cores")
+    assert service._prefetch is not None
+    proc, conn = service._prefetch
+    conn.close()  # the console stopped listening before the helper's first message
+    proc.join(120)  # a guard against hanging the suite, not a timing
+    assert proc.exitcode == 0
+
+
 def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -> None:
     first = sorted((fleet.parent / "policies").iterdir())[0]
     first.write_bytes(b"\xff\xfe not a token")
