@@ -1250,7 +1250,8 @@ class FleetService:
         self._note(instants)  # the helper read the host certificates: their instants count here too
         if not self._fresh(when, at):
             return
-        self._restore_hosts(blob, at)
+        self._hosts_blob = blob  # as a snapshot's host checks are adopted
+        self._restore_hosts(at)
         if not all(self._checks.get((n,), (None,))[0] == at for n in self._hosts):
             return  # not adopted
         known = set(self.problems)
