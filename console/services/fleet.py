@@ -301,6 +301,11 @@ class FleetService:
         #: the start-up check's helper process and the read end of its pipe (``start_prefetch``)
         self._prefetch: tuple[multiprocessing.process.BaseProcess, Connection] | None = None
         self._lazy_blob = memoryview(b"")
+        #: a restored snapshot's second part, still pickled (``_complete_restore``), the host
+        #: checks from it (``_restore_hosts``) and the problems it brought
+        self._rest: tuple[memoryview, bytes] | None = None
+        self._hosts_blob = b""
+        self._snap_problems: list[Problem] = []
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
         self.check_source = ""
@@ -414,7 +419,10 @@ class FleetService:
         self._views_at = at if self.eager else None
 
     def _read_token(self, rec: _VMRecord) -> None:
-        """Read the VM's policy file (once); lazily, an unreadable one is an InputError."""
+        """Read the VM's policy file (once); lazily, an unreadable one is an InputError.
+        (A restored snapshot's tokens first: the key it was found under covers them.)"""
+        if self._rest is not None:
+            self._complete_restore()
         path, rec.policy_file = rec.policy_file, ""
         if not path:
             return
@@ -718,24 +726,30 @@ class FleetService:
             state = None
             if reusable:
                 state = yield from self._load_snapshot(snap, self._with_memory(key, memory))
-            hosts_blob = self._restore(state, at) if state is not None else None
-            if hosts_blob is not None:
-                if conn is not None:
-                    conn.close()
+            if state is not None and self._restore(state, at, rest_now=not from_snapshot):
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
                 ready: list[VMView] = []
                 size = 256  # the first rows on screen get their verdicts first, then in steps
+                whole = True
                 for rec in self._vms.values():
                     ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
                     if len(ready) == size:
                         yield ready
                         ready, size = [], 1000
-                if ready:
+                        whole = self._complete_restore()  # the tokens, checks and hosts: after the first rows
+                        if not whole:
+                            break
+                if whole and ready:
                     yield ready
-                if generation == self._generation:  # (a refresh meanwhile: hosts are checked anew)
-                    self._restore_hosts(hosts_blob, at)
-                return
+                if whole and self._complete_restore():
+                    if conn is not None:
+                        conn.close()
+                    if generation == self._generation:  # (a refresh meanwhile: hosts are checked anew)
+                        self._restore_hosts(at)
+                    return
+                # the snapshot's second part is not what was stored: nothing of it is kept, and
+                # every verdict (those shown too) is checked anew below
             if from_snapshot:
                 # the snapshot named these files' tokens but cannot answer (an instant passed, or
                 # it changed since the helper looked): read them here and key them anew
@@ -848,9 +862,9 @@ class FleetService:
                 self._memory is None or (not self._memory.problem and self._memory.seen == expected)):
             # the memory on disk is exactly the one these results were decided with, plus the
             # policies they accepted (no other console's entries merged in meanwhile)
-            snap.save(self._with_memory(key, self._memory.raw if self._memory is not None
-                                        else self._memory_bytes()),
-                      self._capture(at, problems_before))
+            snap.save_split(self._with_memory(key, self._memory.raw if self._memory is not None
+                                              else self._memory_bytes()),
+                            *self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
 
@@ -895,7 +909,7 @@ class FleetService:
 
     @staticmethod
     def _load_snapshot(snap: FleetSnapshot, key: str) -> Generator[list[VMView], None, Any]:
-        """``snap.load(key)`` on a thread of its own, yielding ``[]`` while it runs.
+        """``snap.load_split(key)`` on a thread of its own, yielding ``[]`` while it runs.
 
         Reading, hashing and unpickling a 10,000-VM snapshot is ~0.1-0.2 s in one call; on
         the console's event loop that would hold up everything the screen still has to do
@@ -905,7 +919,7 @@ class FleetService:
 
         def load() -> None:
             try:
-                box.append(snap.load(key))
+                box.append(snap.load_split(key))
             except Exception:  # any failure: no snapshot, the fleet is checked anew
                 box.append(None)
 
@@ -1012,8 +1026,9 @@ class FleetService:
         """The memory as ``_remember`` should leave it when no other console wrote meanwhile."""
         return None if self._memory is None else merge_seen(self._memory.seen, pending)
 
-    def _capture(self, at: dt.datetime, problems_before: int) -> dict[str, object]:
-        """Everything the start-up check decided, for ``FleetSnapshot.save``.
+    def _capture(self, at: dt.datetime, problems_before: int) -> tuple[dict[str, object], dict[str, object]]:
+        """Everything the start-up check decided, for ``FleetSnapshot.save_split``: first what
+        the rows show (and the matrix), then the rest (``_complete_restore``).
 
         Per VM: its entry and token exactly as the key covers them (``_vm_inputs``: a reuse
         takes the tokens from here instead of reading every policy file again), what its row
@@ -1037,86 +1052,130 @@ class FleetService:
         targets = {u: shared.setdefault(t, t) for u, t in self._matrix.targets.items()}
         hosts = {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
                  for n, v in self._hosts.items() if (n,) in self._checks}
-        return {
+        first = {
             "at": at,
             "instants": tuple(sorted(self._instant_set)),
-            # pickled on their own: a reuse shows the VMs' verdicts before it rebuilds these
-            "hosts": FleetSnapshot.dumps(hosts),
-            "inputs": self._vm_inputs(),
             "vms": vms,
-            "checks": b"".join(blobs),
             "matrix": replace(self._matrix, targets=targets),
             "problems": list(self.problems[problems_before:]),
         }
+        rest: dict[str, object] = {
+            "inputs": self._vm_inputs(),
+            "checks": b"".join(blobs),
+            "hosts": FleetSnapshot.dumps(hosts),  # pickled on their own: rebuilt after every view
+        }
+        return first, rest
 
-    def _restore(self, state: object, at: dt.datetime) -> bytes | None:
+    def _restore(self, state: object, at: dt.datetime, *, rest_now: bool) -> bool:
         """Adopt a snapshot's results if they are the results at ``at`` (else change nothing).
 
-        Returns the host checks, still pickled, for ``_restore_hosts`` (None: not adopted).
-        Every policy file not read yet gets the snapshot's token (or the reason it could not be
-        read): the snapshot was found under a key made of these files' contents, and it
-        stores exactly what that key covered (``_vm_inputs``). A file already read must hold
-        the snapshot's token, or nothing is adopted."""
+        ``state`` is what ``FleetSnapshot.load_split`` returns: what the rows show and the
+        matrix, adopted here, and the rest still pickled — every VM's entry and token exactly
+        as the key covered them, the VMs' full checks and the host checks — adopted by
+        ``_complete_restore`` after the first rows' verdicts are out (``rest_now``: at once,
+        when this process read the policy files itself and they must be compared). Every
+        token or check is asked for through ``_read_token`` / ``_adopt_lazy``, which complete
+        the restore first, so nothing is ever decided from a mix of snapshot and files."""
+        if not (isinstance(state, tuple) and len(state) == 3):
+            return False
+        first: object = state[0]
+        blob: object = state[1]
+        digest: object = state[2]
+        if not (isinstance(first, dict) and isinstance(blob, memoryview) and isinstance(digest, bytes)):
+            return False
         try:
-            if not isinstance(state, dict):
-                return None
-            when, instants, hosts, inputs, vms, matrix, problems, checks = (
-                state["at"], state["instants"], state["hosts"], state["inputs"], state["vms"],
-                state["matrix"], state["problems"], state["checks"])
+            when, instants, vms, matrix, problems = (
+                first["at"], first["instants"], first["vms"], first["matrix"], first["problems"])
             if not (isinstance(when, dt.datetime) and isinstance(instants, tuple)
                     and all(isinstance(t, dt.datetime) for t in instants)
-                    and isinstance(hosts, bytes) and isinstance(inputs, list)
                     and isinstance(vms, dict) and isinstance(matrix, Matrix)
-                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
-                    and isinstance(checks, bytes)):
-                return None
+                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)):
+                return False
             if time_key(instants, when) != time_key(instants, at):
-                return None  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
-            if (set(vms) != set(self._vms) or not set(matrix.targets) <= set(vms)
-                    or len(inputs) != len(self._vms)):
-                return None
+                return False  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
+            if set(vms) != set(self._vms) or not set(matrix.targets) <= set(vms):
+                return False
+            for entry in vms.values():
+                owner, summary, why, first_at, end = entry
+                if not (isinstance(owner, str) and isinstance(summary, str) and isinstance(why, tuple)
+                        and all(isinstance(r, Reason) for r in why) and type(first_at) is int
+                        and type(end) is int and 0 <= first_at < end):
+                    return False
+        except (KeyError, TypeError, ValueError):
+            return False
+        self._lazy_at = at
+        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
+        self._lazy = {u: (first_at, end) for u, (_, _, _, first_at, end) in vms.items()}
+        self._rest = (blob, digest)
+        self._instant_set.update(instants)
+        self._instants = None
+        known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
+        self._snap_problems = [p for p in problems if p not in known]
+        self.problems.extend(self._snap_problems)
+        self._fatal.extend(p for p in self._snap_problems if p.reason.code == "policy.unreadable")
+        self._matrix, self._matrix_at = matrix, at
+        return self._complete_restore() if rest_now else True
+
+    def _complete_restore(self) -> bool:
+        """The second part of a restored snapshot (``_restore``): every policy file not read
+        yet gets the snapshot's token (or the reason it could not be read) — the snapshot was
+        found under a key made of these files' contents and stores exactly what that key
+        covered (``_vm_inputs``) — and the checks become available. A file already read must
+        hold the snapshot's token. If any of it is not what was stored, everything restored
+        is dropped (False): every answer is then computed from the files. True when there is
+        nothing (more) to do."""
+        pending, self._rest = self._rest, None
+        if pending is None:
+            return True
+        from console.adapters.cache import FleetSnapshot
+
+        rest = FleetSnapshot.load_rest(*pending)
+        try:
+            if not isinstance(rest, dict):
+                raise TypeError("rest")
+            inputs, checks, hosts = rest["inputs"], rest["checks"], rest["hosts"]
+            if not (isinstance(inputs, list) and isinstance(checks, bytes) and isinstance(hosts, bytes)
+                    and len(inputs) == len(self._vms)
+                    and all(end <= len(checks) for _, end in self._lazy.values())):
+                raise TypeError("rest")
             for rec, entry in zip(self._vms.values(), inputs, strict=True):
                 uuid, name, host, token, problem = entry
                 if (uuid, name, host) != (rec.uuid, rec.name, rec.host) or not isinstance(token, str):
-                    return None
+                    raise ValueError("entry")
                 if problem is not None and not isinstance(problem, Reason):
-                    return None
+                    raise TypeError("problem")
                 if not rec.policy_file and (token, problem) != (rec.token, rec.token_problem):
-                    return None  # read here, and not what the snapshot was made of
-            for entry in vms.values():
-                owner, summary, why, first, end = entry
-                if not (isinstance(owner, str) and isinstance(summary, str) and isinstance(why, tuple)
-                        and all(isinstance(r, Reason) for r in why) and type(first) is int
-                        and type(end) is int and 0 <= first < end <= len(checks)):
-                    return None
+                    raise ValueError("read here, and not what the snapshot was made of")
         except (KeyError, TypeError, ValueError):
-            return None
+            self._drop_restored()
+            return False
         for rec, (_, _, _, token, problem) in zip(self._vms.values(), inputs, strict=True):
             if rec.policy_file:
                 rec.policy_file = ""
                 rec.token = rec.file_token = token
                 rec.token_problem = problem  # (its problem, if any, is among the snapshot's problems)
-        self._lazy_at = at
-        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
-        self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
         self._lazy_blob = memoryview(checks)
-        self._instant_set.update(instants)
-        self._instants = None
-        known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
-        for p in problems:
-            if p not in known:
-                self.problems.append(p)
-                if p.reason.code == "policy.unreadable":
-                    self._fatal.append(p)
-        self._matrix, self._matrix_at = matrix, at
-        return hosts
+        self._hosts_blob = hosts
+        return True
 
-    def _restore_hosts(self, blob: bytes, at: dt.datetime) -> None:
+    def _drop_restored(self) -> None:
+        """Forget a restored snapshot's results (its second part was unusable)."""
+        self._rest = None
+        self._restored, self._lazy, self._lazy_at = {}, {}, None
+        self._lazy_blob, self._hosts_blob = memoryview(b""), b""
+        self._matrix = self._matrix_at = None
+        dropped = {id(p) for p in self._snap_problems}
+        self.problems = [p for p in self.problems if id(p) not in dropped]
+        self._fatal = [p for p in self._fatal if id(p) not in dropped]
+        self._snap_problems = []
+
+    def _restore_hosts(self, at: dt.datetime) -> None:
         """The snapshot's host checks (after the VMs' verdicts are out). If they cannot be
         rebuilt, nothing is adopted: each host is then checked when it is asked about."""
         from console.adapters.cache import FleetSnapshot
 
-        hosts = FleetSnapshot.loads(blob)
+        blob, self._hosts_blob = self._hosts_blob, b""
+        hosts = FleetSnapshot.loads(blob) if blob else None
         if not isinstance(hosts, dict) or set(hosts) != set(self._hosts):
             return
         try:
@@ -1156,9 +1215,12 @@ class FleetService:
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
-        first, end = self._lazy.pop(rec.uuid)
-        if self._lazy_at is None:
+        if self._rest is not None:
+            self._complete_restore()
+        got = self._lazy.pop(rec.uuid, None)
+        if got is None or self._lazy_at is None:
             return
+        first, end = got
         from console.adapters.cache import FleetSnapshot
 
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
@@ -1174,6 +1236,8 @@ class FleetService:
 
     def policy_token(self, vm: str) -> str:
         """The VM's policy token as known (fleet file or domain metadata), "" when none."""
+        if self._rest is not None:
+            self._complete_restore()
         return self._find_vm(vm).token
 
     def policies_seen(self) -> dict[str, SeenPolicy]:
@@ -1625,6 +1689,8 @@ class FleetService:
         view = self._hosts.get(host_name)
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
+        if self._rest is not None:
+            self._complete_restore()  # the snapshot's tokens are the files' (see _restore)
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._restored, self._lazy = {}, {}  # a snapshot describes the fleet files, not these facts
         self._matrix = None

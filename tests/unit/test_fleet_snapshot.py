@@ -362,24 +362,78 @@ def test_a_snapshot_that_fails_after_the_helper_found_it_means_a_full_check(flee
     assert s3.check_source == "snapshot" and again == cold  # rewritten under the files' key
 
 
+def _rewrite_rest(path: Path, change: object) -> None:
+    """Change the snapshot's second part (tokens, checks, hosts) and store it with a matching
+    digest: a well-formed file whose tokens are not the ones its key was made of."""
+    import hashlib
+
+    head, _, body = path.read_bytes().partition(b"\n")
+    fields = head.split(b" ")
+    size = int(fields[4])
+    rest = FleetSnapshot.loads(body[size:])
+    assert isinstance(rest, dict)
+    change(rest)  # type: ignore[operator]
+    two = FleetSnapshot.dumps(rest)
+    fields[5] = hashlib.sha256(two).hexdigest().encode()
+    path.write_bytes(b" ".join(fields) + b"\n" + body[:size] + two)
+
+
+def _other_token(rest: dict[str, list[tuple[object, ...]]]) -> None:
+    uuid, name, host, _token, problem = rest["inputs"][0]
+    rest["inputs"][0] = (uuid, name, host, rest["inputs"][1][3], problem)
+
+
 def test_a_snapshot_holding_other_tokens_than_the_files_read_is_never_adopted(fleet: Path) -> None:
     """Without the helper the console reads every file itself: a snapshot (even under the right
     key) whose tokens differ from them is not used."""
-    import hashlib
-
     cold, _ = check(fleet)
-    path = snapshot_file(fleet)
-    head, _, body = path.read_bytes().partition(b"\n")
-    state = FleetSnapshot.loads(body)
-    assert isinstance(state, dict)
-    uuid, name, host, token, problem = state["inputs"][0]
-    other = state["inputs"][1][3]
-    assert token != other
-    state["inputs"][0] = (uuid, name, host, other, problem)
-    body = FleetSnapshot.dumps(state)
-    fields = head.split(b" ")
-    fields[3] = hashlib.sha256(body).hexdigest().encode()
-    path.write_bytes(b" ".join(fields) + b"\n" + body)
+    _rewrite_rest(snapshot_file(fleet), _other_token)
     again, service = check(fleet)
     assert service.check_source == "computed" and again == cold
-    assert service.policy_token(uuid) == token
+    assert service.spec is not None
+    vm = service.spec.vms[0]
+    assert service.policy_token(vm.uuid) == Path(vm.policy_file).read_text().strip()
+
+
+def _flip_rest(path: Path) -> None:
+    head, _, body = path.read_bytes().partition(b"\n")
+    size = int(head.split(b" ")[4])
+    data = bytearray(body)
+    data[size + 100] ^= 0xFF
+    path.write_bytes(head + b"\n" + bytes(data))
+
+
+def test_a_damaged_second_part_found_after_the_first_rows_means_a_full_check(fleet: Path) -> None:
+    """With the helper the snapshot's tokens and checks are taken after the first rows' verdicts
+    are out; if they turn out damaged, everything restored is dropped and every VM is checked
+    anew (the rows shown first get their checked verdicts too)."""
+    cold, _ = check(fleet)
+    _flip_rest(snapshot_file(fleet))
+    service = _warm_helper(fleet)
+    seen: dict[str, list[object]] = {}
+    for step in service.check_in_steps():
+        for v in step:
+            seen.setdefault(v.uuid, []).append((v.owner, v.allowed_targets, v.policy_summary,
+                                                [r.code for r in v.policy_problems]))
+    assert service.check_source == "computed"
+    assert {u: views[-1] for u, views in seen.items()} == cold == uncached(fleet)
+    assert not service._restored and not service._lazy
+    assert sum(p.reason.code == "policy.unreadable" for p in service.problems) == 0
+    again, s3 = check(fleet)
+    assert s3.check_source == "snapshot" and again == cold  # rewritten whole
+
+
+def test_a_question_between_the_first_rows_and_the_rest_gets_the_snapshots_token(fleet: Path) -> None:
+    """Between the first rows' verdicts and the snapshot's second part, any question about a
+    policy takes that part first: the token answered is the one the key covered."""
+    check(fleet)
+    service = _warm_helper(fleet)
+    steps = service.check_in_steps()
+    first = next(step for step in steps if step)
+    assert service.check_source == "snapshot" and service._rest is not None  # not taken yet
+    vm = service.spec.vms[-1] if service.spec else None
+    assert vm is not None
+    assert service.policy_token(vm.uuid) == Path(vm.policy_file).read_text().strip()
+    assert service._rest is None
+    rest = [v for step in steps for v in step]
+    assert service.check_source == "snapshot" and len(first) + len(rest) == len(service._vms)
