@@ -328,3 +328,7 @@ def test_a_cached_memory_compares_like_a_dict(cache: Path, tmp_path: Path) -> No
     assert cached == plain and plain == cached and cached == state.PolicyMemory(path).seen
     u = next(iter(SEQS))
     assert cached != {**plain, u: SeenPolicy("x", "x", 1, "x")} and cached != {}
+    other = _memory(tmp_path / "other.json", {**SEQS, u: 99})
+    state.PolicyMemory(other)
+    different = state.PolicyMemory(other).seen
+    assert isinstance(different, state.SeenMemory) and different != cached and cached != different
