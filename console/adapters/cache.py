@@ -191,7 +191,7 @@ class OpenedCache:
 # The whole-fleet snapshot: every verified result of one start-up check, in one file per fleet.
 # ---------------------------------------------------------------------------------------------
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 _MAGIC = b"escort-snapshot"
 #: modules whose classes a snapshot may contain (escort's own pure core) and the few
 #: standard ones; anything else in a file means it is not ours: ignored, rebuilt
@@ -281,6 +281,73 @@ class FleetSnapshot:
             self.why_not = "corrupt"
         return state
 
+    def load_split(self, key: str) -> tuple[Any, memoryview, bytes] | None:
+        """A snapshot stored with ``save_split`` under ``key``: its first part, rebuilt, and the
+        rest still pickled with its SHA-256 (for ``load_rest``); None as ``load``.
+
+        The whole file is read at once (what ``load_rest`` later rebuilds is these bytes,
+        never a newer file), but only the first part is hashed and unpickled here."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self.why_not = "absent"
+            return None
+        except OSError as exc:
+            self.why_not = f"unreadable ({exc.strerror or exc})"
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                    or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size > MAX_BYTES):
+                self.why_not = "foreign"
+                return None
+            data = fh.read(MAX_BYTES + 1)
+        head, newline, _ = data[:512].partition(b"\n")
+        fields = head.split(b" ")
+        if (not newline or len(fields) != 6 or fields[0] != _MAGIC
+                or fields[1] != str(SNAPSHOT_FORMAT).encode() or not fields[4].isdigit()):
+            self.why_not = "not a snapshot"
+            return None
+        if fields[2] != key.encode():
+            self.why_not = "inputs changed"
+            return None
+        body = memoryview(data)[len(head) + 1:]
+        size = int(fields[4])
+        first = body[:size]
+        if size > len(body) or fields[3] != hashlib.sha256(first).hexdigest().encode():
+            self.why_not = "corrupt"
+            return None
+        state = self.loads(first)
+        if state is None:
+            self.why_not = "corrupt"
+            return None
+        return state, body[size:], bytes(fields[5])
+
+    @classmethod
+    def load_rest(cls, blob: memoryview, digest: bytes) -> Any | None:
+        """The rest of a ``load_split`` snapshot, rebuilt; None when it is not what was stored."""
+        if hashlib.sha256(blob).hexdigest().encode() != digest:
+            return None
+        return cls.loads(blob)
+
+    def save_split(self, key: str, first: object, rest: object) -> None:
+        """``save`` in two parts: ``load_split`` rebuilds the first, ``load_rest`` the rest later."""
+        if self.notice:
+            return
+        try:
+            one, two = self.dumps(first), self.dumps(rest)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            self.notice = f"no cache of verified results: cannot store them ({exc})"
+            return
+        head = b" ".join([_MAGIC, str(SNAPSHOT_FORMAT).encode(), key.encode(),
+                          hashlib.sha256(one).hexdigest().encode(), str(len(one)).encode(),
+                          hashlib.sha256(two).hexdigest().encode()])
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(self.path, head + b"\n" + one + two, mode=0o600, fsync=False)
+        except OSError as exc:
+            self.notice = f"no cache of verified results: {self.dir}: {exc.strerror or exc}"
+
     def matches(self, key: str) -> bool:
         """Whether the snapshot on disk claims ``key`` (its header only; ``load`` checks the rest)."""
         try:
@@ -326,9 +393,14 @@ class FleetSnapshot:
 
 
 def digest_parts(parts: Iterable[bytes | str]) -> str:
-    """SHA-256 over ``parts``, each length-prefixed (no two different lists hash alike)."""
-    data = [p.encode() if isinstance(p, str) else p for p in parts]
-    return hashlib.sha256(b"".join(b"%d:%s" % (len(b), b) for b in data)).hexdigest()
+    """SHA-256 over ``parts``, each length-prefixed (no two different lists hash alike).
+    Hashed part by part: a 15 MB part (10,000 tokens) is never copied."""
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(b"%d:" % len(b))
+        h.update(b)
+    return h.hexdigest()
 
 
 __all__ = ["FleetSnapshot", "OpenedCache", "cache_dir", "code_digest", "digest_parts"]

@@ -11,12 +11,18 @@ in paths) and a digest of escort's parsing code (``parser_digest``: the source o
 The next run reads the files again, hashes them, and uses a stored result only under the
 same key; any other byte, place or code means a full parse (which stores the new
 result). Only successful parses are stored: a file that is refused is refused by the
-parser every time, with its own message. Nothing else is cached here: certificates,
-CRLs, policies, grants, dates and every decision are checked by every run as before.
+parser every time, with its own message. Policies, grants and every decision are
+checked by every run as before.
+
+One more user of the same store: ``escort targets --offline`` keeps each host's chain
+check (``FleetService._adopt_chains``, services/fleet.py) under a SHA-256 of the host's
+certificate file and of every file of the hosts' trust directory (CA certificates,
+CRLs), and adopts a result only while no instant it depends on (certificate dates, CRL
+dates: core/timekey.py) lies between the time it was computed for and the time asked.
 
 Safety is ``FleetSnapshot``'s (adapters/cache.py), whose file format this reuses: one
-file per parsed file (its name hashes the kind, the file's absolute path and the code
-digest), a header with the key and a SHA-256 of the body, a file used only when it is a
+file per parsed file (its name hashes the kind and the file's absolute path), a header
+with the key and a SHA-256 of the body, a file used only when it is a
 regular file owned by the user that nobody else may write, unpickled by a loader that
 builds escort's core classes and plain data only; anything else (foreign, corrupt,
 another key, a body of the wrong shape) is ignored and replaced by the next parse.
@@ -53,6 +59,19 @@ def parser_digest() -> str:
     return h.hexdigest()
 
 
+def tree_parts(directory: str | os.PathLike[str]) -> list[bytes | str] | None:
+    """Every file under ``directory`` (sorted, recursively): its relative path and bytes,
+    for a key; None when the directory cannot be read whole (then: no cache)."""
+    root = Path(directory)
+    parts: list[bytes | str] = []
+    try:
+        for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
+            parts += [path.relative_to(root).as_posix(), path.read_bytes()]
+    except OSError:
+        return None
+    return parts if parts else None
+
+
 def enabled() -> bool:
     return not os.environ.get("ESCORT_NO_CACHE")
 
@@ -70,9 +89,10 @@ class ParsedCache(FleetSnapshot):
     """
 
     def __init__(self, what: str, source: str | os.PathLike[str], directory: Path | None = None) -> None:
-        # not FleetSnapshot.__init__: its name needs code_digest() (importlib.metadata, ~35 ms)
+        # not FleetSnapshot.__init__: its name needs code_digest() (importlib.metadata, ~35 ms);
+        # the code's digest is in every key instead, so a new escort replaces the same file
         self.dir = directory or cache_dir()
-        scope = f"{what}\n{Path(source).resolve()}\n{parser_digest()}"
+        scope = f"{what}\n{Path(source).resolve()}"
         self.path = self.dir / f"parsed-{what}-{hashlib.sha256(scope.encode()).hexdigest()[:32]}.cache"
         self.notice = ""
         self.why_not = ""
@@ -98,4 +118,4 @@ def open_cache(what: str, source: str | os.PathLike[str]) -> ParsedCache | None:
         return None
 
 
-__all__ = ["ParsedCache", "enabled", "file_digest", "notices", "open_cache", "parser_digest"]
+__all__ = ["ParsedCache", "enabled", "file_digest", "notices", "open_cache", "parser_digest", "tree_parts"]

@@ -203,9 +203,21 @@ def _ts(payload: Mapping[str, Any] | None, claim: str) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(value, dt.UTC)
 
 
+#: token -> its digest: every cache asks for a token's digest again (open, is_open,
+#: adopt); the dict answers from the string's cached hash instead of hashing ~1.6 KB anew
+_DIGESTS: dict[str, str] = {}
+_MAX_DIGESTS = 1 << 15
+
+
 def token_digest(token: str) -> str:
     """SHA-256 of the compact token: the policy/grant identity in caches and the audit log."""
-    return hashlib.sha256(token.strip().encode("ascii", "replace")).hexdigest()
+    hit = _DIGESTS.get(token)
+    if hit is None:
+        hit = hashlib.sha256(token.strip().encode("ascii", "replace")).hexdigest()
+        if len(_DIGESTS) >= _MAX_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[token] = hit
+    return hit
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -657,6 +669,9 @@ class EnvelopeVerifier:
     owners: OwnerVerifier | None
     _opened: dict[tuple[str, str], Opened] = field(default_factory=dict)
     _chains: dict[tuple[tuple[str, ...], dt.datetime], ChainResult] = field(default_factory=dict)
+    #: (chain_key, at) -> the chain result and signer it was bound for, and ``bind_issuer``'s answer
+    _owners: dict[tuple[tuple[str, ...], dt.datetime],
+                  tuple[ChainResult, OwnerIdentity, OwnerIdentity]] = field(default_factory=dict)
 
     def open(self, token: str, typ: str, fields: frozenset[str]) -> Opened:
         key = (token_digest(token), typ)
@@ -697,6 +712,20 @@ class EnvelopeVerifier:
             self._chains[key] = hit
         return hit
 
+    def _bound(self, opened: Opened, chain: ChainResult | None, at: dt.datetime) -> OwnerIdentity:
+        """``bind_issuer`` once per owner chain and time: the signer (``opened.owner``) and its
+        chain result are both fixed by the x5c entries (``chain_key``) and ``at``."""
+        assert opened.owner is not None
+        if not opened.chain_key or chain is None:
+            return bind_issuer(opened.owner, chain)
+        key = (opened.chain_key, at)
+        hit = self._owners.get(key)
+        if hit is None or hit[0] is not chain or hit[1] != opened.owner:
+            if len(self._owners) >= _MAX_SIGNERS:
+                self._owners.clear()
+            hit = self._owners[key] = (chain, opened.owner, bind_issuer(opened.owner, chain))
+        return hit[2]
+
     def verify(self, token: str, typ: str, fields: frozenset[str], at: dt.datetime) -> Verified:
         opened = self.open(token, typ, fields)
         return self.check(opened, at)
@@ -733,7 +762,7 @@ class EnvelopeVerifier:
                 reasons.append(_r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
                                   f"ask the owner ({opened.owner.label() if opened.owner else '?'}) "
                                   f"to sign a new {prefix}"))
-        owner = bind_issuer(opened.owner, chain) if opened.owner is not None else None
+        owner = self._bound(opened, chain, at) if opened.owner is not None else None
         return Verified(opened.digest, opened.typ, payload, owner, tuple(reasons), tuple(warns), chain)
 
 

@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30
     from multiprocessing.connection import Connection
 
     from console.adapters.cache import FleetSnapshot, OpenedCache
+    from console.adapters.parsecache import ParsedCache
 
 #: Below this many unopened tokens, starting a worker costs more than it saves.
 PARALLEL_MIN_TOKENS = 2000
@@ -141,32 +142,40 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
-def _prefetch_main(service: FleetService, conn: Connection) -> None:
+def _prefetch_main(service: FleetService, conn: Connection, other: Connection | None = None) -> None:
     """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
 
-    Reads every policy file and the snapshot key and sends them (``tokens``); when the
-    snapshot will not answer, opens every token (signature and schema, or the opened
-    cache) and sends those too (``opened``). Everything else — and every verdict — is
-    decided in the console's process from these, exactly as without this process.
+    Reads every policy file and computes the snapshot key. When the snapshot on disk was
+    stored under that key it holds exactly these tokens (the key covers them), so the
+    answer is only the key (``tokens`` with None: a few bytes, not the ~15 MB of 10,000
+    tokens); otherwise every token (or why its file could not be read) is sent, and then
+    every token is opened (signature and schema, or the opened cache) and sent too
+    (``opened``). Everything else — and every verdict — is decided in the console's
+    process from these, exactly as without this process.
+    ``other`` is the console's end of the pipe, inherited by the fork: closed at once, so
+    that a send after the console has stopped listening fails instead of blocking forever.
     """
+    if other is not None:
+        other.close()
+    gc.freeze()  # what this process inherited: never walked by its collector (nor copied)
     try:
-        tokens: list[str | None] = []
+        tokens: list[str | Reason] = []
         for rec in service._vms.values():
             if rec.policy_file:
                 with contextlib.suppress(InputError):
                     service._read_token(rec)
-            tokens.append(None if rec.token_problem is not None else rec.token)
+            tokens.append(rec.token if rec.token_problem is None else rec.token_problem)
         snap = service._snapshot()
         key = service._snapshot_key() if snap is not None else ""
         memory = service._memory_bytes()
         hit = snap is not None and snap.matches(service._with_memory(key, memory))
-        conn.send(("tokens", key, hit, tokens))
+        conn.send(("tokens", key, hit, None if hit else tokens))
         if hit:
             return
         cache = service._opened_cache()
         opened: dict[str, Portable] = {}
         todo: list[str] = []
-        for token in dict.fromkeys(t for t in tokens if t):
+        for token in dict.fromkeys(t for t in tokens if t and isinstance(t, str)):
             got = cache.get(TYP_POLICY, token) if cache is not None else None
             if got is None:
                 todo.append(token)
@@ -199,6 +208,29 @@ def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
     pol = pr.policy
     return (pr.owner.label() if pr.owner else (pol.owner if pol else ""),
             pol.summary() if pol else "no valid policy", pr.reasons)
+
+
+def _cert_instants(cert: x509.Certificate) -> tuple[dt.datetime, ...]:
+    """When a check of ``cert`` may change: notBefore, notAfter, and when it becomes "expiring"."""
+    after = cert.not_valid_after_utc
+    return (cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS))
+
+
+#: a host chain result as cached: (computed for, instants it depends on, attributes, result)
+_ChainEntry = tuple[dt.datetime, tuple[dt.datetime, ...], pki.HostAttributes | None, pki.ChainResult]
+
+
+def _usable_chain(entry: object) -> _ChainEntry | None:
+    """A cached chain entry of the right shape, else None (then the chain is checked)."""
+    if type(entry) is not tuple or len(entry) != 4:
+        return None
+    computed, instants, attributes, chain = entry
+    if (type(computed) is not dt.datetime or computed.tzinfo is None or type(instants) is not tuple
+            or not all(type(i) is dt.datetime and i.tzinfo is not None for i in instants)
+            or type(chain) is not pki.ChainResult
+            or not (attributes is None or type(attributes) is pki.HostAttributes)):
+        return None
+    return computed, instants, attributes, chain
 
 
 def _now() -> dt.datetime:
@@ -269,6 +301,11 @@ class FleetService:
         #: the start-up check's helper process and the read end of its pipe (``start_prefetch``)
         self._prefetch: tuple[multiprocessing.process.BaseProcess, Connection] | None = None
         self._lazy_blob = memoryview(b"")
+        #: a restored snapshot's second part, still pickled (``_complete_restore``), the host
+        #: checks from it (``_restore_hosts``) and the problems it brought
+        self._rest: tuple[memoryview, bytes] | None = None
+        self._hosts_blob = b""
+        self._snap_problems: list[Problem] = []
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
         self.check_source = ""
@@ -278,6 +315,7 @@ class FleetService:
         self._instant_set: set[dt.datetime] = set()
         self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
         self._noted: set[str] = set()  # token digests / chain keys already noted
+        self._noted_chains: set[tuple[str, ...]] = set()  # x5c chains whose certificates are noted
         self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
         self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
         #: lazy services read host certificates, policy files and grants on first use;
@@ -293,6 +331,10 @@ class FleetService:
         self._known: tuple[TrustStore, dict[str, str]] | None = None
         self._names: tuple[int, dict[str, list[_VMRecord]]] | None = None  # VM name -> records
         self._grants_pending: tuple[str, ...] | None = None
+        #: ``targets`` of a one-VM service: host chain results from escort's cache
+        #: (``_adopt_chains``): hosts adopted, and each host's certificate file as read
+        self._chain_hits: set[str] = set()
+        self._cert_bytes: dict[str, tuple[str, bytes]] = {}
         if spec is not None:
             self._load(spec)
 
@@ -377,7 +419,10 @@ class FleetService:
         self._views_at = at if self.eager else None
 
     def _read_token(self, rec: _VMRecord) -> None:
-        """Read the VM's policy file (once); lazily, an unreadable one is an InputError."""
+        """Read the VM's policy file (once); lazily, an unreadable one is an InputError.
+        (A restored snapshot's tokens first: the key it was found under covers them.)"""
+        if self._rest is not None:
+            self._complete_restore()
         path, rec.policy_file = rec.policy_file, ""
         if not path:
             return
@@ -452,8 +497,10 @@ class FleetService:
         view = self._hosts[h.name]
         if not h.cert_file:
             return
+        stashed = self._cert_bytes.get(h.name)
         try:
-            certs = pki.load_certificates(read_limited(h.cert_file, what="certificate"), h.cert_file)
+            data = stashed[1] if stashed is not None else read_limited(h.cert_file, what="certificate")
+            certs = pki.load_certificates(data, h.cert_file)
         except InputError as exc:
             view.cert_problem = self._problem(h.cert_file, "cert.unreadable", str(exc),
                                               f"fix cert_file for host {h.name}", fatal=True)
@@ -487,6 +534,10 @@ class FleetService:
         if cached is not None and self._fresh(cached[0], at):
             return cached[1]
         got = self._host_certs.get(name)
+        if got is None and name in self._chain_hits:  # adopted, but not fresh for ``at``: read it
+            self._chain_hits.discard(name)
+            self._load_host_cert(self._hosts[name].spec)
+            got = self._host_certs.get(name)
         if got is None or self.trust is None:
             return None
         try:
@@ -512,8 +563,7 @@ class FleetService:
             self._instants = None
 
     def _note_cert(self, cert: x509.Certificate) -> None:
-        after = cert.not_valid_after_utc
-        self._note((cert.not_valid_before_utc, after, after - dt.timedelta(days=EXPIRING_DAYS)))
+        self._note(_cert_instants(cert))
 
     def _note_store(self, store: TrustStore | None) -> None:
         if store is None:
@@ -531,15 +581,20 @@ class FleetService:
             return
         self._noted.add(opened.digest)
         payload = opened.payload or {}
+        before = len(self._instant_set)
         for claim in ("nbf", "exp"):
             value = payload.get(claim)
             if isinstance(value, int) and not isinstance(value, bool):
-                with contextlib.suppress(OverflowError, OSError, ValueError):
+                try:
                     when = dt.datetime.fromtimestamp(value, dt.UTC)
-                    self._note((when, when - NBF_SKEW) if claim == "nbf" else (when,))
-        chain = "chain:" + ",".join(opened.chain_key)
-        if chain not in self._noted:
-            self._noted.add(chain)
+                    # aware UTC instants already: what ``boundaries`` would make of them
+                    self._instant_set.update((when, when - NBF_SKEW) if claim == "nbf" else (when,))
+                except (OverflowError, OSError, ValueError):
+                    pass
+        if len(self._instant_set) != before:
+            self._instants = None
+        if opened.chain_key not in self._noted_chains:
+            self._noted_chains.add(opened.chain_key)
             for c in opened.certs:
                 self._note_cert(c)
 
@@ -612,6 +667,17 @@ class FleetService:
                 for r in self._vms.values()]
 
     def check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
+        """``_check_in_steps`` with the objects that exist when it starts (the loaded fleet, the
+        UI) kept out of the garbage collector's full passes meanwhile: each of those walks the
+        whole heap, ~0.2 s of CPU over a cold 10,000-VM check. Reference counting still frees
+        everything as usual; the heap is handed back to the collector when the check ends."""
+        gc.freeze()
+        try:
+            yield from self._check_in_steps(budget_s=budget_s)
+        finally:
+            gc.unfreeze()
+
+    def _check_in_steps(self, *, budget_s: float = 0.015) -> Iterator[list[VMView]]:
         """Check the whole fleet in small steps, yielding the VMs whose verdicts are done.
 
         Host certificates and chains first, then the VMs' policies, a few at a time: each
@@ -635,44 +701,61 @@ class FleetService:
         helper, self._prefetch = self._prefetch, None
         conn: Connection | None = None
         reusable = True
+        from_snapshot = False  # the helper found the snapshot's key: the tokens are the snapshot's
         if helper is not None:
             conn = helper[1]
             message = yield from self._receive(conn)
             # the helper read the files of the VMs as the fleet file lists them: only while no
             # refresh has changed the VMs since (a token goes to the VM at the same place)
             if (message is not None and message[0] == "tokens" and self._generation == 0
-                    and len(message[3]) == len(self._vms)):
+                    and (message[3] is None or len(message[3]) == len(self._vms))):
                 _, key, reusable, tokens = message
-                for rec, token in zip(list(self._vms.values()), tokens, strict=True):
-                    if rec.policy_file and token is not None:
-                        rec.token = rec.file_token = token
-                        rec.policy_file = ""
+                if tokens is None:
+                    from_snapshot = reusable and snap is not None
+                else:
+                    for rec, token in zip(list(self._vms.values()), tokens, strict=True):
+                        self._adopt_token(rec, token)
             else:
                 conn = None
         if snap is not None:
-            for i, rec in enumerate(list(self._vms.values())):
-                if rec.policy_file:
-                    self._read_token(rec)
-                if i % 256 == 0 and clock() - start > budget_s:
-                    yield []
-                    start = clock()
-            key = key or self._snapshot_key()
+            if not from_snapshot:
+                yield from self._read_tokens(start, budget_s)
+                start = clock()
+                key = key or self._snapshot_key()
             memory = self._memory_bytes()
-            state = snap.load(self._with_memory(key, memory)) if reusable else None
-            if state is not None and self._restore(state, at):
-                if conn is not None:
-                    conn.close()
+            state = None
+            if reusable:
+                state = yield from self._load_snapshot(snap, self._with_memory(key, memory))
+            if state is not None and self._restore(state, at, rest_now=not from_snapshot):
                 self.check_source = "snapshot"
                 matrix = self._current_matrix(at)
                 ready: list[VMView] = []
+                size = 256  # the first rows on screen get their verdicts first, then in steps
+                whole = True
                 for rec in self._vms.values():
                     ready.append(self._view_of(rec, self._row(rec, at), matrix.targets.get(rec.uuid, ())))
-                    if len(ready) == 2000:
+                    if len(ready) == size:
                         yield ready
-                        ready = []
-                if ready:
+                        ready, size = [], 1000
+                        whole = self._complete_restore()  # the tokens, checks and hosts: after the first rows
+                        if not whole:
+                            break
+                if whole and ready:
                     yield ready
-                return
+                if whole and self._complete_restore():
+                    if conn is not None:
+                        conn.close()
+                    if generation == self._generation:  # (a refresh meanwhile: hosts are checked anew)
+                        self._restore_hosts(at)
+                    return
+                # the snapshot's second part is not what was stored: nothing of it is kept, and
+                # every verdict (those shown too) is checked anew below
+            if from_snapshot:
+                # the snapshot named these files' tokens but cannot answer (an instant passed, or
+                # it changed since the helper looked): read them here and key them anew
+                yield from self._read_tokens(start, budget_s)
+                start = clock()
+                key = self._snapshot_key()
         self.check_source = "computed"
         for name in self._hosts:
             self._host_check(name, at)
@@ -779,9 +862,9 @@ class FleetService:
                 self._memory is None or (not self._memory.problem and self._memory.seen == expected)):
             # the memory on disk is exactly the one these results were decided with, plus the
             # policies they accepted (no other console's entries merged in meanwhile)
-            snap.save(self._with_memory(key, self._memory.raw if self._memory is not None
-                                        else self._memory_bytes()),
-                      self._capture(at, problems_before))
+            snap.save_split(self._with_memory(key, self._memory.raw if self._memory is not None
+                                              else self._memory_bytes()),
+                            *self._capture(at, problems_before))
             if snap.notice and not self.cache_notice:
                 self.cache_notice = snap.notice
 
@@ -800,7 +883,8 @@ class FleetService:
             return False
         ctx = multiprocessing.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_prefetch_main, args=(self, send), daemon=True, name="escort-check")
+        proc = ctx.Process(target=_prefetch_main, args=(self, send, receive), daemon=True,
+                           name="escort-check")
         proc.start()
         send.close()
         self._prefetch = (proc, receive)
@@ -822,6 +906,55 @@ class FleetService:
             yield []
         conn.close()
         return None
+
+    @staticmethod
+    def _load_snapshot(snap: FleetSnapshot, key: str) -> Generator[list[VMView], None, Any]:
+        """``snap.load_split(key)`` on a thread of its own, yielding ``[]`` while it runs.
+
+        Reading, hashing and unpickling a 10,000-VM snapshot is ~0.1-0.2 s in one call; on
+        the console's event loop that would hold up everything the screen still has to do
+        (first paint, the footer's start-up recomposes) until it is done. The load touches
+        nothing of this service (a file in, objects out), so it runs beside the loop."""
+        box: list[Any] = []
+
+        def load() -> None:
+            try:
+                box.append(snap.load_split(key))
+            except Exception:  # any failure: no snapshot, the fleet is checked anew
+                box.append(None)
+
+        worker = threading.Thread(target=load, name="escort-snapshot", daemon=True)
+        worker.start()
+        while True:
+            worker.join(0.005)  # (waiting releases the GIL: the load gets the core meanwhile)
+            if not worker.is_alive():
+                return box[0] if box else None
+            yield []
+
+    def _read_tokens(self, start: float, budget_s: float) -> Generator[list[VMView], None, None]:
+        """Read every policy file not read yet, yielding ``[]`` about every ``budget_s``."""
+        clock = time.perf_counter
+        for i, rec in enumerate(list(self._vms.values())):
+            if rec.policy_file:
+                self._read_token(rec)
+            if i % 256 == 0 and clock() - start > budget_s:
+                yield []
+                start = clock()
+
+    def _adopt_token(self, rec: _VMRecord, token: object) -> None:
+        """What the helper read from the VM's policy file: the token, or why it could not be
+        read (recorded as ``_read_token`` records it, so it is what the key was made of)."""
+        if not rec.policy_file:
+            return
+        if isinstance(token, str):
+            rec.token = rec.file_token = token
+            rec.policy_file = ""
+        elif isinstance(token, Reason):
+            path, rec.policy_file = rec.policy_file, ""
+            rec.token_problem = token
+            problem = Problem(path, token)
+            self.problems.append(problem)
+            self._fatal.append(problem)
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> FleetSnapshot | None:
@@ -870,9 +1003,18 @@ class FleetService:
                     parts.append(read_limited(h.cert_file, what="certificate"))
                 except InputError as exc:
                     parts.append(f"?{exc}")
-        # one repr (C speed, unambiguous quoting) over every VM's entry and token
-        parts.append(repr([(r.uuid, r.name, r.host, r.token, r.token_problem) for r in self._vms.values()]))
+        # every VM's entry: one repr (C speed, unambiguous quoting) over the small fields, then
+        # each token as a part of its own (a repr of 10,000 tokens, or one string of them all,
+        # would copy 15 MB into fresh memory two or three times: ~0.1 s)
+        inputs = self._vm_inputs()
+        parts.append(repr([(u, n, h, p) for u, n, h, _, p in inputs]))
+        parts.extend(t for _, _, _, t, _ in inputs)
         return digest_parts(parts)
+
+    def _vm_inputs(self) -> list[tuple[str, str, str, str, Reason | None]]:
+        """Every VM's entry and policy as the snapshot key covers them (and a snapshot stores
+        them: a snapshot found under a key holds exactly the tokens the key was made of)."""
+        return [(r.uuid, r.name, r.host, r.token, r.token_problem) for r in self._vms.values()]
 
     @staticmethod
     def _with_memory(key: str, memory: bytes) -> str:
@@ -884,11 +1026,15 @@ class FleetService:
         """The memory as ``_remember`` should leave it when no other console wrote meanwhile."""
         return None if self._memory is None else merge_seen(self._memory.seen, pending)
 
-    def _capture(self, at: dt.datetime, problems_before: int) -> dict[str, object]:
-        """Everything the start-up check decided, for ``FleetSnapshot.save``.
+    def _capture(self, at: dt.datetime, problems_before: int) -> tuple[dict[str, object], dict[str, object]]:
+        """Everything the start-up check decided, for ``FleetSnapshot.save_split``: first what
+        the rows show (and the matrix), then the rest (``_complete_restore``).
 
-        Per VM: what its row shows, and its full check (``VMCheck``) pickled on its own, so
-        that a reuse unpickles only the checks it is asked about (``_adopt_lazy``)."""
+        Per VM: its entry and token exactly as the key covers them (``_vm_inputs``: a reuse
+        takes the tokens from here instead of reading every policy file again), what its row
+        shows, and its full check (``VMCheck``) pickled on its own, so that a reuse unpickles
+        only the checks it is asked about (``_adopt_lazy``). The host checks are pickled on
+        their own too (``_restore_hosts``)."""
         from console.adapters.cache import FleetSnapshot
 
         vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
@@ -904,63 +1050,147 @@ class FleetService:
         assert self._matrix is not None
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # equal target lists stored once
         targets = {u: shared.setdefault(t, t) for u, t in self._matrix.targets.items()}
-        return {
+        hosts = {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
+                 for n, v in self._hosts.items() if (n,) in self._checks}
+        first = {
             "at": at,
             "instants": tuple(sorted(self._instant_set)),
-            "hosts": {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
-                      for n, v in self._hosts.items() if (n,) in self._checks},
             "vms": vms,
-            "checks": b"".join(blobs),
             "matrix": replace(self._matrix, targets=targets),
             "problems": list(self.problems[problems_before:]),
         }
+        rest: dict[str, object] = {
+            "inputs": self._vm_inputs(),
+            "checks": b"".join(blobs),
+            "hosts": FleetSnapshot.dumps(hosts),  # pickled on their own: rebuilt after every view
+        }
+        return first, rest
 
-    def _restore(self, state: object, at: dt.datetime) -> bool:
-        """Adopt a snapshot's results if they are the results at ``at`` (else change nothing)."""
+    def _restore(self, state: object, at: dt.datetime, *, rest_now: bool) -> bool:
+        """Adopt a snapshot's results if they are the results at ``at`` (else change nothing).
+
+        ``state`` is what ``FleetSnapshot.load_split`` returns: what the rows show and the
+        matrix, adopted here, and the rest still pickled — every VM's entry and token exactly
+        as the key covered them, the VMs' full checks and the host checks — adopted by
+        ``_complete_restore`` after the first rows' verdicts are out (``rest_now``: at once,
+        when this process read the policy files itself and they must be compared). Every
+        token or check is asked for through ``_read_token`` / ``_adopt_lazy``, which complete
+        the restore first, so nothing is ever decided from a mix of snapshot and files."""
+        if not (isinstance(state, tuple) and len(state) == 3):
+            return False
+        first: object = state[0]
+        blob: object = state[1]
+        digest: object = state[2]
+        if not (isinstance(first, dict) and isinstance(blob, memoryview) and isinstance(digest, bytes)):
+            return False
         try:
-            if not isinstance(state, dict):
-                return False
-            when, instants, hosts, vms, matrix, problems, checks = (
-                state["at"], state["instants"], state["hosts"], state["vms"], state["matrix"],
-                state["problems"], state["checks"])
+            when, instants, vms, matrix, problems = (
+                first["at"], first["instants"], first["vms"], first["matrix"], first["problems"])
             if not (isinstance(when, dt.datetime) and isinstance(instants, tuple)
                     and all(isinstance(t, dt.datetime) for t in instants)
-                    and isinstance(hosts, dict) and isinstance(vms, dict) and isinstance(matrix, Matrix)
-                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
-                    and isinstance(checks, bytes)):
+                    and isinstance(vms, dict) and isinstance(matrix, Matrix)
+                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)):
                 return False
             if time_key(instants, when) != time_key(instants, at):
                 return False  # an instant that matters (nbf, exp, notAfter, nextUpdate...) has passed
-            if (set(hosts) != set(self._hosts) or set(vms) != set(self._vms)
-                    or not set(matrix.targets) <= set(vms)):
+            if set(vms) != set(self._vms) or not set(matrix.targets) <= set(vms):
                 return False
-            for n, entry in hosts.items():
-                check, attributes, cert_problem = entry
-                if not isinstance(check, HostCheck) or check.name != n:
-                    return False
             for entry in vms.values():
-                owner, summary, why, first, end = entry
+                owner, summary, why, first_at, end = entry
                 if not (isinstance(owner, str) and isinstance(summary, str) and isinstance(why, tuple)
-                        and all(isinstance(r, Reason) for r in why) and type(first) is int
-                        and type(end) is int and 0 <= first < end <= len(checks)):
+                        and all(isinstance(r, Reason) for r in why) and type(first_at) is int
+                        and type(end) is int and 0 <= first_at < end):
                     return False
         except (KeyError, TypeError, ValueError):
             return False
+        self._lazy_at = at
+        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
+        self._lazy = {u: (first_at, end) for u, (_, _, _, first_at, end) in vms.items()}
+        self._rest = (blob, digest)
+        self._instant_set.update(instants)
+        self._instants = None
+        known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
+        self._snap_problems = [p for p in problems if p not in known]
+        self.problems.extend(self._snap_problems)
+        self._fatal.extend(p for p in self._snap_problems if p.reason.code == "policy.unreadable")
+        self._matrix, self._matrix_at = matrix, at
+        return self._complete_restore() if rest_now else True
+
+    def _complete_restore(self) -> bool:
+        """The second part of a restored snapshot (``_restore``): every policy file not read
+        yet gets the snapshot's token (or the reason it could not be read) — the snapshot was
+        found under a key made of these files' contents and stores exactly what that key
+        covered (``_vm_inputs``) — and the checks become available. A file already read must
+        hold the snapshot's token. If any of it is not what was stored, everything restored
+        is dropped (False): every answer is then computed from the files. True when there is
+        nothing (more) to do."""
+        pending, self._rest = self._rest, None
+        if pending is None:
+            return True
+        from console.adapters.cache import FleetSnapshot
+
+        rest = FleetSnapshot.load_rest(*pending)
+        try:
+            if not isinstance(rest, dict):
+                raise TypeError("rest")
+            inputs, checks, hosts = rest["inputs"], rest["checks"], rest["hosts"]
+            if not (isinstance(inputs, list) and isinstance(checks, bytes) and isinstance(hosts, bytes)
+                    and len(inputs) == len(self._vms)
+                    and all(end <= len(checks) for _, end in self._lazy.values())):
+                raise TypeError("rest")
+            for rec, entry in zip(self._vms.values(), inputs, strict=True):
+                uuid, name, host, token, problem = entry
+                if (uuid, name, host) != (rec.uuid, rec.name, rec.host) or not isinstance(token, str):
+                    raise ValueError("entry")
+                if problem is not None and not isinstance(problem, Reason):
+                    raise TypeError("problem")
+                if not rec.policy_file and (token, problem) != (rec.token, rec.token_problem):
+                    raise ValueError("read here, and not what the snapshot was made of")
+        except (KeyError, TypeError, ValueError):
+            self._drop_restored()
+            return False
+        for rec, (_, _, _, token, problem) in zip(self._vms.values(), inputs, strict=True):
+            if rec.policy_file:
+                rec.policy_file = ""
+                rec.token = rec.file_token = token
+                rec.token_problem = problem  # (its problem, if any, is among the snapshot's problems)
+        self._lazy_blob = memoryview(checks)
+        self._hosts_blob = hosts
+        return True
+
+    def _drop_restored(self) -> None:
+        """Forget a restored snapshot's results (its second part was unusable)."""
+        self._rest = None
+        self._restored, self._lazy, self._lazy_at = {}, {}, None
+        self._lazy_blob, self._hosts_blob = memoryview(b""), b""
+        self._matrix = self._matrix_at = None
+        dropped = {id(p) for p in self._snap_problems}
+        self.problems = [p for p in self.problems if id(p) not in dropped]
+        self._fatal = [p for p in self._fatal if id(p) not in dropped]
+        self._snap_problems = []
+
+    def _restore_hosts(self, at: dt.datetime) -> None:
+        """The snapshot's host checks (after the VMs' verdicts are out). If they cannot be
+        rebuilt, nothing is adopted: each host is then checked when it is asked about."""
+        from console.adapters.cache import FleetSnapshot
+
+        blob, self._hosts_blob = self._hosts_blob, b""
+        hosts = FleetSnapshot.loads(blob) if blob else None
+        if not isinstance(hosts, dict) or set(hosts) != set(self._hosts):
+            return
+        try:
+            for n, entry in hosts.items():
+                check, _attributes, _cert_problem = entry
+                if not isinstance(check, HostCheck) or check.name != n:
+                    return
+        except (TypeError, ValueError):
+            return
         for n, (check, attributes, cert_problem) in hosts.items():
             view = self._hosts[n]
             view.attributes, view.cert_problem, view.chain = attributes, cert_problem, check.chain
             self._chains[n] = (at, check.chain)
             self._checks[(n,)] = (at, check)
-        self._lazy_at = at
-        self._restored = {u: (owner, summary, why) for u, (owner, summary, why, _, _) in vms.items()}
-        self._lazy = {u: (first, end) for u, (_, _, _, first, end) in vms.items()}
-        self._lazy_blob = memoryview(checks)
-        self._instant_set.update(instants)
-        self._instants = None
-        known = set(self.problems)  # those found again while reading the files (e.g. unreadable policies)
-        self.problems.extend(p for p in problems if p not in known)
-        self._matrix, self._matrix_at, self._views_at = matrix, at, at
-        return True
+        self._views_at = at
 
     def _opened_cache(self) -> OpenedCache | None:
         """The persistent cache of opened policies (adapters/cache.py), when enabled."""
@@ -985,9 +1215,12 @@ class FleetService:
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""
-        first, end = self._lazy.pop(rec.uuid)
-        if self._lazy_at is None:
+        if self._rest is not None:
+            self._complete_restore()
+        got = self._lazy.pop(rec.uuid, None)
+        if got is None or self._lazy_at is None:
             return
+        first, end = got
         from console.adapters.cache import FleetSnapshot
 
         check = FleetSnapshot.loads(self._lazy_blob[first:end])
@@ -1003,6 +1236,8 @@ class FleetService:
 
     def policy_token(self, vm: str) -> str:
         """The VM's policy token as known (fleet file or domain metadata), "" when none."""
+        if self._rest is not None:
+            self._complete_restore()
         return self._find_vm(vm).token
 
     def policies_seen(self) -> dict[str, SeenPolicy]:
@@ -1221,14 +1456,114 @@ class FleetService:
         when = at or self.at
         rec = self._find_vm(vm)
         hosts = list(self._hosts)
-        if workers > 1 and len(hosts) >= PARALLEL_MIN_HOSTS:
-            decisions = self._decide_forked(rec, hosts, admin, when, workers)
+        cached = self._adopt_chains(hosts, when)
+        learnt: dict[str, _ChainEntry] = {}
+        if workers > 1 and len(hosts) - len(self._chain_hits) >= PARALLEL_MIN_HOSTS:
+            decisions = self._decide_forked(rec, hosts, admin, when, workers, learnt)
         else:
             decisions = [self._decide(rec, h, admin, when, False) for h in hosts]
+        if cached is not None:
+            self._save_chains(*cached, learnt)
         return sorted(decisions, key=lambda d: (not d.allowed, d.host))
 
+    # ---------------------------------------------------------- host chains kept between runs
+    # ``escort targets --offline`` checks every host's chain (~1 ms each). A one-VM service
+    # keeps each host's result in escort's cache (adapters/parsecache.py) under a SHA-256 of
+    # the host's name, certificate file path and bytes, in a file whose key is a SHA-256 of
+    # every file of the hosts' trust directory (CA certificates, CRLs), the CRL rule, the
+    # policy names, escort's code and the crypto library's version. A result is adopted only
+    # while no instant it depends on (its certificates' dates, the trust directory's
+    # certificates and CRLs: ``_fresh``) lies between the time it was computed for and now.
+
+    def _chain_store(self) -> tuple[ParsedCache, str] | None:
+        if self._only_vm is None or self.eager or not self.path or self.spec is None or self.trust is None:
+            return None
+        import cryptography
+
+        from console.adapters import parsecache
+
+        store = parsecache.open_cache("chains", self.path)
+        trust = parsecache.tree_parts(self.spec.trust_dir)
+        if store is None or trust is None:
+            return None
+        return store, store.key("host chains", cryptography.__version__, self.spec.missing_crl,
+                                repr(sorted(self.policy_names.items())), *trust)
+
+    def _adopt_chains(self, hosts: list[str], at: dt.datetime
+                      ) -> tuple[ParsedCache, str, dict[str, _ChainEntry]] | None:
+        """Adopt the cached chain result of each host whose certificate file is byte for byte
+        the one it was computed from and that is fresh at ``at``; the rest is read from the
+        same bytes (a file changed meanwhile cannot be stored under the old digest)."""
+        from console.adapters.cache import digest_parts
+
+        got = self._chain_store()
+        if got is None:
+            return None
+        store, key = got
+        stored = store.load(key)
+        entries = stored if type(stored) is dict else {}
+        for name in hosts:
+            spec = self._hosts[name].spec
+            if name not in self._cert_pending:
+                continue
+            try:
+                data = read_limited(spec.cert_file, what="certificate")
+            except InputError:
+                continue  # read again where the plain path reads it, and refused there
+            digest = digest_parts((name, spec.cert_file, data))
+            self._cert_bytes[name] = (digest, data)
+            entry = _usable_chain(entries.get(digest))
+            if entry is None:
+                continue
+            computed, instants, attributes, chain = entry
+            self._note(instants)
+            if self._instants is None:
+                self._instants = tuple(sorted(self._instant_set))
+            if time_key(self._instants, computed) != time_key(self._instants, at):
+                continue  # an instant that matters lies between: checked anew
+            # the result at ``computed`` is the result at ``at`` (no instant between them)
+            self._cert_pending.discard(name)
+            view = self._hosts[name]
+            view.attributes, view.cert_problem = attributes, None
+            self._chains[name] = (at, chain)
+            self._chain_hits.add(name)
+        return store, key, entries
+
+    def _chain_entry(self, name: str) -> _ChainEntry | None:
+        """What the cache keeps of a host chain checked in this process (None: nothing)."""
+        certs, chain, view = self._host_certs.get(name), self._chains.get(name), self._hosts[name]
+        if certs is None or chain is None or chain[1] is None or view.cert_problem is not None:
+            return None
+        instants = tuple(i for c in (certs[0], *certs[1]) for i in _cert_instants(c))
+        return chain[0], instants, view.attributes, chain[1]
+
+    def _chain_entries(self, names: Iterable[str]) -> dict[str, _ChainEntry]:
+        out: dict[str, _ChainEntry] = {}
+        for name in names:
+            read = self._cert_bytes.get(name)
+            entry = self._chain_entry(name) if read is not None and name not in self._chain_hits else None
+            if read is not None and entry is not None:
+                out[read[0]] = entry
+        return out
+
+    def _save_chains(self, store: ParsedCache, key: str, entries: dict[str, _ChainEntry],
+                     learnt: dict[str, _ChainEntry]) -> None:
+        """Store the results of this fleet's hosts: adopted ones as they were, new ones
+        (this process's and its helpers') -- when anything is new."""
+        new = {**learnt, **self._chain_entries(self._hosts)}
+        out: dict[str, _ChainEntry] = {}
+        for name in self._hosts:
+            read = self._cert_bytes.get(name)
+            if read is None:
+                continue
+            entry = entries.get(read[0]) if name in self._chain_hits else new.get(read[0])
+            if entry is not None:
+                out[read[0]] = entry
+        if any(k not in entries for k in out):
+            store.store(key, out)
+
     def _decide_forked(self, rec: _VMRecord, hosts: list[str], admin: str | None, at: dt.datetime,
-                       workers: int) -> list[Decision]:
+                       workers: int, learnt: dict[str, _ChainEntry] | None = None) -> list[Decision]:
         """``[self._decide(rec, h, ...) for h in hosts]``, with the host chain checks (most of
         the time: 1,000 hosts ~1-2 s) shared with forked copies of this process.
 
@@ -1238,6 +1573,7 @@ class FleetService:
         certificate, a result that cannot be sent back) is not trusted: its share is
         decided again here, which raises the same error the plain loop would. Without
         ``os.fork`` or with other threads running (forking them is unsafe), the plain loop.
+        ``learnt``: filled with the host chain results the helpers computed (for the cache).
         """
         import pickle
 
@@ -1269,7 +1605,12 @@ class FleetService:
                         try:
                             self._memory, self._pending = None, {}
                             part = [self._decide(rec, h, admin, at, False) for h in share]
-                            data = pickle.dumps(("ok", part), pickle.HIGHEST_PROTOCOL)
+                            chains = b""
+                            if learnt is not None:  # certificates do not pickle: the cache's form
+                                from console.adapters.cache import FleetSnapshot
+
+                                chains = FleetSnapshot.dumps(self._chain_entries(share))
+                            data = pickle.dumps(("ok", part, chains), pickle.HIGHEST_PROTOCOL)
                         except BaseException:
                             data = pickle.dumps(("failed", None))
                         with os.fdopen(write_end, "wb") as out:
@@ -1291,11 +1632,18 @@ class FleetService:
                     sent: object = pickle.loads(data)
                 except Exception:
                     sent = None
-                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 2 and sent[0] == "ok" else None
+                returned = sent[1] if isinstance(sent, tuple) and len(sent) == 3 and sent[0] == "ok" else None
                 if (isinstance(returned, list) and len(returned) == len(share)
                         and all(isinstance(d, Decision) and d.host == h
                                 for d, h in zip(returned, share, strict=True))):
                     decisions += returned
+                    if learnt is not None and isinstance(sent, tuple) and type(sent[2]) is bytes:
+                        from console.adapters.cache import FleetSnapshot
+
+                        kept = FleetSnapshot.loads(sent[2])
+                        if type(kept) is dict:
+                            learnt.update((k, e) for k, e in kept.items()
+                                          if type(k) is str and _usable_chain(e) is not None)
                 else:
                     decisions += [self._decide(rec, h, admin, at, False) for h in share]
         finally:
@@ -1341,6 +1689,8 @@ class FleetService:
         view = self._hosts.get(host_name)
         if view is None:
             raise EscortError(f"refresh reported unknown host {host_name!r}")
+        if self._rest is not None:
+            self._complete_restore()  # the snapshot's tokens are the files' (see _restore)
         self._checks = {k: v for k, v in self._checks.items() if k[0] != host_name}
         self._restored, self._lazy = {}, {}  # a snapshot describes the fleet files, not these facts
         self._matrix = None

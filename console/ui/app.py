@@ -209,6 +209,7 @@ class EscortApp(App[None]):
         n_hosts = len(self._hosts)
         arrived: set[str] = set()
         decided = 0
+        published = 0
         last = time.perf_counter()
         try:
             for views in service.check_in_steps():
@@ -221,14 +222,21 @@ class EscortApp(App[None]):
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
                 decided += len(views)
-                if arrived and (time.perf_counter() - last > 0.25 or decided >= len(position)):
+                # the first verdicts at once (they are the rows on screen when the fleet reuses its
+                # snapshot: services/fleet.py yields those first), then at most 4 times a second
+                if arrived and (not published or time.perf_counter() - last > 0.25
+                                or decided >= len(position)):
                     self.verdicts_arrived.publish(frozenset(arrived))
+                    published += 1
                     arrived = set()
                     last = time.perf_counter()
-                    if decided >= len(position):
-                        # every row has its verdict: let the screen show them before the check's
-                        # bookkeeping (policy memory, cache files) runs on this loop
-                        await asyncio.sleep(0.05)
+                    if published == 1 or decided >= len(position):
+                        # let the screen show them before more work (the rest of the rows, the
+                        # check's bookkeeping: policy memory, cache files) runs on this loop:
+                        # sleep(0) alone is not enough when the screen awaits something of its
+                        # own (e.g. the footer recomposing after the first focus: its widgets
+                        # mount over many loop turns, each taking a step of this check too)
+                        await self._screen_refreshed()
                 await asyncio.sleep(0)
         except EscortError as exc:
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
@@ -246,6 +254,15 @@ class EscortApp(App[None]):
         if len(problems) > problems_before:
             self.notify(f"{plural(len(problems), 'problem')} loading this fleet: {problems[0]} — press p",
                         severity="warning", markup=False, timeout=8)
+
+    async def _screen_refreshed(self, timeout: float = 0.5) -> None:
+        """Until the current screen has processed what it has queued (at most ``timeout``: a
+        screen that is closing or busy must not stall the check)."""
+        import asyncio
+        import contextlib
+
+        with contextlib.suppress(TimeoutError, AssertionError):
+            await asyncio.wait_for(self.screen.wait_for_refresh(), timeout)
 
     # ---------------------------------------------------------- refresh
     def action_refresh(self) -> None:

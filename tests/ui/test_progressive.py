@@ -73,3 +73,53 @@ async def test_an_unreadable_policy_file_is_a_problem_not_a_crash(scale_fleet: P
         assert any(victim.name in p for p in app.all_problems())
         row = next(r for r in app.vm_rows() if r.cells[0] == victim.stem)
         assert row.cells[4] == "✗ 0"  # refused with its reason, not "checking…", not a count
+
+
+async def test_a_warm_start_streams_the_snapshots_verdicts(scale_fleet: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console's warm path (snapshot of the last check, loaded beside the event loop, the
+    first rows' verdicts first): the rows say what a check without any cache says."""
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    shown: list[dict[str, str]] = []
+    sources = []
+    for _ in range(2):  # the first launch writes the snapshot, the second reuses it
+        lazy = FleetService.load(scale_fleet, eager=False)
+        lazy.use_cache = True
+        app = EscortApp(lazy, config=UIConfig(), live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await checked(app, pilot)
+            assert not app.checking
+            shown.append({row.key: row.cells[4] for row in app.vm_rows()})
+        sources.append(lazy.check_source)
+    assert sources == ["computed", "snapshot"]
+    eager = FleetService.load(scale_fleet)
+    n = len(eager.hosts())
+    expected = {v.uuid: f"{len(v.allowed_targets)}/{n}" if not v.policy_problems else "✗ 0"
+                for v in eager.vms()}
+    assert shown[1] == shown[0] == expected
+
+
+async def test_the_footer_recomposes_once_for_a_burst_of_binding_changes(
+        scale_fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.ui.screens.base import EscortFooter
+
+    app = EscortApp(FleetService.load(scale_fleet, eager=False), config=UIConfig(), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await checked(app, pilot)
+        calls = []
+        original = EscortFooter.recompose
+
+        async def counted(self: EscortFooter) -> None:
+            calls.append(self)
+            await original(self)
+
+        monkeypatch.setattr(EscortFooter, "recompose", counted)
+        for _ in range(5):
+            app.screen.refresh_bindings()
+        await settle(app)
+        await pilot.pause(0.1)
+        assert len(calls) == 1
+        keys = [str(k.render()) for k in app.screen.query("FooterKey")]
+        assert keys  # the footer still shows its keys after the recompose

@@ -260,3 +260,38 @@ def test_signature_verdict_is_joserfcs(kit: Kit) -> None:
         assert ours == theirs, token
         seen.add(theirs)
     assert seen == {True, False}
+
+
+def test_bound_owner_is_memoised_per_chain_and_time_only(kit: Kit) -> None:
+    # EnvelopeVerifier._bound keeps bind_issuer's answer per (x5c chain, at): the same
+    # token checked later, once the owner's certificate has expired, must lose the
+    # issuing CA (nobody) and be refused, and another certificate with the same name
+    # and e-mail from an untrusted CA never gets the trusted owner's identity
+    verifier = env.EnvelopeVerifier(kit.owners)
+    alice = kit.alice
+    token = env.sign(payload(alice.email), env.TYP_POLICY, alice.key, alice.chain, fields=FIELDS)
+    good = verifier.verify(token, env.TYP_POLICY, FIELDS, T0)
+    assert good.valid and good.owner is not None and good.owner.key
+    assert verifier.verify(token, env.TYP_POLICY, FIELDS, T0).owner == good.owner  # memo hit
+    later = T0 + dt.timedelta(days=800)  # past the owner certificate's notAfter
+    expired = verifier.verify(token, env.TYP_POLICY, FIELDS, later)
+    assert "policy.owner_untrusted" in codes(expired) and not expired.valid
+    assert expired.owner is not None and expired.owner.key == "" and expired.owner.issuer_key == ""
+    from console.core import issuance as iss
+
+    twin = iss.issue_owner(iss.Subject(alice.name, organization="Owners"), alice.key, kit.rogue_owners_ca,
+                           iss.Validity.days(730, start=T0 - dt.timedelta(days=30)), email=alice.email)
+    forged = env.sign_raw(payload(alice.email), env.TYP_POLICY, alice.key, [twin])
+    other = verifier.verify(forged, env.TYP_POLICY, FIELDS, T0)
+    assert codes(other) == {"policy.owner_untrusted"}
+    assert other.owner is not None and other.owner.key == "" and not other.owner.same_owner(good.owner)
+
+
+def test_token_digest_memo_is_the_sha256_of_the_token() -> None:
+    import hashlib
+
+    tokens = [f"a.b{i}.c" for i in range(3)] + [" a.b0.c\n"]
+    for _ in range(2):  # computed, then from the memo
+        for t in tokens:
+            assert env.token_digest(t) == hashlib.sha256(t.strip().encode()).hexdigest()
+    assert env.token_digest("a.b1.c") != env.token_digest("a.b2.c")

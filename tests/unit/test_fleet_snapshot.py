@@ -253,6 +253,24 @@ def test_with_the_helper_verdicts_arrive_in_the_consoles_order(fleet: Path) -> N
     assert order == [v.uuid for v in service.vm_stubs()]
 
 
+def test_the_helper_ends_when_the_console_stops_listening(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper's sends fail (and it ends) once the console has closed its end of the pipe,
+    instead of blocking on a full pipe forever: the fork's copy of the console's end is closed."""
+    fleet = generate_scale(tmp_path / "big", vms=200, hosts=4, owners=2, rules=2)  # > one pipe buffer
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    if not service.start_prefetch():
+        pytest.skip("the helper needs fork and two cores")
+    assert service._prefetch is not None
+    proc, conn = service._prefetch
+    conn.close()  # the console stopped listening before the helper's first message
+    proc.join(120)  # a guard against hanging the suite, not a timing
+    assert proc.exitcode == 0
+
+
 def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -> None:
     first = sorted((fleet.parent / "policies").iterdir())[0]
     first.write_bytes(b"\xff\xfe not a token")
@@ -275,3 +293,147 @@ def test_a_refresh_before_the_helper_answers_keeps_the_verdicts_right(fleet: Pat
                 for step in service.check_in_steps() for v in step}
 
     assert refreshed(True) == refreshed(False)
+
+
+def _warm_helper(fleet: Path) -> FleetService:
+    """A warm launch's service whose helper has already answered (its process has exited)."""
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    if not service.start_prefetch():
+        pytest.skip("no second core or no fork: no helper process")
+    assert service._prefetch is not None
+    service._prefetch[0].join(60)
+    return service
+
+
+def test_the_helper_answers_a_hit_with_the_key_alone(fleet: Path) -> None:
+    """On a hit the snapshot's own tokens are used: the helper sends no 15 MB of tokens."""
+    import multiprocessing
+
+    check(fleet)
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    receive, send = multiprocessing.Pipe(duplex=False)
+    from console.services.fleet import _prefetch_main
+
+    _prefetch_main(service, send)
+    kind, key, hit, tokens = receive.recv()
+    assert (kind, hit, tokens) == ("tokens", True, None) and len(key) == 64
+
+
+def test_tokens_from_the_snapshot_are_the_files_tokens(fleet: Path) -> None:
+    cold, s1 = check(fleet)
+    service = _warm_helper(fleet)
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "snapshot" and views == cold
+    for spec in service.spec.vms if service.spec else ():
+        assert service.policy_token(spec.uuid) == Path(spec.policy_file).read_text().strip()
+    assert explained(service) == explained(s1)
+
+
+def test_a_policy_changed_after_the_helper_read_it_changes_nothing_it_decided(fleet: Path) -> None:
+    """The key the helper made covers the files as it read them; the console then holds exactly
+    those tokens (the snapshot's), never a mix with what a file says a moment later."""
+    cold, _ = check(fleet)
+    service = _warm_helper(fleet)
+    first = sorted((fleet.parent / "policies").iterdir())[0]
+    before = first.read_text().strip()
+    _resign_other_policy(fleet)  # after the helper's read, before the console's restore
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "snapshot" and views == cold
+    vm = next(v for v in service.spec.vms if Path(v.policy_file) == first) if service.spec else None
+    assert vm is not None and service.policy_token(vm.uuid) == before
+    # the next launch sees the change: a new check, verdicts as without any cache
+    after, s3 = check(fleet)
+    assert s3.check_source == "computed" and after == uncached(fleet)
+    assert s3.policy_token(vm.uuid) == first.read_text().strip() != before
+
+
+def test_a_snapshot_that_fails_after_the_helper_found_it_means_a_full_check(fleet: Path) -> None:
+    cold, _ = check(fleet)
+    service = _warm_helper(fleet)
+    _flipped(snapshot_file(fleet))  # damaged between the helper's look and the console's load
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "computed" and views == cold == uncached(fleet)
+    again, s3 = check(fleet)
+    assert s3.check_source == "snapshot" and again == cold  # rewritten under the files' key
+
+
+def _rewrite_rest(path: Path, change: object) -> None:
+    """Change the snapshot's second part (tokens, checks, hosts) and store it with a matching
+    digest: a well-formed file whose tokens are not the ones its key was made of."""
+    import hashlib
+
+    head, _, body = path.read_bytes().partition(b"\n")
+    fields = head.split(b" ")
+    size = int(fields[4])
+    rest = FleetSnapshot.loads(body[size:])
+    assert isinstance(rest, dict)
+    change(rest)  # type: ignore[operator]
+    two = FleetSnapshot.dumps(rest)
+    fields[5] = hashlib.sha256(two).hexdigest().encode()
+    path.write_bytes(b" ".join(fields) + b"\n" + body[:size] + two)
+
+
+def _other_token(rest: dict[str, list[tuple[object, ...]]]) -> None:
+    uuid, name, host, _token, problem = rest["inputs"][0]
+    rest["inputs"][0] = (uuid, name, host, rest["inputs"][1][3], problem)
+
+
+def test_a_snapshot_holding_other_tokens_than_the_files_read_is_never_adopted(fleet: Path) -> None:
+    """Without the helper the console reads every file itself: a snapshot (even under the right
+    key) whose tokens differ from them is not used."""
+    cold, _ = check(fleet)
+    _rewrite_rest(snapshot_file(fleet), _other_token)
+    again, service = check(fleet)
+    assert service.check_source == "computed" and again == cold
+    assert service.spec is not None
+    vm = service.spec.vms[0]
+    assert service.policy_token(vm.uuid) == Path(vm.policy_file).read_text().strip()
+
+
+def _flip_rest(path: Path) -> None:
+    head, _, body = path.read_bytes().partition(b"\n")
+    size = int(head.split(b" ")[4])
+    data = bytearray(body)
+    data[size + 100] ^= 0xFF
+    path.write_bytes(head + b"\n" + bytes(data))
+
+
+def test_a_damaged_second_part_found_after_the_first_rows_means_a_full_check(fleet: Path) -> None:
+    """With the helper the snapshot's tokens and checks are taken after the first rows' verdicts
+    are out; if they turn out damaged, everything restored is dropped and every VM is checked
+    anew (the rows shown first get their checked verdicts too)."""
+    cold, _ = check(fleet)
+    _flip_rest(snapshot_file(fleet))
+    service = _warm_helper(fleet)
+    seen: dict[str, list[object]] = {}
+    for step in service.check_in_steps():
+        for v in step:
+            seen.setdefault(v.uuid, []).append((v.owner, v.allowed_targets, v.policy_summary,
+                                                [r.code for r in v.policy_problems]))
+    assert service.check_source == "computed"
+    assert {u: views[-1] for u, views in seen.items()} == cold == uncached(fleet)
+    assert not service._restored and not service._lazy
+    assert sum(p.reason.code == "policy.unreadable" for p in service.problems) == 0
+    again, s3 = check(fleet)
+    assert s3.check_source == "snapshot" and again == cold  # rewritten whole
+
+
+def test_a_question_between_the_first_rows_and_the_rest_gets_the_snapshots_token(fleet: Path) -> None:
+    """Between the first rows' verdicts and the snapshot's second part, any question about a
+    policy takes that part first: the token answered is the one the key covered."""
+    check(fleet)
+    service = _warm_helper(fleet)
+    steps = service.check_in_steps()
+    first = next(step for step in steps if step)
+    assert service.check_source == "snapshot" and service._rest is not None  # not taken yet
+    vm = service.spec.vms[-1] if service.spec else None
+    assert vm is not None
+    assert service.policy_token(vm.uuid) == Path(vm.policy_file).read_text().strip()
+    assert service._rest is None
+    rest = [v for step in steps for v in step]
+    assert service.check_source == "snapshot" and len(first) + len(rest) == len(service._vms)

@@ -5,6 +5,7 @@ and refuse the same bad input."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -331,3 +332,119 @@ def test_the_escort_process_leaves_at_once_with_its_whole_answer(fleet: FleetFil
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stdout.startswith("web-1: 1 of 4 host(s) allowed")
     assert done.stdout.endswith("\n") and done.stdout.count("refused") == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# targets --offline: host chain results kept between runs (FleetService._adopt_chains)
+
+def _targets(path: Path, vm: str, at: dt.datetime = T0, *,
+             workers: int = 1) -> tuple[list[dict[str, object]], FleetService]:
+    service = FleetService.load_strict(path, at=at, only_vm=vm)
+    return [d.as_json() for d in service.targets(vm, at=at, workers=workers)], service
+
+
+def _targets_reference(path: Path, vm: str, at: dt.datetime,
+                       monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    with monkeypatch.context() as m:
+        m.setenv("ESCORT_NO_CACHE", "1")
+        service = FleetService.load(path, at=at)
+        return [d.as_json() for d in service.targets(vm, at=at)]
+
+
+@pytest.fixture
+def chain_fleet(fleet: FleetFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    return _copy(fleet, tmp_path)
+
+
+HOSTS = {"hv-de-1", "hv-fr-1", "hv-us-1", "hv-de-old"}
+
+
+def test_cached_host_chains_give_the_full_loads_targets(chain_fleet: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for vm in ("web-1", DB_UUID):
+        want = _targets_reference(chain_fleet, vm, T0, monkeypatch)
+        first, service = _targets(chain_fleet, vm)
+        assert first == want
+        again, service = _targets(chain_fleet, vm)
+        assert again == want and service._chain_hits == HOSTS  # every chain from the cache
+        later = T0 + dt.timedelta(minutes=5)  # no instant in between: still adopted, same answer
+        answer, service = _targets(chain_fleet, vm, later)
+        assert answer == _targets_reference(chain_fleet, vm, later, monkeypatch)
+        assert service._chain_hits == HOSTS
+
+
+def test_a_changed_certificate_or_trust_directory_is_checked_anew(chain_fleet: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _targets(chain_fleet, "web-1")
+    certs = chain_fleet.parent / "certs"
+    (certs / "hv-fr-1.pem").write_bytes((certs / "hv-us-1.pem").read_bytes())  # fr now presents us's cert
+    answer, service = _targets(chain_fleet, "web-1")
+    assert answer == _targets_reference(chain_fleet, "web-1", T0, monkeypatch)
+    assert service._chain_hits == HOSTS - {"hv-fr-1"}
+    assert next(d for d in answer if d["host"] == "hv-fr-1")["allowed"] is False
+    # the EU CA's CRL is gone: no chain result of before may be adopted
+    (chain_fleet.parent / "trust" / "hosts" / "eu.crl").unlink()
+    answer, service = _targets(chain_fleet, "web-1")
+    assert answer == _targets_reference(chain_fleet, "web-1", T0, monkeypatch) and not service._chain_hits
+    assert "revocation.missing" in json.dumps(answer)
+
+
+@pytest.mark.parametrize("days", [-400, 400, 3650])
+def test_a_result_is_not_adopted_across_an_instant_that_matters(chain_fleet: Path, days: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Computed at T0, asked a year before or after (certificates not yet valid / expired):
+    checked anew, and the answer is the one a full load gives then."""
+    _targets(chain_fleet, "web-1")
+    when = T0 + dt.timedelta(days=days)
+    answer, service = _targets(chain_fleet, "web-1", when)
+    assert answer == _targets_reference(chain_fleet, "web-1", when, monkeypatch)
+    assert not service._chain_hits
+
+
+def test_chains_checked_by_forked_helpers_are_kept_too(chain_fleet: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "PARALLEL_MIN_HOSTS", 1)
+    monkeypatch.setattr(svc.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(svc.threading, "active_count", lambda: 1)  # (the test runner's own threads)
+    forks: list[int] = []
+    real_fork = svc.os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(svc.os, "fork", fork)
+    want = _targets_reference(chain_fleet, "web-1", T0, monkeypatch)
+    first, service = _targets(chain_fleet, "web-1", workers=2)
+    assert first == want and not service._chain_hits and len(forks) == 1
+    assert "hv-de-old" not in service._host_certs  # (the last host: checked by the helper only)
+    again, service = _targets(chain_fleet, "web-1", workers=2)
+    assert again == want and service._chain_hits == HOSTS
+
+
+@pytest.mark.parametrize("spoil", ["corrupt", "foreign", "odd"])
+def test_a_spoilt_chain_cache_is_not_used(chain_fleet: Path, tmp_path: Path, spoil: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    _targets(chain_fleet, "web-1")
+    (entry,) = (tmp_path / "cache").glob("parsed-chains-*.cache")
+    if spoil == "corrupt":
+        entry.write_bytes(entry.read_bytes()[:-40] + b"x" * 40)
+    elif spoil == "foreign":
+        os.chmod(entry, 0o666)
+    else:  # right file, right key, entries of another shape
+        service = FleetService.load_strict(chain_fleet, at=T0, only_vm="web-1")
+        got = service._chain_store()
+        assert got is not None
+        store, key = got
+        entries = store.load(key)
+        assert isinstance(entries, dict) and len(entries) == len(HOSTS)
+        store.save(key, {k: (e[0], e[1], e[2], "not a chain result") for k, e in entries.items()})
+    answer, service = _targets(chain_fleet, "web-1")
+    assert answer == _targets_reference(chain_fleet, "web-1", T0, monkeypatch) and not service._chain_hits

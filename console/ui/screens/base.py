@@ -17,6 +17,29 @@ if TYPE_CHECKING:
     from console.ui.app import EscortApp
 
 
+class EscortFooter(Footer):
+    """Textual's footer, recomposed once per burst of binding changes.
+
+    Textual's own footer queues a full recompose (remove and mount every key, in a batch
+    update that holds back the screen's output) for *each* binding change — focus, mode,
+    screen stack: about seven at the console's start — and the screen handles nothing
+    else until each one is done. One pending recompose at a time covers them all."""
+
+    _recompose_queued = False
+
+    def bindings_changed(self, screen: Screen[object]) -> None:
+        self._bindings_ready = True
+        if not screen.app.app_focus:
+            return
+        if self.is_attached and screen is self.screen and not self._recompose_queued:
+            self._recompose_queued = True
+            self.call_after_refresh(self._queued_recompose)
+
+    async def _queued_recompose(self) -> None:
+        self._recompose_queued = False
+        await self.recompose()
+
+
 class FleetScreen(Screen[None]):
     """Base: ``/`` filters the screen's main table as you type, ``escape`` backs out."""
 
@@ -48,7 +71,7 @@ class FleetScreen(Screen[None]):
             )
 
     def compose_bottom(self) -> ComposeResult:
-        yield Footer(compact=True, show_command_palette=True)
+        yield EscortFooter(compact=True, show_command_palette=True)
 
     def on_mount(self) -> None:
         self.escort.fleet_changed.subscribe(self, self._fleet_changed)
