@@ -1122,11 +1122,11 @@ class FleetService:
         found under a key made of these files' contents and stores exactly what that key
         covered (``_vm_inputs``) — and the checks become available. A file already read must
         hold the snapshot's token. If any of it is not what was stored, everything restored
-        is dropped (False): every answer is then computed from the files. True when there is
-        nothing (more) to do."""
+        is dropped (False): every answer is then computed from the files. True while the
+        restored snapshot stands (taken now or before)."""
         pending, self._rest = self._rest, None
         if pending is None:
-            return True
+            return self._lazy_at is not None  # (False: dropped meanwhile)
         from console.adapters.cache import FleetSnapshot
 
         rest = FleetSnapshot.load_rest(*pending)
