@@ -782,7 +782,8 @@ class FleetService:
                 except (EOFError, OSError):
                     got = ("failed",)
                 if got is not None:
-                    if isinstance(got, tuple) and len(got) == 4 and got[0] == "hosts":
+                    if (isinstance(got, tuple) and len(got) == 4 and got[0] == "hosts"
+                            and generation == self._generation):  # (a refresh meanwhile: checked anew)
                         self._adopt_hosts(got[1], got[2], got[3], at)
                     else:
                         conn.close()
@@ -842,14 +843,15 @@ class FleetService:
                                 break
                     except (EOFError, OSError):
                         helper_ok = False
-                while i < len(records) and clock() - start <= budget_s:
+                first = i  # at least one VM per step, whatever the budget (progress)
+                while i < len(records) and (i == first or clock() - start <= budget_s):
                     rec = records[i]
                     if (helper_ok and rec.token and not rec.policy_file
                             and not envelopes.is_open(rec.token, TYP_POLICY)):
                         break  # not open yet: the helper is on it
                     decide(rec)
                     i += 1
-                if helper_ok and i < len(records) and clock() - start <= budget_s:
+                if helper_ok and i < len(records) and (i == first or clock() - start <= budget_s):
                     while todo and envelopes.is_open(todo[-1], TYP_POLICY):
                         todo.pop()
                     for _ in range(8):  # from the last token back (pop)

@@ -316,6 +316,48 @@ def test_host_checks_from_the_helper_are_adopted_only_while_fresh(fleet: Path) -
     assert not service._checks
 
 
+def test_host_checks_arriving_after_a_refresh_are_not_adopted(fleet: Path) -> None:
+    """A refresh while the console waits for the helper's host checks: they were made from
+    the files before it, so they are not adopted, and the next check decides as without
+    the helper. The helper is played by this test (one end of a real pipe)."""
+    import multiprocessing
+
+    from console.adapters.cache import FleetSnapshot
+
+    service = FleetService.load(fleet, eager=False)
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    service._prefetch = (None, receive)  # type: ignore[assignment]
+    helper = FleetService.load(fleet, eager=False)
+    tokens = []
+    for rec in helper._vms.values():
+        helper._read_token(rec)
+        tokens.append(rec.token if rec.token_problem is None else rec.token_problem)
+    import threading
+
+    sender = threading.Thread(target=send.send, args=(("tokens", "", False, tokens),))
+    sender.start()  # (more than a pipe buffer: sent while the console reads it)
+    steps = service.check_in_steps(budget_s=0.0)
+    while service.check_source != "computed":
+        assert next(steps) == []
+    assert next(steps) == []  # waiting for the host checks
+    host = next(iter(service._hosts))
+    service.apply_facts(host, None, None)  # a refresh: the host did not answer
+    at = helper.at
+    hosts = {n: (helper._host_check(n, at), v.attributes, v.cert_problem) for n, v in helper._hosts.items()}
+    send.send(("hosts", at, FleetSnapshot.dumps(hosts),
+               FleetSnapshot.dumps((tuple(sorted(helper._instant_set)), [], []))))
+    list(steps)
+    sender.join()
+    assert (host,) not in service._checks or service._checks[(host,)][1].chain is None \
+        or service._checks[(host,)][1] != hosts[host][0]
+    after = {v.uuid: (v.allowed_targets, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    plain = FleetService.load(fleet, eager=False)
+    plain.apply_facts(host, None, None)
+    assert after == {v.uuid: (v.allowed_targets, [r.code for r in v.policy_problems])
+                     for step in plain.check_in_steps() for v in step}
+
+
 def test_with_the_helper_an_unreadable_host_certificate_is_reported_once(fleet: Path) -> None:
     first = sorted((fleet.parent / "hosts").iterdir())[0]
     first.write_bytes(b"not a certificate")
