@@ -172,6 +172,19 @@ def _prefetch_main(service: FleetService, conn: Connection, other: Connection | 
         conn.send(("tokens", key, hit, None if hit else tokens))
         if hit:
             return
+        # the host chains next, while the console starts its UI (the first rows wait for
+        # them); sent as a snapshot stores them (``_capture``), with what the console needs
+        # to judge and report them as if it had checked them itself (``_adopt_hosts``)
+        from console.adapters.cache import FleetSnapshot
+
+        at = service.at
+        before = len(service.problems)
+        hosts = {n: (service._host_check(n, at), v.attributes, v.cert_problem)
+                 for n, v in service._hosts.items()}
+        unread = [h.name for h in service.spec.hosts if h.cert_file and h.name not in service._host_certs] \
+            if service.spec is not None else []
+        conn.send(("hosts", at, FleetSnapshot.dumps(hosts), FleetSnapshot.dumps(
+            (tuple(sorted(service._instant_set)), service.problems[before:], unread))))
         cache = service._opened_cache()
         opened: dict[str, Portable] = {}
         todo: list[str] = []
@@ -759,6 +772,30 @@ class FleetService:
                 start = clock()
                 key = self._snapshot_key()
         self.check_source = "computed"
+        if conn is not None:
+            # the helper checks the host chains first: open tokens from the last one back
+            # until they arrive (whatever it does not send usably is checked below, here)
+            waiting = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
+                       if not self._policies.envelopes.is_open(t, TYP_POLICY)]
+            while conn is not None:
+                got: Any = None
+                try:
+                    got = conn.recv() if conn.poll(0 if waiting else 0.005) else None
+                except (EOFError, OSError):
+                    got = ("failed",)
+                if got is not None:
+                    if isinstance(got, tuple) and len(got) == 4 and got[0] == "hosts":
+                        self._adopt_hosts(got[1], got[2], got[3], at)
+                    else:
+                        conn.close()
+                        conn = None
+                    break
+                for _ in range(8):
+                    if waiting:
+                        self._policies.envelopes.open(waiting.pop(), TYP_POLICY, POLICY_FIELDS)
+                if clock() - start > budget_s:
+                    yield []
+                    start = clock()
         for name in self._hosts:
             self._host_check(name, at)
             if clock() - start > budget_s:
@@ -1226,6 +1263,35 @@ class FleetService:
             self._chains[n] = (at, check.chain)
             self._checks[(n,)] = (at, check)
         self._views_at = at
+
+    def _adopt_hosts(self, when: object, blob: object, extra: object, at: dt.datetime) -> None:
+        """The helper's host checks (``_prefetch_main``), made at ``when`` by ``_host_check``
+        as here: adopted only while they are the checks at ``at`` (``_fresh``: no instant of
+        any certificate or CRL between the two), through ``_restore_hosts``. Anything
+        malformed or stale adopts nothing: the hosts are then checked here."""
+        from console.adapters.cache import FleetSnapshot
+
+        try:
+            if not (isinstance(when, dt.datetime) and isinstance(blob, bytes) and isinstance(extra, bytes)):
+                return
+            got: Any = FleetSnapshot.loads(extra)
+            instants, problems, unread = got
+            if not (isinstance(instants, tuple) and all(isinstance(t, dt.datetime) for t in instants)
+                    and isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
+                    and isinstance(unread, list) and set(unread) <= set(self._hosts)):
+                return
+        except Exception:  # a broken message: the host chains are checked here
+            return
+        self._note(instants)  # the helper read the host certificates: their instants count here too
+        if not self._fresh(when, at):
+            return
+        self._hosts_blob = blob  # as a snapshot's host checks are adopted
+        self._restore_hosts(at)
+        if not all(self._checks.get((n,), (None,))[0] == at for n in self._hosts):
+            return  # not adopted
+        known = set(self.problems)
+        self.problems.extend(p for p in problems if p not in known)
+        self._cert_pending.difference_update(unread)  # read there: unreadable, reported once
 
     def _opened_cache(self) -> OpenedCache | None:
         """The persistent cache of opened policies (adapters/cache.py), when enabled."""

@@ -271,6 +271,74 @@ def test_the_helper_ends_when_the_console_stops_listening(tmp_path: Path,
     assert proc.exitcode == 0
 
 
+def hosts_seen(service: FleetService) -> list[tuple[object, ...]]:
+    return [(h.spec.name, h.chain is not None and h.chain.valid,
+             [r.code for r in h.chain.reasons] if h.chain else None, h.attributes,
+             h.cert_problem.code if h.cert_problem else None) for h in service.hosts()]
+
+
+def test_the_helpers_host_checks_are_the_consoles(fleet: Path) -> None:
+    """Cold, the helper checks the host chains while the UI starts and the console adopts
+    them (it reads no host certificate itself): hosts and VMs as without the helper."""
+    service = FleetService.load(fleet, eager=False)
+    service.use_cache = True
+    if not service.start_prefetch():
+        pytest.skip("the helper needs fork and two cores")
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "computed"
+    assert service._cert_pending == set(service._hosts)  # adopted: not one certificate read here
+    plain = check(fleet, cache=False)[1]
+    assert views == uncached(fleet)
+    assert hosts_seen(service) == hosts_seen(plain)
+    assert explained(service) == explained(plain)
+
+
+def test_host_checks_from_the_helper_are_adopted_only_while_fresh(fleet: Path) -> None:
+    """``_adopt_hosts``: checks made at ``when`` are adopted for ``at`` only if no instant
+    of a certificate or CRL lies between (else every host is checked anew here)."""
+    from console.adapters.cache import FleetSnapshot
+
+    helper = FleetService.load(fleet, eager=False)
+    instant = sorted(t for t in helper._instant_set if t > dt.datetime.now(dt.UTC))[0]
+    when = instant - dt.timedelta(seconds=1)
+    hosts = {n: (helper._host_check(n, when), v.attributes, v.cert_problem) for n, v in helper._hosts.items()}
+    blob = FleetSnapshot.dumps(hosts)
+    extra = FleetSnapshot.dumps((tuple(sorted(helper._instant_set)), [], []))
+    soon, past = when + dt.timedelta(microseconds=1), instant + dt.timedelta(seconds=1)
+    for at, adopted in ((soon, True), (past, False)):
+        service = FleetService.load(fleet, eager=False)
+        service._adopt_hosts(when, blob, extra, at)
+        assert bool(service._checks) is adopted, at
+        assert all(when_at == at for when_at, _ in service._checks.values())
+    service = FleetService.load(fleet, eager=False)
+    service._adopt_hosts(when, b"not a pickle", extra, when)
+    assert not service._checks
+
+
+def test_with_the_helper_an_unreadable_host_certificate_is_reported_once(fleet: Path) -> None:
+    first = sorted((fleet.parent / "hosts").iterdir())[0]
+    first.write_bytes(b"not a certificate")
+
+    def seen(helper: bool) -> tuple[list[str], list[tuple[object, ...]]]:
+        service = FleetService.load(fleet, eager=False)
+        service.use_cache = helper
+        if helper:
+            service.start_prefetch()
+        list(service.check_in_steps())
+        service.hosts()
+        service.explain(next(iter(service._vms.values())).name, next(iter(service._hosts)))
+        shown = hosts_seen(service)
+        later = sorted(t for t in service._instant_set if t > dt.datetime.now(dt.UTC))[0]
+        for name in service._hosts:  # checked anew past an instant: read again only if never read
+            service._host_check(name, later + dt.timedelta(seconds=1))
+        return [p.reason.code for p in service.problems], shown
+
+    with_helper, without = seen(True), seen(False)
+    assert with_helper == without
+    assert with_helper[0].count("cert.unreadable") == 1
+
+
 def test_the_helper_reading_an_unreadable_policy_still_reports_it(fleet: Path) -> None:
     first = sorted((fleet.parent / "policies").iterdir())[0]
     first.write_bytes(b"\xff\xfe not a token")

@@ -303,3 +303,32 @@ def test_a_parsed_cache_has_every_attribute_a_snapshot_has(tmp_path: Path) -> No
     parsed = parsecache.ParsedCache("fleet", tmp_path / "f.toml", tmp_path)
     assert set(vars(snap)) <= set(vars(parsed))
     assert parsed.path.parent == tmp_path and parsed.path.name.startswith("parsed-fleet-")
+
+
+@pytest.mark.parametrize("key", ["vm-007", str(uuid.UUID(int=8)), str(uuid.UUID(int=8)).upper(), "twin",
+                                 "nosuch", ""])
+def test_only_keeps_exactly_the_rows_the_callable_keeps(key: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Only`` (list searches at C speed) keeps what ``uuid in keys or name == key`` keeps."""
+    path = _fleet(tmp_path, n=12)
+    path.write_text(path.read_text().replace('name = "vm-003"', 'name = "twin"')
+                    .replace('name = "vm-009"', 'name = "twin"'))
+    monkeypatch.setenv("ESCORT_NO_CACHE", "1")
+    keys = frozenset({key, key.lower()})
+    by_call = load_fleet(path, keep_vm=lambda u, n: u in keys or n == key)
+    assert load_fleet(path, keep_vm=Only(keys, key)) == by_call
+    assert len(by_call.vms) == {"twin": 2, "nosuch": 0, "": 0}.get(key, 1)
+
+
+def test_a_cached_memory_compares_like_a_dict(cache: Path, tmp_path: Path) -> None:
+    path = _memory(tmp_path / "m.json", SEQS)
+    plain = dict(state.PolicyMemory(path).seen)
+    cached = state.PolicyMemory(path).seen
+    assert isinstance(cached, state.SeenMemory)
+    assert cached == plain and plain == cached and cached == state.PolicyMemory(path).seen
+    u = next(iter(SEQS))
+    assert cached != {**plain, u: SeenPolicy("x", "x", 1, "x")} and cached != {}
+    other = _memory(tmp_path / "other.json", {**SEQS, u: 99})
+    state.PolicyMemory(other)
+    different = state.PolicyMemory(other).seen
+    assert isinstance(different, state.SeenMemory) and different != cached and cached != different
