@@ -240,13 +240,15 @@ class FleetSnapshot:
     rules, atomic writes and "no cache, one notice" as ``OpenedCache``.
     """
 
+    #: the key in the header ``load_split`` read last ("" before)
+    key_found = ""
+
     def __init__(self, fleet_path: str | os.PathLike[str], directory: Path | None = None) -> None:
         self.dir = directory or cache_dir()
         scope = f"{Path(fleet_path).resolve()}\n{code_digest()}"
         self.path = self.dir / f"fleet-{hashlib.sha256(scope.encode()).hexdigest()[:32]}.snapshot"
         self.notice = ""
         self.why_not = ""  # why the last load found nothing usable (for tests and the bench)
-        self.key_found = ""  # the key in the header ``load_split`` read last
 
     def load(self, key: str) -> Any | None:
         """The snapshot stored under ``key``, or None (absent, other key, corrupt, foreign)."""
