@@ -38,7 +38,7 @@ _loaded: set[str] = set()
 NO_GC = frozenset({"explain", "targets"})
 
 
-def finish(code: int) -> NoReturn:
+def finish(code: int, *, at_once: bool = True) -> NoReturn:
     """End a one-pair answer (``explain``/``targets``) with ``code``.
 
     When this process is the ``escort`` command itself (its ``__main__`` runs this
@@ -46,10 +46,12 @@ def finish(code: int) -> NoReturn:
     at once: tearing the interpreter down -- a garbage collection over the answer's heap,
     every module and object freed one by one -- was ~50-80 ms of a 10,000-VM ``explain``
     here, and nothing is left to do then (files written are closed, helpers reaped).
-    Anywhere else ``sys.exit(code)``. Output that cannot be flushed raises here, as it
-    would from ``click.echo``, and the group reports it (a closed pipe: exit 0).
+    Anywhere else, and without ``at_once`` (an answer that contacted hosts: connection
+    libraries may still hold threads or exit handlers), ``sys.exit(code)``. Output that
+    cannot be flushed raises here, as it would from ``click.echo``, and the group reports
+    it (a closed pipe: exit 0).
     """
-    if getattr(sys.modules.get("__main__"), "main", None) is main:
+    if at_once and getattr(sys.modules.get("__main__"), "main", None) is main:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

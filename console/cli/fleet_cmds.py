@@ -138,7 +138,7 @@ def explain_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
         click.echo(json.dumps(d.as_json(), indent=2))
     else:
         _print_decision(d)
-    finish(0 if d.allowed else 1)
+    finish(0 if d.allowed else 1, at_once=offline)
 
 
 @click.command("targets")
@@ -177,7 +177,7 @@ def targets_cmd(ctx: click.Context, fleet: str | None, at_text: str | None, as_j
             click.echo(f"  refused  {d.host}")
             for line in _reason_lines(d.reasons, "    "):
                 click.echo(line)
-    finish(0 if allowed else 1)
+    finish(0 if allowed else 1, at_once=offline)
 
 
 # --------------------------------------------------------------------------- signing helpers

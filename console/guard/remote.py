@@ -58,14 +58,20 @@ def _libvirtd_pid() -> int | None:
         return None
 
 
+#: libvirtd reads its hooks as it starts: one that started this long after the hook was
+#: written has seen it (two clock ticks of /proc's start time, and a margin).
+HOOK_SEEN_AFTER_S = 0.1
+
+
 def _started_at(pid: int) -> float:
-    """Process start time in seconds since the epoch (from /proc)."""
+    """Process start time in seconds since the epoch, to the clock tick: /proc counts it
+    from boot on CLOCK_BOOTTIME (/proc/uptime, rounded to 10 ms, is not precise enough to
+    tell a libvirtd restarted a fraction of a second after the hook was written)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     ticks = int(fields[19])
-    with open("/proc/uptime") as fh:
-        uptime = float(fh.read().split()[0])
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _answers() -> bool:
@@ -197,7 +203,7 @@ def install(data: bytes, bundle: str, conf_id: str, force_restart: bool = False)
                 f"{status.get('problem')} (it refuses every VM until fixed or removed)"}
     pid = _libvirtd_pid()
     restart = ""
-    if force_restart or (pid is not None and _started_at(pid) <= os.stat(HOOK).st_mtime + 1):
+    if force_restart or (pid is not None and _started_at(pid) <= os.stat(HOOK).st_mtime + HOOK_SEEN_AFTER_S):
         restart = restart_libvirtd()
     return {"ok": True, "steps": steps, "restart": restart}
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid as uuidlib
 import zlib
@@ -120,6 +121,11 @@ def _parallel(fn: Callable[[T], Any], items: list[T]) -> list[Any]:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+def _reaped(cmd: tuple[str, ...] | list[str]) -> list[str]:
+    """``cmd`` under reaper.py (stdlib only, so the interpreter runs isolated)."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).with_name("reaper.py")), *cmd]
 
 
 def _quiet_libvirt() -> Any:
@@ -442,7 +448,8 @@ class Lab:
         anchor = netns.read_pid(h.anchor_pid_file)
         if anchor is None or not netns.pid_in_netns(anchor, h.ns):
             raise LabError(f"{h.name}: the host is not running (run `escort lab up`)")
-        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--", *cmd],
+        # reaped: the guard's installer restarts libvirtd (see _nsenter)
+        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--", *_reaped(cmd)],
                               input=data, capture_output=True, env=DAEMON_ENV, timeout=180, check=False)
         if proc.returncode != 0:
             last = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
@@ -531,11 +538,15 @@ class Lab:
                 raise LabError(f"{h.name}: host setup timed out (see {h.log_dir / 'anchor.log'})")
             time.sleep(0.01)
 
-    def _nsenter(self, h: LabHost, *cmd: str) -> None:
+    def _nsenter(self, h: LabHost, *cmd: str, reaped: bool = False) -> None:
+        """Run ``cmd`` in the host's namespaces; ``reaped``: under reaper.py, for a command
+        that starts daemons (they, and the QEMUs they start, are reaped at once when they
+        exit, as systemd does on a real host; this machine's PID 1 reaps ~1.8 s late)."""
         anchor = netns.read_pid(h.anchor_pid_file)
         if anchor is None or not netns.pid_in_netns(anchor, h.ns):
             raise LabError(f"{h.name}: the host is not running (run `escort lab up`)")
-        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--", *cmd],
+        proc = subprocess.run(["nsenter", "-t", str(anchor), "-m", "-u", "-n", "--",
+                               *(_reaped(cmd) if reaped else cmd)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               env=DAEMON_ENV, timeout=60, check=False)
         if proc.returncode != 0:
@@ -687,7 +698,8 @@ class Lab:
     # --- daemons (also the fault-injection API) -------------------------------------
     def start_sshd(self, host: str) -> None:
         h = self.host(host)
-        self._nsenter(h, "/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-E", str(h.log_dir / "sshd.log"))
+        self._nsenter(h, "/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-E",
+                      str(h.log_dir / "sshd.log"), reaped=True)
 
     def stop_sshd(self, host: str) -> None:
         self._stop_pidfile(self.host(host), self.host(host).sshd_pid_file)
@@ -711,7 +723,7 @@ class Lab:
         _write(ssh_dir / f"sshd_config-{port}", text.encode())
         self._stop_pidfile(h, pid_file)
         self._nsenter(h, "/usr/sbin/sshd", "-f", f"/etc/ssh/sshd_config-{port}",
-                      "-E", str(h.log_dir / f"sshd-{port}.log"))
+                      "-E", str(h.log_dir / f"sshd-{port}.log"), reaped=True)
 
     def stop_extra_sshd(self, host: str, port: int) -> None:
         h = self.host(host)
@@ -729,7 +741,7 @@ class Lab:
         cpu = str(min(os.sched_getaffinity(0)))
         self._nsenter(h, "taskset", "-c", cpu, "/usr/sbin/libvirtd", "--daemon",
                       "--pid-file", "/run/libvirt/libvirtd.pid",
-                      "--config", "/etc/libvirt/libvirtd.conf")
+                      "--config", "/etc/libvirt/libvirtd.conf", reaped=True)
         self._open(h).close()
 
     def stop_libvirtd(self, host: str) -> None:
