@@ -15,7 +15,8 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
 * **verdicts complete**: until no row says "checking" (the console paints rows first
   and checks the fleet in steps after), from launch and from the first rows. Measured
   once with an empty cache (``ESCORT_CACHE_DIR``, a directory of the benchmark's own:
-  no snapshot, no opened policies; that launch fills it) and ``--runs`` times warm
+  no snapshot, no opened policies; that launch fills it, and the benchmark waits
+  until it has written its snapshot before stopping it) and ``--runs`` times warm
   (the whole-fleet snapshot answers). Judged: matrix cold <= 2 s on the whole launch
   (stricter than the matrix alone); matrix warm <= 0.5 s from the first rows on screen
   to the last verdict (the launch before it is judged by the first-rows goal).
@@ -146,9 +147,24 @@ def generate(vms: int, hosts: int, where: Path, regenerate: bool) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = "") -> None:
+def snapshot_written(since: float, timeout: float = 120.0) -> None:
+    """Wait until the console has written its fleet snapshot (a file in our cache dir newer
+    than ``since``, wall clock): a launch stopped before that leaves the next launch
+    nothing to reuse, and that launch would be timed as warm while it checks everything."""
+    cache = Path(os.environ["ESCORT_CACHE_DIR"])
+    end = time.time() + timeout
+    while time.time() < end:
+        if any(p.stat().st_mtime >= since for p in cache.glob("fleet-*.snapshot")):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the console wrote no snapshot in {cache} within {timeout:.0f} s")
+
+
+def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = "",
+                wait_snapshot: bool = False) -> None:
     term = Term(f"{res.vms}")
     try:
+        wall0 = time.time()
         t0 = term.start(f"{env_cmd}{ESCORT} --offline --fleet {fleet}")
         t1, lines = term.wait(lambda ls: bool(vm_rows(ls)))
         res.first_rows.append(t1 - t0)
@@ -156,6 +172,8 @@ def console_run(fleet: Path, res: SizeResult, *, interact: bool, env_cmd: str = 
                               and not any(v.startswith("check") for v in vm_rows(ls).values()))
         res.verdicts.append(t2 - t0)
         res.after_rows.append(t2 - t1)
+        if wait_snapshot:
+            snapshot_written(wall0)  # (after the timing: the next launch must find it)
         if not interact:
             return
         # the first VM's target list, then Down a few times
@@ -221,7 +239,7 @@ def measure(vms: int, hosts: int, runs: int, where: Path, regenerate: bool,
         return res
     console_run(fleet, SizeResult(vms, hosts), interact=False, env_cmd="ESCORT_NO_CACHE=1 ")  # not counted
     cold = SizeResult(vms, hosts)
-    console_run(fleet, cold, interact=False)  # empty cache: it is filled by this launch
+    console_run(fleet, cold, interact=False, wait_snapshot=True)  # empty cache: filled by this launch
     res.first_rows_cold, res.verdicts_cold = cold.first_rows, cold.verdicts
     res.after_rows_cold = cold.after_rows
     for i in range(runs):

@@ -240,6 +240,9 @@ class FleetSnapshot:
     rules, atomic writes and "no cache, one notice" as ``OpenedCache``.
     """
 
+    #: the key in the header ``load_split`` read last ("" before)
+    key_found = ""
+
     def __init__(self, fleet_path: str | os.PathLike[str], directory: Path | None = None) -> None:
         self.dir = directory or cache_dir()
         scope = f"{Path(fleet_path).resolve()}\n{code_digest()}"
@@ -281,9 +284,10 @@ class FleetSnapshot:
             self.why_not = "corrupt"
         return state
 
-    def load_split(self, key: str) -> tuple[Any, memoryview, bytes] | None:
+    def load_split(self, key: str | None) -> tuple[Any, memoryview, bytes] | None:
         """A snapshot stored with ``save_split`` under ``key``: its first part, rebuilt, and the
-        rest still pickled with its SHA-256 (for ``load_rest``); None as ``load``.
+        rest still pickled with its SHA-256 (for ``load_rest``); None as ``load``. ``key`` None:
+        under whatever key (``key_found`` says which; the caller must compare it).
 
         The whole file is read at once (what ``load_rest`` later rebuilds is these bytes,
         never a newer file), but only the first part is hashed and unpickled here."""
@@ -308,7 +312,8 @@ class FleetSnapshot:
                 or fields[1] != str(SNAPSHOT_FORMAT).encode() or not fields[4].isdigit()):
             self.why_not = "not a snapshot"
             return None
-        if fields[2] != key.encode():
+        self.key_found = fields[2].decode("ascii", "replace")
+        if key is not None and fields[2] != key.encode():
             self.why_not = "inputs changed"
             return None
         body = memoryview(data)[len(head) + 1:]

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> int:
             status += chunk
         return int(status) if status.strip().isdigit() else 1
     os.close(r)
+    os.setsid()  # off the caller's terminal: a hang-up or Ctrl-C there does not end the reaper
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # if it fails, PID 1 reaps, as before

@@ -319,6 +319,8 @@ class FleetService:
         self._rest: tuple[memoryview, bytes] | None = None
         self._hosts_blob = b""
         self._snap_problems: list[Problem] = []
+        #: the snapshot read while the console starts (``_preload_snapshot``): thread, result
+        self._preloaded: tuple[threading.Thread, list[Any]] | None = None
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
         self.check_source = ""
@@ -927,7 +929,31 @@ class FleetService:
         proc.start()
         send.close()
         self._prefetch = (proc, receive)
+        self._preload_snapshot()
         return True
+
+    def _preload_snapshot(self) -> None:
+        """Read the fleet's snapshot on a thread while the console starts (its first part is a
+        few MB; the rest stays bytes), so that it is there when the helper's key is. It is
+        used only if the key in its header is exactly that key (``_load_snapshot``)."""
+        if not self.use_cache or os.environ.get("ESCORT_NO_CACHE") or not self.path or self._generation:
+            return
+        path = self.path
+        box: list[Any] = []
+
+        def load() -> None:
+            try:
+                from console.adapters.cache import FleetSnapshot
+
+                snap = FleetSnapshot(path)
+                got = snap.load_split(None)
+                box.append((snap.path, snap.key_found, got) if got is not None else None)
+            except Exception:  # no snapshot then: the check loads or computes as without this
+                box.append(None)
+
+        worker = threading.Thread(target=load, name="escort-snapshot", daemon=True)
+        worker.start()
+        self._preloaded = (worker, box)
 
     @staticmethod
     def _receive(conn: Connection) -> Generator[list[VMView], None, tuple[Any, ...] | None]:
@@ -946,14 +972,23 @@ class FleetService:
         conn.close()
         return None
 
-    @staticmethod
-    def _load_snapshot(snap: FleetSnapshot, key: str) -> Generator[list[VMView], None, Any]:
+    def _load_snapshot(self, snap: FleetSnapshot, key: str) -> Generator[list[VMView], None, Any]:
         """``snap.load_split(key)`` on a thread of its own, yielding ``[]`` while it runs.
 
         Reading, hashing and unpickling a 10,000-VM snapshot is ~0.1-0.2 s in one call; on
         the console's event loop that would hold up everything the screen still has to do
         (first paint, the footer's start-up recomposes) until it is done. The load touches
-        nothing of this service (a file in, objects out), so it runs beside the loop."""
+        nothing of this service (a file in, objects out), so it runs beside the loop. What
+        ``_preload_snapshot`` read is used instead when it was stored under ``key``."""
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None:
+            while preloaded[0].is_alive():
+                preloaded[0].join(0.005)
+                if preloaded[0].is_alive():
+                    yield []
+            got = preloaded[1][0] if preloaded[1] else None
+            if got is not None and got[0] == snap.path and got[1] == key:
+                return got[2]
         box: list[Any] = []
 
         def load() -> None:

@@ -461,10 +461,17 @@ def test_a_policy_changed_after_the_helper_read_it_changes_nothing_it_decided(fl
     assert s3.policy_token(vm.uuid) == first.read_text().strip() != before
 
 
+def _flip_first(path: Path) -> None:
+    head, _, body = path.read_bytes().partition(b"\n")
+    data = bytearray(body)
+    data[len(data) // 1000] ^= 0xFF  # in the first part; the header (the key) is untouched
+    path.write_bytes(head + b"\n" + bytes(data))
+
+
 def test_a_snapshot_that_fails_after_the_helper_found_it_means_a_full_check(fleet: Path) -> None:
     cold, _ = check(fleet)
+    _flip_first(snapshot_file(fleet))  # the helper looks at the header only: a hit
     service = _warm_helper(fleet)
-    _flipped(snapshot_file(fleet))  # damaged between the helper's look and the console's load
     views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
              for step in service.check_in_steps() for v in step}
     assert service.check_source == "computed" and views == cold == uncached(fleet)
@@ -547,3 +554,36 @@ def test_a_question_between_the_first_rows_and_the_rest_gets_the_snapshots_token
     assert service._rest is None
     rest = [v for step in steps for v in step]
     assert service.check_source == "snapshot" and len(first) + len(rest) == len(service._vms)
+
+
+def test_the_snapshot_read_while_the_console_starts_is_used_under_the_helpers_key(
+        fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cold, _ = check(fleet)
+    service = _warm_helper(fleet)
+    assert service._preloaded is not None
+    service._preloaded[0].join(60)
+    loads: list[object] = []
+    original = FleetSnapshot.load_split
+
+    def counted(self: FleetSnapshot, key: str | None) -> object:
+        loads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(FleetSnapshot, "load_split", counted)
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "snapshot" and views == cold and loads == []
+
+
+def test_a_snapshot_read_while_the_console_starts_under_another_key_is_not_used(fleet: Path) -> None:
+    """A policy changed after the snapshot was written: the snapshot read at start carries the
+    old key, the helper computes the new one; the fleet is checked anew."""
+    check(fleet)
+    _resign_other_policy(fleet)
+    service = _warm_helper(fleet)
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in service.check_in_steps() for v in step}
+    assert service.check_source == "computed" and views == uncached(fleet)
+    first = sorted((fleet.parent / "policies").iterdir())[0]
+    vm = next(v for v in service.spec.vms if Path(v.policy_file) == first) if service.spec else None
+    assert vm is not None and service.policy_token(vm.uuid) == first.read_text().strip()
