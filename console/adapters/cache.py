@@ -250,8 +250,9 @@ class FleetSnapshot:
         self.notice = ""
         self.why_not = ""  # why the last load found nothing usable (for tests and the bench)
 
-    def load(self, key: str) -> Any | None:
-        """The snapshot stored under ``key``, or None (absent, other key, corrupt, foreign)."""
+    def _read_own(self) -> bytes | None:
+        """The whole snapshot file, if it is a regular file of this user's that nobody else
+        may write and within the size bound; None otherwise (``why_not`` says why)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -266,16 +267,22 @@ class FleetSnapshot:
                     or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size > MAX_BYTES):
                 self.why_not = "foreign"
                 return None
-            head = fh.readline(512)
-            fields = head.rstrip(b"\n").split(b" ")
-            if (not head.endswith(b"\n") or len(fields) != 4 or fields[0] != _MAGIC
-                    or fields[1] != str(SNAPSHOT_FORMAT).encode()):
-                self.why_not = "not a snapshot"
-                return None
-            if fields[2] != key.encode():
-                self.why_not = "inputs changed"
-                return None
-            body = fh.read(MAX_BYTES + 1)
+            return fh.read(MAX_BYTES + 1)
+
+    def load(self, key: str) -> Any | None:
+        """The snapshot stored under ``key``, or None (absent, other key, corrupt, foreign)."""
+        data = self._read_own()
+        if data is None:
+            return None
+        head, newline, body = data.partition(b"\n")
+        fields = head.split(b" ")
+        if (not newline or len(head) >= 512 or len(fields) != 4 or fields[0] != _MAGIC
+                or fields[1] != str(SNAPSHOT_FORMAT).encode()):
+            self.why_not = "not a snapshot"
+            return None
+        if fields[2] != key.encode():
+            self.why_not = "inputs changed"
+            return None
         if fields[3] != hashlib.sha256(body).hexdigest().encode():
             self.why_not = "corrupt"
             return None
@@ -291,21 +298,9 @@ class FleetSnapshot:
 
         The whole file is read at once (what ``load_rest`` later rebuilds is these bytes,
         never a newer file), but only the first part is hashed and unpickled here."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            self.why_not = "absent"
+        data = self._read_own()
+        if data is None:
             return None
-        except OSError as exc:
-            self.why_not = f"unreadable ({exc.strerror or exc})"
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
-                    or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size > MAX_BYTES):
-                self.why_not = "foreign"
-                return None
-            data = fh.read(MAX_BYTES + 1)
         head, newline, _ = data[:512].partition(b"\n")
         fields = head.split(b" ")
         if (not newline or len(fields) != 6 or fields[0] != _MAGIC
