@@ -38,6 +38,7 @@ from tests.integration.wire import (
     TLS_RECORD,
     capture,
     connections,
+    describe,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ async def test_escort_migration_is_tls_on_every_connection(lab: Lab, mig_fleet: 
         _only_on(lab, uuid, TARGET)
         seen = connections(pcap)
         # one main stream, plus one connection per multifd channel
-        assert len(seen) == (1 if channels == 1 else channels + 1), seen
+        assert len(seen) == (1 if channels == 1 else channels + 1), (seen, describe(pcap))
         for conn in seen:
             assert conn.client_first.startswith(TLS_RECORD), conn
             assert conn.server_first.startswith(TLS_RECORD), conn
@@ -89,7 +90,7 @@ async def test_the_wire_check_sees_a_plaintext_migration(lab: Lab, mig_fleet: Pa
         with capture(lab, TARGET, "wire-plain") as pcap:
             dom.migrate3(dst, params, flags)
         seen = connections(pcap)
-        assert len(seen) == 3, seen
+        assert len(seen) == 3, (seen, describe(pcap))
         firsts = sorted(c.client_first[:4] for c in seen)
         assert firsts == sorted([QEMU_PLAIN_MAGIC, MULTIFD_PLAIN_MAGIC, MULTIFD_PLAIN_MAGIC])
         assert not any(c.client_first.startswith(TLS_RECORD) for c in seen)

@@ -53,9 +53,12 @@ def capture(lab: Lab, host: str, name: str) -> Iterator[Path]:
     pcap = lab.dir / f"wire-{name}.pcap"
     pcap.unlink(missing_ok=True)
     ns = lab.host(host).ns
+    # --immediate-mode: without it tcpdump reads the kernel's ring in blocks (up to 1 s) and a
+    # capture stopped within that loses what is still queued ("1003 packets received by
+    # filter", "0 packets captured": a fast plaintext move's whole stream)
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, tcpdump(), "-i", "back0", "-U", "-n", "-s", "192", "-w", str(pcap),
-         f"tcp portrange {PORTS[0]}-{PORTS[1]}"],
+        ["ip", "netns", "exec", ns, tcpdump(), "-i", "back0", "--immediate-mode", "-U", "-n", "-s", "192",
+         "-w", str(pcap), f"tcp portrange {PORTS[0]}-{PORTS[1]}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     deadline = time.monotonic() + 20
@@ -73,10 +76,20 @@ def capture(lab: Lab, host: str, name: str) -> Iterator[Path]:
         time.sleep(0.5)  # the last segments
         proc.terminate()
         try:
-            proc.wait(10)
+            _, rest = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, rest = proc.communicate()
+        # tcpdump's own summary ("N packets captured ... N dropped by kernel"), for a failure's message
+        pcap.with_suffix(".log").write_bytes(started + (rest or b"") + f"\nexit {proc.returncode}\n".encode())
+
+
+def describe(pcap: Path) -> str:
+    """What a capture holds and what tcpdump said about it (for assertion messages)."""
+    size = pcap.stat().st_size if pcap.exists() else -1
+    log = pcap.with_suffix(".log")
+    said = log.read_text(errors="replace").strip() if log.exists() else "(no tcpdump log)"
+    return f"{pcap} ({size} bytes); tcpdump: {said}"
 
 
 def connections(pcap: Path) -> list[Connection]:
