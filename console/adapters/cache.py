@@ -66,9 +66,16 @@ def code_digest() -> str:
             h.update(f"{lib} {importlib.metadata.version(lib)}".encode())
         except importlib.metadata.PackageNotFoundError:
             h.update(f"{lib} ?".encode())
-    for path in sorted(core.rglob("*.py")):
-        h.update(path.relative_to(core).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    hash_sources(h, core, core)
     return h.hexdigest()[:24]
+
+
+def hash_sources(h: Any, base: Path, directory: Path) -> None:
+    """Feed ``h`` every ``*.py`` under ``directory`` (sorted): its path relative to ``base``
+    and its bytes. The one way escort's code digests (``code_digest``, parsecache's
+    ``parser_digest``) cover source files."""
+    for path in sorted(directory.rglob("*.py")):
+        h.update(path.relative_to(base).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
 
 
 def _decode(token: str) -> tuple[dict[str, Any], Any]:
@@ -403,4 +410,4 @@ def digest_parts(parts: Iterable[bytes | str]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["FleetSnapshot", "OpenedCache", "cache_dir", "code_digest", "digest_parts"]
+__all__ = ["FleetSnapshot", "OpenedCache", "cache_dir", "code_digest", "digest_parts", "hash_sources"]

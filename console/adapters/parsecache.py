@@ -38,7 +38,7 @@ import os
 import sys
 from pathlib import Path
 
-from console.adapters.cache import FleetSnapshot, cache_dir, digest_parts
+from console.adapters.cache import FleetSnapshot, cache_dir, digest_parts, hash_sources
 
 FORMAT = 1
 #: the notices of caches that could not be written in this process (shown once by the CLI/UI)
@@ -54,8 +54,7 @@ def parser_digest() -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256(f"parsed {FORMAT} {sys.version} rtoml {getattr(rtoml, '__version__', '?')}".encode())
     for sub in ("core", "adapters"):
-        for path in sorted((root / sub).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        hash_sources(h, root, root / sub)
     return h.hexdigest()
 
 

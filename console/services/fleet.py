@@ -936,7 +936,7 @@ class FleetService:
         """Read the fleet's snapshot on a thread while the console starts (its first part is a
         few MB; the rest stays bytes), so that it is there when the helper's key is. It is
         used only if the key in its header is exactly that key (``_load_snapshot``)."""
-        if not self.use_cache or os.environ.get("ESCORT_NO_CACHE") or not self.path or self._generation:
+        if not self._caching() or not self.path or self._generation:
             return
         path = self.path
         box: list[Any] = []
@@ -1037,7 +1037,7 @@ class FleetService:
         Only for the first check of a fleet as its files describe it: once a refresh has
         applied facts from the hosts (``_generation``), every check is made anew.
         """
-        if (not self.use_cache or os.environ.get("ESCORT_NO_CACHE") or not self.path
+        if (not self._caching() or not self.path
                 or self.spec is None or self._generation):
             return None
         if self._snap is None:
@@ -1295,9 +1295,14 @@ class FleetService:
         self.problems.extend(p for p in problems if p not in known)
         self._cert_pending.difference_update(unread)  # read there: unreadable, reported once
 
+    def _caching(self) -> bool:
+        """The console's caches are on: asked for (``use_cache``) and not turned off by
+        ``ESCORT_NO_CACHE``."""
+        return self.use_cache and not os.environ.get("ESCORT_NO_CACHE")
+
     def _opened_cache(self) -> OpenedCache | None:
         """The persistent cache of opened policies (adapters/cache.py), when enabled."""
-        if not self.use_cache or os.environ.get("ESCORT_NO_CACHE"):
+        if not self._caching():
             return None
         if self._cache is None:
             from console.adapters.cache import OpenedCache
