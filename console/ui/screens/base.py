@@ -77,9 +77,12 @@ class FleetScreen(Screen[None]):
         self.escort.fleet_changed.subscribe(self, self._fleet_changed)
 
     def _fleet_changed(self, _: None) -> None:
-        for bar in self.query(".title-bar").results(Static):
-            bar.update(self.escort.title_line(self.screen_label))
+        self._retitle()
         self.reload()
+
+    def _retitle(self) -> None:
+        for bar in self.query(".title-bar").results(Static):
+            bar.update(self.escort.title_line(self.screen_label), layout=False)
 
     def reload(self) -> None:
         """Re-read rows and details after a refresh (screens that show fleet data override)."""
@@ -92,6 +95,7 @@ class FleetScreen(Screen[None]):
 
     def on_screen_resume(self) -> None:
         self.on_resize()
+        self._retitle()  # the start-up check's count moved on while another screen was shown
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide keys that do nothing here (no table to filter)."""
