@@ -123,3 +123,100 @@ async def test_the_footer_recomposes_once_for_a_burst_of_binding_changes(
         assert len(calls) == 1
         keys = [str(k.render()) for k in app.screen.query("FooterKey")]
         assert keys  # the footer still shows its keys after the recompose
+
+
+async def test_the_targets_pane_never_checks_host_chains_during_a_warm_start(
+        scale_fleet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a warm start-up check runs, the targets pane of a VM that already has its verdict
+    lists every host's verdict from the check (the same matrix as the row) and leaves the
+    reasons for after the check: it never checks a host chain itself -- the snapshot holds
+    every one of them (counted: no chain is checked at all in a warm launch, reasons
+    included). The list during the check is the list after it; the row agrees with both.
+    The check is held after its first verdicts so that the pane is asked (as a worker started
+    while the row still said "checking…" runs) for a decided VM while the check still runs."""
+    from console.core.pki.store import TrustStore
+    from console.ui.screens.vms import VMsScreen
+
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    chains: list[object] = []
+    original_verify = TrustStore.verify_host
+
+    def counted(self: TrustStore, *args: object, **kwargs: object) -> object:
+        chains.append(args[0])
+        return original_verify(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrustStore, "verify_host", counted)
+
+    def pane(app: EscortApp) -> tuple[str, list[tuple[str, str]]]:
+        screen = app.screen
+        title = str(screen.query_one("#targets-title").render())
+        rows = screen.query_one("#targets", VirtualTable).rows_in_view()
+        return title, [(r.key, r.cells[0]) for r in rows if r.cells[0]]  # host lines (verdicts)
+
+    # the first launch checks everything (and stores the snapshot): chains are checked then
+    lazy = FleetService.load(scale_fleet, eager=False)
+    lazy.use_cache = True
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await checked(app, pilot)
+    assert lazy.check_source == "computed" and chains  # the counter counts
+    chains.clear()
+
+    release: list[bool] = []
+    original_steps = FleetService.check_in_steps
+
+    def held(self: FleetService, **kwargs: object):  # type: ignore[no-untyped-def]
+        steps = original_steps(self, **kwargs)  # type: ignore[arg-type]
+        for views in steps:
+            yield views
+            if views:
+                break  # the first verdicts are out: hold the rest until released
+        while not release:
+            yield []
+        yield from steps
+
+    monkeypatch.setattr(FleetService, "check_in_steps", held)
+    lazy = FleetService.load(scale_fleet, eager=False)
+    lazy.use_cache = True
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        for _ in range(500):
+            await pilot.pause(0.02)
+            screen = app.screen
+            if isinstance(screen, VMsScreen) and screen.is_mounted and screen.query("#targets"):
+                key = screen.main_table().cursor_key
+                vm = app.vm_by_key(key) if key else None
+                if vm is not None and not vm.checking:
+                    break
+        assert isinstance(screen, VMsScreen) and app.checking
+        key = screen.main_table().cursor_key
+        assert key is not None
+        # the pane is asked again for the VM it shows (a resize, a second highlight, a worker
+        # started while its row said "checking…"): the verdicts, never a chain check
+        screen._show_targets(key)
+        for _ in range(50):
+            await pilot.pause(0.02)
+            if "listing reasons" in pane(app)[0]:
+                break
+        during_title, during = pane(app)
+        assert app.checking and "listing reasons" in during_title, during_title
+        assert chains == []
+        release.append(True)
+        await checked(app, pilot)
+        for _ in range(200):
+            await settle(app)
+            await pilot.pause(0.02)
+            if "Enter: walkthrough" in pane(app)[0]:
+                break
+        after_title, after = pane(app)
+        row = next(r for r in app.vm_rows() if r.key == key)
+    assert lazy.check_source == "snapshot"
+    assert "Enter: walkthrough" in after_title, after_title  # every reason listed after the check
+    assert during == after  # the same hosts, the same verdicts, in the same order
+    allowed = sum(1 for _, verdict in after if "allowed" in verdict)
+    assert row.cells[4] == f"{allowed}/{len(after)}"
+    assert f"{allowed} of " in during_title and f"{allowed} of " in after_title
+    assert chains == []  # the snapshot answered every host, the reasons' too

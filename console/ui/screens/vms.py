@@ -141,22 +141,29 @@ class VMsScreen(FleetScreen):
             # deciding it here too would redo, ahead of the check, what the check reuses
             self._targets_ready(vm_key, f"Targets for {name}: checking…", [], keep)
             return
-        if vm is not None and not vm.checking and not keep and admin is None:
+        checking = self.escort.checking
+        if vm is not None and admin is None and (not keep or checking):
             # Every host's verdict at once, from the same allowed-target matrix as the VM's
             # row (so row and pane agree); the reasons for each refusal follow below.
+            # (While the start-up check runs, also for the VM already in the pane: this
+            # worker may have been started while its row still said "checking…".)
             allowed_set = set(vm.allowed_targets)
             quick = sorted(hosts, key=lambda h: (h not in allowed_set, h))
             self._targets_ready(
                 vm_key, f"Targets for {name}: {len(allowed_set)} of {plural(len(hosts), 'host')} allowed"
                 " — listing reasons…",
                 [make_row(h, [f"{OK} allowed", h], ["ok", "strong"]) if h in allowed_set
-                 else make_row(h, [f"{BAD} refused", h], ["bad", "strong"]) for h in quick], False)
+                 else make_row(h, [f"{BAD} refused", h], ["bad", "strong"]) for h in quick], keep)
             keep = True
             await asyncio.sleep(0)
-            if self.escort.checking:
-                # the reasons (a full decision per host) follow when the start-up check is
-                # done (its end re-lists this pane): computed now they would slow the check
-                return
+        if self.escort.checking:
+            # The reasons (a full decision per host; acting as an admin, every decision: its
+            # grants count) follow when the start-up check is done: its end re-lists this
+            # pane. Computed now, each host's chain would be checked here, ahead of the check
+            # that restores or checks it anyway, and slow that check down.
+            if admin is not None:
+                self._targets_ready(vm_key, f"Targets for {name}: checking…", [], keep)
+            return
         decisions = []
         at = getattr(service, "at", None)  # one time for the whole list (and its caches)
         try:
