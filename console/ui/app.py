@@ -209,15 +209,13 @@ class EscortApp(App[None]):
         return f"checking {self.check_decided:,} of {self.check_total:,} VMs"
 
     def retitle(self) -> None:
-        """Redraw the title bars of the screens in view (one line each; no relayout)."""
-        from textual.widgets import Static
+        """Redraw the title bars of the screens in view (one line each; no relayout), each
+        after what its screen has queued (rows the title's count must not run ahead of)."""
+        from console.ui.screens.base import FleetScreen
 
         for screen in self.screen_stack:
-            label = getattr(screen, "screen_label", None)
-            if label is None:
-                continue
-            for bar in screen.query(".title-bar").results(Static):
-                bar.update(self.title_line(label), layout=False)
+            if isinstance(screen, FleetScreen):
+                screen.call_next(screen.retitle)
 
     def start_checking(self) -> None:
         """Check the fleet in small steps on the event loop; rows get their verdicts as
@@ -254,11 +252,10 @@ class EscortApp(App[None]):
                 # snapshot: services/fleet.py yields those first), then at most 4 times a second
                 if arrived and (not published or time.perf_counter() - last > 0.25
                                 or len(decided) >= len(position)):
-                    self.verdicts_arrived.publish(frozenset(arrived))
-                    # the title's count: only rows the screen was just given (never ahead of them);
-                    # it leaves the title with the last of them (every verdict on its row)
+                    # the title's count (screens retitle on this signal, after taking its rows):
+                    # only rows handed to the screens; it leaves the title with the last of them
                     self.check_decided = len(decided)
-                    self.retitle()
+                    self.verdicts_arrived.publish(frozenset(arrived))
                     published += 1
                     arrived = set()
                     last = time.perf_counter()
@@ -276,10 +273,9 @@ class EscortApp(App[None]):
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
         self.checking = False
+        self.check_decided = len(decided)  # (screens retitle on the signals below)
         if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
             self.verdicts_arrived.publish(frozenset(arrived))
-        self.check_decided = len(decided)
-        self.retitle()
         # the streamed views are final; hosts now carry their checked chains (cached)
         self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows)
         self.fleet_changed.publish(None)
