@@ -131,7 +131,11 @@ def test_the_helpers_opened_tokens_count_only_for_the_consoles_own_tokens(fleet:
     console = FleetService.load(fleet, eager=False)
     receive, send = multiprocessing.Pipe(duplex=False)
     console._prefetch = (None, receive)  # type: ignore[assignment]
-    sender = threading.Thread(target=lambda: [send.send(m) for m in messages])
+    def play() -> None:
+        for m in messages:
+            send.send(m)
+
+    sender = threading.Thread(target=play)
     sender.start()
     views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
              for step in console.check_in_steps() for v in step}
