@@ -114,6 +114,11 @@ class EscortApp(App[None]):
         self.progressive = (callable(getattr(service, "check_in_steps", None))
                             and not getattr(service, "eager", True))
         self.checking = False
+        #: the start-up check's progress, shown in the title bar ("checking 3,412 of 10,000 VMs"):
+        #: VMs whose verdict is on their row / VMs in the fleet; "" or why the check stopped
+        self.check_decided = 0
+        self.check_total = 0
+        self.check_failed = ""
         if self.progressive:
             self._load_stub_views()
         else:
@@ -174,15 +179,7 @@ class EscortApp(App[None]):
             return
         if set(found) != set(self.emergencies):
             self.emergencies = found
-            # retitle only: rows and focus stay as they are (a dialog may be open)
-            from textual.widgets import Static
-
-            for screen in self.screen_stack:
-                label = getattr(screen, "screen_label", None)
-                if label is None:
-                    continue
-                for bar in screen.query(".title-bar").results(Static):
-                    bar.update(self.title_line(label))
+            self.retitle()  # retitle only: rows and focus stay as they are (a dialog may be open)
 
     # ---------------------------------------------------------- start-up check
     def _load_stub_views(self) -> None:
@@ -190,6 +187,35 @@ class EscortApp(App[None]):
         service: Any = self.service
         self.checking = True
         self._set_views(list(service.host_stubs()), list(service.vm_stubs()))
+        self.check_decided, self.check_total, self.check_failed = 0, len(self._vms), ""
+
+    @property
+    def verdicts_pending(self) -> bool:
+        """True while some VM's row still waits for its verdict (the title bar says how many).
+        False once every row has one, which can be before ``checking`` ends: the check's
+        bookkeeping (policy memory, cache files) and the placement marks follow it."""
+        return self.checking and (self.check_decided < self.check_total or not self.check_total)
+
+    def check_words(self) -> str:
+        """The title bar's progress of the start-up check ("" when there is none to show)."""
+        if self.check_failed:
+            return f"check FAILED at {self.check_decided:,} of {self.check_total:,} VMs"
+        if not self.checking and self.check_decided < self.check_total:
+            return f"only {self.check_decided:,} of {self.check_total:,} VMs checked"  # never "done"
+        if not self.verdicts_pending:
+            return ""
+        if not self.check_total:
+            return "checking…"
+        return f"checking {self.check_decided:,} of {self.check_total:,} VMs"
+
+    def retitle(self) -> None:
+        """Redraw the title bars of the screens in view (one line each; no relayout), each
+        after what its screen has queued (rows the title's count must not run ahead of)."""
+        from console.ui.screens.base import FleetScreen
+
+        for screen in self.screen_stack:
+            if isinstance(screen, FleetScreen):
+                screen.call_next(screen.retitle)
 
     def start_checking(self) -> None:
         """Check the fleet in small steps on the event loop; rows get their verdicts as
@@ -208,7 +234,7 @@ class EscortApp(App[None]):
         position = {v.uuid: i for i, v in enumerate(self._vms)}
         n_hosts = len(self._hosts)
         arrived: set[str] = set()
-        decided = 0
+        decided: set[str] = set()  # rows with their verdict (a VM yielded twice counts once)
         published = 0
         last = time.perf_counter()
         try:
@@ -221,16 +247,19 @@ class EscortApp(App[None]):
                     self._vm_index[view.uuid] = view
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
-                decided += len(views)
+                    decided.add(view.uuid)
                 # the first verdicts at once (they are the rows on screen when the fleet reuses its
                 # snapshot: services/fleet.py yields those first), then at most 4 times a second
                 if arrived and (not published or time.perf_counter() - last > 0.25
-                                or decided >= len(position)):
+                                or len(decided) >= len(position)):
+                    # the title's count (screens retitle on this signal, after taking its rows):
+                    # only rows handed to the screens; it leaves the title with the last of them
+                    self.check_decided = len(decided)
                     self.verdicts_arrived.publish(frozenset(arrived))
                     published += 1
                     arrived = set()
                     last = time.perf_counter()
-                    if published == 1 or decided >= len(position):
+                    if published == 1 or len(decided) >= len(position):
                         # let the screen show them before more work (the rest of the rows, the
                         # check's bookkeeping: policy memory, cache files) runs on this loop:
                         # sleep(0) alone is not enough when the screen awaits something of its
@@ -239,9 +268,12 @@ class EscortApp(App[None]):
                         await self._screen_refreshed()
                 await asyncio.sleep(0)
         except EscortError as exc:
+            self.check_failed = str(exc)
+            self.retitle()
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
         self.checking = False
+        self.check_decided = len(decided)  # (screens retitle on the signals below)
         if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
             self.verdicts_arrived.publish(frozenset(arrived))
         # the streamed views are final; hosts now carry their checked chains (cached)
@@ -346,6 +378,9 @@ class EscortApp(App[None]):
         """The top line: read-only first (never cut off), where we are, which fleet and
         what kind it is (demo/lab/real)."""
         parts = ["escort"] + (["READ-ONLY"] if self.readonly else []) + ([screen] if screen else [])
+        progress = self.check_words()  # before the fleet's name: visible at 80 columns
+        if progress:
+            parts.append(progress)
         if self.admin:
             parts.append(f"as {self.admin}")
         now = dt.datetime.now(dt.UTC)

@@ -3,6 +3,7 @@ streamed verdicts equal to what the fleet service decides in one go (one verdict
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,178 @@ async def test_the_footer_recomposes_once_for_a_burst_of_binding_changes(
         assert len(calls) == 1
         keys = [str(k.render()) for k in app.screen.query("FooterKey")]
         assert keys  # the footer still shows its keys after the recompose
+
+
+# ------------------------------------------------------------ the title bar's progress
+PROGRESS = re.compile(r"checking ([\d,]+) of ([\d,]+) VMs")
+
+
+def decided_rows(app: EscortApp) -> int:
+    return sum(row.cells[4] != "checking…" for row in app.vm_rows())
+
+
+def drawn_rows(app: EscortApp) -> int | None:
+    """Rows with a verdict in the VMs table itself (what it draws), None before it has rows."""
+    from console.ui.screens.vms import VMsScreen
+
+    for screen in app.screen_stack:
+        if isinstance(screen, VMsScreen):
+            tables = list(screen.query("#vms-table").results(VirtualTable))
+            if tables and tables[0].row_count:
+                return sum(row.cells[4] != "checking…" for row in tables[0]._rows)
+    return None
+
+
+def record_titles(app: EscortApp, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every title line the console computes (any screen, any path: start-up, retitle, a
+    refresh), with how many rows had their verdict at that moment: in the app's rows, and in
+    the VMs table's own rows (what it draws) -- the title must not run ahead of either."""
+    seen: list[tuple[str, int]] = []
+    original = EscortApp.title_line
+
+    def spy(self: EscortApp, screen: str) -> str:
+        line = original(self, screen)
+        if self is app:
+            drawn = drawn_rows(self)
+            decided = decided_rows(self)
+            seen.append((line, decided if drawn is None else min(decided, drawn)))
+        return line
+
+    monkeypatch.setattr(EscortApp, "title_line", spy)
+    return seen
+
+
+def in_slices(service: FleetService, size: int) -> None:
+    """The service's verdicts handed over ``size`` at a time (same views, same order): the
+    console then publishes a first part of the fleet and the rest later, as at 10,000 VMs."""
+    steps = service.check_in_steps
+
+    def sliced(**kw: object):  # type: ignore[no-untyped-def]
+        for views in steps(**kw):  # type: ignore[arg-type]
+            if not views:
+                yield views
+            for i in range(0, len(views), size):
+                yield views[i:i + size]
+
+    service.check_in_steps = sliced  # type: ignore[method-assign]
+
+
+def assert_honest(seen: list[tuple[str, int]], total: int) -> None:
+    """While the title says "checking N of M VMs", N is exactly the rows with a verdict and M
+    the fleet; it says nothing of the kind only once every row has its verdict."""
+    counts = []
+    for line, decided in seen:
+        m = PROGRESS.search(line)
+        if m:
+            n, of = int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+            assert of == total, line
+            assert n <= decided and n < total, (line, decided)
+            counts.append(n)
+        else:
+            assert "checking" not in line and "FAILED" not in line, line
+            assert decided == total, (line, decided)  # never "done" before the last verdict
+    assert counts and counts[0] == 0, seen  # from the first paint: nothing decided yet
+    assert any(0 < n < total for n in counts), counts  # a part of the fleet, counted
+    assert not PROGRESS.search(seen[-1][0]), seen[-1]  # and gone when the check is done
+
+
+async def test_the_title_counts_the_start_up_check_and_clears_when_every_verdict_is_in(
+        scale_fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lazy = FleetService.load(scale_fleet, eager=False)
+    in_slices(lazy, 7)
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    total = len(app.vm_rows())
+    seen = record_titles(app, monkeypatch)
+    assert app.title_line("VMs").startswith(f"escort │ VMs │ checking 0 of {total:,} VMs │ offline")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await checked(app, pilot)
+        assert not app.checking and app.check_decided == total == decided_rows(app)
+        bar = str(app.screen.query_one(".title-bar").render())
+    assert_honest(seen, total)
+    assert "checking" not in bar and bar.startswith("escort │ VMs │ offline │ ")
+
+
+async def test_the_progress_reads_the_same_on_a_warm_start(scale_fleet: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    sources = []
+    for _ in range(2):  # the first launch writes the snapshot, the second reuses it
+        lazy = FleetService.load(scale_fleet, eager=False)
+        lazy.use_cache = True
+        in_slices(lazy, 7)
+        app = EscortApp(lazy, config=UIConfig(), live=False)
+        with monkeypatch.context() as m:
+            seen = record_titles(app, m)
+            async with app.run_test(size=(80, 24)) as pilot:
+                await checked(app, pilot)
+        assert_honest(seen, len(app.vm_rows()))
+        sources.append(lazy.check_source)
+    assert sources == ["computed", "snapshot"]
+
+
+async def test_the_progress_starts_again_after_a_refresh(demo_fleet: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresh (libvirt's test:// driver answers) re-decides every VM: the count starts
+    from 0 again and clears when the new check is done."""
+    from tests.ui.conftest import AT
+
+    lazy = FleetService.load(demo_fleet, eager=False, at=AT)
+    app = EscortApp(lazy, config=UIConfig(), at=AT, live=True)
+    total = len(app.vm_rows())
+    starts: list[int] = []
+    original = EscortApp._load_stub_views
+
+    def stub(self: EscortApp) -> None:
+        original(self)
+        starts.append(len(seen))
+
+    seen = record_titles(app, monkeypatch)
+    monkeypatch.setattr(EscortApp, "_load_stub_views", stub)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for _ in range(500):
+            await settle(app)
+            await pilot.pause(0.02)
+            if starts and not app.refreshing and not app.checking:
+                break
+        assert starts, "the refresh did not start a new check"
+        assert not app.checking and decided_rows(app) == total
+        bar = str(app.screen.query_one(".title-bar").render())
+    after = seen[starts[-1]:]
+    assert after and f"checking 0 of {total:,} VMs" in after[0][0], after[:1]
+    for line, decided in after:
+        if not PROGRESS.search(line):
+            assert decided == total, (line, decided)
+    assert "checking" not in bar
+
+
+async def test_a_failed_check_never_reads_as_done(scale_fleet: Path) -> None:
+    from console.core.errors import EscortError
+
+    lazy = FleetService.load(scale_fleet, eager=False)
+    steps = lazy.check_in_steps
+
+    def broken(**kw: object):  # type: ignore[no-untyped-def]
+        for views in steps(**kw):  # type: ignore[arg-type]
+            if views:
+                yield views[:5]
+                raise EscortError("the disk went away")
+            yield views
+
+    lazy.check_in_steps = broken  # type: ignore[method-assign]
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    total = len(app.vm_rows())
+    async with app.run_test(size=(80, 24)) as pilot:
+        for _ in range(200):
+            await settle(app)
+            await pilot.pause(0.02)
+            if app.check_failed:
+                break
+        bar = str(app.screen.query_one(".title-bar").render())
+        decided = decided_rows(app)
+    # the rows decided before the failure (the first step's, at most 5), never the whole fleet
+    assert 0 < decided <= 5 and f"check FAILED at {decided} of {total:,} VMs" in bar, bar
 
 
 async def test_the_targets_pane_never_checks_host_chains_during_a_warm_start(

@@ -17,12 +17,76 @@ from .model import DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
+class _Facts:
+    """What one certificate says, each part read once (a per-certificate memo).
+
+    cryptography answers every ``get_extension_for_class`` with a linear, isinstance-heavy
+    walk and every ``get_attributes_for_oid`` with a new list; a host check asks ~15 such
+    questions about the same certificate (``cert_info``, the usage checks, the issuer
+    lookup, ``host_attributes``). Each part is computed on first use, at the very call
+    that used to compute it, so a damaged certificate raises exactly what and where it
+    raised before (nothing is stored for a part that raised).
+    """
+
+    __slots__ = ("cert", "exts", "key_type", "spki_sha256", "subject_first")
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        self.cert = cert  # held: while this entry lives, no other object can get its id()
+        #: extension value type -> value (cryptography refuses duplicate extensions, so
+        #: one per type; what ``get_extension_for_class`` would return)
+        self.exts: dict[type, x509.ExtensionType] | None = None
+        #: subject attribute OID -> the first value of that OID (``get_attributes_for_oid(oid)[0]``)
+        self.subject_first: dict[x509.ObjectIdentifier, str | bytes] | None = None
+        self.key_type: str | None = None
+        self.spki_sha256: str | None = None
+
+
+#: id(certificate) -> its facts. Keyed by identity, never by subject, serial or any other
+#: field: two different certificates (even with the same subject and serial) never share
+#: an entry, and the entry holds the certificate, so its id cannot be reused while the
+#: entry exists. Bounded: a full memo is simply emptied (only speed depends on it).
+_FACTS: dict[int, _Facts] = {}
+_FACTS_MAX = 4096
+
+
+def facts(cert: x509.Certificate) -> _Facts:
+    """The memo entry of ``cert`` (created empty on first use)."""
+    hit = _FACTS.get(id(cert))
+    if hit is not None and hit.cert is cert:
+        return hit
+    if len(_FACTS) >= _FACTS_MAX:
+        _FACTS.clear()
+    hit = _FACTS[id(cert)] = _Facts(cert)
+    return hit
+
+
+def _extensions(cert: x509.Certificate) -> dict[type, x509.ExtensionType]:
+    f = facts(cert)
+    exts = f.exts
+    if exts is None:
+        exts = {}
+        for e in cert.extensions:  # raises what ``cert.extensions`` raises for a damaged one
+            exts.setdefault(type(e.value), e.value)
+        f.exts = exts
+    return exts
+
+
 def ext(cert: x509.Certificate, cls: type[_E]) -> _E | None:
     """The certificate's extension of type ``cls``, or None when it has none."""
-    try:
-        return cert.extensions.get_extension_for_class(cls).value
-    except x509.ExtensionNotFound:
-        return None
+    return _extensions(cert).get(cls)  # type: ignore[return-value]
+
+
+def subject_first(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
+    """``str`` of the first subject attribute with ``oid``, or None when there is none."""
+    f = facts(cert)
+    first = f.subject_first
+    if first is None:
+        first = {}
+        for attr in cert.subject:  # RDN order, as ``get_attributes_for_oid`` lists them
+            first.setdefault(attr.oid, attr.value)
+        f.subject_first = first
+    value = first.get(oid)
+    return None if value is None else str(value)
 
 
 def basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -60,6 +124,13 @@ _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 def key_type(cert: x509.Certificate) -> str:
     """"EC P-256", "RSA 2048", "Ed25519"... for display and the key checks."""
+    f = facts(cert)
+    if f.key_type is None:
+        f.key_type = _key_type(cert)
+    return f.key_type
+
+
+def _key_type(cert: x509.Certificate) -> str:
     try:
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
@@ -123,8 +194,7 @@ def email_of(cert: x509.Certificate) -> str:
     mails = san.get_values_for_type(x509.RFC822Name) if san else []
     if mails:
         return str(mails[0])
-    attrs = cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
-    return str(attrs[0].value) if attrs else ""
+    return subject_first(cert, NameOID.EMAIL_ADDRESS) or ""
 
 
 def common_name(name: x509.Name) -> str | None:
@@ -153,7 +223,7 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
     constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
     return CertInfo(
         cert=cert,
-        name=common_name(cert.subject) or subject,
+        name=subject_first(cert, NameOID.COMMON_NAME) or subject,
         subject=subject,
         issuer=cert.issuer.rfc4514_string(),
         serial=cert.serial_number,
@@ -186,8 +256,7 @@ def host_attributes(cert: x509.Certificate, policy_names: Mapping[str, str] | No
     by_oid = {oid: name for name, oid in table.items()}
 
     def first(oid: x509.ObjectIdentifier) -> str | None:
-        attrs = cert.subject.get_attributes_for_oid(oid)
-        return str(attrs[0].value) if attrs else None
+        return subject_first(cert, oid)
 
     try:
         san = subject_alt_names(cert)

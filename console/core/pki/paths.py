@@ -35,7 +35,7 @@ from cryptography.x509.oid import CertificatePoliciesOID
 
 from ..errors import InputError
 from ..reasons import Reason
-from .attributes import cert_info, ext, name_constraints_of
+from .attributes import cert_info, ext, facts, name_constraints_of
 from .checks import (
     aki_matches,
     ca_reasons,
@@ -103,12 +103,16 @@ class PathResult:
 
 
 def _spki_sha256(cert: x509.Certificate) -> str:
-    try:
-        der = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    except Exception:  # unsupported key: no identity (the key check refuses it anyway)
-        return ""
-    return hashlib.sha256(der).hexdigest()
+    f = facts(cert)  # an issuer's key digest, asked again for every certificate it issued
+    if f.spki_sha256 is None:
+        try:
+            der = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+        except Exception:  # unsupported key: no identity (the key check refuses it anyway)
+            f.spki_sha256 = ""
+        else:
+            f.spki_sha256 = hashlib.sha256(der).hexdigest()
+    return f.spki_sha256
 
 
 class PathBuilder:

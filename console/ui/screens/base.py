@@ -75,11 +75,23 @@ class FleetScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.escort.fleet_changed.subscribe(self, self._fleet_changed)
+        # the title's "checking N of M VMs": retitled by the same signal that hands the screens
+        # the new verdicts, posted after them (a subclass's on_mount subscribes first; the
+        # rows are the app's rows then, never fewer than its count), so the count never runs
+        # ahead of the rows drawn. (Not on screen resume: it would read the app's count before
+        # the screen has taken the rows still queued for it.)
+        self.escort.verdicts_arrived.subscribe(self, self._verdicts_counted)
 
     def _fleet_changed(self, _: None) -> None:
+        self.reload()  # first: the title's count must not run ahead of the rows the screen shows
+        self.retitle()
+
+    def _verdicts_counted(self, _: frozenset[str]) -> None:
+        self.retitle()
+
+    def retitle(self) -> None:
         for bar in self.query(".title-bar").results(Static):
-            bar.update(self.escort.title_line(self.screen_label))
-        self.reload()
+            bar.update(self.escort.title_line(self.screen_label), layout=False)
 
     def reload(self) -> None:
         """Re-read rows and details after a refresh (screens that show fleet data override)."""
