@@ -23,8 +23,8 @@ and then, in tmux at 80x24 (a private tmux server, nothing shared):
   (stricter than the matrix alone); matrix warm <= 0.5 s from the first rows on screen to
   the fleet's last verdict (the launch before it is judged by the first-rows goal).
 * **breakdown, verdicts of the rows on screen**: until no row on screen (~12 at 80x24)
-  says "checking" -- what this benchmark called "every verdict" before 2026-11-28 02:40
-  UTC. The console decides the rows on screen first, so this comes earlier than the
+  says "checking" -- what this benchmark called "every verdict" before main b6af7a5
+  (2026-11-28 02:53 UTC). The console decides the rows on screen first, so this comes earlier than the
   whole fleet; no goal is judged on it (the goals are about the whole matrix).
 * **Down -> target list**: Down arrow until the targets pane's title names the next
   VM with its "N of M hosts allowed" (every host is listed with its verdict then), and

@@ -8,14 +8,21 @@ does — import escort and Textual, load the real fleet written by
 ``escort demo --vms N --hosts M`` (10,000 policy files, 1,000 certificates, CRLs) the
 way the console does (lazily, then checked in steps), build the rows and run the app
 headless (``App.run_test``) — timed from just before the process is spawned until the
-VM table paints its first data row, and until every row has its verdict (empty cache
-of opened policies first, then warm). "Every verdict" here is when the console's
-start-up check has ended (``app.checking`` is false): every row, not only the visible
-ones, and the check's bookkeeping after the last verdict (policy memory, cache files)
-included, so it is later than bench_scale's "no visible row says checking". Judged as
-bench_scale judges: first rows <= 1.5 s, every verdict cold <= 2 s from process start,
-warm <= 0.5 s from the first rows. bench/bench_scale.py measures the same in a real
-terminal (tmux) with a 100-VM baseline; its figures are the ones the summary quotes.
+VM table paints its first data row, until every VM of the fleet has its verdict, and until
+the start-up check has ended (empty cache of opened policies first, then warm):
+
+* **every verdict of the fleet** is when the title bar's "checking N of M VMs" has gone
+  (polled every 5 ms in the title bar widget: the console clears it when the last of the
+  fleet's verdicts has been handed to the rows; console/ui/app.py ``check_words``) -- the
+  same moment bench_scale.py waits for in tmux. Judged as bench_scale judges: first rows
+  <= 1.5 s, every verdict cold <= 2 s from process start, warm <= 0.5 s from the first rows.
+* **start-up check ended** is when ``app.checking`` is false: after the last verdict the
+  check still writes the policy memory and the cache files and marks misplaced VMs, on
+  the event loop. Reported, not judged (it is not a verdict; it is later than the line
+  above by that bookkeeping).
+
+bench/bench_scale.py measures the same in a real terminal (tmux) with a 100-VM baseline;
+its figures are the ones the summary quotes.
 
 **Breakdown, the UI alone (in-memory fake fleet; not what users see):**
 
@@ -228,15 +235,23 @@ async def main():
     async with app.run_test(size=(cols, rows)) as pilot:
         while not painted:
             await pilot.pause(0.005)
-        while app.checking:
+        fleet_done = None  # the title bar's progress gone: every VM of the fleet has its verdict
+        while app.checking or fleet_done is None:
+            if fleet_done is None:
+                bar = str(app.screen.query_one(".title-bar").render())
+                if "FAILED" in bar or " VMs checked" in bar:
+                    raise SystemExit("the start-up check stopped: " + bar)
+                if "checking" not in bar:
+                    fleet_done = time.time()
             await pilot.pause(0.005)
-        print(painted[0], time.time(), flush=True)
+        print(painted[0], fleet_done, time.time(), flush=True)
 asyncio.run(main())
 """
 
 
-def end_to_end(fleet: Path, cache: Path, *, cold: bool) -> tuple[float, float]:
-    """(first data row painted, every verdict shown), seconds from spawning the process."""
+def end_to_end(fleet: Path, cache: Path, *, cold: bool) -> tuple[float, float, float]:
+    """(first data row painted, every verdict of the fleet shown, start-up check ended),
+    seconds from spawning the process."""
     import os
     import shutil
     import subprocess
@@ -247,8 +262,8 @@ def end_to_end(fleet: Path, cache: Path, *, cold: bool) -> tuple[float, float]:
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", CHILD, str(fleet), str(SIZE[0]), str(SIZE[1])], env=env,
                          check=True, capture_output=True, text=True, cwd=ROOT)
-    paint, done = (float(x) for x in out.stdout.split()[-2:])
-    return paint - t0, done - t0
+    paint, fleet_done, ended = (float(x) for x in out.stdout.split()[-3:])
+    return paint - t0, fleet_done - t0, ended - t0
 
 
 def real_fleet(vms: int, hosts: int) -> Path:
@@ -273,14 +288,16 @@ async def main() -> None:
     real = real_fleet(args.vms, args.hosts)
     cache = Path("/tmp/escort-bench-ui-cache")
     end_to_end(real, cache, cold=True)  # page cache warm-up, not counted
-    cold_paint, cold_done = end_to_end(real, cache, cold=True)
+    cold_paint, cold_done, cold_end = end_to_end(real, cache, cold=True)
     warm = [end_to_end(real, cache, cold=False) for _ in range(args.runs)]
     e2e_paint = statistics.median(w[0] for w in warm)
     e2e_done = statistics.median(w[1] for w in warm)
-    e2e_after = statistics.median(w[1] - w[0] for w in warm)  # first rows -> every verdict
+    e2e_after = statistics.median(w[1] - w[0] for w in warm)  # first rows -> the fleet's last verdict
+    e2e_end = statistics.median(w[2] for w in warm)
     print(f"END TO END (process start, real fleet {real}): first rows {cold_paint * 1000:.0f} ms cold / "
-          f"{e2e_paint * 1000:.0f} ms warm cache; every verdict {cold_done * 1000:.0f} ms cold / "
-          f"{e2e_done * 1000:.0f} ms warm ({e2e_after * 1000:.0f} ms after the first rows)")
+          f"{e2e_paint * 1000:.0f} ms warm cache; fleet verdicts {cold_done * 1000:.0f} ms cold / "
+          f"{e2e_done * 1000:.0f} ms warm ({e2e_after * 1000:.0f} ms after the first rows); start-up check "
+          f"ended {cold_end * 1000:.0f} ms cold / {e2e_end * 1000:.0f} ms warm")
 
     t = time.perf_counter()
     fleet = make_fleet(args.hosts, args.vms)
@@ -320,14 +337,17 @@ async def main() -> None:
             f"{'yes' if cold_paint <= 1.5 else '**no**'} |",
             f"| first VM rows painted, warm cache (median of {len(warm)}) | {e2e_paint * 1000:.0f} ms | "
             f"≤ 1500 ms | {'yes' if e2e_paint <= 1.5 else '**no**'} |",
-            f"| every row's verdict shown, empty cache | {cold_done * 1000:.0f} ms | "
-            "≤ 2000 ms (matrix cold, judged from process start) | "
+            f"| every verdict of the fleet (title: check done), empty cache | {cold_done * 1000:.0f} ms | "
+            "≤ 2000 ms (matrix cold, whole fleet, judged from process start) | "
             f"{'yes' if cold_done <= 2.0 else '**no**'} |",
-            f"| every row's verdict shown, warm cache (median) | {e2e_done * 1000:.0f} ms | — "
+            f"| every verdict of the fleet, warm cache (median) | {e2e_done * 1000:.0f} ms | — "
             "(launch + rows + matrix) | — |",
-            f"| first rows -> every verdict, warm cache (median) | {e2e_after * 1000:.0f} ms | "
+            f"| first rows -> every verdict of the fleet, warm cache (median) | {e2e_after * 1000:.0f} ms | "
             "≤ 500 ms (matrix warm; as bench_scale.py) | "
             f"{'yes' if e2e_after <= 0.5 else '**no**'} |",
+            f"| start-up check ended (`app.checking` false: + policy memory, cache files, misplaced marks), "
+            f"empty cache | {cold_end * 1000:.0f} ms | — (not a verdict; not judged) | — |",
+            f"| start-up check ended, warm cache (median) | {e2e_end * 1000:.0f} ms | — (not judged) | — |",
             "",
             "Breakdown, the UI alone: fleet views built in memory (tests/ui/fakes.py,"
             f" {build:.1f} s, not timed). NOT what users see; no goal is judged on these rows.",

@@ -121,6 +121,14 @@ def _check_text(value: Any, depth: int = 0) -> None:
             _check_text(v, depth + 1)
 
 
+#: ``json.loads(text, object_pairs_hook=_pairs, ...)`` builds a decoder (and its C scanner)
+#: on every call; these are built once (json's own module-level decoder is shared the
+#: same way: a decoder keeps no state between calls). Without / with the per-integer hook.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
+_DECODER_LONG_INTS = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant,
+                                      parse_int=_int, parse_float=_float)
+
+
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse strict JSON or raise ``StrictJSONError`` (one sentence, never another exception)."""
     if isinstance(data, bytes):
@@ -130,15 +138,18 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
             raise StrictJSONError("not UTF-8 text") from exc
     else:
         text = data
-    if nesting_depth(text, max_depth) > max_depth:
+    # No text with at most ``max_depth`` opening brackets (strings included) can nest
+    # deeper than that: only other texts need the scan (a policy has about ten).
+    if text.count("[") + text.count("{") > max_depth and nesting_depth(text, max_depth) > max_depth:
         raise StrictJSONError(f"nested deeper than {max_depth} levels")
     # Without a run of more than MAX_INT_DIGITS digits anywhere (strings included), no
     # integer can be too long: json's own int() then spares a Python call per number.
     digits = text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_1)
-    parse_int = _int if _LONG_DIGITS in digits else None
+    decoder = _DECODER_LONG_INTS if _LONG_DIGITS in digits else _DECODER
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant,
-                           parse_int=parse_int, parse_float=_float)
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = decoder.decode(text)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError, TypeError) as exc:
