@@ -128,13 +128,23 @@ class PlacementPolicy:
     handover: str = ""  # the previous owner's signed hand-over (compact JWS), "" when none
 
     def summary(self) -> str:
-        parts = [f"{len(self.trusted_cas)} CA(s)"]
-        for key in REQUIRE_KEYS:
-            values = getattr(self.requirements, key)
-            if values:
-                sep = "+" if key == "policies" else "|"
-                parts.append(f"{key} {sep.join(sorted(values))}")
-        return ", ".join(parts)
+        """One line for the VM's row: how many CAs it trusts and what it requires. It depends
+        on those two only, so it is made once per distinct pair (a fleet's 10,000 policies
+        share a few hundred: ``_SUMMARIES``), not per VM and row."""
+        key = (len(self.trusted_cas), self.requirements)
+        hit = _SUMMARIES.get(key)
+        if hit is None:
+            parts = [f"{key[0]} CA(s)"]
+            for name in REQUIRE_KEYS:
+                values = getattr(self.requirements, name)
+                if values:
+                    sep = "+" if name == "policies" else "|"
+                    parts.append(f"{name} {sep.join(sorted(values))}")
+            hit = ", ".join(parts)
+            if len(_SUMMARIES) >= _MAX_SHAPES:
+                _SUMMARIES.clear()
+            _SUMMARIES[key] = hit
+        return hit
 
     def payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -199,6 +209,9 @@ class PolicyResult:
             return None
         return SeenPolicy(self.owner.key, self.owner.full_label(), self.policy.seq, self.digest)
 
+
+#: (number of trusted CAs, requirements) -> ``PlacementPolicy.summary``'s line
+_SUMMARIES: dict[tuple[int, Requirements], str] = {}
 
 #: (trusted_cas, require) as canonical JSON -> parsed result. Many VMs share a policy's
 #: shape, so parsing and hashing it once per shape also makes equal Requirements the
@@ -439,10 +452,10 @@ class PolicyBook:
         checked: Verified = self.envelopes.check(opened, at)
         reasons = list(checked.reasons)
         policy: PlacementPolicy | None = None
+        broken = bool(opened.reasons) and _claims_broken(opened.reasons)
         if opened.payload is not None:
             body = self._bodies.get(opened.digest)
             if body is None:
-                broken = _claims_broken(opened.reasons)
                 parsed, why = (None, []) if broken else _parse_body(opened.payload)
                 body = self._bodies[opened.digest] = (parsed, tuple(why))
             policy = body[0]
@@ -454,7 +467,7 @@ class PolicyBook:
                 f"the policy is for VM {policy.vm_uuid} ({policy.vm_name or 'unnamed'}), "
                 f"not this VM ({vm_uuid})",
                 "attach the policy the owner signed for this VM's UUID"))
-        if opened.payload is None or _claims_broken(opened.reasons):
+        if opened.payload is None or broken:
             policy = None
         return PolicyResult(opened.digest, policy, checked.owner, tuple(reasons), checked.warnings)
 
@@ -465,8 +478,11 @@ class PolicyBook:
 
 def _claims_broken(reasons: Sequence[Reason]) -> bool:
     """Claim problems that make the payload meaningless (version, missing claims, malformed)."""
-    return any(r.code in {"policy.version", "policy.missing_field", "policy.malformed",
-                          "policy.unknown_field", "policy.empty_requirement"} for r in reasons)
+    return any(r.code in _BROKEN for r in reasons)
+
+
+_BROKEN = frozenset({"policy.version", "policy.missing_field", "policy.malformed",
+                     "policy.unknown_field", "policy.empty_requirement"})
 
 
 def verify_policy(token: str, owners: OwnerVerifier | None, at: dt.datetime, *,

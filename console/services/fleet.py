@@ -334,6 +334,7 @@ class FleetService:
         self._instants: tuple[dt.datetime, ...] | None = ()  # sorted; None: to be re-sorted
         self._noted: set[str] = set()  # token digests / chain keys already noted
         self._noted_chains: set[tuple[str, ...]] = set()  # x5c chains whose certificates are noted
+        self._noted_windows: set[tuple[int, int]] = set()  # (nbf, exp) pairs whose instants are noted
         self._policy_cache: dict[str, tuple[dt.datetime, str, PolicyResult]] = {}
         self._grant_cache: tuple[dt.datetime, int, list[GrantResult]] | None = None
         #: lazy services read host certificates, policy files and grants on first use;
@@ -599,6 +600,19 @@ class FleetService:
             return
         self._noted.add(opened.digest)
         payload = opened.payload or {}
+        nbf, exp = payload.get("nbf"), payload.get("exp")
+        if type(nbf) is not int or type(exp) is not int:  # (exact ints: True == 1, but no instant)
+            self._note_window(payload)
+        elif (nbf, exp) not in self._noted_windows:  # (most policies share their window)
+            self._noted_windows.add((nbf, exp))
+            self._note_window(payload)
+        if opened.chain_key not in self._noted_chains:
+            self._noted_chains.add(opened.chain_key)
+            for c in opened.certs:
+                self._note_cert(c)
+
+    def _note_window(self, payload: Mapping[str, Any]) -> None:
+        """A token's nbf (and nbf minus the skew allowance) and exp as instants."""
         before = len(self._instant_set)
         for claim in ("nbf", "exp"):
             value = payload.get(claim)
@@ -611,10 +625,6 @@ class FleetService:
                     pass
         if len(self._instant_set) != before:
             self._instants = None
-        if opened.chain_key not in self._noted_chains:
-            self._noted_chains.add(opened.chain_key)
-            for c in opened.certs:
-                self._note_cert(c)
 
     def _fresh(self, stored: dt.datetime | None, at: dt.datetime) -> bool:
         """A result computed at ``stored`` is the result at ``at``: no instant that any
@@ -820,7 +830,7 @@ class FleetService:
 
         def decide(rec: _VMRecord) -> None:
             pr = self._policy(rec, at)
-            part = allowed_matrix([self._vm_check(rec, at)], hosts, index=index, groups=groups)
+            part = allowed_matrix([self._vm_check(rec, at, pr)], hosts, index=index, groups=groups)
             targets.update(part.targets)
             home.update(part.at_home)
             done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
@@ -1423,11 +1433,12 @@ class FleetService:
             self._policy_cache[rec.uuid] = (at, rec.token, result)
         if rec.conflict is not None:
             return replace(result, reasons=(rec.conflict, *result.reasons))
-        entry = result.seen_entry() if self._memory is not None else None
-        if entry is not None:
+        if self._memory is not None and result.valid:  # (else there is nothing to remember)
             seen = self._policies.seen.get(rec.uuid)
             if seen is None or seen.digest != result.digest:
-                self._pending[rec.uuid] = entry
+                entry = result.seen_entry()
+                if entry is not None:
+                    self._pending[rec.uuid] = entry
         return result
 
     def _remember(self) -> None:
@@ -1444,16 +1455,19 @@ class FleetService:
             return
         self._policies.seen = self._memory.seen
 
-    def _vm_check(self, rec: _VMRecord, at: dt.datetime) -> VMCheck:
+    def _vm_check(self, rec: _VMRecord, at: dt.datetime, policy: PolicyResult | None = None) -> VMCheck:
         # one VM against 1,000 hosts prepares its check once, not per host; the key holds
-        # everything the check is made of (a refresh replaces token, host or problem)
+        # everything the check is made of (a refresh replaces token, host or problem).
+        # ``policy``: what ``_policy(rec, at)`` has just returned (the start-up check asks it
+        # once per VM, for the row and for this)
         if rec.uuid in self._lazy:
             self._adopt_lazy(rec)
         key = self._vm_key(rec)
         cached = self._vm_checks.get(key)
         if cached is not None and self._fresh(cached[0], at):
             return cached[1]
-        hit = VMCheck.prepare(rec.uuid, rec.name, rec.host, self._policy(rec, at), self.policy_names)
+        hit = VMCheck.prepare(rec.uuid, rec.name, rec.host,
+                              policy if policy is not None else self._policy(rec, at), self.policy_names)
         if len(self._vm_checks) > 2 * max(1, len(self._vms)):
             self._vm_checks.clear()
         self._vm_checks[key] = (at, hit)
