@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copyreg
+import datetime as dt
 import functools
 import hashlib
 import io
@@ -217,7 +218,16 @@ def _cert_reduce(cert: x509.Certificate) -> tuple[object, tuple[bytes]]:
     return load_der_cert, (cert.public_bytes(serialization.Encoding.DER),)
 
 
-_DISPATCH: dict[type, Any] = {**copyreg.dispatch_table, x509.Certificate: _cert_reduce}
+def _timezone_reduce(tz: dt.timezone) -> tuple[object, tuple[object, ...]]:
+    """A timezone as pickle's default makes it (``timezone(offset[, name])``, which for UTC
+    rebuilds the ``timezone.utc`` singleton), without the default's ``copyreg._slotnames``
+    call per datetime (a C type caches no ``__slotnames__``): ~5 us of each of the two
+    datetimes in every VM's stored check."""
+    return dt.timezone, tz.__getinitargs__()  # type: ignore[attr-defined]
+
+
+_DISPATCH: dict[type, Any] = {**copyreg.dispatch_table, x509.Certificate: _cert_reduce,
+                              dt.timezone: _timezone_reduce}
 
 
 class _View:

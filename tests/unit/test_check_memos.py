@@ -92,3 +92,60 @@ def test_each_vms_check_holds_the_policy_result_its_row_shows(fleet: Path) -> No
         assert check.policy == service._policy(rec, at) == other._policy(other._vms[rec.uuid], at)
         assert views[rec.uuid].policy_summary == (check.policy.policy.summary() if check.policy.policy
                                                   else "no valid policy")
+
+
+def test_the_helpers_opened_tokens_count_only_for_the_consoles_own_tokens(fleet: Path) -> None:
+    """The helper names each token it opened by its digest. The console adopts an opened
+    result only under the digest of a token it holds: a policy that changed after the helper
+    opened it (here: one whose signature was damaged) is opened by the console itself and
+    refused; nothing opened for the old token is used for it. The helper is played over a
+    real pipe with what ``_prefetch_main`` sent for the files before the change."""
+    import multiprocessing
+    import threading
+
+    from console.core.envelope import TYP_POLICY, token_digest
+    from console.services.fleet import _prefetch_main
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    helper = FleetService.load(fleet, eager=False)
+    run = threading.Thread(target=_prefetch_main, args=(helper, send))
+    run.start()
+    messages = []
+    while True:
+        try:
+            messages.append(receive.recv())
+        except EOFError:
+            break
+    run.join()
+    assert [m[0] for m in messages][:2] == ["tokens", "hosts"] and messages[-1] == ("done",)
+    assert all(type(p) is tuple and len(p) == 4 for m in messages if m[0] == "opened" for p in m[1])
+    first = sorted((fleet.parent / "policies").iterdir())[0]
+    old = first.read_text().strip()
+    head, payload, sig = old.split(".")
+    new = f"{head}.{payload}.{('B' if sig[0] != 'B' else 'C') + sig[1:]}"
+    first.write_text(new)
+    tokens = [Path(v.policy_file).read_text().strip() for v in helper.spec.vms] if helper.spec else []
+    assert new in tokens and old not in tokens
+    messages[0] = ("tokens", "", False, tokens)  # the files as the console reads them now
+
+    console = FleetService.load(fleet, eager=False)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    console._prefetch = (None, receive)  # type: ignore[assignment]
+    def play() -> None:
+        for m in messages:
+            send.send(m)
+
+    sender = threading.Thread(target=play)
+    sender.start()
+    views = {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+             for step in console.check_in_steps() for v in step}
+    sender.join()
+    assert console.check_source == "computed"
+    opened = console._policies.envelopes._opened
+    assert (token_digest(old), TYP_POLICY) not in opened
+    assert opened[(token_digest(new), TYP_POLICY)].payload is None  # opened here: not the helper's
+    plain = FleetService.load(fleet, eager=False)
+    assert views == {v.uuid: (v.owner, v.allowed_targets, v.policy_summary,
+                              [r.code for r in v.policy_problems])
+                     for step in plain.check_in_steps() for v in step}
+    assert any("policy.signature" in v[3] for v in views.values())
