@@ -334,6 +334,9 @@ class FleetService:
         #: a restored snapshot's second part, still pickled (``_complete_restore``), the host
         #: checks from it (``_restore_hosts``) and the problems it brought
         self._rest: tuple[memoryview, bytes] | None = None
+        #: the second part's SHA-256 compared on a thread (hashlib releases the GIL) while the
+        #: first rows' verdicts are painted: the thread and its answer (``_complete_restore``)
+        self._rest_hash: tuple[threading.Thread, list[bool]] | None = None
         self._hosts_blob = b""
         self._snap_problems: list[Problem] = []
         #: the snapshot read while the console starts (``_preload_snapshot``): thread, result
@@ -779,6 +782,9 @@ class FleetService:
                     if len(ready) == size:
                         yield ready
                         ready, size = [], 1000
+                        while self._rest_hash is not None and self._rest_hash[0].is_alive():
+                            self._rest_hash[0].join(0.002)  # (its hash, beside the event loop)
+                            yield []
                         whole = self._complete_restore()  # the tokens, checks and hosts: after the first rows
                         if not whole:
                             break
@@ -1221,7 +1227,16 @@ class FleetService:
         self.problems.extend(self._snap_problems)
         self._fatal.extend(p for p in self._snap_problems if p.reason.code == "policy.unreadable")
         self._matrix, self._matrix_at = matrix, at
-        return self._complete_restore() if rest_now else True
+        if rest_now:
+            return self._complete_restore()
+        from console.adapters.cache import FleetSnapshot
+
+        box: list[bool] = []
+        worker = threading.Thread(target=lambda: box.append(FleetSnapshot.rest_intact(blob, digest)),
+                                  name="escort-snapshot-hash", daemon=True)
+        worker.start()
+        self._rest_hash = (worker, box)
+        return True
 
     def _complete_restore(self) -> bool:
         """The second part of a restored snapshot (``_restore``): every policy file not read
@@ -1232,11 +1247,16 @@ class FleetService:
         is dropped (False): every answer is then computed from the files. True while the
         restored snapshot stands (taken now or before)."""
         pending, self._rest = self._rest, None
+        hashing, self._rest_hash = self._rest_hash, None
         if pending is None:
             return self._lazy_at is not None  # (False: dropped meanwhile)
         from console.adapters.cache import FleetSnapshot
 
-        rest = FleetSnapshot.load_rest(*pending)
+        intact: bool | None = None
+        if hashing is not None:
+            hashing[0].join()
+            intact = bool(hashing[1] and hashing[1][0])  # (no answer: the thread failed)
+        rest = FleetSnapshot.load_rest(*pending, intact=intact)
         try:
             if not isinstance(rest, dict):
                 raise TypeError("rest")
@@ -1267,7 +1287,7 @@ class FleetService:
 
     def _drop_restored(self) -> None:
         """Forget a restored snapshot's results (its second part was unusable)."""
-        self._rest = None
+        self._rest = self._rest_hash = None
         self._restored, self._lazy, self._lazy_at = {}, {}, None
         self._lazy_blob, self._hosts_blob = memoryview(b""), b""
         self._matrix = self._matrix_at = None

@@ -276,8 +276,10 @@ class EscortApp(App[None]):
         self.check_decided = len(decided)  # (screens retitle on the signals below)
         if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
             self.verdicts_arrived.publish(frozenset(arrived))
-        # the streamed views are final; hosts now carry their checked chains (cached)
-        self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows)
+        # the streamed views are final; hosts now carry their checked chains (cached). The
+        # placement check (full decisions of the VMs away from home) runs in steps first
+        placed = await self._misplaced_in_steps()
+        self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows, misplaced=placed)
         self.fleet_changed.publish(None)
         notice = getattr(service, "cache_notice", "")
         if notice:
@@ -433,9 +435,11 @@ class EscortApp(App[None]):
         text), so screens and filters never walk the fleet again."""
         self._set_views(list(self.service.hosts()), list(self.service.vms()))
 
-    def _set_views(self, hosts: list[HostView], vms: list[VMView], vm_rows: list[Row] | None = None) -> None:
+    def _set_views(self, hosts: list[HostView], vms: list[VMView], vm_rows: list[Row] | None = None,
+                   misplaced: dict[str, Any] | None = None) -> None:
         """``vm_rows``: rows already built for exactly these ``vms`` (the streamed start-up
-        check); only those the placement check marks are built again."""
+        check); only those the placement check marks are built again. ``misplaced``: the
+        placement check of exactly these views, already made (``_misplaced_in_steps``)."""
         before = self.misplaced
         self._hosts = hosts
         self._vms = vms
@@ -446,7 +450,8 @@ class EscortApp(App[None]):
             counts[vm.host] = counts.get(vm.host, 0) + 1
         self._vms_on_host = counts
         # the placement check needs every verdict: after the start-up check, not before
-        self.misplaced = {} if self.checking else self._find_misplaced()
+        self.misplaced = misplaced if misplaced is not None else (
+            {} if self.checking else self._find_misplaced())
         self._host_rows = [self._host_row(h) for h in self._hosts]
         n_hosts = len(self._hosts)
         if vm_rows is not None and len(vm_rows) == len(self._vms):
@@ -459,6 +464,25 @@ class EscortApp(App[None]):
         # millions of them on every collection (measured: 100-300 ms pauses mid-typing
         # with 10,000 VMs). Frozen objects are still freed by reference counting.
         gc.freeze()
+
+    async def _misplaced_in_steps(self) -> dict[str, Any] | None:
+        """``_find_misplaced`` for the current views in ~5 ms steps on the event loop (keys are
+        answered between them); None for a service without the placement check."""
+        import asyncio
+
+        from console.services.check import misplaced_in_steps
+
+        if not hasattr(self.service, "matrix") or not hasattr(self.service, "policy_token"):
+            return None
+        steps = misplaced_in_steps(self.service, vms=self._vms)  # type: ignore[arg-type]
+        try:
+            while True:
+                next(steps)
+                await asyncio.sleep(0)
+        except StopIteration as done:
+            return {p.uuid: p for p in done.value}
+        except EscortError:
+            return {}
 
     def _find_misplaced(self) -> dict[str, Any]:
         """VMs on a host their policy refuses (one shared placement check, services/check.py)."""

@@ -393,3 +393,24 @@ async def test_the_targets_pane_never_checks_host_chains_during_a_warm_start(
     assert row.cells[4] == f"{allowed}/{len(after)}"
     assert f"{allowed} of " in during_title and f"{allowed} of " in after_title
     assert chains == []  # the snapshot answered every host, the reasons' too
+
+
+async def test_the_placement_check_after_start_up_marks_what_the_one_go_check_finds(
+        scale_fleet: Path) -> None:
+    """After the streamed start-up check, the placement check (run in steps on the event loop)
+    marks exactly the VMs the shared one-go placement check finds, with the same reasons."""
+    from console.services.check import misplaced
+
+    app = EscortApp(FleetService.load(scale_fleet, eager=False), config=UIConfig(), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await checked(app, pilot)
+        for _ in range(100):
+            await settle(app)
+            await pilot.pause(0.02)
+            if app.misplaced:
+                break
+        marked = dict(app.misplaced)
+        rows = {r.key: r.cells[3] for r in app.vm_rows()}
+    expected = {p.uuid: p for p in misplaced(FleetService.load(scale_fleet))}
+    assert expected and marked == expected
+    assert all(rows[u].startswith("✗ MISPLACED") for u in expected)
