@@ -90,8 +90,6 @@ PARALLEL_MIN_HOSTS = 200
 HOST_CHECK_WEIGHT = 3.0
 #: VMs whose full checks a snapshot pickles together (``_capture``, ``_adopt_lazy``)
 CHECK_GROUP = 64
-#: ``PolicyBook.verify`` of an opened policy (dates, owner chain, body) costs about this many token checks.
-POLICY_CHECK_WEIGHT = 0.25
 
 
 def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
@@ -101,9 +99,7 @@ def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
 def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ: str,
                          fields: frozenset[str], *, workers: int | None = None,
                          meanwhile: Callable[[], object] | None = None,
-                         meanwhile_weight: float = 0.0,
-                         then: Callable[[list[str]], object] | None = None,
-                         then_weight: float = 0.0) -> int:
+                         meanwhile_weight: float = 0.0) -> int:
     """Open (parse + signature check) many tokens on every core, ahead of the matrix.
 
     Signature checks dominate a big fleet's load (10,000 ES256 policies ~ 1.5-2 s of
@@ -116,13 +112,6 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     ``meanwhile``) when there is one core, few tokens, or other threads are running
     (forking a threaded process is unsafe — e.g. inside the UI). Returns the number of
     tokens opened here.
-
-    ``then``: per-token work for this process once a token is open (e.g. the policy checks
-    at one time), called with each batch as it lands, so that it overlaps the workers
-    instead of following them; ``then_weight`` estimates it per token in token checks
-    (this process then opens fewer tokens itself). The workers' share comes in several
-    chunks for that. Every token ``then`` is given is open in ``verifier``; on the
-    fallback path (no workers) ``then`` is not called.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -135,11 +124,10 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
             meanwhile()
         return 0
     total = len(todo)
-    # this process: W + x*T + V*T == (1 - x)*T / (n - 1)  =>  x = (T - (n - 1)*(W + V*T)) / (n*T)
-    own = max(0, int((total - (n - 1) * (meanwhile_weight + then_weight * total)) / n))
+    # this process: W + x*T == (1 - x)*T / (n - 1)  =>  x = (T - (n - 1)*W) / (n*T)
+    own = max(0, int((total - (n - 1) * meanwhile_weight) / n))
     rest = todo[own:]
-    pieces = (n - 1) * (8 if then is not None else 1)
-    chunks = [c for c in (rest[i::pieces] for i in range(pieces)) if c]
+    chunks = [rest[i::n - 1] for i in range(n - 1)]
     # Objects the children inherit stay untouched by their garbage collector (no
     # copy-on-write storm over the parent's heap).
     gc.freeze()
@@ -149,13 +137,9 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
             meanwhile()
         for token, portable in zip(todo[:own], open_portable(todo[:own], typ, fields), strict=True):
             verifier.adopt(token, typ, portable)
-        if then is not None:
-            then(todo[:own])
         for chunk, future in zip(chunks, futures, strict=True):
             for token, portable in zip(chunk, future.result(), strict=True):
                 verifier.adopt(token, typ, portable)
-            if then is not None:
-                then(chunk)
     gc.unfreeze()
     return len(todo)
 
