@@ -43,7 +43,7 @@ from console.core import pki
 from console.core import policy as pol
 from console.core.decisions import HostCheck, VMCheck, allowed_matrix, decide
 from console.core.envelope import TYP_POLICY
-from console.services.fleet import HOST_CHECK_WEIGHT, open_tokens_parallel
+from console.services.fleet import HOST_CHECK_WEIGHT, POLICY_CHECK_WEIGHT, open_tokens_parallel
 
 T = TypeVar("T")
 AT = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -176,16 +176,28 @@ def fast_path(f: Fleet, workers: int) -> FastResult:
         host_checks, t_hosts = timed(hosts)
 
     # Policy signatures go to worker processes while this one checks the host chains
-    # (what FleetService.load does); then the cheap per-token checks run in-process.
+    # (what FleetService.load does); the per-token checks at AT (``PolicyBook.verify``) run
+    # in-process on each batch of opened tokens as it lands, overlapping the workers; what
+    # is left after the last batch is the "policy checks" row.
+    vms_of: dict[str, list[str]] = {}
+    for u, _, t in f.vms:
+        vms_of.setdefault(t.strip(), []).append(u)
+
+    def verify_batch(tokens: list[str]) -> None:
+        for t in tokens:
+            for u in vms_of.get(t, ()):
+                book.verify(t, AT, vm_uuid=u)
+
     opened, t_open = timed(lambda: open_tokens_parallel(
         book.envelopes, (t for _, _, t in f.vms), TYP_POLICY, pol.POLICY_FIELDS, workers=workers,
-        meanwhile=run_hosts, meanwhile_weight=HOST_CHECK_WEIGHT * len(f.host_pems)))
+        meanwhile=run_hosts, meanwhile_weight=HOST_CHECK_WEIGHT * len(f.host_pems),
+        then=verify_batch, then_weight=POLICY_CHECK_WEIGHT))
     results, t_checks = timed(lambda: book.verify_many(((u, t) for u, _, t in f.vms), AT))
     phases["_parallel"] = float(bool(opened))
     if opened:
         phases[f"{len(f.host_pems)} host chains (here, while workers check signatures)"] = t_hosts
-        phases[f"{len(f.vms)} policy signatures (all processes; includes the row above)"] = t_open
-        phases["policy checks (dates, owner chains, VM binding)"] = t_checks
+        phases[f"{len(f.vms)} policy signatures and checks (all processes; includes the row above)"] = t_open
+        phases["policy checks left after the last signature (dates, owner chains, VM binding)"] = t_checks
     else:
         phases[f"{len(f.host_pems)} host chains"] = t_hosts
         phases[f"{len(f.vms)} policies (signatures and checks, one process)"] = t_checks

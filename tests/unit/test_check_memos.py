@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from console.core import policy as pol
+from console.core.decisions import VMCheck
 from console.core.envelope import NBF_SKEW, Opened
 from console.demo_scale import generate_scale
 from console.services.fleet import FleetService
@@ -149,3 +150,45 @@ def test_the_helpers_opened_tokens_count_only_for_the_consoles_own_tokens(fleet:
                               [r.code for r in v.policy_problems])
                      for step in plain.check_in_steps() for v in step}
     assert any("policy.signature" in v[3] for v in views.values())
+
+
+@pytest.mark.parametrize("group", [1, 3, 64])
+def test_a_snapshots_checks_come_back_group_by_group_as_they_were(fleet: Path, group: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_capture`` pickles the VMs' full checks in groups; a warm start unpickles a VM's group
+    when the VM is first asked about and adopts the group's other VMs with it: every VM's
+    policy result and check are then exactly those of a check without any snapshot, and each
+    group is unpickled once."""
+    from console.adapters.cache import FleetSnapshot
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "CHECK_GROUP", group)
+    cold = FleetService.load(fleet, eager=False)
+    cold.use_cache = True
+    for _ in cold.check_in_steps():
+        pass
+    assert cold.check_source == "computed"
+    warm = FleetService.load(fleet, eager=False)
+    warm.use_cache = True
+    for _ in warm.check_in_steps():
+        pass
+    assert warm.check_source == "snapshot"
+    loads: list[int] = []
+    real = FleetSnapshot.loads
+
+    def counted(blob: bytes | memoryview) -> object:
+        got = real(blob)
+        if isinstance(got, tuple) and got and all(isinstance(c, VMCheck) for c in got):  # a group
+            loads.append(len(got))
+        return got
+
+    monkeypatch.setattr(FleetSnapshot, "loads", staticmethod(counted))
+    plain = FleetService.load(fleet, eager=False)
+    at = warm._lazy_at
+    assert at is not None
+    for rec in warm._vms.values():
+        mine = plain._vms[rec.uuid]
+        assert warm._policy(rec, at) == plain._policy(mine, at)
+        assert warm._vm_check(rec, at) == plain._vm_check(mine, at)
+    assert not warm._lazy
+    assert len(loads) == -(-len(warm._vms) // group) and sum(loads) == len(warm._vms)

@@ -195,3 +195,43 @@ def test_damaged_certificates_are_one_line_errors(fleet: FleetFiles) -> None:
             refused += 1
             assert "\n" not in str(exc)
     assert refused > 50
+
+
+def test_parallel_open_hands_each_opened_batch_to_then(fleet: FleetFiles,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``then`` (bench_matrix's policy checks overlapping the workers) gets every token once,
+    each already open; the verdicts equal the in-process ones."""
+    import datetime as dt
+
+    from console.core import policy as pol
+    from console.core.envelope import TYP_POLICY
+    from console.services import fleet as svc
+
+    kit = fleet.kit
+    tokens = []
+    for i in range(40):
+        u = f"00000000-0000-4000-8000-{i:012d}"
+        payload = pol.build_policy_payload(owner=kit.alice.email, vm_uuid=u, vm_name=f"v{i}",
+                                           trusted_cas=[("EU", fp(kit.eu.cert))], require={"country": ["DE"]},
+                                           not_before=T0 - dt.timedelta(days=1),
+                                           not_after=T0 + dt.timedelta(days=1))
+        tokens.append((u, pol.sign_policy(payload, kit.alice.key, kit.alice.chain)))
+    h, p, s = tokens[3][1].split(".")
+    tokens[3] = (tokens[3][0], f"{h}.{p}.{s[:-4]}AAAA")  # one tampered token
+    store = FleetService.load(fleet.fleet, at=T0).owners
+    monkeypatch.setattr(svc, "PARALLEL_MIN_TOKENS", 1)
+    par = pol.PolicyBook(store)
+    vm_of = {t: u for u, t in tokens}
+    batches: list[list[str]] = []
+
+    def then(batch: list[str]) -> None:
+        assert all(par.envelopes.is_open(t, TYP_POLICY) for t in batch)
+        batches.append(batch)
+        for t in batch:
+            par.verify(t, T0, vm_uuid=vm_of[t])
+
+    assert svc.open_tokens_parallel(par.envelopes, (t for _, t in tokens), TYP_POLICY, pol.POLICY_FIELDS,
+                                    workers=2, then=then, then_weight=0.25) == len(tokens)
+    assert sorted(t for b in batches for t in b) == sorted(t for _, t in tokens) and len(batches) > 2
+    got, want = par.verify_many(tokens, T0), pol.PolicyBook(store).verify_many(tokens, T0)
+    assert got == want and [r.code for r in got[tokens[3][0]].reasons] == ["policy.signature"]
