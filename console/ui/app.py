@@ -272,13 +272,14 @@ class EscortApp(App[None]):
             self.retitle()
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
-        self.checking = False
         self.check_decided = len(decided)  # (screens retitle on the signals below)
         if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
             self.verdicts_arrived.publish(frozenset(arrived))
         # the streamed views are final; hosts now carry their checked chains (cached). The
-        # placement check (full decisions of the VMs away from home) runs in steps first
+        # placement check (full decisions of the VMs away from home) runs in steps first, still
+        # as part of the check (a refresh meanwhile replaces this check as it would any step)
         placed = await self._misplaced_in_steps()
+        self.checking = False
         self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows, misplaced=placed)
         self.fleet_changed.publish(None)
         notice = getattr(service, "cache_notice", "")
