@@ -253,6 +253,17 @@ async def test_the_progress_starts_again_after_a_refresh(demo_fleet: Path,
 
     seen = record_titles(app, monkeypatch)
     monkeypatch.setattr(EscortApp, "_load_stub_views", stub)
+    steps = lazy.check_in_steps
+
+    def slow_start(**kw: object):  # type: ignore[no-untyped-def]
+        # a 28-VM check can end within the loop turn that would show its first title; a
+        # few empty steps first (as a big fleet's check has while its hosts are checked)
+        # give the screen the turns to show "checking 0 of 28" before any verdict
+        for _ in range(20):
+            yield []
+        yield from steps(**kw)  # type: ignore[arg-type]
+
+    lazy.check_in_steps = slow_start  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
         for _ in range(500):
             await settle(app)
