@@ -451,8 +451,7 @@ class EscortApp(App[None]):
             counts[vm.host] = counts.get(vm.host, 0) + 1
         self._vms_on_host = counts
         # the placement check needs every verdict: after the start-up check, not before
-        self.misplaced = misplaced if misplaced is not None else (
-            {} if self.checking else self._find_misplaced())
+        self.misplaced = misplaced if misplaced is not None else self._find_misplaced()
         self._host_rows = [self._host_row(h) for h in self._hosts]
         n_hosts = len(self._hosts)
         if vm_rows is not None and len(vm_rows) == len(self._vms):
@@ -466,15 +465,19 @@ class EscortApp(App[None]):
         # with 10,000 VMs). Frozen objects are still freed by reference counting.
         gc.freeze()
 
-    async def _misplaced_in_steps(self) -> dict[str, Any] | None:
+    def _placement_checkable(self) -> bool:
+        """False for a test double without the full service (no placement check then)."""
+        return hasattr(self.service, "matrix") and hasattr(self.service, "policy_token")
+
+    async def _misplaced_in_steps(self) -> dict[str, Any]:
         """``_find_misplaced`` for the current views in ~5 ms steps on the event loop (keys are
-        answered between them); None for a service without the placement check."""
+        answered between them)."""
         import asyncio
 
         from console.services.check import misplaced_in_steps
 
-        if not hasattr(self.service, "matrix") or not hasattr(self.service, "policy_token"):
-            return None
+        if not self._placement_checkable():
+            return {}
         steps = misplaced_in_steps(self.service, vms=self._vms)  # type: ignore[arg-type]
         try:
             while True:
@@ -489,8 +492,8 @@ class EscortApp(App[None]):
         """VMs on a host their policy refuses (one shared placement check, services/check.py)."""
         from console.services.check import misplaced
 
-        if not hasattr(self.service, "matrix") or not hasattr(self.service, "policy_token"):
-            return {}  # a test double without the full service
+        if not self._placement_checkable():
+            return {}
         if self.checking:
             return {}  # start-up rows ("checking…"): decided once the streamed check is done
         try:
