@@ -29,6 +29,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import marshal
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -763,6 +764,42 @@ def open_portable(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> li
     return out
 
 
+#: the tag of ``pack_opened``'s bytes (a chunk of another shape is not adopted)
+PACKED = "escort-opened-1"
+
+
+def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tuple[bytes, list[Portable]]:
+    """Open ``tokens`` and pack the results for another process (``adopt_packed``), plus them
+    as ``Portable`` (for the opened cache).
+
+    The pack is ``marshal`` of plain values, ~4x cheaper to write and ~1.5x to read than
+    pickling the ``Portable`` tuples, and it names each owner chain (x5c) and JWS header
+    segment once per chunk instead of once per token: a row is (digest, payload, reasons
+    as (code, message, fix, severity), chain number or -1, header segment number).
+    Like ``Portable`` it is trusted as this code's own output (the helper process is a
+    fork of the console), and never read from anywhere else.
+    """
+    out: list[Portable] = []
+    chains: dict[tuple[str, ...], int] = {}
+    heads: dict[str, int] = {}
+    rows = []
+    for token in tokens:
+        o = open_token(token, typ, fields)
+        out.append((o.digest, o.payload, o.reasons, o.chain_key))
+        segment = o.token.partition(".")[0]
+        head = heads.get(segment)
+        if head is None:
+            head = heads[segment] = len(heads)
+        chain = -1
+        if o.chain_key:
+            chain = chains.get(o.chain_key, -1)
+            if chain < 0:
+                chain = chains[o.chain_key] = len(chains)
+        rows.append((o.digest, o.payload,
+                     tuple((r.code, r.message, r.fix, r.severity) for r in o.reasons), chain, head))
+    return marshal.dumps((PACKED, typ, list(heads), list(chains), rows)), out
+
+
 @dataclass
 class EnvelopeVerifier:
     """Verifies tokens against the owners' trust store, caching what can be cached.
@@ -799,6 +836,43 @@ class EnvelopeVerifier:
         opened = Opened(token, digest, typ, header, payload, certs, owner, reasons, chain_key)
         self._opened[(digest, typ)] = opened
         return opened
+
+    def adopt_packed(self, packed: bytes, typ: str, tokens: Mapping[str, str]) -> int:
+        """Cache the tokens of a ``pack_opened`` chunk that are ``tokens`` (digest -> token) and
+        not open yet, exactly as ``adopt`` would; returns how many. A chunk of another shape
+        adopts nothing (those tokens are then opened here)."""
+        try:
+            tag, ptyp, heads, chains, rows = marshal.loads(packed)
+            if tag != PACKED or ptyp != typ or not isinstance(rows, list):
+                return 0
+            headers = [(h + ".", _header(h) or {}) for h in heads]
+            signers: list[tuple[tuple[x509.Certificate, ...], OwnerIdentity | None, tuple[str, ...]]] = []
+            for c in chains:
+                signer = _signer(tuple(c))
+                signers.append((signer.certs, signer.owner, signer.key) if isinstance(signer, _Signer)
+                               else ((), None, tuple(c)))
+        except (ValueError, TypeError, EOFError, IndexError):
+            return 0
+        opened_ = self._opened
+        n = 0
+        for row in rows:
+            try:
+                digest, payload, reasons, chain, head = row
+                token = tokens.get(digest)
+                if token is None or (digest, typ) in opened_:
+                    continue
+                token = token.strip()
+                prefix, header = headers[head]
+                if not token.startswith(prefix):  # not this token's header: opened here instead
+                    continue
+                certs, owner, chain_key = signers[chain] if chain >= 0 else ((), None, ())
+                why = tuple(Reason(*r) for r in reasons) if reasons else ()
+            except (ValueError, TypeError, IndexError):
+                continue
+            opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
+                                            why, chain_key)
+            n += 1
+        return n
 
     def owner_chain(self, certs: Sequence[x509.Certificate], at: dt.datetime,
                     chain_key: tuple[str, ...] = ()) -> ChainResult | None:
@@ -888,6 +962,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 __all__ = [
     "NBF_SKEW",
+    "PACKED",
     "TYP_GRANT",
     "TYP_HANDOVER",
     "TYP_POLICY",
@@ -905,6 +980,7 @@ __all__ = [
     "open_portable",
     "open_token",
     "owner_identity",
+    "pack_opened",
     "reason",
     "sign",
     "sign_raw",

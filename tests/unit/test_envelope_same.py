@@ -369,3 +369,49 @@ def test_b64url_same_as_reencoding(segment: str) -> None:
 def test_b64url_accepts_every_canonical_spelling(raw: bytes) -> None:
     assert env._b64url(b64u(raw)) == raw
 
+
+
+# ------------------------------------------------------------------ packed chunks between processes
+def test_packed_chunk_adopts_what_open_token_gives(tokens: list[str]) -> None:
+    # what the helper process sends (pack_opened) and the console adopts (adopt_packed)
+    # is, token for token, what open_token gives here: reasons, payload, header, owner...
+    for typ in (env.TYP_POLICY, env.TYP_GRANT):
+        real = list({env.token_digest(t): t for t in tokens if t.strip()}.values())
+        packed, portables = env.pack_opened(real, typ, FIELDS)
+        assert [p[0] for p in portables] == [env.token_digest(t) for t in real]
+        clear_caches()  # the console's own caches are cold
+        verifier = env.EnvelopeVerifier(None)
+        by_digest = {env.token_digest(t): t for t in real}
+        n = verifier.adopt_packed(packed, typ, by_digest)
+        adopted = [verifier._opened.get((env.token_digest(t), typ)) for t in real]
+        missing = [t for t, o in zip(real, adopted, strict=True) if o is None]
+        # only a token whose header segment is the whole token has no "segment." prefix
+        assert all("." not in t.strip() for t in missing), missing
+        assert n == len(real) - len(missing)
+        for token, opened in zip(real, adopted, strict=True):
+            if opened is not None:
+                same(opened, env.open_token(token, typ, FIELDS))
+                same(opened, reference(token, typ, FIELDS))
+
+
+def test_packed_chunk_adopts_only_what_fits(kit: Kit) -> None:
+    owner = kit.alice
+    good = [forge({"alg": "ES256", "typ": env.TYP_POLICY, "x5c": [der64(owner)]}, claims(owner, jti=f"j{i}"),
+                  owner.key, "ES256") for i in range(3)]
+    packed, _ = env.pack_opened(good, env.TYP_POLICY, FIELDS)
+    digests = [env.token_digest(t) for t in good]
+    verifier = env.EnvelopeVerifier(None)
+    # another document type, something else than a pack, a damaged pack: nothing adopted
+    assert verifier.adopt_packed(packed, env.TYP_GRANT, dict(zip(digests, good, strict=True))) == 0
+    for junk in (b"", b"\x00garbage", packed[:-7], __import__("marshal").dumps(("other", 1))):
+        assert verifier.adopt_packed(junk, env.TYP_POLICY, dict(zip(digests, good, strict=True))) == 0
+    assert not verifier._opened
+    # a digest this process does not know is skipped; one already open is left as it is
+    first = verifier.open(good[0], env.TYP_POLICY, FIELDS)
+    assert verifier.adopt_packed(packed, env.TYP_POLICY, {digests[0]: good[0], digests[1]: good[1]}) == 1
+    assert verifier._opened[(digests[0], env.TYP_POLICY)] is first
+    assert (digests[2], env.TYP_POLICY) not in verifier._opened
+    # a token of another header than the one packed for its digest is not adopted
+    other = forge({"alg": "ES256", "typ": env.TYP_POLICY, "x5c": [der64(kit.mallory)]}, claims(kit.mallory),
+                  kit.mallory.key, "ES256")
+    assert env.EnvelopeVerifier(None).adopt_packed(packed, env.TYP_POLICY, {digests[2]: other}) == 0
