@@ -1,8 +1,10 @@
 """Owner-signed documents: compact JWS (RFC 7515) carrying the owner's chain in ``x5c``.
 
 Policies and grants share this envelope so that owners can produce and inspect them
-with common JOSE tools. The JWS work itself (base64url, signing input, signature
-maths) is joserfc's; this module decides *which* JWS we accept:
+with common JOSE tools. Signing is joserfc's; verifying uses joserfc's algorithm and
+key checks once per header segment and its signature algorithm per token (for ES256,
+the same cryptography call joserfc makes, called directly: ``_Head.verify``), with a
+strict base64url of our own. This module decides *which* JWS we accept:
 
 * ``alg`` is one of ES256 (P-256), RS256, EdDSA (Ed25519) — never ``none``, and it
   must fit the key in the leaf certificate;
@@ -27,6 +29,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import marshal
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,9 +37,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
@@ -383,18 +387,35 @@ def _r(prefix: str, code: str, message: str, fix: str = "") -> Reason:
     return reason(f"{prefix}.{code}", message, fix)
 
 
+#: base64url digit -> its value (RFC 4648 §5)
+_B64URL_VALUE = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64url(segment: str) -> bytes:
     """Strict base64url (RFC 7515: no padding, no stray characters, canonical last digit).
 
     Python's decoder skips characters outside the alphabet and ignores the unused low
     bits of the last digit, so several spellings decode to the same bytes; only the
     canonical one is accepted, so that one document has exactly one token (and one
-    digest in the audit log).
+    digest in the audit log). Checked without encoding the bytes again: the standard
+    alphabet's ``+``, ``/`` and any ``=`` are refused here, everything else outside the
+    base64url alphabet by binascii's strict mode (after ``-_`` became ``+/``), and a
+    last digit of a 2- or 3-digit group must leave its unused low bits zero.
+    (tests/unit/test_envelope_fast.py compares it with the re-encoding version.)
     """
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
-        raise ValueError("not canonical base64url")
-    return raw
+    if "+" in segment or "/" in segment or "=" in segment:
+        raise ValueError("not base64url")
+    rem = len(segment) % 4
+    if rem:
+        if rem == 1:
+            raise ValueError("not base64url (a lone last digit)")
+        if _B64URL_VALUE.get(segment[-1], 0) & (0x0F if rem == 2 else 0x03):
+            raise ValueError("not canonical base64url")
+        return binascii.a2b_base64(segment.encode("ascii").translate(_URLSAFE_TO_STD)
+                                   + (b"==" if rem == 2 else b"="), strict_mode=True)
+    return binascii.a2b_base64(segment.encode("ascii").translate(_URLSAFE_TO_STD), strict_mode=True)
 
 
 def _b64url_json(segment: str) -> Any:
@@ -536,22 +557,138 @@ def _sig_check(segment: str, header: Mapping[str, Any], alg: str, signer: _Signe
     return checked
 
 
-def _signature_ok(segment: str, header: Mapping[str, Any], alg: str, signer: _Signer,
-                  signing_input: bytes, signature: bytes) -> bool:
-    """The JWS signature over ``signing_input`` (RFC 7515 §5.2), with joserfc's algorithm:
-    what ``jws.validate_compact`` does, without repeating the per-header checks."""
+@dataclass(frozen=True)
+class _Head:
+    """What one JWS header segment means for one document type, whatever the payload.
+
+    An owner's tokens all share one header segment (it holds ``x5c``), so 10,000
+    policies from 50 owners parse and check 50 headers: the header checks of
+    ``open_token`` (in its order), the x5c chain (``_signer``) and joserfc's header and
+    key checks (``_sig_check``). ``refusal`` is the first refusal a header alone causes;
+    when there is none, ``verify`` checks one token's signature.
+    """
+
+    header: dict[str, Any] | None  # None: not base64url JSON
+    unsigned: tuple[Reason, ...] = ()  # the refusal of a token with an empty signature
+    refusal: tuple[Reason, ...] = ()
+    certs: tuple[x509.Certificate, ...] = ()
+    owner: OwnerIdentity | None = None
+    chain_key: tuple[str, ...] = ()
+    alg: str = ""
+    checked: tuple[JWSAlgModel, JoseKey] | None = None  # joserfc's checks passed (None: never verifies)
+    #: ES256 only: the leaf's public key as joserfc would use it (``get_op_key("verify")``),
+    #: the half-length of a signature (r, s) and the ECDSA algorithm joserfc verifies with
+    es_key: ec.EllipticCurvePublicKey | None = None
+    es_half: int = 0
+    es_alg: ec.ECDSA | None = None
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """The JWS signature over ``signing_input`` (RFC 7515 §5.2) with joserfc's algorithm.
+
+        ES256 is what ``ESAlgorithm.verify`` does, called directly: the signature is r
+        and s of the key's size, turned into DER for cryptography's verify; the header
+        and key checks it would repeat ran once for the segment (``_sig_check``)."""
+        if self.es_key is not None and self.es_alg is not None:
+            half = self.es_half
+            if len(signature) != 2 * half:
+                return False
+            der = encode_dss_signature(int.from_bytes(signature[:half], "big"),
+                                       int.from_bytes(signature[half:], "big"))
+            try:
+                self.es_key.verify(der, signing_input, self.es_alg)
+            except InvalidSignature:
+                return False
+            return True
+        if self.checked is None:
+            return False
+        model, key = self.checked
+        try:
+            if self.alg == "EdDSA":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SecurityWarning)
+                    return bool(model.verify(signing_input, signature, key))
+            return bool(model.verify(signing_input, signature, key))
+        except JoseError:
+            return False
+
+
+#: (header segment, document type) -> what the header means (``_head``)
+_HEADS: dict[tuple[str, str], _Head] = {}
+
+
+def _head(segment: str, typ: str) -> _Head:
+    """``_Head`` for one header segment and document type, cached."""
+    hit = _HEADS.get((segment, typ))
+    if hit is None:
+        hit = _make_head(segment, typ)
+        if len(_HEADS) >= _MAX_SIGNERS:
+            _HEADS.clear()
+        _HEADS[(segment, typ)] = hit
+    return hit
+
+
+def _make_head(segment: str, typ: str) -> _Head:
+    prefix = PREFIX[typ]
+    header = _header(segment)
+    if header is None:
+        return _Head(None)
+    alg = header.get("alg")
+    unsigned = (_r(prefix, "unsigned", f"the {prefix} is not signed (alg {alg!r})",
+                   f"have the owner sign the {prefix}"),)
+
+    def refuse(code: str, message: str, fix: str) -> _Head:
+        return _Head(header, unsigned, (_r(prefix, code, message, fix),))
+
+    if not isinstance(alg, str) or alg.lower() == "none":
+        return _Head(header, unsigned, unsigned)
+    if alg not in ("ES256", "RS256", "EdDSA"):
+        return refuse("alg", f"the {prefix} uses algorithm {alg!r}; escort accepts ES256, RS256, EdDSA",
+                      "re-sign with an EC P-256, RSA or Ed25519 owner key")
+    if header.get("typ") != typ:
+        return refuse("typ", f"the document is of type {header.get('typ')!r}, expected {typ!r}",
+                      f"attach a {prefix}, not another kind of signed document")
+    extra = sorted(set(header) - ALLOWED_HEADER)
+    if extra:
+        return refuse("malformed", f"the {prefix}'s JWS header has unsupported field(s) {', '.join(extra)}",
+                      f"re-sign the {prefix} without them")
+    x5c = header.get("x5c")
+    if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
+        return refuse("owner_untrusted", f"the {prefix} carries no owner certificate (x5c)",
+                      "re-sign it with the owner certificate in x5c")
+    if len(x5c) > MAX_CHAIN:
+        return refuse("malformed", f"the {prefix}'s x5c has more than {MAX_CHAIN} certificates",
+                      "include only the owner certificate and its intermediates")
+    signer = _signer(tuple(x5c))
+    if isinstance(signer, str):
+        return refuse("malformed", f"the {prefix}'s x5c holds something that is not a DER certificate",
+                      "re-sign it with the owner certificate chain")
+    certs, owner, key = signer.certs, signer.owner, signer.key
+    if signer.problem:
+        return _Head(header, unsigned, (_r(prefix, "alg", f"the owner's key is unusable: {signer.problem}",
+                                           "issue the owner an EC P-256, RSA or Ed25519 certificate"),),
+                     certs, owner, key)
+    if signer.alg != alg:
+        return _Head(header, unsigned, (_r(prefix, "signature",
+                                           f"the {prefix} claims {alg} but the owner key needs {signer.alg}",
+                                           f"re-sign the {prefix} with the owner's own key"),),
+                     certs, owner, key)
     checked = _sig_check(segment, header, alg, signer)
-    if checked is None:
-        return False
-    model, key = checked
-    try:
-        if alg == "EdDSA":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SecurityWarning)
-                return bool(model.verify(signing_input, signature, key))
-        return bool(model.verify(signing_input, signature, key))
-    except JoseError:
-        return False
+    es_key: ec.EllipticCurvePublicKey | None = None
+    es_half = 0
+    es_alg: ec.ECDSA | None = None
+    if checked is not None and alg == "ES256":
+        model, jose = checked
+        hash_alg = getattr(model, "hash_alg", None)  # joserfc's ESAlgorithm: SHA-256 for ES256
+        if model.name == "ES256" and isinstance(jose, ECKey) and hash_alg is hashes.SHA256:
+            try:
+                op_key = jose.get_op_key("verify")
+            except JoseError:
+                checked = None  # joserfc's verify would fail on every token
+            else:
+                if isinstance(op_key, ec.EllipticCurvePublicKey):
+                    es_key, es_alg = op_key, ec.ECDSA(hashes.SHA256())
+                    es_half = (jose.curve_key_size + 7) // 8
+    return _Head(header, unsigned, (), certs, owner, key, alg, checked, es_key, es_half, es_alg)
 
 
 def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -> Opened:
@@ -576,76 +713,46 @@ def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -
     if len(parts) != 3 or not token.isascii():
         return bad("malformed", f"the {prefix} is not a compact JWS (three base64url parts)",
                    f"attach the {prefix} exactly as `escort {prefix} sign/issue` wrote it")
-    header = _header(parts[0])
-    if header is None:
+    head = _HEADS.get((parts[0], typ)) or _head(parts[0], typ)
+    if head.header is None:
         return bad("malformed", f"the {prefix}'s JWS header is not base64url JSON",
                    f"attach the {prefix} exactly as it was signed")
-    alg = header.get("alg")
-    if not isinstance(alg, str) or alg.lower() == "none" or not parts[2]:
-        return bad("unsigned", f"the {prefix} is not signed (alg {alg!r})",
-                   f"have the owner sign the {prefix}", header)
-    if alg not in ("ES256", "RS256", "EdDSA"):
-        return bad("alg", f"the {prefix} uses algorithm {alg!r}; escort accepts ES256, RS256, EdDSA",
-                   "re-sign with an EC P-256, RSA or Ed25519 owner key", header)
-    if header.get("typ") != typ:
-        return bad("typ", f"the document is of type {header.get('typ')!r}, expected {typ!r}",
-                   f"attach a {prefix}, not another kind of signed document", header)
-    extra = sorted(set(header) - ALLOWED_HEADER)
-    if extra:
-        return bad("malformed", f"the {prefix}'s JWS header has unsupported field(s) {', '.join(extra)}",
-                   f"re-sign the {prefix} without them", header)
-    x5c = header.get("x5c")
-    if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
-        return bad("owner_untrusted", f"the {prefix} carries no owner certificate (x5c)",
-                   "re-sign it with the owner certificate in x5c", header)
-    if len(x5c) > MAX_CHAIN:
-        return bad("malformed", f"the {prefix}'s x5c has more than {MAX_CHAIN} certificates",
-                   "include only the owner certificate and its intermediates", header)
-    signer = _signer(tuple(x5c))
-    if isinstance(signer, str):
-        return bad("malformed", f"the {prefix}'s x5c holds something that is not a DER certificate",
-                   "re-sign it with the owner certificate chain", header)
-    certs, owner = signer.certs, signer.owner
-    if signer.problem:
-        return Opened(token, digest, typ, header, None, certs, owner,
-                      (_r(prefix, "alg", f"the owner's key is unusable: {signer.problem}",
-                          "issue the owner an EC P-256, RSA or Ed25519 certificate"),), signer.key)
-    if signer.alg != alg:
-        return Opened(token, digest, typ, header, None, certs, owner,
-                      (_r(prefix, "signature",
-                          f"the {prefix} claims {alg} but the owner key needs {signer.alg}",
-                          f"re-sign the {prefix} with the owner's own key"),), signer.key)
+    header = dict(head.header)  # each document its own (shallow) copy, as before
+    if not parts[2]:
+        return Opened(token, digest, typ, header, None, reasons=head.unsigned)
+    if head.refusal:
+        return Opened(token, digest, typ, header, None, head.certs, head.owner, head.refusal, head.chain_key)
+    certs, owner, chain_key = head.certs, head.owner, head.chain_key
+    assert owner is not None
     try:
         raw_payload = _b64url(parts[1])
         raw_signature = _b64url(parts[2])
     except (ValueError, binascii.Error):
         return bad("malformed", f"the {prefix}'s payload or signature is not base64url",
                    f"attach the {prefix} exactly as it was signed", header)
-    good = _signature_ok(parts[0], header, alg, signer, (parts[0] + "." + parts[1]).encode("ascii"),
-                         raw_signature)
-    if not good:
+    if not head.verify(token[:len(parts[0]) + 1 + len(parts[1])].encode("ascii"), raw_signature):
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "signature",
                           f"the {prefix}'s signature does not verify with {owner.label()}'s key "
                           "(tampered with, or signed by someone else)",
-                          f"ask the owner to sign the {prefix} again"),), signer.key)
+                          f"ask the owner to sign the {prefix} again"),), chain_key)
     try:
         payload = strictjson.loads(raw_payload)
     except strictjson.StrictJSONError as exc:
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "malformed", f"the {prefix}'s payload is not strict JSON ({exc})",
-                          f"re-sign the {prefix} with escort"),), signer.key)
+                          f"re-sign the {prefix} with escort"),), chain_key)
     if not isinstance(payload, dict):
         return Opened(token, digest, typ, header, None, certs, owner,
                       (_r(prefix, "malformed", f"the {prefix}'s payload is not a JSON object",
-                          f"re-sign the {prefix} with escort"),), signer.key)
+                          f"re-sign the {prefix} with escort"),), chain_key)
     reasons = _check_claims(prefix, payload, fields)
     iss = payload.get("iss")
     if isinstance(iss, str) and iss and not owner.matches_iss(iss):
         reasons.append(_r(prefix, "issuer_mismatch",
                           f"the {prefix} names issuer {iss!r} but is signed by {owner.label()}",
                           f"the owner must sign their own {prefix}s"))
-    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons), signer.key)
+    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons), chain_key)
 
 
 #: ``open_token`` without the certificate objects (which cannot be pickled): what a
@@ -659,6 +766,42 @@ def open_portable(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> li
         o = open_token(token, typ, fields)
         out.append((o.digest, o.payload, o.reasons, o.chain_key))
     return out
+
+
+#: the tag of ``pack_opened``'s bytes (a chunk of another shape is not adopted)
+PACKED = "escort-opened-1"
+
+
+def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tuple[bytes, list[Portable]]:
+    """Open ``tokens`` and pack the results for another process (``adopt_packed``), plus them
+    as ``Portable`` (for the opened cache).
+
+    The pack is ``marshal`` of plain values, ~4x cheaper to write and ~1.5x to read than
+    pickling the ``Portable`` tuples, and it names each owner chain (x5c) and JWS header
+    segment once per chunk instead of once per token: a row is (digest, payload, reasons
+    as (code, message, fix, severity), chain number or -1, header segment number).
+    Like ``Portable`` it is trusted as this code's own output (the helper process is a
+    fork of the console), and never read from anywhere else.
+    """
+    out: list[Portable] = []
+    chains: dict[tuple[str, ...], int] = {}
+    heads: dict[str, int] = {}
+    rows = []
+    for token in tokens:
+        o = open_token(token, typ, fields)
+        out.append((o.digest, o.payload, o.reasons, o.chain_key))
+        segment = o.token.partition(".")[0]
+        head = heads.get(segment)
+        if head is None:
+            head = heads[segment] = len(heads)
+        chain = -1
+        if o.chain_key:
+            chain = chains.get(o.chain_key, -1)
+            if chain < 0:
+                chain = chains[o.chain_key] = len(chains)
+        rows.append((o.digest, o.payload,
+                     tuple((r.code, r.message, r.fix, r.severity) for r in o.reasons), chain, head))
+    return marshal.dumps((PACKED, typ, list(heads), list(chains), rows)), out
 
 
 @dataclass
@@ -701,6 +844,43 @@ class EnvelopeVerifier:
         opened = Opened(token, digest, typ, header, payload, certs, owner, reasons, chain_key)
         self._opened[(digest, typ)] = opened
         return opened
+
+    def adopt_packed(self, packed: bytes, typ: str, tokens: Mapping[str, str]) -> int:
+        """Cache the tokens of a ``pack_opened`` chunk that are ``tokens`` (digest -> token) and
+        not open yet, exactly as ``adopt`` would; returns how many. A chunk of another shape
+        adopts nothing (those tokens are then opened here)."""
+        try:
+            tag, ptyp, heads, chains, rows = marshal.loads(packed)
+            if tag != PACKED or ptyp != typ or not isinstance(rows, list):
+                return 0
+            headers = [(h + ".", _header(h) or {}) for h in heads]
+            signers: list[tuple[tuple[x509.Certificate, ...], OwnerIdentity | None, tuple[str, ...]]] = []
+            for c in chains:
+                signer = _signer(tuple(c))
+                signers.append((signer.certs, signer.owner, signer.key) if isinstance(signer, _Signer)
+                               else ((), None, tuple(c)))
+        except (ValueError, TypeError, EOFError, IndexError):
+            return 0
+        opened_ = self._opened
+        n = 0
+        for row in rows:
+            try:
+                digest, payload, reasons, chain, head = row
+                token = tokens.get(digest)
+                if token is None or (digest, typ) in opened_:
+                    continue
+                token = token.strip()
+                prefix, header = headers[head]
+                if not token.startswith(prefix):  # not this token's header: opened here instead
+                    continue
+                certs, owner, chain_key = signers[chain] if chain >= 0 else ((), None, ())
+                why = tuple(Reason(*r) for r in reasons) if reasons else ()
+            except (ValueError, TypeError, IndexError):
+                continue
+            opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
+                                            why, chain_key)
+            n += 1
+        return n
 
     def owner_chain(self, certs: Sequence[x509.Certificate], at: dt.datetime,
                     chain_key: tuple[str, ...] = ()) -> ChainResult | None:
@@ -843,6 +1023,7 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 __all__ = [
     "NBF_SKEW",
+    "PACKED",
     "TYP_GRANT",
     "TYP_HANDOVER",
     "TYP_POLICY",
@@ -860,6 +1041,7 @@ __all__ = [
     "open_portable",
     "open_token",
     "owner_identity",
+    "pack_opened",
     "reason",
     "sign",
     "sign_raw",

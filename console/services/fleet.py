@@ -50,6 +50,7 @@ from console.core.envelope import (
     Opened,
     Portable,
     open_portable,
+    pack_opened,
     reason,
     token_digest,
 )
@@ -199,14 +200,15 @@ def _prefetch_main(service: FleetService, conn: Connection, other: Connection | 
             else:
                 opened.append(got)
         # from the cache first, then in chunks as they are opened; each opened token goes by
-        # its digest only (the console has the token: ~15 MB less to pickle and unpickle)
+        # its digest only (the console has the token: ~15 MB less to pickle and unpickle),
+        # packed (``pack_opened``: each owner chain and header once per chunk, marshal)
         conn.send(("opened", opened))
         fresh: list[Portable] = []
         try:
             for i in range(0, len(todo), 250):
-                done = open_portable(todo[i:i + 250], TYP_POLICY, POLICY_FIELDS)
+                packed, done = pack_opened(todo[i:i + 250], TYP_POLICY, POLICY_FIELDS)
                 fresh.extend(done)
-                conn.send(("opened", done))
+                conn.send(("packed", packed))
             conn.send(("done",))
         except OSError:
             pass  # the console opened the rest itself (from the other end) and stopped listening
@@ -864,7 +866,9 @@ class FleetService:
                     try:
                         while conn.poll(0):
                             message = conn.recv()
-                            if message[0] == "opened" and isinstance(message[1], list):
+                            if message[0] == "packed" and isinstance(message[1], bytes):
+                                envelopes.adopt_packed(message[1], TYP_POLICY, by_digest)
+                            elif message[0] == "opened" and isinstance(message[1], list):
                                 for portable in message[1]:
                                     token = (by_digest.get(portable[0]) if type(portable) is tuple
                                              and len(portable) == 4 and type(portable[0]) is str

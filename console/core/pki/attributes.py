@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ class _Facts:
     raised before (nothing is stored for a part that raised).
     """
 
-    __slots__ = ("cert", "exts", "key_type", "spki_sha256", "subject_first")
+    __slots__ = ("cert", "der", "exts", "key_type", "spki_sha256", "subject_first")
 
     def __init__(self, cert: x509.Certificate) -> None:
         self.cert = cert  # held: while this entry lives, no other object can get its id()
@@ -39,6 +40,10 @@ class _Facts:
         self.subject_first: dict[x509.ObjectIdentifier, str | bytes] | None = None
         self.key_type: str | None = None
         self.spki_sha256: str | None = None
+        #: the certificate's DER exactly as read (``pem.load_certificates`` files it when it
+        #: parses the bytes into this object), else None: its SHA-256 is the fingerprint
+        #: without a re-encoding (``fingerprint_of``)
+        self.der: bytes | None = None
 
 
 #: id(certificate) -> its facts. Keyed by identity, never by subject, serial or any other
@@ -202,8 +207,28 @@ def common_name(name: x509.Name) -> str | None:
     return str(attrs[0].value) if attrs else None
 
 
+def fingerprint_of(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, lowercase hex (``CertInfo.fingerprint``).
+
+    Of the bytes as read when ``pem.load_certificates`` made this object (cryptography
+    parses strict DER only, so those are the bytes it would re-encode; ~15x cheaper than
+    ``Certificate.fingerprint``, which re-encodes first), else ``Certificate.fingerprint``.
+    """
+    der = facts(cert).der
+    if der is not None:
+        return hashlib.sha256(der).hexdigest()
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
-    """The facts escort shows about a certificate; InputError for unparseable extensions."""
+    """The facts escort shows about a certificate; InputError for unparseable extensions.
+
+    ``subject`` and ``issuer`` (RFC 4514 strings) are left to ``CertInfo`` to format when
+    first read (a chain check never reads them; cryptography has parsed both names
+    already, so formatting them later cannot fail where it did not before). Everything
+    else is read here, in the same order as always, so a damaged certificate raises
+    what and where it always did.
+    """
     try:
         basic = basic_constraints(cert)
         ku = key_usage(cert)
@@ -214,36 +239,60 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         email = email_of(cert)
     except ValueError as exc:
         raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
-    subject = cert.subject.rfc4514_string()
+    name = subject_first(cert, NameOID.COMMON_NAME)  # (cryptography parses the subject here)
+    _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
     is_ca = bool(basic and basic.ca)
     path_len = basic.path_length if basic and basic.ca else None
     ku_names: tuple[str, ...] = ()
     if ku is not None:
         ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
     constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
-    return CertInfo(
-        cert=cert,
-        name=subject_first(cert, NameOID.COMMON_NAME) or subject,
-        subject=subject,
-        issuer=cert.issuer.rfc4514_string(),
-        serial=cert.serial_number,
-        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        is_ca=is_ca,
-        path_len=path_len,
-        key_type=key_type(cert),
-        policies=tuple(p.policy_identifier.dotted_string for p in pol)
+    fields: dict[str, object] = {
+        "cert": cert,
+        "name": name,
+        "serial": cert.serial_number,
+        "fingerprint": fingerprint_of(cert),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "is_ca": is_ca,
+        "path_len": path_len,
+        "key_type": key_type(cert),
+        "policies": tuple(p.policy_identifier.dotted_string for p in pol)
         if isinstance(pol, x509.CertificatePolicies) else (),
-        name_constraints=nc_summary(nc),
-        source=source,
-        ski=ski.hex() if ski else "",
-        aki=aki.hex() if aki else "",
-        key_usage=ku_names,
-        ext_key_usage=tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
-        constraints=constraints,
-        email=email,
-    )
+        "name_constraints": nc_summary(nc),
+        "source": source,
+        "ski": ski.hex() if ski else "",
+        "aki": aki.hex() if aki else "",
+        "key_usage": ku_names,
+        "ext_key_usage": tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
+        "constraints": constraints,
+        "email": email,
+    }
+    if not name:  # no common name: the name is the whole subject
+        fields["name"] = fields["subject"] = cert.subject.rfc4514_string()
+    info: CertInfo = object.__new__(CertInfo)
+    info.__dict__.update(fields)  # (a frozen dataclass: its __init__ would do the same, field by field)
+    return info
+
+
+#: the default policy names by OID, and the last fleet table's (its items, then by OID)
+_DEFAULT_BY_OID = {oid: name for name, oid in DEFAULT_POLICY_NAMES.items()}
+_LAST_BY_OID: list[tuple[tuple[tuple[str, str], ...], dict[str, str]]] = []
+
+
+def _names_by_oid(policy_names: Mapping[str, str] | None) -> dict[str, str]:
+    """dotted OID -> friendly name: ``DEFAULT_POLICY_NAMES`` extended and overridden by
+    ``policy_names`` (made once per table content; the caller must not change it)."""
+    if not policy_names:
+        return _DEFAULT_BY_OID
+    items = tuple(policy_names.items())
+    last = _LAST_BY_OID[0] if _LAST_BY_OID else None
+    if last is not None and last[0] == items:
+        return last[1]
+    table = {**DEFAULT_POLICY_NAMES, **policy_names}
+    by_oid = {oid: name for name, oid in table.items()}
+    _LAST_BY_OID[:] = [(items, by_oid)]
+    return by_oid
 
 
 def host_attributes(cert: x509.Certificate, policy_names: Mapping[str, str] | None = None) -> HostAttributes:
@@ -252,30 +301,35 @@ def host_attributes(cert: x509.Certificate, policy_names: Mapping[str, str] | No
     ``policy_names`` maps friendly names to dotted OIDs (the fleet file's table, same
     direction as ``issuance.DEFAULT_POLICY_NAMES``, which it extends and overrides).
     """
-    table = {**DEFAULT_POLICY_NAMES, **(policy_names or {})}
-    by_oid = {oid: name for name, oid in table.items()}
-
-    def first(oid: x509.ObjectIdentifier) -> str | None:
-        return subject_first(cert, oid)
-
+    by_oid = _names_by_oid(policy_names)
     try:
         san = subject_alt_names(cert)
         pol = ext(cert, x509.CertificatePolicies)
     except ValueError as exc:
         raise InputError(f"certificate {cert.subject.rfc4514_string()}: malformed extension") from exc
-    dns = tuple(san.get_values_for_type(x509.DNSName)) if san else ()
-    ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress)) if san else ()
+    dns: list[str] = []
+    ips: list[str] = []
+    for gn in san or ():  # (``get_values_for_type`` per type, in one pass)
+        if isinstance(gn, x509.DNSName):
+            dns.append(gn.value)
+        elif isinstance(gn, x509.IPAddress):
+            ips.append(str(gn.value))
     oids = ([p.policy_identifier.dotted_string for p in pol]
             if isinstance(pol, x509.CertificatePolicies) else [])
+    subject_first(cert, NameOID.COMMON_NAME)  # (fills the memo read below)
+    first = facts(cert).subject_first or {}
+    cn, country = first.get(NameOID.COMMON_NAME), first.get(NameOID.COUNTRY_NAME)
+    state, locality = first.get(NameOID.STATE_OR_PROVINCE_NAME), first.get(NameOID.LOCALITY_NAME)
+    org, unit = first.get(NameOID.ORGANIZATION_NAME), first.get(NameOID.ORGANIZATIONAL_UNIT_NAME)
     return HostAttributes(
-        common_name=first(NameOID.COMMON_NAME) or cert.subject.rfc4514_string(),
-        country=first(NameOID.COUNTRY_NAME),
-        state=first(NameOID.STATE_OR_PROVINCE_NAME),
-        locality=first(NameOID.LOCALITY_NAME),
-        organization=first(NameOID.ORGANIZATION_NAME),
-        org_unit=first(NameOID.ORGANIZATIONAL_UNIT_NAME),
-        dns_names=dns,
-        ips=ips,
+        common_name=(None if cn is None else str(cn)) or cert.subject.rfc4514_string(),
+        country=None if country is None else str(country),
+        state=None if state is None else str(state),
+        locality=None if locality is None else str(locality),
+        organization=None if org is None else str(org),
+        org_unit=None if unit is None else str(unit),
+        dns_names=tuple(dns),
+        ips=tuple(ips),
         policies=frozenset(by_oid.get(o, o) for o in oids),
         not_after=cert.not_valid_after_utc,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -72,6 +72,25 @@ class CertInfo:
 
     def days_left(self, at: dt.datetime) -> int:
         return (self.not_after - at).days
+
+    if not TYPE_CHECKING:  # (hidden from mypy: it would make every misspelt field "Any")
+        def __getattr__(self, attr: str) -> str:
+            """``subject`` and ``issuer`` of a ``cert_info`` result, formatted on first read.
+
+            Python calls this only for an attribute the instance does not have: these two
+            fields are then computed from ``cert`` (the RFC 4514 string of its subject /
+            issuer, what ``cert_info`` used to compute at once) and kept. A chain check
+            never reads them; equality, hashing, ``repr`` and ``replace`` read every field
+            and so get them too. Pickled before they are read, they are computed where
+            they are read (the certificate travels with the info).
+            """
+            if attr == "subject" or attr == "issuer":
+                cert = self.__dict__.get("cert")
+                if cert is not None:
+                    value: str = (cert.subject if attr == "subject" else cert.issuer).rfc4514_string()
+                    self.__dict__[attr] = value
+                    return value
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
     @property
     def fingerprint_sha1(self) -> str:

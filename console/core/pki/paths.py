@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..reasons import Reason
 from .attributes import cert_info, ext, facts, name_constraints_of
 from .checks import (
+    SignatureCheck,
     aki_matches,
     ca_reasons,
     critical_extension_reasons,
@@ -100,6 +101,7 @@ class PathResult:
     fingerprints: frozenset[str]
     names: tuple[str, ...]
     policies: PolicyState  # after the lowest CA of the path
+    infos: tuple[CertInfo, ...] = ()  # ``path``'s infos (a chain's tail, shared by its certificates)
 
 
 def _spki_sha256(cert: x509.Certificate) -> str:
@@ -132,6 +134,8 @@ class PathBuilder:
         #: (leaf fingerprint, issuer node id) -> signature verified. Signatures do not
         #: depend on time, so a console refreshing 1,000 hosts pays for them once.
         self._signatures: dict[tuple[str, int], bool] = {}
+        #: id(CA node) -> (the node, its side of a signature check): ``_signature_check``
+        self._sig_checks: dict[int, tuple[CANode, SignatureCheck]] = {}
         #: Extra (chain file / x5c) CAs as nodes with the CRLs that name them.
         self._extra_nodes: dict[str, CANode] = {}
         self._busy = threading.local()
@@ -191,7 +195,8 @@ class PathBuilder:
         return PathResult(path=tuple(path), errors=tuple(dict.fromkeys(errors)),
                           warnings=tuple(dict.fromkeys(warnings)), constraints=tuple(constraints),
                           fingerprints=frozenset(n.info.fingerprint for n in path),
-                          names=tuple(n.info.name for n in path), policies=policies)
+                          names=tuple(n.info.name for n in path), policies=policies,
+                          infos=tuple(n.info for n in path))
 
     def _extra_node(self, info: CertInfo) -> CANode:
         """A CA from a chain file / x5c as a node, with the trust directory's CRLs for it."""
@@ -216,18 +221,18 @@ class PathBuilder:
             return ChainResult(False, (Reason("cert.malformed", str(exc), "Reissue the certificate."),),
                                kind=kind)
         who = "Host certificate" if kind == "host" else "Owner certificate"
+        label = f"{who} {leaf.name}"
         errors: list[Reason] = []
         warnings: list[Reason] = []
         errors += validity_reasons(leaf, at, "cert", who)
-        for problem in (key_problem(cert, f"{who} {leaf.name}"),
-                        weak_signature(cert, f"{who} {leaf.name}")):
+        for problem in (key_problem(cert, label), weak_signature(cert, label)):
             if problem is not None:
                 errors.append(problem)
         errors += end_entity_reasons(leaf, kind)
         errors += usage_reasons(cert, leaf, kind)
         if kind == "owner":
             errors += owner_usage_reasons(cert, leaf)
-        errors += critical_extension_reasons(cert, f"{who} {leaf.name}", "cert.critical_extension")
+        errors += critical_extension_reasons(cert, label, "cert.critical_extension")
 
         # Walk up: extra intermediates only where the store has no signer.
         extra_infos: list[CertInfo] = []
@@ -263,25 +268,37 @@ class PathBuilder:
             if not info.self_issued:
                 below += 1
 
-        chain: list[CertInfo] = [leaf, *extra_infos]
-        fingerprints: frozenset[str] = frozenset(i.fingerprint for i in extra_infos)
-        names: tuple[str, ...] = tuple(i.name for i in extra_infos)
-        # Name constraints of every CA on the whole path, lowest first.
-        constraints: list[tuple[CertInfo, x509.NameConstraints]] = [
-            (i, nc) for i in extra_infos if (nc := name_constraints_of(i.cert)) is not None]
-        policies = PolicyState()
         signer_ok = self._signer_ok(at)
-        if issuer_node is not None:
+        if not extra_infos and issuer_node is not None:
+            # the common case, a certificate issued by a stored CA: the path's parts as computed
+            # once per CA (shared by every certificate it issued)
             res = self._path(issuer_node, at, below)
             errors += res.errors
             warnings += res.warnings
-            chain += [n.info for n in res.path]
-            fingerprints |= res.fingerprints
-            names += res.names
-            constraints += res.constraints
+            chain: list[CertInfo] | tuple[CertInfo, ...] = (leaf, *res.infos)
+            fingerprints = res.fingerprints
+            names: tuple[str, ...] = res.names
+            constraints: list[tuple[CertInfo, x509.NameConstraints]] | tuple[
+                tuple[CertInfo, x509.NameConstraints], ...] = res.constraints
             policies = res.policies
-        for info in reversed(extra_infos):
-            policies = policies.through(info)
+        else:
+            chain = [leaf, *extra_infos]
+            fingerprints = frozenset(i.fingerprint for i in extra_infos)
+            names = tuple(i.name for i in extra_infos)
+            # Name constraints of every CA on the whole path, lowest first.
+            constraints = [(i, nc) for i in extra_infos if (nc := name_constraints_of(i.cert)) is not None]
+            policies = PolicyState()
+            if issuer_node is not None:
+                res = self._path(issuer_node, at, below)
+                errors += res.errors
+                warnings += res.warnings
+                chain += [n.info for n in res.path]
+                fingerprints |= res.fingerprints
+                names += res.names
+                constraints += res.constraints
+                policies = res.policies
+            for info in reversed(extra_infos):
+                policies = policies.through(info)
 
         # Name constraints: each extra CA against every CA above it, the leaf against all.
         for j, info in enumerate(extra_infos):
@@ -295,7 +312,10 @@ class PathBuilder:
             errors += name_constraint_failures(cert, ca, nc, leaf.name)
 
         # Revocation of the leaf and of every extra CA by its issuer.
-        issuers: list[CANode | None] = [*(self._extra_node(i) for i in extra_infos), issuer_node]
+        if extra_infos:
+            issuers: list[CANode | None] = [*(self._extra_node(i) for i in extra_infos), issuer_node]
+        else:
+            issuers = [issuer_node]
         for info, issuer, is_leaf in zip([leaf, *extra_infos], issuers, [True] + [False] * len(extra_infos),
                                          strict=True):
             if issuer is None:
@@ -319,8 +339,24 @@ class PathBuilder:
             if len(self._signatures) >= 200_000:
                 with self._lock:
                     self._signatures.clear()
-            ok = self._signatures[key] = signed_by(cert, node.info.cert)
+            # the CA's key read once (``checks.SignatureCheck``); whatever it does not confirm,
+            # cryptography's ``verify_directly_issued_by`` decides
+            ok = self._signatures[key] = (self._signature_check(node).signed(cert, facts(cert).der)
+                                          or signed_by(cert, node.info.cert))
         return ok
+
+    def _signature_check(self, node: CANode) -> SignatureCheck:
+        """``node``'s side of a signature check, made once (it holds the node: no other node
+        can get its entry by reusing an id)."""
+        hit = self._sig_checks.get(id(node))
+        if hit is None or hit[0] is not node:
+            cert = node.info.cert
+            hit = (node, SignatureCheck(cert, facts(cert).der))
+            with self._lock:
+                if len(self._sig_checks) > 4096:
+                    self._sig_checks.clear()
+                self._sig_checks[id(node)] = hit
+        return hit[1]
 
     def _best_issuer(self, cert: x509.Certificate, info: CertInfo, at: dt.datetime,
                      offset: int) -> CANode | Reason:

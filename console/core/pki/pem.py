@@ -12,6 +12,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import InputError
+from .attributes import facts
 
 #: A PEM block: the body runs to the first full END line, as ``\s*(.*?)-----END`` would find
 #: it, but written so that the engine skips the body a run of non-dashes at a time instead of
@@ -47,9 +48,14 @@ def pem_blocks(data: bytes, source: str) -> list[tuple[PemKind, str, bytes]]:
 
     Returns ``[]`` for data without any ``-----BEGIN`` line (DER or garbage).
     """
+    return [(kind, label, block) for kind, label, block, _ in _pem_blocks(data, source)]
+
+
+def _pem_blocks(data: bytes, source: str) -> list[tuple[PemKind, str, bytes, bytes | None]]:
+    """``pem_blocks`` with each block's decoded bytes (None for a block with headers)."""
     if not _PEM_BEGIN.search(data):
         return []
-    blocks: list[tuple[PemKind, str, bytes]] = []
+    blocks: list[tuple[PemKind, str, bytes, bytes | None]] = []
     for m in _PEM_BLOCK.finditer(data):
         begin, end = m.group(1).decode(), m.group(3).decode()
         if begin != end:
@@ -57,13 +63,13 @@ def pem_blocks(data: bytes, source: str) -> list[tuple[PemKind, str, bytes]]:
         body = m.group(2).translate(None, _WHITESPACE)
         if b":" in m.group(2):  # RFC 1421 headers (encrypted keys): nothing we read
             kind = _label_kind(begin)
-            blocks.append((kind, begin, m.group(0)))
+            blocks.append((kind, begin, m.group(0), None))
             continue
         try:
-            binascii.a2b_base64(body, strict_mode=True)
+            decoded = binascii.a2b_base64(body, strict_mode=True)
         except (binascii.Error, ValueError) as exc:
             raise InputError(f"{source}: malformed PEM ({begin} block is not valid base64)") from exc
-        blocks.append((_label_kind(begin), begin, m.group(0)))
+        blocks.append((_label_kind(begin), begin, m.group(0), decoded))
     if not blocks:
         raise InputError(f"{source}: malformed PEM (BEGIN line without a matching END line)")
     return blocks
@@ -135,10 +141,10 @@ def load_certificates(data: bytes, source: str, *, require_pem: bool = False) ->
     """
     if not data.strip():
         raise InputError(f"{source}: empty file, expected a certificate")
-    blocks = pem_blocks(data, source)
+    blocks = _pem_blocks(data, source)
     if blocks:
         certs: list[x509.Certificate] = []
-        for kind, label, block in blocks:
+        for kind, label, block, decoded in blocks:
             if kind != "certificate":
                 continue
             try:
@@ -147,6 +153,9 @@ def load_certificates(data: bytes, source: str, *, require_pem: bool = False) ->
                 raise InputError(f"{source}: malformed PEM ({label} block is not a valid "
                                  f"X.509 certificate: {exc})") from exc
             _check_extensions(cert, source)
+            # the bytes cryptography just parsed (the same base64, decoded the same way): what
+            # the fingerprint and the signature fast path read (attributes.facts)
+            facts(cert).der = decoded
             certs.append(cert)
         if not certs:
             kind = blocks[0][0]
@@ -163,6 +172,7 @@ def load_certificates(data: bytes, source: str, *, require_pem: bool = False) ->
         except (ValueError, x509.InvalidVersion) as exc:
             raise InputError(f"{source}: damaged certificate ({exc})") from exc
         _check_extensions(cert, source)
+        facts(cert).der = data
         return [cert]
     if der is not None:
         raise InputError(f"{source}: {_WRONG_KIND[der]} (DER), expected a certificate")

@@ -47,6 +47,8 @@ class TrustStore(PathBuilder):
         self._by_subject: SubjectIndex = index_by_subject(nodes)
         self._by_fp: dict[str, CANode] = {n.info.fingerprint: n for n in nodes}
         self._init_caches()
+        for n in nodes:  # while the bytes they were read from are at hand (attributes.facts)
+            self._signature_check(n)
 
     # ---------------------------------------------------------------- building
     @classmethod

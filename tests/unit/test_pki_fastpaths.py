@@ -1,0 +1,340 @@
+"""The shortcuts of a host chain check (issue 12, s1) answer exactly what the long way answers.
+
+* ``checks.SignatureCheck``: a stored CA's side of ``verify_directly_issued_by`` made once
+  per CA. It may only ever say "signed" where cryptography's own check says so; every
+  certificate below has a VALID signature over bytes that cryptography still refuses
+  (inner/outer algorithm mismatch, issuer bytes not the CA's subject bytes...), so dropping
+  any of its checks makes a test here fail.
+* ``PathBuilder._signature_check``: the per-CA memo holds its node (an entry under another
+  node's id, e.g. a re-keyed CA of the same name, is never used).
+* ``attributes.fingerprint_of``: the SHA-256 of the bytes as read equals cryptography's
+  fingerprint, for PEM, DER and bundles; an object not loaded by escort gets cryptography's.
+* ``CertInfo``'s lazily formatted ``subject``/``issuer``: the same strings, before or after a
+  pickle, equal and hash like an eagerly built info.
+* ``host_attributes``: SAN names in one pass, policy names per table content.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from console.adapters.cache import FleetSnapshot
+from console.core import pki
+from console.core.pki import attributes, checks
+from console.core.pki.checks import SignatureCheck, der_fields, signed_by
+
+from . import derkit
+
+START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+AT = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+SHA256_ALG = bytes.fromhex("300a06082a8648ce3d040302")
+SHA384_ALG = bytes.fromhex("300a06082a8648ce3d040303")
+
+Key = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+def _name(cn: str, *, utf8: bool = False) -> x509.Name:
+    kind = _ASN1Type.UTF8String if utf8 else _ASN1Type.PrintableString
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme", _type=kind),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn, _type=kind)])
+
+
+def _hash(key: Key) -> hashes.HashAlgorithm | None:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def make_ca(cn: str, key: Key | None = None) -> tuple[x509.Certificate, Key]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = _name(cn)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(START)
+            .not_valid_after(START + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, _hash(key)))  # type: ignore[arg-type]
+    return cert, key
+
+
+def make_leaf(ca: x509.Certificate, ca_key: Key, *, cn: str = "h1.example",
+              issuer: x509.Name | None = None,
+              sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer or ca.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(START).not_valid_after(START + dt.timedelta(days=365))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                      key_encipherment=True, data_encipherment=False,
+                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                      encipher_only=False, decipher_only=False), critical=True)
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+         .add_extension(x509.SubjectAlternativeName(sans or [x509.DNSName(cn)]), critical=False))
+    return b.sign(ca_key, _hash(ca_key))  # type: ignore[arg-type]
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def resign(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *, inner: bytes | None = None,
+           outer: bytes | None = None, tbs_edit: Callable[[derkit.Node], None] | None = None) -> bytes:
+    """``cert`` with its inner/outer AlgorithmIdentifier replaced and/or its TBS edited, and
+    its signature made anew by ``key`` (ECDSA SHA-256) over the new TBS: a VALID signature."""
+    root = derkit.decode(der(cert))
+    tbs = derkit.tbs(root)
+    if inner is not None:
+        tbs.children[2] = derkit.decode(inner)
+    if tbs_edit is not None:
+        tbs_edit(tbs)
+    if outer is not None:
+        root.children[1] = derkit.decode(outer)
+    sig = key.sign(derkit.encode(tbs), ec.ECDSA(hashes.SHA256()))
+    root.children[2] = derkit.Node(0x03, b"\x00" + sig)
+    return derkit.encode(root)
+
+
+def load(data: bytes) -> x509.Certificate:
+    """As escort loads a certificate file (the bytes it read are kept for the shortcuts)."""
+    return pki.load_certificate(data, "t.der")
+
+
+def answers(ca: x509.Certificate, cert: x509.Certificate) -> tuple[bool, bool]:
+    """(the shortcut says "signed", cryptography's own check says signed)."""
+    fast = SignatureCheck(ca, attributes.facts(ca).der).signed(cert, attributes.facts(cert).der)
+    return fast, signed_by(cert, ca)
+
+
+@pytest.fixture(scope="module")
+def p256() -> tuple[x509.Certificate, Key]:
+    ca, key = make_ca("Acme Issuing CA")
+    return load(der(ca)), key
+
+
+# ----------------------------------------------------------------------------- SignatureCheck
+
+def test_the_shortcut_confirms_a_good_signature(p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    leaf = load(der(make_leaf(ca, key)))
+    assert answers(ca, leaf) == (True, True)
+
+
+@pytest.mark.parametrize("case", ["inner_alg", "outer_and_inner_sha384", "issuer_utf8", "issuer_other",
+                                  "tampered_tbs", "tampered_sig", "other_key"])
+def test_the_shortcut_never_says_signed_where_cryptography_does_not(
+        p256: tuple[x509.Certificate, Key], case: str) -> None:
+    ca, key = p256
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    leaf = make_leaf(ca, key)
+    if case == "inner_alg":  # inner says SHA-384, outer SHA-256; the signature is valid SHA-256
+        data = resign(leaf, key, inner=SHA384_ALG)
+    elif case == "outer_and_inner_sha384":  # both say SHA-384, the signature is SHA-256 over the TBS
+        data = resign(leaf, key, inner=SHA384_ALG, outer=SHA384_ALG)
+    elif case == "issuer_utf8":  # the same name as a Python Name, other bytes (UTF8String)
+        data = der(make_leaf(ca, key, issuer=_name("Acme Issuing CA", utf8=True)))
+    elif case == "issuer_other":  # another issuer name, signed by the CA's key
+        data = der(make_leaf(ca, key, issuer=_name("Acme Other CA")))
+    elif case == "tampered_tbs":
+        def edit(tbs: derkit.Node) -> None:
+            tbs.children[1].value = b"\x01" + tbs.children[1].value[1:]
+        root = derkit.decode(der(leaf))
+        edit(derkit.tbs(root))
+        data = derkit.encode(root)
+    elif case == "tampered_sig":
+        raw = bytearray(der(leaf))
+        raw[-5] ^= 0x01
+        data = bytes(raw)
+    else:
+        other = ec.generate_private_key(ec.SECP256R1())
+        data = der(make_leaf(ca, other))
+    cert = x509.load_der_x509_certificate(data)
+    attributes.facts(cert).der = data  # as load_certificates files it
+    fast, slow = answers(ca, cert)
+    assert slow is False
+    assert fast is False
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa", "p384"])
+def test_other_keys_are_left_to_cryptography_or_confirmed_the_same(kind: str) -> None:
+    key: Key = (ed25519.Ed25519PrivateKey.generate() if kind == "ed25519"
+                else rsa.generate_private_key(65537, 2048) if kind == "rsa"
+                else ec.generate_private_key(ec.SECP384R1()))
+    ca_raw, _ = make_ca(f"Acme {kind} CA", key)
+    ca = load(der(ca_raw))
+    leaf = load(der(make_leaf(ca, key)))
+    fast, slow = answers(ca, leaf)
+    assert slow is True
+    assert fast is (kind == "p384")  # only ECDSA is taken by the shortcut
+
+
+def test_der_fields_are_the_elements_as_written(p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    leaf = make_leaf(ca, key)
+    fields = der_fields(der(leaf))
+    assert fields is not None
+    outer, inner, issuer, subject = fields
+    assert outer == inner == SHA256_ALG
+    assert issuer == leaf.issuer.public_bytes() and subject == leaf.subject.public_bytes()
+    assert der_fields(der(leaf) + b"\x00") is None and der_fields(der(leaf)[:-1]) is None
+    assert der_fields(b"") is None and der_fields(b"\x30\x03\x02\x01\x01") is None
+
+
+def test_the_store_answers_the_same_with_and_without_the_shortcut(
+        p256: tuple[x509.Certificate, Key], monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, key = p256
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    leaves = [make_leaf(ca, key), make_leaf(ca, key, issuer=_name("Acme Issuing CA", utf8=True))]
+    datas = [der(c) for c in leaves] + [resign(leaves[0], key, inner=SHA384_ALG)]
+
+    def results() -> list[tuple[bool, tuple[str, ...]]]:
+        store, _ = pki.TrustStore.build([("ca.pem", der(ca))], at=AT, missing_crl="warn")
+        out = []
+        for data in datas:
+            try:
+                cert = load(data)
+            except pki.InputError:
+                cert = x509.load_der_x509_certificate(data)
+            r = store.verify_host(cert, AT)
+            out.append((r.valid, tuple(x.code for x in r.reasons)))
+        return out
+
+    with_shortcut = results()
+    calls: list[bool] = []
+    real = SignatureCheck.signed
+
+    def never(self: SignatureCheck, cert: x509.Certificate, data: bytes | None) -> bool:
+        calls.append(True)
+        return False
+
+    monkeypatch.setattr(SignatureCheck, "signed", never)
+    without = results()
+    monkeypatch.setattr(SignatureCheck, "signed", real)
+    assert calls and with_shortcut == without
+    assert with_shortcut[0] == (True, ())
+    assert "chain.signature" in with_shortcut[1][1] and "chain.signature" in with_shortcut[2][1]
+
+
+def test_a_ca_entry_under_another_nodes_id_is_never_used() -> None:
+    key1 = ec.generate_private_key(ec.SECP256R1())
+    key2 = ec.generate_private_key(ec.SECP256R1())
+    ca1 = load(der(make_ca("Acme Issuing CA", key1)[0]))
+    ca2 = load(der(make_ca("Acme Issuing CA", key2)[0]))  # re-keyed: same name, another key
+    store, _ = pki.TrustStore.build([("1.pem", der(ca1)), ("2.pem", der(ca2))], at=AT, missing_crl="warn")
+    n1 = next(n for n in store.nodes() if n.info.cert == ca1)
+    n2 = next(n for n in store.nodes() if n.info.cert == ca2)
+    leaf = load(der(make_leaf(ca1, key1)))
+    info = pki.cert_info(leaf)
+    # what an id() reused by another node would look like: CA 1's prepared side filed under CA 2
+    store._sig_checks[id(n2)] = store._sig_checks[id(n1)]
+    assert store._signed_by_node(leaf, info, n2) is False
+    assert store._signed_by_node(leaf, info, n1) is True
+    assert store._sig_checks[id(n2)][0] is n2
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def test_fingerprints_of_the_bytes_read_equal_cryptographys(p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    a, b = make_leaf(ca, key, cn="a.example"), make_leaf(ca, key, cn="b.example")
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (a, b))
+    bundle = pki.load_certificates(b"text before\n" + pem, "bundle.pem")
+    alone = pki.load_certificates(der(a), "a.der")
+    for got, want in ((bundle[0], a), (bundle[1], b), (alone[0], a)):
+        assert attributes.facts(got).der == der(want)
+        assert pki.cert_info(got).fingerprint == want.fingerprint(hashes.SHA256()).hex()
+    outside = x509.load_der_x509_certificate(der(b))  # not read by escort: nothing filed
+    assert attributes.facts(outside).der is None
+    assert attributes.fingerprint_of(outside) == b.fingerprint(hashes.SHA256()).hex()
+    # an entry filed under another object's id is not this object's
+    attributes._FACTS[id(outside)] = attributes.facts(bundle[0])
+    assert attributes.fingerprint_of(outside) == b.fingerprint(hashes.SHA256()).hex()
+
+
+# ----------------------------------------------------------------------------- lazy CertInfo
+
+def test_subject_and_issuer_are_formatted_when_read(p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    leaf = load(der(make_leaf(ca, key)))
+    info = pki.cert_info(leaf, "h1.pem")
+    assert "subject" not in info.__dict__ and "issuer" not in info.__dict__
+    copy = FleetSnapshot.loads(FleetSnapshot.dumps(info))  # as the console gets it from the helper
+    assert isinstance(copy, pki.CertInfo) and "subject" not in copy.__dict__
+    shallow = copy_module.copy(info)  # (a copy of the half-filled instance: lazy too)
+    replaced = dataclasses.replace(info, source="other.pem")
+    for i in (info, copy, shallow, replaced):
+        assert i.subject == leaf.subject.rfc4514_string() == "CN=h1.example,O=Acme"
+        assert i.issuer == leaf.issuer.rfc4514_string() == "CN=Acme Issuing CA,O=Acme"
+    eager = pki.CertInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(pki.CertInfo)})
+    fresh = pki.cert_info(leaf, "h1.pem")
+    assert eager == fresh and hash(eager) == hash(fresh) and repr(eager) == repr(fresh)
+    with pytest.raises(AttributeError):
+        _ = info.no_such_field  # type: ignore[attr-defined]
+
+
+def test_a_certificate_without_common_name_is_named_by_its_subject(
+        p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    other = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "NoCN")]))
+            .issuer_name(ca.subject).public_key(other.public_key()).serial_number(7)
+            .not_valid_before(START).not_valid_after(START + dt.timedelta(days=2))
+            .sign(key, hashes.SHA256()))
+    info = pki.cert_info(load(der(cert)))
+    assert info.name == info.subject == "O=NoCN"
+
+
+# ----------------------------------------------------------------------------- host attributes
+
+def test_host_names_in_one_pass_are_those_of_each_type(p256: tuple[x509.Certificate, Key]) -> None:
+    import ipaddress
+
+    ca, key = p256
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("a.example"), x509.IPAddress(ipaddress.ip_address("192.0.2.1")),
+        x509.RFC822Name("ops@example.net"), x509.DNSName("b.example"),
+        x509.IPAddress(ipaddress.ip_address("2001:db8::1"))]
+    leaf = load(der(make_leaf(ca, key, sans=sans)))
+    attrs = pki.host_attributes(leaf)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert attrs.dns_names == tuple(san.get_values_for_type(x509.DNSName)) == ("a.example", "b.example")
+    assert attrs.ips == tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
+    assert (attrs.common_name, attrs.organization, attrs.country) == ("h1.example", "Acme", None)
+
+
+def test_policy_names_follow_each_table(p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    gold, silver = "1.3.6.1.4.1.99999.1", "1.3.6.1.4.1.99999.2"
+    cert = (x509.CertificateBuilder().subject_name(_name("p.example")).issuer_name(ca.subject)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key()).serial_number(9)
+            .not_valid_before(START).not_valid_after(START + dt.timedelta(days=2))
+            .add_extension(x509.CertificatePolicies(
+                [x509.PolicyInformation(x509.ObjectIdentifier(gold), None)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    leaf = load(der(cert))
+    table = {"gold": gold}
+    assert pki.host_attributes(leaf, table).policies == frozenset({"gold"})
+    assert pki.host_attributes(leaf, {"tier-1": gold}).policies == frozenset({"tier-1"})
+    table["gold"] = silver  # the same dict object, changed: its content counts, not its identity
+    assert pki.host_attributes(leaf, table).policies == frozenset({gold})
+    assert pki.host_attributes(leaf).policies == frozenset({gold})
+    assert pki.host_attributes(leaf, {}).policies == frozenset({gold})
+    assert checks is not None
