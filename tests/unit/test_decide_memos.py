@@ -49,8 +49,10 @@ class _Owners:
         return ChainResult(True, (), warn)
 
 
-def _reference_check(verifier: EnvelopeVerifier, opened: Opened, at: dt.datetime
-                     ) -> tuple[tuple[Reason, ...], tuple[Reason, ...], ChainResult | None, OwnerIdentity | None]:
+_Parts = tuple[tuple[Reason, ...], tuple[Reason, ...], ChainResult | None, OwnerIdentity | None]
+
+
+def _reference_check(verifier: EnvelopeVerifier, opened: Opened, at: dt.datetime) -> _Parts:
     """``EnvelopeVerifier.check`` as it was before its memo: every part computed for this call."""
     prefix = PREFIX[opened.typ]
     reasons = list(opened.reasons)
@@ -116,13 +118,10 @@ def test_the_envelope_check_is_the_unmemoised_check_for_every_signer_time_and_wi
     window (boundaries to the microsecond, a bool or a float never read as a time)."""
     owners = _Owners()
     verifier = EnvelopeVerifier(owners)
-    cases = []
-    n = 0
     bad = (Reason("policy.malformed", "bad", "fix"),)
-    for typ, owner, window, key, why in itertools.product(
-            (TYP_POLICY, TYP_GRANT), (ALICE, BOB, None), WINDOWS, (("x5c-1",), ("x5c-2",), ()), ((), bad)):
-        n += 1
-        cases.append(_opened(n, typ, owner, window, key, why))
+    cases = [_opened(n, typ, owner, window, key, why) for n, (typ, owner, window, key, why) in enumerate(
+        itertools.product((TYP_POLICY, TYP_GRANT), (ALICE, BOB, None), WINDOWS,
+                          (("x5c-1",), ("x5c-2",), ()), ((), bad)))]
     calls = [(o, at) for o in cases for at in TIMES]
     random.Random(12).shuffle(calls)
     for opened, at in calls:
