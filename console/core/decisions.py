@@ -461,13 +461,34 @@ class Matrix:
 Groups = dict[tuple[Requirements, frozenset[str]], tuple[tuple[str, ...], dict[str, int]]]
 
 
+def allowed_row(vm: VMCheck, index: HostIndex, groups: Groups) -> tuple[tuple[str, ...], bool]:
+    """One VM's allowed targets and whether its current host is one its policy admits: the
+    row of ``allowed_matrix`` (which is made of these), for a caller that decides VMs one at
+    a time (the console's start-up check) with one ``index`` and ``groups`` for all of them."""
+    pr = vm.policy
+    pol = pr.policy
+    if pol is None or pr.reasons:  # (not ``valid``)
+        return (), False
+    key = (pol.requirements, vm.policy_oids)
+    group = groups.get(key)
+    if group is None:
+        names = index.names_of(index.mask(pol.requirements, vm.policy_oids))
+        group = groups[key] = (names, {n: i for i, n in enumerate(names)} if names else {})
+    names, pos = group
+    i = pos.get(vm.current_host)
+    if i is None:
+        return names, False
+    return names[:i] + names[i + 1:], True
+
+
 def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, index: HostIndex | None = None,
                    groups: Groups | None = None) -> Matrix:
     """Allowed targets for every VM: one mask per distinct requirement set, then per-VM slicing.
 
     ``vms`` carry verified policies and ``hosts`` verified chains; nothing is verified here.
     ``index`` and ``groups`` (built from the same ``hosts``) may be passed in to reuse them
-    when the VMs arrive in several parts (the console's start-up checks them in steps).
+    when the VMs arrive in several parts (the console's start-up check decides them one at a
+    time with ``allowed_row``).
     """
     if index is None:
         index = HostIndex.build(hosts)
@@ -476,21 +497,8 @@ def allowed_matrix(vms: Sequence[VMCheck], hosts: Sequence[HostCheck], *, index:
     out: dict[str, tuple[str, ...]] = {}
     home: set[str] = set()
     for vm in vms:
-        pol = vm.policy.policy
-        if pol is None or not vm.policy.valid:
-            out[vm.uuid] = ()
-            continue
-        key = (pol.requirements, vm.policy_oids)
-        group = groups.get(key)
-        if group is None:
-            names = index.names_of(index.mask(pol.requirements, vm.policy_oids))
-            group = groups[key] = (names, {n: i for i, n in enumerate(names)} if names else {})
-        names, pos = group
-        i = pos.get(vm.current_host)
-        if i is None:
-            out[vm.uuid] = names
-        else:
-            out[vm.uuid] = names[:i] + names[i + 1:]
+        out[vm.uuid], at_home = allowed_row(vm, index, groups)
+        if at_home:
             home.add(vm.uuid)
     return Matrix(out, len(groups), len(index.names), home)
 
@@ -518,6 +526,7 @@ __all__ = [
     "VMCheck",
     "allowed_matrix",
     "allowed_per_pair",
+    "allowed_row",
     "allowed_targets",
     "decide",
 ]

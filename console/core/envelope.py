@@ -68,6 +68,10 @@ ALLOWED_HEADER = frozenset({"alg", "typ", "x5c", "kid"})
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_CHAIN = 8
 MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_US = dt.timedelta(microseconds=1)
+_US_PER_S = 1_000_000
+_SKEW_US = NBF_SKEW // _ONE_US
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 JoseKey = ECKey | RSAKey | OKPKey
@@ -815,6 +819,10 @@ class EnvelopeVerifier:
     #: (chain_key, at) -> the chain result and signer it was bound for, and ``bind_issuer``'s answer
     _owners: dict[tuple[tuple[str, ...], dt.datetime],
                   tuple[ChainResult, OwnerIdentity, OwnerIdentity]] = field(default_factory=dict)
+    #: (chain_key, typ, at) -> ``_signed_by``'s answer (the signer's part of ``check``)
+    _signed: dict[tuple[tuple[str, ...], str, dt.datetime], tuple[
+        OwnerIdentity, tuple[Reason, ...], tuple[Reason, ...], ChainResult | None, OwnerIdentity,
+        int | None]] = field(default_factory=dict)
 
     def open(self, token: str, typ: str, fields: frozenset[str]) -> Opened:
         key = (token_digest(token), typ)
@@ -912,38 +920,91 @@ class EnvelopeVerifier:
 
     def check(self, opened: Opened, at: dt.datetime) -> Verified:
         """The time- and trust-dependent checks on an opened token."""
-        prefix = PREFIX[opened.typ]
-        reasons = list(opened.reasons)
-        warns: list[Reason] = []
-        chain: ChainResult | None = None
-        if opened.certs and opened.owner is not None:
-            chain = self.owner_chain(opened.certs, at, opened.chain_key)
-            who = opened.owner.label()
-            if chain is None:
-                reasons.append(_r(prefix, "owner_untrusted",
-                                  f"no owners' trust store is configured, so {who} cannot be trusted",
-                                  "set owners_trust_dir in the fleet file"))
-            elif not chain.valid:
-                detail = "; ".join(r.message for r in chain.reasons) or "it does not chain to an owners' CA"
-                reasons.append(_r(prefix, "owner_untrusted",
-                                  f"the signer {who} is not a trusted owner: {detail}",
-                                  "have the owner use a certificate from the owners' CA "
-                                  "in owners_trust_dir"))
-            if chain is not None:
-                warns.extend(chain.warnings)
+        reasons, warns, chain, owner = self.check_parts(opened, at)
+        return Verified(opened.digest, opened.typ, opened.payload, owner, reasons, warns, chain)
+
+    def check_parts(self, opened: Opened, at: dt.datetime) -> tuple[
+            tuple[Reason, ...], tuple[Reason, ...], ChainResult | None, OwnerIdentity | None]:
+        """``check``'s answer as (reasons, warnings, owner chain, signer with its CA bound).
+
+        The signer's part (its chain at ``at``, the reason if it is not trusted, the chain's
+        warnings, ``bind_issuer``) is the same for every token of one x5c chain, type and
+        time: it is computed once per (chain_key, type, at) and reused only for the very same
+        chain result and signer object (``_signed``). The validity window is compared per
+        token, as whole microseconds (exact, no datetime made unless it fails)."""
         payload = opened.payload
+        owner = opened.owner
+        if opened.certs and owner is not None:
+            signed = self._signed_by(opened, owner, at)
+            reasons = opened.reasons + signed[1] if signed[1] else opened.reasons
+            warns, chain, owner, at_us = signed[2], signed[3], signed[4], signed[5]
+        else:
+            reasons, warns, chain, at_us = opened.reasons, (), None, None
         if payload is not None:
-            nbf, exp = _ts(payload, "nbf"), _ts(payload, "exp")
-            if nbf is not None and at + NBF_SKEW < nbf:
-                reasons.append(_r(prefix, "not_yet_valid",
-                                  f"the {prefix} is valid only from {nbf:%Y-%m-%d %H:%M:%S} UTC",
-                                  f"wait until then, or ask the owner for a {prefix} valid now"))
-            if exp is not None and at >= exp:
-                reasons.append(_r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
-                                  f"ask the owner ({opened.owner.label() if opened.owner else '?'}) "
-                                  f"to sign a new {prefix}"))
-        owner = self._bound(opened, chain, at) if opened.owner is not None else None
-        return Verified(opened.digest, opened.typ, payload, owner, tuple(reasons), tuple(warns), chain)
+            nbf, exp = payload.get("nbf"), payload.get("exp")
+            # exact ints (the claims check makes them so): compared as whole microseconds;
+            # anything else, or a window that fails, as ``_ts`` reads it (with the message)
+            if (at_us is None or type(nbf) is not int or type(exp) is not int
+                    or (0 <= nbf <= MAX_TIMESTAMP and at_us + _SKEW_US < nbf * _US_PER_S)
+                    or (0 <= exp <= MAX_TIMESTAMP and at_us >= exp * _US_PER_S)):
+                late, early = self._window(opened, at)
+            else:
+                late = early = None
+            if early:
+                reasons = (*reasons, early)
+            if late:
+                reasons = (*reasons, late)
+        return reasons, warns, chain, owner
+
+    @staticmethod
+    def _window(opened: Opened, at: dt.datetime) -> tuple[Reason | None, Reason | None]:
+        """The token's validity window at ``at``: (expired, not yet valid) reasons or None."""
+        prefix = PREFIX[opened.typ]
+        nbf, exp = _ts(opened.payload, "nbf"), _ts(opened.payload, "exp")
+        early = late = None
+        if nbf is not None and at + NBF_SKEW < nbf:
+            early = _r(prefix, "not_yet_valid",
+                       f"the {prefix} is valid only from {nbf:%Y-%m-%d %H:%M:%S} UTC",
+                       f"wait until then, or ask the owner for a {prefix} valid now")
+        if exp is not None and at >= exp:
+            late = _r(prefix, "expired", f"the {prefix} expired at {exp:%Y-%m-%d %H:%M} UTC",
+                      f"ask the owner ({opened.owner.label() if opened.owner else '?'}) "
+                      f"to sign a new {prefix}")
+        return late, early
+
+    def _signed_by(self, opened: Opened, owner: OwnerIdentity, at: dt.datetime) -> tuple[
+            OwnerIdentity, tuple[Reason, ...], tuple[Reason, ...], ChainResult | None, OwnerIdentity,
+            int | None]:
+        """(signer asked for, owner reasons, warnings, chain, bound signer, ``at`` in microseconds)."""
+        chain = self.owner_chain(opened.certs, at, opened.chain_key)
+        key = (opened.chain_key, opened.typ, at) if opened.chain_key else None
+        hit = self._signed.get(key) if key is not None else None
+        if hit is not None and hit[0] is owner and hit[3] is chain:
+            return hit
+        prefix = PREFIX[opened.typ]
+        who = owner.label()
+        why: tuple[Reason, ...] = ()
+        if chain is None:
+            why = (_r(prefix, "owner_untrusted",
+                      f"no owners' trust store is configured, so {who} cannot be trusted",
+                      "set owners_trust_dir in the fleet file"),)
+        elif not chain.valid:
+            detail = "; ".join(r.message for r in chain.reasons) or "it does not chain to an owners' CA"
+            why = (_r(prefix, "owner_untrusted",
+                      f"the signer {who} is not a trusted owner: {detail}",
+                      "have the owner use a certificate from the owners' CA "
+                      "in owners_trust_dir"),)
+        warns = tuple(chain.warnings) if chain is not None else ()
+        try:
+            at_us: int | None = (at - _EPOCH) // _ONE_US
+        except TypeError:  # a naive ``at``: compared as datetimes (which refuses it, as before)
+            at_us = None
+        got = (owner, why, warns, chain, self._bound(opened, chain, at), at_us)
+        if key is not None:
+            if len(self._signed) >= _MAX_SIGNERS:  # one entry per owner and time: forget old ones
+                self._signed.clear()
+            self._signed[key] = got
+        return got
 
 
 def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:

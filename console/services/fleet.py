@@ -39,6 +39,7 @@ from console.core.decisions import (
     Matrix,
     VMCheck,
     allowed_matrix,
+    allowed_row,
     decide,
 )
 from console.core.envelope import (
@@ -46,6 +47,7 @@ from console.core.envelope import (
     TYP_GRANT,
     TYP_POLICY,
     EnvelopeVerifier,
+    Opened,
     Portable,
     open_portable,
     pack_opened,
@@ -614,7 +616,10 @@ class FleetService:
 
     def _note_token(self, token: str, typ: str, fields: frozenset[str], verifier: EnvelopeVerifier) -> None:
         """A token's nbf (and nbf minus the skew allowance), exp and its signers' certificates."""
-        opened = verifier.open(token, typ, fields)
+        self._note_opened(verifier.open(token, typ, fields))
+
+    def _note_opened(self, opened: Opened) -> None:
+        """``_note_token`` for a token opened already."""
         if opened.digest in self._noted:
             return
         self._noted.add(opened.digest)
@@ -849,10 +854,11 @@ class FleetService:
 
         def decide(rec: _VMRecord) -> None:
             pr = self._policy(rec, at)
-            part = allowed_matrix([self._vm_check(rec, at, pr)], hosts, index=index, groups=groups)
-            targets.update(part.targets)
-            home.update(part.at_home)
-            done.append(self._view(rec, pr, part.targets.get(rec.uuid, ())))
+            allowed, at_home = allowed_row(self._vm_check(rec, at, pr), index, groups)
+            targets[rec.uuid] = allowed
+            if at_home:
+                home.add(rec.uuid)
+            done.append(self._view(rec, pr, allowed))
 
         records = list(self._vms.values())
         if conn is not None:
@@ -1464,9 +1470,10 @@ class FleetService:
             result = hit[2]
         else:
             self._ensure_memory()
+            opened = self._policies.envelopes.open(rec.token, TYP_POLICY, POLICY_FIELDS)
             if rec.token:
-                self._note_token(rec.token, TYP_POLICY, POLICY_FIELDS, self._policies.envelopes)
-            result = self._policies.verify(rec.token, at, vm_uuid=rec.uuid)
+                self._note_opened(opened)
+            result = self._policies.verify_opened(opened, at, vm_uuid=rec.uuid)
             self._policy_cache[rec.uuid] = (at, rec.token, result)
         if rec.conflict is not None:
             return replace(result, reasons=(rec.conflict, *result.reasons))
