@@ -384,6 +384,87 @@ def test_a_certificate_without_common_name_is_named_by_its_subject(
     assert info.name == info.subject == "O=NoCN"
 
 
+def reference_cert_info(cert: x509.Certificate, source: str = "") -> pki.CertInfo:
+    """``cert_info`` as it was before the lazy fields (verbatim but for the imports)."""
+    from console.core.pki.attributes import (
+        _EKU_NAMES,
+        _KU_BITS,
+        _KU_NAMES,
+        aki_of,
+        basic_constraints,
+        email_of,
+        ext,
+        ext_key_usage,
+        key_type,
+        key_usage,
+        name_constraints_of,
+        nc_summary,
+        ski_of,
+        subject_first,
+    )
+
+    basic = basic_constraints(cert)
+    ku = key_usage(cert)
+    eku = ext_key_usage(cert)
+    nc = name_constraints_of(cert)
+    pol = ext(cert, x509.CertificatePolicies)
+    ski, aki = ski_of(cert), aki_of(cert)
+    email = email_of(cert)
+    subject = cert.subject.rfc4514_string()
+    is_ca = bool(basic and basic.ca)
+    path_len = basic.path_length if basic and basic.ca else None
+    ku_names: tuple[str, ...] = ()
+    if ku is not None:
+        ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
+    constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
+    return pki.CertInfo(
+        cert=cert, name=subject_first(cert, NameOID.COMMON_NAME) or subject, subject=subject,
+        issuer=cert.issuer.rfc4514_string(), serial=cert.serial_number,
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(), not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc, is_ca=is_ca, path_len=path_len, key_type=key_type(cert),
+        policies=tuple(p.policy_identifier.dotted_string for p in pol)
+        if isinstance(pol, x509.CertificatePolicies) else (),
+        name_constraints=nc_summary(nc), source=source, ski=ski.hex() if ski else "",
+        aki=aki.hex() if aki else "", key_usage=ku_names,
+        ext_key_usage=tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
+        constraints=constraints, email=email)
+
+
+def test_every_field_is_what_the_eager_cert_info_made(demo_pki: object) -> None:
+    import ipaddress
+
+    from console.core.pki.model import LAZY_FIELDS
+
+    demo = demo_pki
+    certs = [demo.host()[0], demo.host(ips=["192.0.2.9"], dns=["x.example"])[0],  # type: ignore[attr-defined]
+             demo.owner()[0], demo.owner(email=None)[0],  # type: ignore[attr-defined]
+             demo.root.cert, demo.owners.cert, *(ca.cert for ca in demo.regions.values())]  # type: ignore[attr-defined]
+    key = ec.generate_private_key(ec.SECP256R1())
+    no_cn = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "NC")])
+    nc = (x509.CertificateBuilder().subject_name(no_cn)
+          .issuer_name(_name("x")).public_key(key.public_key()).serial_number(11)
+          .not_valid_before(START).not_valid_after(START + dt.timedelta(days=9))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=2), critical=True)
+          .add_extension(x509.NameConstraints(
+              permitted_subtrees=[x509.DNSName("example.net"),
+                                  x509.IPAddress(ipaddress.ip_network("192.0.2.0/24"))],
+              excluded_subtrees=[x509.RFC822Name("bad.example.net")]), critical=True)
+          .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("ca@example.net")]), critical=False)
+          .sign(key, hashes.SHA256()))
+    certs.append(nc)
+    assert all(f not in pki.CertInfo.__dict__ for f in LAZY_FIELDS)  # no default to fall back on
+    for cert in certs:
+        for loaded in (cert, load(der(cert))):
+            info = pki.cert_info(loaded, "src.pem")
+            assert not LAZY_FIELDS & set(info.__dict__) - {"subject"}  # (subject: only without a CN)
+            want = reference_cert_info(loaded, "src.pem")
+            for f in dataclasses.fields(pki.CertInfo):
+                assert getattr(info, f.name) == getattr(want, f.name), f.name
+            assert info == want and hash(info) == hash(want)
+            copy = FleetSnapshot.loads(FleetSnapshot.dumps(pki.cert_info(loaded, "src.pem")))
+            assert copy == want
+
+
 # ----------------------------------------------------------------------------- host attributes
 
 def test_host_names_in_one_pass_are_those_of_each_type(p256: tuple[x509.Certificate, Key]) -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import InputError
-from .model import DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
+from .model import _LAZY, DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -310,20 +310,20 @@ def fingerprint_of(cert: x509.Certificate) -> str:
 def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
     """The facts escort shows about a certificate; InputError for unparseable extensions.
 
-    ``subject`` and ``issuer`` (RFC 4514 strings) are left to ``CertInfo`` to format when
-    first read (a chain check never reads them; cryptography has parsed both names
-    already, so formatting them later cannot fail where it did not before). Everything
-    else is read here, in the same order as always, so a damaged certificate raises
-    what and where it always did.
+    The fields a chain check reads are made here; the others (``model.LAZY_FIELDS``: the
+    subject and issuer strings, key type, key usages, identifiers...) by ``lazy_field`` when
+    first read. Every part that can fail is read here, in the same order as always
+    (the extensions, then the names), so a damaged certificate raises what and where it
+    always did; what is left is formatting of values cryptography has already parsed.
     """
     try:
         basic = basic_constraints(cert)
-        ku = key_usage(cert)
-        eku = ext_key_usage(cert)
-        nc = name_constraints_of(cert)
+        key_usage(cert)
+        ext_key_usage(cert)
+        name_constraints_of(cert)
         pol = ext(cert, x509.CertificatePolicies)
-        ski, aki = ski_of(cert), aki_of(cert)
-        email = email_of(cert)
+        ski_of(cert), aki_of(cert)
+        email_of(cert)
     except ValueError as exc:
         raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
     name = subject_first(cert, NameOID.COMMON_NAME)  # (cryptography parses the subject here)
@@ -331,11 +331,6 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
     if parts is None or parts[2] not in _NAMES_OK:
         _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
     is_ca = bool(basic and basic.ca)
-    path_len = basic.path_length if basic and basic.ca else None
-    ku_names: tuple[str, ...] = ()
-    if ku is not None:
-        ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
-    constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
     fields: dict[str, object] = {
         "cert": cert,
         "name": name,
@@ -344,24 +339,53 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         "not_before": cert.not_valid_before_utc,
         "not_after": cert.not_valid_after_utc,
         "is_ca": is_ca,
-        "path_len": path_len,
-        "key_type": key_type(cert),
+        "path_len": basic.path_length if basic and basic.ca else None,
         "policies": tuple(p.policy_identifier.dotted_string for p in pol)
         if isinstance(pol, x509.CertificatePolicies) else (),
-        "name_constraints": nc_summary(nc),
         "source": source,
-        "ski": ski.hex() if ski else "",
-        "aki": aki.hex() if aki else "",
-        "key_usage": ku_names,
-        "ext_key_usage": tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
-        "constraints": constraints,
-        "email": email,
     }
     if not name:  # no common name: the name is the whole subject
         fields["name"] = fields["subject"] = cert.subject.rfc4514_string()
     info: CertInfo = object.__new__(CertInfo)
     info.__dict__.update(fields)  # (a frozen dataclass: its __init__ would do the same, field by field)
     return info
+
+
+def lazy_field(info: CertInfo, cert: x509.Certificate, field: str) -> object:
+    """One of ``model.LAZY_FIELDS`` of ``info`` (made by ``cert_info`` from ``cert``), made as
+    ``cert_info`` always made it."""
+    if field == "subject":
+        return cert.subject.rfc4514_string()
+    if field == "issuer":
+        return cert.issuer.rfc4514_string()
+    if field == "key_type":
+        return key_type(cert)
+    if field == "name_constraints":
+        return nc_summary(name_constraints_of(cert))
+    if field == "ski":
+        ski = ski_of(cert)
+        return ski.hex() if ski else ""
+    if field == "aki":
+        aki = aki_of(cert)
+        return aki.hex() if aki else ""
+    if field == "key_usage":
+        ku = key_usage(cert)
+        if ku is None:
+            return ()
+        return tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
+    if field == "ext_key_usage":
+        eku = ext_key_usage(cert)
+        return tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else ()
+    if field == "constraints":
+        if not info.is_ca:
+            return "not a CA"
+        return "CA" if info.path_len is None else f"CA, pathLen {info.path_len}"
+    if field == "email":
+        return email_of(cert)
+    raise AttributeError(field)
+
+
+_LAZY[:] = [lazy_field]
 
 
 #: the default policy names by OID, and the last fleet table's (its items, then by OID)
