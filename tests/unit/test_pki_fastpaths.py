@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from console.adapters.cache import FleetSnapshot
 from console.core import pki
@@ -329,6 +331,70 @@ def test_the_index_by_bytes_is_the_index_by_name() -> None:
     store._signatures.clear()
     by_name = results()
     assert with_index == by_name and with_index[0][0] and with_index[1][0], with_index
+
+
+# ----------------------------------------------------------------------------- canonical PEM
+
+def reference_load(data: bytes, source: str) -> list[x509.Certificate]:
+    """``load_certificates``' PEM branch as it was: every block through cryptography's PEM reader."""
+    from console.core.pki.pem import _check_extensions, pem_blocks
+
+    certs = []
+    for kind, label, block in pem_blocks(data, source):
+        if kind != "certificate":
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise pki.InputError(f"{source}: malformed PEM ({label} block is not a valid "
+                                 f"X.509 certificate: {exc})") from exc
+        _check_extensions(cert, source)
+        certs.append(cert)
+    return certs
+
+
+def _outcome(fn: Callable[[bytes, str], list[x509.Certificate]], data: bytes) -> tuple[str, object]:
+    try:
+        return "certs", [der(c) for c in fn(data, "f.pem")]
+    except pki.InputError as exc:
+        return "refused", str(exc)
+
+
+_GOOD: list[bytes] = []
+
+
+def _good_ders() -> list[bytes]:
+    if not _GOOD:
+        ca, key = make_ca("Acme PEM CA")
+        _GOOD.extend([der(ca), der(make_leaf(ca, key)), der(make_leaf(ca, key, cn="b.example"))])
+    return _GOOD
+
+
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _wrap(body: bytes, style: int) -> bytes:
+    text = base64.b64encode(body)
+    if style == 4 and text.endswith(b"="):  # non-zero unused bits in the last character: Python's
+        last = text.rstrip(b"=")            # base64 decoder takes it, the PEM reader's refuses it
+        i = len(last) - 1
+        text = last[:i] + bytes([_B64[_B64.index(last[i]) | 1]]) + text[len(last):]
+    width, nl = [(64, b"\n"), (76, b"\n"), (64, b"\r\n"), (64, b"\n"), (64, b"\n")][style]
+    lines = nl.join(text[i:i + width] for i in range(0, len(text), width))
+    label = b"X509 CERTIFICATE" if style == 3 else b"CERTIFICATE"
+    return b"-----BEGIN " + label + b"-----" + nl + lines + nl + b"-----END " + label + b"-----" + nl
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+       st.integers(0, 4), st.integers(-3, 0))
+def test_canonical_blocks_load_as_the_pem_reader_loads_them(which: int, flips: list[tuple[int, int]],
+                                                            style: int, cut: int) -> None:
+    body = bytearray(_good_ders()[which])
+    for pos, value in flips:  # damage anywhere: a name, an extension, a length, the signature...
+        body[pos % len(body)] = value
+    data = _wrap(bytes(body[:len(body) + cut] if cut else body), style)
+    assert _outcome(pki.load_certificates, data) == _outcome(reference_load, data)
 
 
 # ----------------------------------------------------------------------------- fingerprints
