@@ -183,8 +183,15 @@ def _prefetch_main(service: FleetService, conn: Connection, other: Connection | 
 
         at = service.at
         before = len(service.problems)
-        hosts = {n: (service._host_check(n, at), v.attributes, v.cert_problem)
-                 for n, v in service._hosts.items()}
+        # no cyclic garbage collection meanwhile: each host check leaves ~100 new objects (the
+        # certificate's names and extensions, its CertInfo, ChainResult...) that all live on,
+        # so the collector's young passes only walk them again (~5-15% of the phase's CPU)
+        gc.disable()
+        try:
+            hosts = {n: (service._host_check(n, at), v.attributes, v.cert_problem)
+                     for n, v in service._hosts.items()}
+        finally:
+            gc.enable()
         unread = [h.name for h in service.spec.hosts if h.cert_file and h.name not in service._host_certs] \
             if service.spec is not None else []
         conn.send(("hosts", at, FleetSnapshot.dumps(hosts), FleetSnapshot.dumps(
@@ -588,7 +595,14 @@ class FleetService:
             self._instants = None
 
     def _note_cert(self, cert: x509.Certificate) -> None:
-        self._note(_cert_instants(cert))
+        instants = _cert_instants(cert)
+        if all(t.tzinfo is dt.UTC for t in instants):  # (as cryptography gives them: ``boundaries``
+            before = len(self._instant_set)            # would return these very objects)
+            self._instant_set.update(instants)
+            if len(self._instant_set) != before:
+                self._instants = None
+            return
+        self._note(instants)
 
     def _note_store(self, store: TrustStore | None) -> None:
         if store is None:

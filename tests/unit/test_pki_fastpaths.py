@@ -7,6 +7,9 @@
   any of its checks makes a test here fail.
 * ``PathBuilder._signature_check``: the per-CA memo holds its node (an entry under another
   node's id, e.g. a re-keyed CA of the same name, is never used).
+* issuer names: a certificate's issuer is not parsed at the door when its bytes are a Name
+  parsed before (its CA's subject), and the CA is found by those bytes; a damaged issuer
+  is still refused at the door, and the index by bytes is the index by name.
 * ``attributes.fingerprint_of``: the SHA-256 of the bytes as read equals cryptography's
   fingerprint, for PEM, DER and bundles; an object not loaded by escort gets cryptography's.
 * ``CertInfo``'s lazily formatted ``subject``/``issuer``: the same strings, before or after a
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy as copy_module
 import dataclasses
 import datetime as dt
@@ -31,7 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from console.adapters.cache import FleetSnapshot
 from console.core import pki
 from console.core.pki import attributes, checks
-from console.core.pki.checks import SignatureCheck, der_fields, signed_by
+from console.core.pki.attributes import der_fields, fields_of
+from console.core.pki.checks import SignatureCheck, signed_by
 
 from . import derkit
 
@@ -119,7 +124,7 @@ def load(data: bytes) -> x509.Certificate:
 
 def answers(ca: x509.Certificate, cert: x509.Certificate) -> tuple[bool, bool]:
     """(the shortcut says "signed", cryptography's own check says signed)."""
-    fast = SignatureCheck(ca, attributes.facts(ca).der).signed(cert, attributes.facts(cert).der)
+    fast = SignatureCheck(ca, fields_of(ca)).signed(cert, fields_of(cert))
     return fast, signed_by(cert, ca)
 
 
@@ -154,7 +159,8 @@ def test_the_shortcut_never_says_signed_where_cryptography_does_not(
         data = der(make_leaf(ca, key, issuer=_name("Acme Other CA")))
     elif case == "tampered_tbs":
         def edit(tbs: derkit.Node) -> None:
-            tbs.children[1].value = b"\x01" + tbs.children[1].value[1:]
+            serial = tbs.children[1].value  # (its last byte changed: always another serial)
+            tbs.children[1].value = serial[:-1] + bytes([serial[-1] ^ 0x01])
         root = derkit.decode(der(leaf))
         edit(derkit.tbs(root))
         data = derkit.encode(root)
@@ -247,6 +253,82 @@ def test_a_ca_entry_under_another_nodes_id_is_never_used() -> None:
     assert store._signed_by_node(leaf, info, n2) is False
     assert store._signed_by_node(leaf, info, n1) is True
     assert store._sig_checks[id(n2)][0] is n2
+
+
+# ----------------------------------------------------------------------------- issuer names
+
+def _damage_issuer(data: bytes) -> bytes:
+    """The certificate with the value of its issuer's last attribute made a UTF8String of
+    bytes that are not UTF-8 (it loads; cryptography cannot turn the issuer into a Name)."""
+    root = derkit.decode(data)
+    issuer = derkit.tbs(root).children[3]
+    value = issuer.children[-1].children[0].children[1]
+    value.tag, value.value = 0x0C, b"\xff\xfe"
+    return derkit.encode(root)
+
+
+def test_a_damaged_issuer_is_refused_at_the_door_whatever_was_parsed_before(
+        p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    good = make_leaf(ca, key)
+    load(der(good))  # the CA's subject (this leaf's issuer) is now a name known to parse
+    fields = fields_of(ca)
+    assert fields is not None and attributes.name_parses(fields[3])
+    bad = resign(good, key, tbs_edit=lambda t: None)  # (re-signed: only the issuer differs below)
+    root = derkit.decode(_damage_issuer(bad))
+    sig = key.sign(derkit.encode(derkit.tbs(root)), ec.ECDSA(hashes.SHA256()))
+    root.children[2] = derkit.Node(0x03, b"\x00" + sig)
+    damaged = derkit.encode(root)
+    with pytest.raises(ValueError):
+        _ = x509.load_der_x509_certificate(damaged).issuer
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(damaged) + b"-----END CERTIFICATE-----\n"
+    for data in (damaged, pem):
+        with pytest.raises(pki.InputError, match="damaged certificate"):
+            pki.load_certificates(data, "bad.pem")
+    bad_fields = der_fields(damaged)
+    assert bad_fields is not None and not attributes.name_parses(bad_fields[2])
+
+
+def test_the_issuer_of_a_known_ca_is_found_by_its_bytes_and_never_parsed(
+        p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    store, _ = pki.TrustStore.build([("ca.pem", der(ca))], at=AT, missing_crl="warn")
+    leaf = load(der(make_leaf(ca, key)))
+    assert store.verify_host(leaf, AT).valid
+    # (and the CertInfo formats no issuer string: nobody read it)
+    assert "issuer" not in pki.cert_info(leaf).__dict__
+
+
+def test_the_index_by_bytes_is_the_index_by_name() -> None:
+    key1, key2 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    printable = load(der(make_ca("Acme Issuing CA", key1)[0]))
+    name = _name("Acme Issuing CA", utf8=True)  # the same name as cryptography compares names
+    utf8 = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key2.public_key())
+            .serial_number(5).not_valid_before(START).not_valid_after(START + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key2, hashes.SHA256()))
+    utf8 = load(der(utf8))
+    assert printable.subject == utf8.subject and der(printable) != der(utf8)
+    store, _ = pki.TrustStore.build([("1.pem", der(printable)), ("2.pem", der(utf8))], at=AT,
+                                    missing_crl="warn")
+    group = store._by_subject[printable.subject]
+    assert len(group) == 2
+    for cert in (printable, utf8):
+        fields = fields_of(cert)
+        assert fields is not None and store._by_subject_der[fields[3]] is group
+    # a leaf under each: the same answers with the index by bytes emptied (by name only)
+    leaves = [load(der(make_leaf(printable, key1))), load(der(make_leaf(utf8, key2)))]
+
+    def results() -> list[tuple[bool, list[str], frozenset[str]]]:
+        return [(r.valid, [x.code for x in r.reasons], r.ca_fingerprints)
+                for r in (store.verify_host(c, AT) for c in leaves)]
+
+    with_index = results()
+    store._by_subject_der = {}
+    store._signatures.clear()
+    by_name = results()
+    assert with_index == by_name and with_index[0][0] and with_index[1][0], with_index
 
 
 # ----------------------------------------------------------------------------- fingerprints

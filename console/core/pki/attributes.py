@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -29,7 +29,7 @@ class _Facts:
     raised before (nothing is stored for a part that raised).
     """
 
-    __slots__ = ("cert", "der", "exts", "key_type", "spki_sha256", "subject_first")
+    __slots__ = ("cert", "der", "exts", "fields", "key_type", "spki_sha256", "subject_first")
 
     def __init__(self, cert: x509.Certificate) -> None:
         self.cert = cert  # held: while this entry lives, no other object can get its id()
@@ -44,6 +44,8 @@ class _Facts:
         #: parses the bytes into this object), else None: its SHA-256 is the fingerprint
         #: without a re-encoding (``fingerprint_of``)
         self.der: bytes | None = None
+        #: ``der_fields(der)`` (made once from ``der``; None: not made, or no ``der``)
+        self.fields: tuple[bytes, bytes, bytes, bytes] | None = None
 
 
 #: id(certificate) -> its facts. Keyed by identity, never by subject, serial or any other
@@ -63,6 +65,83 @@ def facts(cert: x509.Certificate) -> _Facts:
         _FACTS.clear()
     hit = _FACTS[id(cert)] = _Facts(cert)
     return hit
+
+
+def _tlv(der: bytes, pos: int, tag: int) -> tuple[int, int]:
+    """(start of contents, end) of the DER element at ``pos``, which must have ``tag``
+    (one-byte tags only); ValueError for anything else."""
+    if der[pos] != tag:
+        raise ValueError("unexpected tag")
+    size = der[pos + 1]
+    pos += 2
+    if size & 0x80:
+        count = size & 0x7F
+        if not 1 <= count <= 3:
+            raise ValueError("unexpected length")
+        size = int.from_bytes(der[pos:pos + count], "big")
+        pos += count
+    end = pos + size
+    if end > len(der):
+        raise ValueError("truncated")
+    return pos, end
+
+
+def der_fields(der: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """(outer signature algorithm, inner signature algorithm, issuer, subject) of an X.509
+    certificate's DER: each the whole DER element exactly as it is in ``der``; None when
+    ``der`` is not laid out as RFC 5280 says (then nothing is read from it).
+
+    Only ever used to compare bytes (two equal elements are equal values for
+    cryptography too); every value escort shows or checks is cryptography's.
+    """
+    try:
+        body, end = _tlv(der, 0, 0x30)  # Certificate
+        if end != len(der):
+            return None
+        tbs, tbs_end = _tlv(der, body, 0x30)  # TBSCertificate
+        outer = der[tbs_end:_tlv(der, tbs_end, 0x30)[1]]
+        pos = tbs
+        if der[pos] == 0xA0:  # [0] EXPLICIT version
+            pos = _tlv(der, pos, 0xA0)[1]
+        pos = _tlv(der, pos, 0x02)[1]  # serialNumber
+        fields = []
+        for _ in range(4):  # signature, issuer, validity, subject
+            end = _tlv(der, pos, 0x30)[1]
+            fields.append(der[pos:end])
+            pos = end
+        if pos > tbs_end:
+            return None
+    except (ValueError, IndexError):
+        return None
+    return outer, fields[0], fields[1], fields[3]
+
+
+def fields_of(cert: x509.Certificate) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """``der_fields`` of the DER ``cert`` was read from (None when escort did not read it)."""
+    f = facts(cert)
+    if f.fields is None and f.der is not None:
+        f.fields = der_fields(f.der)
+    return f.fields
+
+
+#: Names (the DER of an X.509 Name) that cryptography has turned into a ``Name`` without an
+#: error: the subjects and issuers of the certificates ``pem.load_certificates`` let in. A
+#: certificate whose issuer is byte for byte one of these needs no parse of its issuer at
+#: the door (the same bytes parse the same way); a host certificate's issuer is its CA's
+#: subject. Bounded like ``_FACTS`` (only speed depends on it).
+_NAMES_OK: set[bytes] = set()
+
+
+def name_parses(der: bytes) -> bool:
+    """Whether a Name of exactly these bytes has been parsed without error before."""
+    return der in _NAMES_OK
+
+
+def names_parsed(*ders: bytes) -> None:
+    """Remember Names (DER) that cryptography parsed without error."""
+    if len(_NAMES_OK) >= _FACTS_MAX:
+        _NAMES_OK.clear()
+    _NAMES_OK.update(ders)
 
 
 def _extensions(cert: x509.Certificate) -> dict[type, x509.ExtensionType]:
@@ -207,6 +286,14 @@ def common_name(name: x509.Name) -> str | None:
     return str(attrs[0].value) if attrs else None
 
 
+def der_of(cert: x509.Certificate) -> bytes:
+    """The certificate's DER: the bytes as read when ``pem.load_certificates`` made this
+    object (cryptography parses strict DER only: they are what it would write), else
+    cryptography's encoding."""
+    der = facts(cert).der
+    return der if der is not None else cert.public_bytes(serialization.Encoding.DER)
+
+
 def fingerprint_of(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, lowercase hex (``CertInfo.fingerprint``).
 
@@ -240,7 +327,9 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
     except ValueError as exc:
         raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
     name = subject_first(cert, NameOID.COMMON_NAME)  # (cryptography parses the subject here)
-    _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
+    parts = fields_of(cert)
+    if parts is None or parts[2] not in _NAMES_OK:
+        _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
     is_ca = bool(basic and basic.ca)
     path_len = basic.path_length if basic and basic.ca else None
     ku_names: tuple[str, ...] = ()
