@@ -49,7 +49,6 @@ from console.core.envelope import (
     EnvelopeVerifier,
     Opened,
     Portable,
-    open_portable,
     pack_opened,
     reason,
     token_digest,
@@ -95,8 +94,8 @@ HOST_CHECK_WEIGHT = 3.0
 CHECK_GROUP = 64
 
 
-def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> list[Portable]:
-    return open_portable(*args)
+def _open_chunk(args: tuple[list[str], str, frozenset[str]]) -> bytes:
+    return pack_opened(*args)[0]
 
 
 def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ: str,
@@ -138,11 +137,11 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
         futures = [pool.submit(_open_chunk, (chunk, typ, fields)) for chunk in chunks]
         if meanwhile is not None:
             meanwhile()
-        for token, portable in zip(todo[:own], open_portable(todo[:own], typ, fields), strict=True):
-            verifier.adopt(token, typ, portable)
+        for token in todo[:own]:
+            verifier.open(token, typ, fields)
         for chunk, future in zip(chunks, futures, strict=True):
-            for token, portable in zip(chunk, future.result(), strict=True):
-                verifier.adopt(token, typ, portable)
+            # packed (``pack_opened``); a token it does not give is opened when asked for
+            verifier.adopt_packed(future.result(), typ, {token_digest(t): t for t in chunk})
     gc.unfreeze()
     return len(todo)
 
