@@ -39,6 +39,21 @@ keyCertSign, name constraints between CAs, revocation by its parent's CRL, polic
 is computed once per CA per
 ``at`` and cached, so checking a host costs one signature check plus dictionary lookups.
 
+What a host check still pays per certificate, and what it no longer does twice
+(issue 12, s1; each shortcut only skips work whose outcome is already known, and every
+value and refusal is cryptography's):
+
+* the signature: a stored CA's key and subject are read once (``checks.SignatureCheck``);
+  for ECDSA it makes ``verify_directly_issued_by``'s own checks (same inner/outer
+  algorithm, issuer bytes == the CA's subject bytes, key type) on the DER as read and the
+  same ``verify`` call; whatever it does not confirm is decided by
+  ``verify_directly_issued_by`` itself;
+* the DER as read is kept with the certificate (``attributes.facts``): the fingerprint is
+  its SHA-256, a PEM block written the standard way is loaded from it, snapshots store it;
+* an issuer name that is byte for byte a Name parsed before (its CA's subject) is not
+  parsed again, and the CA is found by those bytes (the same group the parsed name finds);
+* ``CertInfo``'s display-only fields (``model.LAZY_FIELDS``) are made on first read.
+
 Layout of the package (each file says what it does):
 
 * ``model``: the data types (``CertInfo``, ``CRLInfo``, ``CANode``, ``ChainResult``...).

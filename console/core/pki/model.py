@@ -88,13 +88,18 @@ class CertInfo:
             Pickled before they are read, they are made where they are read (the
             certificate travels with the info).
             """
-            if attr in LAZY_FIELDS:
+            if attr in LAZY_FIELDS:  # (anything else, e.g. pickle's look for __setstate__: absent)
                 cert = self.__dict__.get("cert")
                 if cert is not None and _LAZY:
                     value = _LAZY[0](self, cert, attr)
                     self.__dict__[attr] = value
                     return value
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+            raise AttributeError(attr)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """What unpickling does without it (the fields as pickled), found without a miss in
+        ``__getattr__`` (an exception per CertInfo unpickled: ~10% of rebuilding 1,000 host checks)."""
+        self.__dict__.update(state)
 
     @property
     def fingerprint_sha1(self) -> str:
