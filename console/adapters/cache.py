@@ -37,11 +37,11 @@ from typing import Any
 
 import platformdirs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from console.adapters.files import atomic_write
 from console.core.envelope import Portable, token_digest
 from console.core.errors import InputError
+from console.core.pki.attributes import der_of
 from console.core.reasons import Reason
 
 FORMAT = 1
@@ -215,7 +215,7 @@ def load_der_cert(der: bytes) -> x509.Certificate:
 
 
 def _cert_reduce(cert: x509.Certificate) -> tuple[object, tuple[bytes]]:
-    return load_der_cert, (cert.public_bytes(serialization.Encoding.DER),)
+    return load_der_cert, (der_of(cert),)  # (the bytes as read, when escort read them: no re-encoding)
 
 
 def _timezone_reduce(tz: dt.timezone) -> tuple[object, tuple[object, ...]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 #: Deeper than any document escort reads (policies nest three levels).
@@ -127,6 +128,9 @@ def _check_text(value: Any, depth: int = 0) -> None:
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
 _DECODER_LONG_INTS = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant,
                                       parse_int=_int, parse_float=_float)
+#: their C scanners (``decode`` calls them after skipping whitespace)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_SCAN_LONG_INTS: Callable[[str, int], tuple[Any, int]] = _DECODER_LONG_INTS.scan_once  # type: ignore[attr-defined]
 
 
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
@@ -144,12 +148,24 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
         raise StrictJSONError(f"nested deeper than {max_depth} levels")
     # Without a run of more than MAX_INT_DIGITS digits anywhere (strings included), no
     # integer can be too long: json's own int() then spares a Python call per number.
-    digits = text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_1)
-    decoder = _DECODER_LONG_INTS if _LONG_DIGITS in digits else _DECODER
+    # (bytes decoded as UTF-8 are exactly their text encoded again)
+    raw = data if isinstance(data, bytes) else text.encode("utf-8", "surrogatepass")
+    digits = raw.translate(_DIGITS_TO_1)
+    decoder, scan = (_DECODER_LONG_INTS, _SCAN_LONG_INTS) if _LONG_DIGITS in digits else (_DECODER, _SCAN)
     try:
         if text.startswith("\ufeff"):  # what json.loads refuses before decoding
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-        value = decoder.decode(text)
+        # json's C scanner straight away: a text that is one value from its first character
+        # to its last is what ``decode`` returns (it scans from the same place). Anything
+        # else (whitespace around it, extra data, nothing) goes through ``decode``, which
+        # answers or refuses exactly as before; an error the scan raises is the one
+        # ``decode``'s own scan from there would raise.
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            value = decoder.decode(text)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError, TypeError) as exc:

@@ -7,6 +7,9 @@
   any of its checks makes a test here fail.
 * ``PathBuilder._signature_check``: the per-CA memo holds its node (an entry under another
   node's id, e.g. a re-keyed CA of the same name, is never used).
+* issuer names: a certificate's issuer is not parsed at the door when its bytes are a Name
+  parsed before (its CA's subject), and the CA is found by those bytes; a damaged issuer
+  is still refused at the door, and the index by bytes is the index by name.
 * ``attributes.fingerprint_of``: the SHA-256 of the bytes as read equals cryptography's
   fingerprint, for PEM, DER and bundles; an object not loaded by escort gets cryptography's.
 * ``CertInfo``'s lazily formatted ``subject``/``issuer``: the same strings, before or after a
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy as copy_module
 import dataclasses
 import datetime as dt
@@ -27,11 +31,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from console.adapters.cache import FleetSnapshot
 from console.core import pki
 from console.core.pki import attributes, checks
-from console.core.pki.checks import SignatureCheck, der_fields, signed_by
+from console.core.pki.attributes import der_fields, fields_of
+from console.core.pki.checks import SignatureCheck, signed_by
 
 from . import derkit
 
@@ -119,7 +126,7 @@ def load(data: bytes) -> x509.Certificate:
 
 def answers(ca: x509.Certificate, cert: x509.Certificate) -> tuple[bool, bool]:
     """(the shortcut says "signed", cryptography's own check says signed)."""
-    fast = SignatureCheck(ca, attributes.facts(ca).der).signed(cert, attributes.facts(cert).der)
+    fast = SignatureCheck(ca, fields_of(ca)).signed(cert, fields_of(cert))
     return fast, signed_by(cert, ca)
 
 
@@ -154,7 +161,8 @@ def test_the_shortcut_never_says_signed_where_cryptography_does_not(
         data = der(make_leaf(ca, key, issuer=_name("Acme Other CA")))
     elif case == "tampered_tbs":
         def edit(tbs: derkit.Node) -> None:
-            tbs.children[1].value = b"\x01" + tbs.children[1].value[1:]
+            serial = tbs.children[1].value  # (its last byte changed: always another serial)
+            tbs.children[1].value = serial[:-1] + bytes([serial[-1] ^ 0x01])
         root = derkit.decode(der(leaf))
         edit(derkit.tbs(root))
         data = derkit.encode(root)
@@ -249,6 +257,146 @@ def test_a_ca_entry_under_another_nodes_id_is_never_used() -> None:
     assert store._sig_checks[id(n2)][0] is n2
 
 
+# ----------------------------------------------------------------------------- issuer names
+
+def _damage_issuer(data: bytes) -> bytes:
+    """The certificate with the value of its issuer's last attribute made a UTF8String of
+    bytes that are not UTF-8 (it loads; cryptography cannot turn the issuer into a Name)."""
+    root = derkit.decode(data)
+    issuer = derkit.tbs(root).children[3]
+    value = issuer.children[-1].children[0].children[1]
+    value.tag, value.value = 0x0C, b"\xff\xfe"
+    return derkit.encode(root)
+
+
+def test_a_damaged_issuer_is_refused_at_the_door_whatever_was_parsed_before(
+        p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    good = make_leaf(ca, key)
+    load(der(good))  # the CA's subject (this leaf's issuer) is now a name known to parse
+    fields = fields_of(ca)
+    assert fields is not None and attributes.name_parses(fields[3])
+    bad = resign(good, key, tbs_edit=lambda t: None)  # (re-signed: only the issuer differs below)
+    root = derkit.decode(_damage_issuer(bad))
+    sig = key.sign(derkit.encode(derkit.tbs(root)), ec.ECDSA(hashes.SHA256()))
+    root.children[2] = derkit.Node(0x03, b"\x00" + sig)
+    damaged = derkit.encode(root)
+    with pytest.raises(ValueError):
+        _ = x509.load_der_x509_certificate(damaged).issuer
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(damaged) + b"-----END CERTIFICATE-----\n"
+    for data in (damaged, pem):
+        with pytest.raises(pki.InputError, match="damaged certificate"):
+            pki.load_certificates(data, "bad.pem")
+    bad_fields = der_fields(damaged)
+    assert bad_fields is not None and not attributes.name_parses(bad_fields[2])
+
+
+def test_the_issuer_of_a_known_ca_is_found_by_its_bytes_and_never_parsed(
+        p256: tuple[x509.Certificate, Key]) -> None:
+    ca, key = p256
+    store, _ = pki.TrustStore.build([("ca.pem", der(ca))], at=AT, missing_crl="warn")
+    leaf = load(der(make_leaf(ca, key)))
+    assert store.verify_host(leaf, AT).valid
+    # (and the CertInfo formats no issuer string: nobody read it)
+    assert "issuer" not in pki.cert_info(leaf).__dict__
+
+
+def test_the_index_by_bytes_is_the_index_by_name() -> None:
+    key1, key2 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    printable = load(der(make_ca("Acme Issuing CA", key1)[0]))
+    name = _name("Acme Issuing CA", utf8=True)  # the same name as cryptography compares names
+    utf8 = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key2.public_key())
+            .serial_number(5).not_valid_before(START).not_valid_after(START + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key2, hashes.SHA256()))
+    utf8 = load(der(utf8))
+    assert printable.subject == utf8.subject and der(printable) != der(utf8)
+    store, _ = pki.TrustStore.build([("1.pem", der(printable)), ("2.pem", der(utf8))], at=AT,
+                                    missing_crl="warn")
+    group = store._by_subject[printable.subject]
+    assert len(group) == 2
+    for cert in (printable, utf8):
+        fields = fields_of(cert)
+        assert fields is not None and store._by_subject_der[fields[3]] is group
+    # a leaf under each: the same answers with the index by bytes emptied (by name only)
+    leaves = [load(der(make_leaf(printable, key1))), load(der(make_leaf(utf8, key2)))]
+
+    def results() -> list[tuple[bool, list[str], frozenset[str]]]:
+        return [(r.valid, [x.code for x in r.reasons], r.ca_fingerprints)
+                for r in (store.verify_host(c, AT) for c in leaves)]
+
+    with_index = results()
+    store._by_subject_der = {}
+    store._signatures.clear()
+    by_name = results()
+    assert with_index == by_name and with_index[0][0] and with_index[1][0], with_index
+
+
+# ----------------------------------------------------------------------------- canonical PEM
+
+def reference_load(data: bytes, source: str) -> list[x509.Certificate]:
+    """``load_certificates``' PEM branch as it was: every block through cryptography's PEM reader."""
+    from console.core.pki.pem import _check_extensions, pem_blocks
+
+    certs = []
+    for kind, label, block in pem_blocks(data, source):
+        if kind != "certificate":
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise pki.InputError(f"{source}: malformed PEM ({label} block is not a valid "
+                                 f"X.509 certificate: {exc})") from exc
+        _check_extensions(cert, source)
+        certs.append(cert)
+    return certs
+
+
+def _outcome(fn: Callable[[bytes, str], list[x509.Certificate]], data: bytes) -> tuple[str, object]:
+    try:
+        return "certs", [der(c) for c in fn(data, "f.pem")]
+    except pki.InputError as exc:
+        return "refused", str(exc)
+
+
+_GOOD: list[bytes] = []
+
+
+def _good_ders() -> list[bytes]:
+    if not _GOOD:
+        ca, key = make_ca("Acme PEM CA")
+        _GOOD.extend([der(ca), der(make_leaf(ca, key)), der(make_leaf(ca, key, cn="b.example"))])
+    return _GOOD
+
+
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _wrap(body: bytes, style: int) -> bytes:
+    text = base64.b64encode(body)
+    if style == 4 and text.endswith(b"="):  # non-zero unused bits in the last character: Python's
+        last = text.rstrip(b"=")            # base64 decoder takes it, the PEM reader's refuses it
+        i = len(last) - 1
+        text = last[:i] + bytes([_B64[_B64.index(last[i]) | 1]]) + text[len(last):]
+    width, nl = [(64, b"\n"), (76, b"\n"), (64, b"\r\n"), (64, b"\n"), (64, b"\n")][style]
+    lines = nl.join(text[i:i + width] for i in range(0, len(text), width))
+    label = b"X509 CERTIFICATE" if style == 3 else b"CERTIFICATE"
+    return b"-----BEGIN " + label + b"-----" + nl + lines + nl + b"-----END " + label + b"-----" + nl
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+       st.integers(0, 4), st.integers(-3, 0))
+def test_canonical_blocks_load_as_the_pem_reader_loads_them(which: int, flips: list[tuple[int, int]],
+                                                            style: int, cut: int) -> None:
+    body = bytearray(_good_ders()[which])
+    for pos, value in flips:  # damage anywhere: a name, an extension, a length, the signature...
+        body[pos % len(body)] = value
+    data = _wrap(bytes(body[:len(body) + cut] if cut else body), style)
+    assert _outcome(pki.load_certificates, data) == _outcome(reference_load, data)
+
+
 # ----------------------------------------------------------------------------- fingerprints
 
 def test_fingerprints_of_the_bytes_read_equal_cryptographys(p256: tuple[x509.Certificate, Key]) -> None:
@@ -300,6 +448,87 @@ def test_a_certificate_without_common_name_is_named_by_its_subject(
             .sign(key, hashes.SHA256()))
     info = pki.cert_info(load(der(cert)))
     assert info.name == info.subject == "O=NoCN"
+
+
+def reference_cert_info(cert: x509.Certificate, source: str = "") -> pki.CertInfo:
+    """``cert_info`` as it was before the lazy fields (verbatim but for the imports)."""
+    from console.core.pki.attributes import (
+        _EKU_NAMES,
+        _KU_BITS,
+        _KU_NAMES,
+        aki_of,
+        basic_constraints,
+        email_of,
+        ext,
+        ext_key_usage,
+        key_type,
+        key_usage,
+        name_constraints_of,
+        nc_summary,
+        ski_of,
+        subject_first,
+    )
+
+    basic = basic_constraints(cert)
+    ku = key_usage(cert)
+    eku = ext_key_usage(cert)
+    nc = name_constraints_of(cert)
+    pol = ext(cert, x509.CertificatePolicies)
+    ski, aki = ski_of(cert), aki_of(cert)
+    email = email_of(cert)
+    subject = cert.subject.rfc4514_string()
+    is_ca = bool(basic and basic.ca)
+    path_len = basic.path_length if basic and basic.ca else None
+    ku_names: tuple[str, ...] = ()
+    if ku is not None:
+        ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
+    constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
+    return pki.CertInfo(
+        cert=cert, name=subject_first(cert, NameOID.COMMON_NAME) or subject, subject=subject,
+        issuer=cert.issuer.rfc4514_string(), serial=cert.serial_number,
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(), not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc, is_ca=is_ca, path_len=path_len, key_type=key_type(cert),
+        policies=tuple(p.policy_identifier.dotted_string for p in pol)
+        if isinstance(pol, x509.CertificatePolicies) else (),
+        name_constraints=nc_summary(nc), source=source, ski=ski.hex() if ski else "",
+        aki=aki.hex() if aki else "", key_usage=ku_names,
+        ext_key_usage=tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
+        constraints=constraints, email=email)
+
+
+def test_every_field_is_what_the_eager_cert_info_made(demo_pki: object) -> None:
+    import ipaddress
+
+    from console.core.pki.model import LAZY_FIELDS
+
+    demo = demo_pki
+    certs = [demo.host()[0], demo.host(ips=["192.0.2.9"], dns=["x.example"])[0],  # type: ignore[attr-defined]
+             demo.owner()[0], demo.owner(email=None)[0],  # type: ignore[attr-defined]
+             demo.root.cert, demo.owners.cert, *(ca.cert for ca in demo.regions.values())]  # type: ignore[attr-defined]
+    key = ec.generate_private_key(ec.SECP256R1())
+    no_cn = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "NC")])
+    nc = (x509.CertificateBuilder().subject_name(no_cn)
+          .issuer_name(_name("x")).public_key(key.public_key()).serial_number(11)
+          .not_valid_before(START).not_valid_after(START + dt.timedelta(days=9))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=2), critical=True)
+          .add_extension(x509.NameConstraints(
+              permitted_subtrees=[x509.DNSName("example.net"),
+                                  x509.IPAddress(ipaddress.ip_network("192.0.2.0/24"))],
+              excluded_subtrees=[x509.RFC822Name("bad.example.net")]), critical=True)
+          .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("ca@example.net")]), critical=False)
+          .sign(key, hashes.SHA256()))
+    certs.append(nc)
+    assert all(f not in pki.CertInfo.__dict__ for f in LAZY_FIELDS)  # no default to fall back on
+    for cert in certs:
+        for loaded in (cert, load(der(cert))):
+            info = pki.cert_info(loaded, "src.pem")
+            assert not LAZY_FIELDS & set(info.__dict__) - {"subject"}  # (subject: only without a CN)
+            want = reference_cert_info(loaded, "src.pem")
+            for f in dataclasses.fields(pki.CertInfo):
+                assert getattr(info, f.name) == getattr(want, f.name), f.name
+            assert info == want and hash(info) == hash(want)
+            copy = FleetSnapshot.loads(FleetSnapshot.dumps(pki.cert_info(loaded, "src.pem")))
+            assert copy == want
 
 
 # ----------------------------------------------------------------------------- host attributes

@@ -70,7 +70,7 @@ _docs = st.recursive(_atoms, lambda c: st.lists(c, max_size=4) | st.dictionaries
                      max_leaves=30).map(json.dumps)
 _pieces = st.sampled_from(['{', '}', '[', ']', '"', '\\', ',', ':', '"[{"', '"a":1', '1' * 41, '1' * 40,
                            'NaN', '1e999', '-0', '"\\ud800"', '"\\u005b"', '\ufeff', ' ', '{"a":1,"a":2}',
-                           'true', 'null', '0.5'])
+                           'true', 'null', '0.5', '\n', '\t', '\r', '  ', '{}', '[]', '""'])
 
 
 def _nested(depth: int, in_string: bool) -> str:
@@ -84,6 +84,9 @@ _texts = st.one_of(
     st.lists(_pieces, max_size=40).map("".join),
     st.builds(_nested, st.integers(0, MAX_DEPTH + 3), st.booleans()),
     _docs.map(lambda t: "\ufeff" + t),
+    # one value with whitespace or a second value around it (the scanner's fallback to decode)
+    st.builds(lambda a, d, b: a + d + b, st.sampled_from(["", " ", "\n", "\t\r", "x", "1"]), _docs,
+              st.sampled_from(["", " ", "\n ", "\r\t", "x", "1", "{}", ","])),
 )
 
 

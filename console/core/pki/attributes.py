@@ -8,12 +8,12 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import InputError
-from .model import DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
+from .model import _LAZY, DEFAULT_POLICY_NAMES, CertInfo, HostAttributes
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -29,7 +29,7 @@ class _Facts:
     raised before (nothing is stored for a part that raised).
     """
 
-    __slots__ = ("cert", "der", "exts", "key_type", "spki_sha256", "subject_first")
+    __slots__ = ("cert", "der", "exts", "fields", "key_type", "spki_sha256", "subject_first")
 
     def __init__(self, cert: x509.Certificate) -> None:
         self.cert = cert  # held: while this entry lives, no other object can get its id()
@@ -44,6 +44,8 @@ class _Facts:
         #: parses the bytes into this object), else None: its SHA-256 is the fingerprint
         #: without a re-encoding (``fingerprint_of``)
         self.der: bytes | None = None
+        #: ``der_fields(der)`` (made once from ``der``; None: not made, or no ``der``)
+        self.fields: tuple[bytes, bytes, bytes, bytes] | None = None
 
 
 #: id(certificate) -> its facts. Keyed by identity, never by subject, serial or any other
@@ -63,6 +65,83 @@ def facts(cert: x509.Certificate) -> _Facts:
         _FACTS.clear()
     hit = _FACTS[id(cert)] = _Facts(cert)
     return hit
+
+
+def _tlv(der: bytes, pos: int, tag: int) -> tuple[int, int]:
+    """(start of contents, end) of the DER element at ``pos``, which must have ``tag``
+    (one-byte tags only); ValueError for anything else."""
+    if der[pos] != tag:
+        raise ValueError("unexpected tag")
+    size = der[pos + 1]
+    pos += 2
+    if size & 0x80:
+        count = size & 0x7F
+        if not 1 <= count <= 3:
+            raise ValueError("unexpected length")
+        size = int.from_bytes(der[pos:pos + count], "big")
+        pos += count
+    end = pos + size
+    if end > len(der):
+        raise ValueError("truncated")
+    return pos, end
+
+
+def der_fields(der: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """(outer signature algorithm, inner signature algorithm, issuer, subject) of an X.509
+    certificate's DER: each the whole DER element exactly as it is in ``der``; None when
+    ``der`` is not laid out as RFC 5280 says (then nothing is read from it).
+
+    Only ever used to compare bytes (two equal elements are equal values for
+    cryptography too); every value escort shows or checks is cryptography's.
+    """
+    try:
+        body, end = _tlv(der, 0, 0x30)  # Certificate
+        if end != len(der):
+            return None
+        tbs, tbs_end = _tlv(der, body, 0x30)  # TBSCertificate
+        outer = der[tbs_end:_tlv(der, tbs_end, 0x30)[1]]
+        pos = tbs
+        if der[pos] == 0xA0:  # [0] EXPLICIT version
+            pos = _tlv(der, pos, 0xA0)[1]
+        pos = _tlv(der, pos, 0x02)[1]  # serialNumber
+        fields = []
+        for _ in range(4):  # signature, issuer, validity, subject
+            end = _tlv(der, pos, 0x30)[1]
+            fields.append(der[pos:end])
+            pos = end
+        if pos > tbs_end:
+            return None
+    except (ValueError, IndexError):
+        return None
+    return outer, fields[0], fields[1], fields[3]
+
+
+def fields_of(cert: x509.Certificate) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """``der_fields`` of the DER ``cert`` was read from (None when escort did not read it)."""
+    f = facts(cert)
+    if f.fields is None and f.der is not None:
+        f.fields = der_fields(f.der)
+    return f.fields
+
+
+#: Names (the DER of an X.509 Name) that cryptography has turned into a ``Name`` without an
+#: error: the subjects and issuers of the certificates ``pem.load_certificates`` let in. A
+#: certificate whose issuer is byte for byte one of these needs no parse of its issuer at
+#: the door (the same bytes parse the same way); a host certificate's issuer is its CA's
+#: subject. Bounded like ``_FACTS`` (only speed depends on it).
+_NAMES_OK: set[bytes] = set()
+
+
+def name_parses(der: bytes) -> bool:
+    """Whether a Name of exactly these bytes has been parsed without error before."""
+    return der in _NAMES_OK
+
+
+def names_parsed(*ders: bytes) -> None:
+    """Remember Names (DER) that cryptography parsed without error."""
+    if len(_NAMES_OK) >= _FACTS_MAX:
+        _NAMES_OK.clear()
+    _NAMES_OK.update(ders)
 
 
 def _extensions(cert: x509.Certificate) -> dict[type, x509.ExtensionType]:
@@ -207,6 +286,14 @@ def common_name(name: x509.Name) -> str | None:
     return str(attrs[0].value) if attrs else None
 
 
+def der_of(cert: x509.Certificate) -> bytes:
+    """The certificate's DER: the bytes as read when ``pem.load_certificates`` made this
+    object (cryptography parses strict DER only: they are what it would write), else
+    cryptography's encoding."""
+    der = facts(cert).der
+    return der if der is not None else cert.public_bytes(serialization.Encoding.DER)
+
+
 def fingerprint_of(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, lowercase hex (``CertInfo.fingerprint``).
 
@@ -223,30 +310,27 @@ def fingerprint_of(cert: x509.Certificate) -> str:
 def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
     """The facts escort shows about a certificate; InputError for unparseable extensions.
 
-    ``subject`` and ``issuer`` (RFC 4514 strings) are left to ``CertInfo`` to format when
-    first read (a chain check never reads them; cryptography has parsed both names
-    already, so formatting them later cannot fail where it did not before). Everything
-    else is read here, in the same order as always, so a damaged certificate raises
-    what and where it always did.
+    The fields a chain check reads are made here; the others (``model.LAZY_FIELDS``: the
+    subject and issuer strings, key type, key usages, identifiers...) by ``lazy_field`` when
+    first read. Every part that can fail is read here, in the same order as always
+    (the extensions, then the names), so a damaged certificate raises what and where it
+    always did; what is left is formatting of values cryptography has already parsed.
     """
     try:
         basic = basic_constraints(cert)
-        ku = key_usage(cert)
-        eku = ext_key_usage(cert)
-        nc = name_constraints_of(cert)
+        key_usage(cert)
+        ext_key_usage(cert)
+        name_constraints_of(cert)
         pol = ext(cert, x509.CertificatePolicies)
-        ski, aki = ski_of(cert), aki_of(cert)
-        email = email_of(cert)
+        ski_of(cert), aki_of(cert)
+        email_of(cert)
     except ValueError as exc:
         raise InputError(f"{source or 'certificate'}: malformed extension ({exc})") from exc
     name = subject_first(cert, NameOID.COMMON_NAME)  # (cryptography parses the subject here)
-    _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
+    parts = fields_of(cert)
+    if parts is None or parts[2] not in _NAMES_OK:
+        _ = cert.issuer  # parsed here as always (a damaged issuer name raises here, not later)
     is_ca = bool(basic and basic.ca)
-    path_len = basic.path_length if basic and basic.ca else None
-    ku_names: tuple[str, ...] = ()
-    if ku is not None:
-        ku_names = tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
-    constraints = "not a CA" if not is_ca else ("CA" if path_len is None else f"CA, pathLen {path_len}")
     fields: dict[str, object] = {
         "cert": cert,
         "name": name,
@@ -255,24 +339,53 @@ def cert_info(cert: x509.Certificate, source: str = "") -> CertInfo:
         "not_before": cert.not_valid_before_utc,
         "not_after": cert.not_valid_after_utc,
         "is_ca": is_ca,
-        "path_len": path_len,
-        "key_type": key_type(cert),
+        "path_len": basic.path_length if basic and basic.ca else None,
         "policies": tuple(p.policy_identifier.dotted_string for p in pol)
         if isinstance(pol, x509.CertificatePolicies) else (),
-        "name_constraints": nc_summary(nc),
         "source": source,
-        "ski": ski.hex() if ski else "",
-        "aki": aki.hex() if aki else "",
-        "key_usage": ku_names,
-        "ext_key_usage": tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else (),
-        "constraints": constraints,
-        "email": email,
     }
     if not name:  # no common name: the name is the whole subject
         fields["name"] = fields["subject"] = cert.subject.rfc4514_string()
     info: CertInfo = object.__new__(CertInfo)
     info.__dict__.update(fields)  # (a frozen dataclass: its __init__ would do the same, field by field)
     return info
+
+
+def lazy_field(info: CertInfo, cert: x509.Certificate, field: str) -> object:
+    """One of ``model.LAZY_FIELDS`` of ``info`` (made by ``cert_info`` from ``cert``), made as
+    ``cert_info`` always made it."""
+    if field == "subject":
+        return cert.subject.rfc4514_string()
+    if field == "issuer":
+        return cert.issuer.rfc4514_string()
+    if field == "key_type":
+        return key_type(cert)
+    if field == "name_constraints":
+        return nc_summary(name_constraints_of(cert))
+    if field == "ski":
+        ski = ski_of(cert)
+        return ski.hex() if ski else ""
+    if field == "aki":
+        aki = aki_of(cert)
+        return aki.hex() if aki else ""
+    if field == "key_usage":
+        ku = key_usage(cert)
+        if ku is None:
+            return ()
+        return tuple(n for bit, n in zip(_KU_BITS, _KU_NAMES, strict=True) if getattr(ku, bit))
+    if field == "ext_key_usage":
+        eku = ext_key_usage(cert)
+        return tuple(_EKU_NAMES.get(o, o.dotted_string) for o in eku) if eku else ()
+    if field == "constraints":
+        if not info.is_ca:
+            return "not a CA"
+        return "CA" if info.path_len is None else f"CA, pathLen {info.path_len}"
+    if field == "email":
+        return email_of(cert)
+    raise AttributeError(field)
+
+
+_LAZY[:] = [lazy_field]
 
 
 #: the default policy names by OID, and the last fleet table's (its items, then by OID)

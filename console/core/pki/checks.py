@@ -66,58 +66,13 @@ _ECDSA_ALGORITHMS: dict[bytes, ec.ECDSA] = {
 }
 
 
-def _tlv(der: bytes, pos: int, tag: int) -> tuple[int, int]:
-    """(start of contents, end) of the DER element at ``pos``, which must have ``tag``
-    (one-byte tags only); ValueError for anything else."""
-    if der[pos] != tag:
-        raise ValueError("unexpected tag")
-    size = der[pos + 1]
-    pos += 2
-    if size & 0x80:
-        count = size & 0x7F
-        if not 1 <= count <= 3:
-            raise ValueError("unexpected length")
-        size = int.from_bytes(der[pos:pos + count], "big")
-        pos += count
-    end = pos + size
-    if end > len(der):
-        raise ValueError("truncated")
-    return pos, end
-
-
-def der_fields(der: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
-    """(outer signature algorithm, inner signature algorithm, issuer, subject): each the whole
-    DER element as it is in ``der`` (an X.509 certificate); None when it is not laid out as
-    RFC 5280 says (then nothing is read from it)."""
-    try:
-        body, end = _tlv(der, 0, 0x30)  # Certificate
-        if end != len(der):
-            return None
-        tbs, tbs_end = _tlv(der, body, 0x30)  # TBSCertificate
-        outer = der[tbs_end:_tlv(der, tbs_end, 0x30)[1]]
-        pos = tbs
-        if der[pos] == 0xA0:  # [0] EXPLICIT version
-            pos = _tlv(der, pos, 0xA0)[1]
-        pos = _tlv(der, pos, 0x02)[1]  # serialNumber
-        fields = []
-        for _ in range(4):  # signature, issuer, validity, subject
-            end = _tlv(der, pos, 0x30)[1]
-            fields.append(der[pos:end])
-            pos = end
-        if pos > tbs_end:
-            return None
-    except (ValueError, IndexError):
-        return None
-    return outer, fields[0], fields[1], fields[3]
-
-
 class SignatureCheck:
     """One CA's side of ``signed_by``, prepared once (see the comment above)."""
 
     __slots__ = ("key", "subject")
 
-    def __init__(self, ca: x509.Certificate, ca_der: bytes | None) -> None:
-        fields = der_fields(ca_der) if ca_der is not None else None
+    def __init__(self, ca: x509.Certificate, fields: tuple[bytes, bytes, bytes, bytes] | None) -> None:
+        """``fields``: ``der_fields`` of the DER ``ca`` was read from (None: not known)."""
         self.subject = fields[3] if fields is not None else None
         try:
             key = ca.public_key()
@@ -125,12 +80,10 @@ class SignatureCheck:
             key = None
         self.key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
 
-    def signed(self, cert: x509.Certificate, der: bytes | None) -> bool:
-        """True when ``signed_by(cert, ca)`` is True for certain; False means "ask ``signed_by``"."""
-        if self.key is None or self.subject is None or der is None:
-            return False
-        fields = der_fields(der)
-        if fields is None:
+    def signed(self, cert: x509.Certificate, fields: tuple[bytes, bytes, bytes, bytes] | None) -> bool:
+        """True when ``signed_by(cert, ca)`` is True for certain; False means "ask ``signed_by``".
+        ``fields``: ``der_fields`` of the DER ``cert`` was read from (None: not known)."""
+        if self.key is None or self.subject is None or fields is None:
             return False
         outer, inner, issuer, _ = fields
         algorithm = _ECDSA_ALGORITHMS.get(outer)

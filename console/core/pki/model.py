@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -74,20 +74,24 @@ class CertInfo:
         return (self.not_after - at).days
 
     if not TYPE_CHECKING:  # (hidden from mypy: it would make every misspelt field "Any")
-        def __getattr__(self, attr: str) -> str:
-            """``subject`` and ``issuer`` of a ``cert_info`` result, formatted on first read.
+        def __getattr__(self, attr: str) -> object:
+            """The fields a chain check never reads, made from ``cert`` on first read.
 
-            Python calls this only for an attribute the instance does not have: these two
-            fields are then computed from ``cert`` (the RFC 4514 string of its subject /
-            issuer, what ``cert_info`` used to compute at once) and kept. A chain check
-            never reads them; equality, hashing, ``repr`` and ``replace`` read every field
-            and so get them too. Pickled before they are read, they are computed where
-            they are read (the certificate travels with the info).
+            ``cert_info`` fills in what a verdict needs (name, serial, fingerprint, dates,
+            CA flag, path length, policies) and leaves the rest -- ``LAZY_FIELDS``: the
+            subject and issuer strings, key type, name-constraint summary, key
+            identifiers, key usages, constraints line, e-mail -- to be made here by
+            ``attributes.lazy_field`` from the certificate, exactly as ``cert_info`` used
+            to make them, when something reads them (Python calls this only for an
+            attribute the instance does not have; the value is then kept). Equality,
+            hashing, ``repr`` and ``replace`` read every field and so get them all.
+            Pickled before they are read, they are made where they are read (the
+            certificate travels with the info).
             """
-            if attr == "subject" or attr == "issuer":
+            if attr in LAZY_FIELDS:
                 cert = self.__dict__.get("cert")
-                if cert is not None:
-                    value: str = (cert.subject if attr == "subject" else cert.issuer).rfc4514_string()
+                if cert is not None and _LAZY:
+                    value = _LAZY[0](self, cert, attr)
                     self.__dict__[attr] = value
                     return value
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
@@ -103,6 +107,18 @@ class CertInfo:
     @property
     def self_issued(self) -> bool:
         return self.cert.subject == self.cert.issuer
+
+
+#: CertInfo fields ``cert_info`` leaves to be made on first read (``CertInfo.__getattr__``).
+#: Their class-level defaults are removed: an instance without one of them must reach
+#: ``__getattr__`` instead of reading the default (``CertInfo(...)`` still fills them in).
+LAZY_FIELDS = frozenset({"subject", "issuer", "key_type", "name_constraints", "ski", "aki", "key_usage",
+                         "ext_key_usage", "constraints", "email"})
+for _name in LAZY_FIELDS:
+    if _name in CertInfo.__dict__:
+        delattr(CertInfo, _name)
+#: the function that makes a lazy field: ``attributes.lazy_field`` (set when it is imported)
+_LAZY: list[Callable[[CertInfo, x509.Certificate, str], object]] = []
 
 
 @dataclass(frozen=True)

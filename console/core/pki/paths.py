@@ -35,7 +35,7 @@ from cryptography.x509.oid import CertificatePoliciesOID
 
 from ..errors import InputError
 from ..reasons import Reason
-from .attributes import cert_info, ext, facts, name_constraints_of
+from .attributes import cert_info, ext, facts, fields_of, name_constraints_of
 from .checks import (
     SignatureCheck,
     aki_matches,
@@ -121,6 +121,8 @@ class PathBuilder:
     """Path checks and their caches; ``TrustStore`` supplies the CA index and CRLs."""
 
     _by_subject: dict[x509.Name, list[CANode]]
+    #: a stored CA's subject as the DER it was read from -> ``_by_subject`` of that name
+    _by_subject_der: dict[bytes, list[CANode]]
     missing_crl: MissingCRL
     at: dt.datetime
     #: CRLs whose issuer is not a stored CA: kept for CAs that arrive in a chain file/x5c.
@@ -341,7 +343,7 @@ class PathBuilder:
                     self._signatures.clear()
             # the CA's key read once (``checks.SignatureCheck``); whatever it does not confirm,
             # cryptography's ``verify_directly_issued_by`` decides
-            ok = self._signatures[key] = (self._signature_check(node).signed(cert, facts(cert).der)
+            ok = self._signatures[key] = (self._signature_check(node).signed(cert, fields_of(cert))
                                           or signed_by(cert, node.info.cert))
         return ok
 
@@ -351,7 +353,7 @@ class PathBuilder:
         hit = self._sig_checks.get(id(node))
         if hit is None or hit[0] is not node:
             cert = node.info.cert
-            hit = (node, SignatureCheck(cert, facts(cert).der))
+            hit = (node, SignatureCheck(cert, fields_of(cert)))
             with self._lock:
                 if len(self._sig_checks) > 4096:
                     self._sig_checks.clear()
@@ -361,7 +363,12 @@ class PathBuilder:
     def _best_issuer(self, cert: x509.Certificate, info: CertInfo, at: dt.datetime,
                      offset: int) -> CANode | Reason:
         """The store CA that signed ``cert`` with the fewest path errors, or why none did."""
-        named = self._by_subject.get(cert.issuer)
+        fields = fields_of(cert)
+        # by the issuer's bytes when a stored CA has exactly them as its subject (the same
+        # list the parsed name finds: equal bytes, equal names), else by the parsed name
+        named = self._by_subject_der.get(fields[2]) if fields is not None else None
+        if named is None:
+            named = self._by_subject.get(cert.issuer)
         if not named:
             return Reason("chain.no_issuer",
                           f"No CA named {info.issuer} is in the trust directory (issuer of {info.name}).",

@@ -9,7 +9,7 @@ from cryptography import x509
 
 from ..errors import InputError
 from ..reasons import Reason
-from .attributes import aki_of, cert_info
+from .attributes import aki_of, cert_info, fields_of
 from .checks import aki_matches, signed_by, weak_signature
 from .model import CANode, ChainResult, CRLInfo, MissingCRL, Problem, utc
 from .paths import PathBuilder
@@ -47,8 +47,12 @@ class TrustStore(PathBuilder):
         self._by_subject: SubjectIndex = index_by_subject(nodes)
         self._by_fp: dict[str, CANode] = {n.info.fingerprint: n for n in nodes}
         self._init_caches()
+        self._by_subject_der = {}
         for n in nodes:  # while the bytes they were read from are at hand (attributes.facts)
             self._signature_check(n)
+            fields = fields_of(n.info.cert)
+            if fields is not None:
+                self._by_subject_der[fields[3]] = self._by_subject[n.info.cert.subject]
 
     # ---------------------------------------------------------------- building
     @classmethod
