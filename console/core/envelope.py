@@ -874,7 +874,14 @@ class EnvelopeVerifier:
                 if not token.startswith(prefix):  # not this token's header: opened here instead
                     continue
                 certs, owner, chain_key = signers[chain] if chain >= 0 else ((), None, ())
-                why = tuple(Reason(*r) for r in reasons) if reasons else ()
+                if payload is not None and (owner is None or type(payload) is not dict):
+                    continue  # a payload is only ever opened with its signer: not ours, opened here
+                why: tuple[Reason, ...] = ()
+                if reasons:
+                    if not all(type(r) is tuple and len(r) == 4 and all(type(x) is str for x in r)
+                               for r in reasons):
+                        continue
+                    why = tuple(Reason(*r) for r in reasons)
             except (ValueError, TypeError, IndexError):
                 continue
             opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
