@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -32,6 +33,7 @@ from console.adapters.files import atomic_write, read_limited
 from console.core import strictjson
 from console.core.errors import InputError
 from console.core.policy import SeenPolicy
+from console.core.records import maker
 
 STATE_VERSION = 1
 #: 200,000 VMs x ~250 bytes; far above any fleet, far below memory trouble.
@@ -137,6 +139,9 @@ def _read(path: Path) -> tuple[Mapping[str, SeenPolicy], bytes]:
     return seen, data
 
 
+_make_seen = maker(SeenPolicy)
+
+
 class SeenMemory(Mapping[str, SeenPolicy]):
     """The remembered entries, each made a ``SeenPolicy`` when first looked at (a one-pair
     answer looks at one of 10,000; making all of them was ~30 ms)."""
@@ -150,7 +155,16 @@ class SeenMemory(Mapping[str, SeenPolicy]):
     def __getitem__(self, uuid: str) -> SeenPolicy:
         got = self._made.get(uuid)
         if got is None:
-            got = self._made[uuid] = SeenPolicy(*self._rows[uuid])
+            got = self._made[uuid] = _make_seen(*self._rows[uuid])
+        return got
+
+    def get(self, uuid: str, default: Any = None) -> Any:  # (Mapping.get without its try/except)
+        got = self._made.get(uuid)
+        if got is None:
+            row = self._rows.get(uuid)
+            if row is None:
+                return default
+            got = self._made[uuid] = _make_seen(*row)
         return got
 
     def __len__(self) -> int:

@@ -26,6 +26,7 @@ from .grants import AdminRef, GrantResult, authorise
 from .pki import ChainResult, HostAttributes
 from .policy import PolicyResult, Requirements, resolve_policy_names
 from .reasons import Reason
+from .records import maker
 
 Reachability = Literal["unknown", "up", "down"]
 
@@ -141,11 +142,14 @@ class VMCheck:
                     _DEFAULT_OIDS.clear()
                 hit = _DEFAULT_OIDS[req] = resolve_policy_names(req)
             oids = hit
-        return cls(uuid, name, current_host, policy, oids)
+        return _make_check(uuid, name, current_host, policy, oids)
 
     @property
     def label(self) -> str:
         return self.name or self.uuid
+
+
+_make_check = maker(VMCheck)
 
 
 def _join(values: Iterable[str]) -> str:

@@ -34,6 +34,7 @@ from .envelope import sign as sign_envelope
 from .errors import InputError
 from .pki.model import DEFAULT_POLICY_NAMES
 from .reasons import Reason
+from .records import maker
 
 POLICY_NS = "https://escort.dev/xmlns/policy/1"
 POLICY_PREFIX = "escort"
@@ -210,6 +211,9 @@ class PolicyResult:
         return SeenPolicy(self.owner.key, self.owner.full_label(), self.policy.seq, self.digest)
 
 
+_make_policy = maker(PlacementPolicy)
+_make_result = maker(PolicyResult)
+
 #: (number of trusted CAs, requirements) -> ``PlacementPolicy.summary``'s line
 _SUMMARIES: dict[tuple[int, Requirements], str] = {}
 
@@ -313,8 +317,33 @@ def _utc(seconds: int) -> dt.datetime:
     return hit
 
 
+_IS_STR = str.__instancecheck__  # isinstance(v, str), for map()
+
+
 def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, list[Reason]]:
-    """The policy's own fields -> PlacementPolicy, or reasons (common claims are checked already)."""
+    """The policy's own fields -> PlacementPolicy, or reasons (common claims are checked already).
+
+    A policy whose fields are all of the plain types a good one has is made here; anything
+    else goes through every check with its reasons (``_parse_body_checked``), which would
+    make the very same policy of this one."""
+    get = payload.get
+    vm_uuid, vm_name, labels, seq, handover = (get("vm_uuid"), get("vm_name", ""), get("labels", []),
+                                               get("seq", 0), get("handover", ""))
+    if (type(vm_uuid) is str and _UUID.match(vm_uuid) is not None and type(vm_name) is str
+            and type(labels) is list and all(map(_IS_STR, labels))
+            and type(seq) is int and 0 <= seq <= MAX_SEQ
+            and type(handover) is str and ("handover" not in payload or _JWS_SHAPE.match(handover))):
+        cas, requirements, shape_reasons = _parse_shape(get("trusted_cas"), get("require", {}))
+        if requirements is not None and not shape_reasons:
+            iss, jti = payload["iss"], payload["jti"]
+            return _make_policy(vm_uuid, vm_name, iss if type(iss) is str else str(iss), cas, requirements,
+                                _utc(payload["nbf"]), _utc(payload["exp"]),
+                                jti if type(jti) is str else str(jti), tuple(labels), seq, handover), []
+    return _parse_body_checked(payload)
+
+
+def _parse_body_checked(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, list[Reason]]:
+    """``_parse_body`` with every check and its reason."""
     reasons: list[Reason] = []
 
     def bad(message: str) -> None:
@@ -500,7 +529,7 @@ class PolicyBook:
                 "attach the policy the owner signed for this VM's UUID"))
         if opened.payload is None or broken:
             policy = None
-        return PolicyResult(opened.digest, policy, owner, tuple(reasons), warnings)
+        return _make_result(opened.digest, policy, owner, tuple(reasons), warnings)
 
     def verify_many(self, items: Iterable[tuple[str, str]], at: dt.datetime) -> dict[str, PolicyResult]:
         """``(vm_uuid, token)`` pairs -> results by VM UUID; each distinct token verified once."""

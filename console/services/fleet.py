@@ -75,6 +75,7 @@ from console.core.policy import (
     token_from_metadata_xml,
 )
 from console.core.reasons import Reason
+from console.core.records import maker
 from console.core.timekey import boundaries, time_key
 
 if TYPE_CHECKING:  # imported when used: a one-pair answer needs none of it (~30-50 ms of imports)
@@ -226,6 +227,9 @@ def _prefetch_main(service: FleetService, conn: Connection, other: Connection | 
             conn.send(("failed",))
     finally:
         conn.close()
+
+
+_make_view = maker(VMView)  # VMView(...) with every field, in order (core/records.py)
 
 
 def _row_fields(pr: PolicyResult) -> tuple[str, str, tuple[Reason, ...]]:
@@ -1383,9 +1387,8 @@ class FleetService:
     def _view_of(rec: _VMRecord, fields: tuple[str, str, tuple[Reason, ...]],
                  allowed: tuple[str, ...]) -> VMView:
         owner, summary, problems = fields
-        return VMView(uuid=rec.uuid, name=rec.name, host=rec.host, state=rec.state, memory_mib=rec.memory_mib,
-                      vcpus=rec.vcpus, owner=owner, policy_summary=summary, policy_problems=problems,
-                      allowed_targets=allowed)
+        return _make_view(rec.uuid, rec.name, rec.host, rec.state, rec.memory_mib, rec.vcpus, owner, summary,
+                          problems, allowed, False)
 
     def _adopt_lazy(self, rec: _VMRecord) -> None:
         """A snapshot's check of this VM, unpickled when first asked for (``_restore``)."""

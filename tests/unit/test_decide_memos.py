@@ -212,3 +212,46 @@ def test_a_policy_shape_is_parsed_as_itself_whatever_was_parsed_before() -> None
 def test_a_policy_date_is_the_instant_of_its_seconds(seconds: int) -> None:
     assert pol._utc(seconds) == dt.datetime.fromtimestamp(seconds, dt.UTC)
     assert pol._utc(seconds).tzinfo is dt.UTC and pol._utc(seconds) is pol._utc(seconds)
+
+
+class _Str(str):
+    pass
+
+
+def _bodies() -> list[dict[str, Any]]:
+    """Policy payloads (claims already checked) of every kind ``_parse_body`` may meet."""
+    good: dict[str, Any] = {
+        "ver": 1, "iss": "owner@example.org", "jti": "j-1", "nbf": S - 10, "exp": S + 10,
+        "vm_uuid": "b40ad502-bf90-4371-8ffa-a6b03d4b5bfa", "vm_name": "vm-1",
+        "trusted_cas": [{"name": "A", "sha256": FP}], "require": {"country": ["DE"]},
+        "labels": ["eu"], "seq": 5}
+    variants: list[dict[str, Any]] = [
+        {}, {"labels": []}, {"labels": ["a", "b"]}, {"labels": ["a", 1]}, {"labels": "a"},
+        {"labels": [_Str("a")]}, {"labels": None}, {"vm_name": _Str("x")}, {"vm_name": 1}, {"vm_name": ""},
+        {"vm_uuid": "B40AD502-BF90-4371-8FFA-A6B03D4B5BFA"}, {"vm_uuid": "b40ad502bf9043718ffaa6b03d4b5bfa"},
+        {"vm_uuid": "not-a-uuid"}, {"vm_uuid": 7}, {"vm_uuid": _Str("b40ad502-bf90-4371-8ffa-a6b03d4b5bfa")},
+        {"seq": 0}, {"seq": True}, {"seq": 1.0}, {"seq": -1}, {"seq": 2**53}, {"seq": 2**53 + 1},
+        {"handover": "a.b.c"}, {"handover": ""}, {"handover": "a.b"}, {"handover": 5},
+        {"iss": _Str("owner@example.org")}, {"jti": _Str("j")},
+        {"require": {"country": []}}, {"require": {"colour": ["red"]}}, {"trusted_cas": []},
+        {"trusted_cas": [{"name": "A", "sha256": "nothex"}]}, {"require": []},
+    ]
+    out = [dict(good)]
+    for change in variants:
+        body = {**good, **change}
+        out.append(body)
+    for key in ("labels", "seq", "vm_name", "require", "vm_uuid", "handover"):
+        out.append({k: v for k, v in good.items() if k != key})
+    return out
+
+
+def test_a_policy_body_is_parsed_as_every_check_parses_it() -> None:
+    """The plain-types path of ``_parse_body`` makes exactly the policy (or the reasons) that
+    the path with every check makes, for good bodies and for every odd field."""
+    for body in _bodies():
+        fast, checked = pol._parse_body(body), pol._parse_body_checked(body)
+        assert fast == checked, body
+        if fast[0] is not None:
+            assert type(fast[0].owner) is str and type(fast[0].jti) is str
+            assert vars(fast[0]) == vars(checked[0]) and [type(v) for v in vars(fast[0]).values()] == [
+                type(v) for v in vars(checked[0]).values()]
