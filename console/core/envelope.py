@@ -874,7 +874,14 @@ class EnvelopeVerifier:
                 if not token.startswith(prefix):  # not this token's header: opened here instead
                     continue
                 certs, owner, chain_key = signers[chain] if chain >= 0 else ((), None, ())
-                why = tuple(Reason(*r) for r in reasons) if reasons else ()
+                if payload is not None and (owner is None or type(payload) is not dict):
+                    continue  # a payload is only ever opened with its signer: not ours, opened here
+                why: tuple[Reason, ...] = ()
+                if reasons:
+                    if not all(type(r) is tuple and len(r) == 4 and all(type(x) is str for x in r)
+                               for r in reasons):
+                        continue
+                    why = tuple(Reason(*r) for r in reasons)
             except (ValueError, TypeError, IndexError):
                 continue
             opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
@@ -935,7 +942,12 @@ class EnvelopeVerifier:
         payload = opened.payload
         owner = opened.owner
         if opened.certs and owner is not None:
-            signed = self._signed_by(opened, owner, at)
+            key = opened.chain_key
+            # (``owner_chain``'s and ``_signed_by``'s own memos, looked up here first)
+            chain = self._chains.get((key, at)) if key else None
+            signed = self._signed.get((key, opened.typ, at)) if chain is not None else None
+            if signed is None or signed[0] is not owner or signed[3] is not chain:
+                signed = self._signed_by(opened, owner, at)
             reasons = opened.reasons + signed[1] if signed[1] else opened.reasons
             warns, chain, owner, at_us = signed[2], signed[3], signed[4], signed[5]
         else:

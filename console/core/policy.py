@@ -436,7 +436,7 @@ class PolicyBook:
             self._results[key] = (at, result)
         if vm_uuid is not None and self.seen:
             seen = self.seen.get(vm_uuid) or self.seen.get(vm_uuid.lower())
-            if seen is not None:
+            if seen is not None and seen.digest != result.digest:  # (the same policy: nothing to say)
                 more = self.continuity(result, seen, at, vm_uuid)
                 if more:
                     result = replace(result, reasons=result.reasons + tuple(more))

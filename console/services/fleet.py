@@ -861,7 +861,7 @@ class FleetService:
             targets[rec.uuid] = allowed
             if at_home:
                 home.add(rec.uuid)
-            done.append(self._view(rec, pr, allowed))
+            done.append(self._view_of(rec, _row_fields(pr), allowed))  # (``_view``)
 
         records = list(self._vms.values())
         if conn is not None:

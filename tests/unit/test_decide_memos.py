@@ -146,6 +146,13 @@ def test_a_changed_owner_chain_result_is_never_answered_from_the_memo() -> None:
     got = verifier.check_parts(opened, T)
     assert [r.code for r in got[0]] == ["policy.owner_untrusted"] and "revoked" in got[0][0].message
     assert got == _reference_check(EnvelopeVerifier(owners), opened, T)
+    # the chain checked anew by another document of the same signer first (a grant, a
+    # hand-over): that result, not the one the memo was made with
+    owners.revoked = False
+    verifier._chains.clear()
+    assert verifier.owner_chain(opened.certs, T, opened.chain_key) is not None
+    assert verifier.check_parts(opened, T) == _reference_check(EnvelopeVerifier(owners), opened, T)
+    assert verifier.check_parts(opened, T)[0] == ()
 
 
 def test_no_owners_store_refuses_every_signer_with_its_own_name() -> None:

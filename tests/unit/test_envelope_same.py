@@ -415,3 +415,25 @@ def test_packed_chunk_adopts_only_what_fits(kit: Kit) -> None:
     other = forge({"alg": "ES256", "typ": env.TYP_POLICY, "x5c": [der64(kit.mallory)]}, claims(kit.mallory),
                   kit.mallory.key, "ES256")
     assert env.EnvelopeVerifier(None).adopt_packed(packed, env.TYP_POLICY, {digests[2]: other}) == 0
+
+
+def test_packed_rows_of_another_shape_are_opened_here(kit: Kit) -> None:
+    # a row naming a payload without a signer, or a payload that is not an object, or of
+    # another length, is never adopted (the token is then opened by the console itself)
+    import marshal
+
+    owner = kit.alice
+    token = forge({"alg": "ES256", "typ": env.TYP_POLICY, "x5c": [der64(owner)]}, claims(owner),
+                  owner.key, "ES256")
+    digest = env.token_digest(token)
+    head = token.split(".")[0]
+    good_row = (digest, claims(owner), (), 0, 0)
+    for row in [(digest, claims(owner), (), -1, 0), (digest, [1], (), 0, 0), (digest, claims(owner), (), 0),
+                (digest, claims(owner), ((1, 2),), 0, 0), (digest, claims(owner), (), 5, 0),
+                (digest, claims(owner), (), 0, 3)]:
+        blob = marshal.dumps((env.PACKED, env.TYP_POLICY, [head], [[der64(owner)]], [row]))
+        assert env.EnvelopeVerifier(None).adopt_packed(blob, env.TYP_POLICY, {digest: token}) == 0, row
+    blob = marshal.dumps((env.PACKED, env.TYP_POLICY, [head], [[der64(owner)]], [good_row]))
+    verifier = env.EnvelopeVerifier(None)
+    assert verifier.adopt_packed(blob, env.TYP_POLICY, {digest: token}) == 1
+    same(verifier._opened[(digest, env.TYP_POLICY)], env.open_token(token, env.TYP_POLICY, FIELDS))
