@@ -136,7 +136,9 @@ def test_parallel_open_matches_in_process(fleet: FleetFiles, monkeypatch: pytest
                                            not_after=T0 + dt.timedelta(days=1))
         tokens.append((u, pol.sign_policy(payload, kit.alice.key, kit.alice.chain)))
     h, p, s = tokens[3][1].split(".")
-    tokens[3] = (tokens[3][0], f"{h}.{p}.{s[:-4]}AAAA")  # one tampered token
+    bad = "QQQQ" if s.endswith("AAAA") else "AAAA"  # always other bytes (both canonical base64)
+    tokens[3] = (tokens[3][0], f"{h}.{p}.{s[:-4]}{bad}")  # one tampered token
+    assert tokens[3][1].rsplit(".", 1)[1] != s
     tokens.append((DB_UUID, tokens[0][1]))  # one attached to the wrong VM
     store = FleetService.load(fleet.fleet, at=T0).owners
     monkeypatch.setattr(svc, "PARALLEL_MIN_TOKENS", 1)

@@ -159,20 +159,28 @@ def test_the_shortcut_never_says_signed_where_cryptography_does_not(
         data = der(make_leaf(ca, key, issuer=_name("Acme Issuing CA", utf8=True)))
     elif case == "issuer_other":  # another issuer name, signed by the CA's key
         data = der(make_leaf(ca, key, issuer=_name("Acme Other CA")))
-    elif case == "tampered_tbs":
-        def edit(tbs: derkit.Node) -> None:
-            serial = tbs.children[1].value  # (its last byte changed: always another serial)
-            tbs.children[1].value = serial[:-1] + bytes([serial[-1] ^ 0x01])
+    elif case == "tampered_tbs":  # the serial's last byte XORed: always another serial (never a no-op)
         root = derkit.decode(der(leaf))
-        edit(derkit.tbs(root))
+        serial = derkit.tbs(root).children[1]
+        serial.value = serial.value[:-1] + bytes([serial.value[-1] ^ 0x01])
         data = derkit.encode(root)
-    elif case == "tampered_sig":
+    elif case == "tampered_sig":  # one byte inside the signature's s XORed: the TBS is untouched
         raw = bytearray(der(leaf))
         raw[-5] ^= 0x01
         data = bytes(raw)
     else:
         other = ec.generate_private_key(ec.SECP256R1())
         data = der(make_leaf(ca, other))
+    # Every case really changed something (a tamper that happens to write the byte that was
+    # there already would test the untouched certificate and fail now and then).
+    original, tampered = derkit.decode(der(leaf)), derkit.decode(data)
+    assert data != der(leaf)
+    if case == "tampered_tbs":
+        assert derkit.encode(derkit.tbs(tampered)) != derkit.encode(derkit.tbs(original))
+        assert tampered.children[2] == original.children[2]  # the same signature, over other bytes
+    elif case == "tampered_sig":
+        assert derkit.tbs(tampered) == derkit.tbs(original)
+        assert tampered.children[2] != original.children[2]
     cert = x509.load_der_x509_certificate(data)
     attributes.facts(cert).der = data  # as load_certificates files it
     fast, slow = answers(ca, cert)
