@@ -237,8 +237,9 @@ class EscortApp(App[None]):
         decided: set[str] = set()  # rows with their verdict (a VM yielded twice counts once)
         published = 0
         last = time.perf_counter()
+        steps = service.check_in_steps()
         try:
-            for views in service.check_in_steps():
+            for views in steps:
                 for view in views:
                     i = position.get(view.uuid)
                     if i is None:
@@ -272,6 +273,13 @@ class EscortApp(App[None]):
             self.retitle()
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
+        finally:
+            # ended, failed or cancelled (a refresh replaces this check): the check's generator
+            # is closed here and now, not whenever it is freed -- it holds the cyclic garbage
+            # collector off while it runs (services/fleet.py ``check_in_steps``)
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
         self.check_decided = len(decided)  # (screens retitle on the signals below)
         if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
             self.verdicts_arrived.publish(frozenset(arrived))
