@@ -897,8 +897,9 @@ class FleetService:
             # the helper opens tokens from the first on (signatures, on the other core) and
             # sends them in chunks; this process decides the VMs in the console's order as
             # soon as their tokens are open (the first rows on screen get their verdicts
-            # first) and, when the next one is not open yet, opens from the last one back
-            # until they meet. Whatever neither did is opened here, as without the helper.
+            # first) and, when the next one is not open yet, decides from the last one back
+            # (opening their tokens) until they meet. Whatever neither did is opened here, as
+            # without the helper.
             cache = None  # the helper keeps the opened cache up to date
             todo = [t for t in dict.fromkeys(r.token for r in records if r.token)
                     if not envelopes.is_open(t, TYP_POLICY)]
@@ -906,8 +907,13 @@ class FleetService:
             # this process (anything else is not adopted: opened here, below)
             by_digest = {token_digest(t): t for t in todo}
             helper_ok = True
-            i = 0
-            while i < len(records):
+            # the VMs from ``i`` to ``j`` are left to decide: the helper's tokens are decided from
+            # the front (``i``), the ones this process opens from the back (``j``), each as soon
+            # as it is open. (Opened here but decided only when the front reached them, they
+            # would all be left for the end, this process deciding them alone while the helper
+            # opens what is open already; meanwhile it would have opened more of them itself.)
+            i, j = 0, len(records)
+            while i < j:
                 if helper_ok:
                     try:
                         while conn.poll(0):
@@ -927,24 +933,22 @@ class FleetService:
                     except (EOFError, OSError):
                         helper_ok = False
                 first = i  # at least one VM per step, whatever the budget (progress)
-                while i < len(records) and (i == first or clock() - start <= budget_s):
+                while i < j and (i == first or clock() - start <= budget_s):
                     rec = records[i]
                     if (helper_ok and rec.token and not rec.policy_file
                             and not envelopes.is_open(rec.token, TYP_POLICY)):
                         break  # not open yet: the helper is on it
                     decide(rec)
                     i += 1
-                if helper_ok and i < len(records) and (i == first or clock() - start <= budget_s):
-                    while todo and envelopes.is_open(todo[-1], TYP_POLICY):
-                        todo.pop()
-                    for _ in range(8):  # from the last token back (pop)
-                        if not todo:
+                if i < j and (i == first or clock() - start <= budget_s):
+                    # the front waits for the helper: decide from the last VM back (first those
+                    # whose tokens were opened here while the helper checked the host chains;
+                    # then ``decide`` opens each one's token itself)
+                    for _ in range(8):
+                        if i >= j:
                             break
-                        token = todo.pop()
-                        if not envelopes.is_open(token, TYP_POLICY):
-                            envelopes.open(token, TYP_POLICY, POLICY_FIELDS)
-                    if not todo:
-                        helper_ok = False  # everything is open (or being decided) here
+                        decide(records[j - 1])
+                        j -= 1
                 if clock() - start > budget_s:
                     yield done
                     done = []

@@ -242,15 +242,88 @@ def test_the_helper_process_changes_no_verdict(fleet: Path, warm: bool) -> None:
     assert explained(service) == explained(check(fleet, cache=False)[1])
 
 
-def test_with_the_helper_verdicts_arrive_in_the_consoles_order(fleet: Path) -> None:
-    """Cold, with the helper: VMs are decided in the order the console lists them (the rows
-    on screen first), each once, while the tokens are still being opened."""
+def from_both_ends(order: list[str], listed: list[str]) -> tuple[int, int]:
+    """(VMs decided from the front, from the back) when ``order`` decides every VM of
+    ``listed`` once, each either the first or the last of those not decided yet (the last
+    one of all counts as the front's); else fails."""
+    assert sorted(order) == sorted(listed) and len(set(order)) == len(order)
+    lo, hi = 0, len(listed) - 1
+    for uuid in order:
+        if uuid == listed[lo]:
+            lo += 1
+        else:
+            assert uuid == listed[hi], "decided neither from the front nor from the back"
+            hi -= 1
+    return lo, len(listed) - lo
+
+
+def test_with_the_helper_verdicts_arrive_from_both_ends_each_once(fleet: Path) -> None:
+    """Cold, with the helper: the console decides the VMs it lists in its order (the rows on
+    screen first) as the helper's tokens come in, and while the next one is not open yet it
+    decides from the last VM back (opening those tokens itself) until both ends meet: every
+    VM once, the same verdicts as without the helper."""
     service = FleetService.load(fleet, eager=False)
     service.use_cache = True
     service.start_prefetch()
-    order = [v.uuid for step in service.check_in_steps() for v in step]
+    views = [v for step in service.check_in_steps() for v in step]
     assert service.check_source == "computed"
-    assert order == [v.uuid for v in service.vm_stubs()]
+    from_both_ends([v.uuid for v in views], [v.uuid for v in service.vm_stubs()])
+    assert {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views} == uncached(fleet)
+
+
+def test_while_the_helper_is_behind_the_console_decides_from_the_last_vm_back(fleet: Path) -> None:
+    """The helper (played over a real pipe with what ``_prefetch_main`` sends) has opened only
+    the first 10 of 40 VMs' tokens and sends nothing more: the console decides the other 30
+    from the last one back, opening their tokens itself, and never waits for the helper (whose
+    pipe stays open until the check is over). Same verdicts as without the helper."""
+    import multiprocessing
+    import threading
+
+    from console.core.envelope import TYP_POLICY, pack_opened
+    from console.core.policy import POLICY_FIELDS
+    from console.services.fleet import _prefetch_main
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    helper = FleetService.load(fleet, eager=False)
+    run = threading.Thread(target=_prefetch_main, args=(helper, send))
+    run.start()
+    messages = []
+    while True:
+        try:
+            messages.append(receive.recv())
+        except EOFError:
+            break
+    run.join()
+    assert [m[0] for m in messages][:3] == ["tokens", "hosts", "opened"] and messages[-1] == ("done",)
+    tokens = messages[0][3]
+    assert len(tokens) == 40 and len(set(tokens)) == 40
+    first, _ = pack_opened(tokens[:10], TYP_POLICY, POLICY_FIELDS)
+    played = [*messages[:3], ("packed", first)]
+
+    console = FleetService.load(fleet, eager=False)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    console._prefetch = (None, receive)  # type: ignore[assignment]
+    over = threading.Event()
+
+    def play() -> None:
+        for m in played:
+            send.send(m)
+        over.wait(120)  # (a guard against hanging the suite, not a timing)
+        send.close()
+
+    sender = threading.Thread(target=play)
+    sender.start()
+    try:
+        views = [v for step in console.check_in_steps() for v in step]
+    finally:
+        over.set()
+        sender.join()
+    assert console.check_source == "computed"
+    front, back = from_both_ends([v.uuid for v in views], [v.uuid for v in console.vm_stubs()])
+    assert front <= 11 and front + back == 40  # (the 10 the helper opened, the last one either way)
+    assert {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views} == uncached(fleet)
 
 
 def test_the_helper_ends_when_the_console_stops_listening(tmp_path: Path,
