@@ -147,6 +147,23 @@ def open_tokens_parallel(verifier: EnvelopeVerifier, tokens: Iterable[str], typ:
     return len(todo)
 
 
+#: the helper's pipe (``start_prefetch``): up to 1 MiB at a time instead of Linux's 64 KiB, so
+#: that the ~25 MB it sends in a cold check arrive in ~16x fewer reads (each a wake-up of both
+#: processes and a copy into ``Connection``'s buffer)
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(conn: Connection) -> None:
+    """Ask for a ``PIPE_BYTES`` pipe buffer (Linux ``F_SETPIPE_SZ``); anything else keeps the
+    default (the size changes only how many reads the data takes, never what arrives)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except (OSError, ValueError, ImportError):
+        pass
+
+
 def _prefetch_main(service: FleetService, conn: Connection, other: Connection | None = None) -> None:
     """The start-up check's other core (a forked process; ``FleetService.start_prefetch``).
 
@@ -909,7 +926,7 @@ class FleetService:
                         while conn.poll(0):
                             message = conn.recv()
                             if message[0] == "packed" and isinstance(message[1], bytes):
-                                envelopes.adopt_packed(message[1], TYP_POLICY, by_digest)
+                                self._policies.adopt_packed(message[1], by_digest)
                             elif message[0] == "opened" and isinstance(message[1], list):
                                 for portable in message[1]:
                                     token = (by_digest.get(portable[0]) if type(portable) is tuple
@@ -999,6 +1016,7 @@ class FleetService:
             return False
         ctx = multiprocessing.get_context("fork")
         receive, send = ctx.Pipe(duplex=False)
+        widen_pipe(receive)
         proc = ctx.Process(target=_prefetch_main, args=(self, send, receive), daemon=True,
                            name="escort-check")
         proc.start()
