@@ -272,17 +272,22 @@ def test_with_the_helper_verdicts_arrive_from_both_ends_each_once(fleet: Path) -
             for v in views} == uncached(fleet)
 
 
-def test_while_the_helper_is_behind_the_console_decides_from_the_last_vm_back(fleet: Path) -> None:
+def test_while_the_helper_is_behind_the_console_decides_from_the_last_vm_back(
+        fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The helper (played over a real pipe with what ``_prefetch_main`` sends) has opened only
     the first 10 of 40 VMs' tokens and sends nothing more: the console decides the other 30
     from the last one back, opening their tokens itself, and never waits for the helper (whose
-    pipe stays open until the check is over). Same verdicts as without the helper."""
+    pipe stays open until the check is over). Same verdicts as without the helper. (No first
+    rows opened by the console while it waits for the host checks: tested below.)"""
     import multiprocessing
     import threading
 
     from console.core.envelope import TYP_POLICY, pack_opened
     from console.core.policy import POLICY_FIELDS
+    from console.services import fleet as svc
     from console.services.fleet import _prefetch_main
+
+    monkeypatch.setattr(svc, "FIRST_ROWS", 0)
 
     receive, send = multiprocessing.Pipe(duplex=False)
     helper = FleetService.load(fleet, eager=False)
