@@ -248,6 +248,10 @@ def _prefetch_main(service: FleetService, conn: Connection, other: Connection | 
             gc.enable()
 
 
+#: the start-up check's first rows (more than a screen holds): with the helper, the console opens
+#: their tokens itself while the helper checks the host chains, so they are decided first
+FIRST_ROWS = 64
+
 _make_view = maker(VMView)  # VMView(...) with every field, in order (core/records.py)
 
 
@@ -845,10 +849,13 @@ class FleetService:
                 key = self._snapshot_key()
         self.check_source = "computed"
         if conn is not None:
-            # the helper checks the host chains first: open tokens from the last one back
-            # until they arrive (whatever it does not send usably is checked below, here)
+            # the helper checks the host chains first: open the first rows' tokens (the rows on
+            # screen then get their verdicts as soon as the hosts are in, not with the helper's
+            # first tokens), then from the last one back until they arrive (whatever it does
+            # not send usably is checked below, here)
             waiting = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
                        if not self._policies.envelopes.is_open(t, TYP_POLICY)]
+            waiting = waiting[FIRST_ROWS:] + waiting[:FIRST_ROWS][::-1]  # (popped from the end)
             while conn is not None:
                 got: Any = None
                 try:
