@@ -58,8 +58,8 @@ def fields_hash(r: Requirements) -> int:
     return hash(tuple(getattr(r, f.name) for f in dataclasses.fields(r)))
 
 
-REQS = st.builds(Requirements, **{f.name: st.frozensets(st.sampled_from(["a", "b", "DE", "US", ""]), max_size=3)
-                                  for f in dataclasses.fields(Requirements)})
+VALUES = st.frozensets(st.sampled_from(["a", "b", "DE", "US", ""]), max_size=3)
+REQS = st.builds(Requirements, **{f.name: VALUES for f in dataclasses.fields(Requirements)})
 
 
 @settings(max_examples=200, deadline=None)
