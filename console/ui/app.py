@@ -114,6 +114,8 @@ class EscortApp(App[None]):
         self.progressive = (callable(getattr(service, "check_in_steps", None))
                             and not getattr(service, "eager", True))
         self.checking = False
+        #: the running start-up check's generator (closed when it ends or the console quits)
+        self._check_steps: Any = None
         #: the start-up check's progress, shown in the title bar ("checking 3,412 of 10,000 VMs"):
         #: VMs whose verdict is on their row / VMs in the fleet; "" or why the check stopped
         self.check_decided = 0
@@ -237,7 +239,7 @@ class EscortApp(App[None]):
         decided: set[str] = set()  # rows with their verdict (a VM yielded twice counts once)
         published = 0
         last = time.perf_counter()
-        steps = iter(service.check_in_steps())
+        steps = self._check_steps = iter(service.check_in_steps())
         try:
             for views in steps:
                 for view in views:
@@ -249,7 +251,7 @@ class EscortApp(App[None]):
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
                     decided.add(view.uuid)
-                if getattr(service, "verdicts_final", False):
+                if len(decided) >= len(position) and getattr(service, "verdicts_final", False):
                     break  # every verdict is in: the check's bookkeeping waits until after the end
                 # the first verdicts at once (they are the rows on screen when the fleet reuses its
                 # snapshot: services/fleet.py yields those first), then at most 4 times a second
@@ -300,9 +302,15 @@ class EscortApp(App[None]):
             # ended, failed or cancelled (a refresh replaces this check): the check's generator
             # is closed here and now, not whenever it is freed -- it holds the cyclic garbage
             # collector off while it runs (services/fleet.py ``check_in_steps``)
-            close = getattr(steps, "close", None)
-            if close is not None:
-                close()
+            self._close_check(steps)
+
+    def _close_check(self, steps: Any = None) -> None:
+        """Close the start-up check's generator (``steps``, or the running one's); once."""
+        if steps is None or steps is self._check_steps:
+            steps, self._check_steps = self._check_steps, None
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
 
     def _check_notices(self, problems_before: int, shown_notice: str = "") -> None:
         """After the start-up check: the cache's notice (once) and the problems it found."""
@@ -396,6 +404,8 @@ class EscortApp(App[None]):
 
     async def on_unmount(self) -> None:
         from console.ui.screens.migrations import close_hub
+
+        self._close_check()  # (quitting mid-check: its worker may never run again to close it)
 
         await close_hub(self)  # aborts migrations still running, closes the audit log
         if self._inventory is not None:
