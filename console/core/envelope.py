@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -787,6 +788,7 @@ def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tupl
     chains: dict[tuple[str, ...], int] = {}
     heads: dict[str, int] = {}
     rows = []
+    shared: dict[object, Any] = {}
     for token in tokens:
         o = open_token(token, typ, fields)
         out.append((o.digest, o.payload, o.reasons, o.chain_key))
@@ -799,9 +801,30 @@ def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tupl
             chain = chains.get(o.chain_key, -1)
             if chain < 0:
                 chain = chains[o.chain_key] = len(chains)
-        rows.append((o.digest, o.payload,
+        rows.append((o.digest, _share(o.payload, shared) if o.payload is not None else None,
                      tuple((r.code, r.message, r.fix, r.severity) for r in o.reasons), chain, head))
     return marshal.dumps((PACKED, typ, list(heads), list(chains), rows)), out
+
+
+def _share(payload: Mapping[str, Any], shared: dict[object, Any]) -> dict[str, Any]:
+    """``payload`` as an equal dict whose keys, strings, lists and tables are the very objects
+    of earlier payloads of the chunk where they are equal, so that ``marshal`` writes each once
+    and the reader loads each once (a fleet's policies repeat their claim names, issuers,
+    CA lists and requirements). Equal means equal by value and by type all the way down:
+    strings by themselves, lists and tables by their ``marshal`` bytes (format 2, no
+    back-references; equal bytes load as equal values of the same types: True is not 1,
+    -0.0 is not 0.0). Anything else (numbers, None) is left as it is."""
+    out: dict[str, Any] = {}
+    for k, v in payload.items():
+        k = shared.setdefault(k, k)
+        t = type(v)
+        if t is str:
+            v = shared.setdefault(v, v)
+        elif t is list or t is dict:
+            with contextlib.suppress(ValueError):  # (marshal writes any JSON value)
+                v = shared.setdefault(marshal.dumps(v, 2), v)
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -845,10 +868,12 @@ class EnvelopeVerifier:
         self._opened[(digest, typ)] = opened
         return opened
 
-    def adopt_packed(self, packed: bytes, typ: str, tokens: Mapping[str, str]) -> int:
+    def adopt_packed(self, packed: bytes, typ: str, tokens: Mapping[str, str],
+                     adopted: list[Opened] | None = None) -> int:
         """Cache the tokens of a ``pack_opened`` chunk that are ``tokens`` (digest -> token) and
-        not open yet, exactly as ``adopt`` would; returns how many. A chunk of another shape
-        adopts nothing (those tokens are then opened here)."""
+        not open yet, exactly as ``adopt`` would; returns how many (and appends them to
+        ``adopted`` when given). A chunk of another shape adopts nothing (those tokens are
+        then opened here)."""
         try:
             tag, ptyp, heads, chains, rows = marshal.loads(packed)
             if tag != PACKED or ptyp != typ or not isinstance(rows, list):
@@ -884,8 +909,10 @@ class EnvelopeVerifier:
                     why = tuple(Reason(*r) for r in reasons)
             except (ValueError, TypeError, IndexError):
                 continue
-            opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
-                                            why, chain_key)
+            opened = opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
+                                                     why, chain_key)
+            if adopted is not None:
+                adopted.append(opened)
             n += 1
         return n
 

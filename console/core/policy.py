@@ -320,12 +320,17 @@ def _utc(seconds: int) -> dt.datetime:
 _IS_STR = str.__instancecheck__  # isinstance(v, str), for map()
 
 
-def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, list[Reason]]:
+_Shape = tuple[tuple[TrustedCA, ...], Requirements | None, tuple[Reason, ...]]
+
+
+def _parse_body(payload: Mapping[str, Any], shape: _Shape | None = None
+                ) -> tuple[PlacementPolicy | None, list[Reason]]:
     """The policy's own fields -> PlacementPolicy, or reasons (common claims are checked already).
 
     A policy whose fields are all of the plain types a good one has is made here; anything
     else goes through every check with its reasons (``_parse_body_checked``), which would
-    make the very same policy of this one."""
+    make the very same policy of this one. ``shape``: ``_parse_shape`` of this very payload's
+    trusted_cas and require, when the caller has it already (``PolicyBook.adopt_packed``)."""
     get = payload.get
     vm_uuid, vm_name, labels, seq, handover = (get("vm_uuid"), get("vm_name", ""), get("labels", []),
                                                get("seq", 0), get("handover", ""))
@@ -333,7 +338,8 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[PlacementPolicy | None, lis
             and type(labels) is list and all(map(_IS_STR, labels))
             and type(seq) is int and 0 <= seq <= MAX_SEQ
             and type(handover) is str and ("handover" not in payload or _JWS_SHAPE.match(handover))):
-        cas, requirements, shape_reasons = _parse_shape(get("trusted_cas"), get("require", {}))
+        cas, requirements, shape_reasons = (shape if shape is not None
+                                            else _parse_shape(get("trusted_cas"), get("require", {})))
         if requirements is not None and not shape_reasons:
             iss, jti = payload["iss"], payload["jti"]
             return _make_policy(vm_uuid, vm_name, iss if type(iss) is str else str(iss), cas, requirements,
@@ -530,6 +536,33 @@ class PolicyBook:
         if opened.payload is None or broken:
             policy = None
         return _make_result(opened.digest, policy, owner, tuple(reasons), warnings)
+
+    def adopt_packed(self, packed: bytes, tokens: Mapping[str, str]) -> int:
+        """``envelopes.adopt_packed`` for policies (a chunk the start-up helper opened), and each
+        adopted policy's body parsed here at once, as ``_verify`` would parse it: the shape
+        (trusted_cas, require) once per distinct pair of objects in the chunk (the pack
+        shares equal values), every other field per policy. Returns how many were adopted."""
+        adopted: list[Opened] = []
+        n = self.envelopes.adopt_packed(packed, TYP_POLICY, tokens, adopted)
+        bodies = self._bodies
+        # (id(trusted_cas), id(require)) -> the objects and their parse: the objects are held
+        # here while this runs, so an id means the same object (nothing mutates a payload)
+        shapes: dict[tuple[int, int], tuple[object, object, _Shape]] = {}
+        for opened in adopted:
+            payload = opened.payload
+            if payload is None or opened.digest in bodies:
+                continue
+            if opened.reasons and _claims_broken(opened.reasons):
+                bodies[opened.digest] = (None, ())
+                continue
+            raw_cas, req = payload.get("trusted_cas"), payload.get("require", {})
+            key = (id(raw_cas), id(req))
+            hit = shapes.get(key)
+            if hit is None or hit[0] is not raw_cas or hit[1] is not req:
+                hit = shapes[key] = (raw_cas, req, _parse_shape(raw_cas, req))
+            parsed, why = _parse_body(payload, hit[2])
+            bodies[opened.digest] = (parsed, tuple(why))
+        return n
 
     def verify_many(self, items: Iterable[tuple[str, str]], at: dt.datetime) -> dict[str, PolicyResult]:
         """``(vm_uuid, token)`` pairs -> results by VM UUID; each distinct token verified once."""

@@ -242,15 +242,160 @@ def test_the_helper_process_changes_no_verdict(fleet: Path, warm: bool) -> None:
     assert explained(service) == explained(check(fleet, cache=False)[1])
 
 
-def test_with_the_helper_verdicts_arrive_in_the_consoles_order(fleet: Path) -> None:
-    """Cold, with the helper: VMs are decided in the order the console lists them (the rows
-    on screen first), each once, while the tokens are still being opened."""
+def from_both_ends(order: list[str], listed: list[str]) -> tuple[int, int]:
+    """(VMs decided from the front, from the back) when ``order`` decides every VM of
+    ``listed`` once, each either the first or the last of those not decided yet (the last
+    one of all counts as the front's); else fails."""
+    assert sorted(order) == sorted(listed) and len(set(order)) == len(order)
+    lo, hi = 0, len(listed) - 1
+    for uuid in order:
+        if uuid == listed[lo]:
+            lo += 1
+        else:
+            assert uuid == listed[hi], "decided neither from the front nor from the back"
+            hi -= 1
+    return lo, len(listed) - lo
+
+
+def test_with_the_helper_verdicts_arrive_from_both_ends_each_once(fleet: Path) -> None:
+    """Cold, with the helper: the console decides the VMs it lists in its order (the rows on
+    screen first) as the helper's tokens come in, and while the next one is not open yet it
+    decides from the last VM back (opening those tokens itself) until both ends meet: every
+    VM once, the same verdicts as without the helper."""
     service = FleetService.load(fleet, eager=False)
     service.use_cache = True
     service.start_prefetch()
-    order = [v.uuid for step in service.check_in_steps() for v in step]
+    views = [v for step in service.check_in_steps() for v in step]
     assert service.check_source == "computed"
-    assert order == [v.uuid for v in service.vm_stubs()]
+    from_both_ends([v.uuid for v in views], [v.uuid for v in service.vm_stubs()])
+    assert {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views} == uncached(fleet)
+
+
+def test_while_the_helper_is_behind_the_console_decides_from_the_last_vm_back(
+        fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper (played over a real pipe with what ``_prefetch_main`` sends) has opened only
+    the first 10 of 40 VMs' tokens and sends nothing more: the console decides the other 30
+    from the last one back, opening their tokens itself, and never waits for the helper (whose
+    pipe stays open until the check is over). Same verdicts as without the helper. (No first
+    rows opened by the console while it waits for the host checks: tested below.)"""
+    import multiprocessing
+    import threading
+
+    from console.core.envelope import TYP_POLICY, pack_opened
+    from console.core.policy import POLICY_FIELDS
+    from console.services import fleet as svc
+    from console.services.fleet import _prefetch_main
+
+    monkeypatch.setattr(svc, "FIRST_ROWS", 0)
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    helper = FleetService.load(fleet, eager=False)
+    run = threading.Thread(target=_prefetch_main, args=(helper, send))
+    run.start()
+    messages = []
+    while True:
+        try:
+            messages.append(receive.recv())
+        except EOFError:
+            break
+    run.join()
+    assert [m[0] for m in messages][:3] == ["tokens", "hosts", "opened"] and messages[-1] == ("done",)
+    tokens = messages[0][3]
+    assert len(tokens) == 40 and len(set(tokens)) == 40
+    first, _ = pack_opened(tokens[:10], TYP_POLICY, POLICY_FIELDS)
+    played = [*messages[:3], ("packed", first)]
+
+    console = FleetService.load(fleet, eager=False)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    console._prefetch = (None, receive)  # type: ignore[assignment]
+    over = threading.Event()
+
+    def play() -> None:
+        for m in played:
+            send.send(m)
+        over.wait(120)  # (a guard against hanging the suite, not a timing)
+        send.close()
+
+    sender = threading.Thread(target=play)
+    sender.start()
+    try:
+        views = [v for step in console.check_in_steps() for v in step]
+    finally:
+        over.set()
+        sender.join()
+    assert console.check_source == "computed"
+    front, back = from_both_ends([v.uuid for v in views], [v.uuid for v in console.vm_stubs()])
+    assert front <= 11 and front + back == 40  # (the 10 the helper opened, the last one either way)
+    assert {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views} == uncached(fleet)
+
+
+def test_while_the_helper_checks_the_hosts_the_console_opens_the_first_rows_tokens_first(
+        fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for the helper's host checks, the console opens the first rows' tokens first
+    (the rows on screen get their verdicts as soon as the hosts are in), then from the last
+    one back. The helper is played over a real pipe: its tokens only, until the console has
+    opened 16 of them; then its host checks, then it ends. Same verdicts as without it."""
+    import multiprocessing
+    import threading
+
+    from console.core.envelope import TYP_POLICY
+    from console.services import fleet as svc
+    from console.services.fleet import _prefetch_main
+
+    monkeypatch.setattr(svc, "FIRST_ROWS", 24)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    helper = FleetService.load(fleet, eager=False)
+    run = threading.Thread(target=_prefetch_main, args=(helper, send))
+    run.start()
+    messages = []
+    while True:
+        try:
+            messages.append(receive.recv())
+        except EOFError:
+            break
+    run.join()
+    assert [m[0] for m in messages][:2] == ["tokens", "hosts"]
+    tokens = messages[0][3]
+
+    console = FleetService.load(fleet, eager=False)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    console._prefetch = (None, receive)  # type: ignore[assignment]
+    hosts_now = threading.Event()
+
+    def play() -> None:  # (a thread: a message may be more than a pipe holds)
+        send.send(messages[0])
+        hosts_now.wait(120)  # (a guard against hanging the suite, not a timing)
+        send.send(messages[1])
+        send.close()
+
+    sender = threading.Thread(target=play)
+    sender.start()
+    steps = console.check_in_steps(budget_s=0.0)  # a step per 8 tokens opened while waiting
+    envelopes = console._policies.envelopes
+    views = []
+    try:
+        for _ in range(10_000):  # (bounded; the assertions below decide)
+            views.extend(next(steps))
+            opened = [envelopes.is_open(t, TYP_POLICY) for t in tokens]
+            if sum(opened) >= 16:
+                break
+        assert views == [] and sum(opened) == 16
+        assert opened[:16] == [True] * 16  # the first rows' tokens, none from the back yet
+        for _ in range(2):  # 8 more: the first 24; 8 more: from the last one back
+            views.extend(next(steps))
+        opened = [envelopes.is_open(t, TYP_POLICY) for t in tokens]
+        assert opened == [True] * 24 + [False] * 8 + [True] * 8
+        hosts_now.set()
+        views.extend(v for step in steps for v in step)
+    finally:
+        hosts_now.set()
+        sender.join()
+        steps.close()
+    assert console.check_source == "computed"
+    assert {v.uuid: (v.owner, v.allowed_targets, v.policy_summary, [r.code for r in v.policy_problems])
+            for v in views} == uncached(fleet)
 
 
 def test_the_helper_ends_when_the_console_stops_listening(tmp_path: Path,

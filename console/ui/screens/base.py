@@ -18,14 +18,18 @@ if TYPE_CHECKING:
 
 
 class EscortFooter(Footer):
-    """Textual's footer, recomposed once per burst of binding changes.
+    """Textual's footer, recomposed once per burst of binding changes, and only when the
+    keys it shows changed.
 
     Textual's own footer queues a full recompose (remove and mount every key, in a batch
-    update that holds back the screen's output) for *each* binding change — focus, mode,
-    screen stack: about seven at the console's start — and the screen handles nothing
-    else until each one is done. One pending recompose at a time covers them all."""
+    update that holds back the screen's output, then a layout) for *each* binding change —
+    focus, mode, screen stack: about seven at the console's start — and the screen handles
+    nothing else until each one is done. One pending recompose at a time covers them all,
+    and one that would mount exactly the keys already shown is skipped (at the console's
+    start that one fell in the fleet check's first second, on the same core)."""
 
     _recompose_queued = False
+    _shown: tuple[object, ...] | None = None  # what the keys on screen were composed from
 
     def bindings_changed(self, screen: Screen[object]) -> None:
         self._bindings_ready = True
@@ -35,8 +39,26 @@ class EscortFooter(Footer):
             self._recompose_queued = True
             self.call_after_refresh(self._queued_recompose)
 
+    def shown_keys(self) -> tuple[object, ...]:
+        """Everything ``Footer.compose`` builds its keys from: each binding it shows (the
+        binding itself, enabled, tooltip, how its key is displayed), the palette's binding
+        and whether it is shown. Equal means the same keys would be mounted again."""
+        if not self._bindings_ready:
+            return ()
+        app = self.app
+        active = self.screen.active_bindings
+        shown = tuple((binding, enabled, tooltip, app.get_key_display(binding))
+                      for _, binding, enabled, tooltip in active.values() if binding.show)
+        palette = active.get(app.COMMAND_PALETTE_BINDING)
+        return (shown, self.show_command_palette, app.ENABLE_COMMAND_PALETTE,
+                None if palette is None else (*palette[1:], app.get_key_display(palette[1])))
+
     async def _queued_recompose(self) -> None:
         self._recompose_queued = False
+        keys = self.shown_keys()
+        if keys == self._shown and self.is_attached:
+            return  # the same keys, enabled and shown the same way: nothing to mount again
+        self._shown = keys
         await self.recompose()
 
 
