@@ -866,6 +866,10 @@ class FleetService:
             waiting = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
                        if not self._policies.envelopes.is_open(t, TYP_POLICY)]
             waiting = waiting[FIRST_ROWS:] + waiting[:FIRST_ROWS][::-1]  # (popped from the end)
+            if waiting:
+                # the policy memory every verdict is decided with: read now, while the host
+                # chains are not in yet, rather than by the first verdict after they are
+                self._ensure_memory()
             while conn is not None:
                 got: Any = None
                 try:
@@ -1273,6 +1277,9 @@ class FleetService:
         from console.adapters.cache import FleetSnapshot
 
         decided, matrix, instants, problems, hosts = state
+        # in the fleet's order (the check decides from both ends): a group holds neighbours
+        position = {entry[0]: i for i, entry in enumerate(inputs)}
+        decided = sorted(decided, key=lambda made: position.get(made[0].uuid, -1))
         clock = time.perf_counter
         vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
         blobs: list[bytes] = []

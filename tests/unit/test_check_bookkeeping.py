@@ -218,3 +218,29 @@ def test_a_failed_check_saves_no_snapshot(fleet: Path, monkeypatch: pytest.Monke
         list(service.check_in_steps())
     assert gc.isenabled() and not service.verdicts_final
     assert not FleetSnapshot(fleet).path.exists()
+
+
+def test_the_snapshot_groups_neighbours_in_the_fleets_order(fleet: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the helper the check decides from both ends of the fleet; the snapshot still
+    pickles the checks in groups of neighbours in the fleet's order (a warm start unpickles
+    the group of the rows in view): here the decided checks come back to front."""
+    from console.services import fleet as svc
+
+    monkeypatch.setattr(svc, "CHECK_GROUP", 4)
+    service = _service(fleet)
+    list(service.check_in_steps())
+    at = service.at
+    decided = [(service._vm_check(rec, at), None) for rec in reversed(list(service._vms.values()))]
+    inputs = service._vm_inputs()
+    first, _ = _run(service._capture(at, (decided, service.matrix(), (), [], {}), inputs, 0.0, 1.0))
+    offsets = [first["vms"][uuid][3] for uuid, *_ in inputs]  # type: ignore[index]
+    assert offsets == sorted(offsets) and len(set(offsets)) == -(-len(inputs) // 4)
+
+
+def _run(steps: Iterator[list[VMView]]) -> tuple[dict[str, object], dict[str, object]]:
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
