@@ -391,12 +391,24 @@ class FleetSnapshot:
 
     def save_split(self, key: str, first: object, rest: object) -> None:
         """``save`` in two parts: ``load_split`` rebuilds the first, ``load_rest`` the rest later."""
+        dumped = self.dump_split(first, rest)
+        if dumped is not None:
+            self.save_dumped(key, *dumped)
+
+    def dump_split(self, first: object, rest: object) -> tuple[bytes, bytes] | None:
+        """``save_split``'s first half: both parts pickled (None, and ``notice`` says why, when
+        they cannot be, or after an earlier failure)."""
         if self.notice:
-            return
+            return None
         try:
-            one, two = self.dumps(first), self.dumps(rest)
+            return self.dumps(first), self.dumps(rest)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             self.notice = f"no cache of verified results: cannot store them ({exc})"
+            return None
+
+    def save_dumped(self, key: str, one: bytes, two: bytes) -> None:
+        """``save_split``'s second half: the parts ``dump_split`` made, written under ``key``."""
+        if self.notice:
             return
         head = b" ".join([_MAGIC, str(SNAPSHOT_FORMAT).encode(), key.encode(),
                           hashlib.sha256(one).hexdigest().encode(), str(len(one)).encode(),

@@ -367,6 +367,14 @@ class FleetService:
         self._lazy_at: dt.datetime | None = None
         #: how the last start-up check went: "snapshot" (reused), "computed", "" (not run)
         self.check_source = ""
+        #: True once the running start-up check has yielded its last verdict (and the matrix is
+        #: in place): the steps ``check_in_steps`` yields after that are its bookkeeping
+        #: (policy memory, snapshot, opened cache; ``_after_check``). A caller may end the check
+        #: for its users there and keep stepping the generator (or close it: nothing is saved).
+        self.verdicts_final = False
+        #: a check's last verdict is out and its bookkeeping will write the policies it
+        #: accepted: until then nothing else writes them (``_remember``)
+        self._remember_due = False
         self._pending: dict[str, SeenPolicy] = {}
         #: every instant at which a time-dependent answer may change, of every certificate,
         #: CRL and token a cached answer was computed from (core/timekey.py)
@@ -781,6 +789,8 @@ class FleetService:
         """
         at = self.at
         generation = self._generation
+        self.verdicts_final = False
+        self._remember_due = False
         clock = time.perf_counter
         start = clock()
         snap = self._snapshot()
@@ -856,6 +866,10 @@ class FleetService:
             waiting = [t for t in dict.fromkeys(r.token for r in self._vms.values() if r.token)
                        if not self._policies.envelopes.is_open(t, TYP_POLICY)]
             waiting = waiting[FIRST_ROWS:] + waiting[:FIRST_ROWS][::-1]  # (popped from the end)
+            if waiting:
+                # the policy memory every verdict is decided with: read now, while the host
+                # chains are not in yet, rather than by the first verdict after they are
+                self._ensure_memory()
             while conn is not None:
                 got: Any = None
                 try:
@@ -891,13 +905,20 @@ class FleetService:
         envelopes = self._policies.envelopes
         fresh: list[str] = []
 
+        #: each VM's full check as decided, with its row's fields when they are its check's
+        #: (what the snapshot stores: ``_capture``)
+        decided: list[tuple[VMCheck, tuple[str, str, tuple[Reason, ...]] | None]] = []
+
         def decide(rec: _VMRecord) -> None:
             pr = self._policy(rec, at)
-            allowed, at_home = allowed_row(self._vm_check(rec, at, pr), index, groups)
+            check = self._vm_check(rec, at, pr)
+            allowed, at_home = allowed_row(check, index, groups)
             targets[rec.uuid] = allowed
             if at_home:
                 home.add(rec.uuid)
-            done.append(self._view_of(rec, _row_fields(pr), allowed))  # (``_view``)
+            fields = _row_fields(pr)
+            decided.append((check, fields if check.policy is pr else None))
+            done.append(self._view_of(rec, fields, allowed))  # (``_view``)
 
         records = list(self._vms.values())
         if conn is not None:
@@ -976,30 +997,79 @@ class FleetService:
                     yield done
                     done = []
                     start = clock()
-        if done:
+        # Every verdict is decided. The matrix goes in place and the last verdicts are yielded
+        # with ``verdicts_final``: the check is over for the console's users from here on.
+        # Its bookkeeping follows in steps (``_after_check``), from what is taken here, by
+        # reference, as it was decided: whatever the console does meanwhile (a decision at
+        # another time, a refresh, another console writing the policy memory) never changes
+        # what is saved -- it only stops a save that would no longer be what was decided.
+        final = self._fresh(at, self.at) and generation == self._generation
+        if final:
+            self._matrix = Matrix(targets, len(groups), len(index.names), home)
+            self._matrix_at = at
+            self._views_at = at
+        memory_before = self._memory.seen if self._memory is not None else None
+        pending = dict(self._pending)
+        decided_state = None
+        if final and snap is not None and key and self._matrix is not None:
+            decided_state = (decided, self._matrix, tuple(self._instant_set), self.problems[problems_before:],
+                             {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
+                              for n, v in self._hosts.items() if (n,) in self._checks})
+        self.verdicts_final = True
+        self._remember_due = True  # (the write is the bookkeeping's: decisions meanwhile leave it)
+        try:
             yield done
-        expected = self._memory_after(self._pending)
-        self._remember()  # the policies accepted in this check (one write)
+            yield from self._after_check(at, generation, budget_s, snap, key, memory_before, pending,
+                                         decided_state, cache if fresh else None, fresh)
+        finally:
+            if self._remember_due:  # closed before the bookkeeping: the policies accepted are
+                self._remember(now=True)  # remembered all the same
+
+    def _after_check(self, at: dt.datetime, generation: int, budget_s: float, snap: FleetSnapshot | None,
+                     key: str, memory_before: Mapping[str, SeenPolicy] | None,
+                     pending: dict[str, SeenPolicy], decided_state: tuple[Any, ...] | None,
+                     cache: OpenedCache | None, fresh: list[str]) -> Iterator[list[VMView]]:
+        """The start-up check's bookkeeping after its last verdict, in steps of about
+        ``budget_s`` (each yields ``[]``): the policies accepted go to the memory (one write),
+        the tokens opened here to the opened cache, and what was decided to the snapshot.
+
+        The memory is written even when the steps are cut short (a refresh, the console
+        quitting): a policy accepted is remembered as before. The snapshot is written only
+        when nothing can make it differ from what was decided: the memory on disk is exactly
+        the one the verdicts were decided with plus the policies they accepted (no other
+        console's entries merged in meanwhile), and no refresh has changed the fleet since
+        (``generation``); it stores ``decided_state``, the checks, matrix, instants, problems
+        and host checks as they were when the last verdict was yielded."""
+        self._remember(now=True)  # the policies accepted in this check (one write; before any step)
         if cache is not None and fresh:
-            opened = [envelopes.open(t, TYP_POLICY, POLICY_FIELDS) for t in fresh]
+            opened = [self._policies.envelopes.open(t, TYP_POLICY, POLICY_FIELDS) for t in fresh]
             cache.put(TYP_POLICY, [(o.digest, o.payload, o.reasons, o.chain_key) for o in opened])
             cache.save()
         if cache is not None and cache.notice:
             self.cache_notice = cache.notice
-        if not self._fresh(at, self.at) or generation != self._generation:
-            return  # the clock moved on or a refresh changed facts: vms() recomputes
-        self._matrix = Matrix(targets, len(groups), len(index.names), home)
-        self._matrix_at = at
-        self._views_at = at
-        if snap is not None and key and not self._pending and (
-                self._memory is None or (not self._memory.problem and self._memory.seen == expected)):
-            # the memory on disk is exactly the one these results were decided with, plus the
-            # policies they accepted (no other console's entries merged in meanwhile)
-            snap.save_split(self._with_memory(key, self._memory.raw if self._memory is not None
-                                              else self._memory_bytes()),
-                            *self._capture(at, problems_before))
-            if snap.notice and not self.cache_notice:
-                self.cache_notice = snap.notice
+        if snap is None or decided_state is None or self._pending or generation != self._generation:
+            return
+        memory = self._memory
+        if memory_before is not None and memory is not None:  # (the verdicts were decided with it)
+            if memory.problem or ((memory.seen is not memory_before or pending)
+                                  and memory.seen != merge_seen(memory_before, pending)):
+                return  # another console's entries are in the memory now: not what was decided with
+            raw = memory.raw  # its bytes as the verdicts were decided with it (plus what they accepted)
+        else:
+            raw = self._memory_bytes()
+        full_key = self._with_memory(key, raw)
+        inputs = self._vm_inputs()  # (the records change only with a refresh: ``generation``)
+        first, rest = yield from self._capture(at, decided_state, inputs, time.perf_counter(), budget_s)
+        if generation != self._generation:
+            return
+        yield []
+        dumped = snap.dump_split(first, rest)
+        if dumped is None or generation != self._generation:
+            return
+        yield []
+        snap.save_dumped(full_key, *dumped)
+        if snap.notice and not self.cache_notice:
+            self.cache_notice = snap.notice
 
     def start_prefetch(self) -> bool:
         """Start the start-up check's helper process (``_prefetch_main``) on the other core.
@@ -1189,49 +1259,53 @@ class FleetService:
 
         return digest_parts((key, memory))
 
-    def _memory_after(self, pending: dict[str, SeenPolicy]) -> dict[str, SeenPolicy] | None:
-        """The memory as ``_remember`` should leave it when no other console wrote meanwhile."""
-        return None if self._memory is None else merge_seen(self._memory.seen, pending)
+    def _capture(self, at: dt.datetime, state: tuple[Any, ...], inputs: list[Any], start: float,
+                 budget_s: float) -> Generator[list[VMView], None, tuple[dict[str, Any], dict[str, Any]]]:
+        """Everything the start-up check decided (``state``, taken when its last verdict was
+        yielded: ``_check_in_steps``), for ``FleetSnapshot.save_split``: first what the rows
+        show (and the matrix), then the rest (``_complete_restore``). In steps of about
+        ``budget_s`` (each yields ``[]``).
 
-    def _capture(self, at: dt.datetime, problems_before: int) -> tuple[dict[str, object], dict[str, object]]:
-        """Everything the start-up check decided, for ``FleetSnapshot.save_split``: first what
-        the rows show (and the matrix), then the rest (``_complete_restore``).
-
-        Per VM: its entry and token exactly as the key covers them (``_vm_inputs``: a reuse
-        takes the tokens from here instead of reading every policy file again), what its row
-        shows, and its full check (``VMCheck``), pickled with the next VMs' in a group of
-        ``CHECK_GROUP`` (one pickle each: owners, requirements and classes stored once per
-        group, ~3x less CPU than one pickle per VM), so that a reuse unpickles only the groups
-        of the checks it is asked about (``_adopt_lazy``; every VM of a group names the
-        group's bytes). The host checks are pickled on their own too (``_restore_hosts``)."""
+        Per VM: its entry and token exactly as the key covers them (``inputs``, from
+        ``_vm_inputs``: a reuse takes the tokens from here instead of reading every policy
+        file again), what its row shows, and its full check (``VMCheck``), pickled with the
+        next VMs' in a group of ``CHECK_GROUP`` (one pickle each: owners, requirements and
+        classes stored once per group, ~3x less CPU than one pickle per VM), so that a reuse
+        unpickles only the groups of the checks it is asked about (``_adopt_lazy``; every VM
+        of a group names the group's bytes). The host checks are pickled on their own too
+        (``_restore_hosts``)."""
         from console.adapters.cache import FleetSnapshot
 
+        decided, matrix, instants, problems, hosts = state
+        # in the fleet's order (the check decides from both ends): a group holds neighbours
+        position = {entry[0]: i for i, entry in enumerate(inputs)}
+        decided = sorted(decided, key=lambda made: position.get(made[0].uuid, -1))
+        clock = time.perf_counter
         vms: dict[str, tuple[str, str, tuple[Reason, ...], int, int]] = {}
         blobs: list[bytes] = []
         size = 0
-        checks = [hit[1] for hit in (self._vm_checks.get(self._vm_key(rec)) for rec in self._vms.values())
-                  if hit is not None]
-        for i in range(0, len(checks), CHECK_GROUP):
-            group = tuple(checks[i:i + CHECK_GROUP])
-            blob = FleetSnapshot.dumps(group)
+        for i in range(0, len(decided), CHECK_GROUP):
+            group = decided[i:i + CHECK_GROUP]
+            blob = FleetSnapshot.dumps(tuple(check for check, _ in group))
             blobs.append(blob)
-            for check in group:
-                vms[check.uuid] = (*_row_fields(check.policy), size, size + len(blob))
+            for check, fields in group:  # (the row's fields as decided, else as a row makes them)
+                vms[check.uuid] = (*(fields if fields is not None else _row_fields(check.policy)),
+                                   size, size + len(blob))
             size += len(blob)
-        assert self._matrix is not None
+            if clock() - start > budget_s:
+                yield []
+                start = clock()
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # equal target lists stored once
-        targets = {u: shared.setdefault(t, t) for u, t in self._matrix.targets.items()}
-        hosts = {n: (self._checks[(n,)][1], v.attributes, v.cert_problem)
-                 for n, v in self._hosts.items() if (n,) in self._checks}
+        targets = {u: shared.setdefault(t, t) for u, t in matrix.targets.items()}
         first = {
             "at": at,
-            "instants": tuple(sorted(self._instant_set)),
+            "instants": tuple(sorted(instants)),
             "vms": vms,
-            "matrix": replace(self._matrix, targets=targets),
-            "problems": list(self.problems[problems_before:]),
+            "matrix": replace(matrix, targets=targets),
+            "problems": list(problems),
         }
         rest: dict[str, object] = {
-            "inputs": self._vm_inputs(),
+            "inputs": inputs,
             "checks": b"".join(blobs),
             "hosts": FleetSnapshot.dumps(hosts),  # pickled on their own: rebuilt after every view
         }
@@ -1475,7 +1549,7 @@ class FleetService:
         if self._memory is None:
             return
         self._pending.update({u: p for u, p in seen.items() if self._policies.seen.get(u) != p})
-        self._remember()
+        self._remember(now=True)
 
     def _memory_bytes(self) -> bytes:
         """The policy memory file's bytes as they are on disk now (b"" without one)."""
@@ -1528,9 +1602,17 @@ class FleetService:
                     self._pending[rec.uuid] = entry
         return result
 
-    def _remember(self) -> None:
-        """Write the policies accepted since the last call to the memory (one atomic write)."""
-        if self._memory is None or not self._pending:
+    def _remember(self, *, now: bool = False) -> None:
+        """Write the policies accepted since the last call to the memory (one atomic write).
+
+        Between a start-up check's last verdict and its bookkeeping (``_after_check``, which
+        writes them) a decision does not write them itself (``_remember_due``): the console's
+        placement check right after the last verdict would otherwise make that write (~0.3-0.5
+        s for 10,000 new policies) before the check can end for the operator. ``now``: write
+        anyway (the bookkeeping; policies recorded from elsewhere)."""
+        if now:
+            self._remember_due = False
+        if self._memory is None or not self._pending or self._remember_due:
             return
         pending, self._pending = self._pending, {}
         try:

@@ -118,6 +118,8 @@ class EscortApp(App[None]):
         self.progressive = (callable(getattr(service, "check_in_steps", None))
                             and not getattr(service, "eager", True))
         self.checking = False
+        #: the running start-up check's generator (closed when it ends or the console quits)
+        self._check_steps: Any = None
         #: the start-up check's progress, shown in the title bar ("checking 3,412 of 10,000 VMs"):
         #: VMs whose verdict is on their row / VMs in the fleet; "" or why the check stopped
         self.check_decided = 0
@@ -241,7 +243,7 @@ class EscortApp(App[None]):
         decided: set[str] = set()  # rows with their verdict (a VM yielded twice counts once)
         published = 0
         last = time.perf_counter()
-        steps = service.check_in_steps()
+        steps = self._check_steps = iter(service.check_in_steps())
         try:
             for views in steps:
                 for view in views:
@@ -253,6 +255,8 @@ class EscortApp(App[None]):
                     self._vm_rows[i] = self._vm_row(view, n_hosts)
                     arrived.add(view.uuid)
                     decided.add(view.uuid)
+                if len(decided) >= len(position) and getattr(service, "verdicts_final", False):
+                    break  # every verdict is in: the check's bookkeeping waits until after the end
                 # the first verdicts at once (they are the rows on screen when the fleet reuses its
                 # snapshot: services/fleet.py yields those first), then at most 4 times a second
                 if arrived and (not published or time.perf_counter() - last > 0.25
@@ -266,36 +270,56 @@ class EscortApp(App[None]):
                     last = time.perf_counter()
                     if published == 1 or len(decided) >= len(position):
                         # let the screen show them before more work (the rest of the rows, the
-                        # check's bookkeeping: policy memory, cache files) runs on this loop:
-                        # sleep(0) alone is not enough when the screen awaits something of its
-                        # own (e.g. the footer recomposing after the first focus: its widgets
-                        # mount over many loop turns, each taking a step of this check too)
+                        # placement check) runs on this loop: sleep(0) alone is not enough when
+                        # the screen awaits something of its own (e.g. the footer recomposing
+                        # after the first focus: its widgets mount over many loop turns, each
+                        # taking a step of this check too)
                         await self._screen_refreshed()
                 await asyncio.sleep(0)
+            self.check_decided = len(decided)  # (screens retitle on the signals below)
+            if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
+                self.verdicts_arrived.publish(frozenset(arrived))
+                await self._screen_refreshed()
+            # the streamed views are final; hosts now carry their checked chains (cached). The
+            # placement check (full decisions of the VMs away from home) runs in steps first,
+            # still as part of the check (a refresh meanwhile replaces this check as it would
+            # any step)
+            placed = await self._misplaced_in_steps()
+            self.checking = False
+            self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows, misplaced=placed)
+            self.fleet_changed.publish(None)
+            self._check_notices(problems_before)
+            # the check's bookkeeping (policy memory, opened cache, the fleet snapshot), in steps
+            # after the end: services/fleet.py ``_after_check``
+            shown = (getattr(service, "cache_notice", ""), len(self.all_problems()))
+            for _ in steps:
+                await asyncio.sleep(0)
+            if (getattr(service, "cache_notice", ""), len(self.all_problems())) != shown:
+                self._check_notices(shown[1], shown[0])
         except EscortError as exc:
-            self.check_failed = str(exc)
-            self.retitle()
+            if self.checking:
+                self.check_failed = str(exc)
+                self.retitle()
             self.notify(f"Checking the fleet failed: {exc}", severity="error", markup=False)
             return
         finally:
             # ended, failed or cancelled (a refresh replaces this check): the check's generator
             # is closed here and now, not whenever it is freed -- it holds the cyclic garbage
             # collector off while it runs (services/fleet.py ``check_in_steps``)
-            close = getattr(steps, "close", None)
-            if close is not None:
-                close()
-        self.check_decided = len(decided)  # (screens retitle on the signals below)
-        if arrived:  # the last verdicts (a small fleet may be decided within one 0.25 s step)
-            self.verdicts_arrived.publish(frozenset(arrived))
-        # the streamed views are final; hosts now carry their checked chains (cached). The
-        # placement check (full decisions of the VMs away from home) runs in steps first, still
-        # as part of the check (a refresh meanwhile replaces this check as it would any step)
-        placed = await self._misplaced_in_steps()
-        self.checking = False
-        self._set_views(list(self.service.hosts()), self._vms, vm_rows=self._vm_rows, misplaced=placed)
-        self.fleet_changed.publish(None)
-        notice = getattr(service, "cache_notice", "")
-        if notice:
+            self._close_check(steps)
+
+    def _close_check(self, steps: Any = None) -> None:
+        """Close the start-up check's generator (``steps``, or the running one's); once."""
+        if steps is None or steps is self._check_steps:
+            steps, self._check_steps = self._check_steps, None
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+
+    def _check_notices(self, problems_before: int, shown_notice: str = "") -> None:
+        """After the start-up check: the cache's notice (once) and the problems it found."""
+        notice = getattr(self.service, "cache_notice", "")
+        if notice and notice != shown_notice:
             self.notify(notice, severity="warning", markup=False, timeout=8)
         problems = self.all_problems()
         if len(problems) > problems_before:
@@ -384,6 +408,8 @@ class EscortApp(App[None]):
 
     async def on_unmount(self) -> None:
         from console.ui.screens.migrations import close_hub
+
+        self._close_check()  # (quitting mid-check: its worker may never run again to close it)
 
         await close_hub(self)  # aborts migrations still running, closes the audit log
         if self._inventory is not None:

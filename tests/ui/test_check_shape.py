@@ -53,3 +53,48 @@ async def test_a_check_cut_short_hands_the_collector_back(scale_fleet: Path,
         for steps in made:
             steps.close()
         gc.enable()
+
+
+async def test_the_check_ends_before_its_bookkeeping(scale_fleet: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the last verdict is in, the console ends the check for the operator at once --
+    the title's count gone, ``checking`` off (the targets pane lists its reasons), the
+    placement marks and the fleet's rows final -- and only then writes the policy memory and
+    the snapshot (held back here until the check is seen to be over). Then it writes them."""
+    from console.adapters.cache import FleetSnapshot
+
+    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
+    release: list[bool] = []
+    held: list[bool] = []
+    original = FleetService._after_check
+
+    def after_the_end(self: FleetService, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        while not release:
+            held.append(True)
+            yield []
+        yield from original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FleetService, "_after_check", after_the_end)
+    lazy = FleetService.load(scale_fleet, eager=False)
+    lazy.use_cache = True
+    app = EscortApp(lazy, config=UIConfig(), live=False)
+    changed: list[bool] = []
+    snapshot = FleetSnapshot(scale_fleet).path
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.fleet_changed.subscribe(app, lambda _: changed.append(app.checking))
+        for _ in range(500):
+            await pilot.pause(0.01)
+            if not app.checking:
+                break
+        assert not app.checking and held and changed == [False]
+        assert not snapshot.exists() and lazy._memory_path is not None and not lazy._memory_path.exists()
+        assert app.check_decided == len(app.vm_rows()) and not app.check_words()
+        assert all(not v.checking for v in app._vms)
+        release.append(True)
+        for _ in range(500):
+            await pilot.pause(0.01)
+            if snapshot.exists():
+                break
+        assert snapshot.is_file() and lazy._memory_path.is_file()
