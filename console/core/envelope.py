@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -793,7 +792,7 @@ def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tupl
     chains: dict[tuple[str, ...], int] = {}
     heads: dict[str, int] = {}
     rows = []
-    shared: dict[object, Any] = {}
+    shared: dict[bytes, Any] = {}
     for token in tokens:
         o = open_token(token, typ, fields)
         out.append((o.digest, o.payload, o.reasons, o.chain_key))
@@ -811,24 +810,32 @@ def pack_opened(tokens: Sequence[str], typ: str, fields: frozenset[str]) -> tupl
     return marshal.dumps((PACKED, typ, list(heads), list(chains), rows)), out
 
 
-def _share(payload: Mapping[str, Any], shared: dict[object, Any]) -> dict[str, Any]:
-    """``payload`` as an equal dict whose keys, strings, lists and tables are the very objects
-    of earlier payloads of the chunk where they are equal, so that ``marshal`` writes each once
-    and the reader loads each once (a fleet's policies repeat their claim names, issuers,
-    CA lists and requirements). Equal means equal by value and by type all the way down:
-    strings by themselves, lists and tables by their ``marshal`` bytes (format 2, no
-    back-references; equal bytes load as equal values of the same types: True is not 1,
-    -0.0 is not 0.0). Anything else (numbers, None) is left as it is."""
-    out: dict[str, Any] = {}
-    for k, v in payload.items():
-        k = shared.setdefault(k, k)
-        t = type(v)
-        if t is str:
-            v = shared.setdefault(v, v)
-        elif t is list or t is dict:
-            with contextlib.suppress(ValueError):  # (marshal writes any JSON value)
-                v = shared.setdefault(marshal.dumps(v, 2), v)
-        out[k] = v
+#: the payload fields whose equal values a chunk carries once (``_share``): a fleet's
+#: policies repeat a few hundred (trusted_cas, require) shapes
+SHARED_FIELDS = ("trusted_cas", "require")
+
+
+def _share(payload: Mapping[str, Any], shared: dict[bytes, Any]) -> Mapping[str, Any]:
+    """``payload``, or an equal copy of it whose ``SHARED_FIELDS`` values are the very objects
+    of an earlier payload of the chunk where they are equal, so that ``marshal`` writes and
+    the reader loads each once (and the console parses each shape once per chunk:
+    ``PolicyBook.adopt_packed``). Equal means equal by value and by type all the way down:
+    keyed by ``marshal``'s bytes (format 2, no back-references; equal bytes load as equal
+    values of the same types: True is not 1, 1.0 is not 1, -0.0 is not 0.0). Only lists
+    and tables are shared; the payload itself is never changed."""
+    out: Mapping[str, Any] = payload
+    copy: dict[str, Any] | None = None
+    for k in SHARED_FIELDS:
+        v = payload.get(k)
+        if type(v) is list or type(v) is dict:
+            try:
+                got = shared.setdefault(marshal.dumps(v, 2), v)
+            except ValueError:  # (marshal writes any JSON value)
+                continue
+            if got is not v:
+                if copy is None:
+                    out = copy = dict(payload)
+                copy[k] = got
     return out
 
 

@@ -1,7 +1,7 @@
 """The start-up helper's hand-over gives the console exactly what opening the tokens itself gives.
 
 The helper opens policies in chunks (``envelope.pack_opened``: marshal, each header and owner
-chain once per chunk, and equal keys, strings, lists and tables of the chunk's payloads
+chain once per chunk, and equal trusted_cas lists and require tables of the chunk's payloads
 shared so that they are written and loaded once); the console adopts a chunk with
 ``PolicyBook.adopt_packed``, which also parses each adopted policy's body at once (its
 trusted_cas/require once per distinct pair of objects). Here every token of generated
