@@ -148,6 +148,26 @@ async def test_the_footer_recomposes_once_for_a_burst_of_binding_changes(
         assert len(after) == len(before) - 1
 
 
+def test_a_vm_rows_short_path_builds_the_same_row(scale_fleet: Path) -> None:
+    """The rows streamed in during the start-up check (no policy problem, nothing misplaced)
+    take a shorter path: the same cells, tones and filter text as the general one."""
+    import dataclasses
+
+    app = EscortApp(FleetService.load(scale_fleet), config=UIConfig(), live=False)
+    n = len(app.all_hosts())
+    views = [v for v in app.all_vms() if not v.policy_problems]
+    assert views and any(v.allowed_targets for v in views)
+    views += [dataclasses.replace(views[0], allowed_targets=()),  # no target: its count in "bad"
+              dataclasses.replace(views[0], host="", policy_summary="")]  # "?" and "—"
+    app.misplaced = {}
+    short = [app._vm_row(v, n) for v in views]
+    app.misplaced = {"no such VM": object()}  # (any entry: the general path for every row)
+    general = [app._vm_row(v, n) for v in views]
+    assert [(r.key, r.cells, r.tones, r.search) for r in short] == \
+        [(r.key, r.cells, r.tones, r.search) for r in general]
+    assert short[-2].tones[4] == "bad" and short[-1].cells[2:4] == ("?", "—")
+
+
 # ------------------------------------------------------------ the title bar's progress
 PROGRESS = re.compile(r"checking ([\d,]+) of ([\d,]+) VMs")
 
