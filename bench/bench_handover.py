@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--digest", default="")
     ap.add_argument("--prof", default="", help="write a cProfile of the check here")
     ap.add_argument("--gc-off", action="store_true", help="the cyclic collector off during the check")
+    ap.add_argument("--messages", default="", help="the helper's messages: recorded here if the file "
+                    "does not exist, else replayed from it (same --at and tree only)")
     a = ap.parse_args()
     at = dt.datetime.fromisoformat(a.at) if a.at else dt.datetime.now(dt.UTC)
     os.environ["ESCORT_NO_CACHE"] = "1"
@@ -78,10 +80,11 @@ def main() -> None:
     s.use_cache = False
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "messages")
-        recorder = ctx.Process(target=_record, args=(s, path))
-        recorder.start()
-        recorder.join()
+        path = a.messages or os.path.join(tmp, "messages")
+        if not os.path.exists(path):
+            recorder = ctx.Process(target=_record, args=(s, path))
+            recorder.start()
+            recorder.join()
         receive, send = ctx.Pipe(duplex=False)
         if hasattr(fleet_module, "widen_pipe"):  # (as ``start_prefetch`` makes it)
             fleet_module.widen_pipe(receive)

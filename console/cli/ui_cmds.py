@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 from pathlib import Path
 
@@ -36,16 +37,28 @@ def open_console(fleet_file: str | None, *, readonly: bool, at: dt.datetime | No
         raise InputError("no fleet file: try `escort demo`, or `escort --fleet FILE` "
                          "(or set ESCORT_FLEET)")
     config, config_problems = load_config()
-    # lazy: the console paints rows first and checks the fleet in steps after (ui/app.py)
-    service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at, eager=False)
-    service.use_cache = True  # verified results persist in the XDG cache dir (adapters/cache.py)
-    service.start_prefetch()  # reading and signature checks on the other core, from now on
-    # Textual only now: its import (~0.25 s of CPU here) runs while the helper already works on
-    # the other core, instead of before the fork, when that core had nothing to do
-    from console.ui.app import EscortApp
+    # What is made from here to the console's start lives as long as it does (the loaded fleet,
+    # Textual's modules, the app): no cyclic garbage collection meanwhile -- its passes found
+    # nothing and one full pass alone was ~0.1 s of the console's CPU at 10,000 VMs -- and
+    # all of it frozen for the collector afterwards (never walked again), as the console
+    # freezes its views and rows.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        # lazy: the console paints rows first and checks the fleet in steps after (ui/app.py)
+        service = FleetService.load(fleet_file, readonly=readonly or config.readonly, at=at, eager=False)
+        service.use_cache = True  # verified results persist in the XDG cache dir (adapters/cache.py)
+        service.start_prefetch()  # reading and signature checks on the other core, from now on
+        # Textual only now: its import (~0.25 s of CPU here) runs while the helper already works
+        # on the other core, instead of before the fork, when that core had nothing to do
+        from console.ui.app import EscortApp
 
-    app = EscortApp(service, config=config, at=at, admin=admin,
-                    problems=[*config_problems, *(problems or [])], live=not offline)
+        app = EscortApp(service, config=config, at=at, admin=admin,
+                        problems=[*config_problems, *(problems or [])], live=not offline)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
     app.run()
 
 

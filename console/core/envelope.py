@@ -52,6 +52,7 @@ from . import strictjson
 from .errors import InputError
 from .pki import ChainResult
 from .reasons import Reason, Severity
+from .records import maker
 
 TYP_POLICY = "escort-policy+jwt"
 TYP_GRANT = "escort-grant+jwt"
@@ -178,6 +179,10 @@ class Opened:
     owner: OwnerIdentity | None = None
     reasons: tuple[Reason, ...] = ()
     chain_key: tuple[str, ...] = ()  # the x5c entries: identifies the owner chain for caching
+
+
+#: ``Opened(...)`` with every field, in order (core/records.py): one per token in a cold check
+_make_opened = maker(Opened)
 
 
 @dataclass(frozen=True)
@@ -753,7 +758,7 @@ def open_token(token: str, typ: str, fields: frozenset[str], digest: str = "") -
         reasons.append(_r(prefix, "issuer_mismatch",
                           f"the {prefix} names issuer {iss!r} but is signed by {owner.label()}",
                           f"the owner must sign their own {prefix}s"))
-    return Opened(token, digest, typ, header, payload, certs, owner, tuple(reasons), chain_key)
+    return _make_opened(token, digest, typ, header, payload, certs, owner, tuple(reasons), chain_key)
 
 
 #: ``open_token`` without the certificate objects (which cannot be pickled): what a
@@ -909,8 +914,8 @@ class EnvelopeVerifier:
                     why = tuple(Reason(*r) for r in reasons)
             except (ValueError, TypeError, IndexError):
                 continue
-            opened = opened_[(digest, typ)] = Opened(token, digest, typ, dict(header), payload, certs, owner,
-                                                     why, chain_key)
+            opened = opened_[(digest, typ)] = _make_opened(token, digest, typ, dict(header), payload, certs,
+                                                           owner, why, chain_key)
             if adopted is not None:
                 adopted.append(opened)
             n += 1

@@ -105,6 +105,23 @@ class Requirements:
     org_unit: frozenset[str] = frozenset()
     policies: frozenset[str] = frozenset()  # names or OIDs as written by the owner
 
+    def __hash__(self) -> int:
+        """The dataclass's hash (of the fields, in order), computed once per object: every VM's
+        matrix row and summary look their requirements up (~1 us each in Python otherwise).
+        The value is kept out of pickles (``__getstate__``): a hash of strings is only valid
+        in the process that computed it."""
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.trusted_cas, self.country, self.state, self.locality, self.org, self.org_unit,
+                      self.policies))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
+
     def as_payload(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for key in REQUIRE_KEYS:

@@ -58,6 +58,42 @@ def test_the_helper_is_forked_before_textual_is_imported(source: Path, env: dict
     assert line.startswith("AT-FORK 0 "), line
 
 
+#: a console launch (``escort --fleet F``) up to the console's run: the collector meanwhile
+_TO_RUN = """
+import gc
+import sys
+import console.services.fleet as fl
+import console.ui.app as ui
+
+seen = []
+start_prefetch = fl.FleetService.start_prefetch
+
+def prefetch(self):
+    seen.append(gc.isenabled())
+    return start_prefetch(self)
+
+def run(self, *args, **kwargs):
+    print("AT-RUN", seen, gc.isenabled(), gc.get_freeze_count() > 0, flush=True)
+    gc.unfreeze()
+
+fl.FleetService.start_prefetch = prefetch
+ui.EscortApp.run = run
+from console.cli import main
+sys.argv = ["escort", "--offline", "--fleet", sys.argv[1]]
+main()
+"""
+
+
+def test_no_cyclic_collection_while_the_console_starts(source: Path, env: dict[str, str]) -> None:
+    """Loading the fleet, forking the helper, importing Textual and making the app (all of it
+    lives as long as the console) run without the collector's passes; the console runs with
+    it on again and what was made before frozen (never walked)."""
+    done = subprocess.run([sys.executable, "-c", _TO_RUN, str(source)], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("AT-RUN")), "")
+    assert line == "AT-RUN [False] True True", (line, done.stdout, done.stderr)
+
+
 def test_no_cyclic_collection_while_the_check_runs(source: Path, env: dict[str, str]) -> None:
     """The collector's passes over the check's objects found nothing and cost ~0.3 s of the
     console's CPU at 10,000 VMs: off while the check runs, on again when it ends."""
@@ -112,3 +148,11 @@ def test_the_helper_runs_without_cyclic_collection(source: Path, env: dict[str, 
     assert pipe.sent[-1][0] == "done"
     # never on while it works: not for the host chains, not for the tokens opened after them
     assert len(pipe.sent) > 3 and not any(on for _, on in pipe.sent)
+    # the forked helper (given the console's end of the pipe to close) leaves it off: it exits
+    forked = FleetService.load(source, eager=False)
+    try:
+        _prefetch_main(forked, _Pipe(), _Pipe())  # type: ignore[arg-type]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
