@@ -761,10 +761,12 @@ class FleetService:
         policies): the collector's passes over them found nothing here and cost ~0.3-0.4 s
         of CPU (three full passes of 40-110 ms each and ~100 younger ones), on the core the
         verdicts wait for. Reference counting still frees everything as usual. When the check
-        ends (or is abandoned), everything it made goes straight to the oldest generation
+        ends (or is closed), everything it made goes straight to the oldest generation
         (``gc.freeze`` then ``gc.unfreeze``: no young-generation pass over a million objects
-        when collection resumes), the heap is handed back to the collector and collection is
-        on again if it was on before."""
+        when collection resumes), the heap is handed back to the collector (what was frozen
+        before too) and collection is on again if it was on before. Close the generator when
+        you stop stepping it (the console does): one left suspended holds collection off until
+        it is freed."""
         enabled = gc.isenabled()
         gc.disable()
         try:
@@ -787,7 +789,9 @@ class FleetService:
         With the cache on (``use_cache``), the last check's results are reused when every
         input is byte for byte the same and no instant that matters has passed since
         (``_restore``; adapters/cache.py ``FleetSnapshot``); otherwise everything is
-        checked and the snapshot rewritten.
+        checked and the snapshot rewritten -- after the last verdict: the last verdicts are
+        yielded with ``verdicts_final`` set, and the steps after them (``[]``) are the check's
+        bookkeeping (``_after_check``).
         """
         at = self.at
         generation = self._generation
