@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.dom import NoScreen
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
@@ -55,8 +56,13 @@ class EscortFooter(Footer):
 
     async def _queued_recompose(self) -> None:
         self._recompose_queued = False
-        keys = self.shown_keys()
-        if keys == self._shown and self.is_attached:
+        if not self.is_attached:
+            return  # its screen went away before the queued recompose ran: nothing to show
+        try:
+            keys = self.shown_keys()
+        except NoScreen:
+            return  # detached between the check and the query
+        if keys == self._shown:
             return  # the same keys, enabled and shown the same way: nothing to mount again
         self._shown = keys
         await self.recompose()
