@@ -283,7 +283,10 @@ def main() -> int:
         f"faster than that.",
         f"- Agreement: fast matrix vs per-pair `decide` over all hosts for {len(agree_vms)} VMs and vs the "
         f"naive path on 50 pairs: {'all agree' if not mismatches else f'{mismatches} MISMATCHES'}.",
-        (f"- Goal (< 2 s wall): {'met' if total < 2 else 'NOT met'} ({total:.2f} s wall, {cpu:.2f} s CPU)."
+        (f"- This part (the matrix in one process, its fleet in memory) under 2 s wall: "
+         f"{'yes' if total < 2 else 'NO'} "
+         f"({total:.2f} s wall, {cpu:.2f} s CPU). The issue's matrix goal is judged end to end from launch "
+         "(bench_scale.py), never on this part."
          if (args.vms, args.hosts) == (10_000, 1_000) else "- (Not the goal's size.)"),
         "",
     ]
