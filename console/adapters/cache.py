@@ -344,7 +344,7 @@ class FleetSnapshot:
         return state
 
     def load_split(self, key: str | None) -> tuple[Any, memoryview, bytes] | None:
-        """A snapshot stored with ``save_split`` under ``key``: its first part, rebuilt, and the
+        """A snapshot stored with ``save_dumped`` under ``key``: its first part, rebuilt, and the
         rest still pickled with its SHA-256 (for ``load_rest``); None as ``load``. ``key`` None:
         under whatever key (``key_found`` says which; the caller must compare it).
 
@@ -389,15 +389,10 @@ class FleetSnapshot:
         can run on a thread beside the event loop)."""
         return hashlib.sha256(blob).hexdigest().encode() == digest
 
-    def save_split(self, key: str, first: object, rest: object) -> None:
-        """``save`` in two parts: ``load_split`` rebuilds the first, ``load_rest`` the rest later."""
-        dumped = self.dump_split(first, rest)
-        if dumped is not None:
-            self.save_dumped(key, *dumped)
-
     def dump_split(self, first: object, rest: object) -> tuple[bytes, bytes] | None:
-        """``save_split``'s first half: both parts pickled (None, and ``notice`` says why, when
-        they cannot be, or after an earlier failure)."""
+        """A snapshot in two parts, pickled for ``save_dumped`` (``load_split`` rebuilds the
+        first, ``load_rest`` the rest later): None, and ``notice`` says why, when they cannot
+        be, or after an earlier failure."""
         if self.notice:
             return None
         try:
@@ -407,7 +402,7 @@ class FleetSnapshot:
             return None
 
     def save_dumped(self, key: str, one: bytes, two: bytes) -> None:
-        """``save_split``'s second half: the parts ``dump_split`` made, written under ``key``."""
+        """The parts ``dump_split`` made, written under ``key``."""
         if self.notice:
             return
         head = b" ".join([_MAGIC, str(SNAPSHOT_FORMAT).encode(), key.encode(),

@@ -537,10 +537,7 @@ class PolicyBook:
         policy: PlacementPolicy | None = None
         broken = bool(opened.reasons) and _claims_broken(opened.reasons)
         if opened.payload is not None:
-            body = self._bodies.get(opened.digest)
-            if body is None:
-                parsed, why = (None, []) if broken else _parse_body(opened.payload)
-                body = self._bodies[opened.digest] = (parsed, tuple(why))
+            body = self._body(opened, broken)
             policy = body[0]
             reasons.extend(body[1])
         if (policy is not None and vm_uuid is not None and vm_uuid != policy.vm_uuid
@@ -553,6 +550,17 @@ class PolicyBook:
         if opened.payload is None or broken:
             policy = None
         return _make_result(opened.digest, policy, owner, tuple(reasons), warnings)
+
+    def _body(self, opened: Opened, broken: bool, shape: _Shape | None = None
+              ) -> tuple[PlacementPolicy | None, tuple[Reason, ...]]:
+        """The policy body of ``opened`` (which has a payload) and its reasons, parsed once per
+        digest; none when its common claims are ``broken``. ``shape``: as for ``_parse_body``."""
+        body = self._bodies.get(opened.digest)
+        if body is None:
+            payload = opened.payload
+            parsed, why = (None, []) if broken or payload is None else _parse_body(payload, shape)
+            body = self._bodies[opened.digest] = (parsed, tuple(why))
+        return body
 
     def adopt_packed(self, packed: bytes, tokens: Mapping[str, str]) -> int:
         """``envelopes.adopt_packed`` for policies (a chunk the start-up helper opened), and each
@@ -570,15 +578,14 @@ class PolicyBook:
             if payload is None or opened.digest in bodies:
                 continue
             if opened.reasons and _claims_broken(opened.reasons):
-                bodies[opened.digest] = (None, ())
+                self._body(opened, True)
                 continue
             raw_cas, req = payload.get("trusted_cas"), payload.get("require", {})
             key = (id(raw_cas), id(req))
             hit = shapes.get(key)
             if hit is None or hit[0] is not raw_cas or hit[1] is not req:
                 hit = shapes[key] = (raw_cas, req, _parse_shape(raw_cas, req))
-            parsed, why = _parse_body(payload, hit[2])
-            bodies[opened.digest] = (parsed, tuple(why))
+            self._body(opened, False, hit[2])
         return n
 
     def verify_many(self, items: Iterable[tuple[str, str]], at: dt.datetime) -> dict[str, PolicyResult]:

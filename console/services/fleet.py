@@ -1268,7 +1268,7 @@ class FleetService:
     def _capture(self, at: dt.datetime, state: tuple[Any, ...], inputs: list[Any], start: float,
                  budget_s: float) -> Generator[list[VMView], None, tuple[dict[str, Any], dict[str, Any]]]:
         """Everything the start-up check decided (``state``, taken when its last verdict was
-        yielded: ``_check_in_steps``), for ``FleetSnapshot.save_split``: first what the rows
+        yielded: ``_check_in_steps``), for ``FleetSnapshot.dump_split``: first what the rows
         show (and the matrix), then the rest (``_complete_restore``). In steps of about
         ``budget_s`` (each yields ``[]``).
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from console.core.inventory import VMView
 from console.core.policy import SeenPolicy
 from console.demo_scale import generate_scale
 from console.services.fleet import FleetService
+from tests.unit.scalekit import private_fleet
 
 Verdicts = dict[str, object]
 
@@ -34,12 +34,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fleet(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the fleet, a private cache and a private (empty) policy memory."""
-    dest = tmp_path / "fleet"
-    shutil.copytree(source.parent, dest)
-    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
-    return dest / source.name
+    return private_fleet(source, tmp_path, monkeypatch)
 
 
 def _verdicts(views: list[VMView]) -> Verdicts:

@@ -13,6 +13,7 @@ from console.core.decisions import VMCheck
 from console.core.envelope import NBF_SKEW, Opened
 from console.demo_scale import generate_scale
 from console.services.fleet import FleetService
+from tests.unit.scalekit import helper_messages
 
 T = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
@@ -105,19 +106,9 @@ def test_the_helpers_opened_tokens_count_only_for_the_consoles_own_tokens(fleet:
     import threading
 
     from console.core.envelope import TYP_POLICY, token_digest
-    from console.services.fleet import _prefetch_main
 
-    receive, send = multiprocessing.Pipe(duplex=False)
-    helper = FleetService.load(fleet, eager=False)
-    run = threading.Thread(target=_prefetch_main, args=(helper, send))
-    run.start()
-    messages = []
-    while True:
-        try:
-            messages.append(receive.recv())
-        except EOFError:
-            break
-    run.join()
+    messages = helper_messages(fleet)
+    spec = FleetService.load(fleet, eager=False).spec  # (the policy files' paths)
     assert [m[0] for m in messages][:2] == ["tokens", "hosts"] and messages[-1] == ("done",)
     assert all(type(p) is tuple and len(p) == 4 for m in messages if m[0] == "opened" for p in m[1])
     first = sorted((fleet.parent / "policies").iterdir())[0]
@@ -125,7 +116,7 @@ def test_the_helpers_opened_tokens_count_only_for_the_consoles_own_tokens(fleet:
     head, payload, sig = old.split(".")
     new = f"{head}.{payload}.{('B' if sig[0] != 'B' else 'C') + sig[1:]}"
     first.write_text(new)
-    tokens = [Path(v.policy_file).read_text().strip() for v in helper.spec.vms] if helper.spec else []
+    tokens = [Path(v.policy_file).read_text().strip() for v in spec.vms] if spec else []
     assert new in tokens and old not in tokens
     messages[0] = ("tokens", "", False, tokens)  # the files as the console reads them now
 

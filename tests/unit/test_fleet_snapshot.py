@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from console.adapters.cache import FleetSnapshot
 from console.core.timekey import next_boundary
 from console.demo_scale import generate_scale
 from console.services.fleet import FleetService
+from tests.unit.scalekit import helper_messages, private_fleet
 
 Verdicts = dict[str, object]
 
@@ -29,12 +29,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fleet(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the fleet (tests change its files), a private cache and memory."""
-    dest = tmp_path / "fleet"
-    shutil.copytree(source.parent, dest)
-    monkeypatch.setenv("ESCORT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("ESCORT_NO_CACHE", raising=False)
-    return dest / source.name
+    return private_fleet(source, tmp_path, monkeypatch)
 
 
 def check(fleet: Path, at: dt.datetime | None = None, *, cache: bool = True) -> tuple[Verdicts, FleetService]:
@@ -285,21 +280,10 @@ def test_while_the_helper_is_behind_the_console_decides_from_the_last_vm_back(
     from console.core.envelope import TYP_POLICY, pack_opened
     from console.core.policy import POLICY_FIELDS
     from console.services import fleet as svc
-    from console.services.fleet import _prefetch_main
 
     monkeypatch.setattr(svc, "FIRST_ROWS", 0)
 
-    receive, send = multiprocessing.Pipe(duplex=False)
-    helper = FleetService.load(fleet, eager=False)
-    run = threading.Thread(target=_prefetch_main, args=(helper, send))
-    run.start()
-    messages = []
-    while True:
-        try:
-            messages.append(receive.recv())
-        except EOFError:
-            break
-    run.join()
+    messages = helper_messages(fleet)
     assert [m[0] for m in messages][:3] == ["tokens", "hosts", "opened"] and messages[-1] == ("done",)
     tokens = messages[0][3]
     assert len(tokens) == 40 and len(set(tokens)) == 40
@@ -342,20 +326,9 @@ def test_while_the_helper_checks_the_hosts_the_console_opens_the_first_rows_toke
 
     from console.core.envelope import TYP_POLICY
     from console.services import fleet as svc
-    from console.services.fleet import _prefetch_main
 
     monkeypatch.setattr(svc, "FIRST_ROWS", 24)
-    receive, send = multiprocessing.Pipe(duplex=False)
-    helper = FleetService.load(fleet, eager=False)
-    run = threading.Thread(target=_prefetch_main, args=(helper, send))
-    run.start()
-    messages = []
-    while True:
-        try:
-            messages.append(receive.recv())
-        except EOFError:
-            break
-    run.join()
+    messages = helper_messages(fleet)
     assert [m[0] for m in messages][:2] == ["tokens", "hosts"]
     tokens = messages[0][3]
 
