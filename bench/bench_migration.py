@@ -418,7 +418,8 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str, channels: list[in
     inventory = InventoryService(fleet.spec, apply=fleet.apply_facts)
     audit = AuditLog(lab.dir / "bench-audit.log")
     svc = MigrationService(fleet, inventory, audit=audit)
-    modes = _modes(channels)
+    escort_n = mig.default_channels(memory)  # what escort picks for this guest by itself
+    modes = _modes(channels, escort_n)
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in modes}
     rows["escort"] = []
     preflights: list[float] = []
@@ -435,7 +436,7 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str, channels: list[in
                     row = await _escort_move(svc, lab, here, there)
                     preflights.append(row["preflight"])
                     rows["escort"].append(row)
-                    label = f"escort (TLS, {max(svc.channels, 1)} channel(s))"
+                    label = f"escort (TLS, {escort_n} channel(s))"
                 else:
                     label, tls, n = step
                     row = await _direct(svc, uuid, here, there, tls=tls, channels=n)
@@ -453,7 +454,7 @@ async def _run(lab: Lab, memory: int, rounds: int, guest: str, channels: list[in
         await inventory.close()
         audit.close()
     return {"rows": rows, "modes": [m[0] for m in modes], "preflight": preflights,
-            "preflight_cold": cold.elapsed_s, "escort_channels": max(svc.channels, 1),
+            "preflight_cold": cold.elapsed_s, "escort_channels": escort_n,
             "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 

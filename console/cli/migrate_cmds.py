@@ -243,7 +243,8 @@ async def _migrate(fleet_path: str, vm: str, host: str, admin: str | None, yes: 
               help="Abort when no progress for this long (default: the fleet file's stall_timeout_s).")
 @click.option("--channels", type=click.IntRange(1, 255), default=None, metavar="N",
               help="TLS connections for the memory stream: 1 = one stream, 2+ = multifd "
-                   "(default: see docs/MIGRATION.md, 'TLS: one stream or several').")
+                   "(default: one stream for guests up to 8 GiB, 2 above; docs/MIGRATION.md, "
+                   "'TLS: one stream or several').")
 @click.pass_context
 def migrate(ctx: click.Context, fleet: str | None, vm: str, host: str, admin: str | None,
             admin_key: str | None, yes: bool, json_out: bool, bandwidth: int,

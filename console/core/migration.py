@@ -36,9 +36,21 @@ PARAM_URI = "migrate_uri"
 PARAM_TLS_DESTINATION = "tls.destination"
 PARAM_BANDWIDTH = "bandwidth"  # MiB/s
 PARAM_PARALLEL_CONNECTIONS = "parallel.connections"
-#: multifd channels escort asks for by default (0 or 1 = one stream). See docs/MIGRATION.md
-#: "TLS: one stream or several" for the measurements and the GnuTLS re-keying report.
+#: multifd channels escort asks for when it chooses multifd by itself (guests larger than
+#: SINGLE_STREAM_MAX_MIB). See docs/MIGRATION.md "TLS: one stream or several" for the
+#: measurements, the GnuTLS re-keying report and QEMU 7.2's multifd crash on a failed move.
 DEFAULT_CHANNELS = 2
+#: guests up to this much memory move on one TLS stream by default: no re-keying risk
+#: (the report is ~64 GB on one connection: 8 full copies of such a guest) and none of
+#: QEMU 7.2's source crashes seen in the lab when a multifd TLS migration fails mid-way
+SINGLE_STREAM_MAX_MIB = 8192
+
+
+def default_channels(memory_mib: int) -> int:
+    """The channels escort uses when nobody asked for a number: one stream for a guest of
+    known size up to SINGLE_STREAM_MAX_MIB, multifd (DEFAULT_CHANNELS) for larger guests
+    and for guests whose size is not known (the re-keying failure is then the bigger risk)."""
+    return 1 if 0 < memory_mib <= SINGLE_STREAM_MAX_MIB else DEFAULT_CHANNELS
 MAX_CHANNELS = 255  # QEMU's multifd-channels is 1..255
 JOB_NONE, JOB_BOUNDED, JOB_UNBOUNDED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED = range(6)
 
@@ -800,6 +812,20 @@ def judge(vm: str, source: HostSeen, target: HostSeen, *, libvirt_ok: bool,
         step = f"check {names} (could not be asked, see above); when it answers again, {reconcile_hint}"
         return Verdict("unknown", "", hosts,
                        f"{vm}: where it runs is UNKNOWN — {seen}", step, True)
+    crashed = [h for h in hosts if h.copy is not None and h.copy.state == "shut off"
+               and h.copy.state_reason == "crashed" and h.copy.persistent]
+    if crashed:
+        # QEMU itself died (libvirt: shut off, crashed); seen in the lab with QEMU 7.2 when
+        # a TLS multifd migration fails mid-way (docs/MIGRATION.md 2b). The definition
+        # is intact, the guest's memory is not: starting it is a fresh boot, which escort
+        # never does by itself. reconcile does not list a lone shut-off VM, so say it here.
+        where = crashed[0].host
+        return Verdict("unknown", "", hosts,
+                       f"{vm} runs on neither host: its QEMU on {where} crashed (libvirt: shut off, "
+                       f"crashed) — {seen}",
+                       f"the guest's memory is lost; after checking {where}'s QEMU log "
+                       f"(/var/log/libvirt/qemu/{vm}.log), start it again there (`virsh start {vm}` "
+                       f"on {where}): a fresh boot, which escort never does by itself", True)
     return Verdict("unknown", "", hosts,
                    f"{vm} runs on neither host — {seen}",
                    "`escort reconcile` (or the Migrations tab, key s) says how to bring it back", True)

@@ -247,8 +247,9 @@ class MigrationService:
         self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else spec_timeout
         self.poll_interval_s = poll_interval_s
         self.bandwidth_mib_s = bandwidth_mib_s
-        #: multifd TLS connections per migration (0/1: one stream); docs/MIGRATION.md says why
-        self.channels = mig.DEFAULT_CHANNELS if channels is None else channels
+        #: multifd TLS connections per migration (0/1: one stream); None: by the guest's
+        #: memory (mig.default_channels); docs/MIGRATION.md says why
+        self.channels = channels
         self.cert_margin_s = cert_margin_s
         self.finish_grace_s = finish_grace_s
         self.settle_s = settle_s
@@ -478,7 +479,9 @@ class MigrationService:
                 vm_uuid=view.uuid, vm_name=view.name, source=source, target=target, tls_name=tls_name,
                 migration_uri=mig.migration_uri(address), cert_fingerprint=mig.fingerprint(presented),
                 admin=admin_id, policy_hash=policy_hash, grant_id=grant_id,
-                bandwidth_mib_s=self.bandwidth_mib_s, channels=self.channels)
+                bandwidth_mib_s=self.bandwidth_mib_s,
+                channels=self.channels if self.channels is not None else mig.default_channels(
+                    dom.memory_mib if dom else view.memory_mib))
         return self._issue(mig.assemble(view.name, view.uuid, source, target, admin_id, at, items, plan,
                                         time.perf_counter() - t0, policy_hash=policy_hash, grant_id=grant_id,
                                         cert_fingerprint=mig.fingerprint(presented) if presented else ""),

@@ -30,7 +30,8 @@ async def force_unchecked_migration(service: MigrationService, vm_uuid: str, vm_
     plan = mig.MigrationPlan(vm_uuid=vm_uuid, vm_name=vm_name, source=source, target=target,
                              tls_name=tls_name, migration_uri=mig.migration_uri(spec.migration_address),
                              cert_fingerprint="", admin=admin, bandwidth_mib_s=service.bandwidth_mib_s,
-                             channels=service.channels)
+                             channels=service.channels if service.channels is not None
+                             else mig.DEFAULT_CHANNELS)  # multifd, as before the memory-based default
     pf = mig.Preflight(vm_name, vm_uuid, source, target, admin, dt.datetime.now(dt.UTC), (), plan)
     run_id = uuidlib.uuid4().hex[:12]
     entry = service._decision_entry(run_id, pf, plan, allowed=False, bypassed="local pre-flight (test only)")

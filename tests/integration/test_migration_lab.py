@@ -338,18 +338,46 @@ async def test_abort_keeps_the_vm_on_the_source(lab: Lab, mig_fleet: Path, tmp_p
         _remove(lab, uuid)
 
 
-async def test_console_connection_dropped_mid_way(lab: Lab, mig_fleet: Path, tmp_path: Path) -> None:
+#: QEMU 7.2 (Debian 12) aborts on this assertion, now and then, when a TLS *multifd*
+#: migration fails mid-way: the source's QEMU dies (libvirt: shut off, crashed). Seen in
+#: CI and in 2 of ~45 loaded lab runs with 2 channels, never in 42 with one stream; why
+#: the default is one stream for guests up to 8 GiB (docs/MIGRATION.md 2b).
+QEMU_MULTIFD_CRASH = "yank_unregister_instance: Assertion"
+
+
+def _source_qemu_crashed(lab: Lab, vm: str) -> bool:
+    """The source's QEMU log for ``vm``, since its last start, shows QEMU 7.2's crash."""
+    log = lab.dir / "hosts" / SOURCE / "var" / "log" / "libvirt" / "qemu" / f"{vm}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return QEMU_MULTIFD_CRASH in text[text.rfind("starting up"):]
+
+
+@pytest.mark.parametrize("channels", [None, 2], ids=["default", "multifd-2"])
+async def test_console_connection_dropped_mid_way(lab: Lab, mig_fleet: Path, tmp_path: Path,
+                                                  channels: int | None) -> None:
     """The console's SSH (the jump host connection both libvirt sockets ride on) dies:
-    libvirt rolls back, the VM keeps running on the source, nothing needs reconciling."""
+    libvirt rolls back, the VM keeps running on the source, nothing needs reconciling.
+
+    With multifd, QEMU 7.2 itself may crash on the failed move (its log says so; nothing
+    escort does causes or prevents it): then the VM runs nowhere, and escort must say
+    exactly that — never "stayed", never "failed" with the VM on the source."""
     uuid = _guest(lab, mig_fleet, "mig-drop", fill=FILL_MIB)
     try:
-        async with _service(mig_fleet, tmp_path, bandwidth_mib_s=SLOW_MIB_S) as svc:
-            run = await svc.start(await svc.preflight("mig-drop", TARGET, ADMIN))
+        async with _service(mig_fleet, tmp_path, bandwidth_mib_s=SLOW_MIB_S, channels=channels) as svc:
+            pf = await svc.preflight("mig-drop", TARGET, ADMIN)
+            assert pf.plan is not None and pf.plan.as_json()["channels"] == (channels or 1)
+            run = await svc.start(pf)
             await _until(run, _copying)
             spec = svc.inventory.spec(SOURCE)
             await svc.inventory.pool.drop(spec.jump)  # takes every rider with it
             result = await run.wait()
-            assert result.outcome.result == "failed"
+            if channels and _source_qemu_crashed(lab, "mig-drop"):
+                out = result.outcome
+                assert (out.result, out.vm_state, out.vm_on) == ("unknown", "unknown", ""), out.message
+                assert "QEMU on fra-1 crashed" in out.message and "virsh start mig-drop" in out.message
+                assert _audit(tmp_path)[-1]["result"] == "unknown"
+                return
+            assert result.outcome.result == "failed", result.outcome.message
             assert result.outcome.vm_on == SOURCE, result.outcome.message
             cases = await svc.reconcile_scan([SOURCE, TARGET])
             assert [c for c in cases if c.uuid == uuid] == []

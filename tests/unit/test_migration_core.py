@@ -347,10 +347,25 @@ def test_demo_runs_the_full_preflight_then_explains(demo_fleet: Path) -> None:
     assert [e["event"] for e in events] == ["preflight", "demo"]
     pre = events[0]
     assert pre["ok"] is True and [c["check"] for c in pre["checks"]] == [k for k, _ in m.CHECKS]
-    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS", "PARALLEL"]
-    assert pre["plan"]["channels"] == m.DEFAULT_CHANNELS == 2
+    # pay-db-01 has 8 GiB: one TLS stream by default (docs/MIGRATION.md 2b)
+    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS"]
+    assert pre["plan"]["channels"] == m.default_channels(8192) == 1
     assert events[1]["migrated"] is False and "escort lab" in events[1]["message"]
     assert events[1]["vm_on"] == "fra-01"
+    # asked for: multifd, whatever the guest's size
+    res = CliRunner().invoke(main, ["migrate", "--fleet", str(demo_fleet), "pay-db-01", "fra-02",
+                                    "--admin", "oncall", "--yes", "--channels", "3"])
+    pre = _events(res.output)[0]
+    assert pre["plan"]["flags"] == ["LIVE", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS", "PARALLEL"]
+    assert pre["plan"]["channels"] == 3
+
+
+def test_default_channels_by_guest_memory() -> None:
+    """One stream up to SINGLE_STREAM_MAX_MIB (no re-keying risk, no multifd crash on a
+    failed move with QEMU 7.2); multifd above it and when the size is unknown."""
+    assert m.default_channels(512) == m.default_channels(m.SINGLE_STREAM_MAX_MIB) == 1
+    assert m.default_channels(m.SINGLE_STREAM_MAX_MIB + 1) == m.DEFAULT_CHANNELS == 2
+    assert m.default_channels(0) == m.DEFAULT_CHANNELS  # size not known
 
 
 def test_refusal_is_explained_and_audited(demo_fleet: Path) -> None:
@@ -439,6 +454,25 @@ def test_judge_three_values(src: tuple[str | None, bool, str], dst: tuple[str | 
             assert h.as_json()["state"] == "unknown" and h.as_json()["checked"] is False
     if state == "unknown":
         assert v.next_step
+
+
+def test_a_crashed_source_is_said_plainly_with_a_step_that_exists() -> None:
+    """QEMU 7.2 can abort on a TLS multifd migration that fails mid-way (the lab saw the
+    source's QEMU die on a yank assertion): the VM is shut off (crashed) on the source and
+    absent from the target. reconcile lists no case for a lone shut-off VM, so the next
+    step must not send the operator there; it names the host, the log and the restart."""
+    v = m.judge("app-1", _seen("fra-1", "source", "shut off", reason="crashed"),
+                _seen("par-1", "target", None), libvirt_ok=False)
+    assert (v.vm_state, v.vm_on, v.needs_reconcile) == ("unknown", "", True)
+    assert "crashed" in v.summary and "fra-1" in v.summary
+    assert "reconcile" not in v.next_step
+    assert "virsh start app-1" in v.next_step and "fra-1" in v.next_step
+    assert m.find_reconcile_cases({"fra-1": [DomainFacts("u", "app-1", "shut off", "crashed")],
+                                   "par-1": []}) == []
+    # a VM shut off for another reason keeps the general wording
+    other = m.judge("app-1", _seen("fra-1", "source", "shut off", reason="destroyed"),
+                    _seen("par-1", "target", None), libvirt_ok=False)
+    assert "crashed" not in other.summary and "reconcile" in other.next_step
 
 
 def test_leftover_incoming_copy_is_a_reconcile_item() -> None:
