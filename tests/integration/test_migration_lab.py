@@ -340,7 +340,7 @@ async def test_abort_keeps_the_vm_on_the_source(lab: Lab, mig_fleet: Path, tmp_p
 
 #: QEMU 7.2 (Debian 12) aborts on this assertion, now and then, when a TLS *multifd*
 #: migration fails mid-way: the source's QEMU dies (libvirt: shut off, crashed). Seen in
-#: CI and in 2 of ~45 loaded lab runs with 2 channels, never in 42 with one stream; why
+#: CI and in 4 of 76 loaded lab runs with 2 channels, never in 72 with one stream; why
 #: the default is one stream for guests up to 8 GiB (docs/MIGRATION.md 2b).
 QEMU_MULTIFD_CRASH = "yank_unregister_instance: Assertion"
 
