@@ -325,10 +325,7 @@ async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, j
                     click.echo(f"  safe steps: {', '.join(f'{a} on {h}' for a, h in case.steps)}"
                                + ("" if fix else " (run with --fix to carry them out)"))
             for e in earlier:
-                now = where.get(str(e.get("uuid")), [])
-                click.echo(f"{e.get('vm')}: the migration {e.get('source')} -> {e.get('target')} at "
-                           f"{e.get('ts')} ended UNKNOWN; now: "
-                           + ("; ".join(now) + " (checked)" if now else "found on no host that answered"))
+                click.echo(unknown_outcome_line(e, where.get(str(e.get("uuid")), [])))
             for name, why in sorted(silent.items()):
                 click.echo(f"{name}: could not be asked: {why}")
             if not cases and not silent:
@@ -337,6 +334,21 @@ async def _reconcile(fleet_path: str, admin: str | None, fix: bool, yes: bool, j
     finally:
         await service.close()
         await inventory.close()
+
+
+def unknown_outcome_line(entry: dict[str, Any], now: list[str]) -> str:
+    """One line for a migration whose outcome was UNKNOWN, with where the VM is now ("running
+    on fra-1", ...: what the hosts that answered said). A VM that is only shut off wherever it
+    is defined (e.g. its QEMU crashed during the move: "shut off on fra-1") gets its next step
+    here: reconcile has nothing to do for it, and escort never starts a VM by itself."""
+    vm = str(entry.get("vm"))
+    where = "; ".join(now) + " (checked)" if now else "found on no host that answered"
+    line = (f"{vm}: the migration {entry.get('source')} -> {entry.get('target')} at {entry.get('ts')} "
+            f"ended UNKNOWN; now: {where}")
+    if now and all(state.startswith("shut off on ") for state in now):
+        line += (f" -- it runs nowhere: check its QEMU log there (/var/log/libvirt/qemu/{vm}.log), then "
+                 f"start it where it is defined (`virsh start {vm}`: a fresh boot; escort never starts a VM)")
+    return line
 
 
 @click.command("reconcile")

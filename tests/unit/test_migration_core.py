@@ -495,3 +495,19 @@ def test_escort_reconcile_on_the_demo_fleet(demo_fleet: Path) -> None:
     assert res.exit_code == 3, res.output
     res = CliRunner().invoke(main, ["reconcile"])
     assert res.exit_code == 2 and "--fleet" in res.output
+
+
+def test_reconcile_says_what_to_do_for_a_vm_an_unknown_migration_left_shut_off() -> None:
+    """`escort reconcile` lists earlier UNKNOWN outcomes with where the VM is now. Shut off
+    everywhere it is defined (QEMU 7.2 crashed during a failed multifd move): the line names
+    the log and the restart; running or paused somewhere: no such advice (reconcile's cases
+    or nothing apply)."""
+    from console.cli.migrate_cmds import unknown_outcome_line
+
+    e = {"vm": "app-1", "source": "fra-1", "target": "par-1", "ts": "2026-11-28T17:42:19Z"}
+    crashed = unknown_outcome_line(e, ["shut off on fra-1"])
+    assert "ended UNKNOWN; now: shut off on fra-1 (checked)" in crashed
+    assert "virsh start app-1" in crashed and "/var/log/libvirt/qemu/app-1.log" in crashed
+    for now in (["running on par-1"], ["paused on fra-1"], ["shut off on fra-1", "running on par-1"], []):
+        assert "virsh start" not in unknown_outcome_line(e, now), now
+    assert unknown_outcome_line(e, []).endswith("found on no host that answered")
