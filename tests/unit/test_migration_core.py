@@ -511,3 +511,15 @@ def test_reconcile_says_what_to_do_for_a_vm_an_unknown_migration_left_shut_off()
     for now in (["running on par-1"], ["paused on fra-1"], ["shut off on fra-1", "running on par-1"], []):
         assert "virsh start" not in unknown_outcome_line(e, now), now
     assert unknown_outcome_line(e, []).endswith("found on no host that answered")
+
+
+def test_the_confirmation_says_one_stream_or_multifd() -> None:
+    """The console's confirmation names how the memory goes over TLS (the default depends on
+    the guest's size, so the admin sees which)."""
+    from console.ui.screens.migrations import decision_text
+
+    for channels, words in ((1, "one stream to tcp://"), (0, "one stream to tcp://"),
+                            (2, "2 connections (multifd) to tcp://")):
+        plan = _plan(channels=channels)
+        pf = m.Preflight("vm", "u", "hosta", "hostb", "oncall", dt.datetime.now(dt.UTC), (), plan)
+        assert words in decision_text(pf), decision_text(pf)

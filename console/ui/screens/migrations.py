@@ -170,8 +170,9 @@ def decision_text(pf: mig.Preflight) -> str:
     lines = [f"Live-migrate {pf.vm} from {pf.source} to {pf.target} as {pf.admin}.",
              "Every pre-flight check passed."]
     if plan is not None:
+        stream = "one stream" if plan.channels <= 1 else f"{plan.channels} connections (multifd)"
         lines += [f"TLS to {plan.tls_name} (certificate sha256 {plan.cert_fingerprint[:16]}…),",
-                  f"stream to {plan.migration_uri}; persistent on {pf.target}, undefined on {pf.source}.",
+                  f"{stream} to {plan.migration_uri}; persistent on {pf.target}, undefined on {pf.source}.",
                   f"Grant {plan.grant_id or '-'}; recorded in the audit log before it starts."]
     return "\n".join(lines)
 
