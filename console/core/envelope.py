@@ -50,6 +50,7 @@ from joserfc.jws import JWSAlgModel, JWSRegistry
 from . import strictjson
 from .errors import InputError
 from .pki import ChainResult
+from .pki.pem import serial_problem
 from .reasons import Reason, Severity
 from .records import maker
 
@@ -493,6 +494,7 @@ class _Signer:
 
 
 _SIGNERS: dict[tuple[str, ...], _Signer | str] = {}
+_SERIAL_PROBLEM = "serial number "  # how ``serial_problem`` starts
 _MAX_SIGNERS = 4096
 
 
@@ -509,6 +511,9 @@ def _signer(x5c: tuple[str, ...]) -> _Signer | str:
         for cert in certs:
             _ = (cert.subject, cert.issuer, cert.extensions, cert.serial_number, cert.public_key(),
                  cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+            bad_serial = serial_problem(cert)
+            if bad_serial is not None:
+                raise ValueError(bad_serial.split(";")[0])  # the fix is the refusal's
         owner = owner_identity(certs[0])
         pub = certs[0].public_key()
     except Exception as exc:
@@ -665,6 +670,9 @@ def _make_head(segment: str, typ: str) -> _Head:
                       "include only the owner certificate and its intermediates")
     signer = _signer(tuple(x5c))
     if isinstance(signer, str):
+        if signer.startswith(_SERIAL_PROBLEM):
+            return refuse("malformed", f"the {prefix}'s x5c holds a certificate whose {signer}",
+                          "re-sign it with an owner certificate chain whose serials are positive")
         return refuse("malformed", f"the {prefix}'s x5c holds something that is not a DER certificate",
                       "re-sign it with the owner certificate chain")
     certs, owner, key = signer.certs, signer.owner, signer.key

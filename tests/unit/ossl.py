@@ -83,32 +83,35 @@ class Tree:
         return CA(name, self.d)
 
     def issue(self, issuer: CA, name: str, subj: str, ext: Sequence[str], *, key: str = "ec",
-              days: int = 365) -> Path:
-        """A certificate signed by ``issuer`` with exactly the extension lines ``ext``."""
+              days: int = 365, serial: int | None = None) -> Path:
+        """A certificate signed by ``issuer`` with exactly the extension lines ``ext``
+        (``serial``: this serial number, even zero or negative, as openssl allows)."""
         self._key(name, key)
         (self.d / f"{name}.ext").write_text("\n".join(ext) + "\n")
         run(self.d, "req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subj)
         self._serial += 1
         run(self.d, "x509", "-req", "-in", f"{name}.csr", "-CA", issuer.pem.name, "-CAkey",
             f"{issuer.name}.key", "-out", f"{name}.pem", "-days", str(days), "-set_serial",
-            str(self._serial), "-extfile", f"{name}.ext")
+            str(self._serial if serial is None else serial), "-extfile", f"{name}.ext")
         return self.d / f"{name}.pem"
 
-    def ca(self, issuer: CA, name: str, subj: str, *, ext: Sequence[str] = (), key: str = "ec") -> CA:
+    def ca(self, issuer: CA, name: str, subj: str, *, ext: Sequence[str] = (), key: str = "ec",
+           serial: int | None = None) -> CA:
         lines = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign",
                  "subjectKeyIdentifier=hash", "authorityKeyIdentifier=keyid:always", *ext]
-        self.issue(issuer, name, subj, lines, key=key, days=1825)
+        self.issue(issuer, name, subj, lines, key=key, days=1825, serial=serial)
         self._db(name)
         return CA(name, self.d)
 
     def host(self, issuer: CA, name: str, *, policies: str = "", extra: Sequence[str] = (),
-             ca_true: bool = False, key: str = "ec", san: str = "") -> Path:
+             ca_true: bool = False, key: str = "ec", san: str = "", serial: int | None = None) -> Path:
         lines = [f"basicConstraints=critical,CA:{'TRUE' if ca_true else 'FALSE'}",
                  "keyUsage=critical,digitalSignature,keyEncipherment",
                  "extendedKeyUsage=serverAuth,clientAuth", f"subjectAltName={san or 'DNS:' + name}",
                  "subjectKeyIdentifier=hash", "authorityKeyIdentifier=keyid",
                  *([f"certificatePolicies={policies}"] if policies else []), *extra]
-        return self.issue(issuer, name, f"/C=DE/L=Frankfurt/O=Acme/CN={name}", lines, key=key)
+        return self.issue(issuer, name, f"/C=DE/L=Frankfurt/O=Acme/CN={name}", lines, key=key,
+                          serial=serial)
 
     def revoke(self, issuer: CA, cert: Path) -> None:
         (self.d / f"{issuer.name}.cnf").write_text(CNF.format(name=issuer.name, crl_ext=""))

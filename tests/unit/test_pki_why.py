@@ -256,3 +256,41 @@ def test_placement_policy_counts_only_when_every_ca_asserts_it(base: Base) -> No
     good = base.tree.host(base.int, "high.acme.example", policies=HIGH)
     rc3, decision = explain(base, standard(base, "pol-ok"), good, base.policy_high)
     assert rc3 == 0 and decision["allowed"] is True
+
+
+def test_zero_and_negative_serials_are_refused_in_one_line(base: Base) -> None:
+    """RFC 5280 serials are positive; openssl issues and verifies zero and negative ones, and
+    cryptography loads them with a deprecation warning (a future release will refuse them).
+    escort refuses them now: one line with the fix, no Python warning at the user, and the same
+    refusal from ``cert verify``, ``explain`` and a trust directory."""
+    zero = base.tree.host(base.int, "zero.acme.example", policies=HIGH, serial=0)
+    assert "serial=00" in ossl.run(base.d, "x509", "-in", str(zero), "-noout", "-serial")
+    ossl.run(base.d, "verify", "-CAfile", str(base.root.pem), "-untrusted", str(base.int.pem), str(zero))
+    trust = standard(base, "serial")
+    out = subprocess.run([ESCORT, "cert", "verify", "--trust", str(trust), str(zero)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and "serial number 0 is not positive" in out.stderr
+    assert "Warning" not in out.stderr and "Traceback" not in out.stderr
+    explain(base, trust, base.tree.host(base.int, "fine.acme.example", policies=HIGH), base.policy_low)
+    fleet = trust.parent / f"{trust.name}.toml"  # written by explain(); now the zero-serial host
+    fleet.write_text(fleet.read_text().replace(str(base.d / "fine.acme.example.pem"), str(zero)))
+    out = subprocess.run([ESCORT, "explain", "--fleet", str(fleet), "--offline", "app-1", "target"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out  # unusable input, as elsewhere
+    assert "serial number 0 is not positive" in out.stderr and "Warning" not in out.stderr
+    # a CA with a negative serial in the trust directory: a problem with that file, never an anchor
+    neg = base.tree.ca(base.root, "negca", "/O=Acme/CN=Acme Negative CA",
+                       ext=[f"certificatePolicies={HIGH}"], serial=-7)
+    crl = base.tree.crl(neg, "negca.crl")
+    host = base.tree.host(neg, "under-neg.acme.example", policies=HIGH)
+    trust = standard(base, "negca", **{"negca.pem": neg.pem, "negca.crl": crl})
+    out = subprocess.run([ESCORT, "cert", "verify", "--trust", str(trust), "--json", str(host)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Warning" not in out.stderr, out
+    verdict = json.loads(out.stdout)
+    assert verdict["valid"] is False and "chain.no_issuer" in codes(verdict)
+    assert [p["code"] for p in verdict["problems"] if "serial number -7 is not positive" in p["message"]] \
+        == ["file.invalid"]
+    rc, decision = explain(base, trust, host, base.policy_low)
+    assert rc == 1 and decision["allowed"] is False and "chain.no_issuer" in codes(decision)

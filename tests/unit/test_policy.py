@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,47 @@ def test_build_refuses_empty_trust_and_window() -> None:
     with pytest.raises(InputError):
         pol.build_policy_payload(owner="a", vm_uuid=VM, vm_name="", trusted_cas=[("x", "ab" * 32)],
                                  require={}, not_before=T0, not_after=T0)
+
+
+def test_owner_certificate_with_a_non_positive_serial_is_refused(kit: Kit, tmp_path: Path) -> None:
+    """The owner's certificate in a policy's x5c, re-signed by the owners' CA with serial -3 by the
+    ``openssl`` CLI (which allows it): refused as unusable, with the serial named (that no Python
+    warning reaches the user is checked on real processes in test_pki_why)."""
+    import subprocess
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from console.core import issuance as iss
+
+    (tmp_path / "ca.pem").write_bytes(iss.cert_pem(kit.owners_ca.cert))
+    (tmp_path / "ca.key").write_bytes(kit.owners_ca.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "alice.pem").write_bytes(iss.cert_pem(kit.alice.cert))
+    (tmp_path / "alice.key").write_bytes(kit.alice.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for args in (["-x509toreq", "-in", "alice.pem", "-signkey", "alice.key", "-copy_extensions", "copy",
+                  "-out", "alice.csr"],
+                 ["-req", "-in", "alice.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "-3",
+                  "-copy_extensions", "copy", "-days", "30", "-out", "neg.pem"]):
+        subprocess.run(["openssl", "x509", *args], cwd=tmp_path, check=True, capture_output=True)
+    neg = x509.load_pem_x509_certificate((tmp_path / "neg.pem").read_bytes())
+    assert neg.serial_number == -3
+    now = dt.datetime.now(dt.UTC)
+    payload = pol.build_policy_payload(
+        owner=kit.alice.email, vm_uuid=VM, vm_name="web-1", trusted_cas=[("Region EU", fp(kit.eu.cert))],
+        require={"country": ["DE"]}, not_before=now - dt.timedelta(days=1),
+        not_after=now + dt.timedelta(days=9))
+    with pytest.raises(InputError, match="serial number -3 is not positive"):
+        pol.sign_policy(payload, kit.alice.key, [neg])  # escort will not sign with it...
+    token = env.sign_raw(payload, pol.TYP_POLICY, kit.alice.key, [neg])  # ...another tool might
+    r = pol.PolicyBook(kit.owners).verify(token, now, vm_uuid=VM)
+    assert not r.valid
+    assert any("serial number -3 is not positive" in x.message for x in r.reasons), r.reasons
+    # the same certificate with a positive serial (same steps, same dates) is accepted
+    subprocess.run(["openssl", "x509", "-req", "-in", "alice.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                    "-set_serial", "3", "-copy_extensions", "copy", "-days", "30", "-out", "pos.pem"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    pos = x509.load_pem_x509_certificate((tmp_path / "pos.pem").read_bytes())
+    good = pol.PolicyBook(kit.owners).verify(pol.sign_policy(payload, kit.alice.key, [pos]), now, vm_uuid=VM)
+    assert good.valid, good.reasons

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import binascii
 import re
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 
 from ..errors import InputError
 from .attributes import der_fields, facts, name_parses, names_parsed
@@ -24,6 +26,24 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*+"
 _PEM_BEGIN = re.compile(rb"-----BEGIN ")
 #: what ``\s`` matches in a bytes pattern (ASCII whitespace), for ``bytes.translate``
 _WHITESPACE = b" \t\n\r\x0b\x0c"
+
+#: RFC 5280 4.1.2.2: a certificate's serial number is positive. cryptography still loads a
+#: zero or negative one, with a CryptographyDeprecationWarning at each read (a future release will
+#: refuse to load it), and OpenSSL accepts it. escort refuses it now, as damage with a fix
+#: (``serial_problem``), so that warning would only print Python's internals at the user.
+warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't positive",
+                        category=CryptographyDeprecationWarning)
+
+
+def serial_problem(cert: x509.Certificate) -> str | None:
+    """Why ``cert``'s serial number is refused (zero or negative), or None."""
+    serial = cert.serial_number
+    if serial > 0:
+        return None
+    return (f"serial number {serial} is not positive (RFC 5280 requires a positive serial; "
+            f"cryptography will stop loading such certificates); reissue it with a positive "
+            f"serial (openssl x509 -req ... -set_serial N, or -CAcreateserial)")
+
 
 PemKind = Literal["certificate", "crl", "private key", "public key", "certificate request",
                   "other"]
@@ -145,6 +165,9 @@ def _check_extensions(cert: x509.Certificate, source: str,
         pass  # reported by the checks as key.unsupported / chain.signature, with context
     except Exception as exc:  # ValueError, InvalidVersion...: damage of any kind
         raise InputError(f"{source}: damaged certificate ({exc})") from exc
+    bad_serial = serial_problem(cert)
+    if bad_serial is not None:
+        raise InputError(f"{source}: {bad_serial}")
     if fields is not None:
         names_parsed(fields[2], fields[3])  # (both parsed now, or known to parse)
 
