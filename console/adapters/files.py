@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import select
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,20 +19,44 @@ from console.core.pki import Problem
 from console.core.reasons import Reason
 
 MAX_INPUT_BYTES = 1024 * 1024  # certificates, CRLs, policies, grants, fleet files
+#: how long a pipe or device named as an input may stay silent (``<(openssl ...)`` works; a
+#: named pipe someone left where a policy file belongs must not hang the console)
+PIPE_WAIT_S = 5.0
+
+
+def _read_some(fd: int, size: int, path: str | os.PathLike[str]) -> bytes:
+    """``os.read`` on a descriptor opened non-blocking: a regular file reads at once; a pipe or
+    device with nothing to read yet is waited for, up to ``PIPE_WAIT_S`` each time."""
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            ready, _, _ = select.select([fd], [], [], PIPE_WAIT_S)
+            if not ready:
+                raise InputError(f"{Path(path)}: nothing to read for {PIPE_WAIT_S:g} s "
+                                 f"(a pipe or device, not a file)") from None
 
 
 def read_limited(path: str | os.PathLike[str], *, limit: int = MAX_INPUT_BYTES, what: str = "file") -> bytes:
-    """Read a whole small file, or raise a one-line InputError."""
+    """Read a whole small file, or raise a one-line InputError.
+
+    Never blocks for good: opened non-blocking, so a named pipe without a writer reads as
+    nothing (an error naming it) instead of waiting in ``open`` forever, and a pipe or device
+    that stays silent is given up after ``PIPE_WAIT_S``. (Regular files are not affected.)
+    """
     try:
         # os.open/os.read, no stat (and no Path()) first: 10,000 policy files at start-up.
         # (``open(...).read(limit + 1)`` allocates limit + 1 bytes for every file: ~7x slower.)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         try:
-            chunks = [os.read(fd, min(limit + 1, 65536))]
+            chunks = [_read_some(fd, min(limit + 1, 65536), path)]
             size = len(chunks[0])
             while chunks[-1] and size <= limit:
-                chunks.append(os.read(fd, min(limit + 1 - size, 1 << 20)))
+                chunks.append(_read_some(fd, min(limit + 1 - size, 1 << 20), path))
                 size += len(chunks[-1])
+            if not size and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise InputError(f"{Path(path)}: a named pipe (FIFO) with nothing written to it, "
+                                 f"expected a {what}")
         finally:
             os.close(fd)
         data = b"".join(chunks)
