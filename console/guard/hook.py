@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,34 @@ ROLES = ("host-certs", "host-crls", "owner-certs", "owner-crls")
 MAX_FILE = 1024 * 1024
 
 
+MAX_CONFIG = 64 * 1024 * 1024  # guard.json: ~3.3 MB at 10,000 VMs (its `seen`)
+#: how long an admitting hook waits for the memory file's lock before it gives up recording
+LOCK_WAIT_S = 5.0
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks followed) of at most ``limit``
+    bytes; OSError otherwise. Opened non-blocking, so a FIFO cannot hang the hook (libvirt
+    waits for a hook without any timeout) and a device such as /dev/zero cannot fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(f"{path}: larger than {limit // (1024 * 1024)} MiB")
+    return b"".join(chunks)
+
+
 def _read_dir(d: Path) -> list[tuple[str, bytes]]:
     if not d.is_dir():
         return []
@@ -47,11 +76,7 @@ def _read_dir(d: Path) -> list[tuple[str, bytes]]:
     for f in sorted(d.iterdir()):
         if f.name.startswith(".") or not f.is_file():
             continue
-        with f.open("rb") as fh:
-            data = fh.read(MAX_FILE + 1)
-        if len(data) > MAX_FILE:
-            raise OSError(f"{f}: larger than 1 MiB")
-        out.append((f.name, data))
+        out.append((f.name, read_regular(f, MAX_FILE)))
     return out
 
 
@@ -59,7 +84,7 @@ def load(conf_dir: Path = CONF_DIR) -> tuple[Any, Any, str]:
     """(GuardConfig, GuardMaterial, digest recorded by escort); raises OSError/InputError."""
     from console.core.guard import GuardConfig, GuardMaterial
 
-    raw = (conf_dir / "guard.json").read_bytes()
+    raw = read_regular(conf_dir / "guard.json", MAX_CONFIG)
     config, recorded = GuardConfig.parse(raw)
     trust = conf_dir / "trust"
     if not trust.is_dir():
@@ -77,12 +102,9 @@ def read_memory(path: Path | None = None) -> dict[str, Any]:
 
     path = path or MEMORY_FILE
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_MEMORY + 1)
+        data = read_regular(path, MAX_MEMORY)
     except FileNotFoundError:
         return {}
-    if len(data) > MAX_MEMORY:
-        raise OSError(f"{path}: larger than 64 MiB")
     return parse_memory(data, str(path))
 
 
@@ -97,7 +119,15 @@ def remember(uuid: str, entry: Any, path: Path | None = None) -> bool:
     path = path or MEMORY_FILE
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:  # never wait forever: libvirt would wait with us, holding the domain's job
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(f"{path}: still locked after {LOCK_WAIT_S:.0f} s, not recorded") from None
+                time.sleep(0.02)
         current = read_memory(path)
         merged = merge_seen(current, {uuid: entry})
         if merged.get(uuid) == current.get(uuid):
@@ -174,12 +204,13 @@ def decide_stdin(name: str, op: str, sub: str, source: str, xml: str) -> tuple[i
                     "then relies on what escort pushed)")
             entry.update(verdict="refused", reason="guard.memory_unusable", message=str(exc))
             return 1, " ".join(line.split()), entry
+        cert_error = ""
         try:
-            host_cert = Path(config.host_cert).read_bytes()[: MAX_FILE + 1]
+            host_cert = read_regular(Path(config.host_cert), MAX_FILE)
         except OSError as exc:
-            host_cert = b""
-            entry["host_cert_error"] = str(exc)
-        verdict = guard_decide(xml, host_cert, material, config, _now(), remembered)
+            host_cert, cert_error = b"", str(exc)
+            entry["host_cert_error"] = cert_error
+        verdict = guard_decide(xml, host_cert, material, config, _now(), remembered, cert_error)
         if verdict.allowed and verdict.seen is not None:
             try:
                 if remember(verdict.vm_uuid, verdict.seen):

@@ -1,0 +1,192 @@
+"""Holes found by attacking the lab's guard from outside (plain virsh, a root shell).
+
+* **Laundered strip**: the policy is removed with ``virsh metadata --remove``, then any
+  routine `escort hosts guard install` pushes a VM list without that VM (the list is
+  "VMs with a policy now"), and ``virsh migrate`` to a host the policy refuses was
+  admitted as ``guard.no_policy``, although the same guard.json still held escort's
+  memory of the VM's policy (``seen``). The guard now treats a VM in either memory as
+  policy-carrying, and `escort check` reports such a VM wherever it runs.
+* **Files that are not files**: guard.json or the host certificate replaced by a symlink
+  to /dev/zero was read whole (the hook filled memory until it was killed: no log line,
+  no reason); a FIFO would hang the hook, and libvirt waits for a hook without a timeout.
+* **A held memory lock** hung every admitting hook (flock without a deadline).
+* guard.json was read with plain ``json``: duplicate keys (the last one wins) passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from console.core.errors import InputError
+from console.core.guard import GuardConfig, guard_decide
+from console.guard import hook
+from console.services.check import misplaced
+from console.services.fleet import FleetService
+from tests.unit.test_guard import _plan, domain_xml
+from tests.unit.trustkit import T0, WEB_UUID, FleetFiles, build_fleet
+
+HOST = "hv-fr-1"
+OTHER = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.fixture()
+def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FleetFiles:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # escort's memory: this test's own
+    return build_fleet(tmp_path)
+
+
+def test_a_strip_laundered_by_a_later_install_is_still_refused(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, at=T0)
+    config, material = _plan(s, HOST)
+    cert = (fleet.root / "certs" / f"{HOST}.pem").read_bytes()
+    assert WEB_UUID in config.seen and WEB_UUID in config.policy_uuids
+    # what an install pushes after `virsh metadata --remove`: web-1 is no longer in the list,
+    # but escort's memory (pushed in the same guard.json) still has its policy
+    after = replace(config, policy_uuids=frozenset(config.policy_uuids - {WEB_UUID}))
+    v = guard_decide(domain_xml("web-1", WEB_UUID), cert, material, after, T0)
+    assert not v.allowed and v.code == "guard.policy_stripped", v
+    assert "escort's memory of policies: seq " in v.message
+    # only this guard's own memory knows it (escort never pushed it): refused too
+    bare = replace(after, seen={})
+    v = guard_decide(domain_xml("web-1", WEB_UUID), cert, material, bare, T0, dict(config.seen))
+    assert not v.allowed and v.code == "guard.policy_stripped" and "this host's memory" in v.message
+    # a VM nobody ever saw with a policy: the host's no_policy setting, as before
+    v = guard_decide(domain_xml("plain", OTHER), cert, material, after, T0, dict(config.seen))
+    assert v.allowed and v.code == "guard.no_policy"
+    v = guard_decide(domain_xml("web-1", WEB_UUID), cert, material, bare, T0)
+    assert v.allowed and v.code == "guard.no_policy"
+
+
+def test_check_reports_a_vm_whose_remembered_policy_was_removed(fleet: FleetFiles) -> None:
+    first = FleetService.load(fleet.fleet, at=T0)
+    assert first.policy(WEB_UUID).seen_entry() is not None
+    first.remember_policies({WEB_UUID: first.policy(WEB_UUID).seen_entry()})  # type: ignore[dict-item]
+    assert misplaced(first, T0) == [] or all(p.uuid != WEB_UUID for p in misplaced(first, T0))
+    text = fleet.fleet.read_text().replace('policy_file = "policies/web-1.jws"\n', "", 1)
+    fleet.fleet.write_text(text)
+    second = FleetService.load(fleet.fleet, at=T0)
+    assert not second.policy_token(WEB_UUID)
+    found = [p for p in misplaced(second, T0) if p.uuid == WEB_UUID]
+    assert found and found[0].reasons[0].code == "guard.policy_stripped", found
+    assert "escort remembers one (seq " in found[0].reasons[0].message
+
+
+def _conf(tmp_path: Path, fleet: FleetFiles) -> tuple[Path, dict[str, str]]:
+    """The pushed guard.json + trust material under tmp_path/conf, and the hook's env."""
+    from console.services.guard import payload, plan_for
+    from tests.unit.test_guard import _unpack
+
+    s = FleetService.load(fleet.fleet, at=T0)
+    assert s.spec is not None
+    spec = next(h for h in s.spec.hosts if h.name == HOST)
+    spec = type(spec)(**{**spec.__dict__, "remote_cert": str(fleet.root / "certs" / f"{HOST}.pem")})
+    root = tmp_path / "host"
+    _unpack(payload(plan_for(s, spec), with_code=False), root)
+    env = {"ESCORT_GUARD_CONF": str(root / "conf"), "ESCORT_GUARD_LOG": str(root / "guard.log"),
+           "ESCORT_GUARD_SEEN": str(root / "state" / "seen.json"), "ESCORT_GUARD_AT": T0.isoformat(),
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return root, env
+
+
+_LIMITED = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (768 << 20, 768 << 20)); "
+            "from console.guard.hook import main; sys.exit(main(sys.argv))")
+
+
+def _hook(env: dict[str, str], token: str) -> subprocess.CompletedProcess[str]:
+    """The hook as libvirt runs it, with 768 MiB of address space and a 20 s limit."""
+    return subprocess.run([sys.executable, "-c", _LIMITED, "web-1", "prepare", "begin", "-"],
+                          input=domain_xml("web-1", WEB_UUID, token), env=env, capture_output=True,
+                          text=True, timeout=20, check=False)
+
+
+def _log(root: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in (root / "guard.log").read_text().splitlines()]
+
+
+def test_config_and_certificate_must_be_regular_files(fleet: FleetFiles, tmp_path: Path) -> None:
+    root, env = _conf(tmp_path, fleet)
+    token = (fleet.root / "policies" / "web-1.jws").read_text().strip()
+    assert _hook(env, token).returncode == 0
+    conf = root / "conf" / "guard.json"
+    good = conf.read_bytes()
+    # guard.json -> /dev/zero: was read until memory ran out (guard.internal: MemoryError here,
+    # the kernel's OOM killer on a host); now refused at once, naming the file
+    conf.unlink()
+    conf.symlink_to("/dev/zero")
+    p = _hook(env, token)
+    assert p.returncode == 1 and "guard.trust_unusable" in p.stderr, p.stderr
+    assert "not a regular file" in p.stderr, p.stderr
+    # a FIFO: opening it blocked the hook (and libvirt with it) until a writer came
+    conf.unlink()
+    os.mkfifo(conf)
+    p = _hook(env, token)
+    assert p.returncode == 1 and "guard.trust_unusable" in p.stderr, p.stderr
+    conf.unlink()
+    conf.write_bytes(good)
+    # the host certificate -> /dev/zero: the same, and the reason says what is wrong with it
+    data = json.loads(good)
+    data["host_cert"] = "/dev/zero"
+    conf.write_text(json.dumps(data))
+    p = _hook(env, token)
+    assert p.returncode == 1, p.stderr
+    assert "guard.host_cert_unreadable" in p.stderr and "/dev/zero: not a regular file" in p.stderr, p.stderr
+    assert [e["reason"] for e in _log(root)] == ["guard.admitted", "guard.trust_unusable",
+                                                 "guard.trust_unusable", "guard.host_cert_unreadable"]
+
+
+def test_read_regular_bounds(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    assert hook.read_regular(f, 100) == b"x" * 100
+    with pytest.raises(OSError, match="larger than"):
+        hook.read_regular(f, 99)
+    with pytest.raises(OSError, match="not a regular file"):
+        hook.read_regular(tmp_path, 10)
+    with pytest.raises(FileNotFoundError):
+        hook.read_regular(tmp_path / "missing", 10)
+
+
+def test_a_held_memory_lock_does_not_hang_the_hook(fleet: FleetFiles, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    s = FleetService.load(fleet.fleet, at=T0)
+    entry = s.policy(WEB_UUID).seen_entry()
+    memory = tmp_path / "state" / "seen.json"
+    memory.parent.mkdir()
+    monkeypatch.setattr(hook, "LOCK_WAIT_S", 0.3, raising=False)
+    result: list[object] = []
+
+    def record() -> None:
+        try:
+            result.append(hook.remember(WEB_UUID, entry, memory))
+        except OSError as exc:
+            result.append(exc)
+
+    with open(memory.with_suffix(".lock"), "a") as held:  # someone holds the lock for good
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        t = threading.Thread(target=record, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "remember() waited for the lock without a deadline"
+    assert len(result) == 1 and isinstance(result[0], OSError) and "still locked" in str(result[0])
+    assert hook.remember(WEB_UUID, entry, memory) is True  # free again: recorded
+
+
+def test_guard_json_with_duplicate_keys_is_refused(fleet: FleetFiles) -> None:
+    s = FleetService.load(fleet.fleet, at=T0)
+    config, _material = _plan(s, HOST)
+    text = json.dumps(config.as_json("d"))
+    GuardConfig.parse(text.encode())
+    twice = text.replace('{"version"', '{"no_policy": "refuse", "version"', 1)
+    assert twice.count('"no_policy"') == 2
+    with pytest.raises(InputError, match=r"guard\.json is not JSON"):
+        GuardConfig.parse(twice.encode())
