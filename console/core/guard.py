@@ -40,7 +40,7 @@ from .policy import PolicyBook, SeenPolicy, merge_seen, normalize_uuid, token_fr
 from .reasons import Reason
 
 #: Bumped whenever the hook's behaviour or its files change; `guard status` shows it.
-GUARD_VERSION = "2"
+GUARD_VERSION = "3"
 NoPolicy = Literal["admit", "refuse"]
 NO_POLICY_MODES: tuple[str, ...] = ("admit", "refuse")
 #: Hook operations the guard checks; every other one is admitted without a look.
