@@ -267,15 +267,24 @@ def status() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    """libvirt calls ``NAME OP SUBOP EXTRA`` (four arguments, EXTRA "-" for qemu hooks).
+
+    A domain may be NAMED ``--status`` or ``--dry-run`` (libvirt allows it, and ``virsh
+    migrate --dname`` renames on the way): the operator forms are therefore recognised
+    only by their exact shape — ``--status`` alone, ``--dry-run NAME OP SUBOP EXTRA``
+    (five arguments) — and any other call is libvirt's, its first argument the name.
+    (Before, a VM named ``--dry-run`` or ``--status`` started anywhere unchecked.)
+    """
     args = argv[1:]
-    if args[:1] == ["--status"]:
+    if args == ["--status"]:
         sys.stdout.write(json.dumps(status(), sort_keys=True) + "\n")
         return 0
     source = "libvirt"
-    if args[:1] == ["--dry-run"]:  # bench and operators: decide on an XML file, log as dry-run
+    if len(args) >= 5 and args[0] == "--dry-run":  # bench and operators: decide on an XML file
         source, args = "dry-run", args[1:]
     if len(args) < 3:
-        sys.stderr.write("escort-guard: usage: escort-guard NAME OP SUBOP [EXTRA] (libvirt qemu hook)\n")
+        sys.stderr.write("escort-guard: usage: escort-guard NAME OP SUBOP EXTRA (libvirt qemu hook), "
+                         "--status, or --dry-run NAME OP SUBOP EXTRA\n")
         return 2
     name, op, sub = args[0], args[1], args[2]
     from console.core.guard import CHECKED_OPS

@@ -190,3 +190,54 @@ def test_guard_json_with_duplicate_keys_is_refused(fleet: FleetFiles) -> None:
     assert twice.count('"no_policy"') == 2
     with pytest.raises(InputError, match=r"guard\.json is not JSON"):
         GuardConfig.parse(twice.encode())
+
+
+def _launcher_on(tmp_path: Path, fleet: FleetFiles, host: str) -> tuple[Path, Path, dict[str, str]]:
+    """The launcher libvirt runs (console/services/guard.py), reading this checkout's code,
+    with ``host``'s pushed configuration; (launcher, host root, env)."""
+    from console.services.guard import _LAUNCHER, payload, plan_for
+    from tests.unit.test_guard import _unpack
+
+    s = FleetService.load(fleet.fleet, at=T0)
+    assert s.spec is not None
+    spec = next(h for h in s.spec.hosts if h.name == host)
+    spec = type(spec)(**{**spec.__dict__, "remote_cert": str(fleet.root / "certs" / f"{host}.pem")})
+    root = tmp_path / host
+    _unpack(payload(plan_for(s, spec), with_code=False), root)
+    launcher = root / "escort-guard"
+    launcher.write_text(_LAUNCHER.format(version="test", lib=Path(__file__).resolve().parents[2],
+                                         log=root / "guard.log"))
+    launcher.chmod(0o755)
+    env = {"ESCORT_GUARD_CONF": str(root / "conf"), "ESCORT_GUARD_LOG": str(root / "guard.log"),
+           "ESCORT_GUARD_SEEN": str(root / "state" / "seen.json"), "ESCORT_GUARD_AT": T0.isoformat(),
+           "PATH": "/usr/bin:/bin"}
+    return launcher, root, env
+
+
+@pytest.mark.parametrize("name", ["--dry-run", "--status"])
+def test_a_vm_named_like_an_option_is_still_checked(fleet: FleetFiles, tmp_path: Path, name: str) -> None:
+    """libvirt runs ``escort-guard NAME OP SUBOP -``; a domain named ``--dry-run`` made that
+    ``--dry-run prepare begin -`` (read as a dry run of op ``begin``: exit 0), and one named
+    ``--status`` printed the status and exited 0: either VM started where its policy refuses
+    it (found in the lab: `virsh define` + `virsh start`, or `virsh migrate --dname`)."""
+    s = FleetService.load(fleet.fleet, at=T0)
+    refusing = next(h.name for h in s.hosts() if any(
+        r.severity == "error" and r.code != "host.current" for r in s.explain(WEB_UUID, h.name).reasons))
+    launcher, root, env = _launcher_on(tmp_path, fleet, refusing)
+    token = (fleet.root / "policies" / "web-1.jws").read_text().strip()
+    xml = domain_xml(name, WEB_UUID, token)
+    for op in ("prepare", "migrate", "restore"):
+        p = subprocess.run([sys.executable, str(launcher), name, op, "begin", "-"], input=xml,
+                           env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert p.returncode == 1, (op, p.stdout, p.stderr)
+        assert p.stdout == ""  # libvirt would take stdout as a replacement XML (migrate, restore)
+        assert p.stderr.startswith(f"escort-guard refused {name}: "), p.stderr
+    # the operator forms still work in their exact shape
+    st = subprocess.run([sys.executable, str(launcher), "--status"], env=env,
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert st.returncode == 0 and json.loads(st.stdout)["host"] == refusing
+    dry = subprocess.run([sys.executable, str(launcher), "--dry-run", "web-1", "migrate", "begin",
+                          "-"], input=xml, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert dry.returncode == 1 and dry.stderr.startswith("escort-guard refused "), dry.stderr
+    sources = [e["source"] for e in _log(root)]
+    assert sources == ["process start", "incoming migration", "restore", "dry-run"], sources
