@@ -117,3 +117,37 @@ def test_a_laundered_strip_is_refused_and_reported(lab: Lab, path_dir: Path, gue
     ok = _migrate(lab, path_dir, VM, "fra-1", "fra-2")
     assert ok.returncode == 0, ok.stderr
     assert VM in _running(lab, "fra-2")
+
+
+def test_a_vm_renamed_like_an_option_is_refused(lab: Lab, path_dir: Path, guest: str) -> None:
+    """libvirt runs ``escort-guard NAME OP SUBOP -``: a guest renamed ``--dry-run`` on the way
+    (``virsh migrate --dname``) or defined as ``--status`` was admitted unchecked before."""
+    uri = "qemu+ssh://fra-1/system"
+    token = _sign_de_only(lab, guest)
+    put = _virsh(path_dir, "-c", uri, "metadata", VM, pol.POLICY_NS, "--key", "escort", "--set",
+                 f'<policy ver="{pol.VERSION}">{token}</policy>', "--live", "--config")
+    assert put.returncode == 0, put.stderr
+    dst = lab.host("par-1").migration_ip
+    proc = _virsh(path_dir, "-c", uri, "migrate", "--live", "--tls", "--tls-destination", "par-1", VM,
+                  "qemu+ssh://par-1/system", "--migrateuri", f"tcp://{dst}", "--dname=--dry-run")
+    assert proc.returncode != 0
+    assert "escort-guard refused --dry-run: attr.country: " in proc.stderr, proc.stderr
+    assert VM in _running(lab, "fra-1") and "--dry-run" not in _running(lab, "par-1")
+    # the same domain defined as `--status` on par-1 and started there
+    dump = _virsh(path_dir, "-c", uri, "dumpxml", "--inactive", VM)
+    assert dump.returncode == 0, dump.stderr
+    libvirt = _libvirt()
+    conn = lab.open_libvirt("par-1")
+    try:
+        dom = conn.defineXML(dump.stdout.replace(f"<name>{VM}</name>", "<name>--status</name>"))
+        try:
+            with pytest.raises(libvirt.libvirtError, match=r"escort-guard refused --status: attr\.country: "):
+                dom.create()
+            assert not dom.isActive()
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    entries = [e for e in _log(lab, "par-1") if e.get("uuid") == guest]
+    assert [(e["vm"], e["op"], e["verdict"]) for e in entries[-2:]] == [
+        ("--dry-run", "migrate begin", "refused"), ("--status", "prepare begin", "refused")], entries
