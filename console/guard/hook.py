@@ -287,19 +287,43 @@ def main(argv: list[str]) -> int:
                          "--status, or --dry-run NAME OP SUBOP EXTRA\n")
         return 2
     name, op, sub = args[0], args[1], args[2]
-    from console.core.guard import CHECKED_OPS
+    try:
+        from console.core.guard import CHECKED_OPS
 
-    kind = CHECKED_OPS.get((op, sub))
+        kind = CHECKED_OPS.get((op, sub))
+    except BaseException as exc:  # a damaged bundle: one line and a log entry, never a traceback
+        if (op, sub) not in FALLBACK_CHECKED_OPS:
+            return 0
+        return _refused(name, op, sub, source, "guard.broken",
+                        f"the guard's code does not load ({type(exc).__name__}: {exc}); "
+                        "run `escort hosts guard install`")
     if kind is None:
         return 0
     if source == "libvirt":
         source = kind
-    xml = sys.stdin.read(4 * 1024 * 1024 + 1)
-    code, line, entry = decide_stdin(name, op, sub, source, xml)
+    try:
+        xml = sys.stdin.read(4 * 1024 * 1024 + 1)
+        code, line, entry = decide_stdin(name, op, sub, source, xml)
+    except BaseException as exc:  # SystemExit/KeyboardInterrupt from a damaged bundle: refuse too
+        return _refused(name, op, sub, source, "guard.internal",
+                        f"the guard failed ({type(exc).__name__}: {exc})")
     _log(entry)
     if code:
         sys.stderr.write(line + "\n")
     return code
+
+
+#: what the launcher checks (console/services/guard.py) = core.guard.CHECKED_OPS, for when
+#: the core cannot be imported (a test keeps the three equal)
+FALLBACK_CHECKED_OPS = frozenset({("migrate", "begin"), ("prepare", "begin"), ("restore", "begin")})
+
+
+def _refused(name: str, op: str, sub: str, source: str, code: str, message: str) -> int:
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    _log({"at": stamp, "op": f"{op} {sub}", "vm": name, "source": source, "verdict": "refused",
+          "reason": code, "message": message})
+    sys.stderr.write(" ".join(f"escort-guard refused {name}: {code}: {message}".split())[:1000] + "\n")
+    return 1
 
 
 if __name__ == "__main__":

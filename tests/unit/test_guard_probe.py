@@ -241,3 +241,46 @@ def test_a_vm_named_like_an_option_is_still_checked(fleet: FleetFiles, tmp_path:
     assert dry.returncode == 1 and dry.stderr.startswith("escort-guard refused "), dry.stderr
     sources = [e["source"] for e in _log(root)]
     assert sources == ["process start", "incoming migration", "restore", "dry-run"], sources
+
+
+def test_launcher_fallback_matches_the_core() -> None:
+    from console.core.guard import CHECKED_OPS
+    from console.services.guard import _LAUNCHER
+
+    assert set(CHECKED_OPS) == hook.FALLBACK_CHECKED_OPS
+    for op, sub in CHECKED_OPS:
+        assert f'("{op}", "{sub}")' in _LAUNCHER
+
+
+@pytest.mark.parametrize(("damage", "code"), [
+    ("truncated", "guard.broken"),  # was: a Python traceback on stderr, nothing logged
+    ("exits", "guard.broken"),  # was: exit 0 (SystemExit is not an Exception): admitted
+])
+def test_a_damaged_bundle_refuses_with_one_line(fleet: FleetFiles, tmp_path: Path, damage: str,
+                                                code: str) -> None:
+    import shutil
+
+    from console.services.guard import _LAUNCHER
+
+    launcher, root, env = _launcher_on(tmp_path, fleet, HOST)
+    lib = tmp_path / "lib"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "console", lib / "console",
+                    ignore=shutil.ignore_patterns("__pycache__", "ui", "lab"))
+    if damage == "truncated":  # a partial write of the core: it no longer imports
+        f = lib / "console" / "core" / "guard.py"
+        f.write_text(f.read_text()[:3000])
+    else:  # a module that ends the process while the verdict is being made
+        (lib / "console" / "core" / "decisions.py").write_text("raise SystemExit(0)\n")
+    launcher.write_text(_LAUNCHER.format(version="test", lib=lib, log=root / "guard.log"))
+    token = (fleet.root / "policies" / "web-1.jws").read_text().strip()
+    p = subprocess.run([sys.executable, "-B", str(launcher), "web-1", "prepare", "begin", "-"],
+                       input=domain_xml("web-1", WEB_UUID, token), env=env, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 1, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"escort-guard refused web-1: {code}: "), p.stderr
+    assert [e["reason"] for e in _log(root)] == [code]
+    # an operation the guard does not check still passes (libvirt must be able to stop VMs)
+    q = subprocess.run([sys.executable, "-B", str(launcher), "--x", "stopped", "end", "-"], input="",
+                       env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert q.returncode == 0 and q.stderr == "", q.stderr
