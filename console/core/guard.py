@@ -36,7 +36,14 @@ from . import pki, strictjson
 from .decisions import Decision, HostCheck, VMCheck, decide
 from .envelope import reason
 from .errors import InputError
-from .policy import PolicyBook, SeenPolicy, merge_seen, normalize_uuid, token_from_metadata_xml
+from .policy import (
+    POLICY_NS,
+    PolicyBook,
+    SeenPolicy,
+    merge_seen,
+    normalize_uuid,
+    token_from_metadata_xml,
+)
 from .reasons import Reason
 
 #: Bumped whenever the hook's behaviour or its files change; `guard status` shows it.
@@ -262,7 +269,10 @@ def domain_identity(xml: str) -> tuple[str, str, str]:
         raise InputError(f"the domain has no usable UUID ({uuid_text!r})") from exc
     if name and not _NAME.match(name):
         name = ""
-    token = token_from_metadata_xml(xml)
+    # only the policy element goes through escort's reader (the one `escort` uses on the
+    # element libvirt returns): its 1 MiB limit is for a policy, not for a whole domain
+    found = root.find(f"./metadata/{{{POLICY_NS}}}policy")
+    token = "" if found is None else token_from_metadata_xml(ET.tostring(found, encoding="unicode"))
     return uuid, name, token
 
 

@@ -268,7 +268,7 @@ def test_a_damaged_bundle_refuses_with_one_line(fleet: FleetFiles, tmp_path: Pat
                     ignore=shutil.ignore_patterns("__pycache__", "ui", "lab"))
     if damage == "truncated":  # a partial write of the core: it no longer imports
         f = lib / "console" / "core" / "guard.py"
-        f.write_text(f.read_text()[:3000])
+        f.write_text(f.read_text()[:3000] + "\n(\n")  # cut mid-file: a syntax error
     else:  # a module that ends the process while the verdict is being made
         (lib / "console" / "core" / "decisions.py").write_text("raise SystemExit(0)\n")
     launcher.write_text(_LAUNCHER.format(version="test", lib=lib, log=root / "guard.log"))
@@ -284,3 +284,21 @@ def test_a_damaged_bundle_refuses_with_one_line(fleet: FleetFiles, tmp_path: Pat
     q = subprocess.run([sys.executable, "-B", str(launcher), "--x", "stopped", "end", "-"], input="",
                        env=env, capture_output=True, text=True, timeout=60, check=False)
     assert q.returncode == 0 and q.stderr == "", q.stderr
+
+
+def test_a_large_domain_is_judged_by_its_policy(fleet: FleetFiles) -> None:
+    """A 2 MiB <description> (anyone who may run `virsh desc` can set one) made the guard
+    refuse the VM everywhere with "metadata XML is larger than 1024 KiB", although escort,
+    which reads only the policy element, admitted it: the guard now reads only that element."""
+    s = FleetService.load(fleet.fleet, at=T0)
+    config, material = _plan(s, HOST)
+    cert = (fleet.root / "certs" / f"{HOST}.pem").read_bytes()
+    token = (fleet.root / "policies" / "web-1.jws").read_text().strip()
+    small = guard_decide(domain_xml("web-1", WEB_UUID, token), cert, material, config, T0)
+    desc = f"<description>{'x' * (2 << 20)}</description>"
+    big = guard_decide(domain_xml("web-1", WEB_UUID, token, extra=desc), cert, material, config, T0)
+    assert (big.allowed, big.codes) == (small.allowed, small.codes), big
+    assert big.policy_digest == small.policy_digest != ""
+    # a policy element with children is still refused, as escort refuses it
+    bad = domain_xml("web-1", WEB_UUID, token).replace(f"{token}</", f"{token}<x/></")
+    assert guard_decide(bad, cert, material, config, T0).code == "guard.xml_unusable"
