@@ -152,7 +152,9 @@ def _log(entry: dict[str, Any]) -> None:
     line = json.dumps(entry, sort_keys=True)
     try:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # non-blocking: a FIFO put in the log's place would otherwise block the open until
+        # a reader came, and libvirt (no timeout) with it; without a reader this is ENXIO
+        fd = os.open(LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
         try:
             os.write(fd, (line + "\n").encode())
         finally:

@@ -302,3 +302,16 @@ def test_a_large_domain_is_judged_by_its_policy(fleet: FleetFiles) -> None:
     # a policy element with children is still refused, as escort refuses it
     bad = domain_xml("web-1", WEB_UUID, token).replace(f"{token}</", f"{token}<x/></")
     assert guard_decide(bad, cert, material, config, T0).code == "guard.xml_unusable"
+
+
+def test_a_fifo_in_place_of_the_log_does_not_hang_the_hook(fleet: FleetFiles, tmp_path: Path) -> None:
+    """Found on fra-2: with a FIFO at /var/log/libvirt/escort-guard.log every hook call
+    blocked in open() (the verdict was made, then nothing), holding libvirt's start or
+    migration for good. Now the entry is lost with a line on stderr; the verdict stands."""
+    launcher, root, env = _launcher_on(tmp_path, fleet, HOST)
+    os.mkfifo(root / "guard.log")
+    token = (fleet.root / "policies" / "web-1.jws").read_text().strip()
+    p = subprocess.run([sys.executable, str(launcher), "web-1", "prepare", "begin", "-"],
+                       input=domain_xml("web-1", WEB_UUID, token), env=env, capture_output=True, text=True,
+                       timeout=20, check=False)
+    assert p.returncode == 0 and "cannot write" in p.stderr and p.stdout == "", p.stderr
