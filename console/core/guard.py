@@ -36,11 +36,18 @@ from . import pki, strictjson
 from .decisions import Decision, HostCheck, VMCheck, decide
 from .envelope import reason
 from .errors import InputError
-from .policy import PolicyBook, SeenPolicy, merge_seen, normalize_uuid, token_from_metadata_xml
+from .policy import (
+    POLICY_NS,
+    PolicyBook,
+    SeenPolicy,
+    merge_seen,
+    normalize_uuid,
+    token_from_metadata_xml,
+)
 from .reasons import Reason
 
 #: Bumped whenever the hook's behaviour or its files change; `guard status` shows it.
-GUARD_VERSION = "2"
+GUARD_VERSION = "3"
 NoPolicy = Literal["admit", "refuse"]
 NO_POLICY_MODES: tuple[str, ...] = ("admit", "refuse")
 #: Hook operations the guard checks; every other one is admitted without a look.
@@ -83,9 +90,9 @@ class GuardConfig:
     @classmethod
     def parse(cls, data: bytes) -> tuple[GuardConfig, str]:
         """``guard.json`` -> (config, the trust digest escort recorded); InputError when unusable."""
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        try:  # the same strict reader as the guard's memory: no duplicate keys, NaN, huge ints
+            raw = strictjson.loads(data)
+        except strictjson.StrictJSONError as exc:
             raise InputError(f"guard.json is not JSON ({exc})") from exc
         if not isinstance(raw, dict):
             raise InputError("guard.json is not a JSON object")
@@ -262,7 +269,10 @@ def domain_identity(xml: str) -> tuple[str, str, str]:
         raise InputError(f"the domain has no usable UUID ({uuid_text!r})") from exc
     if name and not _NAME.match(name):
         name = ""
-    token = token_from_metadata_xml(xml)
+    # only the policy element goes through escort's reader (the one `escort` uses on the
+    # element libvirt returns): its 1 MiB limit is for a policy, not for a whole domain
+    found = root.find(f"./metadata/{{{POLICY_NS}}}policy")
+    token = "" if found is None else token_from_metadata_xml(ET.tostring(found, encoding="unicode"))
     return uuid, name, token
 
 
@@ -275,14 +285,36 @@ def _store(certs: Sequence[tuple[str, bytes]], crls: Sequence[tuple[str, bytes]]
     return store
 
 
+def known_policy(uuid: str, config: GuardConfig,
+                 remembered: Mapping[str, SeenPolicy] | None = None) -> str:
+    """Why the guard knows that VM ``uuid`` carries an owner-signed policy ("" when it does not).
+
+    Any of: the VM list escort pushed (VMs with a policy at install time), escort's memory
+    of policies (``seen``: it keeps a VM whose policy was removed since, so an install run
+    after someone stripped the policy does not make the strip count as "never had one"),
+    and what this guard itself admitted with a policy (``remembered``).
+    """
+    for label, table in (("escort's memory of policies", config.seen),
+                         ("this host's memory of admitted policies", remembered or {}),
+                         ("the fleet's list of VMs with a policy", config.policy_uuids)):
+        if uuid in table:
+            entry = table.get(uuid) if isinstance(table, Mapping) else None
+            if isinstance(entry, SeenPolicy):
+                return f"{label}: seq {entry.seq} signed by {entry.owner_label or entry.owner}"
+            return label
+    return ""
+
+
 def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, config: GuardConfig,
-                 at: dt.datetime, remembered: Mapping[str, SeenPolicy] | None = None) -> GuardVerdict:
+                 at: dt.datetime, remembered: Mapping[str, SeenPolicy] | None = None,
+                 host_cert_error: str = "") -> GuardVerdict:
     """The guard's verdict for a domain arriving on (or starting on) ``config.host``.
 
     ``remembered`` is what this guard admitted before on this host (its memory file);
     together with ``config.seen`` it is the ``seen`` of the ``PolicyBook``, so an older
     policy or another owner's without a hand-over is refused with escort's own codes
     (``policy.rollback``, ``policy.owner_changed``, ``policy.handover_invalid``).
+    ``host_cert_error`` is why the hook could not read the host certificate (refused with it).
     """
     try:
         uuid, name, token = domain_identity(domain_xml)
@@ -297,10 +329,11 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
         return _refuse("guard.trust_unusable", f"the guard's trust material is unusable: {exc}",
                        "run `escort hosts guard install` for this host", **ids)
     if not token:
-        if uuid in config.policy_uuids:
+        why = known_policy(uuid, config, remembered)
+        if why:
             return _refuse("guard.policy_stripped",
-                           f"VM {name or uuid} is known to carry an owner-signed policy, but it arrived "
-                           "without one (the escort <metadata> was removed)",
+                           f"VM {name or uuid} is known to carry an owner-signed policy ({why}), but it "
+                           "arrived without one (the escort <metadata> was removed)",
                            "re-attach the owner's policy to the domain (virsh metadata) and try again",
                            **ids)
         if config.no_policy == "refuse":
@@ -312,6 +345,8 @@ def guard_decide(domain_xml: str, host_cert: bytes, material: GuardMaterial, con
                             f"VM {name or uuid} carries no policy; host {config.host} admits such VMs",
                             **ids)
     try:
+        if host_cert_error:
+            raise InputError(host_cert_error)
         certs = pki.load_certificates(host_cert, config.host_cert)
     except InputError as exc:
         return _refuse("guard.host_cert_unreadable", f"this host's certificate is unusable: {exc}",
@@ -370,6 +405,7 @@ __all__ = [
     "domain_identity",
     "guard_decide",
     "guard_refusal",
+    "known_policy",
     "material_digest",
     "memory_bytes",
     "merge_seen",

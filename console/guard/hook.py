@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,34 @@ ROLES = ("host-certs", "host-crls", "owner-certs", "owner-crls")
 MAX_FILE = 1024 * 1024
 
 
+MAX_CONFIG = 64 * 1024 * 1024  # guard.json: ~3.3 MB at 10,000 VMs (its `seen`)
+#: how long an admitting hook waits for the memory file's lock before it gives up recording
+LOCK_WAIT_S = 5.0
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks followed) of at most ``limit``
+    bytes; OSError otherwise. Opened non-blocking, so a FIFO cannot hang the hook (libvirt
+    waits for a hook without any timeout) and a device such as /dev/zero cannot fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(f"{path}: larger than {limit // (1024 * 1024)} MiB")
+    return b"".join(chunks)
+
+
 def _read_dir(d: Path) -> list[tuple[str, bytes]]:
     if not d.is_dir():
         return []
@@ -47,11 +76,7 @@ def _read_dir(d: Path) -> list[tuple[str, bytes]]:
     for f in sorted(d.iterdir()):
         if f.name.startswith(".") or not f.is_file():
             continue
-        with f.open("rb") as fh:
-            data = fh.read(MAX_FILE + 1)
-        if len(data) > MAX_FILE:
-            raise OSError(f"{f}: larger than 1 MiB")
-        out.append((f.name, data))
+        out.append((f.name, read_regular(f, MAX_FILE)))
     return out
 
 
@@ -59,7 +84,7 @@ def load(conf_dir: Path = CONF_DIR) -> tuple[Any, Any, str]:
     """(GuardConfig, GuardMaterial, digest recorded by escort); raises OSError/InputError."""
     from console.core.guard import GuardConfig, GuardMaterial
 
-    raw = (conf_dir / "guard.json").read_bytes()
+    raw = read_regular(conf_dir / "guard.json", MAX_CONFIG)
     config, recorded = GuardConfig.parse(raw)
     trust = conf_dir / "trust"
     if not trust.is_dir():
@@ -77,12 +102,9 @@ def read_memory(path: Path | None = None) -> dict[str, Any]:
 
     path = path or MEMORY_FILE
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_MEMORY + 1)
+        data = read_regular(path, MAX_MEMORY)
     except FileNotFoundError:
         return {}
-    if len(data) > MAX_MEMORY:
-        raise OSError(f"{path}: larger than 64 MiB")
     return parse_memory(data, str(path))
 
 
@@ -97,7 +119,15 @@ def remember(uuid: str, entry: Any, path: Path | None = None) -> bool:
     path = path or MEMORY_FILE
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:  # never wait forever: libvirt would wait with us, holding the domain's job
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(f"{path}: still locked after {LOCK_WAIT_S:.0f} s, not recorded") from None
+                time.sleep(0.02)
         current = read_memory(path)
         merged = merge_seen(current, {uuid: entry})
         if merged.get(uuid) == current.get(uuid):
@@ -122,7 +152,9 @@ def _log(entry: dict[str, Any]) -> None:
     line = json.dumps(entry, sort_keys=True)
     try:
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # non-blocking: a FIFO put in the log's place would otherwise block the open until
+        # a reader came, and libvirt (no timeout) with it; without a reader this is ENXIO
+        fd = os.open(LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
         try:
             os.write(fd, (line + "\n").encode())
         finally:
@@ -174,12 +206,13 @@ def decide_stdin(name: str, op: str, sub: str, source: str, xml: str) -> tuple[i
                     "then relies on what escort pushed)")
             entry.update(verdict="refused", reason="guard.memory_unusable", message=str(exc))
             return 1, " ".join(line.split()), entry
+        cert_error = ""
         try:
-            host_cert = Path(config.host_cert).read_bytes()[: MAX_FILE + 1]
+            host_cert = read_regular(Path(config.host_cert), MAX_FILE)
         except OSError as exc:
-            host_cert = b""
-            entry["host_cert_error"] = str(exc)
-        verdict = guard_decide(xml, host_cert, material, config, _now(), remembered)
+            host_cert, cert_error = b"", str(exc)
+            entry["host_cert_error"] = cert_error
+        verdict = guard_decide(xml, host_cert, material, config, _now(), remembered, cert_error)
         if verdict.allowed and verdict.seen is not None:
             try:
                 if remember(verdict.vm_uuid, verdict.seen):
@@ -236,30 +269,63 @@ def status() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    """libvirt calls ``NAME OP SUBOP EXTRA`` (four arguments, EXTRA "-" for qemu hooks).
+
+    A domain may be NAMED ``--status`` or ``--dry-run`` (libvirt allows it, and ``virsh
+    migrate --dname`` renames on the way): the operator forms are therefore recognised
+    only by their exact shape — ``--status`` alone, ``--dry-run NAME OP SUBOP EXTRA``
+    (five arguments) — and any other call is libvirt's, its first argument the name.
+    (Before, a VM named ``--dry-run`` or ``--status`` started anywhere unchecked.)
+    """
     args = argv[1:]
-    if args[:1] == ["--status"]:
+    if args == ["--status"]:
         sys.stdout.write(json.dumps(status(), sort_keys=True) + "\n")
         return 0
     source = "libvirt"
-    if args[:1] == ["--dry-run"]:  # bench and operators: decide on an XML file, log as dry-run
+    if len(args) >= 5 and args[0] == "--dry-run":  # bench and operators: decide on an XML file
         source, args = "dry-run", args[1:]
     if len(args) < 3:
-        sys.stderr.write("escort-guard: usage: escort-guard NAME OP SUBOP [EXTRA] (libvirt qemu hook)\n")
+        sys.stderr.write("escort-guard: usage: escort-guard NAME OP SUBOP EXTRA (libvirt qemu hook), "
+                         "--status, or --dry-run NAME OP SUBOP EXTRA\n")
         return 2
     name, op, sub = args[0], args[1], args[2]
-    from console.core.guard import CHECKED_OPS
+    try:
+        from console.core.guard import CHECKED_OPS
 
-    kind = CHECKED_OPS.get((op, sub))
+        kind = CHECKED_OPS.get((op, sub))
+    except BaseException as exc:  # a damaged bundle: one line and a log entry, never a traceback
+        if (op, sub) not in FALLBACK_CHECKED_OPS:
+            return 0
+        return _refused(name, op, sub, source, "guard.broken",
+                        f"the guard's code does not load ({type(exc).__name__}: {exc}); "
+                        "run `escort hosts guard install`")
     if kind is None:
         return 0
     if source == "libvirt":
         source = kind
-    xml = sys.stdin.read(4 * 1024 * 1024 + 1)
-    code, line, entry = decide_stdin(name, op, sub, source, xml)
+    try:
+        xml = sys.stdin.read(4 * 1024 * 1024 + 1)
+        code, line, entry = decide_stdin(name, op, sub, source, xml)
+    except BaseException as exc:  # SystemExit/KeyboardInterrupt from a damaged bundle: refuse too
+        return _refused(name, op, sub, source, "guard.internal",
+                        f"the guard failed ({type(exc).__name__}: {exc})")
     _log(entry)
     if code:
         sys.stderr.write(line + "\n")
     return code
+
+
+#: what the launcher checks (console/services/guard.py) = core.guard.CHECKED_OPS, for when
+#: the core cannot be imported (a test keeps the three equal)
+FALLBACK_CHECKED_OPS = frozenset({("migrate", "begin"), ("prepare", "begin"), ("restore", "begin")})
+
+
+def _refused(name: str, op: str, sub: str, source: str, code: str, message: str) -> int:
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    _log({"at": stamp, "op": f"{op} {sub}", "vm": name, "source": source, "verdict": "refused",
+          "reason": code, "message": message})
+    sys.stderr.write(" ".join(f"escort-guard refused {name}: {code}: {message}".split())[:1000] + "\n")
+    return 1
 
 
 if __name__ == "__main__":

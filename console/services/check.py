@@ -18,6 +18,7 @@ from console.core import migration as mig
 from console.core.check import Finding, impact_sentence, iso, placement_reasons, signer_of
 from console.core.envelope import reason
 from console.core.inventory import VMView
+from console.core.policy import SeenPolicy
 from console.core.reasons import Reason
 from console.services.fleet import FleetService
 
@@ -82,12 +83,23 @@ def misplaced_in_steps(service: FleetService, at: dt.datetime | None = None, *,
     hosts = {h.name: h for h in service.hosts()}
     home = service.matrix(when).at_home
     out: list[Placement] = []
+    remembered: dict[str, SeenPolicy] | None = None  # escort's memory, read at the first policy-less VM
     for v in placed:
         view = hosts.get(v.host)
         if v.uuid in home or view is None or view.reachability == "down":
             continue
         if not service.policy_token(v.uuid):
-            if not _no_policy_admitted(service, v.host):
+            if remembered is None:
+                remembered = service.policies_seen()
+            was = remembered.get(v.uuid)
+            if was is not None:  # the guard refuses it too (guard.policy_stripped)
+                r = reason("guard.policy_stripped",
+                           f"VM {v.name or v.uuid} carries no owner-signed policy, but escort remembers "
+                           f"one (seq {was.seq}, signed by {was.owner_label or was.owner}): it was removed",
+                           "re-attach the owner's newest policy to the domain (virsh metadata --set); "
+                           "a host guard refuses the VM's next start or arrival until then")
+                out.append(Placement(v.uuid, v.name, v.host, (r,)))
+            elif not _no_policy_admitted(service, v.host):
                 r = reason("guard.no_policy", f"VM {v.name or v.uuid} carries no owner-signed policy and "
                            f"host {v.host} admits only VMs with one", "attach the owner's policy")
                 out.append(Placement(v.uuid, v.name, v.host, (r,)))
@@ -232,13 +244,17 @@ class CheckService:
                                    "refresh the host or set its cert_file", vm=p.label, host=p.host,
                                    reasons=p.reasons))
             else:
-                what = "which refuses it" if p.reasons[0].code == "guard.no_policy" else \
-                    "which its policy refuses"
+                code = p.reasons[0].code
+                what = {"guard.no_policy": "which refuses it",
+                        "guard.policy_stripped": "without the policy its owner signed"}.get(
+                    code, "which its policy refuses")
+                fix = (p.reasons[0].fix if code == "guard.policy_stripped" else
+                       f"move {p.label} to an allowed host (`escort targets {p.label}`), "
+                       f"or: {p.reasons[0].fix}")
                 out.append(Finding("placement.violation", "error",
                                    f"VM {p.label} runs on {p.host}, {what}: "
                                    + " ".join(r.message for r in p.reasons),
-                                   f"move {p.label} to an allowed host (`escort targets {p.label}`), "
-                                   f"or: {p.reasons[0].fix}", vm=p.label, host=p.host, reasons=p.reasons))
+                                   fix, vm=p.label, host=p.host, reasons=p.reasons))
         return out
 
     # ------------------------------------------------------------------ soon
