@@ -183,6 +183,9 @@ def read_domain_facts(dom: Any) -> DomainFacts:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             raise
+    taints: tuple[str, ...] = ()
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED):
+        taints = _taints(dom)
     return DomainFacts(
         uuid=dom.UUIDString(),
         name=dom.name(),
@@ -193,7 +196,23 @@ def read_domain_facts(dom: Any) -> DomainFacts:
         policy_token=_decode_policy(raw) if raw else "",
         persistent=bool(dom.isPersistent()),
         policy_xml=raw or "",
+        taints=taints,
     )
+
+
+def _taints(dom: Any) -> tuple[str, ...]:
+    """libvirt's tainting messages for a running domain (virDomainGetMessages, libvirt >= 7.1);
+    () where they are not kept (a driver that does not support the call, bindings older than
+    the call, a stand-in domain in tests)."""
+    messages = getattr(dom, "messages", None)
+    if messages is None:
+        return ()
+    try:
+        return tuple(str(m) for m in messages(libvirt.VIR_DOMAIN_MESSAGE_TAINTING))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_INVALID):
+            return ()
+        raise
 
 
 class LibvirtHost:

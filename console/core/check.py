@@ -66,6 +66,38 @@ def placement_reasons(reasons: Sequence[Reason]) -> tuple[list[Reason], bool]:
     return errors, unchecked
 
 
+#: libvirt's taint messages (``virDomainGetMessages`` with VIR_DOMAIN_MESSAGE_TAINTING, as
+#: libvirt 9.0's qemu driver words them) that mean the VM was, or may have been, driven around
+#: libvirt -- where neither escort nor a host guard sees what happens (docs/GUARD.md, "What the
+#: guard cannot stop") -- and what each means for placement.
+RISKY_TAINTS: dict[str, str] = {
+    "custom monitor control commands issued":
+        "someone sent commands to its QEMU directly (virsh qemu-monitor-command): such commands "
+        "can send the VM's memory to any QEMU on any host, with no hook and no guard involved",
+    "custom configuration parameters specified":
+        "it runs with raw QEMU arguments (<qemu:commandline>) that libvirt, escort and the guard "
+        "do not interpret",
+    "configuration modified by hook script":
+        "a libvirt hook script rewrote its configuration as it started or arrived",
+    "managing externally launched configuration":
+        "its QEMU was started outside libvirt and attached afterwards",
+}
+
+
+def risky_taints(messages: Sequence[str]) -> list[tuple[str, str]]:
+    """(libvirt's message, what it means) for each of ``messages`` in ``RISKY_TAINTS``;
+    libvirt prefixes each with "tainted: ". Any other taint (host CPU model, deprecated
+    settings...) says nothing about where the VM's memory has been, and is not reported."""
+    out = []
+    for m in messages:
+        text = m.strip()
+        text = text[len("tainted:"):].strip() if text.lower().startswith("tainted:") else text
+        meaning = RISKY_TAINTS.get(text.lower())
+        if meaning is not None:
+            out.append((text, meaning))
+    return out
+
+
 @dataclass(frozen=True)
 class Signer:
     fingerprint: str

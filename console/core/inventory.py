@@ -88,6 +88,9 @@ class DomainFacts:
     policy_token: str = ""  # compact JWS from <metadata>, "" when none
     persistent: bool = True
     policy_xml: str = ""  # the raw escort <metadata> element as libvirt returned it
+    #: libvirt's tainting messages ("tainted: custom monitor control commands issued"...) of a
+    #: running domain; () when there are none or libvirt does not report them (test:// driver)
+    taints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

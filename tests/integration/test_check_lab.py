@@ -65,3 +65,27 @@ def test_check_reports_unreachable_host_and_missing_guard(lab: Lab) -> None:
         lab.install_guard(["fra-2"])
     code, report, err = _check(lab)
     assert not [f for f in report["findings"] if f["code"].startswith("guard.")], report["findings"]
+
+
+def test_check_reports_a_vm_driven_through_the_qemu_monitor(lab: Lab) -> None:
+    """Plain `virsh qemu-monitor-command` -- the first step of a QEMU-to-QEMU migration that no
+    hook or guard sees (docs/GUARD.md) -- leaves libvirt's taint mark on the VM, and `escort
+    check` reports it (vm.tainted); before it, nothing is reported for that VM."""
+    from console.lab import faults
+
+    name = "taint-1"
+    faults.add_guest(lab, name, "fra-1", memory_mib=64, fill_mib=0)
+    try:
+        _, report, _ = _check(lab)
+        assert not [f for f in report["findings"] if f["code"] == "vm.tainted"], report["findings"]
+        out = subprocess.run(["virsh", "-c", lab.host("fra-1").libvirt_uri, "qemu-monitor-command", name,
+                              "--hmp", "info status"], capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 0 and "running" in out.stdout, out
+        code, report, err = _check(lab)
+        assert code == 1, err
+        tainted = [f for f in report["findings"] if f["code"] == "vm.tainted"]
+        assert [(f["vm"], f["host"], f["severity"]) for f in tainted] == [(name, "fra-1", "warning")], tainted
+        assert tainted[0]["taints"] == ["custom monitor control commands issued"]
+    finally:
+        faults.remove_guest(lab, name)

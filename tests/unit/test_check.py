@@ -89,6 +89,32 @@ async def test_half_done_migration_is_a_finding(fleet_path: Path) -> None:
     assert half[0].extra["copies"] and half[0].fix
 
 
+async def test_a_vm_driven_around_libvirt_is_a_finding(fleet_path: Path) -> None:
+    """libvirt's taint marks that mean "driven around libvirt" (a QEMU-to-QEMU migration through
+    the monitor is what no guard can stop) are reported; harmless taints are not."""
+    from console.core.check import risky_taints
+    from console.core.inventory import DomainFacts, HostFacts
+    from tests.unit.trustkit import WEB_UUID
+
+    s = FleetService.load(fleet_path, at=T0)
+    tainted = DomainFacts(WEB_UUID, "web-1", "running", taints=(
+        "tainted: host configuration in use", "tainted: custom monitor control commands issued"))
+    s.apply_facts("hv-fr-1", HostFacts("hv-fr-1", 4096, 2, 2048, (tainted,)), None)
+    report = await CheckService(s, days=0, offline=True).run()
+    found = [f for f in report.findings if f.code == "vm.tainted"]
+    assert [(f.vm, f.host, f.severity) for f in found] == [("web-1", "hv-fr-1", "warning")]
+    assert found[0].extra["taints"] == ["custom monitor control commands issued"]
+    assert "send the VM's memory to any QEMU" in found[0].message and found[0].fix
+    assert found[0].as_json()["taints"] == ["custom monitor control commands issued"]
+    # harmless marks only: nothing to say
+    assert risky_taints(["tainted: host configuration in use",
+                         "tainted: use of deprecated configuration settings"]) == []
+    s.apply_facts("hv-fr-1", HostFacts("hv-fr-1", 4096, 2, 2048, (
+        DomainFacts(WEB_UUID, "web-1", "running", taints=("tainted: host configuration in use",)),)), None)
+    report = await CheckService(s, days=0, offline=True).run()
+    assert not [f for f in report.findings if f.code == "vm.tainted"]
+
+
 def test_the_placement_check_in_steps_is_the_placement_check(tmp_path: Path) -> None:
     """The console's stepwise placement check (after its start-up check) finds exactly what the
     one-go check finds, with the same reasons; a step ends once its budget is spent. (The
