@@ -11,13 +11,14 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cryptography import x509
 
 from .envelope import fingerprint
+from .inventory import DomainFacts
 from .reasons import Reason
 
 Severity = Literal["error", "warning"]
@@ -82,6 +83,26 @@ RISKY_TAINTS: dict[str, str] = {
     "managing externally launched configuration":
         "its QEMU was started outside libvirt and attached afterwards",
 }
+
+
+def tainted_findings(hosts: Iterable[tuple[str, Iterable[DomainFacts]]]) -> list[Finding]:
+    """``vm.tainted`` for every domain whose taints are in ``RISKY_TAINTS``, from (host name,
+    the domains it reported): what `escort check` reports and the console's problem list shows."""
+    out = []
+    for host, domains in hosts:
+        for d in domains:
+            risky = risky_taints(d.taints)
+            if not risky:
+                continue
+            said = "; ".join(f'"{text}": {meaning}' for text, meaning in risky)
+            out.append(Finding(
+                "vm.tainted", "warning",
+                f"VM {d.name} on {host} is tainted in libvirt ({said}); escort cannot vouch for "
+                "where its memory has been since it started",
+                f"find who did it (the host's /var/log/libvirt/qemu/{d.name}.log and journal); the "
+                "mark goes only when the VM is shut down and started again",
+                vm=d.name, host=host, extra={"taints": [text for text, _ in risky]}))
+    return out
 
 
 def risky_taints(messages: Sequence[str]) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from console.core import migration as mig
-from console.core.check import Finding, impact_sentence, iso, placement_reasons, risky_taints, signer_of
+from console.core.check import Finding, impact_sentence, iso, placement_reasons, signer_of, tainted_findings
 from console.core.envelope import reason
 from console.core.inventory import VMView
 from console.core.policy import SeenPolicy
@@ -227,23 +227,8 @@ class CheckService:
     def _tainted(self) -> list[Finding]:
         """Running VMs libvirt marks as driven around it (``core.check.RISKY_TAINTS``): what the
         guard cannot stop (docs/GUARD.md) still leaves this mark on the source's libvirt."""
-        out = []
-        for h in self.service.hosts():
-            if h.facts is None:
-                continue
-            for d in h.facts.domains:
-                risky = risky_taints(d.taints)
-                if not risky:
-                    continue
-                said = "; ".join(f'"{text}": {meaning}' for text, meaning in risky)
-                out.append(Finding(
-                    "vm.tainted", "warning",
-                    f"VM {d.name} on {h.name} is tainted in libvirt ({said}); escort cannot vouch "
-                    "for where its memory has been since it started",
-                    f"find who did it (the host's /var/log/libvirt/qemu/{d.name}.log and journal); "
-                    "the mark goes only when the VM is shut down and started again",
-                    vm=d.name, host=h.name, extra={"taints": [text for text, _ in risky]}))
-        return out
+        return tainted_findings((h.name, h.facts.domains) for h in self.service.hosts()
+                                if h.facts is not None)
 
     def _host_certificates(self) -> list[Finding]:
         out = []

@@ -438,3 +438,30 @@ async def test_problems_screen_lists_hosts_and_vm_policies(make_app: MakeApp) ->
         for needle in ("par-02:", "[cert.expired]", "ams-02:", "[cert.revoked]", "legacy-01:",
                        "[policy.unsigned]", "rogue-01:", "[policy.owner_untrusted]"):
             assert needle in text, needle
+
+
+async def test_problems_screen_lists_vms_driven_around_libvirt(make_app: MakeApp) -> None:
+    """The problem list shows what `escort check` reports as vm.tainted (the same findings, from
+    the hosts' last refresh), and says "not checked" when no host was refreshed."""
+    from dataclasses import replace
+
+    app = make_app(live=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        await settle(app)
+        host = next(h for h in app.service.hosts() if h.facts is not None and h.facts.domains)
+        assert host.facts is not None
+        first, *rest = host.facts.domains
+        tainted = replace(first, taints=("tainted: custom monitor control commands issued",))
+        app.service.apply_facts(host.name, replace(host.facts, domains=(tainted, *rest)), None)
+        await pilot.press("p")
+        await pilot.pause()
+        text = app.screen.query_one(DetailPane).plain
+        assert f"VM {first.name} on {host.name} is tainted in libvirt" in text, text
+        assert "send the VM's memory to any QEMU" in text and "[vm.tainted]" in text
+    offline = make_app()
+    async with offline.run_test(size=SIZE) as pilot:
+        await opened(pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        assert "not checked: no host has been refreshed" in offline.screen.query_one(DetailPane).plain

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from textual.binding import Binding, BindingType
 
+from console.core.check import tainted_findings
 from console.ui.screens.base import PaneScreen
 from console.ui.text import BAD
 from console.ui.widgets.detail import DetailPane, IndentedLines
@@ -74,6 +75,11 @@ class ProblemsScreen(PaneScreen):
                   for p in self.escort.misplaced.values() if not p.unchecked]
         section("Placement (VMs running where their policy refuses them)", placed,
                 "none: every VM runs on a host its policy admits")
+        refreshed = [(h.name, h.facts.domains) for h in self.escort.all_hosts() if h.facts is not None]
+        tainted = [f"{f.message} [{f.code}]" for f in tainted_findings(refreshed)]
+        section("VMs driven around libvirt (as escort check's vm.tainted)", tainted,
+                "none in the hosts' last refresh" if refreshed else
+                "not checked: no host has been refreshed (offline)")
         vms = [f"{v.name}: {v.policy_problems[0].message} [{v.policy_problems[0].code}]"
                for v in self.escort.all_vms() if v.policy_problems]
         if len(vms) > 200:
