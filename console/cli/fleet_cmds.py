@@ -394,8 +394,10 @@ def grant_group() -> None:
 @_signer_opts
 @click.option("--admin", "admin_id", required=True, metavar="ID",
               help="The admin's id (as in the fleet file).")
-@click.option("--admin-key-fp", default="", metavar="SHA256:...", help="Admin's SSH key fingerprint.")
-@click.option("--admin-cert-fp", default="", metavar="SHA256", help="Admin's certificate fingerprint.")
+@click.option("--admin-key-fp", default="", metavar="SHA256:...",
+              help="Admin's SSH key fingerprint (required).")
+@click.option("--admin-cert-fp", default="", metavar="SHA256",
+              help="Admin's certificate fingerprint (only narrows the grant; --admin-key-fp is required).")
 @click.option("--vm", "vms", multiple=True, metavar="UUID", help="A VM the grant covers (repeatable).")
 @click.option("--label", default="", help="Cover every VM of this owner whose policy has this label.")
 @click.option("--emergency-only", is_flag=True, help="Valid only for evacuations.")

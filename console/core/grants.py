@@ -111,6 +111,15 @@ def _parse_body(payload: Mapping[str, Any]) -> tuple[Grant | None, list[Reason]]
             bad("the grant's admin has no id")
         elif not isinstance(ssh_key, str) or not isinstance(cert, str) or not (ssh_key or cert):
             bad("the grant binds the admin to no key (ssh_key and/or cert_sha256)")
+        elif not ssh_key:
+            # escort proves who acts by their SSH key only (docs/MIGRATION.md §0); the
+            # fleet file's cert_fingerprint is the operator's own word, so a grant bound
+            # to a certificate alone would let anybody who edits the fleet file use it
+            reasons.append(reason("grant.no_ssh_key",
+                                  f"the grant binds admin {aid!r} only to a certificate (cert_sha256), "
+                                  "which escort cannot prove the operator holds; only an SSH key is proven",
+                                  "ask the owner for a grant naming the admin's SSH key "
+                                  "(escort grant issue --admin-key-fp)"))
         else:
             try:
                 ref = AdminRef(aid, normalize_ssh_fingerprint(ssh_key) if ssh_key else "",
@@ -289,8 +298,10 @@ def build_grant_payload(
     """A grant payload, validated the way the verifier will see it."""
     if not admin.id:
         raise InputError("a grant needs the admin's id (--admin)")
-    if not admin.ssh_key and not admin.cert_sha256:
-        raise InputError("a grant must bind the admin to a key (--admin-key-fp and/or --admin-cert-fp)")
+    if not admin.ssh_key:
+        raise InputError("a grant must bind the admin to their SSH key (--admin-key-fp); a certificate "
+                         "fingerprint (--admin-cert-fp) alone proves nothing: escort proves admins "
+                         "by SSH key")
     if not vms and not label:
         raise InputError("a grant must name VMs (--vm UUID) or a label (--label)")
     if not_after <= not_before:

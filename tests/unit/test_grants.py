@@ -172,3 +172,32 @@ def test_unverified_signer_is_nobody(kit: Kit) -> None:
     r = gr.GrantBook(None).verify(grant_token(kit), T0)
     assert r.owner is not None and r.owner.key == ""
     assert not r.owner.same_owner(r.owner)
+
+
+def test_a_grant_bound_only_to_a_certificate_authorises_nobody(kit: Kit) -> None:
+    """Probe2: escort proves an admin by SSH key only; ``cert_fingerprint`` is the fleet file's word.
+
+    On the lab, an operator holding only their own key listed it as admin "anne" in the
+    fleet file, copied the certificate fingerprint of alice's cert-only grant for anne
+    into ``cert_fingerprint`` and migrated app-1 with it (exit 0). A grant must bind the
+    SSH key that the proof of possession checks.
+    """
+    from console.core import envelope as env
+
+    cert = "ab" * 32
+    payload = {"ver": 1, "iss": kit.alice.email, "jti": "g-cert", "iat": int(T0.timestamp()) - 3600,
+               "nbf": int(T0.timestamp()) - 3600, "exp": int(T0.timestamp()) + 3600,
+               "admin": {"id": "anne", "cert_sha256": cert}, "vms": [VM_X]}
+    # signed by an older escort, or by another tool
+    token = env.sign_raw(payload, env.TYP_GRANT, kit.alice.key, kit.alice.chain)
+    mallory_as_anne = gr.AdminRef("anne", OTHER_KEY, cert)  # the fleet file: her own key, the grant's cert
+    assert check(kit, token, admin=mallory_as_anne) == {"grant.no_ssh_key"}
+    with pytest.raises(InputError):
+        gr.sign_grant(payload, kit.alice.key, kit.alice.chain)
+    with pytest.raises(InputError, match="--admin-key-fp"):
+        gr.build_grant_payload(owner="a", admin=gr.AdminRef("anne", cert_sha256=cert), vms=(VM_X,),
+                               not_before=T0, not_after=T0 + dt.timedelta(hours=1))
+    # bound to both: the SSH key decides, the certificate can only narrow
+    both = grant_token(kit, admin=gr.AdminRef("anne", KEY, cert))
+    assert check(kit, both, admin=gr.AdminRef("anne", KEY, cert)) == set()
+    assert check(kit, both, admin=mallory_as_anne) == {"grant.wrong_admin"}
