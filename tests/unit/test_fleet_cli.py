@@ -181,7 +181,7 @@ def test_grant_issue_and_show(fleet: FleetFiles, tmp_path: Path) -> None:
     assert late.exit_code == 1 and "grant.expired" in late.stdout
     none = run("grant", "issue", "--key", str(fleet.alice_key), "--cert", str(fleet.alice_cert),
                "--admin", "bert", "--vm", DB_UUID, "--out", str(tmp_path / "n.jws"))
-    assert none.exit_code == 2 and "bind the admin to a key" in none.stderr
+    assert none.exit_code == 2 and "bind the admin to their SSH key" in none.stderr
     assert ANNE_KEY  # the fixture's admin key is what the fleet file names
 
 
