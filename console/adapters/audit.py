@@ -33,7 +33,9 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import select
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -128,11 +130,24 @@ class AuditLog:
         created = not self.path.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # non-blocking open: a named pipe without a reader is ENXIO here instead of an
+            # open() that waits forever (it hung `escort migrate` before any check ran)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                               | os.O_NONBLOCK | os.O_NOCTTY, 0o600)
         except IsADirectoryError as exc:
             raise InputError(f"{self.path}: is a directory, expected an audit log file") from exc
         except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise AuditError(_not_a_file(self.path, "a named pipe (FIFO)")) from exc
             raise AuditError(f"{self.path}: cannot open audit log ({exc.strerror or exc})") from exc
+        mode = os.fstat(self._fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(self._fd)
+            self._fd = -1
+            kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise AuditError(_not_a_file(self.path, kind))
+        os.set_blocking(self._fd, True)
         self._rfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         if created:
             self._fsync_dir()
@@ -239,17 +254,41 @@ class AuditLog:
         self.close()
 
 
-def iter_lines(path: str | os.PathLike[str]) -> Iterator[bytes]:
-    """Lines of a log as stored (with newlines), streaming; InputError when unusable."""
+def _not_a_file(path: Path, kind: str) -> str:
+    return (f"{path}: is {kind}, not a regular file: an audit log must be a file escort can append "
+            "to, fsync and read back; nothing was done")
+
+
+def iter_lines(path: str | os.PathLike[str], *, pipe_ok: bool = False) -> Iterator[bytes]:
+    """Lines of a log as stored (with newlines), streaming; InputError when unusable.
+
+    Only a regular file, unless ``pipe_ok`` (the outside copy may be ``<(journalctl ...)``):
+    a pipe is then waited for at most ``PIPE_WAIT_S`` before its first byte, never forever.
+    """
+    from console.adapters.files import PIPE_WAIT_S
+
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an audit log")
     try:
-        fh = p.open("rb")
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError as exc:
         raise InputError(f"{p}: no such audit log") from exc
     except OSError as exc:
         raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        if not (pipe_ok and stat.S_ISFIFO(mode)):
+            os.close(fd)
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise InputError(f"{p}: is {kind}; `escort audit verify` reads the log twice "
+                             "(chain, then signatures): copy it to a file first")
+        ready, _, _ = select.select([fd], [], [], PIPE_WAIT_S)
+        if not ready:
+            os.close(fd)
+            raise InputError(f"{p}: nothing to read for {PIPE_WAIT_S:g} s (a named pipe without a writer)")
+    os.set_blocking(fd, True)
+    fh = os.fdopen(fd, "rb")
     with fh:
         while True:
             line = fh.readline(_MAX_LINE + 1)
@@ -308,7 +347,7 @@ def _compare_copy(texts: list[str], copy: str | os.PathLike[str]) -> list[ChainP
             by_seq.setdefault(seq, (i + 1, text))
     out: list[ChainProblem] = []
     last = max(by_seq) if by_seq else 0
-    for raw in iter_lines(copy):
+    for raw in iter_lines(copy, pipe_ok=True):
         text = raw.decode("utf-8", errors="replace").rstrip("\n")
         start = text.find("{")  # tolerate a syslog prefix ("escort: ", timestamps)
         entry = parse_line(text[start:]) if start >= 0 else None

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from console.adapters.audit import AuditError, AuditLog, read_entries, verify_file
 from console.cli import main
 from console.core.audit import GENESIS, canonical_line, line_hash, make_entry, verify_chain
+from console.core.errors import InputError
 
 
 def _chain(n: int) -> list[str]:
@@ -253,3 +254,66 @@ def test_threads_sharing_one_log(tmp_path: Path) -> None:
         assert log.seq == 200
     report = verify_file(path, signatures=False)  # the chain alone (signatures: test_audit_signatures.py)
     assert report.ok and report.entries == 200 and report.last_seq == 200
+
+
+def _within(seconds: float, fn: object) -> BaseException | None:
+    """Run ``fn`` in a daemon thread; the exception it raised (None: it returned). Fails if it hangs."""
+    import threading
+
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()  # type: ignore[operator]
+            out.append(None)
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"still blocked after {seconds} s"
+    return out[0]
+
+
+def test_an_audit_log_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """Probe2: a FIFO where the audit log belongs hung `escort migrate` (and `audit verify`)
+    in open() for good; a symlink to /dev/null was opened and only the fsync failed
+    ("Invalid argument"). Now both are one line saying it is not a regular file."""
+    fifo = tmp_path / "audit.log"
+    os.mkfifo(fifo)
+    exc = _within(3, lambda: AuditLog(fifo))
+    assert isinstance(exc, AuditError) and "named pipe" in str(exc)
+    exc = _within(8, lambda: verify_file(fifo))
+    assert isinstance(exc, InputError) and "named pipe" in str(exc)
+    null = tmp_path / "null.log"
+    null.symlink_to("/dev/null")
+    exc = _within(3, lambda: AuditLog(null))
+    assert isinstance(exc, AuditError) and "not a regular file" in str(exc)
+    # a symlink to a regular file is still a log
+    real = tmp_path / "real.log"
+    link = tmp_path / "link.log"
+    link.symlink_to(real)
+    with AuditLog(link) as log:
+        log.append({"kind": "note"})
+    assert verify_file(real, signatures=False).entries == 1
+
+
+def test_the_outside_copy_may_be_a_pipe(tmp_path: Path) -> None:
+    """``--copy <(journalctl -t escort -o cat)`` is a pipe: read once, not refused."""
+    import threading
+
+    log_path = tmp_path / "audit.log"
+    with AuditLog(log_path) as log:
+        log.append({"kind": "note"})
+    fifo = tmp_path / "copy"
+    os.mkfifo(fifo)
+    line = log_path.read_bytes()
+
+    def writer() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(b"escort: " + line)
+
+    threading.Thread(target=writer, daemon=True).start()
+    report = verify_file(log_path, signatures=False, copy=fifo)
+    assert report.ok, report.problems
