@@ -11,8 +11,17 @@ a source host only while
 * the host is **actually down**: it did not answer the refresh made for the move.
 
 Everything else — a healthy host evacuated without a declaration — uses ordinary
-grants only. Declarations are read back from the audit log and count only when their
-signature verifies with the key of an admin listed in the fleet file.
+grants only. Declarations are read back from the audit log and count only when
+
+* their ``declaration_sig`` verifies with the key of an admin listed in the fleet
+  file, over the declaration's fields *including the fleet's name* (a declaration
+  made for another fleet's host of the same name does not count here);
+* the entry is linked into this log (its ``prev`` is the hash of the line before it)
+  and a later ``signature`` entry by the same admin's key verifies over its exact
+  line. Because the line carries ``prev``, that audit signature ties the declaration
+  to its place in this log: copied into another fleet's log (re-hashed or not) it
+  counts for nothing. (Found by probe2 on the lab: a declaration made in one fleet,
+  appended to another fleet's log, let an emergency-only grant evacuate there.)
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from console.adapters import adminkey as ak
-from console.adapters.audit import AuditLog, read_entries
+from console.adapters.audit import AuditLog, iter_lines
+from console.core.audit import GENESIS, SIG_NAMESPACE, canonical_line, line_hash, parse_line
 from console.core.errors import EscortError, InputError
 from console.services.fleet import FleetService
 from console.services.identity import AdminIdentity, AdminProof, append_signed, require_admin
@@ -73,8 +83,8 @@ def _iso(t: dt.datetime) -> str:
 
 
 def _declaration_text(fields: Mapping[str, Any]) -> bytes:
-    """What the admin signs: the declaration's own fields, canonical JSON."""
-    body = {k: fields[k] for k in ("host", "reason", "admin", "from", "until")}
+    """What the admin signs: the declaration's own fields and the fleet's name, canonical JSON."""
+    body = {k: fields[k] for k in ("fleet", "host", "reason", "admin", "from", "until")}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -92,7 +102,8 @@ async def declare(fleet: FleetService, host: str, reason: str, *, hours: float =
     proof = await require_admin(fleet, f"declare an emergency for {host}", admin=admin, identity=identity,
                                 audit=lambda e: asyncio.to_thread(audit.append, e))
     start = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
-    fields: dict[str, Any] = {"kind": "emergency", "host": host, "reason": text, "admin": proof.admin,
+    fields: dict[str, Any] = {"kind": "emergency", "fleet": fleet.name or "", "host": host, "reason": text,
+                              "admin": proof.admin,
                               "from": _iso(start), "until": _iso(start + dt.timedelta(hours=hours))}
     if proof.key is None:  # pragma: no cover - a proof always carries its key
         raise EscortError("no key to sign the declaration with")
@@ -105,12 +116,12 @@ async def declare(fleet: FleetService, host: str, reason: str, *, hours: float =
     return Emergency(host, text, proof.admin, start, start + dt.timedelta(hours=hours)), proof
 
 
-def _parse(entry: Mapping[str, Any], admins: Mapping[str, str]) -> Emergency | None:
-    """A declaration whose signature verifies with its admin's key, else None."""
+def _parse(entry: Mapping[str, Any], admins: Mapping[str, str], fleet_name: str) -> Emergency | None:
+    """A declaration for this fleet whose signature verifies with its admin's key, else None."""
     try:
         admin = str(entry["admin"])
         fp = admins.get(admin, "")
-        if not fp:
+        if not fp or entry["fleet"] != fleet_name:
             return None
         signer = ak.sshsig_verify(str(entry["declaration_sig"]), _declaration_text(entry), NS_EMERGENCY)
         if signer != fp:
@@ -122,21 +133,53 @@ def _parse(entry: Mapping[str, Any], admins: Mapping[str, str]) -> Emergency | N
         return None
 
 
+def _audit_signed(texts: list[str], index: int, fp: str) -> bool:
+    """Line ``index`` is linked to the line before it and a later audit signature by key ``fp``
+    verifies over its exact text (so it is this log's entry, at this place)."""
+    text = texts[index]
+    entry = parse_line(text)
+    if entry is None or canonical_line(entry) != text:
+        return False
+    if entry.get("prev") != (line_hash(texts[index - 1]) if index else GENESIS):
+        return False
+    digest = line_hash(text)
+    for later in texts[index + 1:]:
+        if f'"signs":"{digest}"' not in later:  # cheap filter before parsing
+            continue
+        sig = parse_line(later)
+        if not sig or sig.get("kind") != "signature" or sig.get("signs_seq") != entry.get("seq") \
+                or sig.get("signs") != digest or sig.get("key") != fp:
+            continue
+        try:
+            if ak.sshsig_verify(str(sig.get("sshsig", "")), text.encode("utf-8"), SIG_NAMESPACE) == fp:
+                return True
+        except ak.AdminKeyProblem:
+            continue
+    return False
+
+
 def declared(fleet: FleetService, audit_path: str | Path, at: dt.datetime | None = None,
-             entries: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Emergency]:
-    """Emergencies in force at ``at`` (host -> the one ending last), from the audit log."""
+             lines: Iterable[str] | None = None) -> dict[str, Emergency]:
+    """Emergencies in force at ``at`` (host -> the one ending last), from the audit log.
+
+    ``lines``: the log's lines (without newlines) instead of reading ``audit_path``.
+    """
     when = at or dt.datetime.now(dt.UTC)
     admins = {a.id: a.ssh_key_fingerprint for a in fleet.admins}
     try:
-        rows = list(entries) if entries is not None else read_entries(audit_path)
+        texts = list(lines) if lines is not None else [
+            raw.decode("utf-8", errors="replace").rstrip("\n") for raw in iter_lines(audit_path)]
     except EscortError:
         return {}
     out: dict[str, Emergency] = {}
-    for e in rows:
-        if e.get("kind") != "emergency":
+    for i, text in enumerate(texts):
+        if '"kind":"emergency"' not in text:
             continue
-        em = _parse(e, admins)
-        if em is None or not em.active(when):
+        e = parse_line(text)
+        if e is None or e.get("kind") != "emergency":
+            continue
+        em = _parse(e, admins, fleet.name or "")
+        if em is None or not em.active(when) or not _audit_signed(texts, i, admins[em.admin]):
             continue
         if em.host not in out or out[em.host].end < em.end:
             out[em.host] = em

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from console.adapters.audit import AuditLog, read_entries, verify_file
 from console.cli import main
+from console.core.audit import canonical_line
 from console.core.errors import InputError, ReadOnlyError
 from console.services.emergency import declare, declared
 from console.services.fleet import FleetService
@@ -49,7 +50,7 @@ def test_declare_is_signed_audited_and_counts_until_it_ends(tmp_path: Path) -> N
     entries = read_entries(log)
     decl = next(e for e in entries if e["kind"] == "emergency")
     forged = {**decl, "until": "2026-06-01T20:00:00Z"}
-    assert declared(fleet, log, start + dt.timedelta(hours=3), entries=[forged]) == {}
+    assert declared(fleet, log, start + dt.timedelta(hours=3), lines=[canonical_line(forged)]) == {}
     # signed by a key that is not the admin's in the fleet file: does not count either
     _, other = make_key(tmp_path, "other")
     text = fleet_path.read_text().replace(fp, other)
@@ -135,3 +136,36 @@ def test_host_key_trust_needs_the_admin_key_and_write_mode(tmp_path: Path) -> No
     assert line and inv.pool.accepted == ["SHA256:x"]
     kinds = [e["kind"] for e in read_entries(tmp_path / "audit.log")]
     assert kinds == ["refusal", "host_key", "signature"]
+
+
+def test_a_declaration_copied_into_another_fleets_log_does_not_count(tmp_path: Path) -> None:
+    """Probe2 (lab): a declaration made in fleet A for host X, appended (chain re-hashed) to
+    fleet B's log, let an emergency-only grant evacuate X in fleet B. It must count only in
+    the log it was declared in, at its place there, and only for the fleet it names."""
+    fleet_path, key, _ = _fleet(tmp_path)
+    fleet = FleetService.load(fleet_path)
+    ident = AdminIdentity(fleet, admin_key=str(key), agent_path="")
+    start = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+    during = start + dt.timedelta(minutes=5)
+    with AuditLog(tmp_path / "audit.log") as audit:
+        asyncio.run(declare(fleet, "hv-de-1", "rack fire", hours=2, admin="anne", identity=ident,
+                            audit=audit, now=start))
+    assert set(declared(fleet, tmp_path / "audit.log", during)) == {"hv-de-1"}
+    decl = next(e for e in read_entries(tmp_path / "audit.log") if e["kind"] == "emergency")
+    # another fleet's log (same admin key, a host of the same name) with its own history
+    other = tmp_path / "other.log"
+    with AuditLog(other) as log:
+        log.append({"kind": "note", "text": "the other fleet's history"})
+        log.append({k: v for k, v in decl.items() if k not in ("seq", "ts", "prev", "hash")})
+    assert verify_file(other, signatures=False).ok  # a perfectly linked chain ...
+    assert declared(fleet, other, during) == {}  # ... but no audit signature of anne over that line
+    # the exact line and its signature copied over: the link to the line before it is broken
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    i = next(n for n, t in enumerate(lines) if '"kind":"emergency"' in t)
+    foreign = [other.read_text().splitlines()[0], *lines[i:]]
+    assert declared(fleet, other, during, lines=foreign) == {}
+    # a fleet of another name does not accept it even in the original log
+    renamed = tmp_path / "renamed.toml"
+    renamed.write_text(fleet_path.read_text().replace(f'name = "{fleet.name}"', 'name = "prod"', 1))
+    assert FleetService.load(renamed).name == "prod"
+    assert declared(FleetService.load(renamed), tmp_path / "audit.log", during) == {}
