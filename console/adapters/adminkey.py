@@ -327,7 +327,15 @@ async def prove(key: AdminKey, expected_fingerprint: str) -> str:
         raise
     challenge = os.urandom(32)
     armored = await key.sshsig(challenge, NS_PROOF)
-    signer = sshsig_verify(armored, challenge, NS_PROOF)
+    try:
+        signer = sshsig_verify(armored, challenge, NS_PROOF)
+    except AdminKeyProblem as exc:
+        # what came back is not a signature of this challenge by the key that was listed: an
+        # agent that lists one key and signs with another, or replays an old signature
+        raise AdminKeyProblem("admin.key_mismatch",
+                              f"{key.source} listed key {key.fingerprint}, but what it returned is not "
+                              f"that key's signature of this fresh challenge ({exc})",
+                              "use an SSH agent or key file that really holds the admin's key") from exc
     if signer != expected_fingerprint:
         raise AdminKeyProblem("admin.key_mismatch",
                               f"the key from {key.source} is {signer}, "

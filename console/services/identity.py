@@ -200,6 +200,9 @@ class AdminIdentity:
                 elif len(here) > 1:
                     raise InputError(f"the keys of {len(here)} admins are present ({', '.join(here)}): "
                                      "name the one acting with --admin")
+                elif own is not None:
+                    # the --admin-key FILE given is the reason no key is here: say so, not "no key"
+                    raise AdminNotProven(own.code, f"--admin-key: {own}", own.fix or "give the admin's key")
                 else:
                     listed = ", ".join(f"{a} ({fp or 'no fingerprint'})" for a, fp in fps.items())
                     raise AdminNotProven("admin.key_missing",

@@ -239,3 +239,66 @@ async def test_a_clock_far_behind_the_audit_log_is_refused(tmp_path: Path) -> No
     assert err.value.code == "time.clock_off" and "behind" in str(err.value)
     assert [e["code"] for e in written] == ["time.clock_off"]
     clock_check_against(dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))  # in step: fine
+
+
+async def test_a_weak_admin_key_file_is_named_when_no_admin_is_given(tmp_path: Path) -> None:
+    """Probe2: `--admin-key weak-rsa-1024` without --admin said "no admin's key is present (no SSH
+    agent ...)", not what was wrong with the key file given."""
+    weak = asyncssh.generate_private_key("ssh-rsa", key_size=1024)
+    weak.write_private_key(str(tmp_path / "weak"))
+    fp = str(weak.get_fingerprint("sha256"))
+    with pytest.raises(AdminNotProven) as err:
+        await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(tmp_path / "weak")).prove(None)
+    assert err.value.code == "admin.key_type" and "1024 bits" in str(err.value)
+
+
+def _lying_agent(sock: str, listed: asyncssh.SSHKey, signer: asyncssh.SSHKey) -> None:
+    """An SSH agent (plain socket, threads) that lists ``listed`` but signs with ``signer``."""
+    import socket
+    import struct
+    import threading
+
+    def s(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    def serve(c: socket.socket) -> None:
+        with c:
+            while len(hdr := c.recv(4)) == 4:
+                (n,) = struct.unpack(">I", hdr)
+                msg = b""
+                while len(msg) < n:
+                    msg += c.recv(n - len(msg))
+                if msg[0] == 11:  # list identities
+                    body = bytes([12]) + struct.pack(">I", 1) + s(bytes(listed.public_data)) + s(b"alice")
+                elif msg[0] == 13:  # sign: key blob, data, flags
+                    (kn,) = struct.unpack(">I", msg[1:5])
+                    (dn,) = struct.unpack(">I", msg[5 + kn:9 + kn])
+                    data = msg[9 + kn:9 + kn + dn]
+                    body = bytes([14]) + s(bytes(signer.sign(data, b"ssh-ed25519")))
+                else:
+                    body = bytes([5])
+                c.sendall(s(body))
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sock)
+    srv.listen(4)
+
+    def accept() -> None:
+        while True:
+            c, _ = srv.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+async def test_an_agent_listing_the_admins_key_but_signing_with_another_is_a_mismatch(tmp_path: Path) -> None:
+    """Probe2: a fake agent listing alice's public key and signing with mallory's was refused, but as
+    `signature.invalid` "the entry or the signature was changed" (no entry is involved)."""
+    alice = asyncssh.generate_private_key("ssh-ed25519")
+    mallory = asyncssh.generate_private_key("ssh-ed25519")
+    sock = str(tmp_path / "lying.sock")
+    _lying_agent(sock, alice, mallory)
+    fp = str(alice.get_fingerprint("sha256"))
+    with pytest.raises(AdminNotProven) as err:
+        await ident(Fleet({"alice": fp}), agent_path=sock).prove("alice")
+    assert err.value.code == "admin.key_mismatch" and "fresh challenge" in str(err.value)
