@@ -317,3 +317,18 @@ def test_the_outside_copy_may_be_a_pipe(tmp_path: Path) -> None:
     threading.Thread(target=writer, daemon=True).start()
     report = verify_file(log_path, signatures=False, copy=fifo)
     assert report.ok, report.problems
+
+
+def test_a_log_truncated_to_nothing_fails_against_its_recorded_head(tmp_path: Path) -> None:
+    """Probe2: `: > audit.log; escort audit verify audit.log --head H` said "not an escort audit
+    log" (exit 2); it is a log whose entries were all cut off: audit.head, exit 1."""
+    log_path = tmp_path / "audit.log"
+    with AuditLog(log_path) as log:
+        log.append({"kind": "note"})
+        head = log.head
+    log_path.write_bytes(b"")
+    report = verify_file(log_path, expect_head=head, signatures=False)
+    assert [p.code for p in report.problems] == ["audit.head"]
+    r = CliRunner().invoke(main, ["audit", "verify", str(log_path), "--head", head])
+    assert r.exit_code == 1 and "audit.head" in r.output, r.output
+    assert verify_file(log_path, signatures=False).ok  # without an anchor: nothing to see (documented)
