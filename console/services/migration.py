@@ -424,7 +424,11 @@ class MigrationService:
             if presented_read is not None:
                 presented_read.cancel()
             raise InputError(f"{view.name} already runs on {target}")
-        at = self.fleet.at
+        # a pre-flight authorises an action now: it is judged at the real time, never at a
+        # time fixed for looking (`--at` of the console/demo). Before, a console opened with
+        # --at judged grants, policies and chains at that time here and start() then refused
+        # with "the pre-flight is N s old" (or, --at < 60 s back, only the re-check caught it)
+        at = dt.datetime.now(dt.UTC)
         # emergency-only grants count only in a declared emergency or with the source down
         emergency = emergency and bool(source) and bool(self.emergency_basis(source))
         sview, tview = self._host(source) if source else None, self._host(target)
