@@ -218,7 +218,9 @@ def load_key_file(path: str, *, passphrase: PassphrasePrompt | None = None) -> A
     """A private key file as an :class:`AdminKey`; one-line problems for every failure."""
     p = Path(path).expanduser()
     try:
-        data = p.read_bytes()
+        with p.open("rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read(64 * 1024 + 1)
     except FileNotFoundError as exc:
         raise AdminKeyProblem("admin.key_unreadable", f"{path}: no such key file",
                               "give the path of the admin's private SSH key") from exc
@@ -245,6 +247,13 @@ def load_key_file(path: str, *, passphrase: PassphrasePrompt | None = None) -> A
                                   f"load it into the SSH agent (ssh-add {path})") from exc2
     except (ValueError, TypeError) as exc:
         raise AdminKeyProblem("admin.key_type", f"{path}: not a private SSH key ({exc})") from exc
+    if mode & 0o077:
+        # what OpenSSH refuses too ("UNPROTECTED PRIVATE KEY FILE"): a private key that others
+        # on this machine can read proves nothing about who is acting
+        raise AdminKeyProblem("admin.key_unprotected",
+                              f"{path}: permissions {mode & 0o777:04o} are too open: others can read this "
+                              "private key, so it cannot prove who is acting",
+                              f"chmod 600 {path} (and ask whether others have copied it)")
     _check_type(key, path)
     pub = decode_ssh_public_key(bytes(key.public_data))
     cert_text = ""

@@ -130,6 +130,7 @@ async def test_encrypted_key_without_a_prompt_is_refused(tmp_path: Path) -> None
 async def test_wrong_key_types_are_refused(tmp_path: Path) -> None:
     weak = asyncssh.generate_private_key("ssh-rsa", key_size=1024)
     weak.write_private_key(str(tmp_path / "weak"))
+    (tmp_path / "weak").chmod(0o600)
     fp = str(weak.get_fingerprint("sha256"))
     with pytest.raises(AdminNotProven) as err:
         await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(tmp_path / "weak")).prove("alice")
@@ -246,6 +247,7 @@ async def test_a_weak_admin_key_file_is_named_when_no_admin_is_given(tmp_path: P
     agent ...)", not what was wrong with the key file given."""
     weak = asyncssh.generate_private_key("ssh-rsa", key_size=1024)
     weak.write_private_key(str(tmp_path / "weak"))
+    (tmp_path / "weak").chmod(0o600)
     fp = str(weak.get_fingerprint("sha256"))
     with pytest.raises(AdminNotProven) as err:
         await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(tmp_path / "weak")).prove(None)
@@ -302,3 +304,19 @@ async def test_an_agent_listing_the_admins_key_but_signing_with_another_is_a_mis
     with pytest.raises(AdminNotProven) as err:
         await ident(Fleet({"alice": fp}), agent_path=sock).prove("alice")
     assert err.value.code == "admin.key_mismatch" and "fresh challenge" in str(err.value)
+
+
+async def test_a_private_key_others_can_read_proves_nothing(tmp_path: Path) -> None:
+    """Probe2: a copy of the admin's key left world-readable (ssh: "UNPROTECTED PRIVATE KEY
+    FILE", refused) was accepted by escort as proof of who acts, via --admin-key or identity_files."""
+    key, fp = make_key(tmp_path, "alice")
+    key.chmod(0o644)
+    with pytest.raises(AdminNotProven) as err:
+        await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(key)).prove("alice")
+    assert err.value.code == "admin.key_unprotected" and "0644" in str(err.value)
+    with pytest.raises(AdminNotProven) as err:
+        await ident(Fleet({"alice": fp}, (str(key),)), agent_path="").prove("alice")
+    assert "too open" in str(err.value)
+    key.chmod(0o600)
+    proof = await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(key)).prove("alice")
+    assert proof.admin == "alice"
