@@ -236,6 +236,11 @@ def check_grant(
         reasons.append(reason("grant.owner_mismatch",
                               "the VM has no valid owner policy, so no grant can be matched to its owner",
                               "attach a valid owner-signed policy to the VM first"))
+    elif any(r.code == "grant.owner_untrusted" for r in reasons) and (
+            result.owner is None or result.owner.label() == policy_owner.label()):
+        # no owners' CA vouches for the signer now (revoked, expired, unknown CA): that reason
+        # is already there; "signed by bob, but the VM belongs to bob" would only mislead
+        pass
     elif result.owner is None or not policy_owner.same_owner(result.owner):
         # the same owner = the same owners' CA (by key) *and* the same e-mail/subject:
         # another owners' CA that also certifies "alice@..." is not Alice's CA

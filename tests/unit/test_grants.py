@@ -201,3 +201,22 @@ def test_a_grant_bound_only_to_a_certificate_authorises_nobody(kit: Kit) -> None
     both = grant_token(kit, admin=gr.AdminRef("anne", KEY, cert))
     assert check(kit, both, admin=gr.AdminRef("anne", KEY, cert)) == set()
     assert check(kit, both, admin=mallory_as_anne) == {"grant.wrong_admin"}
+
+
+def test_an_untrusted_signer_is_not_also_told_it_is_the_wrong_owner(kit: Kit) -> None:
+    """Probe2 (lab, bob's certificate revoked): the grant was refused with owner_untrusted *and*
+    "grant.owner_mismatch: the grant is signed by bob, but the VM belongs to bob"."""
+    import dataclasses
+
+    from console.core.envelope import reason
+
+    owner = policy_owner(kit)
+    good = gr.GrantBook(kit.owners).verify(grant_token(kit), T0)
+    assert good.owner is not None
+    unvouched = dataclasses.replace(good.owner, issuer="", issuer_key="")  # what an untrusted chain leaves
+    bad = dataclasses.replace(good, owner=unvouched, reasons=(reason(
+        "grant.owner_untrusted", "The signer alice is not a trusted owner: alice was revoked", "renew"),))
+    codes = [r.code for r in gr.check_grant(bad, admin=ANNE, vm_uuid=VM_X, policy_owner=owner)]
+    assert codes == ["grant.owner_untrusted"]
+    # a trusted signer of another owner is still the wrong owner
+    assert check(kit, grant_token(kit, owner="bob")) >= {"grant.owner_mismatch"}
