@@ -26,6 +26,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -218,8 +219,14 @@ def load_key_file(path: str, *, passphrase: PassphrasePrompt | None = None) -> A
     """A private key file as an :class:`AdminKey`; one-line problems for every failure."""
     p = Path(path).expanduser()
     try:
-        with p.open("rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+        # non-blocking open: a named pipe given as the key must not hang the action in open()
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise AdminKeyProblem("admin.key_unreadable", f"{path}: not a regular file (a private "
+                                      "SSH key is a file)", "give the path of the admin's private SSH key")
+            os.set_blocking(fd, True)
             data = fh.read(64 * 1024 + 1)
     except FileNotFoundError as exc:
         raise AdminKeyProblem("admin.key_unreadable", f"{path}: no such key file",

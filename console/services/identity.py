@@ -231,6 +231,8 @@ class AdminIdentity:
 def _public_fingerprint(path: str) -> str:
     """The fingerprint in ``path.pub`` (to know an encrypted key's identity without its passphrase)."""
     pub = Path(str(Path(path).expanduser()) + ".pub")
+    if not pub.is_file():  # a named pipe there must not hang the search for keys
+        return ""
     try:
         import asyncssh
 

@@ -320,3 +320,27 @@ async def test_a_private_key_others_can_read_proves_nothing(tmp_path: Path) -> N
     key.chmod(0o600)
     proof = await ident(Fleet({"alice": fp}), agent_path="", admin_key=str(key)).prove("alice")
     assert proof.admin == "alice"
+
+
+def test_a_named_pipe_given_as_the_key_is_refused_at_once(tmp_path: Path) -> None:
+    """Probe2: `--admin-key FIFO` hung `escort emergency declare` (and would the console's
+    "Act as" for a FIFO in identity_files) in open() for good."""
+    import threading
+
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo)
+    out: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            ak.load_key_file(str(fifo))
+            out.append(None)
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(3)
+    assert out, "load_key_file is still blocked on the FIFO"
+    assert isinstance(out[0], ak.AdminKeyProblem) and out[0].code == "admin.key_unreadable"
+    assert "not a regular file" in str(out[0])
