@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,14 @@ class Reservations:
 
     def _load(self) -> list[dict[str, Any]]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            # non-blocking, regular files only: a named pipe put where this file belongs hung a
+            # migration at "starting", after its decision was written (probe2, lab); it counts
+            # as damaged, and the next save replaces it with a file
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return []
+                data = json.loads(fh.read(16 * 1024 * 1024).decode("utf-8"))
         except FileNotFoundError:
             return []
         except (OSError, ValueError):
