@@ -308,6 +308,14 @@ def verify_signatures(lines: Iterable[str], *, verify: Callable[[str, bytes], st
                                          f"signed by {signer}, which is not the fleet file's key for "
                                          f"admin {admin!r}"))
             continue
+        named = (entries[target] or {}).get("admin")
+        if isinstance(named, str) and named and named != admin:
+            # an entry says admin X acted, signed with admin Y's key: Y wrote X's action (probe2:
+            # a second admin's forged "lab-admin moved db-1" verified and was credited to lab-admin)
+            problems.append(ChainProblem(line_no, "audit.signer_mismatch",
+                                         f"entry seq {entry.get('signs_seq')} says admin {named!r} acted, "
+                                         f"but it is signed by admin {admin!r} ({signer})"))
+            continue
         signers[signer] = admin
         if target > covered_index:
             covered_index = target

@@ -180,3 +180,25 @@ def test_trailing_lab_drill_is_a_warning_but_an_unsigned_action_is_not(tmp_path:
         log.append({"kind": "fence", "admin": "alice", "vm": "web", "action": "pause"})
     report = verify_file(path, admins={"alice": fp})
     assert not report.ok and {p.code for p in report.problems} == {"audit.unsigned"}
+
+
+def test_an_admin_cannot_sign_another_admins_action_into_the_log(tmp_path: Path) -> None:
+    """Probe2 (lab): a second admin, mallory, appended "decision: lab-admin moved db-1 to rogue-1"
+    and signed it with her own key; `audit verify --fleet` said ok and credited lab-admin."""
+    path, alice_fp = signed_log(tmp_path, 2, admin="alice")
+    key, mallory_fp = make_key(tmp_path, "mallory")
+    admins = {"alice": alice_fp, "mallory": mallory_fp}
+
+    async def forge() -> None:
+        ident = AdminIdentity(_Fleet(admins), admin_key=str(key), agent_path="")  # type: ignore[arg-type]
+        proof = await ident.prove("mallory", "test")
+        with AuditLog(path) as log:
+            forged = {"kind": "decision", "admin": "alice", "allowed": True, "vm": "db-1"}
+            await append_signed(log, forged, proof)
+
+    asyncio.run(forge())
+    report = verify_file(path, admins=admins)
+    assert [p.code for p in report.problems] == ["audit.signer_mismatch", "audit.unsigned"]
+    assert report.extra["actions"].get("alice", {}).get("decision", 0) == 0
+    r = CliRunner().invoke(main, ["audit", "verify", str(path)])
+    assert r.exit_code == 1 and "signed by admin 'mallory'" in r.output
