@@ -278,7 +278,10 @@ def iter_lines(path: str | os.PathLike[str], *, pipe_ok: bool = False) -> Iterat
         raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
-        if not (pipe_ok and stat.S_ISFIFO(mode)):
+        if pipe_ok and not stat.S_ISFIFO(mode):
+            os.close(fd)
+            raise InputError(f"{p}: is neither a regular file nor a pipe, expected the log's copy")
+        if not pipe_ok:
             os.close(fd)
             kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "not a regular file"
             raise InputError(f"{p}: is {kind}; `escort audit verify` reads the log twice "
