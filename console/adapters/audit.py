@@ -209,6 +209,7 @@ class AuditLog:
         Any failure raises ``AuditError`` and the caller must not act.
         """
         with self._lock, self._flocked():
+            size = -1
             try:
                 size = os.fstat(self._fd).st_size
                 if size != self._end:  # another console appended since our last write
@@ -222,6 +223,11 @@ class AuditLog:
                     view = view[written:]
                 os.fsync(self._fd)
             except OSError as exc:
+                # take back a partly written line (ENOSPC mid-line left a torn tail that every
+                # later open refused until someone repaired the log by hand; probe2, lab)
+                with contextlib.suppress(OSError):
+                    if 0 <= size < os.fstat(self._fd).st_size:
+                        os.ftruncate(self._fd, size)
                 if exc.errno == errno.ENOSPC:
                     raise AuditError(f"{self.path}: disk full, audit entry not written") from exc
                 raise AuditError(f"{self.path}: audit entry not written ({exc.strerror or exc})") from exc

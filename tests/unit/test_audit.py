@@ -332,3 +332,32 @@ def test_a_log_truncated_to_nothing_fails_against_its_recorded_head(tmp_path: Pa
     r = CliRunner().invoke(main, ["audit", "verify", str(log_path), "--head", head])
     assert r.exit_code == 1 and "audit.head" in r.output, r.output
     assert verify_file(log_path, signatures=False).ok  # without an anchor: nothing to see (documented)
+
+
+def test_a_write_cut_short_by_a_full_disk_is_taken_back(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe2 (lab, a full tmpfs): the append failed ("disk full", nothing moved) but left half a
+    line behind, so every later open refused the log until it was repaired by hand."""
+    import errno
+
+    log_path = tmp_path / "audit.log"
+    with AuditLog(log_path) as log:
+        log.append({"kind": "note", "n": 1})
+        intact = log_path.read_bytes()
+        real_write = os.write
+        calls = {"n": 0}
+
+        def full(fd: int, data: object) -> int:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return real_write(fd, bytes(data)[:10])  # type: ignore[call-overload]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(AuditError, match="disk full"):
+            log.append({"kind": "note", "n": 2})
+        monkeypatch.setattr(os, "write", real_write)
+    assert log_path.read_bytes() == intact
+    with AuditLog(log_path) as log:  # usable again once there is room
+        log.append({"kind": "note", "n": 2})
+    assert verify_file(log_path, signatures=False).ok
