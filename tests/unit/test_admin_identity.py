@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +254,10 @@ async def test_a_weak_admin_key_file_is_named_when_no_admin_is_given(tmp_path: P
     assert err.value.code == "admin.key_type" and "1024 bits" in str(err.value)
 
 
-def _lying_agent(sock: str, listed: asyncssh.SSHKey, signer: asyncssh.SSHKey) -> None:
-    """An SSH agent (plain socket, threads) that lists ``listed`` but signs with ``signer``."""
+def _lying_agent(sock: str, listed: asyncssh.SSHKey, signer: asyncssh.SSHKey) -> Callable[[], None]:
+    """An SSH agent (plain socket, threads) that lists ``listed`` but signs with ``signer``.
+    Returns its stop: call it (the accept thread ends), or later tests see a live thread, and
+    the console's helper process (which forks only while no other thread runs) stays off."""
     import socket
     import struct
     import threading
@@ -287,10 +289,24 @@ def _lying_agent(sock: str, listed: asyncssh.SSHKey, signer: asyncssh.SSHKey) ->
 
     def accept() -> None:
         while True:
-            c, _ = srv.accept()
+            try:
+                c, _ = srv.accept()
+            except OSError:  # closed by stop()
+                return
             threading.Thread(target=serve, args=(c,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        thread.join(10)
+
+    return stop
 
 
 async def test_an_agent_listing_the_admins_key_but_signing_with_another_is_a_mismatch(tmp_path: Path) -> None:
@@ -299,10 +315,13 @@ async def test_an_agent_listing_the_admins_key_but_signing_with_another_is_a_mis
     alice = asyncssh.generate_private_key("ssh-ed25519")
     mallory = asyncssh.generate_private_key("ssh-ed25519")
     sock = str(tmp_path / "lying.sock")
-    _lying_agent(sock, alice, mallory)
+    stop = _lying_agent(sock, alice, mallory)
     fp = str(alice.get_fingerprint("sha256"))
-    with pytest.raises(AdminNotProven) as err:
-        await ident(Fleet({"alice": fp}), agent_path=sock).prove("alice")
+    try:
+        with pytest.raises(AdminNotProven) as err:
+            await ident(Fleet({"alice": fp}), agent_path=sock).prove("alice")
+    finally:
+        stop()
     assert err.value.code == "admin.key_mismatch" and "fresh challenge" in str(err.value)
 
 
