@@ -2,7 +2,7 @@
 
 Why a pool of our own instead of letting asyncssh (or libvirt) open connections on demand:
 
-* known_hosts is parsed **once** (``asyncssh.read_known_hosts``) and the parsed object is
+* known_hosts is parsed **once** (matched by the host name only, as OpenSSH) and the parsed object is
   passed to every connect. Given a path, asyncssh re-reads and re-parses the file on every
   connection (124 ms per connect with a 5,000-line file).
 * Host-key checking is always on. We never pass ``known_hosts=None``; a missing file is an
@@ -86,6 +86,30 @@ PREFERRED_CIPHERS = (
     "aes256-ctr",
 )
 MAX_HOPS = 16  # longer ProxyJump chains are refused as loops (OpenSSH has no limit at all)
+#: Host key types never asked for: RSA signed with SHA-1. OpenSSH dropped them from its
+#: defaults in 8.8 ("no matching host key type found. Their offer: ssh-rsa"); asyncssh
+#: 2.24.1 still offers them, so a host (or someone in the path) offering only ``ssh-rsa``
+#: got a SHA-1 host signature accepted.
+SHA1_HOST_KEY_ALGS = frozenset({b"ssh-rsa", b"ssh-rsa-cert-v01@openssh.com"})
+
+
+class _NameKnownHosts(asyncssh.SSHKnownHosts):
+    """known_hosts matched by the host's *name* only, as OpenSSH does (CheckHostIP no).
+
+    asyncssh also matches the address the connection reached, so a key listed for
+    another host's IP address vouched for any name that resolved (or was spoofed) to that
+    address, even against the name's own, different key. ``@revoked`` lines found by the
+    address still count (refusing more is safe).
+    """
+
+    def match(self, host: str, addr: str, port: int | None):  # type: ignore[no-untyped-def]
+        result = super().match(host, "", port)
+        if not addr or addr == host:
+            return result
+        revoked = list(result[2])
+        for p in {port, None}:  # match() drops the [addr]:port revocations when it falls back
+            revoked += [k for k in self._match(addr, "", p)[2] if k not in revoked]
+        return (result[0], result[1], revoked, *result[3:])
 
 
 class HostProblem(ConnectionProblem):
@@ -302,9 +326,11 @@ class SshPool:
     def _read_known_hosts(self) -> asyncssh.SSHKnownHosts:
         path = Path(self.known_hosts_path)
         if not path.exists():
-            return asyncssh.SSHKnownHosts()  # empty: every host refused, never "no checking"
+            return _NameKnownHosts()  # empty: every host refused, never "no checking"
         try:
-            return asyncssh.read_known_hosts(str(path))
+            known = _NameKnownHosts()
+            known.load(path.read_text(encoding="utf-8", errors="replace"))
+            return known
         except (OSError, ValueError) as exc:
             raise HostProblem(SSH_ERROR, f"{path}: cannot read known_hosts ({exc})") from exc
 
@@ -516,12 +542,14 @@ class SshPool:
         refusal and ``hosts trust`` show the fingerprint an admin can check on the host.
         """
         keys, cas = self._known(hop.key_host, hop.port)
-        plain_default = list(get_default_public_key_algs())
+        plain_default = _plain_host_key_algs()
         algs: list[bytes] = []
         for key in keys:
-            algs.extend(a for a in key.sig_algorithms if a not in algs)
+            algs.extend(a for a in key.sig_algorithms if a not in algs and a not in SHA1_HOST_KEY_ALGS)
         if cas:
-            algs.extend(a for a in get_default_certificate_algs() if a not in algs)
+            algs.extend(
+                a for a in get_default_certificate_algs() if a not in algs and a not in SHA1_HOST_KEY_ALGS
+            )
         algs.extend(a for a in plain_default if a not in algs)
         return algs
 
@@ -538,7 +566,7 @@ class SshPool:
         seen: list[asyncssh.SSHKey] = []
         cas: list[asyncssh.SSHKey] = []
         keyset = await self.keys_for(hop)
-        algs = list(get_default_public_key_algs()) if plain_only else self._host_key_algs(hop)
+        algs = _plain_host_key_algs() if plain_only else self._host_key_algs(hop)
         ciphers: Sequence[str] | tuple[()] = (
             () if self._load_config(target).get("Ciphers") else PREFERRED_CIPHERS
         )
@@ -594,6 +622,18 @@ class SshPool:
         where = f"{label}: " if label else ""
         host, port, user = hop.host, hop.port, hop.user
         route = f" via jump host {via}" if via else ""
+        text = str(exc)
+        if isinstance(exc, asyncssh.KeyExchangeFailed) and (
+            "compatible server host key" in text or "server host key algorithm" in text
+        ):  # the host chooses; it says so in its disconnect (OpenSSH's sshd just closes)
+            return HostProblem(
+                SSH_ERROR,
+                f"{where}no matching host key type found for {host}:{port}{route}: the host "
+                "offers none escort asks for (never ssh-rsa, RSA signed with SHA-1, refused "
+                "as by OpenSSH >= 8.8); refused",
+                "give the host an ed25519 or ECDSA host key, or an sshd that signs RSA "
+                "with rsa-sha2-256/512 (OpenSSH >= 7.2)",
+            )
         if isinstance(exc, asyncssh.HostKeyNotVerifiable) or (
             isinstance(exc, asyncssh.KeyExchangeFailed) and "host key" in str(exc).lower()
         ):
@@ -903,6 +943,10 @@ class SshPool:
             loop.run_until_complete(self.close())
             return
         asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout)
+
+
+def _plain_host_key_algs() -> list[bytes]:
+    return [a for a in get_default_public_key_algs() if a not in SHA1_HOST_KEY_ALGS]
 
 
 def _key_type(key: asyncssh.SSHKey | None) -> str:

@@ -20,6 +20,7 @@ from console.adapters.ssh import (
     AUTH_FAILED,
     JUMP_FAILED,
     KEY_CHANGED,
+    KEY_REVOKED,
     KEY_UNKNOWN,
     READ_FAILED,
     TIMED_OUT,
@@ -217,6 +218,57 @@ async def test_changed_host_key_refused(tmp_path, client_key, make_host):
     kh.write_text(err.value.known_hosts_line() + "\n")
     pool.reload_known_hosts()
     assert await pool.run(host.addr, "echo in") == b"in\n"
+    await pool.close()
+
+
+async def test_a_key_listed_for_the_address_does_not_vouch_for_a_name(tmp_path, client_key, make_host):
+    """OpenSSH (CheckHostIP no, its default) looks known_hosts up by the name only.
+
+    asyncssh also matched the address the connection reached: a key listed for another
+    host's IP vouched for any name resolved (or spoofed) to that IP, even against the
+    name's own line, where OpenSSH says REMOTE HOST IDENTIFICATION HAS CHANGED.
+    """
+    host = await make_host()
+    pub = host.host_key.export_public_key("openssh").decode().strip()
+    by_ip = f"[127.0.0.1]:{host.port} {pub}"
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode().strip()
+    name = f"root@localhost:{host.port}"
+    kh = _known_hosts(tmp_path, f"[localhost]:{host.port} {other}", by_ip)
+    pool = SshPool(known_hosts=str(kh), config=None, identity_files=[str(client_key)])
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.connect(name)
+    assert err.value.code == KEY_CHANGED
+    kh.write_text(by_ip + "\n")  # only the address's line: unknown, as in OpenSSH
+    pool.reload_known_hosts()
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.connect(name)
+    assert err.value.code == KEY_UNKNOWN
+    assert host.logins == 0
+    assert await pool.run(host.addr, "echo ip") == b"ip\n"  # the address itself is known
+    # An @revoked line for the address still refuses the key under any name.
+    kh.write_text(f"[localhost]:{host.port} {pub}\n@revoked [127.0.0.1]:{host.port} {pub}\n")
+    pool.reload_known_hosts()
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.connect(name)
+    assert err.value.code == KEY_REVOKED
+    await pool.close()
+
+
+async def test_sha1_rsa_host_signature_is_never_accepted(tmp_path, client_key, make_host):
+    """A host offering only ssh-rsa (RSA with SHA-1) is refused, as by OpenSSH >= 8.8."""
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    sha1_only = asyncssh.import_private_key(rsa.export_private_key())
+    sha1_only.sig_algorithms = (b"ssh-rsa",)  # the host offers ssh-rsa and nothing else
+    host = await make_host(host_key=sha1_only)
+    pool = _pool(tmp_path, client_key, host)  # its RSA key is in known_hosts
+    with pytest.raises(HostProblem) as err:
+        await pool.connect(host.addr)
+    assert "ssh-rsa" in str(err.value) and "\n" not in str(err.value)
+    assert host.logins == 0
+    await pool.close()
+    sha2 = await make_host(host_key=rsa)  # the same key signing with rsa-sha2-*: accepted
+    pool = _pool(tmp_path, client_key, sha2)
+    assert await pool.run(sha2.addr, "echo ok") == b"ok\n"
     await pool.close()
 
 
