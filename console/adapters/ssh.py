@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 from asyncssh.config import SSHClientConfig
@@ -101,6 +102,19 @@ class _NameKnownHosts(asyncssh.SSHKnownHosts):
     address, even against the name's own, different key. ``@revoked`` lines found by the
     address still count (refusing more is safe).
     """
+
+    def _add_pattern(self, pattern: str, entry: Any) -> None:
+        """OpenSSH has no address ranges in known_hosts: ``10.0.0.0/8`` names no host.
+
+        asyncssh matched it as a network (any port, too), so one line vouched for every
+        address in it. Such patterns are dropped from trusting lines; an ``@revoked`` line
+        keeps them (refusing more is safe). Hashed names (``|1|...``) may hold ``/``.
+        """
+        if entry[0] != "revoked" and not pattern.startswith("|"):
+            pattern = ",".join(p for p in pattern.split(",") if "/" not in p)
+            if not pattern:
+                return
+        super()._add_pattern(pattern, entry)
 
     def match(self, host: str, addr: str, port: int | None):  # type: ignore[no-untyped-def]
         result = super().match(host, "", port)

@@ -254,6 +254,26 @@ async def test_a_key_listed_for_the_address_does_not_vouch_for_a_name(tmp_path, 
     await pool.close()
 
 
+async def test_an_address_range_in_known_hosts_vouches_for_no_host(tmp_path, client_key, make_host):
+    """OpenSSH reads ``127.0.0.0/8`` in known_hosts as a name no host has; asyncssh as a network."""
+    host = await make_host()
+    pub = host.host_key.export_public_key("openssh").decode().strip()
+    kh = _known_hosts(tmp_path, f"127.0.0.0/8 {pub}")
+    pool = SshPool(known_hosts=str(kh), config=None, identity_files=[str(client_key)])
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.connect(host.addr)
+    assert err.value.code == KEY_UNKNOWN and host.logins == 0
+    kh.write_text(f"127.0.0.0/8,[127.0.0.1]:{host.port} {pub}\n@revoked 127.0.0.0/8 {pub}\n")
+    pool.reload_known_hosts()  # the range is dropped from trust, kept in @revoked
+    with pytest.raises(HostKeyProblem) as err:
+        await pool.connect(host.addr)
+    assert err.value.code == KEY_REVOKED
+    kh.write_text(f"10.0.0.0/8,[127.0.0.1]:{host.port} {pub}\n")
+    pool.reload_known_hosts()
+    assert await pool.run(host.addr, "echo ok") == b"ok\n"  # the plain name in the list still counts
+    await pool.close()
+
+
 async def test_sha1_rsa_host_signature_is_never_accepted(tmp_path, client_key, make_host):
     """A host offering only ssh-rsa (RSA with SHA-1) is refused, as by OpenSSH >= 8.8."""
     rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
