@@ -33,6 +33,7 @@ import contextlib
 import getpass
 import os
 import shlex
+import stat
 import time
 import weakref
 from collections.abc import Sequence
@@ -342,8 +343,15 @@ class SshPool:
         if not path.exists():
             return _NameKnownHosts()  # empty: every host refused, never "no checking"
         try:
+            # O_NONBLOCK + a regular-file check: a FIFO (or device) at the path hung every
+            # start for good (OpenSSH blocks too, until its ConnectTimeout)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ValueError("not a regular file")
+                data = fh.read()
             known = _NameKnownHosts()
-            known.load(path.read_text(encoding="utf-8", errors="replace"))
+            known.load(data.decode("utf-8", errors="replace"))
             return known
         except (OSError, ValueError) as exc:
             raise HostProblem(SSH_ERROR, f"{path}: cannot read known_hosts ({exc})") from exc

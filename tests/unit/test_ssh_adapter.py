@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -201,6 +202,17 @@ async def test_missing_known_hosts_file_refuses_everything(tmp_path, client_key,
         await pool.connect(host.addr)
     assert err.value.code == KEY_UNKNOWN
     await pool.close()
+
+
+@pytest.mark.timeout(20)
+def test_known_hosts_that_is_a_fifo_or_directory_is_refused_not_waited_on(tmp_path, client_key):
+    """A FIFO at the known_hosts path used to block the pool (and the console) for good."""
+    for kind in ("fifo", "dir"):
+        path = tmp_path / kind
+        os.mkfifo(path) if kind == "fifo" else path.mkdir()
+        with pytest.raises(HostProblem) as err:
+            SshPool(known_hosts=str(path), identity_files=[str(client_key)])
+        assert "cannot read known_hosts" in str(err.value) and str(path) in str(err.value)
 
 
 async def test_changed_host_key_refused(tmp_path, client_key, make_host):
