@@ -103,3 +103,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     finally:
         the_lab.down()
         registered.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def lab_ssh_dir(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding an ``ssh`` that uses the lab's ssh_config: put first on PATH, plain
+    ``virsh -c qemu+ssh://...`` reaches the lab's hosts through its jump host (lab.md)."""
+    d = tmp_path_factory.mktemp("virsh-path")
+    (d / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {lab.ssh_config} "$@"\n')
+    (d / "ssh").chmod(0o755)
+    return d

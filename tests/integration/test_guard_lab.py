@@ -25,12 +25,9 @@ pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
-def wrapper(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding an ``ssh`` that uses the lab's ssh_config (lab.md)."""
-    d = tmp_path_factory.mktemp("virsh-path")
-    (d / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {lab.ssh_config} "$@"\n')
-    (d / "ssh").chmod(0o755)
-    return d
+def wrapper(lab_ssh_dir: Path) -> Path:
+    """A directory holding an ``ssh`` that uses the lab's ssh_config (conftest.lab_ssh_dir)."""
+    return lab_ssh_dir
 
 
 def _virsh(wrapper: Path, *args: str) -> subprocess.CompletedProcess[str]:

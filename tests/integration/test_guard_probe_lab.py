@@ -30,12 +30,9 @@ VM = "strip-1"
 
 
 @pytest.fixture(scope="module")
-def path_dir(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding an ``ssh`` that uses the lab's ssh_config (libvirt's qemu+ssh)."""
-    d = tmp_path_factory.mktemp("virsh-path-probe")
-    (d / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {lab.ssh_config} "$@"\n')
-    (d / "ssh").chmod(0o755)
-    return d
+def path_dir(lab_ssh_dir: Path) -> Path:
+    """A directory holding an ``ssh`` that uses the lab's ssh_config (conftest.lab_ssh_dir)."""
+    return lab_ssh_dir
 
 
 @pytest.fixture()
